@@ -1,0 +1,1 @@
+"""surgeon: an adaptive learning-rate controller for PyTorch Lightning."""

@@ -1,0 +1,27 @@
+"""Argument checks shared by the detectors, the controller and the callback: one message format."""
+
+import math
+
+
+def check_positive_int(name: str, value: int, *, allow_zero: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int > 0 (or >= 0 with ``allow_zero``)."""
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise ValueError(f"{name} must be an integer {bound}, got {name}={value!r}")
+
+
+def check_in_range(
+    name: str, value: float, low: float, high: float, *, low_open: bool, high_open: bool
+) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number inside the interval."""
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high)
+    )
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {name}={value!r}")

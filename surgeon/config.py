@@ -1,0 +1,158 @@
+"""The surgeon's settings: one validated dataclass shared by the controller and the callback.
+
+Lengths are ``Steps``: an ``int`` counts optimizer steps, a ``float`` in (0, 1]
+is a fraction of the planned total; both resolve with :func:`resolve_steps`
+once the total is known.
+"""
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from surgeon._validate import check_in_range, check_positive_int
+
+Steps = int | float
+WarmupMode = Literal["auto"] | int
+DecayName = Literal["cosine", "linear", "sqrt", "wsd"]
+PlateauAction = Literal["cut", "restart"]
+
+DECAY_NAMES: tuple[str, ...] = ("cosine", "linear", "sqrt", "wsd")
+PLATEAU_ACTIONS: tuple[str, ...] = ("cut", "restart")
+
+
+def check_steps(name: str, value: Steps) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int >= 0 or a float fraction in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(
+            f"{name} must be an int (steps) or a float in (0, 1], got {name}={value!r}"
+        )
+    if isinstance(value, int):
+        check_positive_int(name, value, allow_zero=True)
+    elif not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(
+            f"{name} as a float is a fraction of the total steps and must be in (0, 1], "
+            f"got {name}={value!r}"
+        )
+
+
+def resolve_steps(name: str, value: Steps, total_steps: int, minimum: int = 0) -> int:
+    """Steps for ``value``: an int as is, a fraction as ``round(value * total)``; >= minimum."""
+    check_steps(name, value)
+    steps = value if isinstance(value, int) else round(value * total_steps)
+    return max(minimum, steps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SurgeonConfig:
+    """Every knob of the controller, validated on construction."""
+
+    warmup: WarmupMode = "auto"
+    """``"auto"``: ramp over ``min_warmup`` steps, hold the peak until the loss stabilizes
+    (never past ``max_warmup``); an int: a fixed linear warmup of that many steps."""
+    min_warmup: Steps = 0.02
+    """Shortest automatic warmup, also the length of its linear ramp."""
+    max_warmup: Steps = 0.1
+    """Longest automatic warmup: decay starts here if the loss never stabilized."""
+    min_lr_ratio: float = 0.1
+    """The floor: decay ends at ``min_lr_ratio x`` each group's peak LR; cuts never go lower."""
+    decay: DecayName = "cosine"
+    """Shape from the peak to the floor; ``"wsd"`` holds the peak, then decays linearly over
+    the last ``wsd_decay_fraction`` of the steps that remain."""
+    wsd_decay_fraction: float = 0.2
+    """Share of the remaining steps that the ``"wsd"`` tail spends decaying."""
+
+    stabilize_window: Steps = 0.01
+    """Window (at least 10 steps) over which the loss EMA's relative drop is measured."""
+    stabilize_threshold: float = 0.02
+    """The loss counts as stabilized when its EMA falls less than this fraction per window."""
+    stabilize_patience: int = 10
+    """Consecutive steps the drop must stay under the threshold."""
+
+    plateau_patience: Steps = 0.05
+    """Steps without a ``plateau_min_delta`` improvement of the smoothed loss before acting."""
+    plateau_min_delta: float = 1e-3
+    """Relative improvement of the loss EMA that counts as progress."""
+    plateau_cooldown: Steps = 0.05
+    """Steps after a plateau response during which the plateau detector stays quiet."""
+    plateau_factor: float = 0.5
+    """A plateau cut multiplies the LR by this factor (never below the floor)."""
+    plateau_action: PlateauAction = "cut"
+    """``"cut"``: multiply the LR and keep decaying; ``"restart"``: re-warm to
+    ``restart_peak`` over ``restart_warmup`` steps, then decay again (SGDR-like)."""
+    max_restarts: int = 2
+    """Restarts allowed before a plateau falls back to a cut."""
+    restart_peak: float = 0.5
+    """LR a restart re-warms to, as a fraction of the peak."""
+    restart_warmup: Steps = 0.01
+    """Length of a restart's re-warm ramp."""
+
+    spike_zscore: float = 6.0
+    """A loss this many running standard deviations above the running mean may be a spike."""
+    spike_ratio: float = 1.5
+    """...and it must also exceed this multiple of the running mean."""
+    spike_factor: float = 0.5
+    """A spike or a non-finite loss multiplies the LR by this factor."""
+    spike_cooldown: Steps = 0.01
+    """Steps (at least 1) the cut LR is held before recovery may start."""
+    spike_recovery: Steps = 0.02
+    """Steps (at least 1) over which the LR ramps back once the loss is in its normal band."""
+
+    def __post_init__(self) -> None:
+        if self.warmup != "auto":
+            if isinstance(self.warmup, bool) or not isinstance(self.warmup, int):
+                raise ValueError(
+                    f"warmup must be 'auto' or an int number of steps, got warmup={self.warmup!r}"
+                )
+            check_positive_int("warmup", self.warmup, allow_zero=True)
+        for name in (
+            "min_warmup",
+            "max_warmup",
+            "stabilize_window",
+            "plateau_patience",
+            "plateau_cooldown",
+            "restart_warmup",
+            "spike_cooldown",
+            "spike_recovery",
+        ):
+            check_steps(name, getattr(self, name))
+        if type(self.min_warmup) is type(self.max_warmup) and self.min_warmup > self.max_warmup:
+            raise ValueError(
+                "min_warmup must be <= max_warmup, "
+                f"got min_warmup={self.min_warmup!r}, max_warmup={self.max_warmup!r}"
+            )
+        check_in_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, low_open=False, high_open=False)
+        if self.decay not in DECAY_NAMES:
+            raise ValueError(f"decay must be one of {DECAY_NAMES}, got decay={self.decay!r}")
+        check_in_range(
+            "wsd_decay_fraction", self.wsd_decay_fraction, 0.0, 1.0, low_open=True, high_open=False
+        )
+        check_in_range(
+            "stabilize_threshold", self.stabilize_threshold, 0.0, 1.0, low_open=True, high_open=True
+        )
+        check_positive_int("stabilize_patience", self.stabilize_patience)
+        check_in_range(
+            "plateau_min_delta", self.plateau_min_delta, 0.0, 1.0, low_open=False, high_open=True
+        )
+        for name in ("plateau_factor", "spike_factor"):
+            check_in_range(name, getattr(self, name), 0.0, 1.0, low_open=True, high_open=False)
+        if self.plateau_action not in PLATEAU_ACTIONS:
+            raise ValueError(
+                f"plateau_action must be one of {PLATEAU_ACTIONS}, "
+                f"got plateau_action={self.plateau_action!r}"
+            )
+        check_positive_int("max_restarts", self.max_restarts, allow_zero=True)
+        check_in_range("restart_peak", self.restart_peak, 0.0, 1.0, low_open=True, high_open=False)
+        if self.restart_peak < self.min_lr_ratio:
+            raise ValueError(
+                "restart_peak must be >= min_lr_ratio, "
+                f"got restart_peak={self.restart_peak!r}, min_lr_ratio={self.min_lr_ratio!r}"
+            )
+        check_in_range(
+            "spike_zscore", self.spike_zscore, 0.0, math.inf, low_open=True, high_open=True
+        )
+        check_in_range(
+            "spike_ratio", self.spike_ratio, 1.0, math.inf, low_open=False, high_open=True
+        )
+
+
+CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SurgeonConfig))

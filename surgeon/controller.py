@@ -1,0 +1,412 @@
+"""The surgeon's brain: a phase machine over the loss stream, free of torch and Lightning.
+
+Feed it one float per optimizer step with :meth:`Controller.update`; ask it for
+the LR multiplier of any coming step with :meth:`Controller.lr_scale`. The LR a
+param group gets is ``its own base LR x lr_scale(step)``, so group ratios hold.
+
+The multiplier is ``base(step) x intervention(step)``:
+
+* ``base`` is a *plan*, a ramp-hold-decay curve built from :mod:`surgeon.schedules`
+  and re-planned only by decisions: warmup end, a plateau cut or restart, and a
+  spike during warmup (which pauses the ramp);
+* ``intervention`` is 1 except after a spike or a non-finite loss: cut by
+  ``spike_factor``, held for ``spike_cooldown`` steps, and ramped back to 1 over
+  ``spike_recovery`` steps once the loss is back in its normal band.
+
+Time: the loss passed to the ``n``-th call of ``update`` belongs to step ``n``
+(counting from 0); a decision made on it takes effect from step ``n + 1`` and is
+recorded as an :class:`Event` at step ``n``. Both curves are closed-form in the
+step, so ``lr_scale`` may be asked for steps ahead of the last loss (the callback
+reads losses a few steps late on GPU) and the answer is a pure function of the
+losses seen.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+from surgeon import schedules
+from surgeon.config import SurgeonConfig, resolve_steps
+from surgeon.detectors import PlateauDetector, Signal, SpikeDetector, StabilizationDetector
+
+NORMAL_BAND_ZSCORE = 3.0
+"""A loss within this many running standard deviations of the running mean is 'normal'."""
+
+_MIN_STABILIZE_WINDOW = 10
+
+
+class Phase(str, Enum):
+    """Where the run is in its lifetime; interventions are events, not phases."""
+
+    WARMUP = "warmup"
+    DECAY = "decay"
+    DONE = "done"
+
+
+class EventKind(str, Enum):
+    """What the controller decided."""
+
+    WARMUP_END = "warmup_end"
+    PLATEAU = "plateau"
+    RESTART = "restart"
+    SPIKE = "spike"
+    NONFINITE = "nonfinite"
+    RECOVERED = "recovered"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One decision: at which step, what, why (a sentence with the numbers), LR scale around it."""
+
+    step: int
+    kind: EventKind
+    reason: str
+    scale_before: float
+    scale_after: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (``kind`` as its string value)."""
+        return {**asdict(self), "kind": self.kind.value}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Event":
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{**data, "kind": EventKind(data["kind"])})
+
+
+@dataclass
+class _Plan:
+    """The base curve from ``start`` on: ramp ``v0 -> v1`` over ``ramp`` steps, hold ``v1`` for
+    ``hold`` steps (``None``: forever), then ``shape`` from ``v1`` to the floor over ``decay``."""
+
+    start: int
+    v0: float
+    v1: float
+    ramp: int
+    hold: int | None
+    decay: int
+    shape: str
+
+    def build(self, floor: float) -> schedules.Schedule:
+        """The plan as a schedule of the local step ``step - start``."""
+        pieces = [schedules.linear(self.v0, self.v1, self.ramp)] if self.ramp else []
+        if self.hold is None:
+            return schedules.join(
+                [*pieces, schedules.constant(self.v1)], [self.ramp] if pieces else []
+            )
+        if self.hold:
+            pieces.append(schedules.constant(self.v1))
+        pieces.append(schedules.decay_shape(self.shape, self.v1, min(floor, self.v1), self.decay))
+        bounds = [self.ramp] if self.ramp else []
+        if self.hold:
+            bounds.append(self.ramp + self.hold)
+        return schedules.join(pieces, bounds)
+
+
+@dataclass
+class _Intervention:
+    """The spike multiplier: ``1`` (normal), ``value`` (holding) or a ramp back to 1."""
+
+    mode: str = "normal"  # "normal" | "hold" | "recover"
+    value: float = 1.0
+    hold_until: int = 0
+    recover_start: int = 0
+    recover_steps: int = 1
+
+    def at(self, step: int) -> float:
+        """The multiplier for ``step``."""
+        if self.mode == "hold":
+            return self.value
+        if self.mode == "recover":
+            progress = min(1.0, max(0, step - self.recover_start) / self.recover_steps)
+            return self.value + (1.0 - self.value) * progress
+        return 1.0
+
+
+class Controller:
+    """Warmup -> decay -> done, with plateau and spike interventions, driven by loss floats."""
+
+    def __init__(self, total_steps: int, config: SurgeonConfig | None = None) -> None:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(
+                f"total_steps must be an integer >= 1, got total_steps={total_steps!r}"
+            )
+        self.config = cfg = config if config is not None else SurgeonConfig()
+        self.total_steps = total_steps
+        self.floor = cfg.min_lr_ratio
+        if cfg.warmup == "auto":
+            self.min_warmup = resolve_steps("min_warmup", cfg.min_warmup, total_steps)
+            self.max_warmup = resolve_steps("max_warmup", cfg.max_warmup, total_steps)
+        else:
+            self.min_warmup = self.max_warmup = cfg.warmup
+        for name, value in (("min_warmup", self.min_warmup), ("max_warmup", self.max_warmup)):
+            if value > total_steps:
+                raise ValueError(
+                    f"{name} must be <= total_steps, got {name}={value} steps, "
+                    f"total_steps={total_steps}"
+                )
+        if self.min_warmup > self.max_warmup:
+            raise ValueError(
+                "min_warmup must be <= max_warmup, got "
+                f"min_warmup={self.min_warmup} steps, max_warmup={self.max_warmup} steps"
+            )
+        self.spike_cooldown = resolve_steps("spike_cooldown", cfg.spike_cooldown, total_steps, 1)
+        self.spike_recovery = resolve_steps("spike_recovery", cfg.spike_recovery, total_steps, 1)
+        self.restart_warmup = resolve_steps("restart_warmup", cfg.restart_warmup, total_steps, 1)
+        self.stabilizer = StabilizationDetector(
+            window=resolve_steps(
+                "stabilize_window", cfg.stabilize_window, total_steps, _MIN_STABILIZE_WINDOW
+            ),
+            threshold=cfg.stabilize_threshold,
+            patience=cfg.stabilize_patience,
+        )
+        self.plateau = PlateauDetector(
+            patience=resolve_steps("plateau_patience", cfg.plateau_patience, total_steps, 1),
+            min_delta=cfg.plateau_min_delta,
+            cooldown=resolve_steps("plateau_cooldown", cfg.plateau_cooldown, total_steps),
+        )
+        self.spike = SpikeDetector(zscore=cfg.spike_zscore, ratio=cfg.spike_ratio)
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Back to step 0 of warmup with empty statistics and no events."""
+        self.step = 0
+        self.phase = Phase.WARMUP
+        self.events: list[Event] = []
+        self.restarts = 0
+        self.paused = False
+        self.skip_step = False
+        self.intervention = _Intervention()
+        for detector in (self.stabilizer, self.plateau, self.spike):
+            detector.reset()
+        if self.max_warmup == 0:
+            self.phase = Phase.DECAY
+            self._set_plan(self._decay_plan(0, 1.0))
+        else:
+            ramp = self.min_warmup
+            self._set_plan(
+                self._decay_plan(
+                    0, 1.0, v0=1.0 / (ramp + 1), ramp=ramp, decay_start=self.max_warmup
+                )
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, statistics, phase, plan, intervention and events (not the configuration)."""
+        return {
+            "step": self.step,
+            "phase": self.phase.value,
+            "plan": asdict(self._plan),
+            "intervention": asdict(self.intervention),
+            "paused": self.paused,
+            "restarts": self.restarts,
+            "skip_step": self.skip_step,
+            "events": [event.to_dict() for event in self.events],
+            "stabilizer": self.stabilizer.state_dict(),
+            "plateau": self.plateau.state_dict(),
+            "spike": self.spike.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the next LRs match the original's exactly."""
+        self.step = state["step"]
+        self.phase = Phase(state["phase"])
+        self._set_plan(_Plan(**state["plan"]))
+        self.intervention = _Intervention(**state["intervention"])
+        self.paused = state["paused"]
+        self.restarts = state["restarts"]
+        self.skip_step = state["skip_step"]
+        self.events = [Event.from_dict(event) for event in state["events"]]
+        self.stabilizer.load_state_dict(state["stabilizer"])
+        self.plateau.load_state_dict(state["plateau"])
+        self.spike.load_state_dict(state["spike"])
+
+    # ------------------------------------------------------------------ LR
+    def lr_scale(self, step: int) -> float:
+        """Multiplier for each param group's base LR at optimizer ``step`` (>= the last loss's)."""
+        local = max(0, step - self._plan.start)
+        scale = self._base(local) * self.intervention.at(step)
+        return scale if self.phase is Phase.WARMUP else max(self.floor, scale)
+
+    def lr_for(self, base_lr: float, step: int) -> float:
+        """The LR for a param group whose configured (peak) LR is ``base_lr``."""
+        return base_lr * self.lr_scale(step)
+
+    # ------------------------------------------------------------------ decisions
+    def update(self, loss: float) -> list[Event]:
+        """Consume the loss of step ``self.step``; return the events it caused."""
+        step = self.step
+        self.step += 1
+        new_events: list[Event] = []
+        if self.intervention.mode == "recover" and self.intervention.at(step + 1) >= 1.0:
+            self.intervention = _Intervention()
+
+        mean, std = self.spike.mean, self.spike.std
+        signal = self.spike.update(loss)
+        self.skip_step = signal is Signal.NONFINITE
+        if signal is Signal.NONFINITE:
+            new_events.append(self._cut_for_spike(step, EventKind.NONFINITE, f"loss is {loss}; "))
+        elif signal is Signal.SPIKE:
+            why = (
+                f"loss {loss:.4g} is {self.spike.last_zscore:.1f} sigma above its running mean "
+                f"{mean:.4g} (std {std:.3g}; thresholds {self.spike.zscore:g} sigma and "
+                f"{self.spike.ratio:g}x the mean); "
+            )
+            new_events.append(self._cut_for_spike(step, EventKind.SPIKE, why))
+        else:
+            new_events += self._maybe_recover(step, loss)
+            if self.phase is Phase.WARMUP:
+                new_events += self._warmup_update(step, loss)
+            elif self.phase is Phase.DECAY and self.intervention.mode == "normal":
+                new_events += self._plateau_update(step, loss)
+        if self.phase is Phase.WARMUP and step + 1 >= self.max_warmup:
+            new_events.append(self._end_warmup(step, self._warmup_deadline_reason()))
+        if self.step >= self.total_steps:
+            self.phase = Phase.DONE
+        self.events += new_events
+        return new_events
+
+    def _warmup_update(self, step: int, loss: float) -> list[Event]:
+        signal = self.stabilizer.update(loss)
+        ready = (
+            self.config.warmup == "auto"
+            and signal is Signal.STABILIZED
+            and step + 1 >= self.min_warmup
+            and not self.paused
+            and self.intervention.mode == "normal"
+            and self._base(step + 1 - self._plan.start) >= 1.0
+        )
+        if not ready:
+            return []
+        det = self.stabilizer
+        why = (
+            f"loss stabilized: its EMA fell {det.last_drop:.2%} over the last {det.window} steps "
+            f"(threshold {det.threshold:.2%}) for {det.patience} steps in a row"
+        )
+        return [self._end_warmup(step, why)]
+
+    def _warmup_deadline_reason(self) -> str:
+        if self.config.warmup != "auto":
+            return f"fixed warmup of {self.max_warmup} steps finished"
+        drop = self.stabilizer.last_drop
+        seen = "no drop measured yet" if drop is None else f"last drop {drop:.2%}"
+        return (
+            f"max_warmup={self.max_warmup} steps reached before the loss stabilized "
+            f"({seen} per {self.stabilizer.window} steps, "
+            f"threshold {self.stabilizer.threshold:.2%})"
+        )
+
+    def _end_warmup(self, step: int, why: str) -> Event:
+        before = self.lr_scale(step + 1)
+        self.phase = Phase.DECAY
+        self.paused = False
+        self._set_plan(self._decay_plan(step + 1, self._base(step + 1 - self._plan.start)))
+        self.plateau.reset()
+        return self._event(step, EventKind.WARMUP_END, why, before)
+
+    def _plateau_update(self, step: int, loss: float) -> list[Event]:
+        if self.plateau.update(loss) is not Signal.PLATEAU:
+            return []
+        cfg, det = self.config, self.plateau
+        before = self.lr_scale(step + 1)
+        current = self._base(step + 1 - self._plan.start)
+        stalled = (
+            f"the smoothed loss (EMA {det.ema:.4g}) has not improved by {det.min_delta:.2%} on "
+            f"its best {det.best:.4g} for {det.patience} steps; "
+        )
+        if cfg.plateau_action == "restart" and self.restarts < cfg.max_restarts:
+            self.restarts += 1
+            self._set_plan(
+                self._decay_plan(step + 1, cfg.restart_peak, v0=current, ramp=self.restart_warmup)
+            )
+            why = (
+                f"{stalled}restart {self.restarts}/{cfg.max_restarts}: re-warm from "
+                f"{current:.3g} to {cfg.restart_peak:g} of the peak "
+                f"over {self.restart_warmup} steps"
+            )
+            return [self._event(step, EventKind.RESTART, why, before)]
+        cut = max(self.floor, current * cfg.plateau_factor)
+        if cut >= current:
+            return []  # already at the floor: nothing left to cut
+        self._set_plan(self._decay_plan(step + 1, cut))
+        why = f"{stalled}LR scale cut x{cfg.plateau_factor:g} from {current:.3g} to {cut:.3g}"
+        return [self._event(step, EventKind.PLATEAU, why, before)]
+
+    def _cut_for_spike(self, step: int, kind: EventKind, why: str) -> Event:
+        before = self.lr_scale(step + 1)
+        hold_until = step + 1 + self.spike_cooldown
+        if self.intervention.mode == "hold":
+            self.intervention.hold_until = hold_until
+            why += f"already cut, cooldown extended to step {hold_until}"
+            return self._event(step, kind, why, before)
+        current = self.intervention.at(step + 1)
+        value = max(self.floor, current * self.config.spike_factor)
+        self.intervention = _Intervention(mode="hold", value=value, hold_until=hold_until)
+        if self.phase is Phase.WARMUP and not self.paused:
+            self.paused = True
+            frozen = self._base(step + 1 - self._plan.start)
+            self._set_plan(_Plan(step + 1, frozen, frozen, 0, None, 0, "linear"))
+            why += "warmup ramp paused; "
+        why += (
+            f"LR multiplier cut x{self.config.spike_factor:g} to {value:.3g}, "
+            f"held for {self.spike_cooldown} steps"
+        )
+        return self._event(step, kind, why, before)
+
+    def _maybe_recover(self, step: int, loss: float) -> list[Event]:
+        held = self.intervention
+        if held.mode != "hold" or step + 1 < held.hold_until:
+            return []
+        if self.spike.last_zscore > NORMAL_BAND_ZSCORE:
+            return []
+        before = self.lr_scale(step + 1)
+        self.intervention = _Intervention(
+            mode="recover",
+            value=held.value,
+            recover_start=step + 1,
+            recover_steps=self.spike_recovery,
+        )
+        why = (
+            f"loss {loss:.4g} is back within {NORMAL_BAND_ZSCORE:g} sigma of its running mean "
+            f"{self.spike.mean:.4g}; LR multiplier ramps from {held.value:.3g} back to 1 over "
+            f"{self.spike_recovery} steps"
+        )
+        if self.paused:
+            self.paused = False
+            current = self._base(step + 1 - self._plan.start)
+            ramp = math.ceil((1.0 - current) * self.min_warmup)
+            self._set_plan(
+                self._decay_plan(step + 1, 1.0, v0=current, ramp=ramp, decay_start=self.max_warmup)
+            )
+            why += "; warmup ramp resumed"
+        return [self._event(step, EventKind.RECOVERED, why, before)]
+
+    # ------------------------------------------------------------------ plans
+    def _decay_plan(
+        self,
+        start: int,
+        v1: float,
+        *,
+        v0: float | None = None,
+        ramp: int = 0,
+        decay_start: int | None = None,
+    ) -> _Plan:
+        """Ramp ``v0 -> v1`` from ``start``, hold until ``decay_start``, then decay to the floor
+        by ``total_steps`` in the configured shape (for ``wsd``: hold, then a linear tail)."""
+        ramp_end = start + ramp
+        decay_start = ramp_end if decay_start is None else max(decay_start, ramp_end)
+        remaining = max(0, self.total_steps - decay_start)
+        shape, stable = self.config.decay, 0
+        if shape == "wsd":
+            stable = round(remaining * (1.0 - self.config.wsd_decay_fraction))
+            shape = "linear"
+        hold = decay_start - ramp_end + stable
+        return _Plan(start, v1 if v0 is None else v0, v1, ramp, hold, remaining - stable, shape)
+
+    def _set_plan(self, plan: _Plan) -> None:
+        self._plan = plan
+        self._base = plan.build(self.floor)
+
+    def _event(self, step: int, kind: EventKind, why: str, before: float) -> Event:
+        return Event(step, kind, why, before, self.lr_scale(step + 1))
