@@ -27,6 +27,7 @@ from enum import Enum
 from typing import Any
 
 from surgeon import schedules
+from surgeon._validate import check_positive_int
 from surgeon.config import SurgeonConfig, resolve_steps
 from surgeon.detectors import PlateauDetector, Signal, SpikeDetector, StabilizationDetector
 
@@ -128,10 +129,7 @@ class Controller:
     """Warmup -> decay -> done, with plateau and spike interventions, driven by loss floats."""
 
     def __init__(self, total_steps: int, config: SurgeonConfig | None = None) -> None:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(
-                f"total_steps must be an integer >= 1, got total_steps={total_steps!r}"
-            )
+        check_positive_int("total_steps", total_steps)
         self.config = cfg = config if config is not None else SurgeonConfig()
         self.total_steps = total_steps
         self.floor = cfg.min_lr_ratio

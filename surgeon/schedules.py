@@ -57,8 +57,8 @@ DecayShape = Literal["cosine", "linear", "sqrt"]
 Anneal = Literal["cos", "linear"]
 """Annealing strategies of :func:`one_cycle` (torch ``OneCycleLR`` spelling)."""
 
-# An interpolation from ``start`` (frac = 0) to ``end`` (frac = 1).
-_Interp = Callable[[float, float, float], float]
+# An interpolation from ``start`` (elapsed = 0) to ``end`` (elapsed = span).
+_Interp = Callable[[float, float, float, float], float]
 
 
 # --------------------------------------------------------------------------- validation
@@ -120,18 +120,19 @@ def _check_step(step: int) -> None:
 # ------------------------------------------------------------------------ interpolation
 
 
-def _lerp(start: float, end: float, frac: float) -> float:
-    return start + (end - start) * frac
+def _lerp(start: float, end: float, elapsed: float, span: float) -> float:
+    return start + (end - start) * (elapsed / span)
 
 
-def _cosine_interp(start: float, end: float, frac: float) -> float:
-    # Closed form, same expression as torch's OneCycleLR._annealing_cos and
-    # CosineAnnealingLR._get_closed_form_lr; never the recursive (chainable) update.
-    return end + (start - end) * (1.0 + math.cos(math.pi * frac)) / 2.0
+def _cosine_interp(start: float, end: float, elapsed: float, span: float) -> float:
+    # The closed form with torch's operand order ``pi * t / T``: bit for bit the value of
+    # CosineAnnealingLR._get_closed_form_lr and CosineAnnealingWarmRestarts. OneCycleLR
+    # evaluates ``pi * (t / T)``, a few ulps away. Never the recursive (chainable) update.
+    return end + (start - end) * (1.0 + math.cos(math.pi * elapsed / span)) / 2.0
 
 
-def _sqrt_interp(start: float, end: float, frac: float) -> float:
-    return end + (start - end) * (1.0 - math.sqrt(frac))
+def _sqrt_interp(start: float, end: float, elapsed: float, span: float) -> float:
+    return end + (start - end) * (1.0 - math.sqrt(elapsed / span))
 
 
 _SHAPES: dict[str, _Interp] = {"cosine": _cosine_interp, "linear": _lerp, "sqrt": _sqrt_interp}
@@ -153,7 +154,7 @@ def _ramp(start: float, end: float, begin: float, finish: float, interp: _Interp
             return end
         if step <= begin:
             return start
-        return interp(start, end, (step - begin) / span)
+        return interp(start, end, step - begin, span)
 
     return schedule
 
@@ -330,7 +331,7 @@ def cosine_restarts(
             while local >= period:  # cycles grow geometrically: O(log step) iterations
                 local -= period
                 period *= mult
-        return _cosine_interp(peak, floor, local / period)
+        return _cosine_interp(peak, floor, local, period)
 
     return schedule
 

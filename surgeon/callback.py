@@ -1,0 +1,360 @@
+"""``ScheduleSurgeon``: the Lightning adapter around :class:`surgeon.controller.Controller`.
+
+What it does each optimizer step:
+
+1. ``on_train_batch_start`` writes ``peak_lr x lr_scale(step)`` into every param
+   group of every optimizer, where ``peak_lr`` is the LR that group was configured
+   with (so layer-wise ratios hold). This hook, not ``on_before_optimizer_step``,
+   because the LR must be in place for the *whole* step: ``training_step`` and the
+   backward hooks then see the LR that ``optimizer.step`` will use, with gradient
+   accumulation it runs once per micro-batch and the write is skipped until the
+   next optimizer step, and it also covers manual optimization where the user
+   calls ``opt.step()`` inside ``training_step``. (In Lightning 2.6 a configured
+   step-interval scheduler overwrites ``group["lr"]`` right after the step; the
+   surgeon refuses to run beside one, see ``leave_scheduled_optimizers``.)
+2. ``on_train_batch_end`` adds the micro-batch loss (``outputs["loss"]``, already
+   divided by ``accumulate_grad_batches`` and free of the AMP scale) to the
+   :class:`~surgeon.loss_feed.LossFeed`; when ``trainer.global_step`` has moved the
+   optimizer step is closed, and losses whose readback is due go to the controller.
+
+Steps are optimizer steps that were applied: a step GradScaler skipped is
+recognized from the loss scale (read late, with the loss) and not counted.
+Only rank zero writes logs and ``events.jsonl``; every rank makes the same
+decisions because the feed averages the losses across ranks before reading them.
+"""
+
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from torch import Tensor
+from torch.optim import Optimizer
+
+from surgeon._validate import check_positive_int
+from surgeon.config import DecayName, PlateauAction, Steps, SurgeonConfig, WarmupMode
+from surgeon.controller import Controller, Event, Phase
+from surgeon.loss_feed import LossFeed, StepLoss
+
+log = logging.getLogger("surgeon")
+
+try:  # one class that both Trainers accept: `lightning.pytorch` and `pytorch_lightning`
+    import lightning.pytorch as _lightning_pytorch
+
+    _CALLBACK_BASES: tuple[type, ...] = (pl.Callback, _lightning_pytorch.Callback)
+except ImportError:  # pragma: no cover - `lightning` is optional
+    _CALLBACK_BASES = (pl.Callback,)
+
+PEAK_LR_KEY = "surgeon_peak_lr"
+"""Param-group key holding the group's configured (peak) LR; saved with the optimizer."""
+PHASE_CODES = {Phase.WARMUP: 0.0, Phase.DECAY: 1.0, Phase.DONE: 2.0}
+"""Numeric phase logged as ``surgeon/phase`` (loggers take numbers)."""
+EVENTS_FILE = "events.jsonl"
+
+
+def lr_metric_names(optimizers: list[Optimizer]) -> list[list[str]]:
+    """Metric names per optimizer and group, as ``LearningRateMonitor`` names them."""
+    seen: defaultdict[type, int] = defaultdict(int)
+    names = []
+    for optimizer in optimizers:
+        seen[type(optimizer)] += 1
+        name = f"lr-{type(optimizer).__name__}"
+        if seen[type(optimizer)] > 1:
+            name += f"-{seen[type(optimizer)] - 1}"
+        groups = optimizer.param_groups
+        if len(groups) == 1:
+            names.append([name])
+        else:
+            names.append([f"{name}/{g.get('name', f'pg{i + 1}')}" for i, g in enumerate(groups)])
+    return names
+
+
+class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
+    """Runs the learning rate of every optimizer as an adaptive warmup/decay controller.
+
+    With no arguments: each group's configured LR is its peak, warmup is automatic
+    (ramp over ``min_warmup``, hold until the loss stabilizes, at most
+    ``max_warmup``), cosine decay to ``min_lr_ratio x peak`` by the planned end,
+    and plateau/spike/NaN interventions. See :class:`surgeon.config.SurgeonConfig`
+    for every knob; ``total_steps`` defaults to ``trainer.max_steps`` or else
+    ``trainer.estimated_stepping_batches``.
+    """
+
+    def __init__(
+        self,
+        *,
+        total_steps: int | None = None,
+        warmup: WarmupMode = "auto",
+        min_warmup: Steps = 0.02,
+        max_warmup: Steps = 0.1,
+        min_lr_ratio: float = 0.1,
+        decay: DecayName = "cosine",
+        wsd_decay_fraction: float = 0.2,
+        stabilize_window: Steps = 0.01,
+        stabilize_threshold: float = 0.02,
+        stabilize_patience: int = 10,
+        plateau_patience: Steps = 0.05,
+        plateau_min_delta: float = 1e-3,
+        plateau_cooldown: Steps = 0.05,
+        plateau_factor: float = 0.5,
+        plateau_action: PlateauAction = "cut",
+        max_restarts: int = 2,
+        restart_peak: float = 0.5,
+        restart_warmup: Steps = 0.01,
+        spike_zscore: float = 6.0,
+        spike_ratio: float = 1.5,
+        spike_factor: float = 0.5,
+        spike_cooldown: Steps = 0.01,
+        spike_recovery: Steps = 0.02,
+        readback_every: int = 4,
+        leave_scheduled_optimizers: bool = False,
+    ) -> None:
+        super().__init__()
+        if total_steps is not None:
+            check_positive_int("total_steps", total_steps)
+        self.config = SurgeonConfig(
+            warmup=warmup,
+            min_warmup=min_warmup,
+            max_warmup=max_warmup,
+            min_lr_ratio=min_lr_ratio,
+            decay=decay,
+            wsd_decay_fraction=wsd_decay_fraction,
+            stabilize_window=stabilize_window,
+            stabilize_threshold=stabilize_threshold,
+            stabilize_patience=stabilize_patience,
+            plateau_patience=plateau_patience,
+            plateau_min_delta=plateau_min_delta,
+            plateau_cooldown=plateau_cooldown,
+            plateau_factor=plateau_factor,
+            plateau_action=plateau_action,
+            max_restarts=max_restarts,
+            restart_peak=restart_peak,
+            restart_warmup=restart_warmup,
+            spike_zscore=spike_zscore,
+            spike_ratio=spike_ratio,
+            spike_factor=spike_factor,
+            spike_cooldown=spike_cooldown,
+            spike_recovery=spike_recovery,
+        )
+        self.total_steps = total_steps
+        self.leave_scheduled_optimizers = leave_scheduled_optimizers
+        self.feed = LossFeed(readback_every)
+        self.controller: Controller | None = None
+        self.step = 0
+        """Optimizer steps applied so far (GradScaler-skipped steps excluded once known)."""
+        self.skipped_steps = 0
+        self._written_step = -1
+        self._last_global_step = 0
+        self._optimizers: list[Optimizer] = []
+        self._lr_names: list[list[str]] = []
+        self._events_path: Path | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._warned_no_loss = False
+
+    # ------------------------------------------------------------------ public surface
+    @property
+    def phase(self) -> Phase:
+        """The controller's current phase (``Phase.WARMUP`` before the fit starts)."""
+        return self.controller.phase if self.controller is not None else Phase.WARMUP
+
+    @property
+    def events(self) -> list[Event]:
+        """Every decision so far, oldest first."""
+        return self.controller.events if self.controller is not None else []
+
+    @property
+    def state_key(self) -> str:
+        return "ScheduleSurgeon"
+
+    # ------------------------------------------------------------------ fit lifecycle
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = self._planned_steps(trainer)
+        self.controller = Controller(total, self.config)
+        scheduled = self._scheduled_optimizers(trainer)
+        self._optimizers = [opt for opt in trainer.optimizers if id(opt) not in scheduled]
+        if not self._optimizers:
+            raise ValueError("ScheduleSurgeon has no optimizer to drive: all have LR schedulers")
+        for optimizer in self._optimizers:
+            for group in optimizer.param_groups:
+                group.setdefault(PEAK_LR_KEY, group["lr"])
+                peak = group[PEAK_LR_KEY]
+                if not (isinstance(peak, int | float) and math.isfinite(peak) and peak > 0):
+                    raise ValueError(f"param group lr must be a finite number > 0, got lr={peak!r}")
+        self._lr_names = lr_metric_names(self._optimizers)
+        reduce = None
+        if trainer.world_size > 1:
+
+            def reduce(block: Tensor) -> Tensor:
+                return trainer.strategy.reduce(block, reduce_op="mean")
+
+        self.feed = LossFeed(self.feed.readback_every, reduce)
+        self.step = self.skipped_steps = 0
+        self._written_step = -1
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+        self._events_path = None
+        if trainer.is_global_zero:
+            log_dir = trainer.log_dir or trainer.default_root_dir
+            self._events_path = Path(log_dir) / EVENTS_FILE
+            self._events_path.parent.mkdir(parents=True, exist_ok=True)
+        self._show_phase_in_progress_bar(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_global_step = trainer.global_step
+
+    def _planned_steps(self, trainer: pl.Trainer) -> int:
+        if self.total_steps is not None:
+            return self.total_steps
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return trainer.max_steps
+        estimate = trainer.estimated_stepping_batches
+        if isinstance(estimate, int | float) and math.isfinite(estimate) and estimate >= 1:
+            return int(estimate)
+        raise ValueError(
+            "ScheduleSurgeon needs a finite planned length: pass total_steps=..., or set "
+            f"Trainer(max_steps=...) or max_epochs (estimated_stepping_batches={estimate})"
+        )
+
+    def _scheduled_optimizers(self, trainer: pl.Trainer) -> set[int]:
+        configs = trainer.lr_scheduler_configs
+        if not configs:
+            return set()
+        owned = {id(c.scheduler.optimizer) for c in configs}
+        if self.leave_scheduled_optimizers:
+            return owned
+        names = ", ".join(type(c.scheduler).__name__ for c in configs)
+        raise ValueError(
+            f"configure_optimizers returned LR scheduler(s) ({names}), but ScheduleSurgeon sets "
+            "the learning rate itself: return only the optimizer(s) from configure_optimizers, "
+            "or pass ScheduleSurgeon(leave_scheduled_optimizers=True) to leave the optimizers "
+            "that have a scheduler alone"
+        )
+
+    def _show_phase_in_progress_bar(self, trainer: pl.Trainer) -> None:
+        bar = trainer.progress_bar_callback
+        if bar is None or getattr(bar.get_metrics, "_surgeon", False):
+            return
+        original = bar.get_metrics
+
+        def get_metrics(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            return {**original(*args, **kwargs), "phase": self.phase.value}
+
+        get_metrics._surgeon = True  # type: ignore[attr-defined]
+        bar.get_metrics = get_metrics  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ per step
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.controller is None or self._written_step == self.step:
+            return
+        scale = self.controller.lr_scale(self.step)
+        for optimizer in self._optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group[PEAK_LR_KEY] * scale
+        self._written_step = self.step
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor):
+            self.feed.add(loss)
+        elif not self._warned_no_loss:
+            self._warned_no_loss = True
+            log.warning(
+                "ScheduleSurgeon found no loss in the training_step output; return the loss "
+                "(or a dict with 'loss') so it can react to plateaus and spikes"
+            )
+        if trainer.global_step == self._last_global_step:
+            return  # accumulating: the optimizer step has not happened yet
+        self._last_global_step = trainer.global_step
+        self.step += 1
+        self._consume(trainer, self.feed.close_step(self._loss_scale(trainer)))
+
+    @staticmethod
+    def _loss_scale(trainer: pl.Trainer) -> Tensor | None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = getattr(scaler, "_scale", None)
+        return scale if isinstance(scale, Tensor) else None
+
+    def _consume(self, trainer: pl.Trainer, due: list[StepLoss]) -> None:
+        assert self.controller is not None
+        for item in due:
+            if item.skipped:
+                self.skipped_steps += 1
+                self.step -= 1
+                continue
+            loss_step = self.controller.step
+            for event in self.controller.update(item.loss):
+                self._report(trainer, event)
+            if trainer.is_global_zero and loss_step % max(1, trainer.log_every_n_steps) == 0:
+                self._log_metrics(trainer, loss_step, item.loss)
+
+    # ------------------------------------------------------------------ observability
+    def _log_metrics(self, trainer: pl.Trainer, step: int, loss: float) -> None:
+        assert self.controller is not None
+        scale = self.controller.lr_scale(step)
+        metrics = {
+            "surgeon/loss": loss,
+            "surgeon/loss_smooth": self.controller.spike.mean,
+            "surgeon/phase": PHASE_CODES[self.controller.phase],
+            "surgeon/lr_scale": scale,
+        }
+        for optimizer, names in zip(self._optimizers, self._lr_names, strict=True):
+            for group, name in zip(optimizer.param_groups, names, strict=True):
+                metrics[name] = group[PEAK_LR_KEY] * scale
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def _report(self, trainer: pl.Trainer, event: Event) -> None:
+        peak = self._optimizers[0].param_groups[0][PEAK_LR_KEY]
+        lr_before, lr_after = peak * event.scale_before, peak * event.scale_after
+        log.info(
+            "step %d: %s: %s (lr %.3g -> %.3g)",
+            event.step,
+            event.kind.value,
+            event.reason,
+            lr_before,
+            lr_after,
+        )
+        if self._events_path is not None:
+            record = {**event.to_dict(), "lr_before": lr_before, "lr_after": lr_after}
+            with self._events_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self.controller is None:
+            return self._pending_state or {}
+        return {
+            "controller": self.controller.state_dict(),
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "feed": self.feed.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.controller is None:
+            self._pending_state = state_dict
+        else:
+            self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        assert self.controller is not None
+        self.controller.load_state_dict(state["controller"])
+        self.step = state["step"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.feed.load_state_dict(state["feed"])
+        self._written_step = -1
