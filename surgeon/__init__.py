@@ -2,12 +2,25 @@
 
 ``ScheduleSurgeon`` is the Lightning callback; :class:`Controller` is the
 framework-free phase machine it drives; :mod:`surgeon.schedules` holds the pure
-schedule functions underneath.
+schedule functions underneath. The callback (and so torch and Lightning) is
+imported on first use, so ``surgeon.schedules`` and the CLI's preview stay light.
 """
 
-from surgeon.callback import ScheduleSurgeon
+from typing import TYPE_CHECKING, Any
+
 from surgeon.config import SurgeonConfig
 from surgeon.controller import Controller, Event, EventKind, Phase
 
+if TYPE_CHECKING:
+    from surgeon.callback import ScheduleSurgeon
+
 __all__ = ["Controller", "Event", "EventKind", "Phase", "ScheduleSurgeon", "SurgeonConfig"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ScheduleSurgeon":
+        from surgeon.callback import ScheduleSurgeon
+
+        return ScheduleSurgeon
+    raise AttributeError(f"module 'surgeon' has no attribute {name!r}")

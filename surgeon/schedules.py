@@ -7,15 +7,19 @@ that only computes. Steps are optimizer steps (``trainer.global_step``) counted 
 every returned schedule rejects a negative step.
 
 Shapes are composed, not subclassed: :func:`join` glues schedules end to end, each one
-seeing a local step, so ``warmup_cosine``, ``wsd`` and ``one_cycle`` are joins of the
-primitives :func:`constant`, :func:`linear`, :func:`cosine` and :func:`decay_shape`. Every
-cosine-shaped curve goes through one interpolation helper, ``_cosine_interp``::
+seeing a local step, so ``warmup_cosine`` and ``wsd`` are joins of the primitives
+:func:`constant`, :func:`linear`, :func:`cosine` and :func:`decay_shape`. ``one_cycle`` is a
+join of two ramps of the kind those primitives are made of, with torch's fractional phase
+ends, which no integer-length primitive can express. Every cosine-shaped curve goes through
+one interpolation helper, ``_cosine_interp``::
 
     end + (start - end) * (1 + cos(pi * t / T)) / 2
 
 The factories reproduce ``torch.optim.lr_scheduler`` (StepLR, ExponentialLR, LinearLR,
 CosineAnnealingLR, CosineAnnealingWarmRestarts, OneCycleLR with ``three_phase=False``) to
-1e-9 relative; ``tests/test_schedules.py`` checks that against the real schedulers.
+1e-9 relative (in practice within a few ulps); ``tests/test_schedules.py`` checks that
+against the real schedulers. Ends of ramps (peaks, floors) are returned exactly, not
+through the interpolation formula.
 Where torch is undefined or periodic past its horizon, these schedules hold their final
 value instead.
 
