@@ -79,8 +79,9 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     (ramp over ``min_warmup``, hold until the loss stabilizes, at most
     ``max_warmup``), cosine decay to ``min_lr_ratio x peak`` by the planned end,
     and plateau/spike/NaN interventions. See :class:`surgeon.config.SurgeonConfig`
-    for every knob; ``total_steps`` defaults to ``trainer.max_steps`` or else
-    ``trainer.estimated_stepping_batches``.
+    for every knob; ``total_steps`` defaults to ``trainer.max_steps`` (divided by the
+    number of optimizers under manual optimization, where Lightning counts each
+    ``opt.step()``) or else ``trainer.estimated_stepping_batches``.
     """
 
     def __init__(
@@ -210,7 +211,11 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         if self.total_steps is not None:
             return self.total_steps
         if trainer.max_steps is not None and trainer.max_steps > 0:
-            return trainer.max_steps
+            # under manual optimization `max_steps` counts every `opt.step()`, but the surgeon
+            # steps once per batch: with k optimizers (each stepped once a batch) that is k calls
+            manual = not trainer.lightning_module.automatic_optimization
+            per_batch = len(trainer.optimizers) if manual else 1
+            return math.ceil(trainer.max_steps / per_batch)
         estimate = trainer.estimated_stepping_batches
         if isinstance(estimate, int | float) and math.isfinite(estimate) and estimate >= 1:
             return int(estimate)
@@ -257,6 +262,8 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             for group in optimizer.param_groups:
                 group["lr"] = group[PEAK_LR_KEY] * scale
         self._written_step = self.step
+        if trainer.is_global_zero and self.step % max(1, trainer.log_every_n_steps) == 0:
+            self._log_lrs(trainer, scale)
 
     def on_train_batch_end(
         self,
@@ -298,21 +305,26 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             for event in self.controller.update(item.loss):
                 self._report(trainer, event)
             if trainer.is_global_zero and loss_step % max(1, trainer.log_every_n_steps) == 0:
-                self._log_metrics(trainer, loss_step, item.loss)
+                self._log_loss(trainer, loss_step, item.loss)
 
     # ------------------------------------------------------------------ observability
-    def _log_metrics(self, trainer: pl.Trainer, step: int, loss: float) -> None:
+    def _log_lrs(self, trainer: pl.Trainer, scale: float) -> None:
+        """The LRs written for the current step, named as ``LearningRateMonitor`` names them."""
+        metrics = {"surgeon/lr_scale": scale}
+        for optimizer, names in zip(self._optimizers, self._lr_names, strict=True):
+            for group, name in zip(optimizer.param_groups, names, strict=True):
+                metrics[name] = group["lr"]
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=self.step)
+
+    def _log_loss(self, trainer: pl.Trainer, step: int, loss: float) -> None:
+        """The loss of ``step`` as the controller saw it, its smoothed value, and the phase."""
         assert self.controller is not None
-        scale = self.controller.lr_scale(step)
         metrics = {
             "surgeon/loss": loss,
             "surgeon/loss_smooth": self.controller.spike.mean,
             "surgeon/phase": PHASE_CODES[self.controller.phase],
-            "surgeon/lr_scale": scale,
         }
-        for optimizer, names in zip(self._optimizers, self._lr_names, strict=True):
-            for group, name in zip(optimizer.param_groups, names, strict=True):
-                metrics[name] = group[PEAK_LR_KEY] * scale
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 

@@ -138,7 +138,8 @@ class Controller:
             self.max_warmup = resolve_steps("max_warmup", cfg.max_warmup, total_steps)
         else:
             self.min_warmup = self.max_warmup = cfg.warmup
-        for name, value in (("min_warmup", self.min_warmup), ("max_warmup", self.max_warmup)):
+        names = ("min_warmup", "max_warmup") if cfg.warmup == "auto" else ("warmup", "warmup")
+        for name, value in zip(names, (self.min_warmup, self.max_warmup), strict=True):
             if value > total_steps:
                 raise ValueError(
                     f"{name} must be <= total_steps, got {name}={value} steps, "
@@ -359,6 +360,7 @@ class Controller:
         if self.spike.last_zscore > NORMAL_BAND_ZSCORE:
             return []
         before = self.lr_scale(step + 1)
+        self.plateau.reset()  # the level after a spike is a new baseline, not a stall
         self.intervention = _Intervention(
             mode="recover",
             value=held.value,

@@ -229,9 +229,10 @@ def cosine(lr: float, total_steps: int, min_lr: float = 0.0) -> Schedule:
 
 
 def decay_shape(name: DecayShape, start_lr: float, end_lr: float, total_steps: int) -> Schedule:
-    """Decay ``start_lr -> end_lr`` over T steps, then hold; p = min(t, T) / T and
-    ``lr(t) = end_lr + (start_lr - end_lr) * s(p)`` with s = 1 - p (linear),
-    (1 + cos(pi * p)) / 2 (cosine) or 1 - sqrt(p) (sqrt)."""
+    """Decay over T steps, then hold: ``end_lr + (start_lr - end_lr) * s(min(t, T) / T)``.
+
+    ``s(p)`` is ``1 - p`` (linear), ``(1 + cos(pi * p)) / 2`` (cosine) or ``1 - sqrt(p)``
+    (sqrt); ``total_steps=0`` gives end_lr at once."""
     return _decay("name", name, start_lr, end_lr, total_steps)
 
 
@@ -269,8 +270,10 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
 
 
 def warmup_cosine(lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> Schedule:
-    """Linear warmup then cosine: ``lr * t / W`` for t < W, then
-    ``min_lr + (lr - min_lr) * (1 + cos(pi * (t - W) / (T - W))) / 2``, min_lr from T on."""
+    """Warmup then cosine: ``lr * t / W`` for t < W, then ``cosine(lr, T - W, min_lr)(t - W)``.
+
+    That is ``min_lr + (lr - min_lr) * (1 + cos(pi * (t - W) / (T - W))) / 2``; min_lr is
+    held from T on. Built as ``join([linear(0, lr, W), cosine(lr, T - W, min_lr)], [W])``."""
     peak = _as_float("lr", lr)
     warmup = _as_int("warmup_steps", warmup_steps)
     total = _as_int("total_steps", total_steps)
@@ -292,9 +295,12 @@ def one_cycle(
     final_div_factor: float = 1e4,
     anneal: Anneal = "cos",
 ) -> Schedule:
-    """1cycle (torch ``OneCycleLR``, two phases): a = lr / div_factor rises to lr over
-    t <= e = pct_start * T - 1, then falls to a / final_div_factor at t = T - 1 (then held);
-    each phase is ``anneal(start, end, (t - t0) / (t1 - t0))`` with cos or linear annealing."""
+    """1cycle (torch ``OneCycleLR``): lr / div_factor -> lr -> lr / div_factor / final_div_factor.
+
+    With ``a = lr / div_factor``, phase 1 owns the steps ``t <= e = pct_start * T - 1`` and
+    anneals a -> lr over [0, e]; phase 2 anneals lr -> a / final_div_factor over [e, T - 1],
+    held after. Each phase is ``anneal(start, end, (t - t0) / (t1 - t0))``, cosine (``cos``)
+    or ``linear``."""
     peak = _as_float("lr", lr)
     total = _as_int("total_steps", total_steps, minimum=1)
     pct = _as_float("pct_start", pct_start, maximum=1.0)
@@ -318,8 +324,10 @@ def one_cycle(
 def cosine_restarts(
     lr: float, first_cycle_steps: int, cycle_mult: int = 1, min_lr: float = 0.0
 ) -> Schedule:
-    """SGDR (torch ``CosineAnnealingWarmRestarts``): cycle i lasts T_i = T_0 * cycle_mult ** i
-    and ``lr = min_lr + (lr - min_lr) * (1 + cos(pi * t_i / T_i)) / 2``, t_i the step in it."""
+    """SGDR (torch ``CosineAnnealingWarmRestarts``): cosine from lr to min_lr, restarted.
+
+    Cycle i lasts ``T_i = first_cycle_steps * cycle_mult ** i`` steps and gives
+    ``min_lr + (lr - min_lr) * (1 + cos(pi * t_i / T_i)) / 2``, t_i the step within it."""
     peak = _as_float("lr", lr)
     first = _as_int("first_cycle_steps", first_cycle_steps, minimum=1)
     mult = _as_int("cycle_mult", cycle_mult, minimum=1)
@@ -348,11 +356,12 @@ def wsd(
     min_lr: float = 0.0,
     decay_shape: DecayShape = "linear",
 ) -> Schedule:
-    """Warmup-stable-decay: ``lr * t / W`` for t < W, ``lr`` until T - D, then
-    ``decay_shape`` from lr to min_lr at T (held after), D = round(decay_fraction * T).
+    """Warmup-stable-decay: ``lr * t / W`` for t < W, ``lr`` until T - D, then decay to min_lr.
 
-    D uses Python's ``round``, which rounds halves to even: T=25, fraction 0.1 -> D=2.
-    The sqrt shape is ``min_lr + (lr - min_lr) * (1 - sqrt((t - T + D) / D))``."""
+    The decay (``decay_shape``) runs over the last ``D = round(decay_fraction * T)`` steps,
+    reaching min_lr at T, held after. D uses Python's ``round``, which rounds halves to
+    even: T=25 and decay_fraction=0.1 give D=2, T=35 gives D=4. The sqrt shape is
+    ``min_lr + (lr - min_lr) * (1 - sqrt((t - T + D) / D))``."""
     peak = _as_float("lr", lr)
     warmup = _as_int("warmup_steps", warmup_steps)
     total = _as_int("total_steps", total_steps)

@@ -18,8 +18,10 @@ Lightning ``SpikeDetection`` (rtol 2). Defaults: ``zscore=6.0``, ``ratio=1.5``,
 A spike must not poison the statistics it is measured against: each loss
 enters the EMAs winsorized at ``mean + zscore * std``, so a single outlier
 moves them no more than a 6-sigma sample would, while a lasting level shift is
-still absorbed over time. ``last_zscore`` tells the controller whether the
-latest loss is back in its normal band.
+still absorbed over time. On a stream constant so far (std 0) that cap is no
+cap, so a spike enters at the ratio threshold ``mean + (ratio - 1) * |mean|``.
+``last_zscore`` tells the controller whether the latest loss is back in its
+normal band.
 """
 
 import math
@@ -78,6 +80,9 @@ class SpikeDetector:
         )
         if std > 0:
             loss = min(loss, self.mean + self.zscore * std)
+        elif is_spike and (self.ratio - 1.0) * abs(self.mean) > 0:
+            # no spread yet (a constant stream): the spike enters at the ratio threshold
+            loss = self.mean + (self.ratio - 1.0) * abs(self.mean)
         diff = loss - self.mean
         increment = self.alpha * diff
         self.mean += increment

@@ -1,0 +1,129 @@
+"""Plot a run: loss and LR on one step axis, phases shaded, the surgeon's events marked.
+
+Reads what a run leaves in its log directory: Lightning ``CSVLogger``'s
+``metrics.csv`` (columns ``surgeon/loss``, ``surgeon/loss_smooth``,
+``surgeon/phase`` and ``lr-*``) and the callback's ``events.jsonl``. Needs the
+``plot`` extra (matplotlib).
+"""
+
+import csv
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from surgeon.callback import EVENTS_FILE, PHASE_CODES
+
+_PHASE_COLORS = {"warmup": "#fde2b3", "decay": "#d7e8f7", "done": "#e6e6e6"}
+_EVENT_COLORS = {
+    "warmup_end": "#2a9d8f",
+    "plateau": "#8d5bd6",
+    "restart": "#b5179e",
+    "spike": "#e63946",
+    "nonfinite": "#000000",
+    "recovered": "#43aa8b",
+}
+_PHASE_NAMES = {code: phase.value for phase, code in PHASE_CODES.items()}
+
+
+def find_run_files(run_dir: Path) -> tuple[Path, Path | None]:
+    """The newest ``metrics.csv`` under ``run_dir`` and the ``events.jsonl`` beside it (if any)."""
+    candidates = sorted(Path(run_dir).rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"no metrics.csv under {run_dir} (log the run with CSVLogger)")
+    metrics = candidates[-1]
+    events = metrics.parent / EVENTS_FILE
+    return metrics, events if events.exists() else None
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every numeric column of a ``metrics.csv`` as ``(step, value)`` pairs, empty cells dropped."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row["step"]))
+            for key, value in row.items():
+                if key != "step" and value not in ("", None):
+                    series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def read_events(path: Path | None) -> list[dict[str, Any]]:
+    """The JSON records of ``events.jsonl`` (an empty list without the file)."""
+    if path is None:
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _phase_spans(phase: list[tuple[int, float]]) -> list[tuple[str, int, int]]:
+    spans: list[tuple[str, int, int]] = []
+    for step, code in phase:
+        name = _PHASE_NAMES.get(round(code), "?")
+        if spans and spans[-1][0] == name:
+            spans[-1] = (name, spans[-1][1], step)
+        else:
+            spans.append((name, spans[-1][2] if spans else step, step))
+    return spans
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Write a PNG of the run in ``run_dir`` (default: ``surgeon.png`` beside metrics.csv)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics_path, events_path = find_run_files(run_dir)
+    series = read_metrics(metrics_path)
+    events = read_events(events_path)
+    out = Path(out) if out is not None else metrics_path.parent / "surgeon.png"
+
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    for ax in (ax_loss, ax_lr):
+        for name, start, end in _phase_spans(series.get("surgeon/phase", [])):
+            ax.axvspan(start, end, color=_PHASE_COLORS.get(name, "#eeeeee"), lw=0, zorder=0)
+    for key, style in (("surgeon/loss", {"lw": 0.7, "alpha": 0.5}), ("surgeon/loss_smooth", {})):
+        points = [(s, v) for s, v in series.get(key, []) if math.isfinite(v)]
+        if points:
+            ax_loss.plot(*zip(*points, strict=True), label=key.split("/")[1], **style)
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_yscale("log")
+    for key in sorted(k for k in series if k.startswith("lr-")):
+        ax_lr.plot(*zip(*series[key], strict=True), label=key)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+
+    counts = Counter(event["kind"] for event in events)
+    labelled: set[str] = set()
+    for event in events:
+        kind = event["kind"]
+        color = _EVENT_COLORS.get(kind, "#555555")
+        for ax in (ax_loss, ax_lr):
+            label = f"{kind} ({counts[kind]})" if ax is ax_lr and kind not in labelled else None
+            ax.axvline(event["step"], color=color, ls="--", lw=1.2, label=label)
+        labelled.add(kind)
+        ax_loss.annotate(
+            kind,
+            (event["step"], 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=8,
+            color=color,
+        )
+    phase_handles = [
+        plt.Rectangle((0, 0), 1, 1, color=color, label=f"phase: {name}")
+        for name, color in _PHASE_COLORS.items()
+        if any(span[0] == name for span in _phase_spans(series.get("surgeon/phase", [])))
+    ]
+    ax_loss.legend(loc="upper right", fontsize=8)
+    handles, _ = ax_lr.get_legend_handles_labels()
+    ax_lr.legend(handles=handles + phase_handles, loc="upper right", fontsize=8)
+    fig.suptitle(f"ScheduleSurgeon: {len(events)} events — {metrics_path.parent}")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
