@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 from surgeon._validate import check_positive_int
 from surgeon.config import DecayName, PlateauAction, Steps, SurgeonConfig, WarmupMode
 from surgeon.controller import Controller, Event, Phase
-from surgeon.loss_feed import LossFeed, StepLoss
+from surgeon.loss_feed import LossFeed, Reduce, StepLoss
 
 log = logging.getLogger("surgeon")
 
@@ -70,6 +71,26 @@ def lr_metric_names(optimizers: list[Optimizer]) -> list[list[str]]:
         else:
             names.append([f"{name}/{g.get('name', f'pg{i + 1}')}" for i, g in enumerate(groups)])
     return names
+
+
+def _mean_across_ranks(trainer: pl.Trainer) -> Reduce | None:
+    """The feed's ``reduce``: the mean over ranks in one all-reduce (``None`` on one process).
+
+    Not ``trainer.strategy.reduce``: Lightning's DDP reduce runs a ``barrier`` before its
+    all-reduce, a second collective, and on NCCL a barrier blocks the host until the GPU has
+    caught up (``cudaStreamSynchronize``), once per block: the stall the feed exists to avoid.
+    """
+    if trainer.world_size <= 1:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):  # a strategy of its own kind
+        return lambda block: trainer.strategy.reduce(block, reduce_op="mean")
+    world_size = dist.get_world_size()
+
+    def reduce(block: Tensor) -> Tensor:
+        dist.all_reduce(block, op=dist.ReduceOp.SUM)  # gloo has no AVG; same bits on all ranks
+        return block / world_size
+
+    return reduce
 
 
 class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
@@ -185,21 +206,16 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
                 if not (isinstance(peak, int | float) and math.isfinite(peak) and peak > 0):
                     raise ValueError(f"param group lr must be a finite number > 0, got lr={peak!r}")
         self._lr_names = lr_metric_names(self._optimizers)
-        reduce = None
-        if trainer.world_size > 1:
-
-            def reduce(block: Tensor) -> Tensor:
-                return trainer.strategy.reduce(block, reduce_op="mean")
-
-        self.feed = LossFeed(self.feed.readback_every, reduce)
+        self.feed = LossFeed(self.feed.readback_every, _mean_across_ranks(trainer))
         self.step = self.skipped_steps = 0
         self._written_step = -1
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
         self._events_path = None
+        # on every rank: `trainer.log_dir` broadcasts from rank 0 (a collective)
+        log_dir = trainer.log_dir or trainer.default_root_dir
         if trainer.is_global_zero:
-            log_dir = trainer.log_dir or trainer.default_root_dir
             self._events_path = Path(log_dir) / EVENTS_FILE
             self._events_path.parent.mkdir(parents=True, exist_ok=True)
         self._show_phase_in_progress_bar(trainer)

@@ -1,0 +1,490 @@
+"""``ScheduleSurgeon`` inside real ``Trainer.fit`` runs (CPU, the tiny MLP of ``conftest``).
+
+The reference for every LR check is a fresh :class:`Controller` fed the losses that
+``training_step`` returned, with the lag :mod:`surgeon.loss_feed` documents: the LR of
+step ``t`` is written when the losses of the first ``(t // R - 1) * R`` steps (``R`` =
+``readback_every``) have been handed to the controller (:func:`fed_before`).
+"""
+
+import csv
+import dataclasses
+import importlib
+import inspect
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TinyRegressor, make_loader, regressor_class
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from surgeon.callback import ScheduleSurgeon
+from surgeon.config import SurgeonConfig
+from surgeon.controller import Controller, EventKind, Phase
+
+R = 4
+"""The default ``readback_every``."""
+PEAK = 0.05
+"""The tiny model's default (single-group) LR."""
+
+
+def fed_before(step: int, readback_every: int = R) -> int:
+    """How many losses the controller has been given when the LR of ``step`` is written."""
+    return max(0, step // readback_every - 1) * readback_every
+
+
+def replay_scales(
+    losses: list[float], total_steps: int, config: SurgeonConfig, readback_every: int = R
+) -> list[float]:
+    """``lr_scale`` per step from a fresh controller fed ``losses`` with the callback's lag."""
+    controller = Controller(total_steps, config)
+    scales = []
+    for step in range(len(losses)):
+        while controller.step < fed_before(step, readback_every):
+            controller.update(losses[controller.step])
+        scales.append(controller.lr_scale(step))
+    return scales
+
+
+def first_lrs(model: Any) -> list[float]:
+    """The LR of the first param group of the first optimizer, per ``training_step``."""
+    return [r["lrs"][0][0] for r in model.records]
+
+
+def losses_of(model: Any) -> list[float]:
+    return [r["loss"] for r in model.records]
+
+
+def spike_at(step: int, factor: float = 20.0) -> Callable[[int, int, Tensor], Tensor]:
+    """A ``loss_hook`` that multiplies the loss of optimizer step ``step`` by ``factor``."""
+
+    def hook(global_step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        return loss * factor if global_step == step else loss
+
+    return hook
+
+
+# ---------------------------------------------------------------------------- LR written
+
+
+def test_lr_in_training_step_is_peak_times_controller_scale(make_trainer: Any) -> None:
+    steps, ramp = 100, 10
+    cb = ScheduleSurgeon(min_warmup=ramp, max_warmup=30)
+    scales_seen: list[float] = []
+    phases_seen: list[str] = []
+
+    def hook(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        assert cb.controller is not None
+        scales_seen.append(cb.controller.lr_scale(step))
+        phases_seen.append(cb.phase.value)
+        return loss
+
+    model = TinyRegressor(loss_hook=hook)
+    make_trainer([cb], max_steps=steps).fit(model, make_loader())
+
+    lrs = first_lrs(model)
+    assert [r["step"] for r in model.records] == list(range(steps))
+    # the LR training_step sees is the one the callback wrote for this step
+    assert lrs == [PEAK * s for s in scales_seen]
+    # ... and the one a fresh controller fed the same losses with the same lag computes
+    assert cb.controller is not None
+    replay = replay_scales(losses_of(model), steps, cb.config)
+    assert lrs == [PEAK * s for s in replay]
+
+    # shape: ramp peak*(t+1)/(ramp+1), reaches the peak, never rises after warmup (no spikes
+    # here, only cuts), ends at the floor
+    assert not [e for e in cb.events if e.kind in (EventKind.SPIKE, EventKind.RECOVERED)]
+    for t in range(ramp):
+        assert math.isclose(lrs[t], PEAK * (t + 1) / (ramp + 1), rel_tol=1e-12)
+    assert lrs[ramp] == PEAK == max(lrs)
+    warmup_end = cb.events[0]
+    assert warmup_end.kind is EventKind.WARMUP_END
+    assert lrs[: ramp + 1] == sorted(lrs[: ramp + 1])
+    after = lrs[warmup_end.step + 1 :]
+    assert after == sorted(after, reverse=True)
+    assert lrs[-1] < 0.2 * PEAK
+    assert math.isclose(lrs[-1], cb.config.min_lr_ratio * PEAK, rel_tol=0.01)
+    assert cb.controller.lr_scale(steps) == cb.config.min_lr_ratio
+
+    # phase as the run saw it: warmup first, decay after, never back
+    assert phases_seen[0] == "warmup" and "decay" in phases_seen
+    assert phases_seen == sorted(phases_seen, key=["warmup", "decay", "done"].index)
+    assert cb.phase.value in ("decay", "done")
+    assert isinstance(warmup_end.step, int)
+    assert cb.events[0].kind.value == "warmup_end"
+
+
+def test_phase_before_fit_is_warmup_and_events_empty() -> None:
+    cb = ScheduleSurgeon()
+    assert cb.phase is Phase.WARMUP
+    assert cb.events == []
+
+
+def test_two_param_groups_keep_their_ratio(make_trainer: Any) -> None:
+    cb = ScheduleSurgeon(min_warmup=8, max_warmup=16)
+    model = TinyRegressor((1e-3, 1e-4))
+    make_trainer([cb], max_steps=60).fit(model, make_loader())
+
+    groups = [r["lrs"][0] for r in model.records]
+    assert len(groups) == 60
+    assert all(len(g) == 2 for g in groups)
+    assert groups[0][0] < 1e-3 and groups[0][1] < 1e-4  # the surgeon did write them
+    assert len({lr0 for lr0, _ in groups}) > 20  # ... and kept changing them
+    for lr0, lr1 in groups:
+        assert math.isclose(lr0 / lr1, 10.0, rel_tol=1e-12)
+    # the configured LR stays as each group's peak, saved with the optimizer
+    opt = model.trainer.optimizers[0]
+    assert [g["surgeon_peak_lr"] for g in opt.param_groups] == [1e-3, 1e-4]
+
+
+# ---------------------------------------------------------------------------- accumulation
+
+
+def test_gradient_accumulation_counts_optimizer_steps_and_feeds_the_mean(
+    make_trainer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps, accumulate = 24, 4
+    fed: list[float] = []
+    update = Controller.update
+
+    def spy(self: Controller, loss: float) -> Any:
+        fed.append(loss)
+        return update(self, loss)
+
+    monkeypatch.setattr(Controller, "update", spy)
+    values = range(1, steps * accumulate + 1)  # the loss each micro-batch returns, in order
+    micro = iter(values)
+
+    def known_loss(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        return loss - loss.detach() + float(next(micro))  # that value, with real gradients
+
+    cb = ScheduleSurgeon(warmup=8)
+    model = TinyRegressor(loss_hook=known_loss)
+    trainer = make_trainer([cb], max_steps=steps, accumulate_grad_batches=accumulate)
+    trainer.fit(model, make_loader(batches=12))
+
+    assert trainer.global_step == steps
+    assert cb.step == steps
+    assert len(model.records) == steps * accumulate
+    assert cb.controller is not None and cb.controller.total_steps == steps
+    # losses still in flight: between R and 2R - 1 steps
+    assert cb.controller.step == len(fed) == (steps // R - 1) * R
+    assert R <= steps - cb.controller.step <= 2 * R - 1
+    # the loss of optimizer step s is the mean of its micro-batch losses
+    expected = [
+        sum(values[accumulate * s : accumulate * (s + 1)]) / accumulate for s in range(steps)
+    ]
+    assert fed == expected[: len(fed)]
+    # one LR per optimizer step: the same for all its micro-batches, the ramp's between steps
+    lrs = first_lrs(model)
+    per_step = [lrs[i : i + accumulate] for i in range(0, len(lrs), accumulate)]
+    assert all(len(set(same)) == 1 for same in per_step)
+    ramp = [PEAK * (t + 1) / 9 for t in range(8)]
+    assert [same[0] for same in per_step[:8]] == pytest.approx(ramp, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- manual optimization
+
+
+def test_manual_optimization_two_optimizers(make_trainer: Any) -> None:
+    """Works: each optimizer gets its own peak x the same scale, one surgeon step per batch, and
+    the plan spans the batches (Lightning counts every ``opt.step()`` in ``max_steps``)."""
+    batches = 24
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8)
+    model = TinyRegressor((0.05, 0.01), manual=True)
+    trainer = make_trainer([cb], max_steps=2 * batches)
+    trainer.fit(model, make_loader())
+
+    assert trainer.global_step == 2 * batches  # two optimizer steps per batch
+    assert len(model.records) == batches
+    assert cb.step == batches
+    assert cb.controller is not None and cb.controller.total_steps == batches
+    assert [r["step"] for r in model.records] == list(range(0, 2 * batches, 2))
+    replay = replay_scales(losses_of(model), batches, cb.config)
+    assert [r["lrs"][0][0] for r in model.records] == [0.05 * s for s in replay]
+    assert [r["lrs"][1][0] for r in model.records] == [0.01 * s for s in replay]
+    last0 = model.records[-1]["lrs"][0][0]
+    assert math.isclose(last0, 0.05 * cb.config.min_lr_ratio, rel_tol=0.05)
+
+
+def test_manual_optimization_one_optimizer(make_trainer: Any) -> None:
+    steps = 30
+    cb = ScheduleSurgeon(min_warmup=5, max_warmup=10)
+    model = TinyRegressor(manual=True)
+    trainer = make_trainer([cb], max_steps=steps)
+    trainer.fit(model, make_loader())
+
+    assert trainer.global_step == cb.step == len(model.records) == steps
+    assert cb.controller is not None and cb.controller.total_steps == steps
+    replay = replay_scales(losses_of(model), steps, cb.config)
+    assert first_lrs(model) == [PEAK * s for s in replay]
+    assert first_lrs(model)[0] == pytest.approx(PEAK / 6, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- spike
+
+
+def test_injected_spike_cuts_the_lr_after_the_readback_delay(make_trainer: Any) -> None:
+    steps, k, factor = 160, 100, 20.0
+    clean: dict[int, float] = {}
+
+    def hook(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        if step == k:
+            clean[k] = loss.item()
+            return loss * factor
+        return loss
+
+    # no plateau response in this run (patience = the whole run): the spike alone moves the LR
+    cb = ScheduleSurgeon(warmup=20, spike_cooldown=8, spike_recovery=10, plateau_patience=1.0)
+    model = TinyRegressor(loss_hook=hook)
+    trainer = make_trainer([cb], max_steps=steps)
+    trainer.fit(model, make_loader())
+
+    spikes = [e for e in cb.events if e.kind is EventKind.SPIKE]
+    assert spikes, [(e.step, e.kind.value) for e in cb.events]
+    assert abs(spikes[0].step - k) <= 2
+    assert spikes[0].step == k
+    assert spikes[0].scale_after == pytest.approx(spikes[0].scale_before * cb.config.spike_factor)
+    assert "sigma above its running mean" in spikes[0].reason
+
+    # the plan without the spike: the same losses with step k's loss un-spiked
+    losses = losses_of(model)
+    assert losses[k] == pytest.approx(factor * clean[k], rel=1e-6)
+    no_spike = replay_scales([*losses[:k], clean[k], *losses[k + 1 :]], steps, cb.config)
+    lrs = first_lrs(model)
+    applied = (k // R + 2) * R  # first step whose LR is written after step k's loss was read
+    assert lrs[:applied] == [PEAK * s for s in no_spike[:applied]]
+    for t in range(applied, applied + R):
+        assert lrs[t] < PEAK * no_spike[t]
+        assert lrs[t] == pytest.approx(PEAK * no_spike[t] * cb.config.spike_factor)
+    assert trainer.global_step == steps
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(make_trainer: Any, tmp_path: Path) -> None:
+    """Checkpoints mid-warmup (step 30, saved by run A itself) and mid-decay (step 90, saved by
+    a run B stopped by ``max_steps=90``); both on epoch boundaries (10 batches per epoch), and
+    both with a partial readback block (30 and 90 are not multiples of R).
+
+    Both are ``ModelCheckpoint`` saves: ``trainer.save_checkpoint`` after a fit that ended at
+    ``max_steps`` resumes one batch off in Lightning 2.6 (the restored epoch loop reports
+    ``batch_idx == 10`` and the next epoch starts over), which shifts the data, not the LRs.
+    """
+    steps = 120
+    surgeon_args = {"total_steps": steps, "min_warmup": 40, "max_warmup": 60}
+
+    def every(n: int, dirpath: Path) -> ModelCheckpoint:
+        return ModelCheckpoint(dirpath, "{step}", every_n_train_steps=n, save_top_k=-1)
+
+    cb_a = ScheduleSurgeon(**surgeon_args)
+    model_a = TinyRegressor()
+    saving = {"enable_checkpointing": True}
+    trainer_a = make_trainer([cb_a, every(30, tmp_path / "a")], max_steps=steps, **saving)
+    trainer_a.fit(model_a, make_loader())
+    assert cb_a.controller is not None and cb_a.phase is not Phase.WARMUP
+    assert [e.kind for e in cb_a.events].count(EventKind.WARMUP_END) == 1
+    assert 39 <= cb_a.events[0].step <= 59  # warmup_end: step 30 is before, 90 after
+
+    cb_b = ScheduleSurgeon(**surgeon_args)
+    model_b = TinyRegressor()
+    trainer_b = make_trainer([cb_b, every(90, tmp_path / "b")], max_steps=90, **saving)
+    trainer_b.fit(model_b, make_loader())
+    assert first_lrs(model_b) == first_lrs(model_a)[:90]
+
+    for start, ckpt in ((30, tmp_path / "a/step=30.ckpt"), (90, tmp_path / "b/step=90.ckpt")):
+        cb = ScheduleSurgeon(**surgeon_args)
+        model = TinyRegressor(seed=start)  # weights come from the checkpoint
+        trainer = make_trainer([cb], max_steps=steps, default_root_dir=tmp_path / f"r{start}")
+        trainer.fit(model, make_loader(), ckpt_path=ckpt)
+
+        assert [r["step"] for r in model.records] == list(range(start, steps))
+        assert losses_of(model) == losses_of(model_a)[start:]  # same data and weights
+        assert first_lrs(model) == first_lrs(model_a)[start:]
+        assert cb.events == cb_a.events
+        assert cb.step == cb_a.step == steps
+        assert cb.state_dict() == cb_a.state_dict()
+
+
+# ---------------------------------------------------------------------------- schedulers
+
+
+def test_configured_lr_scheduler_is_refused(make_trainer: Any) -> None:
+    trainer = make_trainer([ScheduleSurgeon()], max_steps=10)
+    with pytest.raises(ValueError, match="StepLR") as err:
+        trainer.fit(TinyRegressor(scheduled=True), make_loader())
+    assert "return only the optimizer(s) from configure_optimizers" in str(err.value)
+    assert "leave_scheduled_optimizers=True" in str(err.value)
+
+
+def test_leave_scheduled_optimizers_drives_only_the_others(make_trainer: Any) -> None:
+    batches = 20
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, leave_scheduled_optimizers=True)
+    model = TinyRegressor((0.05, 0.01), manual=True, scheduled=True)
+    make_trainer([cb], max_steps=2 * batches).fit(model, make_loader())
+
+    assert len(model.records) == cb.step == batches
+    # the first optimizer follows its StepLR(step_size=3, gamma=0.5), stepped once a batch
+    for i, r in enumerate(model.records):
+        assert math.isclose(r["lrs"][0][0], 0.05 * 0.5 ** (i // 3), rel_tol=1e-12)
+    assert "surgeon_peak_lr" not in model.trainer.optimizers[0].param_groups[0]
+    # the second is the surgeon's
+    replay = replay_scales(losses_of(model), batches, cb.config)
+    assert [r["lrs"][1][0] for r in model.records] == [0.01 * s for s in replay]
+
+
+def test_leave_scheduled_optimizers_with_nothing_left_to_drive(make_trainer: Any) -> None:
+    trainer = make_trainer([ScheduleSurgeon(leave_scheduled_optimizers=True)], max_steps=10)
+    with pytest.raises(ValueError, match="no optimizer to drive"):
+        trainer.fit(TinyRegressor(scheduled=True), make_loader())
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"warmup": -1}, "warmup"),
+        ({"min_warmup": 2.0}, "min_warmup"),
+        ({"max_warmup": -0.5}, "max_warmup"),
+        ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
+        ({"decay": "nope"}, "decay"),
+        ({"spike_factor": 0}, "spike_factor"),
+        ({"plateau_factor": 1.5}, "plateau_factor"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"readback_every": 0}, "readback_every"),
+        ({"min_warmup": 0.5, "max_warmup": 0.2}, "min_warmup"),
+        ({"min_warmup": 20, "max_warmup": 10}, "min_warmup"),
+    ],
+)
+def test_bad_constructor_value_names_the_field(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=rf"(?<!\w){field}="):
+        ScheduleSurgeon(**kwargs)
+
+
+class _Endless(IterableDataset):
+    """Batches with no ``__len__``: Lightning cannot count the steps of an epoch."""
+
+    def __iter__(self) -> Any:
+        x, y = next(iter(make_loader(batches=1)))
+        for _ in range(20):
+            yield x[0], y[0]
+
+
+@pytest.mark.parametrize(
+    ("trainer_kwargs", "loader"),
+    [
+        ({"max_epochs": -1, "max_steps": -1}, make_loader),
+        ({"max_epochs": 1, "max_steps": -1}, lambda: DataLoader(_Endless(), batch_size=4)),
+    ],
+    ids=["unlimited-epochs", "iterable-without-len"],
+)
+def test_no_finite_planned_length_asks_for_total_steps(
+    make_trainer: Any, trainer_kwargs: dict[str, Any], loader: Callable[[], DataLoader]
+) -> None:
+    trainer = make_trainer([ScheduleSurgeon()], **trainer_kwargs)
+    with pytest.raises(ValueError, match="total_steps"):
+        trainer.fit(TinyRegressor(), loader())
+
+
+def test_iterable_without_len_runs_with_total_steps(make_trainer: Any) -> None:
+    cb = ScheduleSurgeon(total_steps=5, warmup=2)
+    trainer = make_trainer([cb], max_epochs=1, max_steps=-1)
+    trainer.fit(TinyRegressor(), DataLoader(_Endless(), batch_size=4))
+    assert cb.step == 5
+    assert cb.controller is not None and cb.controller.total_steps == 5
+
+
+def test_warmup_longer_than_the_run_is_refused_at_fit_start(make_trainer: Any) -> None:
+    """Lengths given in steps are checked against the total once it is known."""
+    trainer = make_trainer([ScheduleSurgeon(min_warmup=50, max_warmup=0.1)], max_steps=100)
+    with pytest.raises(ValueError, match=r"min_warmup=50 steps, max_warmup=10 steps"):
+        trainer.fit(TinyRegressor(), make_loader())
+
+
+def test_constructor_defaults_match_the_config_defaults() -> None:
+    params = inspect.signature(ScheduleSurgeon.__init__).parameters
+    config_fields = {f.name: f for f in dataclasses.fields(SurgeonConfig)}
+    for name, field in config_fields.items():
+        assert name in params, f"ScheduleSurgeon does not take {name}"
+        assert params[name].default == field.default, name
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+    own = {"self", "total_steps", "readback_every", "leave_scheduled_optimizers"}
+    assert set(params) - own == set(config_fields)
+    assert ScheduleSurgeon().config == SurgeonConfig()
+
+
+# ---------------------------------------------------------------------------- namespaces
+
+
+@pytest.mark.parametrize("namespace", ["pytorch_lightning", "lightning.pytorch"])
+def test_works_with_both_lightning_namespaces(make_trainer: Any, namespace: str) -> None:
+    ns = importlib.import_module(namespace)
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8)
+    assert isinstance(cb, ns.Callback)
+    model = regressor_class(ns)()
+    assert isinstance(model, ns.LightningModule)
+    trainer = make_trainer([cb], namespace=ns, max_steps=20)
+    assert isinstance(trainer, ns.Trainer)
+    trainer.fit(model, make_loader())
+
+    assert cb.step == 20
+    replay = replay_scales(losses_of(model), 20, cb.config)
+    assert first_lrs(model) == [PEAK * s for s in replay]
+    assert first_lrs(model)[0] == pytest.approx(PEAK / 5, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- observability
+
+
+def test_csv_metrics_events_file_and_log_lines(
+    make_trainer: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="surgeon")
+    steps = 80
+    cb = ScheduleSurgeon(warmup=10, spike_cooldown=4)
+    model = TinyRegressor((0.05, 0.005), loss_hook=spike_at(60))
+    trainer = make_trainer([cb], max_steps=steps, logger=CSVLogger(tmp_path))
+    trainer.fit(model, make_loader())
+    log_dir = Path(trainer.log_dir)
+
+    kinds = {e.kind for e in cb.events}
+    assert {EventKind.WARMUP_END, EventKind.SPIKE} <= kinds
+
+    with (log_dir / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0])
+    assert {"lr-SGD/pg1", "lr-SGD/pg2", "surgeon/phase", "surgeon/loss_smooth"} <= columns
+    # the LR columns are the LRs the optimizer used at that step
+    logged = {int(r["step"]): float(r["lr-SGD/pg1"]) for r in rows if r["lr-SGD/pg1"]}
+    assert logged == {r["step"]: r["lrs"][0][0] for r in model.records}
+    logged2 = {int(r["step"]): float(r["lr-SGD/pg2"]) for r in rows if r["lr-SGD/pg2"]}
+    assert logged2 == {r["step"]: r["lrs"][0][1] for r in model.records}
+    phases = [float(r["surgeon/phase"]) for r in rows if r["surgeon/phase"]]
+    assert phases[0] == 0.0 and phases[-1] == 1.0
+    assert set(phases) <= {0.0, 1.0, 2.0}
+
+    lines = (log_dir / "events.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [(r["step"], r["kind"], r["reason"]) for r in records] == [
+        (e.step, e.kind.value, e.reason) for e in cb.events
+    ]
+    assert all(math.isclose(r["lr_after"], 0.05 * r["scale_after"]) for r in records)
+
+    surgeon_logs = [r for r in caplog.records if r.name == "surgeon"]
+    assert len(surgeon_logs) == len(cb.events)
+    for record, event in zip(surgeon_logs, cb.events, strict=True):
+        assert record.levelno == logging.INFO
+        message = record.getMessage()
+        assert message.startswith(f"step {event.step}: {event.kind.value}: ")
+        assert event.reason in message

@@ -1,0 +1,852 @@
+"""Tests for surgeon.controller: the phase machine fed scripted loss streams, no torch.
+
+Streams are lists of floats built from ``random.Random(seed)``. Each run is driven the way
+the callback drives it: ``lr_scale(n)`` is read for step ``n`` before the loss of step ``n``
+is fed with ``update``. Expected steps and LR values are derived from the definitions in the
+module docstrings (an EMA, a linear ramp, a decay formula), evaluated here, not copied from a
+run. ``Trace.lrs[n]`` is the multiplier step ``n`` trained with.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from surgeon.config import SurgeonConfig
+from surgeon.controller import Controller, Event, EventKind, Phase
+
+# ------------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Trace:
+    """What a run produced, step by step."""
+
+    lrs: list[float] = field(default_factory=list)
+    """``lr_scale(n)`` read before the loss of step ``n`` was fed."""
+    phases: list[Phase] = field(default_factory=list)
+    """The phase when ``lrs[n]`` was read."""
+    events: list[Event] = field(default_factory=list)
+
+    def kinds(self) -> list[EventKind]:
+        return [e.kind for e in self.events]
+
+    def of(self, kind: EventKind) -> list[Event]:
+        return [e for e in self.events if e.kind is kind]
+
+
+def drive(controller: Controller, losses: Sequence[float], trace: Trace | None = None) -> Trace:
+    """Feed ``losses``; check every event's step and scale_before/after against lr_scale."""
+    trace = trace if trace is not None else Trace()
+    for loss in losses:
+        step = controller.step
+        trace.lrs.append(controller.lr_scale(step))
+        trace.phases.append(controller.phase)
+        before = controller.lr_scale(step + 1)
+        events = controller.update(loss)
+        after = controller.lr_scale(step + 1)
+        if events:
+            assert all(e.step == step for e in events)
+            assert events[0].scale_before == before
+            assert events[-1].scale_after == after
+            for first, second in itertools.pairwise(events):
+                assert first.scale_after == second.scale_before
+        trace.events += events
+    if trace.events:
+        assert controller.events[-len(trace.events) :] == trace.events
+    return trace
+
+
+def noisy(values: Sequence[float], rel_sigma: float, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    return [v * (1.0 + rel_sigma * rng.gauss(0.0, 1.0)) for v in values]
+
+
+def exp_decay(n: int, tau: float, start: float = 5.0, end: float = 1.0) -> list[float]:
+    return [end + (start - end) * math.exp(-t / tau) for t in range(n)]
+
+
+def ema_drops(losses: Sequence[float], window: int) -> list[float | None]:
+    """StabilizationDetector's statistic from its definition (span-``window`` EMA)."""
+    alpha = 2.0 / (window + 1)
+    emas: list[float] = []
+    for x in losses:
+        emas.append(x if not emas else emas[-1] + alpha * (x - emas[-1]))
+    return [
+        None if t < window else (emas[t - window] - emas[t]) / abs(emas[t - window])
+        for t in range(len(emas))
+    ]
+
+
+def plateau_improvements(losses: Sequence[float], alpha: float, min_delta: float) -> list[bool]:
+    """Per update, whether PlateauDetector's EMA beat its best by ``min_delta`` (relative)."""
+    ema: float | None = None
+    best: float | None = None
+    out = []
+    for n, x in enumerate(losses, start=1):
+        ema = x if ema is None else ema + max(alpha, 1.0 / n) * (x - ema)
+        if n * alpha < 1.0:
+            out.append(False)  # warming up: no best yet, nothing counted
+            continue
+        improved = best is None or ema < best - min_delta * abs(best)
+        if improved:
+            best = ema
+        out.append(improved)
+    return out
+
+
+def settled(drops: Sequence[float | None], threshold: float, patience: int) -> list[int]:
+    """Indices at which the last ``patience`` drops were all below ``threshold``."""
+    found, streak = [], 0
+    for t, drop in enumerate(drops):
+        streak = streak + 1 if drop is not None and drop < threshold else 0
+        if streak >= patience:
+            found.append(t)
+    return found
+
+
+def first_run(flags: Sequence[bool], length: int, start: int = 0) -> int:
+    """First index ``i >= start`` ending ``length`` consecutive False flags within [start, i]."""
+    run = 0
+    for i in range(start, len(flags)):
+        run = 0 if flags[i] else run + 1
+        if run >= length:
+            return i
+    raise AssertionError("no such run")
+
+
+def non_increasing(values: Sequence[float]) -> bool:
+    return all(b <= a for a, b in itertools.pairwise(values))
+
+
+def non_decreasing(values: Sequence[float]) -> bool:
+    return all(b >= a for a, b in itertools.pairwise(values))
+
+
+# ------------------------------------------------------------------------------- warmup
+
+
+class TestWarmup:
+    TOTAL = 2000  # with the default fractions: min_warmup 40, max_warmup 200, window 20
+
+    @pytest.mark.parametrize("seed", [0, 1, 2, 3])
+    def test_noisy_decay_stabilizes_inside_the_window(self, seed: int) -> None:
+        losses = noisy(exp_decay(self.TOTAL, tau=20.0), 0.01, seed)
+        controller = Controller(self.TOTAL, SurgeonConfig())
+        trace = drive(controller, losses)
+        lo, hi = controller.min_warmup, controller.max_warmup
+        defaults = SurgeonConfig()
+        assert (lo, hi) == (
+            round(defaults.min_warmup * self.TOTAL),
+            round(defaults.max_warmup * self.TOTAL),
+        )
+        (end,) = trace.of(EventKind.WARMUP_END)
+        assert "stabilized" in end.reason
+        assert lo <= end.step + 1 < hi
+        # exactly the first step, at or after min_warmup, where the detector's definition holds
+        det = controller.stabilizer
+        ready = settled(ema_drops(losses, det.window), det.threshold, det.patience)
+        assert end.step == next(t for t in ready if t + 1 >= lo)
+        assert f"{det.window} steps" in end.reason
+        # decay starts at the peak on the next step
+        assert trace.phases[end.step] is Phase.WARMUP
+        assert trace.phases[end.step + 1] is Phase.DECAY
+        assert trace.lrs[end.step + 1] == 1.0
+
+    def test_flat_loss_ends_warmup_as_soon_as_min_warmup_allows(self) -> None:
+        controller = Controller(self.TOTAL, SurgeonConfig())
+        trace = drive(controller, noisy([2.0] * 300, 0.001, seed=4))
+        det = controller.stabilizer
+        assert det.window + det.patience - 1 < controller.min_warmup - 1  # settled long before
+        (end,) = trace.of(EventKind.WARMUP_END)
+        assert end.step == controller.min_warmup - 1
+        assert "stabilized" in end.reason
+
+    def test_auto_ramp_reaches_the_peak_at_min_warmup_and_holds(self) -> None:
+        controller = Controller(self.TOTAL, SurgeonConfig())
+        losses = [5.0 * 0.99**t for t in range(300)]  # never stabilizes
+        trace = drive(controller, losses)
+        ramp = controller.min_warmup
+        assert 0 < trace.lrs[0] < trace.lrs[1]
+        assert all(trace.lrs[s] < trace.lrs[s + 1] for s in range(ramp))
+        for s in range(ramp):  # linear: equal increments
+            assert trace.lrs[s + 1] - trace.lrs[s] == pytest.approx(trace.lrs[1] - trace.lrs[0])
+        assert trace.lrs[ramp : controller.max_warmup] == [1.0] * (controller.max_warmup - ramp)
+
+    def test_never_stabilizing_ends_at_max_warmup(self) -> None:
+        controller = Controller(self.TOTAL, SurgeonConfig())
+        rate = 0.99  # 18% per 20-step window, nine times the threshold
+        trace = drive(controller, noisy([5.0 * rate**t for t in range(400)], 0.002, seed=5))
+        (end,) = trace.of(EventKind.WARMUP_END)
+        assert end.step == controller.max_warmup - 1
+        assert f"max_warmup={controller.max_warmup}" in end.reason
+        assert "stabilized" in end.reason  # "... before the loss stabilized"
+        assert re.search(r"last drop \d+\.\d+%", end.reason)
+        assert trace.phases[controller.max_warmup - 1] is Phase.WARMUP
+        assert trace.phases[controller.max_warmup] is Phase.DECAY
+
+    @pytest.mark.parametrize("warmup", [1, 7, 50])
+    def test_fixed_warmup_ends_exactly_there(self, warmup: int) -> None:
+        controller = Controller(500, SurgeonConfig(warmup=warmup))
+        trace = drive(controller, [1.0] * 200)  # flat: would have stabilized at once
+        (end,) = trace.of(EventKind.WARMUP_END)
+        assert end.step == warmup - 1
+        assert f"fixed warmup of {warmup} steps" in end.reason
+        assert trace.phases[: warmup + 1] == [Phase.WARMUP] * warmup + [Phase.DECAY]
+        for s in range(warmup):
+            assert trace.lrs[s] == pytest.approx((s + 1) / (warmup + 1))
+        assert trace.lrs[warmup] == 1.0
+
+    def test_zero_warmup_starts_in_decay_at_the_peak(self) -> None:
+        controller = Controller(500, SurgeonConfig(warmup=0))
+        assert controller.phase is Phase.DECAY
+        trace = drive(controller, [1.0] * 10)
+        assert trace.lrs[0] == 1.0
+        assert EventKind.WARMUP_END not in trace.kinds()
+
+
+# ------------------------------------------------------------------------------- plateau
+
+
+class TestPlateau:
+    TOTAL, WARMUP, PATIENCE, COOLDOWN, FLAT_FROM = 3000, 100, 150, 150, 1000
+
+    def config(self, **overrides: Any) -> SurgeonConfig:
+        kwargs: dict[str, Any] = {
+            "warmup": self.WARMUP,
+            "plateau_patience": self.PATIENCE,
+            "plateau_cooldown": self.COOLDOWN,
+        }
+        return SurgeonConfig(**{**kwargs, **overrides})
+
+    def stream(self, seed: int) -> list[float]:
+        """A noisy decay (time constant 250 steps) frozen at its step-FLAT_FROM level."""
+        trend = exp_decay(self.TOTAL, tau=250.0)
+        head = noisy(trend[: self.FLAT_FROM], 0.01, seed)
+        tail = noisy([trend[self.FLAT_FROM]] * (self.TOTAL - self.FLAT_FROM), 0.001, seed + 100)
+        return head + tail
+
+    def expected_plateaus(self, controller: Controller, losses: Sequence[float]) -> list[int]:
+        """Steps of the first two firings from the EMA definition (the detector sees the losses
+        from the first decay step on)."""
+        det = controller.plateau
+        fed = losses[self.WARMUP :]
+        improved = plateau_improvements(fed, det.alpha, det.min_delta)
+        first = first_run(improved, self.PATIENCE, start=1)
+        second = first + self.COOLDOWN + self.PATIENCE
+        # premise: no improvement after the first firing, so the second comes on schedule
+        assert not any(improved[first + self.COOLDOWN + 1 : second + 1])
+        return [self.WARMUP + first, self.WARMUP + second]
+
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_fires_on_schedule_and_again_after_cooldown(self, seed: int) -> None:
+        losses = self.stream(seed)
+        controller = Controller(self.TOTAL, self.config())
+        trace = drive(controller, losses)
+        steps = [e.step for e in trace.of(EventKind.PLATEAU)]
+        expected = self.expected_plateaus(controller, losses)
+        assert steps[:2] == expected
+        # "about patience steps" after the flat start: the EMA needs a few time constants
+        # (1 / alpha, alpha = 2 / (patience + 1)) to close its lag before improvements stop
+        alpha = controller.plateau.alpha
+        assert (
+            self.FLAT_FROM + self.PATIENCE <= steps[0] <= self.FLAT_FROM + self.PATIENCE + 6 / alpha
+        )
+        # later firings keep the cooldown + patience rhythm on a flat stream
+        assert all(b - a == self.COOLDOWN + self.PATIENCE for a, b in itertools.pairwise(steps))
+        assert trace.kinds().count(EventKind.SPIKE) == 0
+
+    @pytest.mark.parametrize("decay", ["cosine", "linear", "sqrt", "wsd"])
+    def test_cut_is_factor_times_before_then_monotone_to_the_floor(self, decay: str) -> None:
+        controller = Controller(self.TOTAL, self.config(decay=decay))
+        trace = drive(controller, self.stream(seed=0))
+        cuts = trace.of(EventKind.PLATEAU)
+        assert cuts
+        floor, factor = controller.floor, controller.config.plateau_factor
+        for cut in cuts:
+            assert cut.scale_after == pytest.approx(max(floor, factor * cut.scale_before))
+            assert trace.lrs[cut.step + 1] == cut.scale_after
+            assert f"x{factor:g}" in cut.reason and f"for {self.PATIENCE} steps" in cut.reason
+        # from the end of warmup on, the LR never goes back up, and ends at the floor
+        assert non_increasing(trace.lrs[self.WARMUP :])
+        assert trace.lrs[-1] >= floor
+        assert controller.lr_scale(self.TOTAL) == floor
+
+    def test_cut_stops_at_the_floor(self) -> None:
+        controller = Controller(self.TOTAL, self.config(plateau_factor=0.1, min_lr_ratio=0.2))
+        trace = drive(controller, self.stream(seed=1))
+        cuts = trace.of(EventKind.PLATEAU)
+        assert cuts[0].scale_after == 0.2
+        # at the floor there is nothing left to cut: no further plateau events
+        assert len(cuts) == 1
+        assert min(trace.lrs[self.WARMUP :]) == 0.2
+
+    def test_restart_rewarms_then_decays_and_falls_back_to_cuts(self) -> None:
+        peak, ramp = 0.8, 50
+        config = self.config(
+            plateau_action="restart", restart_peak=peak, restart_warmup=ramp, max_restarts=2
+        )
+        controller = Controller(self.TOTAL, config)
+        losses = self.stream(seed=0)
+        trace = drive(controller, losses)
+        responses = [e for e in trace.events if e.kind in (EventKind.RESTART, EventKind.PLATEAU)]
+        kinds = [e.kind for e in responses]
+        assert kinds[:3] == [EventKind.RESTART, EventKind.RESTART, EventKind.PLATEAU]
+        assert set(kinds[3:]) <= {EventKind.PLATEAU}
+        # the detector is not reset by a restart: same timing as a cut run
+        assert [e.step for e in responses[:2]] == self.expected_plateaus(controller, losses)
+        for index, restart in enumerate(responses[:2], start=1):
+            start, v0 = restart.step + 1, restart.scale_before
+            assert v0 < peak
+            assert f"restart {index}/2" in restart.reason
+            assert restart.scale_after == v0  # the ramp starts where the LR was
+            for k in range(ramp + 1):  # a linear re-warm to the restart peak
+                assert trace.lrs[start + k] == pytest.approx(v0 + (peak - v0) * k / ramp)
+            assert trace.lrs[start + ramp] == peak
+            following = responses[index].step + 1 if index < len(responses) else self.TOTAL
+            assert non_increasing(trace.lrs[start + ramp : following])
+            assert trace.lrs[following - 1] < peak
+        fallback = responses[2]
+        assert fallback.scale_after == pytest.approx(
+            max(controller.floor, config.plateau_factor * fallback.scale_before)
+        )
+        assert controller.restarts == 2
+        assert controller.lr_scale(self.TOTAL) == controller.floor
+
+    def test_zero_restarts_means_cut(self) -> None:
+        config = self.config(plateau_action="restart", max_restarts=0)
+        trace = drive(Controller(self.TOTAL, config), self.stream(seed=0))
+        assert EventKind.RESTART not in trace.kinds()
+        assert EventKind.PLATEAU in trace.kinds()
+
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_slow_noisy_drift_down_is_not_a_plateau(self, seed: int) -> None:
+        total = 4000
+        # 0.02% lower per step (8% per patience of 200 steps) under 1% noise
+        losses = noisy([3.0 * (1.0 - 0.0002) ** t for t in range(total)], 0.01, seed)
+        controller = Controller(total, SurgeonConfig(warmup=100))
+        trace = drive(controller, losses)
+        assert trace.kinds() == [EventKind.WARMUP_END]
+        assert controller.lr_scale(total) == controller.floor
+
+
+# --------------------------------------------------------------------------------- spike
+
+
+class TestSpike:
+    TOTAL, WARMUP, COOLDOWN, RECOVERY = 3000, 100, 20, 40
+
+    def config(self, **overrides: Any) -> SurgeonConfig:
+        kwargs: dict[str, Any] = {
+            "warmup": self.WARMUP,
+            "spike_cooldown": self.COOLDOWN,
+            "spike_recovery": self.RECOVERY,
+        }
+        return SurgeonConfig(**{**kwargs, **overrides})
+
+    def stream(self, seed: int) -> list[float]:
+        """Steadily falling (0.02% per step) with 1% noise: neither plateau nor spike."""
+        return noisy([3.0 * (1.0 - 0.0002) ** t for t in range(self.TOTAL)], 0.01, seed)
+
+    def multiplier(self, step: int, at: int, factor: float) -> float:
+        """The documented intervention for a spike at ``at``: cut, held, ramped back."""
+        if step <= at:
+            return 1.0
+        if step <= at + self.COOLDOWN:
+            return factor
+        progress = min(1.0, (step - (at + self.COOLDOWN + 1)) / self.RECOVERY)
+        return factor + (1.0 - factor) * progress
+
+    @pytest.mark.parametrize(("seed", "at"), [(0, 1000), (1, 150), (2, 2500)])
+    def test_single_spike_cuts_holds_and_recovers(self, seed: int, at: int) -> None:
+        losses = self.stream(seed)
+        clean = drive(Controller(self.TOTAL, self.config()), losses)
+        losses[at] *= 10.0
+        controller = Controller(self.TOTAL, self.config())
+        trace = drive(controller, losses)
+        assert trace.kinds() == [EventKind.WARMUP_END, EventKind.SPIKE, EventKind.RECOVERED]
+        spike, recovered = trace.of(EventKind.SPIKE)[0], trace.of(EventKind.RECOVERED)[0]
+        assert spike.step == at
+        assert recovered.step == at + self.COOLDOWN
+        factor, floor = controller.config.spike_factor, controller.floor
+        assert spike.scale_after == pytest.approx(max(floor, factor * spike.scale_before))
+        assert f"{losses[at]:.4g}" in spike.reason and "sigma" in spike.reason
+        assert f"held for {self.COOLDOWN} steps" in spike.reason
+        assert f"over {self.RECOVERY} steps" in recovered.reason
+        assert clean.lrs[: at + 1] == trace.lrs[: at + 1]
+        for s in range(at + 1, self.TOTAL):
+            expected = max(floor, clean.lrs[s] * self.multiplier(s, at, factor))
+            assert trace.lrs[s] == pytest.approx(expected, rel=1e-12), s
+
+    def test_a_second_spike_while_held_extends_the_cooldown(self) -> None:
+        losses = self.stream(seed=3)
+        at = 1000
+        losses[at] *= 10.0
+        losses[at + 5] *= 10.0
+        trace = drive(Controller(self.TOTAL, self.config()), losses)
+        spikes = trace.of(EventKind.SPIKE)
+        assert [e.step for e in spikes] == [at, at + 5]
+        assert spikes[1].scale_after == spikes[1].scale_before  # no second cut
+        assert f"extended to step {at + 5 + 1 + self.COOLDOWN}" in spikes[1].reason
+        (recovered,) = trace.of(EventKind.RECOVERED)
+        assert recovered.step == at + 5 + self.COOLDOWN
+
+    def test_spike_during_the_ramp_pauses_it(self) -> None:
+        total, at, cooldown, recovery = 2000, 20, 10, 20
+        config = SurgeonConfig(spike_cooldown=cooldown, spike_recovery=recovery)
+        losses = noisy(exp_decay(total, tau=20.0), 0.01, seed=6)
+        losses[at] = 10.0 * losses[at]
+        controller = Controller(total, config)
+        trace = drive(controller, losses)
+        spike = trace.of(EventKind.SPIKE)[0]
+        assert spike.step == at and "warmup ramp paused" in spike.reason
+        held = trace.lrs[at + 1 : at + cooldown + 1]
+        assert held == [held[0]] * cooldown  # the LR does not rise while held
+        ramp_value = (at + 2) / (controller.min_warmup + 1)  # the ramp's value at step at + 1
+        assert held[0] == pytest.approx(ramp_value * config.spike_factor)
+        assert trace.phases[at + 1 : at + cooldown + 1] == [Phase.WARMUP] * cooldown
+        recovered = trace.of(EventKind.RECOVERED)[0]
+        assert recovered.step == at + cooldown and "warmup ramp resumed" in recovered.reason
+        end = trace.of(EventKind.WARMUP_END)[0]
+        assert end.step > recovered.step
+        # after the pause the warmup rises again, without a drop, to the peak
+        warm = [lr for lr, ph in zip(trace.lrs, trace.phases, strict=True) if ph is Phase.WARMUP]
+        assert non_decreasing(warm[at + 1 :])
+        assert trace.lrs[end.step + 1] == 1.0
+
+    def test_spike_while_waiting_to_stabilize_does_not_end_warmup(self) -> None:
+        total, cooldown, recovery = 2000, 10, 20
+        config = SurgeonConfig(spike_cooldown=cooldown, spike_recovery=recovery)
+        losses = noisy(exp_decay(total, tau=20.0), 0.01, seed=7)
+        clean_end = drive(Controller(total, config), losses).of(EventKind.WARMUP_END)[0].step
+        at = clean_end - 3  # the detector is about to settle
+        losses[at] *= 10.0
+        controller = Controller(total, config)
+        trace = drive(controller, losses)
+        spike = trace.of(EventKind.SPIKE)[0]
+        assert spike.step == at
+        end = trace.of(EventKind.WARMUP_END)[0]
+        # neither the spike nor the hold and recovery that follow end the warmup
+        assert end.step >= at + cooldown + recovery
+        assert "stabilized" in end.reason
+        held = trace.lrs[at + 1 : at + cooldown + 1]
+        assert held == [config.spike_factor] * cooldown  # peak x factor, flat
+        assert trace.lrs[end.step + 1] == 1.0
+
+
+class TestNonFinite:
+    @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+    @pytest.mark.parametrize("at", [10, 600])
+    def test_nonfinite_event_and_skip_step(self, bad: float, at: int) -> None:
+        total = 1000
+        losses = noisy([2.0 * 0.999**t for t in range(total)], 0.01, seed=8)
+        controller = Controller(total, SurgeonConfig(warmup=100))
+        drive(controller, losses[:at])
+        detectors = (controller.spike, controller.stabilizer, controller.plateau)
+        states = [d.state_dict() for d in detectors]
+        before = controller.lr_scale(at + 1)
+        events = controller.update(bad)
+        assert [e.kind for e in events] == [EventKind.NONFINITE]
+        assert events[0].step == at and str(bad) in events[0].reason
+        assert controller.skip_step is True
+        assert [d.state_dict() for d in detectors] == states  # statistics untouched
+        # cut like a spike (in warmup the ramp is frozen where it was, and not floored)
+        floor = 0.0 if controller.phase is Phase.WARMUP else controller.floor
+        assert controller.phase is (Phase.WARMUP if at < 100 else Phase.DECAY)
+        expected = max(floor, before * controller.config.spike_factor)
+        assert controller.lr_scale(at + 1) == pytest.approx(expected)
+        controller.update(bad)  # a second one: still skipped
+        assert controller.skip_step is True
+        controller.update(losses[at + 2])
+        assert controller.skip_step is False
+        assert [e.kind for e in controller.events].count(EventKind.NONFINITE) == 2
+
+
+# ------------------------------------------------------------------- events and lr_for
+
+
+def busy_stream(total: int, seed: int) -> list[float]:
+    """Decay, a long flat stretch, a spike, a NaN and an inf: every kind of event."""
+    trend = exp_decay(total, tau=total / 12)
+    flat_from = total // 2
+    losses = noisy([trend[min(t, flat_from)] for t in range(total)], 0.005, seed)
+    losses[total // 3] *= 10.0
+    losses[total // 3 + 50] = math.nan
+    losses[4 * total // 5] = math.inf
+    return losses
+
+
+BUSY_CONFIG = SurgeonConfig(
+    plateau_patience=60,
+    plateau_cooldown=40,
+    spike_cooldown=10,
+    spike_recovery=20,
+    plateau_action="restart",
+    max_restarts=1,
+)
+
+
+class TestEvents:
+    def test_every_kind_occurs_with_consistent_scales_and_numeric_reasons(self) -> None:
+        total = 2000
+        controller = Controller(total, BUSY_CONFIG)
+        trace = drive(controller, busy_stream(total, seed=9))  # drive() checks the scales
+        assert set(trace.kinds()) == set(EventKind)
+        assert controller.events == trace.events
+        for event in trace.events:
+            assert re.search(r"\d", event.reason), event
+            assert 0.0 <= event.scale_after <= 1.0 and 0.0 <= event.scale_before <= 1.0
+            assert Event.from_dict(json.loads(json.dumps(event.to_dict()))) == event
+        assert [e.step for e in trace.events] == sorted(e.step for e in trace.events)
+
+    def test_done_after_total_steps(self) -> None:
+        controller = Controller(50, SurgeonConfig(warmup=5))
+        trace = drive(controller, [1.0] * 60)
+        assert trace.phases[49] is Phase.DECAY and trace.phases[50] is Phase.DONE
+        assert trace.lrs[50:] == [controller.floor] * 10
+
+    def test_reset_returns_to_a_fresh_controller(self) -> None:
+        total = 600
+        losses = busy_stream(total, seed=10)
+        used = Controller(total, BUSY_CONFIG)
+        drive(used, losses)
+        used.reset()
+        fresh = Controller(total, BUSY_CONFIG)
+        assert used.state_dict() == fresh.state_dict()
+        assert drive(used, losses).lrs == drive(fresh, losses).lrs
+
+
+class TestLrFor:
+    def test_lr_for_is_base_times_scale_and_ratios_are_exact(self) -> None:
+        total = 800
+        controller = Controller(total, BUSY_CONFIG)
+        losses = busy_stream(total, seed=11)
+        for step, loss in enumerate(losses):
+            for ahead in (0, 1, 5):
+                scale = controller.lr_scale(step + ahead)
+                for base in (3e-4, 0.1, 1.0):
+                    assert controller.lr_for(base, step + ahead) == base * scale
+                # powers of two: param-group LR ratios survive exactly
+                assert controller.lr_for(2.0**-3, step + ahead) == 16 * controller.lr_for(
+                    2.0**-7, step + ahead
+                )
+            controller.update(loss)
+
+
+# ---------------------------------------------------------------------------- decay shapes
+
+
+class TestDecayShapes:
+    TOTAL, WARMUP, FLOOR = 1000, 100, 0.1
+
+    def run(self, decay: str) -> tuple[Controller, Trace]:
+        config = SurgeonConfig(warmup=self.WARMUP, decay=decay, min_lr_ratio=self.FLOOR)
+        controller = Controller(self.TOTAL, config)
+        trace = drive(controller, [5.0 * 0.995**t for t in range(self.TOTAL)])
+        assert trace.kinds() == [EventKind.WARMUP_END]
+        return controller, trace
+
+    @pytest.mark.parametrize(
+        ("decay", "shape"),
+        [
+            ("linear", lambda p: 1.0 - p),
+            ("sqrt", lambda p: 1.0 - math.sqrt(p)),
+            ("cosine", lambda p: (1.0 + math.cos(math.pi * p)) / 2.0),
+        ],
+    )
+    def test_shape_from_the_peak_to_the_floor(self, decay: str, shape: Any) -> None:
+        controller, trace = self.run(decay)
+        span = self.TOTAL - self.WARMUP
+        for s in range(self.WARMUP, self.TOTAL):
+            p = (s - self.WARMUP) / span
+            assert trace.lrs[s] == pytest.approx(self.FLOOR + (1 - self.FLOOR) * shape(p))
+        assert trace.lrs[self.WARMUP] == 1.0
+        assert non_increasing(trace.lrs[self.WARMUP :])
+        assert trace.lrs[-1] > self.FLOOR
+        assert controller.lr_scale(self.TOTAL) == self.FLOOR
+
+    @pytest.mark.parametrize("fraction", [0.2, 0.5, 1.0])
+    def test_wsd_holds_the_peak_then_a_linear_tail(self, fraction: float) -> None:
+        config = SurgeonConfig(
+            warmup=self.WARMUP, decay="wsd", wsd_decay_fraction=fraction, min_lr_ratio=self.FLOOR
+        )
+        controller = Controller(self.TOTAL, config)
+        trace = drive(controller, [5.0 * 0.995**t for t in range(self.TOTAL)])
+        remaining = self.TOTAL - self.WARMUP
+        tail = remaining - round(remaining * (1.0 - fraction))
+        tail_start = self.TOTAL - tail
+        assert trace.lrs[self.WARMUP : tail_start + 1] == [1.0] * (tail_start + 1 - self.WARMUP)
+        for s in range(tail_start, self.TOTAL):
+            expected = 1.0 + (self.FLOOR - 1.0) * (s - tail_start) / tail
+            assert trace.lrs[s] == pytest.approx(expected)
+        assert controller.lr_scale(self.TOTAL) == self.FLOOR
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+class TestValidation:
+    @pytest.mark.parametrize(
+        ("kwargs", "name"),
+        [
+            *[
+                ({name: bad}, name)
+                for name in (
+                    "min_lr_ratio",
+                    "wsd_decay_fraction",
+                    "stabilize_threshold",
+                    "plateau_min_delta",
+                    "plateau_factor",
+                    "spike_factor",
+                    "restart_peak",
+                    "spike_zscore",
+                    "spike_ratio",
+                )
+                for bad in (-0.5, math.nan, math.inf, -math.inf, True, "0.5", None)
+            ],
+            *[
+                ({name: bad}, name)
+                for name in (
+                    "min_warmup",
+                    "max_warmup",
+                    "stabilize_window",
+                    "plateau_patience",
+                    "plateau_cooldown",
+                    "restart_warmup",
+                    "spike_cooldown",
+                    "spike_recovery",
+                )
+                for bad in (-1, -0.5, 0.0, 1.5, math.nan, math.inf, True, False, "10", None)
+            ],
+            *[
+                ({name: bad}, name)
+                for name in ("stabilize_patience", "max_restarts")
+                for bad in (-1, 2.0, True, math.nan, None)
+            ],
+            ({"stabilize_patience": 0}, "stabilize_patience"),
+            ({"warmup": -1}, "warmup"),
+            ({"warmup": 10.0}, "warmup"),
+            ({"warmup": True}, "warmup"),
+            ({"warmup": "fixed"}, "warmup"),
+            ({"warmup": None}, "warmup"),
+            ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
+            ({"wsd_decay_fraction": 0.0}, "wsd_decay_fraction"),
+            ({"stabilize_threshold": 0.0}, "stabilize_threshold"),
+            ({"stabilize_threshold": 1.0}, "stabilize_threshold"),
+            ({"plateau_min_delta": 1.0}, "plateau_min_delta"),
+            ({"plateau_factor": 0.0}, "plateau_factor"),
+            ({"plateau_factor": 1.5}, "plateau_factor"),
+            ({"spike_factor": 0.0}, "spike_factor"),
+            ({"spike_factor": 1.01}, "spike_factor"),
+            ({"restart_peak": 0.0}, "restart_peak"),
+            ({"restart_peak": 1.5}, "restart_peak"),
+            ({"restart_peak": 0.05, "min_lr_ratio": 0.1}, "restart_peak"),
+            ({"spike_zscore": 0.0}, "spike_zscore"),
+            ({"spike_ratio": 0.99}, "spike_ratio"),
+            ({"decay": "exponential"}, "decay"),
+            ({"decay": None}, "decay"),
+            ({"plateau_action": "stop"}, "plateau_action"),
+            ({"min_warmup": 50, "max_warmup": 20}, "min_warmup"),
+            ({"min_warmup": 0.5, "max_warmup": 0.2}, "min_warmup"),
+        ],
+    )
+    def test_bad_config_value_names_the_field(self, kwargs: dict[str, Any], name: str) -> None:
+        with pytest.raises(ValueError, match=rf"\b{name}\b"):
+            SurgeonConfig(**kwargs)
+
+    @pytest.mark.parametrize(
+        ("total", "kwargs", "name"),
+        [
+            (100, {"min_warmup": 150, "max_warmup": 200}, "min_warmup"),
+            (100, {"max_warmup": 150}, "max_warmup"),
+            (100, {"warmup": 101}, "warmup"),
+            (1000, {"min_warmup": 50, "max_warmup": 0.02}, "min_warmup"),  # 50 > 20 steps
+        ],
+    )
+    def test_warmup_longer_than_the_run(
+        self, total: int, kwargs: dict[str, Any], name: str
+    ) -> None:
+        config = SurgeonConfig(**kwargs)
+        with pytest.raises(ValueError, match=rf"(?<!_){name}="):
+            Controller(total, config)
+
+    @pytest.mark.parametrize("total", [0, -5, 10.0, True, None])
+    def test_bad_total_steps(self, total: Any) -> None:
+        with pytest.raises(ValueError, match="total_steps"):
+            Controller(total, SurgeonConfig())
+
+    def test_boundaries_are_accepted(self) -> None:
+        config = SurgeonConfig(
+            warmup=10,
+            min_lr_ratio=1.0,
+            restart_peak=1.0,
+            plateau_factor=1.0,
+            spike_factor=1.0,
+            plateau_min_delta=0.0,
+            max_restarts=0,
+            spike_ratio=1.0,
+        )
+        controller = Controller(100, config)
+        trace = drive(controller, [1.0] * 100)
+        assert trace.lrs[10:] == [1.0] * 90  # the floor is the peak: a constant LR
+        assert Controller(10, SurgeonConfig(min_warmup=10, max_warmup=10)).max_warmup == 10
+
+
+# ------------------------------------------------------------------------------ state
+
+
+class TestStateDict:
+    @pytest.mark.parametrize("cut", [0, 1, 150, 667, 700, 717, 1100, 1601, 1999, 2000])
+    def test_round_trip_continues_identically(self, cut: int) -> None:
+        total = 2000
+        losses = busy_stream(total, seed=12) + [1.0] * 10
+        original = Controller(total, BUSY_CONFIG)
+        drive(original, losses[:cut])
+        state = json.loads(json.dumps(copy.deepcopy(original.state_dict())))
+        restored = Controller(total, BUSY_CONFIG)
+        restored.load_state_dict(state)
+        assert restored.state_dict() == original.state_dict()
+        tail_original = drive(original, losses[cut:])
+        tail_restored = drive(restored, losses[cut:])
+        assert tail_restored.lrs == tail_original.lrs
+        assert tail_restored.events == tail_original.events
+        assert restored.events == original.events
+
+    def test_state_dict_is_a_snapshot(self) -> None:
+        total = 2000
+        losses = busy_stream(total, seed=13)
+        controller = Controller(total, BUSY_CONFIG)
+        drive(controller, losses[:700])
+        state = controller.state_dict()
+        frozen = copy.deepcopy(state)
+        drive(controller, losses[700:])
+        assert state == frozen
+
+
+# ------------------------------------------------------------------------------ properties
+
+SPECIAL = [math.nan, math.inf, -math.inf, 1e300, -1e300, 1e-300, 0.0, -1.0, 1e30]
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[int, SurgeonConfig, list[float]]:
+    """A run length, a valid config and a loss stream (a trend with noise and anomalies)."""
+    total = draw(st.integers(200, 600))
+    floor = draw(st.floats(0.0, 0.5))
+    config = SurgeonConfig(
+        warmup=draw(st.one_of(st.just("auto"), st.integers(0, total // 4))),
+        min_warmup=draw(st.floats(0.001, 0.05)),
+        max_warmup=draw(st.floats(0.05, 0.3)),
+        min_lr_ratio=floor,
+        decay=draw(st.sampled_from(["cosine", "linear", "sqrt", "wsd"])),
+        wsd_decay_fraction=draw(st.floats(0.01, 1.0)),
+        stabilize_window=draw(st.integers(0, 30)),
+        stabilize_threshold=draw(st.floats(0.001, 0.2)),
+        stabilize_patience=draw(st.integers(1, 15)),
+        plateau_patience=draw(st.integers(1, 60)),
+        plateau_min_delta=draw(st.floats(0.0, 0.01)),
+        plateau_cooldown=draw(st.integers(0, 60)),
+        plateau_factor=draw(st.floats(0.05, 1.0)),
+        plateau_action=draw(st.sampled_from(["cut", "restart"])),
+        max_restarts=draw(st.integers(0, 3)),
+        restart_peak=draw(st.floats(floor, 1.0).filter(lambda v: v > 0)),
+        restart_warmup=draw(st.integers(1, 40)),
+        spike_zscore=draw(st.floats(0.5, 8.0)),
+        spike_ratio=draw(st.floats(1.0, 3.0)),
+        spike_factor=draw(st.floats(0.05, 1.0)),
+        spike_cooldown=draw(st.integers(0, 30)),
+        spike_recovery=draw(st.integers(0, 40)),
+    )
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = random.Random(seed)
+    shape = draw(st.sampled_from(["decay", "flat", "rise", "random"]))
+    sigma = draw(st.sampled_from([0.0, 0.001, 0.02, 0.3]))
+    n = total + draw(st.integers(0, 20))  # sometimes run past total_steps
+    tau = rng.uniform(5, total)
+    trend = {
+        "decay": [1.0 + 4.0 * math.exp(-t / tau) for t in range(n)],
+        "flat": [2.0] * n,
+        "rise": [1.0 + t / tau for t in range(n)],
+        "random": [rng.uniform(-1.0, 10.0) for _ in range(n)],
+    }[shape]
+    losses = [v * (1.0 + sigma * rng.gauss(0.0, 1.0)) for v in trend]
+    positions = st.integers(0, n - 1)
+    for position, value in draw(
+        st.lists(st.tuples(positions, st.one_of(st.sampled_from(SPECIAL), st.floats())), max_size=6)
+    ):
+        losses[position] = value  # anything, NaN and inf included
+    for position, factor in draw(st.lists(st.tuples(positions, st.floats(1.5, 100.0)), max_size=4)):
+        losses[position] *= factor  # spikes
+    return total, config, losses
+
+
+PROPERTY_SETTINGS = settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+class TestProperties:
+    @PROPERTY_SETTINGS
+    @given(scenarios())
+    def test_scale_is_finite_bounded_floored_and_warmup_monotone(
+        self, scenario: tuple[int, SurgeonConfig, list[float]]
+    ) -> None:
+        total, config, losses = scenario
+        controller = Controller(total, config)
+        trace = Trace()
+        disturbed = False  # a spike or non-finite loss during warmup
+        for loss in losses:
+            step = controller.step
+            for ahead in (0, 1, 3):
+                scale = controller.lr_scale(step + ahead)
+                assert math.isfinite(scale) and 0.0 <= scale <= 1.0
+                if controller.phase is not Phase.WARMUP:
+                    assert scale >= controller.floor
+            trace.lrs.append(controller.lr_scale(step))
+            trace.phases.append(controller.phase)
+            in_warmup = controller.phase is Phase.WARMUP
+            events = controller.update(loss)
+            kinds = {e.kind for e in events}
+            if in_warmup and kinds & {EventKind.SPIKE, EventKind.NONFINITE}:
+                disturbed = True
+            assert controller.skip_step is (not math.isfinite(loss))
+        warm = [lr for lr, ph in zip(trace.lrs, trace.phases, strict=True) if ph is Phase.WARMUP]
+        if not disturbed:
+            assert non_decreasing(warm)
+        assert controller.phase is Phase.DONE
+        assert controller.lr_scale(total) >= controller.floor
+
+    @PROPERTY_SETTINGS
+    @given(scenarios(), st.floats(0.0, 1.0))
+    def test_state_round_trip_at_any_step(
+        self, scenario: tuple[int, SurgeonConfig, list[float]], where: float
+    ) -> None:
+        total, config, losses = scenario
+        cut = round(where * len(losses))
+        original = Controller(total, config)
+        for loss in losses[:cut]:
+            original.update(loss)
+        state = json.loads(json.dumps(copy.deepcopy(original.state_dict())))
+        restored = Controller(total, config)
+        restored.load_state_dict(state)
+        for loss in losses[cut:]:
+            step = original.step
+            assert restored.step == step
+            assert [restored.lr_scale(step + k) for k in range(3)] == [
+                original.lr_scale(step + k) for k in range(3)
+            ]
+            assert restored.update(loss) == original.update(loss)
+            assert restored.skip_step == original.skip_step
+        assert restored.events == original.events
+        assert restored.phase is original.phase

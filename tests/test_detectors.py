@@ -1,0 +1,436 @@
+"""Tests for surgeon.detectors: scripted loss streams and the update where each must fire.
+
+Every stream is a list of floats built here, noise from ``random.Random(seed)``; no torch. An
+expected firing step is derived from the detector's documented definition (the EMA and drop
+formulas in the module docstrings, evaluated in a few lines here) or from arithmetic on the
+stream, never copied from a run. Indices are 0-based: index ``i`` is the ``i + 1``-th update.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+from surgeon.detectors import PlateauDetector, Signal, SpikeDetector, StabilizationDetector
+
+Detector = StabilizationDetector | PlateauDetector | SpikeDetector
+
+
+def feed(detector: Detector, losses: Sequence[float]) -> list[Signal | None]:
+    """The signal of every update, in order."""
+    return [detector.update(loss) for loss in losses]
+
+
+def fired(signals: Sequence[Signal | None], kind: Signal) -> list[int]:
+    """Indices at which ``kind`` was returned."""
+    return [i for i, signal in enumerate(signals) if signal is kind]
+
+
+def noisy(values: Sequence[float], rel_sigma: float, seed: int) -> list[float]:
+    """``values`` with multiplicative Gaussian noise of relative size ``rel_sigma``."""
+    rng = random.Random(seed)
+    return [v * (1.0 + rel_sigma * rng.gauss(0.0, 1.0)) for v in values]
+
+
+def ema_drops(losses: Sequence[float], window: int) -> list[float | None]:
+    """The stabilization statistic from its definition: an EMA of span ``window``
+    (``alpha = 2 / (window + 1)``) and ``drop_t = (ema_{t-window} - ema_t) / |ema_{t-window}|``;
+    ``None`` while fewer than ``window + 1`` EMAs exist."""
+    alpha = 2.0 / (window + 1)
+    emas: list[float] = []
+    for x in losses:
+        emas.append(x if not emas else emas[-1] + alpha * (x - emas[-1]))
+    return [
+        None if t < window else (emas[t - window] - emas[t]) / abs(emas[t - window])
+        for t in range(len(emas))
+    ]
+
+
+def settled(drops: Sequence[float | None], threshold: float, patience: int) -> list[int]:
+    """Indices at which the last ``patience`` drops were all below ``threshold``."""
+    found, streak = [], 0
+    for t, drop in enumerate(drops):
+        streak = streak + 1 if drop is not None and drop < threshold else 0
+        if streak >= patience:
+            found.append(t)
+    return found
+
+
+def first_settled(drops: Sequence[float | None], threshold: float, patience: int) -> int | None:
+    """First index at which the last ``patience`` drops were all below ``threshold``."""
+    found = settled(drops, threshold, patience)
+    return found[0] if found else None
+
+
+# --------------------------------------------------------------------------- stabilization
+
+
+class TestStabilization:
+    WINDOW, THRESHOLD, PATIENCE = 20, 0.02, 5
+
+    def make(self) -> StabilizationDetector:
+        return StabilizationDetector(self.WINDOW, self.THRESHOLD, self.PATIENCE)
+
+    def decay_then_flat(self, seed: int) -> list[float]:
+        """A steep exponential decay (time constant 8 steps) for 80 steps, then flat at 1."""
+        trend = [1.0 + 9.0 * math.exp(-t / 8.0) if t < 80 else 1.0 for t in range(200)]
+        return noisy(trend, 0.002, seed)
+
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_decay_then_flat_fires_where_the_definition_says(self, seed: int) -> None:
+        losses = self.decay_then_flat(seed)
+        expected = first_settled(ema_drops(losses, self.WINDOW), self.THRESHOLD, self.PATIENCE)
+        assert expected is not None
+        signals = feed(self.make(), losses)
+        firings = fired(signals, Signal.STABILIZED)
+        assert firings and firings[0] == expected
+        # once settled on a flat stream, it keeps reporting it
+        assert firings == list(range(expected, len(losses)))
+
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_not_before_the_raw_decay_has_slowed_below_threshold(self, seed: int) -> None:
+        losses = self.decay_then_flat(seed)
+        trend = [1.0 + 9.0 * math.exp(-t / 8.0) for t in range(len(losses))]
+        # the noiseless curve's own relative drop per window first falls below threshold here
+        raw_slow = next(
+            t
+            for t in range(self.WINDOW, len(trend))
+            if (trend[t - self.WINDOW] - trend[t]) / trend[t - self.WINDOW] < self.THRESHOLD
+        )
+        first = fired(feed(self.make(), losses), Signal.STABILIZED)[0]
+        # the EMA lags the loss, so it settles no earlier than the loss itself, plus patience
+        assert first >= raw_slow + self.PATIENCE - 1
+        # and not much later: the EMA has a ~window time constant
+        assert first <= raw_slow + 3 * self.WINDOW
+
+    def test_never_fires_while_falling_faster_than_threshold_per_window(self) -> None:
+        # the loss falls by 10% per window, five times the threshold, forever
+        rate = 0.9 ** (1.0 / self.WINDOW)
+        losses = [5.0 * rate**t for t in range(600)]
+        detector = self.make()
+        drops = []
+        for loss in losses:
+            assert detector.update(loss) is None
+            drops.append(detector.last_drop)
+        measured = [d for d in drops if d is not None]
+        assert len(measured) == len(losses) - self.WINDOW
+        assert min(measured) > self.THRESHOLD
+        # the EMA of a geometric sequence is geometric with the same ratio in the long run
+        assert measured[-1] == pytest.approx(1.0 - 0.9, rel=1e-6)
+
+    def test_rising_loss_counts_as_settled(self) -> None:
+        losses = [1.0 + 0.01 * t for t in range(100)]
+        detector = self.make()
+        signals = feed(detector, losses)
+        # the first drop exists at index WINDOW; PATIENCE negative drops in a row follow
+        first = self.WINDOW + self.PATIENCE - 1
+        assert fired(signals, Signal.STABILIZED) == list(range(first, len(losses)))
+        assert detector.last_drop is not None and detector.last_drop < 0
+
+    def test_a_steep_drop_resets_the_streak(self) -> None:
+        flat = [2.0] * 40
+        cliff = [2.0 * 0.8**k for k in range(1, 6)]  # falls 20% per step for 5 steps
+        losses = flat + cliff + [cliff[-1]] * 100
+        expected = settled(ema_drops(losses, self.WINDOW), self.THRESHOLD, self.PATIENCE)
+        firings = fired(feed(self.make(), losses), Signal.STABILIZED)
+        assert firings == expected
+        # settled on the first flat part, silent for a while after the cliff, settled again
+        assert firings[0] == self.WINDOW + self.PATIENCE - 1
+        assert len(flat) - 1 in firings
+        silent = [t for t in range(len(flat), len(losses)) if t not in firings]
+        assert silent[0] <= len(flat) + 1
+        assert len(silent) >= self.PATIENCE
+        assert firings[-1] == len(losses) - 1
+
+
+# --------------------------------------------------------------------------------- plateau
+
+
+class TestPlateau:
+    @pytest.mark.parametrize(("patience", "cooldown"), [(10, 15), (7, 0), (1, 3)])
+    def test_flat_stream_fires_after_patience_then_every_cooldown_plus_patience(
+        self, patience: int, cooldown: int
+    ) -> None:
+        detector = PlateauDetector(patience=patience, cooldown=cooldown)
+        n = 200
+        signals = feed(detector, [3.0] * n)
+        # the EMA (span = patience) warms up for ceil(1 / alpha) updates; the first update after
+        # that sets the best, and the next `patience` updates do not improve on it
+        first_best = math.ceil(1.0 / detector.alpha) - 1
+        expected = list(range(first_best + patience, n, cooldown + patience))
+        assert fired(signals, Signal.PLATEAU) == expected
+
+    @pytest.mark.parametrize("seed", [0, 1])
+    def test_steadily_improving_stream_never_fires(self, seed: int) -> None:
+        # 0.5% better per step with 2% noise: the EMA beats its best by min_delta every few steps
+        losses = noisy([4.0 * 0.995**t for t in range(2000)], 0.02, seed)
+        assert fired(feed(PlateauDetector(patience=25, cooldown=25), losses), Signal.PLATEAU) == []
+
+    def test_min_delta_is_relative_and_strict(self) -> None:
+        """With ``alpha=1`` the EMA is the loss: a staircase falling by ``f`` every 4 updates."""
+        patience, min_delta, period = 5, 0.01, 4
+
+        def staircase(f: float) -> list[float]:
+            return [2.0 * (1.0 - f) ** (t // period) for t in range(100)]
+
+        def run(f: float) -> list[int]:
+            detector = PlateauDetector(patience=patience, min_delta=min_delta, cooldown=0, alpha=1)
+            return fired(feed(detector, staircase(f)), Signal.PLATEAU)
+
+        # each stair improves by more than min_delta: at most period - 1 bad updates in a row
+        assert run(1.1 * min_delta) == []
+        # stairs of 0.9 min_delta: the first does not count, so update `patience` is the
+        # patience-th without improvement (the second stair improves on the best only later)
+        assert (1.0 - 0.9 * min_delta) ** 2 < 1.0 - min_delta
+        assert run(0.9 * min_delta)[0] == patience
+
+    def test_min_delta_zero_counts_every_decrease(self) -> None:
+        losses = [1.0 - 1e-6 * t for t in range(300)]
+        # the whole stream falls by 0.03%, less than min_delta=1e-3 over any stretch
+        assert (losses[0] - losses[-1]) / losses[0] < 1e-3
+        strict = PlateauDetector(patience=50, min_delta=0.0, cooldown=0)
+        assert fired(feed(strict, losses), Signal.PLATEAU) == []
+        relative = PlateauDetector(patience=50, min_delta=1e-3, cooldown=0)
+        first_best = math.ceil(1.0 / relative.alpha) - 1  # after the EMA's warm-up
+        expected = list(range(first_best + 50, 300, 50))
+        assert fired(feed(relative, losses), Signal.PLATEAU) == expected
+
+    def test_improvement_during_cooldown_moves_best(self) -> None:
+        detector = PlateauDetector(patience=5, cooldown=10, alpha=1)
+        signals = feed(detector, [1.0] * 6)
+        assert fired(signals, Signal.PLATEAU) == [5]
+        assert detector.update(0.5) is None  # in cooldown, but a new best all the same
+        assert detector.best == 0.5
+
+
+# ----------------------------------------------------------------------------------- spike
+
+
+def calm_stream(n: int, seed: int, level: float = 1.0, rel_sigma: float = 0.01) -> list[float]:
+    return noisy([level] * n, rel_sigma, seed)
+
+
+class TestSpike:
+    @pytest.mark.parametrize("min_obs", [5, 20])
+    def test_no_firing_before_min_observations(self, min_obs: int) -> None:
+        base = calm_stream(60, seed=3)
+        for k in range(1, min_obs + 1):
+            losses = list(base)
+            losses[k] = 10.0 * base[k]
+            signals = feed(SpikeDetector(min_observations=min_obs), losses)
+            # `count` finite losses came before index k; a spike needs count >= min_obs
+            assert fired(signals, Signal.SPIKE) == ([k] if k == min_obs else []), k
+
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_ten_x_outlier_fires_once(self, seed: int) -> None:
+        losses = calm_stream(300, seed)
+        losses[150] *= 10.0
+        assert fired(feed(SpikeDetector(), losses), Signal.SPIKE) == [150]
+
+    @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+    def test_nonfinite_fires_and_leaves_statistics_untouched(self, bad: float) -> None:
+        detector = SpikeDetector()
+        feed(detector, calm_stream(50, seed=4))
+        before = detector.state_dict()
+        assert detector.update(bad) is Signal.NONFINITE
+        assert detector.state_dict() == before
+        # also before any finite loss was seen
+        fresh = SpikeDetector()
+        assert fresh.update(bad) is Signal.NONFINITE
+        assert fresh.state_dict() == SpikeDetector().state_dict()
+
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_a_spike_moves_the_mean_no_more_than_a_zscore_sample(self, seed: int) -> None:
+        detector = SpikeDetector()
+        feed(detector, calm_stream(200, seed))
+        mean, std = detector.mean, detector.std
+        assert detector.update(10.0 * mean) is Signal.SPIKE
+        # winsorized at mean + zscore * std before entering the EMA
+        assert detector.mean <= mean + detector.alpha * detector.zscore * std * (1 + 1e-12)
+        assert detector.mean - mean < 0.01 * mean
+        # an equal second spike right after is still a spike
+        assert detector.update(10.0 * mean) is Signal.SPIKE
+
+    def test_a_spike_on_a_perfectly_flat_stream_does_not_poison_it(self) -> None:
+        """std is exactly 0 here: the z-score cap is no cap, the spike must still not leak in."""
+        detector = SpikeDetector()
+        feed(detector, [1.0] * 50)
+        assert detector.std == 0.0
+        assert detector.update(10.0) is Signal.SPIKE
+        # no more than a loss at the ratio threshold (1.5x the mean) would have moved it
+        assert detector.mean <= 1.0 + detector.alpha * (detector.ratio - 1.0) * (1 + 1e-12)
+        assert detector.update(10.0) is Signal.SPIKE
+
+    @pytest.mark.parametrize("level", [1.0, 0.0])
+    def test_a_level_shift_is_absorbed(self, level: float) -> None:
+        detector = SpikeDetector()
+        shift = 10.0 if level else 1.0
+        before = calm_stream(100, seed=5, level=level) if level else [0.0] * 100
+        after = calm_stream(500, seed=6, level=shift)
+        feed(detector, before)
+        firings = fired(feed(detector, after), Signal.SPIKE)
+        assert firings and firings[0] == 0
+        # each clamped loss grows the variance geometrically, so the shift is learnt quickly
+        assert max(firings) < 50
+        assert detector.mean == pytest.approx(shift, rel=0.01)
+
+    def test_zscore_alone_does_not_fire(self) -> None:
+        detector = SpikeDetector()
+        feed(detector, calm_stream(200, seed=7, rel_sigma=1e-4))
+        bump = detector.mean * 1.01
+        z = (bump - detector.mean) / detector.std
+        assert z > detector.zscore  # far outside the band...
+        assert bump - detector.mean < (detector.ratio - 1.0) * abs(detector.mean)  # ...but small
+        assert detector.update(bump) is None
+
+    def test_ratio_alone_does_not_fire(self) -> None:
+        detector = SpikeDetector()
+        rng = random.Random(8)
+        feed(detector, [rng.uniform(0.1, 1.9) for _ in range(300)])
+        high = detector.mean * 2.2
+        assert high - detector.mean > (detector.ratio - 1.0) * abs(detector.mean)  # 2.2x...
+        assert (high - detector.mean) / detector.std < detector.zscore  # ...but ordinary noise
+        assert detector.update(high) is None
+
+    def test_both_conditions_fire(self) -> None:
+        detector = SpikeDetector(zscore=4.0, ratio=1.2)
+        feed(detector, calm_stream(100, seed=9))
+        high = detector.mean * 1.25
+        assert (high - detector.mean) / detector.std > detector.zscore
+        assert high - detector.mean > (detector.ratio - 1.0) * abs(detector.mean)
+        assert detector.update(high) is Signal.SPIKE
+
+    def test_last_zscore_is_the_latest_standardised_excess(self) -> None:
+        detector = SpikeDetector()
+        feed(detector, calm_stream(100, seed=10))
+        mean, std = detector.mean, detector.std
+        detector.update(mean + 2.5 * std)
+        assert detector.last_zscore == pytest.approx(2.5)
+
+
+# ---------------------------------------------------------------------- shared behaviours
+
+Factory = Callable[[], Detector]
+
+
+def _mixed_stream(seed: int) -> list[float]:
+    """Decay, a flat stretch, a spike, a NaN and an inf: something for every detector."""
+    trend = [1.0 + 4.0 * math.exp(-t / 30.0) for t in range(150)] + [1.0] * 150
+    losses = noisy(trend, 0.01, seed)
+    losses[120] *= 10.0
+    losses[200] = math.nan
+    losses[201] = math.inf
+    return losses
+
+
+FACTORIES: dict[str, Factory] = {
+    "stabilization": lambda: StabilizationDetector(window=15, threshold=0.02, patience=4),
+    "plateau": lambda: PlateauDetector(patience=15, cooldown=10, min_delta=5e-3, alpha=0.2),
+    "spike": lambda: SpikeDetector(min_observations=10),
+}
+
+
+def _finite_only(name: str, losses: list[float]) -> list[float]:
+    """Stabilization and plateau are fed finite losses only (the controller filters)."""
+    return losses if name == "spike" else [x for x in losses if math.isfinite(x)]
+
+
+class TestStateDict:
+    @pytest.mark.parametrize("name", list(FACTORIES))
+    @pytest.mark.parametrize("cut", [0, 5, 60, 121, 180, 260])
+    def test_round_trip_gives_identical_outputs(self, name: str, cut: int) -> None:
+        losses = _finite_only(name, _mixed_stream(seed=11))
+        original = FACTORIES[name]()
+        head = feed(original, losses[:cut])
+        state = json.loads(json.dumps(copy.deepcopy(original.state_dict())))
+        restored = FACTORIES[name]()
+        restored.load_state_dict(state)
+        tail_original = feed(original, losses[cut:])
+        tail_restored = feed(restored, losses[cut:])
+        assert tail_restored == tail_original
+        assert restored.state_dict() == original.state_dict()
+        # the stream exercises the detector at all (each fires somewhere in it)
+        assert any(s is not None for s in head + tail_original)
+
+    @pytest.mark.parametrize("name", list(FACTORIES))
+    def test_state_dict_is_a_snapshot(self, name: str) -> None:
+        losses = _finite_only(name, _mixed_stream(seed=12))
+        detector = FACTORIES[name]()
+        feed(detector, losses[:100])
+        state = detector.state_dict()
+        frozen = copy.deepcopy(state)
+        feed(detector, losses[100:])
+        assert state == frozen
+
+    @pytest.mark.parametrize("name", list(FACTORIES))
+    def test_reset_behaves_like_a_fresh_detector(self, name: str) -> None:
+        losses = _finite_only(name, _mixed_stream(seed=13))
+        used = FACTORIES[name]()
+        feed(used, losses)
+        used.reset()
+        fresh = FACTORIES[name]()
+        assert used.state_dict() == fresh.state_dict()
+        assert feed(used, losses) == feed(fresh, losses)
+
+
+class TestValidation:
+    @pytest.mark.parametrize(
+        ("cls", "kwargs", "field"),
+        [
+            (StabilizationDetector, {"window": 0}, "stabilize_window"),
+            (StabilizationDetector, {"window": 2.5}, "stabilize_window"),
+            (StabilizationDetector, {"window": True}, "stabilize_window"),
+            (StabilizationDetector, {"threshold": 0.0}, "stabilize_threshold"),
+            (StabilizationDetector, {"threshold": 1.0}, "stabilize_threshold"),
+            (StabilizationDetector, {"threshold": math.nan}, "stabilize_threshold"),
+            (StabilizationDetector, {"patience": 0}, "stabilize_patience"),
+            (StabilizationDetector, {"patience": -3}, "stabilize_patience"),
+            (PlateauDetector, {"patience": 0}, "plateau_patience"),
+            (PlateauDetector, {"patience": 1.0}, "plateau_patience"),
+            (PlateauDetector, {"min_delta": -0.1}, "plateau_min_delta"),
+            (PlateauDetector, {"min_delta": 1.0}, "plateau_min_delta"),
+            (PlateauDetector, {"min_delta": math.inf}, "plateau_min_delta"),
+            (PlateauDetector, {"cooldown": -1}, "plateau_cooldown"),
+            (PlateauDetector, {"cooldown": False}, "plateau_cooldown"),
+            (PlateauDetector, {"alpha": 0.0}, "plateau_alpha"),
+            (PlateauDetector, {"alpha": 1.5}, "plateau_alpha"),
+            (SpikeDetector, {"zscore": 0.0}, "spike_zscore"),
+            (SpikeDetector, {"zscore": -6.0}, "spike_zscore"),
+            (SpikeDetector, {"zscore": math.inf}, "spike_zscore"),
+            (SpikeDetector, {"zscore": True}, "spike_zscore"),
+            (SpikeDetector, {"ratio": 0.9}, "spike_ratio"),
+            (SpikeDetector, {"ratio": math.nan}, "spike_ratio"),
+            (SpikeDetector, {"alpha": 0.0}, "spike_alpha"),
+            (SpikeDetector, {"alpha": 2.0}, "spike_alpha"),
+            (SpikeDetector, {"min_observations": 0}, "spike_min_observations"),
+            (SpikeDetector, {"min_observations": 3.0}, "spike_min_observations"),
+        ],
+    )
+    def test_bad_value_names_the_field(
+        self, cls: type[Detector], kwargs: dict[str, Any], field: str
+    ) -> None:
+        value = next(iter(kwargs.values()))
+        with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}")):
+            cls(**kwargs)
+
+    @pytest.mark.parametrize(
+        ("cls", "kwargs"),
+        [
+            (StabilizationDetector, {"window": 1, "threshold": 1e-9, "patience": 1}),
+            (PlateauDetector, {"patience": 1, "min_delta": 0.0, "cooldown": 0, "alpha": 1.0}),
+            (SpikeDetector, {"zscore": 1e-9, "ratio": 1.0, "alpha": 1.0, "min_observations": 1}),
+        ],
+    )
+    def test_boundary_values_are_accepted(
+        self, cls: type[Detector], kwargs: dict[str, Any]
+    ) -> None:
+        detector = cls(**kwargs)
+        for key, value in kwargs.items():
+            assert getattr(detector, key) == value
