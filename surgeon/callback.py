@@ -118,9 +118,9 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         stabilize_window: Steps = 0.01,
         stabilize_threshold: float = 0.02,
         stabilize_patience: int = 10,
-        plateau_patience: Steps = 0.05,
+        plateau_patience: Steps = 0.1,
         plateau_min_delta: float = 1e-3,
-        plateau_cooldown: Steps = 0.05,
+        plateau_cooldown: Steps = 0.1,
         plateau_factor: float = 0.5,
         plateau_action: PlateauAction = "cut",
         max_restarts: int = 2,
@@ -278,7 +278,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             for group in optimizer.param_groups:
                 group["lr"] = group[PEAK_LR_KEY] * scale
         self._written_step = self.step
-        if trainer.is_global_zero and self.step % max(1, trainer.log_every_n_steps) == 0:
+        if self.step % max(1, trainer.log_every_n_steps) == 0 and trainer.is_global_zero:
             self._log_lrs(trainer, scale)
 
     def on_train_batch_end(
@@ -298,9 +298,10 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
                 "ScheduleSurgeon found no loss in the training_step output; return the loss "
                 "(or a dict with 'loss') so it can react to plateaus and spikes"
             )
-        if trainer.global_step == self._last_global_step:
+        global_step = trainer.global_step  # a chain of properties: read it once
+        if global_step == self._last_global_step:
             return  # accumulating: the optimizer step has not happened yet
-        self._last_global_step = trainer.global_step
+        self._last_global_step = global_step
         self.step += 1
         self._consume(trainer, self.feed.close_step(self._loss_scale(trainer)))
 
@@ -320,7 +321,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             loss_step = self.controller.step
             for event in self.controller.update(item.loss):
                 self._report(trainer, event)
-            if trainer.is_global_zero and loss_step % max(1, trainer.log_every_n_steps) == 0:
+            if loss_step % max(1, trainer.log_every_n_steps) == 0 and trainer.is_global_zero:
                 self._log_loss(trainer, loss_step, item.loss)
 
     # ------------------------------------------------------------------ observability

@@ -68,11 +68,11 @@ class SurgeonConfig:
     stabilize_patience: int = 10
     """Consecutive steps the drop must stay under the threshold."""
 
-    plateau_patience: Steps = 0.05
+    plateau_patience: Steps = 0.1
     """Steps without a ``plateau_min_delta`` improvement of the smoothed loss before acting."""
     plateau_min_delta: float = 1e-3
     """Relative improvement of the loss EMA that counts as progress."""
-    plateau_cooldown: Steps = 0.05
+    plateau_cooldown: Steps = 0.1
     """Steps after a plateau response during which the plateau detector stays quiet."""
     plateau_factor: float = 0.5
     """A plateau cut multiplies the LR by this factor (never below the floor)."""

@@ -38,9 +38,14 @@ class StepLoss:
 
 
 class _Block:
-    """One block of steps in flight from device to host."""
+    """One block of steps in flight from device to host.
 
-    def __init__(self, values: Tensor) -> None:
+    ``values`` is 1-D: the ``n`` losses, followed by their ``n`` loss scales when ``scaled``
+    (one flat tensor: the cheapest to stack, reduce and copy).
+    """
+
+    def __init__(self, values: Tensor, scaled: bool) -> None:
+        self.scaled = scaled
         if values.device.type == "cuda":
             self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self.host.copy_(values, non_blocking=True)
@@ -49,10 +54,20 @@ class _Block:
         else:
             self.host, self.done = values, None
 
-    def read(self) -> list[list[float]]:
+    def read(self) -> list[tuple[float, float]]:
+        """``(loss, scale)`` per step; the scale is 1.0 without a GradScaler."""
         if self.done is not None:
             self.done.synchronize()
-        return self.host.tolist()
+        values = self.host.tolist()
+        if not self.scaled:
+            return [(loss, 1.0) for loss in values]
+        n = len(values) // 2
+        return list(zip(values[:n], values[n:], strict=True))
+
+    @classmethod
+    def from_rows(cls, rows: list[list[float]]) -> "_Block":
+        """A block on the CPU from ``[[loss, scale], ...]`` (a checkpoint's form)."""
+        return cls(torch.tensor([r[0] for r in rows] + [r[1] for r in rows]), scaled=True)
 
 
 class LossFeed:
@@ -63,30 +78,50 @@ class LossFeed:
         self.readback_every = readback_every
         self.reduce = reduce
         self._micro: Tensor | None = None
-        self._rows: list[Tensor] = []
+        self._device: torch.device | None = None  # of the last loss added
+        # per closed step: its loss, and its loss scale (None: no GradScaler)
+        self._rows: list[tuple[Tensor, Tensor | None]] = []
         self._in_flight: deque[_Block] = deque()
         self._last_scale = -math.inf  # no step before the first: nothing to compare with
 
     def add(self, loss: Tensor) -> None:
         """Add one micro-batch loss (already divided by the accumulation count)."""
         loss = loss.detach()
+        self._device = loss.device
         self._micro = loss if self._micro is None else self._micro + loss
 
     def close_step(self, loss_scale: Tensor | None = None) -> list[StepLoss]:
-        """End the current optimizer step; return the steps whose readback is now due."""
-        loss = self._micro if self._micro is not None else torch.tensor(math.nan)
+        """End the current optimizer step; return the steps whose readback is now due.
+
+        Per step this only keeps references (and copies the scale, which GradScaler updates
+        in place); the tensor work happens once per block, in :meth:`_stack`.
+        """
+        loss = self._micro
+        if loss is None:
+            loss = torch.full((), math.nan, device=self._device)
         self._micro = None
-        scale = loss_scale if loss_scale is not None else torch.ones((), device=loss.device)
-        row = torch.stack([loss.float().reshape(()), scale.to(loss.device).float().reshape(())])
-        self._rows.append(row)
+        self._rows.append((loss, None if loss_scale is None else loss_scale.clone()))
         if len(self._rows) < self.readback_every:
             return []
-        block = torch.stack([r.to(row.device) for r in self._rows])
+        values, scaled = self._stack()
         self._rows = []
         if self.reduce is not None:
-            block = self.reduce(block)
-        self._in_flight.append(_Block(block))
+            values = self.reduce(values)
+        self._in_flight.append(_Block(values, scaled))
         return self._read(self._in_flight.popleft()) if len(self._in_flight) > 1 else []
+
+    def _stack(self) -> tuple[Tensor, bool]:
+        """The open rows as one flat float32 tensor on one device (see :class:`_Block`)."""
+        device = self._device if self._device is not None else self._rows[-1][0].device
+        losses = [loss if loss.device == device else loss.to(device) for loss, _ in self._rows]
+        values = torch.stack([p if p.dim() == 0 else p.reshape(()) for p in losses]).float()
+        if all(scale is None for _, scale in self._rows):
+            return values, False
+        scales = [torch.ones(1, device=device) if s is None else s for _, s in self._rows]
+        scales = [  # GradScaler's scale has shape (1,)
+            s if s.device == device and s.dim() == 1 else s.to(device).reshape(1) for s in scales
+        ]
+        return torch.cat([values, torch.cat(scales).float()]), True
 
     def _read(self, block: _Block) -> list[StepLoss]:
         out = []
@@ -98,14 +133,14 @@ class LossFeed:
     def state_dict(self) -> dict[str, Any]:
         """Losses not yet handed out (read now: checkpoints are rare), so a resume loses none."""
         return {
-            "in_flight": [block.read() for block in self._in_flight],
-            "rows": [row.tolist() for row in self._rows],
+            "in_flight": [[list(row) for row in block.read()] for block in self._in_flight],
+            "rows": [list(row) for row in _Block(*self._stack()).read()] if self._rows else [],
             "last_scale": self._last_scale,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (as CPU tensors; moved on next use)."""
         self._micro = None
-        self._in_flight = deque(_Block(torch.tensor(b)) for b in state["in_flight"])
-        self._rows = [torch.tensor(row) for row in state["rows"]]
+        self._in_flight = deque(_Block.from_rows(rows) for rows in state["in_flight"])
+        self._rows = [(torch.tensor(loss), torch.tensor(scale)) for loss, scale in state["rows"]]
         self._last_scale = state["last_scale"]
