@@ -222,6 +222,11 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
+        if self._events_path is not None:
+            # after a checkpoint is restored: the file holds this run's events, none when it
+            # starts fresh (a reused log directory keeps no older run's), the restored ones when
+            # it resumes (none twice after a crash)
+            self._events_path.write_text("".join(map(self._event_line, self.events)))
 
     def _planned_steps(self, trainer: pl.Trainer) -> int:
         if self.total_steps is not None:
@@ -357,9 +362,14 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             lr_after,
         )
         if self._events_path is not None:
-            record = {**event.to_dict(), "lr_before": lr_before, "lr_after": lr_after}
             with self._events_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(self._event_line(event))
+
+    def _event_line(self, event: Event) -> str:
+        """``event`` as a line of ``events.jsonl``, with the LRs of the first param group."""
+        peak = self._optimizers[0].param_groups[0][PEAK_LR_KEY]
+        lrs = {"lr_before": peak * event.scale_before, "lr_after": peak * event.scale_after}
+        return json.dumps({**event.to_dict(), **lrs}) + "\n"
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -86,7 +86,8 @@ class LossFeed:
 
     def add(self, loss: Tensor) -> None:
         """Add one micro-batch loss (already divided by the accumulation count)."""
-        loss = loss.detach()
+        if loss.requires_grad:  # Lightning's outputs["loss"] is detached already
+            loss = loss.detach()
         self._device = loss.device
         self._micro = loss if self._micro is None else self._micro + loss
 

@@ -311,6 +311,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(make_trainer: Any, tmp_
         assert losses_of(model) == losses_of(model_a)[start:]  # same data and weights
         assert first_lrs(model) == first_lrs(model_a)[start:]
         assert cb.events == cb_a.events
+        # the resumed run's events.jsonl holds the restored events and the new ones, once each
+        lines = (tmp_path / f"r{start}" / "events.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [e.step for e in cb_a.events]
         assert cb.step == cb_a.step == steps
         assert cb.state_dict() == cb_a.state_dict()
 

@@ -1,0 +1,451 @@
+"""Per-step overhead of LR control in a Lightning fit: what the surgeon costs next to the usual.
+
+A model so small (``Linear(32, 32)`` on one fixed in-memory batch) that the per-step work of
+Lightning and of the callbacks dominates. The same ``pytorch_lightning`` Trainer for all
+variants:
+
+* ``none``: no callback, constant LR (the baseline of every ratio);
+* ``empty``: one ``Callback()`` that overrides nothing, constant LR. A reference, not a
+  contender: Lightning's price for having *any* callback (per hook call: a ``getattr``, the
+  ``state_key``, an f-string and a profiler context), the floor of every callback below;
+* ``lambdalr``: warmup-cosine ``LambdaLR`` from ``configure_optimizers`` (``interval="step"``);
+* ``monitor+spike``: Lightning's ``LearningRateMonitor`` + ``SpikeDetection``
+  (``pytorch_lightning.callbacks.spike``; it exists in ``pytorch_lightning`` 2.6 as well as
+  ``lightning.pytorch``, so no namespace switch is needed);
+* ``surgeon``: ``ScheduleSurgeon()`` with its defaults.
+
+In one process: one warm-up round of every variant (discarded), then ``--repeats`` rounds,
+each running every variant once, in a rotated order (so no variant always runs first).
+Columns, per variant (medians over the rounds):
+
+* ``wall s`` / ``ratio`` / ``+µs/step``: whole ``trainer.fit`` wall time, and its ratio to
+  and difference from ``none`` per step. Ratio and difference are paired: the median over
+  rounds of (this fit / ``none``'s fit in the same round), which cancels slow spells of a
+  shared host better than a ratio of medians;
+* ``step µs`` / ``ratio``: the median time from one ``training_step`` to the next (a whole
+  loop iteration, hooks included), and its paired ratio to ``none``: the median over the
+  steps ignores the fit's setup and the odd preempted step, the steadiest of the three;
+* ``hook µs/step``: time inside the LR work itself, timed with ``perf_counter_ns`` wrappers:
+  ``scheduler.step`` for ``lambdalr``, the per-step hooks the two callbacks override for
+  ``monitor+spike``, the per-step hooks the surgeon overrides for ``surgeon``; ``setup ms``:
+  the once-per-fit hooks (``on_fit_start``, ...). A wrapper adds about 0.1 µs per call.
+  Below the table, the same split by callable;
+* ``+PL µs/step``: the time Lightning's own machinery around that work takes, beyond what it
+  takes for ``none``: its callback dispatch (``call._call_callback_hooks``) and scheduler
+  updates (``update_lr_schedulers``), timed the same way, the LR work subtracted;
+* ``est. ratio``: ``1 + (hook + PL µs/step) / step µs of none``, the ratio the variant costs
+  as timed from inside the loop. On a quiet host it agrees with the measured ratios; on a
+  shared, noisy one (where a 3 % difference drowns in the fit-to-fit spread) it is the
+  number to trust. The CPU-time (``time.process_time``) ratio is in the JSON output.
+
+Every variant gets the same no-op logger (``DummyLogger``): ``LearningRateMonitor`` refuses
+to run without one. Progress bar, model summary, checkpointing and sanity checks are off;
+torch runs one intra-op thread (``--threads``).
+
+On CUDA (when available, or ``--device cuda``) the same table is measured on the GPU, with
+steps/s relative to ``none`` (from the median step times) and host syncs per step, counted
+in one extra fit per variant under ``torch.cuda.set_sync_debug_mode("warn")`` (whole fit,
+and inside the LR work alone).
+
+Usage::
+
+    python benchmarks/overhead.py                 # full run (a minute or two on CPU)
+    python benchmarks/overhead.py --quick         # smoke run, < 30 s
+    python benchmarks/overhead.py --json out.json # also write the numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.callbacks.spike import SpikeDetection
+from pytorch_lightning.loggers.logger import DummyLogger
+from pytorch_lightning.trainer import call as pl_call
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+from surgeon import ScheduleSurgeon
+
+VARIANTS = ("none", "empty", "lambdalr", "monitor+spike", "surgeon")
+LABELS = {
+    "none": "none (constant LR)",
+    "empty": "empty Callback (reference)",
+    "lambdalr": "LambdaLR warmup-cosine",
+    "monitor+spike": "LRMonitor + SpikeDetection",
+    "surgeon": "ScheduleSurgeon",
+}
+WIDTH, BATCH, LR = 32, 64, 0.01
+
+
+# ---------------------------------------------------------------------------- timing
+PER_STEP = ("batch", "optimizer", "backward", "step")
+"""A timed callable whose name contains one of these runs every step (else once per fit)."""
+
+
+class HookTimer:
+    """Accumulates the time (and, on CUDA, host syncs) spent inside wrapped callables."""
+
+    def __init__(self) -> None:
+        self.ns: dict[str, int] = {}
+        self.sync_log: list[Any] | None = None  # the recorded-warnings list, when counting
+        self.syncs = 0
+
+    def wrap(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+        self.ns.setdefault(name, 0)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            before = len(self.sync_log) if self.sync_log is not None else 0
+            start = time.perf_counter_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.ns[name] += time.perf_counter_ns() - start
+                if self.sync_log is not None:
+                    self.syncs += len(self.sync_log) - before
+
+        return timed
+
+    def seconds(self, per_step: bool) -> float:
+        """Time in the per-step callables (or in the once-per-fit ones)."""
+        hits = (ns for n, ns in self.ns.items() if any(p in n for p in PER_STEP) == per_step)
+        return sum(hits) / 1e9
+
+
+def overridden_hooks(callback: pl.Callback) -> list[str]:
+    """The ``Callback`` hooks ``callback``'s class overrides."""
+    names = [n for n in dir(pl.Callback) if n.startswith("on_") or n in ("setup", "teardown")]
+    return [n for n in names if getattr(type(callback), n) is not getattr(pl.Callback, n)]
+
+
+def time_hooks(callbacks: list[pl.Callback], timer: HookTimer) -> None:
+    """Replace each overridden hook of each callback by a timed wrapper (instance attribute)."""
+    for callback in callbacks:
+        for name in overridden_hooks(callback):
+            label = f"{type(callback).__name__}.{name}"
+            setattr(callback, name, timer.wrap(getattr(callback, name), label))
+
+
+# ---------------------------------------------------------------------------- the model
+def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
+    """``LambdaLR`` factor: linear warmup to 1 over ``warmup`` steps, cosine to 0.1 by ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Tiny(pl.LightningModule):
+    """``Linear(32, 32)`` regressing a fixed batch; SGD, optionally with a LambdaLR."""
+
+    def __init__(self, total_steps: int, scheduler_timer: HookTimer | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(WIDTH, WIDTH)
+        self.total_steps = total_steps
+        self.scheduler_timer = scheduler_timer
+        self.stamps: list[int] = []
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        self.stamps.append(time.perf_counter_ns())  # step to step: a whole loop iteration
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+        if self.scheduler_timer is None:
+            return optimizer
+        factor = warmup_cosine(self.total_steps, max(1, self.total_steps // 10))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        timed = self.scheduler_timer.wrap(scheduler.step, "LambdaLR.step")
+        scheduler.step = timed  # type: ignore[method-assign]
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+class FixedBatches:
+    """One fixed batch, ``steps`` times: no data loading cost, one epoch is the whole fit.
+
+    An iterable, not a list: Lightning would take a list for a list of dataloaders.
+    """
+
+    def __init__(self, steps: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(BATCH, WIDTH, generator=g)
+        y = x @ torch.randn(WIDTH, WIDTH, generator=g) / WIDTH**0.5
+        self.batch, self.steps = (x, y), steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return itertools.repeat(self.batch, self.steps)
+
+
+# ---------------------------------------------------------------------------- one fit
+@dataclass
+class Fit:
+    wall_s: float  # trainer.fit, wall clock
+    step_s: float  # median time from one training_step to the next
+    cpu_s: float  # trainer.fit, this process's CPU time (robust to other load on the host)
+    step_hook_s: float  # in the per-step LR work
+    fit_hook_s: float  # in the once-per-fit hooks
+    lightning_s: float  # in Lightning's callback dispatch and scheduler updates, LR work excluded
+    per_hook_s: dict[str, float]
+    syncs: int | None = None  # whole fit, when counted
+    hook_syncs: int | None = None
+
+
+def make_callbacks(variant: str) -> list[pl.Callback]:
+    if variant == "monitor+spike":
+        return [LearningRateMonitor(logging_interval="step"), SpikeDetection()]
+    if variant == "surgeon":
+        return [ScheduleSurgeon()]
+    if variant == "empty":
+        return [pl.Callback()]
+    return []
+
+
+def run_fit(variant: str, steps: int, device: str, root: Path, count_syncs: bool = False) -> Fit:
+    timer = HookTimer()
+    callbacks = make_callbacks(variant)
+    time_hooks(callbacks, timer)
+    model = Tiny(steps, timer if variant == "lambdalr" else None)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=DummyLogger(),
+        default_root_dir=root,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    batches = FixedBatches(steps)
+    # Lightning's own machinery around the LR work: callback dispatch and scheduler updates
+    machinery = HookTimer()
+    dispatch = pl_call._call_callback_hooks
+    pl_call._call_callback_hooks = machinery.wrap(dispatch, "callback dispatch")
+    loop = trainer.fit_loop.epoch_loop
+    loop.update_lr_schedulers = machinery.wrap(loop.update_lr_schedulers, "scheduler updates")
+    gc.collect()
+    syncs = None
+    with warnings.catch_warnings(record=True) as caught:
+        if count_syncs:
+            warnings.simplefilter("always")
+            timer.sync_log = caught
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            wall, cpu = time.perf_counter(), time.process_time()
+            trainer.fit(model, batches)
+        finally:
+            pl_call._call_callback_hooks = dispatch
+            if count_syncs:
+                torch.cuda.set_sync_debug_mode("default")
+                syncs = sum("synchronizing" in str(w.message) for w in caught)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert trainer.global_step == steps, (variant, trainer.global_step)
+    per_hook = {name: ns / 1e9 for name, ns in timer.ns.items()}
+    in_steps, in_setup = timer.seconds(per_step=True), timer.seconds(per_step=False)
+    step = statistics.median(b - a for a, b in itertools.pairwise(model.stamps)) / 1e9
+    hook_syncs = timer.syncs if count_syncs else None
+    lightning = sum(machinery.ns.values()) / 1e9 - in_steps - in_setup
+    return Fit(wall, step, cpu, in_steps, in_setup, lightning, per_hook, syncs, hook_syncs)
+
+
+# ---------------------------------------------------------------------------- a table
+@dataclass
+class Row:
+    variant: str
+    wall_s: list[float] = field(default_factory=list)
+    step_us: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
+    hook_us_per_step: list[float] = field(default_factory=list)
+    setup_ms: list[float] = field(default_factory=list)
+    lightning_us_per_step: list[float] = field(default_factory=list)
+    per_hook_us_per_step: dict[str, float] = field(default_factory=dict)  # medians
+    median_wall_s: float = 0.0
+    median_step_us: float = 0.0
+    step_ratio: float = 1.0  # median step time / that of "none"
+    median_cpu_s: float = 0.0
+    ratio: float = 1.0  # median wall time / that of "none"
+    cpu_ratio: float = 1.0  # median CPU time / that of "none"
+    added_us_per_step: float = 0.0  # from the wall times
+    median_hook_us_per_step: float = 0.0
+    median_setup_ms: float = 0.0
+    added_lightning_us_per_step: float = 0.0  # vs "none"
+    estimated_ratio: float = 1.0  # 1 + (hook + added Lightning time) / step time of "none"
+    steps_per_s_ratio: float = 1.0
+    syncs_per_step: float | None = None
+    hook_syncs_per_step: float | None = None
+
+
+def measure(
+    device: str, variants: list[str], steps: int, repeats: int, warmup_steps: int, root: Path
+) -> list[Row]:
+    rows = {v: Row(v) for v in variants}
+    per_hook: dict[tuple[str, str], list[float]] = {}
+    for variant in variants:  # warm-up: imports, allocator, first-call paths
+        run_fit(variant, warmup_steps, device, root)
+    for r in range(repeats):
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
+        for variant in order:
+            fit = run_fit(variant, steps, device, root)
+            row = rows[variant]
+            row.wall_s.append(fit.wall_s)
+            row.step_us.append(fit.step_s * 1e6)
+            row.cpu_s.append(fit.cpu_s)
+            row.hook_us_per_step.append(fit.step_hook_s / steps * 1e6)
+            row.setup_ms.append(fit.fit_hook_s * 1e3)
+            row.lightning_us_per_step.append(fit.lightning_s / steps * 1e6)
+            for name, seconds in fit.per_hook_s.items():
+                per_hook.setdefault((variant, name), []).append(seconds / steps * 1e6)
+    base = rows[variants[0]]
+    for row in rows.values():
+        # paired: each round's fit against the baseline's fit of the same round, so a slow
+        # spell of the host (other load, clock changes) cancels instead of landing on one row
+        row.median_wall_s = statistics.median(row.wall_s)
+        row.median_cpu_s = statistics.median(row.cpu_s)
+        row.median_step_us = statistics.median(row.step_us)
+        pairs = zip(row.step_us, base.step_us, strict=True)
+        row.step_ratio = statistics.median(v / b for v, b in pairs)
+        row.ratio = statistics.median(v / b for v, b in zip(row.wall_s, base.wall_s, strict=True))
+        row.cpu_ratio = statistics.median(v / b for v, b in zip(row.cpu_s, base.cpu_s, strict=True))
+        row.steps_per_s_ratio = 1.0 / row.step_ratio
+        diffs = (v - b for v, b in zip(row.wall_s, base.wall_s, strict=True))
+        row.added_us_per_step = statistics.median(diffs) / steps * 1e6
+        row.median_hook_us_per_step = statistics.median(row.hook_us_per_step)
+        row.median_setup_ms = statistics.median(row.setup_ms)
+        row.added_lightning_us_per_step = statistics.median(row.lightning_us_per_step) - (
+            statistics.median(base.lightning_us_per_step)
+        )
+        added = row.median_hook_us_per_step + row.added_lightning_us_per_step
+        row.estimated_ratio = 1.0 + added / statistics.median(base.step_us)
+    for (variant, name), values in per_hook.items():
+        rows[variant].per_hook_us_per_step[name] = statistics.median(values)
+    if device == "cuda":
+        for variant, row in rows.items():
+            fit = run_fit(variant, steps, device, root, count_syncs=True)
+            row.syncs_per_step = (fit.syncs or 0) / steps
+            row.hook_syncs_per_step = (fit.hook_syncs or 0) / steps
+    return list(rows.values())
+
+
+def format_table(title: str, rows: list[Row], cuda: bool) -> str:
+    head = (
+        f"{'variant':<27} {'fit s':>6} {'ratio':>6} {'+µs/step':>8} {'step µs':>7} {'ratio':>6}"
+        f" {'hook µs/step':>12} {'+PL µs/step':>11} {'est. ratio':>10} {'setup ms':>8}"
+    )
+    if cuda:
+        head += f" {'steps/s ratio':>13} {'syncs/step':>10} {'in hooks':>8}"
+    lines = [title, head, "-" * len(head)]
+    for row in rows:
+        none = row.variant == "none"
+        hook = "-" if none else f"{row.median_hook_us_per_step:.1f}"
+        setup = "-" if none else f"{row.median_setup_ms:.2f}"
+        line = (
+            f"{LABELS[row.variant]:<27} {row.median_wall_s:>6.3f} {row.ratio:>6.3f}"
+            f" {row.added_us_per_step:>8.1f} {row.median_step_us:>7.1f} {row.step_ratio:>6.3f}"
+            f" {hook:>12} {row.added_lightning_us_per_step:>11.1f}"
+            f" {row.estimated_ratio:>10.3f} {setup:>8}"
+        )
+        if cuda:
+            line += (
+                f" {row.steps_per_s_ratio:>13.3f} {row.syncs_per_step:>10.2f}"
+                f" {row.hook_syncs_per_step:>8.2f}"
+            )
+        lines.append(line)
+    lines.append("hook µs/step by callable (median):")
+    for row in rows:
+        for name, us in row.per_hook_us_per_step.items():
+            lines.append(f"  {name:<50} {us:>8.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps per fit")
+    parser.add_argument("--repeats", type=int, default=5, help="measured rounds of all variants")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 100 steps, 2 repeats")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CPU, and CUDA too when available",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="which variants (the first is the baseline of the ratios)",
+    )
+    parser.add_argument("--json", type=Path, help="write the numbers to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats = 100, 2
+    warmup_steps = 20 if args.quick else min(args.steps, 100)
+    devices = ["cpu"] if args.device in ("auto", "cpu") else []
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        devices.append("cuda")
+    torch.set_num_threads(args.threads)
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "surgeon"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    result: dict[str, Any] = {
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "pytorch_lightning": pl.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for device in devices:
+            rows = measure(device, args.variants, args.steps, args.repeats, warmup_steps, Path(tmp))
+            where = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
+            title = (
+                f"{device.upper()} ({where or platform.machine()}), {args.steps} steps/fit, "
+                f"median of {args.repeats}, torch {torch.__version__}, "
+                f"pytorch_lightning {pl.__version__}, {args.threads} thread(s)"
+            )
+            print(format_table(title, rows, cuda=device == "cuda"), flush=True)
+            print()
+            result[device] = {row.variant: asdict(row) for row in rows}
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

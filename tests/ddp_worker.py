@@ -1,0 +1,173 @@
+"""A two-process DDP fit on CPU (gloo) with the surgeon; run by ``tests/test_ddp.py``.
+
+Usage: ``python tests/ddp_worker.py OUT_DIR [--steps N] [--spike-step S] [--spike-rank R]``.
+Needs ``MASTER_ADDR``/``MASTER_PORT`` in the environment and ``surgeon`` importable.
+
+Lightning's ``ddp`` strategy re-runs this script for rank 1 (``_SubprocessScriptLauncher``),
+so both ranks execute everything below. Each rank sees its own half of the data
+(``DistributedSampler``), so the local losses differ; at ``--spike-step`` the loss of
+``--spike-rank`` alone is multiplied by ``--spike-factor``. Each rank writes
+``OUT_DIR/rank{r}.json``:
+
+* ``lrs``: ``[step, lr]`` per ``training_step``, the LR read inside ``training_step``;
+* ``losses``: ``[step, loss]``, the rank's *local* loss (before DDP averaging);
+* ``events``: ``[step, kind]`` of every surgeon decision, in order;
+* ``controller``: the controller's ``state_dict()`` at the end, as JSON text
+  (``sort_keys``; compared as text so NaN and the float repr are compared exactly);
+* ``collectives``: ``[hook, global_step, [names]]`` for every per-step hook call of the
+  surgeon that called a ``torch.distributed`` collective (see :class:`CountingSurgeon`).
+"""
+
+import argparse
+import functools
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from surgeon import ScheduleSurgeon
+
+FEATURES = 8
+COLLECTIVES = (
+    "all_reduce",
+    "barrier",
+    "broadcast",
+    "broadcast_object_list",
+    "all_gather",
+    "all_gather_object",
+    "reduce",
+    "gather",
+    "scatter",
+    "reduce_scatter",
+)
+
+
+@contextmanager
+def count_collectives() -> Iterator[list[str]]:
+    """Yield a list that fills with the name of each ``torch.distributed`` collective called."""
+    seen: list[str] = []
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counted(name: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            seen.append(name)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(dist, name, counted(name, fn))
+    try:
+        yield seen
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+class CountingSurgeon(ScheduleSurgeon):
+    """``ScheduleSurgeon`` that records the collectives its per-step hooks call."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.collectives: list[list[Any]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        with count_collectives() as seen:
+            super().on_train_batch_start(trainer, *args)
+        if seen:
+            self.collectives.append(["start", trainer.global_step, seen])
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        with count_collectives() as seen:
+            super().on_train_batch_end(trainer, *args)
+        if seen:
+            self.collectives.append(["end", trainer.global_step, seen])
+
+
+class Regressor(pl.LightningModule):
+    """A two-layer MLP on a fixed linear-regression task, recording the LR it trains with."""
+
+    def __init__(self, spike_step: int, spike_rank: int, spike_factor: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.spike_step, self.spike_rank, self.spike_factor = spike_step, spike_rank, spike_factor
+        self.lrs: list[list[float]] = []
+        self.losses: list[Tensor] = []
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        self.lrs.append([self.global_step, self.optimizers().param_groups[0]["lr"]])
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        if self.global_step == self.spike_step and self.global_rank == self.spike_rank:
+            loss = loss * self.spike_factor
+        self.losses.append(loss.detach())
+        return loss
+
+
+def make_loader(batches: int, batch_size: int = 16) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batches * batch_size, FEATURES, generator=g)
+    w = torch.randn(FEATURES, 1, generator=g) / FEATURES**0.5
+    y = x @ w + 0.5 * torch.randn(len(x), 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--spike-step", type=int, default=40)
+    parser.add_argument("--spike-rank", type=int, default=1)
+    parser.add_argument("--spike-factor", type=float, default=20.0)
+    parser.add_argument("--readback-every", type=int, default=4)
+    args = parser.parse_args()
+
+    surgeon = CountingSurgeon(readback_every=args.readback_every)
+    model = Regressor(args.spike_step, args.spike_rank, args.spike_factor)
+    trainer = pl.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=2,
+        max_steps=args.steps,
+        callbacks=[surgeon],
+        default_root_dir=args.out_dir,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    trainer.fit(model, make_loader(batches=32))
+
+    assert surgeon.controller is not None
+    record = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "steps": surgeon.step,
+        "lrs": model.lrs,
+        "losses": [
+            [step, loss.item()] for (step, _), loss in zip(model.lrs, model.losses, strict=True)
+        ],
+        "events": [[event.step, event.kind.value] for event in surgeon.events],
+        "collectives": surgeon.collectives,
+        "controller": json.dumps(surgeon.controller.state_dict(), sort_keys=True),
+    }
+    path = args.out_dir / f"rank{trainer.global_rank}.json"
+    path.write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
