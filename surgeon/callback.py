@@ -220,6 +220,10 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             self._events_path.parent.mkdir(parents=True, exist_ok=True)
         self._show_phase_in_progress_bar(trainer)
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # a state that validate/test/predict(ckpt_path=...) loaded is not for a later fit
+        self._pending_state = None
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
         if self._events_path is not None:
@@ -300,8 +304,9 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         elif not self._warned_no_loss:
             self._warned_no_loss = True
             log.warning(
-                "ScheduleSurgeon found no loss in the training_step output; return the loss "
-                "(or a dict with 'loss') so it can react to plateaus and spikes"
+                "ScheduleSurgeon found no loss in a training_step output; steps without a loss "
+                "are not counted (return the loss, or a dict with 'loss', on every step that "
+                "should count)"
             )
         global_step = trainer.global_step  # a chain of properties: read it once
         if global_step == self._last_global_step:
@@ -385,9 +390,10 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        if self.controller is None:
-            self._pending_state = state_dict
-        else:
+        # kept for on_fit_start, which builds a fresh controller: a callback reused for a resumed
+        # fit would otherwise restore into the previous fit's controller and lose the state
+        self._pending_state = state_dict
+        if self.controller is not None:
             self._apply_state(state_dict)
 
     def _apply_state(self, state: dict[str, Any]) -> None:

@@ -12,7 +12,9 @@ CPU and GPU runs make identical decisions.
 
 The same block carries the AMP loss scale of each step (when a GradScaler is
 in use): a scale lower than the step before means GradScaler skipped that
-optimizer step, and the caller does not count it.
+optimizer step, and the caller does not count it. A step that produced no loss
+(``training_step`` returned ``None``, Lightning's way to skip a batch) carries a
+NaN scale and is not counted either.
 """
 
 import math
@@ -31,7 +33,7 @@ Reduce = Callable[[Tensor], Tensor]
 
 @dataclass(frozen=True)
 class StepLoss:
-    """The mean loss of one optimizer step, and whether GradScaler skipped that step."""
+    """The mean loss of one optimizer step, and whether it is not to be counted (skipped)."""
 
     loss: float
     skipped: bool = False
@@ -98,8 +100,9 @@ class LossFeed:
         in place); the tensor work happens once per block, in :meth:`_stack`.
         """
         loss = self._micro
-        if loss is None:
+        if loss is None:  # no loss this step (training_step returned None): a NaN scale marks it
             loss = torch.full((), math.nan, device=self._device)
+            loss_scale = torch.full((1,), math.nan, device=self._device)
         self._micro = None
         self._rows.append((loss, None if loss_scale is None else loss_scale.clone()))
         if len(self._rows) < self.readback_every:
@@ -127,6 +130,9 @@ class LossFeed:
     def _read(self, block: _Block) -> list[StepLoss]:
         out = []
         for loss, scale in block.read():
+            if math.isnan(scale):  # a step without a loss (on some rank): not counted
+                out.append(StepLoss(loss, skipped=True))
+                continue
             out.append(StepLoss(loss, skipped=scale < self._last_scale))
             self._last_scale = scale
         return out

@@ -491,3 +491,25 @@ def test_csv_metrics_events_file_and_log_lines(
         message = record.getMessage()
         assert message.startswith(f"step {event.step}: {event.kind.value}: ")
         assert event.reason in message
+
+
+def test_steps_without_a_loss_are_not_counted(make_trainer: Any) -> None:
+    """``training_step`` returning ``None`` (Lightning's skip-this-batch idiom) still advances
+    ``global_step``, but no weights move: the surgeon neither counts the step nor reads it as a
+    non-finite loss."""
+
+    class Skipping(TinyRegressor):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = super().training_step(batch, batch_idx)
+            return None if batch_idx % 5 == 4 else loss
+
+    steps = 40
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, readback_every=4)
+    make_trainer([cb], max_steps=steps).fit(Skipping(), make_loader())
+
+    assert not [e for e in cb.events if e.kind is EventKind.NONFINITE]
+    in_flight = steps - cb.controller.step - cb.skipped_steps  # closed but not yet read back
+    assert 4 <= in_flight <= 7
+    read = steps - in_flight  # steps 0..read-1 were read back; every 5th of them had no loss
+    assert cb.skipped_steps == sum(1 for t in range(read) if t % 5 == 4)
+    assert cb.step == steps - cb.skipped_steps
