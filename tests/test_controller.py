@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from streams import ema_drops, noisy, settled
 
 from surgeon.config import SurgeonConfig
 from surgeon.controller import Controller, Event, EventKind, Phase
@@ -68,25 +69,8 @@ def drive(controller: Controller, losses: Sequence[float], trace: Trace | None =
     return trace
 
 
-def noisy(values: Sequence[float], rel_sigma: float, seed: int) -> list[float]:
-    rng = random.Random(seed)
-    return [v * (1.0 + rel_sigma * rng.gauss(0.0, 1.0)) for v in values]
-
-
 def exp_decay(n: int, tau: float, start: float = 5.0, end: float = 1.0) -> list[float]:
     return [end + (start - end) * math.exp(-t / tau) for t in range(n)]
-
-
-def ema_drops(losses: Sequence[float], window: int) -> list[float | None]:
-    """StabilizationDetector's statistic from its definition (span-``window`` EMA)."""
-    alpha = 2.0 / (window + 1)
-    emas: list[float] = []
-    for x in losses:
-        emas.append(x if not emas else emas[-1] + alpha * (x - emas[-1]))
-    return [
-        None if t < window else (emas[t - window] - emas[t]) / abs(emas[t - window])
-        for t in range(len(emas))
-    ]
 
 
 def plateau_improvements(losses: Sequence[float], alpha: float, min_delta: float) -> list[bool]:
@@ -104,16 +88,6 @@ def plateau_improvements(losses: Sequence[float], alpha: float, min_delta: float
             best = ema
         out.append(improved)
     return out
-
-
-def settled(drops: Sequence[float | None], threshold: float, patience: int) -> list[int]:
-    """Indices at which the last ``patience`` drops were all below ``threshold``."""
-    found, streak = [], 0
-    for t, drop in enumerate(drops):
-        streak = streak + 1 if drop is not None and drop < threshold else 0
-        if streak >= patience:
-            found.append(t)
-    return found
 
 
 def first_run(flags: Sequence[bool], length: int, start: int = 0) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
+from streams import ema_drops, noisy, settled
 
 from surgeon.detectors import PlateauDetector, Signal, SpikeDetector, StabilizationDetector
 
@@ -31,36 +32,6 @@ def feed(detector: Detector, losses: Sequence[float]) -> list[Signal | None]:
 def fired(signals: Sequence[Signal | None], kind: Signal) -> list[int]:
     """Indices at which ``kind`` was returned."""
     return [i for i, signal in enumerate(signals) if signal is kind]
-
-
-def noisy(values: Sequence[float], rel_sigma: float, seed: int) -> list[float]:
-    """``values`` with multiplicative Gaussian noise of relative size ``rel_sigma``."""
-    rng = random.Random(seed)
-    return [v * (1.0 + rel_sigma * rng.gauss(0.0, 1.0)) for v in values]
-
-
-def ema_drops(losses: Sequence[float], window: int) -> list[float | None]:
-    """The stabilization statistic from its definition: an EMA of span ``window``
-    (``alpha = 2 / (window + 1)``) and ``drop_t = (ema_{t-window} - ema_t) / |ema_{t-window}|``;
-    ``None`` while fewer than ``window + 1`` EMAs exist."""
-    alpha = 2.0 / (window + 1)
-    emas: list[float] = []
-    for x in losses:
-        emas.append(x if not emas else emas[-1] + alpha * (x - emas[-1]))
-    return [
-        None if t < window else (emas[t - window] - emas[t]) / abs(emas[t - window])
-        for t in range(len(emas))
-    ]
-
-
-def settled(drops: Sequence[float | None], threshold: float, patience: int) -> list[int]:
-    """Indices at which the last ``patience`` drops were all below ``threshold``."""
-    found, streak = [], 0
-    for t, drop in enumerate(drops):
-        streak = streak + 1 if drop is not None and drop < threshold else 0
-        if streak >= patience:
-            found.append(t)
-    return found
 
 
 def first_settled(drops: Sequence[float | None], threshold: float, patience: int) -> int | None:
