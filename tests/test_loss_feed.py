@@ -1,0 +1,92 @@
+"""LossFeed on its own: block lag, accumulation, GradScaler-skipped and loss-less steps, state."""
+
+import math
+
+import pytest
+import torch
+
+from surgeon.loss_feed import LossFeed, StepLoss
+
+
+def run(feed: LossFeed, losses: list[float], scales: list[float] | None = None) -> list[StepLoss]:
+    """Close one step per loss (``nan`` means: no loss added that step); collect what is due."""
+    out: list[StepLoss] = []
+    for i, loss in enumerate(losses):
+        if not math.isnan(loss):
+            feed.add(torch.tensor(loss))
+        scale = None if scales is None else torch.tensor([scales[i]])
+        out += feed.close_step(scale)
+    return out
+
+
+def test_blocks_come_back_one_block_late_in_order() -> None:
+    feed = LossFeed(readback_every=3)
+    for step in range(3):
+        feed.add(torch.tensor(float(step)))
+        assert feed.close_step() == []  # first block: in flight, not yet read
+    for step in range(3, 5):
+        feed.add(torch.tensor(float(step)))
+        assert feed.close_step() == []
+    feed.add(torch.tensor(5.0))
+    assert [s.loss for s in feed.close_step()] == [0.0, 1.0, 2.0]
+
+
+def test_micro_batches_of_a_step_are_summed() -> None:
+    feed = LossFeed(readback_every=1)
+    for parts in ([0.25, 0.5], [1.0, 2.0, 3.0]):  # already divided by the accumulation count
+        for part in parts:
+            feed.add(torch.tensor(part, requires_grad=True) * 1.0)
+        feed.close_step()
+    # closing a third (loss-less) step hands back the second, one block late
+    assert [s.loss for s in feed.close_step()] == [6.0]
+
+
+def test_a_dropped_loss_scale_marks_the_step_skipped() -> None:
+    """GradScaler halves its scale after a step with inf gradients, which it did not apply."""
+    feed = LossFeed(readback_every=2)
+    scales = [65536.0, 65536.0, 32768.0, 32768.0, 65536.0, 65536.0, 65536.0, 65536.0]
+    out = run(feed, [1.0] * 8, scales)
+    assert [s.skipped for s in out] == [False, False, True, False, False, False]
+
+
+def test_a_step_without_a_loss_is_skipped_and_does_not_reset_the_scale() -> None:
+    feed = LossFeed(readback_every=2)
+    out = run(feed, [1.0, math.nan, 2.0, 3.0, 4.0, 5.0], [8.0, 8.0, 4.0, 4.0, 4.0, 4.0])
+    assert [(s.skipped, s.loss if not s.skipped else None) for s in out] == [
+        (False, 1.0),
+        (True, None),
+        (True, None),  # the scale dropped 8 -> 4: GradScaler skipped step 2
+        (False, 3.0),
+    ]
+
+
+def test_reduce_runs_once_per_block_on_the_stacked_block() -> None:
+    calls: list[torch.Tensor] = []
+
+    def mean_with_other_rank(block: torch.Tensor) -> torch.Tensor:
+        calls.append(block.clone())
+        return (block + 2.0 * block) / 2.0  # "another rank" saw twice the loss
+
+    feed = LossFeed(readback_every=4, reduce=mean_with_other_rank)
+    out = run(feed, [1.0, 2.0, 3.0, 4.0] * 3)
+    assert len(calls) == 3
+    assert [s.loss for s in out] == [1.5, 3.0, 4.5, 6.0, 1.5, 3.0, 4.5, 6.0]
+
+
+@pytest.mark.parametrize("cut", [1, 3, 4, 6, 9])
+def test_state_round_trip_mid_block_gives_the_same_future(cut: int) -> None:
+    losses = [0.5 + 0.1 * i for i in range(20)]
+    scales = [16.0] * 7 + [8.0] * 13
+    whole = run(LossFeed(readback_every=3), losses, scales)
+
+    first = LossFeed(readback_every=3)
+    head = run(first, losses[:cut], scales[:cut])
+    resumed = LossFeed(readback_every=3)
+    resumed.load_state_dict(first.state_dict())
+    tail = run(resumed, losses[cut:], scales[cut:])
+    assert head + tail == whole
+
+
+def test_readback_every_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="readback_every"):
+        LossFeed(readback_every=0)
