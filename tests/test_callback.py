@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytorch_lightning
 import torch
 from conftest import TinyRegressor, make_loader, regressor_class
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -513,3 +514,19 @@ def test_steps_without_a_loss_are_not_counted(make_trainer: Any) -> None:
     read = steps - in_flight  # steps 0..read-1 were read back; every 5th of them had no loss
     assert cb.skipped_steps == sum(1 for t in range(read) if t % 5 == 4)
     assert cb.step == steps - cb.skipped_steps
+
+
+def test_progress_bar_shows_the_phase(make_trainer: Any) -> None:
+    seen: list[str] = []
+
+    class ReadBar(pytorch_lightning.Callback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            seen.append(trainer.progress_bar_callback.get_metrics(trainer, pl_module)["phase"])
+
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8)
+    trainer = make_trainer([cb, ReadBar()], max_steps=30, enable_progress_bar=True)
+    trainer.fit(TinyRegressor(), make_loader())
+    switch = seen.index("decay")  # once, and never back
+    assert seen == ["warmup"] * switch + ["decay"] * (len(seen) - switch)
+    assert switch > cb.events[0].step  # shown once the controller has decided it
+    assert cb.phase.value == "decay"
