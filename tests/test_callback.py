@@ -530,3 +530,25 @@ def test_progress_bar_shows_the_phase(make_trainer: Any) -> None:
     assert seen == ["warmup"] * switch + ["decay"] * (len(seen) - switch)
     assert switch > cb.events[0].step  # shown once the controller has decided it
     assert cb.phase.value == "decay"
+
+
+def test_a_step_gradscaler_skipped_is_not_counted(make_trainer: Any) -> None:
+    """16-mixed on CPU with torch's CPU GradScaler: an inf loss gives inf gradients, GradScaler
+    skips that optimizer step and halves its scale; the surgeon sees the drop and does not count
+    the step (Lightning's ``global_step`` does)."""
+    from pytorch_lightning.plugins import MixedPrecision
+
+    bad = 5
+
+    def hook(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        return loss * math.inf if step == bad else loss
+
+    cb = ScheduleSurgeon(min_warmup=2, max_warmup=4, readback_every=2)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = make_trainer([cb], max_steps=20, plugins=[plugin])
+    trainer.fit(TinyRegressor(loss_hook=hook), make_loader())
+
+    assert trainer.global_step == 20
+    assert cb.skipped_steps == 1
+    assert cb.step == 19
+    assert not [e for e in cb.events if e.kind is EventKind.NONFINITE]
