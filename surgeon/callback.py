@@ -23,6 +23,7 @@ Only rank zero writes logs and ``events.jsonl``; every rank makes the same
 decisions because the feed averages the losses across ranks before reading them.
 """
 
+import csv
 import json
 import logging
 import math
@@ -36,8 +37,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from surgeon._validate import check_positive_int
-from surgeon.config import DecayName, PlateauAction, Steps, SurgeonConfig, WarmupMode
-from surgeon.controller import Controller, Event, Phase
+from surgeon.config import DecayName, PeakLR, PlateauAction, Steps, SurgeonConfig, WarmupMode
+from surgeon.controller import Controller, Event, EventKind, Phase
 from surgeon.loss_feed import LossFeed, Reduce, StepLoss
 
 log = logging.getLogger("surgeon")
@@ -54,6 +55,8 @@ PEAK_LR_KEY = "surgeon_peak_lr"
 PHASE_CODES = {Phase.WARMUP: 0.0, Phase.DECAY: 1.0, Phase.DONE: 2.0}
 """Numeric phase logged as ``surgeon/phase`` (loggers take numbers)."""
 EVENTS_FILE = "events.jsonl"
+LR_FIND_FILE = "lr_find.csv"
+"""The range test's ``lr,loss`` curve (``peak_lr="find"``), beside ``events.jsonl``."""
 
 
 def lr_metric_names(optimizers: list[Optimizer]) -> list[list[str]]:
@@ -71,6 +74,15 @@ def lr_metric_names(optimizers: list[Optimizer]) -> list[list[str]]:
         else:
             names.append([f"{name}/{g.get('name', f'pg{i + 1}')}" for i, g in enumerate(groups)])
     return names
+
+
+def _lr_find(trainer: pl.Trainer) -> Any:
+    """Lightning's ``_lr_find`` from the Trainer's own namespace (looked up at call time)."""
+    if type(trainer).__module__.startswith("lightning.pytorch"):
+        from lightning.pytorch.tuner import lr_finder
+    else:
+        from pytorch_lightning.tuner import lr_finder
+    return lr_finder._lr_find
 
 
 def _mean_across_ranks(trainer: pl.Trainer) -> Reduce | None:
@@ -102,7 +114,10 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     and plateau/spike/NaN interventions. See :class:`surgeon.config.SurgeonConfig`
     for every knob; ``total_steps`` defaults to ``trainer.max_steps`` (divided by the
     number of optimizers under manual optimization, where Lightning counts each
-    ``opt.step()``) or else ``trainer.estimated_stepping_batches``.
+    ``opt.step()``) or else ``trainer.estimated_stepping_batches``. With
+    ``peak_lr="find"`` Lightning's LR range test sets the peaks in ``on_fit_start`` (the
+    first group's peak is the suggestion, the others keep their ratios to it), once per
+    fresh fit; a resumed fit keeps the checkpoint's.
     """
 
     def __init__(
@@ -133,6 +148,10 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         spike_recovery: Steps = 0.02,
         readback_every: int = 4,
         leave_scheduled_optimizers: bool = False,
+        peak_lr: PeakLR = "optimizer",
+        find_min_lr: float = 1e-7,
+        find_max_lr: float = 1.0,
+        find_steps: int = 100,
     ) -> None:
         super().__init__()
         if total_steps is not None:
@@ -160,6 +179,10 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             spike_factor=spike_factor,
             spike_cooldown=spike_cooldown,
             spike_recovery=spike_recovery,
+            peak_lr=peak_lr,
+            find_min_lr=find_min_lr,
+            find_max_lr=find_max_lr,
+            find_steps=find_steps,
         )
         self.total_steps = total_steps
         self.leave_scheduled_optimizers = leave_scheduled_optimizers
@@ -199,6 +222,11 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self._optimizers = [opt for opt in trainer.optimizers if id(opt) not in scheduled]
         if not self._optimizers:
             raise ValueError("ScheduleSurgeon has no optimizer to drive: all have LR schedulers")
+        # a resumed fit takes its peaks from the checkpoint's param groups: no second range test
+        resuming = trainer.ckpt_path is not None or self._pending_state is not None
+        curve = None
+        if self.config.peak_lr == "find" and not resuming:
+            curve = self._find_peak_lr(trainer, pl_module)
         for optimizer in self._optimizers:
             for group in optimizer.param_groups:
                 group.setdefault(PEAK_LR_KEY, group["lr"])
@@ -218,7 +246,71 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         if trainer.is_global_zero:
             self._events_path = Path(log_dir) / EVENTS_FILE
             self._events_path.parent.mkdir(parents=True, exist_ok=True)
+            if not resuming:  # a reused log directory keeps no older run's curve
+                self._write_lr_find(self._events_path.parent / LR_FIND_FILE, curve)
         self._show_phase_in_progress_bar(trainer)
+
+    def _find_peak_lr(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> list[tuple[float, float]] | None:
+        """Run Lightning's LR range test; set each group's peak to ``suggestion x`` its ratio
+        to the first group; record a ``peak_lr`` event. Returns the ``(lr, loss)`` curve."""
+        assert self.controller is not None
+        cfg = self.config
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                "ScheduleSurgeon(peak_lr='find') needs exactly one optimizer (Lightning's LR "
+                f"finder drives one), got {len(trainer.optimizers)}"
+            )
+        optimizer = trainer.optimizers[0]
+        configured = [group["lr"] for group in optimizer.param_groups]
+        first = configured[0]
+        if not (isinstance(first, int | float) and math.isfinite(first) and first > 0):
+            raise ValueError(f"param group lr must be a finite number > 0, got lr={first!r}")
+        finder = _lr_find(trainer)(
+            trainer,
+            pl_module,
+            min_lr=cfg.find_min_lr,
+            max_lr=cfg.find_max_lr,
+            num_training=cfg.find_steps,
+        )
+        # the finder restored the model, optimizers and callbacks from a checkpoint it took
+        # first: our own (fresh) state among them, which is not a resume
+        self._pending_state = None
+        suggestion = finder.suggestion() if finder is not None else None
+        if suggestion is None or not (math.isfinite(suggestion) and suggestion > 0):
+            log.warning(
+                "ScheduleSurgeon(peak_lr='find'): the LR range test gave no suggestion (too few "
+                "steps or a diverging loss); keeping the optimizer's configured LRs"
+            )
+            return None
+        # load_state_dict replaced the param group dicts: read them again
+        for group, lr in zip(optimizer.param_groups, configured, strict=True):
+            group[PEAK_LR_KEY] = suggestion * lr / first
+        lrs, losses = finder.results["lr"], finder.results["loss"]
+        curve = list(zip(map(float, lrs), map(float, losses), strict=True))
+        why = (
+            f"LR range test suggests peak LR {suggestion:.4g} (first param group; others keep "
+            f"their configured ratios, first was {first:.4g}): tested LRs {lrs[0]:.3g} to "
+            f"{lrs[-1]:.3g} over {len(curve)} steps (find_min_lr={cfg.find_min_lr:g}, "
+            f"find_max_lr={cfg.find_max_lr:g}, find_steps={cfg.find_steps})"
+        )
+        # the scale is untouched (only the peak changed): both sides are the next step's
+        scale = self.controller.lr_scale(1)
+        event = Event(0, EventKind.PEAK_LR, why, scale, scale)
+        self.controller.events.append(event)
+        log.info("step 0: %s: %s", event.kind.value, why)
+        return curve
+
+    @staticmethod
+    def _write_lr_find(path: Path, curve: list[tuple[float, float]] | None) -> None:
+        if curve is None:
+            path.unlink(missing_ok=True)
+            return
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["lr", "loss"])
+            writer.writerows(curve)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # a state that validate/test/predict(ckpt_path=...) loaded is not for a later fit

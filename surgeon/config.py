@@ -15,9 +15,11 @@ Steps = int | float
 WarmupMode = Literal["auto"] | int
 DecayName = Literal["cosine", "linear", "sqrt", "wsd"]
 PlateauAction = Literal["cut", "restart"]
+PeakLR = Literal["optimizer", "find"]
 
 DECAY_NAMES: tuple[str, ...] = ("cosine", "linear", "sqrt", "wsd")
 PLATEAU_ACTIONS: tuple[str, ...] = ("cut", "restart")
+PEAK_LR_MODES: tuple[str, ...] = ("optimizer", "find")
 
 
 def check_steps(name: str, value: Steps) -> None:
@@ -97,6 +99,16 @@ class SurgeonConfig:
     spike_recovery: Steps = 0.02
     """Steps (at least 1) over which the LR ramps back once the loss is in its normal band."""
 
+    peak_lr: PeakLR = "optimizer"
+    """``"optimizer"``: each group's configured LR is its peak; ``"find"``: an LR range test
+    (Lightning's LR finder) before training sets the peak, keeping the groups' LR ratios."""
+    find_min_lr: float = 1e-7
+    """Lowest LR of the range test (``peak_lr="find"``)."""
+    find_max_lr: float = 1.0
+    """Highest LR of the range test."""
+    find_steps: int = 100
+    """Optimizer steps of the range test (fewer if the loss diverges first)."""
+
     def __post_init__(self) -> None:
         if self.warmup != "auto":
             if isinstance(self.warmup, bool) or not isinstance(self.warmup, int):
@@ -153,6 +165,13 @@ class SurgeonConfig:
         check_in_range(
             "spike_ratio", self.spike_ratio, 1.0, math.inf, low_open=False, high_open=True
         )
+        if self.peak_lr not in PEAK_LR_MODES:
+            raise ValueError(
+                f"peak_lr must be one of {PEAK_LR_MODES}, got peak_lr={self.peak_lr!r}"
+            )
+        for name, low in (("find_min_lr", 0.0), ("find_max_lr", self.find_min_lr)):
+            check_in_range(name, getattr(self, name), low, math.inf, low_open=True, high_open=True)
+        check_positive_int("find_steps", self.find_steps)
 
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SurgeonConfig))

@@ -54,6 +54,8 @@ class EventKind(str, Enum):
     SPIKE = "spike"
     NONFINITE = "nonfinite"
     RECOVERED = "recovered"
+    PEAK_LR = "peak_lr"
+    """Recorded by the callback: an LR range test set the peak before step 0."""
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Reads what a run leaves in its log directory: Lightning ``CSVLogger``'s
 ``metrics.csv`` (columns ``surgeon/loss``, ``surgeon/loss_smooth``,
-``surgeon/phase`` and ``lr-*``) and the callback's ``events.jsonl``. Needs the
-``plot`` extra (matplotlib).
+``surgeon/phase`` and ``lr-*``) and the callback's ``events.jsonl``; when the run
+began with an LR range test (``peak_lr="find"``), its ``lr_find.csv`` curve goes in
+a small third panel. Needs the ``plot`` extra (matplotlib).
 """
 
 import csv
@@ -13,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from surgeon.callback import EVENTS_FILE, PHASE_CODES
+from surgeon.callback import EVENTS_FILE, LR_FIND_FILE, PHASE_CODES
 
 _PHASE_COLORS = {"warmup": "#fde2b3", "decay": "#d7e8f7", "done": "#e6e6e6"}
 _EVENT_COLORS = {
@@ -23,6 +24,7 @@ _EVENT_COLORS = {
     "spike": "#e63946",
     "nonfinite": "#000000",
     "recovered": "#43aa8b",
+    "peak_lr": "#f4a261",
 }
 _PHASE_NAMES = {code: phase.value for phase, code in PHASE_CODES.items()}
 
@@ -56,6 +58,13 @@ def read_events(path: Path | None) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_lr_find(path: Path) -> list[tuple[float, float]]:
+    """The ``(lr, loss)`` rows of an ``lr_find.csv``, non-finite losses dropped."""
+    with path.open(newline="") as f:
+        rows = [(float(row["lr"]), float(row["loss"])) for row in csv.DictReader(f)]
+    return [(lr, loss) for lr, loss in rows if math.isfinite(lr) and math.isfinite(loss)]
+
+
 def _phase_spans(phase: list[tuple[int, float]]) -> list[tuple[str, int, int]]:
     spans: list[tuple[str, int, int]] = []
     for step, code in phase:
@@ -79,7 +88,16 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     events = read_events(events_path)
     out = Path(out) if out is not None else metrics_path.parent / "surgeon.png"
 
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    lr_find_path = metrics_path.parent / LR_FIND_FILE
+    curve = read_lr_find(lr_find_path) if lr_find_path.exists() else []
+    if curve:
+        fig = plt.figure(figsize=(11, 9.5))
+        grid = fig.add_gridspec(3, 1, height_ratios=[3, 3, 2])
+        ax_loss = fig.add_subplot(grid[0])
+        ax_lr = fig.add_subplot(grid[1], sharex=ax_loss)
+        _plot_lr_find(fig.add_subplot(grid[2]), curve, events)
+    else:
+        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     for ax in (ax_loss, ax_lr):
         for name, start, end in _phase_spans(series.get("surgeon/phase", [])):
             ax.axvspan(start, end, color=_PHASE_COLORS.get(name, "#eeeeee"), lw=0, zorder=0)
@@ -127,3 +145,17 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _plot_lr_find(ax: Any, curve: list[tuple[float, float]], events: list[dict[str, Any]]) -> None:
+    """The range test: loss against LR (log axis), the chosen peak marked."""
+    ax.plot(*zip(*curve, strict=True), color="#264653", lw=1.0, label="LR range test")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (range test)")
+    ax.set_ylabel("loss")
+    for event in events:
+        scale = event.get("scale_after") or 0.0
+        if event["kind"] == "peak_lr" and "lr_after" in event and scale > 0:
+            peak = event["lr_after"] / scale  # lr_after is the peak x the next step's scale
+            ax.axvline(peak, color=_EVENT_COLORS["peak_lr"], ls="--", label=f"peak LR {peak:.3g}")
+    ax.legend(loc="upper left", fontsize=8)
