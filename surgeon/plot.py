@@ -1,10 +1,11 @@
 """Plot a run: loss and LR on one step axis, phases shaded, the surgeon's events marked.
 
 Reads what a run leaves in its log directory: Lightning ``CSVLogger``'s
-``metrics.csv`` (columns ``surgeon/loss``, ``surgeon/loss_smooth``,
-``surgeon/phase`` and ``lr-*``) and the callback's ``events.jsonl``; when the run
-began with an LR range test (``peak_lr="find"``), its ``lr_find.csv`` curve goes in
-a small third panel. Needs the ``plot`` extra (matplotlib).
+``metrics.csv`` or, with ``tensorboard`` installed, ``TensorBoardLogger``'s event
+file (series ``surgeon/loss``, ``surgeon/loss_smooth``, ``surgeon/phase``, ``lr-*``)
+and the callback's ``events.jsonl``; when the run began with an LR range test
+(``peak_lr="find"``), its ``lr_find.csv`` curve goes in a small third panel. Needs
+the ``plot`` extra (matplotlib).
 """
 
 import csv
@@ -30,25 +31,48 @@ _PHASE_NAMES = {code: phase.value for phase, code in PHASE_CODES.items()}
 
 
 def find_run_files(run_dir: Path) -> tuple[Path, Path | None]:
-    """The newest ``metrics.csv`` under ``run_dir`` and the ``events.jsonl`` beside it (if any)."""
-    candidates = sorted(Path(run_dir).rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    """The newest metrics file under ``run_dir`` (``metrics.csv``, or a TensorBoard
+    ``events.out.tfevents.*``) and the ``events.jsonl`` beside it (if any)."""
+    run_dir = Path(run_dir)
+    candidates = [*run_dir.rglob("metrics.csv"), *run_dir.rglob("events.out.tfevents.*")]
     if not candidates:
-        raise FileNotFoundError(f"no metrics.csv under {run_dir} (log the run with CSVLogger)")
-    metrics = candidates[-1]
+        raise FileNotFoundError(
+            f"no metrics.csv or TensorBoard event file under {run_dir} "
+            "(log the run with CSVLogger or TensorBoardLogger)"
+        )
+    metrics = max(candidates, key=lambda p: p.stat().st_mtime)
     events = metrics.parent / EVENTS_FILE
     return metrics, events if events.exists() else None
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every numeric column of a ``metrics.csv`` as ``(step, value)`` pairs, empty cells dropped."""
+    """Every numeric series of a metrics file as ``(step, value)`` pairs."""
+    if Path(path).name.startswith("events.out.tfevents."):
+        return _read_tensorboard(Path(path))
     series: dict[str, list[tuple[int, float]]] = {}
-    with path.open(newline="") as f:
+    with Path(path).open(newline="") as f:
         for row in csv.DictReader(f):
             step = int(float(row["step"]))
             for key, value in row.items():
                 if key != "step" and value not in ("", None):
                     series.setdefault(key, []).append((step, float(value)))
     return series
+
+
+def _read_tensorboard(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of one TensorBoard event file (needs the ``tensorboard`` package)."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"{path} is a TensorBoard event file; reading it needs: pip install tensorboard"
+        ) from err
+    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    }
 
 
 def read_events(path: Path | None) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import TinyRegressor, make_loader
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
 
 from surgeon.callback import EVENTS_FILE, ScheduleSurgeon
@@ -52,6 +52,7 @@ def fit(
     log_root: Path,
     steps: int = STEPS,
     surgeon: ScheduleSurgeon | None = None,
+    logger_class: type = CSVLogger,
     **kwargs: Any,
 ) -> ScheduleSurgeon:
     """A logged run with warmup and a spike at ``SPIKE_AT``, in ``log_root`` (no version dir)."""
@@ -60,7 +61,7 @@ def fit(
     trainer = make_trainer(
         [surgeon, *kwargs.pop("callbacks", [])],
         max_steps=steps,
-        logger=CSVLogger(log_root, name="", version=""),
+        logger=logger_class(log_root, name="", version=""),
         **kwargs,
     )
     trainer.fit(TinyRegressor(loss_hook=spike_at(SPIKE_AT)), make_loader(), **fit_kwargs)
@@ -102,13 +103,15 @@ def caught_figures(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
         close(figure)
 
 
+@pytest.mark.parametrize("logger_class", [CSVLogger, TensorBoardLogger])
 def test_plot_of_a_real_run_marks_every_event(
     make_trainer: Any,
     tmp_path: Path,
     caught_figures: list[Any],
     capsys: pytest.CaptureFixture[str],
+    logger_class: type,
 ) -> None:
-    surgeon = fit(make_trainer, tmp_path)
+    surgeon = fit(make_trainer, tmp_path, logger_class=logger_class)
     records = events_file(tmp_path)
     kinds = [record["kind"] for record in records]
     assert len(records) >= 2 and {"warmup_end", "spike"} <= set(kinds)
@@ -162,7 +165,8 @@ def test_plot_without_metrics_csv_exits_2_with_a_clear_message(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == (
-        f"surgeon plot: error: no metrics.csv under {run_dir} (log the run with CSVLogger)\n"
+        f"surgeon plot: error: no metrics.csv or TensorBoard event file under {run_dir} "
+        "(log the run with CSVLogger or TensorBoardLogger)\n"
     )
     assert not (run_dir / "surgeon.png").exists()
 
