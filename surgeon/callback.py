@@ -85,6 +85,13 @@ def _lr_find(trainer: pl.Trainer) -> Any:
     return lr_finder._lr_find
 
 
+def _check_lr(lr: Any) -> float:
+    """``lr`` if it is a finite number > 0 (a param group's peak), else ``ValueError``."""
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"param group lr must be a finite number > 0, got lr={lr!r}")
+    return lr
+
+
 def _mean_across_ranks(trainer: pl.Trainer) -> Reduce | None:
     """The feed's ``reduce``: the mean over ranks in one all-reduce (``None`` on one process).
 
@@ -216,6 +223,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ fit lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._events_path = None  # opened below, once the log directory is known
         total = self._planned_steps(trainer)
         self.controller = Controller(total, self.config)
         scheduled = self._scheduled_optimizers(trainer)
@@ -230,9 +238,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         for optimizer in self._optimizers:
             for group in optimizer.param_groups:
                 group.setdefault(PEAK_LR_KEY, group["lr"])
-                peak = group[PEAK_LR_KEY]
-                if not (isinstance(peak, int | float) and math.isfinite(peak) and peak > 0):
-                    raise ValueError(f"param group lr must be a finite number > 0, got lr={peak!r}")
+                _check_lr(group[PEAK_LR_KEY])
         self._lr_names = lr_metric_names(self._optimizers)
         self.feed = LossFeed(self.feed.readback_every, _mean_across_ranks(trainer))
         self.step = self.skipped_steps = 0
@@ -240,7 +246,6 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
-        self._events_path = None
         # on every rank: `trainer.log_dir` broadcasts from rank 0 (a collective)
         log_dir = trainer.log_dir or trainer.default_root_dir
         if trainer.is_global_zero:
@@ -264,9 +269,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             )
         optimizer = trainer.optimizers[0]
         configured = [group["lr"] for group in optimizer.param_groups]
-        first = configured[0]
-        if not (isinstance(first, int | float) and math.isfinite(first) and first > 0):
-            raise ValueError(f"param group lr must be a finite number > 0, got lr={first!r}")
+        first = _check_lr(configured[0])
         finder = _lr_find(trainer)(
             trainer,
             pl_module,
@@ -299,7 +302,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         scale = self.controller.lr_scale(1)
         event = Event(0, EventKind.PEAK_LR, why, scale, scale)
         self.controller.events.append(event)
-        log.info("step 0: %s: %s", event.kind.value, why)
+        self._report(event)  # logged now; events.jsonl is written once training starts
         return curve
 
     @staticmethod
@@ -422,7 +425,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
                 continue
             loss_step = self.controller.step
             for event in self.controller.update(item.loss):
-                self._report(trainer, event)
+                self._report(event)
             if loss_step % max(1, trainer.log_every_n_steps) == 0 and trainer.is_global_zero:
                 self._log_loss(trainer, loss_step, item.loss)
 
@@ -447,9 +450,14 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    def _report(self, trainer: pl.Trainer, event: Event) -> None:
+    def _event_lrs(self, event: Event) -> tuple[float, float]:
+        """The first param group's LR before and after ``event``."""
         peak = self._optimizers[0].param_groups[0][PEAK_LR_KEY]
-        lr_before, lr_after = peak * event.scale_before, peak * event.scale_after
+        return peak * event.scale_before, peak * event.scale_after
+
+    def _report(self, event: Event) -> None:
+        """A log line for ``event``, and its line in ``events.jsonl`` (rank zero, once open)."""
+        lr_before, lr_after = self._event_lrs(event)
         log.info(
             "step %d: %s: %s (lr %.3g -> %.3g)",
             event.step,
@@ -464,9 +472,9 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def _event_line(self, event: Event) -> str:
         """``event`` as a line of ``events.jsonl``, with the LRs of the first param group."""
-        peak = self._optimizers[0].param_groups[0][PEAK_LR_KEY]
-        lrs = {"lr_before": peak * event.scale_before, "lr_after": peak * event.scale_after}
-        return json.dumps({**event.to_dict(), **lrs}) + "\n"
+        lr_before, lr_after = self._event_lrs(event)
+        record = {**event.to_dict(), "lr_before": lr_before, "lr_after": lr_after}
+        return json.dumps(record) + "\n"
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
