@@ -122,8 +122,9 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         _plot_lr_find(fig.add_subplot(grid[2]), curve, events)
     else:
         fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    spans = _phase_spans(series.get("surgeon/phase", []))
     for ax in (ax_loss, ax_lr):
-        for name, start, end in _phase_spans(series.get("surgeon/phase", [])):
+        for name, start, end in spans:
             ax.axvspan(start, end, color=_PHASE_COLORS.get(name, "#eeeeee"), lw=0, zorder=0)
     for key, style in (("surgeon/loss", {"lw": 0.7, "alpha": 0.5}), ("surgeon/loss_smooth", {})):
         points = [(s, v) for s, v in series.get(key, []) if math.isfinite(v)]
@@ -158,7 +159,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     phase_handles = [
         plt.Rectangle((0, 0), 1, 1, color=color, label=f"phase: {name}")
         for name, color in _PHASE_COLORS.items()
-        if any(span[0] == name for span in _phase_spans(series.get("surgeon/phase", [])))
+        if any(span[0] == name for span in spans)
     ]
     ax_loss.legend(loc="upper right", fontsize=8)
     handles, _ = ax_lr.get_legend_handles_labels()
