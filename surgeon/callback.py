@@ -17,8 +17,19 @@ What it does each optimizer step:
    :class:`~surgeon.loss_feed.LossFeed`; when ``trainer.global_step`` has moved the
    optimizer step is closed, and losses whose readback is due go to the controller.
 
-Steps are optimizer steps that were applied: a step GradScaler skipped is
-recognized from the loss scale (read late, with the loss) and not counted.
+Steps are optimizer steps: a step GradScaler skipped is recognized from the loss
+scale (read late, with the loss) and not counted.
+
+Nothing lost (see :mod:`surgeon.guard` and :mod:`surgeon.snapshot`):
+
+3. ``on_before_backward`` keeps each micro-batch loss and ``on_before_optimizer_step``
+   flags the step on the device when a loss or gradient is non-finite; the optimizer
+   then skips the whole update (``skip_nonfinite``). The flag travels with the loss
+   and the controller records a ``skipped_step`` event when it is read.
+4. At the start of every ``snapshot_every``-th step while the loss is normal, the
+   weights and optimizer state are copied (``snapshot="cpu"`` or ``"device"``); on a
+   severe spike or a run of non-finite steps the controller asks for the last good copy
+   and ``on_train_batch_end`` restores it (a ``rollback`` event), on every rank alike.
 Only rank zero writes logs and ``events.jsonl``; every rank makes the same
 decisions because the feed averages the losses across ranks before reading them.
 """
@@ -29,7 +40,7 @@ import logging
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch.distributed as dist
@@ -39,7 +50,9 @@ from torch.optim import Optimizer
 from surgeon._validate import check_positive_int
 from surgeon.config import DecayName, PeakLR, PlateauAction, Steps, SurgeonConfig, WarmupMode
 from surgeon.controller import Controller, Event, EventKind, Phase
+from surgeon.guard import NonFiniteGuard, SkipNonfinite
 from surgeon.loss_feed import LossFeed, Reduce, StepLoss
+from surgeon.snapshot import SNAPSHOT_LOCATIONS, Snapshot, SnapshotLocation
 
 log = logging.getLogger("surgeon")
 
@@ -112,6 +125,23 @@ def _mean_across_ranks(trainer: pl.Trainer) -> Reduce | None:
     return reduce
 
 
+def _make_guard(trainer: pl.Trainer, mode: SkipNonfinite, scaled: bool) -> NonFiniteGuard:
+    """The guard for this fit: off under a GradScaler (which skips non-finite steps itself);
+    under DDP on the already-averaged gradients alone; elsewhere with a max across ranks."""
+    if scaled or mode == "off":
+        return NonFiniteGuard("off")
+    if trainer.world_size <= 1:
+        return NonFiniteGuard(mode)
+    if any(cls.__name__ == "DDPStrategy" for cls in type(trainer.strategy).__mro__):
+        return NonFiniteGuard(mode, check_losses=False)  # no collective needed (see guard)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"ScheduleSurgeon(skip_nonfinite={mode!r}) under {type(trainer.strategy).__name__} "
+            "needs torch.distributed to agree on skipped steps; pass skip_nonfinite='off'"
+        )
+    return NonFiniteGuard(mode, lambda flag: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
+
+
 class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     """Runs the learning rate of every optimizer as an adaptive warmup/decay controller.
 
@@ -125,6 +155,12 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     ``peak_lr="find"`` Lightning's LR range test sets the peaks in ``on_fit_start`` (the
     first group's peak is the suggestion, the others keep their ratios to it), once per
     fresh fit; a resumed fit keeps the checkpoint's.
+
+    ``skip_nonfinite``: ``"auto"`` skips the update of a step with a non-finite loss or
+    gradient wherever that costs no host sync (CPU, ``fused=True`` optimizers; under a
+    GradScaler, GradScaler does it); ``"always"`` also on CUDA with other optimizers (one
+    sync per step); ``"off"``. ``snapshot``: where last-good copies of the weights and
+    optimizer state live for rollbacks (``"cpu"``, ``"device"``, ``"off"``: no rollback).
     """
 
     def __init__(
@@ -153,6 +189,11 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         spike_factor: float = 0.5,
         spike_cooldown: Steps = 0.01,
         spike_recovery: Steps = 0.02,
+        snapshot_every: Steps = 0.01,
+        rollback_threshold: float = 4.0,
+        rollback_nonfinite: int = 3,
+        skip_nonfinite: SkipNonfinite = "auto",
+        snapshot: SnapshotLocation | Literal["off"] = "cpu",
         readback_every: int = 4,
         leave_scheduled_optimizers: bool = False,
         peak_lr: PeakLR = "optimizer",
@@ -186,14 +227,26 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             spike_factor=spike_factor,
             spike_cooldown=spike_cooldown,
             spike_recovery=spike_recovery,
+            snapshot_every=snapshot_every,
+            rollback_threshold=rollback_threshold,
+            rollback_nonfinite=rollback_nonfinite,
             peak_lr=peak_lr,
             find_min_lr=find_min_lr,
             find_max_lr=find_max_lr,
             find_steps=find_steps,
         )
+        if snapshot != "off" and snapshot not in SNAPSHOT_LOCATIONS:
+            raise ValueError(
+                f"snapshot must be one of {(*SNAPSHOT_LOCATIONS, 'off')}, got snapshot={snapshot!r}"
+            )
         self.total_steps = total_steps
         self.leave_scheduled_optimizers = leave_scheduled_optimizers
+        self.snapshot = snapshot
+        self.skip_nonfinite = skip_nonfinite
+        self.guard = NonFiniteGuard(skip_nonfinite)  # validates; rebuilt for each fit
         self.feed = LossFeed(readback_every)
+        self._snapshots: list[Snapshot] = []
+        self._step_flag: Tensor | None = None
         self.controller: Controller | None = None
         self.step = 0
         """Optimizer steps applied so far (GradScaler-skipped steps excluded once known)."""
@@ -241,6 +294,10 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
                 _check_lr(group[PEAK_LR_KEY])
         self._lr_names = lr_metric_names(self._optimizers)
         self.feed = LossFeed(self.feed.readback_every, _mean_across_ranks(trainer))
+        scaled = self._loss_scale(trainer) is not None
+        self.guard = _make_guard(trainer, self.skip_nonfinite, scaled)
+        self._step_flag = None
+        self._snapshots = [] if self.snapshot == "off" else [Snapshot(self.snapshot) for _ in "ab"]
         self.step = self.skipped_steps = 0
         self._written_step = -1
         if self._pending_state is not None:
@@ -318,6 +375,8 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # a state that validate/test/predict(ckpt_path=...) loaded is not for a later fit
         self._pending_state = None
+        self._snapshots = []  # free their memory
+        self.guard.release()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
@@ -382,8 +441,25 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             for group in optimizer.param_groups:
                 group["lr"] = group[PEAK_LR_KEY] * scale
         self._written_step = self.step
+        if self._snapshots and self.controller.snapshot_due(self.step):
+            self._take_snapshot(trainer)
         if self.step % max(1, trainer.log_every_n_steps) == 0 and trainer.is_global_zero:
             self._log_lrs(trainer, scale)
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        if self.guard.mode != "off":
+            self.guard.add_loss(loss)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if self.guard.mode == "off":
+            return
+        flag = self.guard.check(optimizer)
+        if flag is not None:  # several optimizers in one step: any one skipped flags the step
+            self._step_flag = flag if self._step_flag is None else self._step_flag.maximum(flag)
 
     def on_train_batch_end(
         self,
@@ -408,7 +484,9 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             return  # accumulating: the optimizer step has not happened yet
         self._last_global_step = global_step
         self.step += 1
-        self._consume(trainer, self.feed.close_step(self._loss_scale(trainer)))
+        flag, self._step_flag = self._step_flag, None
+        self.guard.release()
+        self._consume(trainer, self.feed.close_step(self._loss_scale(trainer), flag))
 
     @staticmethod
     def _loss_scale(trainer: pl.Trainer) -> Tensor | None:
@@ -424,10 +502,31 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
                 self.step -= 1
                 continue
             loss_step = self.controller.step
-            for event in self.controller.update(item.loss):
+            for event in self.controller.update(item.loss, update_skipped=item.update_skipped):
                 self._report(event)
+            if self.controller.rollback_to is not None:
+                self._roll_back(trainer)
             if loss_step % max(1, trainer.log_every_n_steps) == 0 and trainer.is_global_zero:
                 self._log_loss(trainer, loss_step, item.loss)
+
+    # ------------------------------------------------------------------ snapshots
+    def _take_snapshot(self, trainer: pl.Trainer) -> None:
+        """Copy the weights as they are at the start of ``self.step`` into the spare slot (the
+        one not holding the rollback target)."""
+        assert self.controller is not None
+        good = self.controller.good_snapshot_step
+        spare = next(s for s in self._snapshots if s.step is None or s.step != good)
+        spare.capture(trainer.lightning_module, trainer.optimizers, self.step)
+        self.controller.snapshot_taken(self.step, spare.nbytes)
+
+    def _roll_back(self, trainer: pl.Trainer) -> None:
+        """Restore the snapshot the controller asked for; the next step starts from it."""
+        assert self.controller is not None
+        target = self.controller.rollback_to
+        snapshot = next(s for s in self._snapshots if s.step == target)
+        snapshot.restore(trainer.lightning_module, trainer.optimizers)
+        self._report(self.controller.rolled_back(self.step))
+        self._written_step = -1  # the restored param groups hold an old LR: write it again
 
     # ------------------------------------------------------------------ observability
     def _log_lrs(self, trainer: pl.Trainer, scale: float) -> None:

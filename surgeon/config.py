@@ -99,6 +99,15 @@ class SurgeonConfig:
     spike_recovery: Steps = 0.02
     """Steps (at least 1) over which the LR ramps back once the loss is in its normal band."""
 
+    snapshot_every: Steps = 0.01
+    """Steps (at least 10) between last-good snapshots of model and optimizer state; a snapshot
+    is kept only if the loss of its step turns out to be in its normal band."""
+    rollback_threshold: float = 4.0
+    """A spike whose loss is at least this multiple of the running mean restores the last good
+    snapshot (as do ``rollback_nonfinite`` non-finite steps in a row); smaller spikes only cut."""
+    rollback_nonfinite: int = 3
+    """Non-finite steps (loss or gradients) in a row that restore the last good snapshot."""
+
     peak_lr: PeakLR = "optimizer"
     """``"optimizer"``: each group's configured LR is its peak; ``"find"``: an LR range test
     (Lightning's LR finder) before training sets the peak, keeping the groups' LR ratios."""
@@ -125,6 +134,7 @@ class SurgeonConfig:
             "restart_warmup",
             "spike_cooldown",
             "spike_recovery",
+            "snapshot_every",
         ):
             check_steps(name, getattr(self, name))
         if type(self.min_warmup) is type(self.max_warmup) and self.min_warmup > self.max_warmup:
@@ -165,6 +175,15 @@ class SurgeonConfig:
         check_in_range(
             "spike_ratio", self.spike_ratio, 1.0, math.inf, low_open=False, high_open=True
         )
+        check_in_range(
+            "rollback_threshold",
+            self.rollback_threshold,
+            1.0,
+            math.inf,
+            low_open=False,
+            high_open=True,
+        )
+        check_positive_int("rollback_nonfinite", self.rollback_nonfinite)
         if self.peak_lr not in PEAK_LR_MODES:
             raise ValueError(
                 f"peak_lr must be one of {PEAK_LR_MODES}, got peak_lr={self.peak_lr!r}"

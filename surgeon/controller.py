@@ -13,6 +13,15 @@ The multiplier is ``base(step) x intervention(step)``:
   ``spike_factor``, held for ``spike_cooldown`` steps, and ramped back to 1 over
   ``spike_recovery`` steps once the loss is back in its normal band.
 
+Rollback: the caller keeps last-good snapshots of the weights and tells the
+controller when it took one (:meth:`Controller.snapshot_due`,
+:meth:`Controller.snapshot_taken`); a snapshot becomes the rollback target once
+the loss of its step is read and is in the normal band. A spike of at least
+``rollback_threshold x`` the running mean, or ``rollback_nonfinite`` non-finite
+steps in a row, sets :attr:`Controller.rollback_to`; the caller restores that
+snapshot and calls :meth:`Controller.rolled_back`, which records the event and
+ignores the losses of the undone steps that are still on their way.
+
 Time: the loss passed to the ``n``-th call of ``update`` belongs to step ``n``
 (counting from 0); a decision made on it takes effect from step ``n + 1`` and is
 recorded as an :class:`Event` at step ``n``. Both curves are closed-form in the
@@ -35,6 +44,14 @@ NORMAL_BAND_ZSCORE = 3.0
 """A loss within this many running standard deviations of the running mean is 'normal'."""
 
 _MIN_STABILIZE_WINDOW = 10
+_MIN_SNAPSHOT_EVERY = 10
+
+
+def _format_bytes(nbytes: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 class Phase(str, Enum):
@@ -54,6 +71,10 @@ class EventKind(str, Enum):
     SPIKE = "spike"
     NONFINITE = "nonfinite"
     RECOVERED = "recovered"
+    SKIPPED_STEP = "skipped_step"
+    """The step's optimizer update was not applied (non-finite loss or gradients)."""
+    ROLLBACK = "rollback"
+    """Weights and optimizer state went back to the last good snapshot."""
     PEAK_LR = "peak_lr"
     """Recorded by the callback: an LR range test set the peak before step 0."""
 
@@ -168,6 +189,9 @@ class Controller:
             cooldown=resolve_steps("plateau_cooldown", cfg.plateau_cooldown, total_steps),
         )
         self.spike = SpikeDetector(zscore=cfg.spike_zscore, ratio=cfg.spike_ratio)
+        self.snapshot_every = resolve_steps(
+            "snapshot_every", cfg.snapshot_every, total_steps, _MIN_SNAPSHOT_EVERY
+        )
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -178,8 +202,10 @@ class Controller:
         self.events: list[Event] = []
         self.restarts = 0
         self.paused = False
-        self.skip_step = False
+        self.nonfinite_streak = 0
+        self.ignore_until = 0
         self.intervention = _Intervention()
+        self.forget_snapshots()
         for detector in (self.stabilizer, self.plateau, self.spike):
             detector.reset()
         if self.max_warmup == 0:
@@ -194,7 +220,8 @@ class Controller:
             )
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, statistics, phase, plan, intervention and events (not the configuration)."""
+        """Counters, statistics, phase, plan, intervention and events (not the configuration,
+        not the snapshot bookkeeping: snapshots live in memory only)."""
         return {
             "step": self.step,
             "phase": self.phase.value,
@@ -202,7 +229,8 @@ class Controller:
             "intervention": asdict(self.intervention),
             "paused": self.paused,
             "restarts": self.restarts,
-            "skip_step": self.skip_step,
+            "nonfinite_streak": self.nonfinite_streak,
+            "ignore_until": self.ignore_until,
             "events": [event.to_dict() for event in self.events],
             "stabilizer": self.stabilizer.state_dict(),
             "plateau": self.plateau.state_dict(),
@@ -217,7 +245,9 @@ class Controller:
         self.intervention = _Intervention(**state["intervention"])
         self.paused = state["paused"]
         self.restarts = state["restarts"]
-        self.skip_step = state["skip_step"]
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        self.ignore_until = state.get("ignore_until", 0)
+        self.forget_snapshots()  # snapshots are not checkpointed: the next one is due at once
         self.events = [Event.from_dict(event) for event in state["events"]]
         self.stabilizer.load_state_dict(state["stabilizer"])
         self.plateau.load_state_dict(state["plateau"])
@@ -235,38 +265,140 @@ class Controller:
         return base_lr * self.lr_scale(step)
 
     # ------------------------------------------------------------------ decisions
-    def update(self, loss: float) -> list[Event]:
-        """Consume the loss of step ``self.step``; return the events it caused."""
+    def update(self, loss: float, *, update_skipped: bool = False) -> list[Event]:
+        """Consume the loss of step ``self.step``; return the events it caused.
+
+        ``update_skipped``: the caller did not apply this step's optimizer update (its loss or
+        gradients were non-finite); recorded as a ``skipped_step`` event, and the step counts
+        as non-finite even when the loss is finite (only the gradients were bad).
+        """
         step = self.step
         self.step += 1
+        if step < self.ignore_until:  # undone by a rollback: the loss of discarded weights
+            if self.step >= self.total_steps:
+                self.phase = Phase.DONE
+            return []
         new_events: list[Event] = []
         if self.intervention.mode == "recover" and self.intervention.at(step + 1) >= 1.0:
             self.intervention = _Intervention()
 
         mean, std = self.spike.mean, self.spike.std
-        signal = self.spike.update(loss)
-        self.skip_step = signal is Signal.NONFINITE
+        if update_skipped and math.isfinite(loss):
+            signal, bad = Signal.NONFINITE, f"gradients are non-finite (loss {loss:.4g}); "
+        else:
+            signal, bad = self.spike.update(loss), f"loss is {loss}; "
         if signal is Signal.NONFINITE:
-            new_events.append(self._cut_for_spike(step, EventKind.NONFINITE, f"loss is {loss}; "))
+            self.nonfinite_streak += 1
+            new_events.append(self._cut_for_spike(step, EventKind.NONFINITE, bad))
+            if update_skipped:
+                why = f"the optimizer update of step {step} was not applied: {bad.rstrip('; ')}"
+                new_events.append(self._event(step, EventKind.SKIPPED_STEP, why, None))
+            if self.nonfinite_streak >= self.config.rollback_nonfinite:
+                self._request_rollback(
+                    step,
+                    f"{self.nonfinite_streak} non-finite steps in a row (rollback_nonfinite="
+                    f"{self.config.rollback_nonfinite})",
+                )
         elif signal is Signal.SPIKE:
+            self.nonfinite_streak = 0
             why = (
                 f"loss {loss:.4g} is {self.spike.last_zscore:.1f} sigma above its running mean "
                 f"{mean:.4g} (std {std:.3g}; thresholds {self.spike.zscore:g} sigma and "
                 f"{self.spike.ratio:g}x the mean); "
             )
             new_events.append(self._cut_for_spike(step, EventKind.SPIKE, why))
+            threshold = self.config.rollback_threshold
+            if loss - mean >= (threshold - 1.0) * abs(mean):
+                self._request_rollback(
+                    step,
+                    f"loss {loss:.4g} is at least {threshold:g}x its running mean {mean:.4g} "
+                    f"(rollback_threshold={threshold:g})",
+                )
         else:
+            self.nonfinite_streak = 0
+            self._settle_snapshot(step)
             new_events += self._maybe_recover(step, loss)
             if self.phase is Phase.WARMUP:
                 new_events += self._warmup_update(step, loss)
             elif self.phase is Phase.DECAY and self.intervention.mode == "normal":
                 new_events += self._plateau_update(step, loss)
+        if step == self._pending_snapshot_step:  # its loss was not normal: not a good state
+            self._pending_snapshot = None
         if self.phase is Phase.WARMUP and step + 1 >= self.max_warmup:
             new_events.append(self._end_warmup(step, self._warmup_deadline_reason()))
         if self.step >= self.total_steps:
             self.phase = Phase.DONE
         self.events += new_events
         return new_events
+
+    # ------------------------------------------------------------------ snapshots and rollback
+    def forget_snapshots(self) -> None:
+        """No snapshot exists (a fresh fit, a resume, or the caller dropped them)."""
+        self._pending_snapshot: tuple[int, int] | None = None
+        self._good_snapshot: tuple[int, int] | None = None
+        self._last_snapshot_step = -math.inf
+        # set by a decision to roll back: the step of the snapshot the caller is to restore
+        self.rollback_to: int | None = None
+        self._rollback_cause: tuple[int, str] = (0, "")
+
+    @property
+    def _pending_snapshot_step(self) -> int | None:
+        return None if self._pending_snapshot is None else self._pending_snapshot[0]
+
+    @property
+    def good_snapshot_step(self) -> int | None:
+        """The step of the snapshot a rollback would restore (``None``: none yet)."""
+        return None if self._good_snapshot is None else self._good_snapshot[0]
+
+    def snapshot_due(self, step: int) -> bool:
+        """Whether the caller should snapshot the weights as they are at the start of ``step``:
+        ``snapshot_every`` steps after the last one, none waiting for its loss, and the loss
+        stream normal as far as it has been read (no cut LR, no non-finite step)."""
+        return (
+            self._pending_snapshot is None
+            and self.rollback_to is None
+            and step - self._last_snapshot_step >= self.snapshot_every
+            and step >= self.ignore_until
+            and self.intervention.mode == "normal"
+            and self.nonfinite_streak == 0
+        )
+
+    def snapshot_taken(self, step: int, nbytes: int) -> None:
+        """The caller snapshotted the weights at the start of ``step`` (``nbytes`` in memory).
+        It becomes the rollback target once the loss of ``step`` is read and normal."""
+        self._pending_snapshot = (step, nbytes)
+        self._last_snapshot_step = step
+
+    def _settle_snapshot(self, step: int) -> None:
+        """Promote the pending snapshot once the (normal) loss of its step is read."""
+        if step == self._pending_snapshot_step and self.spike.last_zscore <= NORMAL_BAND_ZSCORE:
+            self._good_snapshot, self._pending_snapshot = self._pending_snapshot, None
+
+    def _request_rollback(self, step: int, cause: str) -> None:
+        if self._good_snapshot is None or self.rollback_to is not None:
+            return  # nothing to go back to (yet), or already going back
+        self.rollback_to = self._good_snapshot[0]
+        self._rollback_cause = (step, cause)
+
+    def rolled_back(self, now: int) -> Event:
+        """Record that the caller restored the snapshot of step :attr:`rollback_to` and resumes
+        at step ``now``; the losses of steps before ``now`` that arrive later are ignored."""
+        if self.rollback_to is None or self._good_snapshot is None:
+            raise ValueError("rolled_back() without a rollback decision (rollback_to is None)")
+        target, nbytes = self._good_snapshot
+        step, cause = self._rollback_cause
+        self.rollback_to = None
+        self._pending_snapshot = None  # may hold weights taken after the trouble began
+        self.ignore_until = max(self.ignore_until, now)
+        self.nonfinite_streak = 0
+        why = (
+            f"{cause}: restored the snapshot of step {target} ({_format_bytes(nbytes)}), "
+            f"undoing the updates of steps {target} to {now - 1} ({now - target} steps)"
+        )
+        scale = self.lr_scale(now)
+        event = Event(step, EventKind.ROLLBACK, why, scale, scale)
+        self.events.append(event)
+        return event
 
     def _warmup_update(self, step: int, loss: float) -> list[Event]:
         signal = self.stabilizer.update(loss)
@@ -410,5 +542,7 @@ class Controller:
         self._plan = plan
         self._base = plan.build(self.floor)
 
-    def _event(self, step: int, kind: EventKind, why: str, before: float) -> Event:
-        return Event(step, kind, why, before, self.lr_scale(step + 1))
+    def _event(self, step: int, kind: EventKind, why: str, before: float | None) -> Event:
+        """An event at ``step``; ``before=None``: the LR is unchanged by it."""
+        after = self.lr_scale(step + 1)
+        return Event(step, kind, why, after if before is None else before, after)

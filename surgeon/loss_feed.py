@@ -14,7 +14,9 @@ The same block carries the AMP loss scale of each step (when a GradScaler is
 in use): a scale lower than the step before means GradScaler skipped that
 optimizer step, and the caller does not count it. A step that produced no loss
 (``training_step`` returned ``None``, Lightning's way to skip a batch) carries a
-NaN scale and is not counted either.
+NaN scale and is not counted either. It also carries the
+:class:`~surgeon.guard.NonFiniteGuard`'s flag of each step (when the guard acts):
+the update of that step was not applied.
 """
 
 import math
@@ -33,21 +35,25 @@ Reduce = Callable[[Tensor], Tensor]
 
 @dataclass(frozen=True)
 class StepLoss:
-    """The mean loss of one optimizer step, and whether it is not to be counted (skipped)."""
+    """The mean loss of one optimizer step; whether the step is not to be counted (GradScaler
+    skipped it, or it had no loss); whether the guard kept its update from being applied."""
 
     loss: float
     skipped: bool = False
+    update_skipped: bool = False
 
 
 class _Block:
     """One block of steps in flight from device to host.
 
-    ``values`` is 1-D: the ``n`` losses, followed by their ``n`` loss scales when ``scaled``
-    (one flat tensor: the cheapest to stack, reduce and copy).
+    ``values`` is 1-D: the ``n`` losses, then their ``n`` loss scales when ``scaled``, then
+    their ``n`` guard flags when ``flagged`` (one flat tensor: the cheapest to stack, reduce
+    and copy).
     """
 
-    def __init__(self, values: Tensor, scaled: bool) -> None:
+    def __init__(self, values: Tensor, scaled: bool, flagged: bool = False) -> None:
         self.scaled = scaled
+        self.flagged = flagged
         if values.device.type == "cuda":
             self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self.host.copy_(values, non_blocking=True)
@@ -56,20 +62,24 @@ class _Block:
         else:
             self.host, self.done = values, None
 
-    def read(self) -> list[tuple[float, float]]:
-        """``(loss, scale)`` per step; the scale is 1.0 without a GradScaler."""
+    def read(self) -> list[tuple[float, float, float]]:
+        """``(loss, scale, flag)`` per step; scale 1.0 without a GradScaler, flag 0.0 unguarded."""
         if self.done is not None:
             self.done.synchronize()
         values = self.host.tolist()
-        if not self.scaled:
-            return [(loss, 1.0) for loss in values]
-        n = len(values) // 2
-        return list(zip(values[:n], values[n:], strict=True))
+        n = len(values) // (1 + self.scaled + self.flagged)
+        losses = values[:n]
+        scales = values[n : 2 * n] if self.scaled else [1.0] * n
+        flags = values[len(values) - n :] if self.flagged else [0.0] * n
+        return list(zip(losses, scales, flags, strict=True))
 
     @classmethod
     def from_rows(cls, rows: list[list[float]]) -> "_Block":
-        """A block on the CPU from ``[[loss, scale], ...]`` (a checkpoint's form)."""
-        return cls(torch.tensor([r[0] for r in rows] + [r[1] for r in rows]), scaled=True)
+        """A block on the CPU from ``[[loss, scale, flag], ...]`` (a checkpoint's form; rows of
+        older checkpoints have no flag)."""
+        rows = [[*row, 0.0][:3] for row in rows]
+        columns = [v for column in zip(*rows, strict=True) for v in column]
+        return cls(torch.tensor(columns), scaled=True, flagged=True)
 
 
 class LossFeed:
@@ -81,8 +91,9 @@ class LossFeed:
         self.reduce = reduce
         self._micro: Tensor | None = None
         self._device: torch.device | None = None  # of the last loss added
-        # per closed step: its loss, and its loss scale (None: no GradScaler)
-        self._rows: list[tuple[Tensor, Tensor | None]] = []
+        # per closed step: its loss, its loss scale (None: no GradScaler), its guard flag (None:
+        # not guarded)
+        self._rows: list[tuple[Tensor, Tensor | None, Tensor | None]] = []
         self._in_flight: deque[_Block] = deque()
         self._last_scale = -math.inf  # no step before the first: nothing to compare with
 
@@ -93,47 +104,60 @@ class LossFeed:
         self._device = loss.device
         self._micro = loss if self._micro is None else self._micro + loss
 
-    def close_step(self, loss_scale: Tensor | None = None) -> list[StepLoss]:
+    def close_step(
+        self, loss_scale: Tensor | None = None, update_skipped: Tensor | None = None
+    ) -> list[StepLoss]:
         """End the current optimizer step; return the steps whose readback is now due.
 
-        Per step this only keeps references (and copies the scale, which GradScaler updates
-        in place); the tensor work happens once per block, in :meth:`_stack`.
+        ``update_skipped``: the guard's flag for this step (a 1-element tensor, 1.0: the
+        update was not applied). Per step this only keeps references (and copies the scale,
+        which GradScaler updates in place); the tensor work happens once per block, in
+        :meth:`_stack`.
         """
         loss = self._micro
         if loss is None:  # no loss this step (training_step returned None): a NaN scale marks it
             loss = torch.full((), math.nan, device=self._device)
             loss_scale = torch.full((1,), math.nan, device=self._device)
         self._micro = None
-        self._rows.append((loss, None if loss_scale is None else loss_scale.clone()))
+        scale = None if loss_scale is None else loss_scale.clone()
+        self._rows.append((loss, scale, update_skipped))
         if len(self._rows) < self.readback_every:
             return []
-        values, scaled = self._stack()
+        values, scaled, flagged = self._stack()
         self._rows = []
         if self.reduce is not None:
             values = self.reduce(values)
-        self._in_flight.append(_Block(values, scaled))
+        self._in_flight.append(_Block(values, scaled, flagged))
         return self._read(self._in_flight.popleft()) if len(self._in_flight) > 1 else []
 
-    def _stack(self) -> tuple[Tensor, bool]:
+    def _stack(self) -> tuple[Tensor, bool, bool]:
         """The open rows as one flat float32 tensor on one device (see :class:`_Block`)."""
         device = self._device if self._device is not None else self._rows[-1][0].device
-        losses = [loss if loss.device == device else loss.to(device) for loss, _ in self._rows]
-        values = torch.stack([p if p.dim() == 0 else p.reshape(()) for p in losses]).float()
-        if all(scale is None for _, scale in self._rows):
-            return values, False
-        scales = [torch.ones(1, device=device) if s is None else s for _, s in self._rows]
-        scales = [  # GradScaler's scale has shape (1,)
-            s if s.device == device and s.dim() == 1 else s.to(device).reshape(1) for s in scales
-        ]
-        return torch.cat([values, torch.cat(scales).float()]), True
+        losses = [row[0] if row[0].device == device else row[0].to(device) for row in self._rows]
+        parts = [torch.stack([p if p.dim() == 0 else p.reshape(()) for p in losses]).float()]
+        present = []
+        for column, default in ((1, 1.0), (2, 0.0)):
+            if all(row[column] is None for row in self._rows):
+                present.append(False)
+                continue
+            present.append(True)
+            filled = [
+                torch.full((1,), default, device=device) if row[column] is None else row[column]
+                for row in self._rows
+            ]
+            parts.append(  # one value per step (GradScaler's scale is 0-d on CPU, (1,) on CUDA)
+                torch.cat([t.to(device).reshape(1) for t in filled]).float()
+            )
+        return torch.cat(parts) if len(parts) > 1 else parts[0], present[0], present[1]
 
     def _read(self, block: _Block) -> list[StepLoss]:
         out = []
-        for loss, scale in block.read():
+        for loss, scale, flag in block.read():
             if math.isnan(scale):  # a step without a loss (on some rank): not counted
                 out.append(StepLoss(loss, skipped=True))
                 continue
-            out.append(StepLoss(loss, skipped=scale < self._last_scale))
+            skipped = scale < self._last_scale
+            out.append(StepLoss(loss, skipped=skipped, update_skipped=flag > 0 and not skipped))
             self._last_scale = scale
         return out
 
@@ -149,5 +173,8 @@ class LossFeed:
         """Restore what :meth:`state_dict` returned (as CPU tensors; moved on next use)."""
         self._micro = None
         self._in_flight = deque(_Block.from_rows(rows) for rows in state["in_flight"])
-        self._rows = [(torch.tensor(loss), torch.tensor(scale)) for loss, scale in state["rows"]]
+        self._rows = [
+            (torch.tensor(row[0]), torch.tensor([row[1]]), torch.tensor([([*row, 0.0])[2]]))
+            for row in state["rows"]
+        ]
         self._last_scale = state["last_scale"]

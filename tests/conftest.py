@@ -44,10 +44,12 @@ def regressor_class(namespace: ModuleType = pl) -> type:
             loss_hook: LossHook | None = None,
             manual: bool = False,
             scheduled: bool = False,
+            fused: bool = False,
             seed: int = 0,
         ) -> None:
             """``lrs``: one LR (one group) or one per layer (automatic: param groups of one
-            SGD; manual: one SGD per layer). ``scheduled``: a ``StepLR`` on the first optimizer."""
+            SGD; manual: one SGD per layer). ``scheduled``: a ``StepLR`` on the first optimizer.
+            ``fused``: fused SGD (takes GradScaler's ``found_inf``, as the guard uses it)."""
             super().__init__()
             torch.manual_seed(seed)
             self.net = nn.Sequential(nn.Linear(IN_FEATURES, 16), nn.Tanh(), nn.Linear(16, 1))
@@ -55,6 +57,7 @@ def regressor_class(namespace: ModuleType = pl) -> type:
             self.loss_hook = loss_hook
             self.automatic_optimization = not manual
             self.scheduled = scheduled
+            self.fused = fused or None  # None: torch's default implementation
             self.records: list[dict[str, Any]] = []
             """Per training_step: step, batch_idx, lrs (per optimizer, per group), loss."""
 
@@ -69,10 +72,12 @@ def regressor_class(namespace: ModuleType = pl) -> type:
             sets = self._param_sets()
             if self.automatic_optimization:
                 groups = [{"params": p, "lr": lr} for p, lr in zip(sets, self.lrs, strict=True)]
-                optimizers = [torch.optim.SGD(groups, lr=self.lrs[0], momentum=0.9)]
+                optimizers = [
+                    torch.optim.SGD(groups, lr=self.lrs[0], momentum=0.9, fused=self.fused)
+                ]
             else:
                 optimizers = [
-                    torch.optim.SGD(p, lr=lr, momentum=0.9)
+                    torch.optim.SGD(p, lr=lr, momentum=0.9, fused=self.fused)
                     for p, lr in zip(sets, self.lrs, strict=True)
                 ]
             if not self.scheduled:

@@ -1,13 +1,14 @@
 """A two-process DDP fit on CPU (gloo) with the surgeon; run by ``tests/test_ddp.py``.
 
-Usage: ``python tests/ddp_worker.py OUT_DIR [--steps N] [--spike-step S] [--spike-rank R]``.
+Usage: ``python tests/ddp_worker.py OUT_DIR [--steps N] [--spike-step S] [--spike-rank R]
+[--nan-step S]``.
 Needs ``MASTER_ADDR``/``MASTER_PORT`` in the environment and ``surgeon`` importable.
 
 Lightning's ``ddp`` strategy re-runs this script for rank 1 (``_SubprocessScriptLauncher``),
 so both ranks execute everything below. Each rank sees its own half of the data
 (``DistributedSampler``), so the local losses differ; at ``--spike-step`` the loss of
-``--spike-rank`` alone is multiplied by ``--spike-factor``. Each rank writes
-``OUT_DIR/rank{r}.json``:
+``--spike-rank`` alone is multiplied by ``--spike-factor``, and at ``--nan-step`` the loss
+of that rank alone is multiplied by NaN. Each rank writes ``OUT_DIR/rank{r}.json``:
 
 * ``lrs``: ``[step, lr]`` per ``training_step``, the LR read inside ``training_step``;
 * ``losses``: ``[step, loss]``, the rank's *local* loss (before DDP averaging);
@@ -15,7 +16,10 @@ so both ranks execute everything below. Each rank sees its own half of the data
 * ``controller``: the controller's ``state_dict()`` at the end, as JSON text
   (``sort_keys``; compared as text so NaN and the float repr are compared exactly);
 * ``collectives``: ``[hook, global_step, [names]]`` for every per-step hook call of the
-  surgeon that called a ``torch.distributed`` collective (see :class:`CountingSurgeon`).
+  surgeon that called a ``torch.distributed`` collective (see :class:`CountingSurgeon`);
+* ``weights``: the final parameters, flattened; ``nan_step_changed_weights``: whether the
+  parameters at the start of ``--nan-step + 1`` differ from those at the start of
+  ``--nan-step`` (the guard must have skipped that update).
 """
 
 import argparse
@@ -91,20 +95,40 @@ class CountingSurgeon(ScheduleSurgeon):
         if seen:
             self.collectives.append(["end", trainer.global_step, seen])
 
+    def on_before_backward(self, trainer: pl.Trainer, *args: Any) -> None:
+        with count_collectives() as seen:
+            super().on_before_backward(trainer, *args)
+        if seen:
+            self.collectives.append(["before_backward", trainer.global_step, seen])
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
+        with count_collectives() as seen:
+            super().on_before_optimizer_step(trainer, *args)
+        if seen:
+            self.collectives.append(["before_optimizer_step", trainer.global_step, seen])
+
 
 class Regressor(pl.LightningModule):
     """A two-layer MLP on a fixed linear-regression task, recording the LR it trains with."""
 
-    def __init__(self, spike_step: int, spike_rank: int, spike_factor: float) -> None:
+    def __init__(
+        self, spike_step: int, spike_rank: int, spike_factor: float, nan_step: int
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, 1))
         self.spike_step, self.spike_rank, self.spike_factor = spike_step, spike_rank, spike_factor
+        self.nan_step = nan_step
+        self.around_nan: list[Tensor] = []  # weights at the start of nan_step and the step after
         self.lrs: list[list[float]] = []
         self.losses: list[Tensor] = []
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step in (self.nan_step, self.nan_step + 1):
+            self.around_nan.append(torch.cat([p.detach().flatten() for p in self.parameters()]))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         self.lrs.append([self.global_step, self.optimizers().param_groups[0]["lr"]])
@@ -112,6 +136,8 @@ class Regressor(pl.LightningModule):
         loss = nn.functional.mse_loss(self.net(x), y)
         if self.global_step == self.spike_step and self.global_rank == self.spike_rank:
             loss = loss * self.spike_factor
+        if self.global_step == self.nan_step and self.global_rank == self.spike_rank:
+            loss = loss * float("nan")
         self.losses.append(loss.detach())
         return loss
 
@@ -131,11 +157,12 @@ def main() -> None:
     parser.add_argument("--spike-step", type=int, default=40)
     parser.add_argument("--spike-rank", type=int, default=1)
     parser.add_argument("--spike-factor", type=float, default=20.0)
+    parser.add_argument("--nan-step", type=int, default=-1)
     parser.add_argument("--readback-every", type=int, default=4)
     args = parser.parse_args()
 
     surgeon = CountingSurgeon(readback_every=args.readback_every)
-    model = Regressor(args.spike_step, args.spike_rank, args.spike_factor)
+    model = Regressor(args.spike_step, args.spike_rank, args.spike_factor, args.nan_step)
     trainer = pl.Trainer(
         strategy="ddp",
         accelerator="cpu",
@@ -163,6 +190,10 @@ def main() -> None:
         ],
         "events": [[event.step, event.kind.value] for event in surgeon.events],
         "collectives": surgeon.collectives,
+        "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
+        "nan_step_changed_weights": (
+            len(model.around_nan) == 2 and not torch.equal(*model.around_nan)
+        ),
         "controller": json.dumps(surgeon.controller.state_dict(), sort_keys=True),
     }
     path = args.out_dir / f"rank{trainer.global_rank}.json"

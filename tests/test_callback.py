@@ -155,9 +155,9 @@ def test_gradient_accumulation_counts_optimizer_steps_and_feeds_the_mean(
     fed: list[float] = []
     update = Controller.update
 
-    def spy(self: Controller, loss: float) -> Any:
+    def spy(self: Controller, loss: float, **kwargs: Any) -> Any:
         fed.append(loss)
-        return update(self, loss)
+        return update(self, loss, **kwargs)
 
     monkeypatch.setattr(Controller, "update", spy)
     values = range(1, steps * accumulate + 1)  # the loss each micro-batch returns, in order
@@ -423,7 +423,14 @@ def test_constructor_defaults_match_the_config_defaults() -> None:
         assert name in params, f"ScheduleSurgeon does not take {name}"
         assert params[name].default == field.default, name
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
-    own = {"self", "total_steps", "readback_every", "leave_scheduled_optimizers"}
+    own = {
+        "self",
+        "total_steps",
+        "readback_every",
+        "leave_scheduled_optimizers",
+        "skip_nonfinite",
+        "snapshot",
+    }
     assert set(params) - own == set(config_fields)
     assert ScheduleSurgeon().config == SurgeonConfig()
 

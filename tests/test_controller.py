@@ -422,7 +422,7 @@ class TestSpike:
 class TestNonFinite:
     @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
     @pytest.mark.parametrize("at", [10, 600])
-    def test_nonfinite_event_and_skip_step(self, bad: float, at: int) -> None:
+    def test_nonfinite_event_and_streak(self, bad: float, at: int) -> None:
         total = 1000
         losses = noisy([2.0 * 0.999**t for t in range(total)], 0.01, seed=8)
         controller = Controller(total, SurgeonConfig(warmup=100))
@@ -433,17 +433,17 @@ class TestNonFinite:
         events = controller.update(bad)
         assert [e.kind for e in events] == [EventKind.NONFINITE]
         assert events[0].step == at and str(bad) in events[0].reason
-        assert controller.skip_step is True
+        assert controller.nonfinite_streak == 1
         assert [d.state_dict() for d in detectors] == states  # statistics untouched
         # cut like a spike (in warmup the ramp is frozen where it was, and not floored)
         floor = 0.0 if controller.phase is Phase.WARMUP else controller.floor
         assert controller.phase is (Phase.WARMUP if at < 100 else Phase.DECAY)
         expected = max(floor, before * controller.config.spike_factor)
         assert controller.lr_scale(at + 1) == pytest.approx(expected)
-        controller.update(bad)  # a second one: still skipped
-        assert controller.skip_step is True
+        controller.update(bad)  # a second one in a row
+        assert controller.nonfinite_streak == 2
         controller.update(losses[at + 2])
-        assert controller.skip_step is False
+        assert controller.nonfinite_streak == 0
         assert [e.kind for e in controller.events].count(EventKind.NONFINITE) == 2
 
 
@@ -476,7 +476,9 @@ class TestEvents:
         total = 2000
         controller = Controller(total, BUSY_CONFIG)
         trace = drive(controller, busy_stream(total, seed=9))  # drive() checks the scales
-        assert set(trace.kinds()) == set(EventKind) - {EventKind.PEAK_LR}  # callback-only
+        # the others need the callback (peak_lr) or its guard and snapshots (TestRollback)
+        caller_driven = {EventKind.PEAK_LR, EventKind.SKIPPED_STEP, EventKind.ROLLBACK}
+        assert set(trace.kinds()) == set(EventKind) - caller_driven
         assert controller.events == trace.events
         for event in trace.events:
             assert re.search(r"\d", event.reason), event
@@ -794,7 +796,7 @@ class TestProperties:
             kinds = {e.kind for e in events}
             if in_warmup and kinds & {EventKind.SPIKE, EventKind.NONFINITE}:
                 disturbed = True
-            assert controller.skip_step is (not math.isfinite(loss))
+            assert (controller.nonfinite_streak > 0) is (not math.isfinite(loss))
         warm = [lr for lr, ph in zip(trace.lrs, trace.phases, strict=True) if ph is Phase.WARMUP]
         if not disturbed:
             assert non_decreasing(warm)
@@ -821,6 +823,139 @@ class TestProperties:
                 original.lr_scale(step + k) for k in range(3)
             ]
             assert restored.update(loss) == original.update(loss)
-            assert restored.skip_step == original.skip_step
+            assert restored.nonfinite_streak == original.nonfinite_streak
         assert restored.events == original.events
         assert restored.phase is original.phase
+
+
+# ------------------------------------------------------------------- skips and rollbacks
+SNAPSHOT_BYTES = 3 * 2**20
+
+
+def drive_with_snapshots(
+    controller: Controller, losses: Sequence[float], lag: int = 0
+) -> list[tuple[int, int]]:
+    """Feed ``losses`` the way the callback does: at the start of step ``s`` take a snapshot if
+    one is due, feed the loss of step ``s - lag`` (losses arrive ``lag`` steps late), and roll
+    back when asked. Returns ``(now, target)`` per rollback."""
+    rollbacks = []
+    for now in range(len(losses) + lag):
+        if now < len(losses) and controller.snapshot_due(now):
+            controller.snapshot_taken(now, SNAPSHOT_BYTES)
+        if now >= lag:
+            controller.update(losses[now - lag])
+        if controller.rollback_to is not None:
+            rollbacks.append((now + 1, controller.rollback_to))
+            controller.rolled_back(now + 1)
+    return rollbacks
+
+
+def calm(total: int, seed: int) -> list[float]:
+    return noisy(exp_decay(total, tau=total / 5), 0.01, seed)
+
+
+class TestRollback:
+    def test_a_snapshot_becomes_the_target_once_the_loss_of_its_step_is_normal(self) -> None:
+        total = 1000  # snapshot_every = 1% = 10 steps
+        controller = Controller(total, SurgeonConfig(warmup=50))
+        assert controller.snapshot_every == 10
+        losses = calm(total, seed=1)
+        for step, loss in enumerate(losses[:95]):
+            if controller.snapshot_due(step):
+                assert step % 10 == 0
+                controller.snapshot_taken(step, SNAPSHOT_BYTES)
+                assert controller.good_snapshot_step == (None if step == 0 else step - 10)
+            controller.update(loss)
+            assert controller.good_snapshot_step == step // 10 * 10
+
+    def test_a_snapshot_whose_own_loss_spikes_is_dropped(self) -> None:
+        total = 1000
+        controller = Controller(total, SurgeonConfig(warmup=50, rollback_threshold=50.0))
+        losses = calm(total, seed=2)
+        losses[200] *= 3.0  # a spike, below the rollback threshold: cut only
+        drive_with_snapshots(controller, losses[:201])
+        assert [e.kind for e in controller.events][-1:] == [EventKind.SPIKE]
+        assert controller.rollback_to is None
+        assert controller.good_snapshot_step == 190  # not 200: its loss was not normal
+
+    def test_a_severe_spike_rolls_back_and_ignores_the_undone_steps(self) -> None:
+        total, at, lag = 1000, 300, 5
+        controller = Controller(total, SurgeonConfig(warmup=50))
+        losses = calm(total, seed=3)
+        losses[at] *= 1000.0
+        for t in range(at + 1, at + lag + 1):  # the damaged weights' losses, read late too
+            losses[t] *= 50.0
+        rollbacks = drive_with_snapshots(controller, losses, lag=lag)
+        now = at + lag + 1
+        assert rollbacks == [(now, 300 - 10)]  # 300's own snapshot was not confirmed
+        kinds = [(e.step, e.kind) for e in controller.events if e.step >= at]
+        assert kinds[:2] == [(at, EventKind.SPIKE), (at, EventKind.ROLLBACK)]
+        assert EventKind.SPIKE not in [k for s, k in kinds if at < s < now]  # ignored
+        assert EventKind.RECOVERED in [k for _, k in kinds]
+        rollback = controller.events[[e.kind for e in controller.events].index(EventKind.ROLLBACK)]
+        assert "at least 4x its running mean" in rollback.reason
+        assert f"steps 290 to {now - 1} ({now - 290} steps)" in rollback.reason
+        assert "3.0 MiB" in rollback.reason
+        assert rollback.scale_before == rollback.scale_after  # the spike event made the cut
+        assert controller.ignore_until == now
+        assert controller.phase is Phase.DONE and controller.step == total
+
+    def test_a_mild_spike_only_cuts(self) -> None:
+        total = 1000
+        controller = Controller(total, SurgeonConfig(warmup=50))
+        losses = calm(total, seed=4)
+        losses[300] *= 2.0  # a spike (>= 1.5x, many sigma) below 4x the mean
+        assert drive_with_snapshots(controller, losses) == []
+        assert EventKind.SPIKE in [e.kind for e in controller.events]
+
+    @pytest.mark.parametrize("run", [2, 3])
+    def test_non_finite_steps_in_a_row_roll_back(self, run: int) -> None:
+        total = 1000
+        controller = Controller(total, SurgeonConfig(warmup=50, rollback_nonfinite=3))
+        losses = calm(total, seed=5)
+        losses[400 : 400 + run] = [math.nan] * run
+        rollbacks = drive_with_snapshots(controller, losses)
+        assert rollbacks == ([(402 + 1, 390)] if run == 3 else [])
+        assert [e.kind for e in controller.events].count(EventKind.NONFINITE) == run
+
+    def test_without_a_snapshot_nothing_is_rolled_back(self) -> None:
+        total = 1000
+        controller = Controller(total, SurgeonConfig(warmup=50))
+        losses = calm(total, seed=6)
+        losses[300] *= 1000.0
+        drive(controller, losses)  # no snapshot is ever taken
+        assert controller.rollback_to is None
+        assert EventKind.ROLLBACK not in [e.kind for e in controller.events]
+        with pytest.raises(ValueError, match="rollback_to is None"):
+            controller.rolled_back(total)
+
+    def test_a_skipped_update_with_a_finite_loss_counts_as_non_finite(self) -> None:
+        total = 1000
+        controller = Controller(total, SurgeonConfig(warmup=50))
+        losses = calm(total, seed=7)
+        drive(controller, losses[:200])
+        stats = controller.spike.state_dict()
+        before = controller.lr_scale(201)
+        events = controller.update(losses[200], update_skipped=True)
+        assert [e.kind for e in events] == [EventKind.NONFINITE, EventKind.SKIPPED_STEP]
+        assert "gradients are non-finite" in events[1].reason and "step 200" in events[1].reason
+        assert events[1].scale_before == events[1].scale_after == events[0].scale_after
+        assert events[0].scale_after == pytest.approx(before * controller.config.spike_factor)
+        assert controller.spike.state_dict() == stats  # the loss did not enter the statistics
+        assert controller.nonfinite_streak == 1
+
+    def test_state_keeps_the_ignored_steps_and_forgets_the_snapshots(self) -> None:
+        total, at, lag = 1000, 300, 5
+        losses = calm(total, seed=8)
+        losses[at] *= 1000.0
+        original = Controller(total, SurgeonConfig(warmup=50))
+        drive_with_snapshots(original, losses[: at + 2], lag=lag)  # rolled back at 306
+        assert original.ignore_until == at + lag + 1
+        restored = Controller(total, SurgeonConfig(warmup=50))
+        restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
+        assert restored.ignore_until == original.ignore_until
+        assert original.good_snapshot_step == 290  # in memory only: a resume has none
+        assert restored.good_snapshot_step is None
+        for loss in [losses[at + 1] * 100, *losses[at + 2 : at + 8]]:  # in flight, then normal
+            assert restored.update(loss) == original.update(loss)
+        assert restored.events == original.events

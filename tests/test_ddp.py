@@ -1,7 +1,8 @@
 """Two real DDP processes on CPU (gloo) make one decision: same LRs, same events, same state.
 
 ``tests/ddp_worker.py`` runs ``Trainer(strategy="ddp", accelerator="cpu", devices=2)`` in a
-subprocess (Lightning starts rank 1 itself), with a 20x loss spike injected on rank 1 only.
+subprocess (Lightning starts rank 1 itself), with a 20x loss spike and, earlier, a NaN loss
+injected on rank 1 only.
 Each rank writes what it saw; this test compares the two files. The ranks train on
 different halves of the data, so their local losses differ every step: equal LRs can only
 come from the feed averaging the losses across ranks before anything reads them.
@@ -10,6 +11,7 @@ come from the feed averaging the losses across ranks before anything reads them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -23,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 TIMEOUT_S = 180
-STEPS, SPIKE_STEP, SPIKE_RANK, READBACK_EVERY = 60, 40, 1, 4
+STEPS, SPIKE_STEP, SPIKE_RANK, READBACK_EVERY, NAN_STEP = 60, 40, 1, 4, 25
 # launcher/cluster variables that would make Lightning think it is already inside a job
 _JOB_VARS = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 
@@ -80,6 +82,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         f"--spike-step={SPIKE_STEP}",
         f"--spike-rank={SPIKE_RANK}",
         f"--readback-every={READBACK_EVERY}",
+        f"--nan-step={NAN_STEP}",
     )
     records[0]["events_file"] = (out_dir / "events.jsonl").read_text().splitlines()
     return records
@@ -135,3 +138,23 @@ def test_one_all_reduce_per_block_and_nothing_else(ranks: list[dict[str, Any]]) 
 def test_only_rank_zero_writes_the_event_log(ranks: list[dict[str, Any]]) -> None:
     logged = [json.loads(line) for line in ranks[0]["events_file"]]
     assert [[e["step"], e["kind"]] for e in logged] == ranks[0]["events"]  # once, not twice
+
+
+def test_a_nan_on_one_rank_is_skipped_on_both_and_the_weights_stay_equal(
+    ranks: list[dict[str, Any]],
+) -> None:
+    """DDP averages the gradients before the guard looks, so rank 1's NaN is every rank's:
+    both skip the update (no collective of the guard's own, see the test above)."""
+    for record in ranks:
+        assert [NAN_STEP, "nonfinite"] in record["events"]
+        assert [NAN_STEP, "skipped_step"] in record["events"]
+        assert record["nan_step_changed_weights"] is False
+    weights0, weights1 = ranks[0]["weights"], ranks[1]["weights"]
+    assert weights0 == weights1  # bit for bit
+    assert all(math.isfinite(w) for w in weights0)
+
+
+def test_a_severe_spike_on_one_rank_rolls_back_both(ranks: list[dict[str, Any]]) -> None:
+    """The 20x spike on rank 1 averages to ~10x the mean: a rollback, on both ranks alike."""
+    for record in ranks:
+        assert [SPIKE_STEP, "rollback"] in record["events"]

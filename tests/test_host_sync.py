@@ -11,13 +11,18 @@ pipeline; on CPU it costs nothing, so CI needs a way to *see* one without a GPU:
   a device-to-host copy, hence a sync, on CUDA. A ``TorchFunctionMode`` sees them as
   ``Tensor`` method calls.
 
-:class:`SyncCounter` enters both modes and records every such call. It is entered only
-inside the callback's ``on_train_batch_start`` / ``on_train_batch_end`` (see
-:class:`CountingSurgeon`), so ``training_step``, the optimizer and Lightning's own loop are
-not counted. The rules asserted, with ``R = readback_every`` and ``g`` the optimizer step
-count after the step (``trainer.global_step`` in ``on_train_batch_end``):
+:func:`count_host_syncs` enters both modes and records every such call. It is entered only
+inside the callback's per-step hooks (``on_train_batch_start``, ``on_before_backward``,
+``on_before_optimizer_step``, ``on_train_batch_end``; see :class:`CountingSurgeon`), so
+``training_step``, the optimizer and Lightning's own loop are not counted. The model's
+optimizer is fused SGD: the non-finite guard hands it ``found_inf`` and reads nothing, as
+it does on CUDA (with a non-fused optimizer on CPU the guard reads its flag on the host,
+free there; :func:`test_the_guard_reads_its_flag_only_where_that_is_free`). The rules
+asserted, with ``R = readback_every`` and ``g`` the optimizer step count after the step
+(``trainer.global_step`` in ``on_train_batch_end``):
 
-* ``on_train_batch_start``: no sync, ever;
+* ``on_train_batch_start``, ``on_before_backward``, ``on_before_optimizer_step``: no sync,
+  ever (snapshot copies and the guard's flag stay on the device);
 * ``on_train_batch_end`` where ``g`` is not a multiple of ``R`` (and every micro-batch that
   does not close an optimizer step): no sync;
 * where ``g`` is a multiple of ``R``: at most :data:`MAX_SYNCS_PER_READBACK`, and the
@@ -31,11 +36,10 @@ On CUDA, :func:`test_cuda_hooks_do_not_sync` runs the hooks under
 ``torch.cuda.set_sync_debug_mode("error")``, which raises on any synchronizing CUDA call
 (``cudaStreamSynchronize``, blocking copies, ``.item()``) made inside them. The feed's one
 legitimate wait, ``torch.cuda.Event.synchronize`` on a copy finished steps ago, is not a
-stream sync and is not flagged. ``16-mixed`` is included: GradScaler with a non-fused
-optimizer (SGD here) reads ``found_inf`` with ``.item()`` inside ``scaler.step`` to decide
-whether to step; that sync is Lightning's/torch's, outside the surgeon's hooks, and stays
-there (fused optimizers, e.g. ``AdamW(fused=True)``, avoid it). The surgeon only stacks the
-scaler's ``_scale`` tensor with the loss and reads it one block later.
+stream sync and is not flagged. ``16-mixed`` is included: the surgeon only stacks the
+scaler's ``_scale`` tensor with the loss and reads it one block later. (With a non-fused
+optimizer GradScaler itself reads ``found_inf`` with ``.item()`` inside ``scaler.step``:
+torch's sync, outside the surgeon's hooks; the fused SGD used here avoids it.)
 """
 
 from __future__ import annotations
@@ -166,6 +170,16 @@ class CountingSurgeon(ScheduleSurgeon):
         closed = trainer.global_step != self._batch_start_step  # the optimizer stepped
         self.calls.append(HookCall("end", trainer.global_step, closed, seen))
 
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        with count_host_syncs() as seen:
+            super().on_before_backward(trainer, pl_module, loss)
+        self.calls.append(HookCall("before_backward", trainer.global_step, False, seen))
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        with count_host_syncs() as seen:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.calls.append(HookCall("before_optimizer_step", trainer.global_step, False, seen))
+
 
 def check_hook_syncs(calls: list[HookCall], readback_every: int) -> None:
     """The rules of the module docstring; raises ``AssertionError`` naming the offending call."""
@@ -184,12 +198,20 @@ def check_hook_syncs(calls: list[HookCall], readback_every: int) -> None:
 
 
 def run_counted(
-    make_trainer: Callable[..., Any], *, readback_every: int, steps: int = 24, **trainer_kw: Any
+    make_trainer: Callable[..., Any],
+    *,
+    readback_every: int,
+    steps: int = 24,
+    fused: bool = True,
+    **trainer_kw: Any,
 ) -> CountingSurgeon:
-    surgeon = CountingSurgeon(readback_every=readback_every)
+    # snapshot_every=10 (the least): snapshots, and the guard every step, in the counted hooks
+    surgeon = CountingSurgeon(readback_every=readback_every, snapshot_every=10)
     trainer = make_trainer([surgeon], max_steps=steps, **trainer_kw)
-    trainer.fit(TinyRegressor(), make_loader(batches=8))
+    trainer.fit(TinyRegressor(fused=fused), make_loader(batches=8))
     assert surgeon.step == steps
+    assert surgeon.controller is not None
+    assert surgeon.controller.good_snapshot_step is not None  # snapshots were taken, and kept
     return surgeon
 
 
@@ -212,6 +234,17 @@ def test_hooks_make_no_host_sync_off_readback_steps(
     surgeon = run_counted(make_trainer, readback_every=readback_every, **trainer_kw)
     check_hook_syncs(surgeon.calls, readback_every)
     assert any(c.closed_step for c in surgeon.calls)
+
+
+def test_the_guard_reads_its_flag_only_where_that_is_free(make_trainer: Callable) -> None:
+    """With a non-fused optimizer on CPU the guard reads its flag once per optimizer step
+    (free on CPU); on CUDA, mode ``auto`` leaves such optimizers unguarded instead."""
+    surgeon = run_counted(make_trainer, readback_every=4, steps=12, fused=False)
+    checks = [c for c in surgeon.calls if c.hook == "before_optimizer_step"]
+    assert len(checks) == 12
+    assert all(c.syncs == ["Tensor.item", "aten._local_scalar_dense"] for c in checks)
+    others = [c for c in surgeon.calls if c.hook != "before_optimizer_step"]
+    check_hook_syncs(others, 4)
 
 
 # ---------------------------------------------------------------------------- it bites
@@ -281,6 +314,14 @@ class SyncDebugSurgeon(ScheduleSurgeon):
         with self._no_sync():
             super().on_train_batch_end(*args)
 
+    def on_before_backward(self, *args: Any) -> None:
+        with self._no_sync():
+            super().on_before_backward(*args)
+
+    def on_before_optimizer_step(self, *args: Any) -> None:
+        with self._no_sync():
+            super().on_before_optimizer_step(*args)
+
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -288,16 +329,16 @@ class SyncDebugSurgeon(ScheduleSurgeon):
 def test_cuda_hooks_do_not_sync(make_trainer: Callable[..., Any], precision: str) -> None:
     """No synchronizing CUDA call inside the hooks (it would raise), including readbacks.
 
-    ``16-mixed``: GradScaler's own ``.item()`` in ``scaler.step`` (non-fused SGD) syncs every
-    step, but outside these hooks; the surgeon adds none.
+    Fused SGD takes the guard's ``found_inf`` on the device; ``16-mixed``: GradScaler skips
+    non-finite steps itself (the guard stands aside) and the surgeon adds no sync.
     """
     if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
         pytest.skip("bf16 not supported on this device")
-    surgeon = SyncDebugSurgeon(readback_every=4)
+    surgeon = SyncDebugSurgeon(readback_every=4, snapshot_every=10)  # snapshots inside, too
     trainer = make_trainer(
         [surgeon], accelerator="gpu", devices=1, max_steps=40, precision=precision
     )
-    model = TinyRegressor()
+    model = TinyRegressor(fused=True)  # the guard hands fused SGD its flag: no read
     trainer.fit(model, make_loader(batches=8))
     assert surgeon.step + surgeon.skipped_steps == 40
     assert surgeon.controller is not None  # every block but the last two was read and fed:

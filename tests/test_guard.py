@@ -1,0 +1,130 @@
+"""``NonFiniteGuard``: a step with a non-finite loss or gradient changes no weight and no state.
+
+Each optimizer is stepped twice normally (so it has state: momentum, moments, step counts),
+then once with a NaN/inf planted in a gradient or in the loss; every parameter and every
+state tensor must be bit-for-bit what it was before that step, and a following finite step
+must be applied again.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from surgeon.guard import NonFiniteGuard, mechanism_for
+
+OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
+    "sgd-fused": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
+    "adamw-foreach": lambda p: torch.optim.AdamW(p, lr=0.01, foreach=True),
+    "adam-fused": lambda p: torch.optim.Adam(p, lr=0.01, fused=True),
+    "adamw-fused": lambda p: torch.optim.AdamW(p, lr=0.01, fused=True),
+}
+EXPECTED_MECHANISM = {
+    "sgd-momentum": "host",
+    "sgd-fused": "found_inf",
+    "adamw-foreach": "host",
+    "adam-fused": "found_inf",
+    "adamw-fused": "found_inf",
+}
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """Every parameter and every tensor of the optimizer state, cloned."""
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
+    return [t.detach().clone() for t in [*model.parameters(), *state]]
+
+
+def same(a: list[Tensor], b: list[Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def guarded_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    guard: NonFiniteGuard,
+    poison: str | None = None,
+) -> Tensor:
+    """One forward/backward/step through the guard; ``poison`` plants NaN in the gradient, the
+    loss, or inf in the gradient. Returns the guard's flag."""
+    optimizer.zero_grad()
+    loss = model(torch.ones(4, 3)).pow(2).mean()
+    loss.backward()
+    if poison == "grad-nan":
+        model.weight.grad[0, 0] = math.nan
+    if poison == "grad-inf":
+        model.bias.grad[0] = math.inf
+    # "loss-nan": the loss the hook sees is NaN while the gradients stay finite
+    guard.add_loss(loss.detach() + math.nan if poison == "loss-nan" else loss)
+    flag = guard.check(optimizer)
+    assert flag is not None
+    optimizer.step()
+    guard.release()
+    return flag
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("poison", ["grad-nan", "grad-inf", "loss-nan"])
+def test_a_non_finite_step_changes_nothing(name: str, poison: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    optimizer = OPTIMIZERS[name](model.parameters())
+    guard = NonFiniteGuard("auto")
+    assert guard.mechanism(optimizer) == EXPECTED_MECHANISM[name]
+    for _ in range(2):
+        assert guarded_step(model, optimizer, guard).item() == 0.0
+    before = snapshot(model, optimizer)
+    assert guarded_step(model, optimizer, guard, poison).item() == 1.0
+    assert same(snapshot(model, optimizer), before), "the non-finite step changed something"
+    assert not hasattr(optimizer, "found_inf")  # released: a later step is not skipped
+    assert guarded_step(model, optimizer, guard).item() == 0.0
+    assert not same(snapshot(model, optimizer), before), "the next finite step was not applied"
+    assert all(torch.isfinite(t).all() for t in snapshot(model, optimizer))
+
+
+def test_without_the_guard_the_same_step_poisons_the_weights() -> None:
+    """The control for the test above: the planted NaN does reach the weights unguarded."""
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    guard = NonFiniteGuard("off")
+    assert guard.mechanism(optimizer) == "none"
+    model(torch.ones(4, 3)).pow(2).mean().backward()
+    model.weight.grad[0, 0] = math.nan
+    assert guard.check(optimizer) is None
+    optimizer.step()
+    assert torch.isnan(model.weight).any()
+
+
+def test_the_flag_is_reduced_across_ranks_before_it_is_used() -> None:
+    """A rank whose own step is finite still skips when another rank's was not (the max)."""
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: list[float] = []
+
+    def other_rank_was_bad(flag: Tensor) -> None:
+        seen.append(flag.item())
+        flag.fill_(1.0)
+
+    guard = NonFiniteGuard("auto", reduce_max=other_rank_was_bad)
+    before = snapshot(model, optimizer)
+    flag = guarded_step(model, optimizer, guard)
+    assert seen == [0.0] and flag.item() == 1.0
+    assert same(snapshot(model, optimizer), before)
+
+
+def test_cuda_optimizers_that_are_not_fused_are_left_alone_in_auto_mode() -> None:
+    """Skipping them would need a host sync per step: ``auto`` does not, ``always`` does."""
+    param = nn.Parameter(torch.zeros(2, device="meta"))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    # the rule only looks at devices: a parameter that is not on the CPU stands in for CUDA
+    assert mechanism_for(optimizer, "auto") == "none"
+    assert mechanism_for(optimizer, "always") == "host"
+    assert mechanism_for(optimizer, "off") == "none"
+
+
+def test_bad_mode_names_the_field() -> None:
+    with pytest.raises(ValueError, match=r"skip_nonfinite.*'sometimes'"):
+        NonFiniteGuard("sometimes")  # type: ignore[arg-type]

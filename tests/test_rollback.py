@@ -1,0 +1,193 @@
+"""Nothing lost, in real ``Trainer.fit`` runs: non-finite steps are skipped, severe spikes
+rolled back.
+
+* A NaN planted in the loss (with NaN or with finite gradients) or in a gradient alone at a
+  known step: the run finishes, weights and optimizer state after that step equal those
+  before it (compared tensor by tensor), and the events say ``nonfinite`` and
+  ``skipped_step`` at that step. Both ways of skipping are exercised: the host check
+  (plain SGD) and GradScaler's ``found_inf`` (fused SGD).
+* A 1000x loss spike that, with the surgeon off, wrecks the run: with rollback on the run
+  ends within 10% of the final loss of a clean run.
+"""
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import TinyRegressor, make_loader
+from torch import Tensor
+
+from surgeon import ScheduleSurgeon
+from surgeon.controller import EventKind
+
+BAD_STEP = 30
+
+
+class StateRecorder(pl.Callback):
+    """Clones every parameter and optimizer-state tensor at the start of each step."""
+
+    def __init__(self) -> None:
+        self.at_step: dict[int, list[Tensor]] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        optimizer = trainer.optimizers[0]
+        state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
+        tensors = [*pl_module.parameters(), *state]
+        self.at_step[trainer.global_step] = [t.detach().clone() for t in tensors]
+
+
+class GradPoisoner(TinyRegressor):
+    """Plants a NaN in one gradient (the loss stays finite) at ``BAD_STEP``."""
+
+    def on_after_backward(self) -> None:
+        if self.global_step == BAD_STEP:
+            self.net[0].weight.grad[0, 0] = math.nan
+
+
+def nan_times_loss(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+    return loss * math.nan if step == BAD_STEP else loss  # NaN loss, NaN gradients
+
+
+def nan_plus_loss(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+    return loss + math.nan if step == BAD_STEP else loss  # NaN loss, finite gradients
+
+
+def poisoned_model(poison: str, fused: bool) -> TinyRegressor:
+    if poison == "grad":
+        return GradPoisoner(fused=fused)
+    hook = nan_times_loss if poison == "loss-and-grad" else nan_plus_loss
+    return TinyRegressor(loss_hook=hook, fused=fused)
+
+
+def same(a: list[Tensor], b: list[Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "found-inf"])
+@pytest.mark.parametrize("poison", ["loss-and-grad", "loss-only", "grad"])
+def test_a_non_finite_step_is_skipped_and_changes_nothing(
+    make_trainer: Callable[..., Any], poison: str, fused: bool
+) -> None:
+    surgeon, recorder = ScheduleSurgeon(), StateRecorder()
+    model = poisoned_model(poison, fused)
+    trainer = make_trainer([surgeon, recorder], max_steps=60)
+    trainer.fit(model, make_loader())
+    assert trainer.global_step == 60 and surgeon.step == 60  # finished; the step counts
+    before, after = recorder.at_step[BAD_STEP], recorder.at_step[BAD_STEP + 1]
+    assert same(after, before), "the non-finite step changed weights or optimizer state"
+    assert not same(recorder.at_step[BAD_STEP + 2], after), "the next step was not applied"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    at_bad = [e.kind for e in surgeon.events if e.step == BAD_STEP]
+    assert at_bad == [EventKind.NONFINITE, EventKind.SKIPPED_STEP]
+
+
+def test_without_the_guard_the_same_nan_ruins_the_weights(make_trainer: Callable) -> None:
+    """The control: with ``skip_nonfinite='off'`` and no rollback the NaN reaches the weights."""
+    surgeon = ScheduleSurgeon(skip_nonfinite="off", snapshot="off")
+    model = poisoned_model("grad", fused=False)
+    make_trainer([surgeon], max_steps=40).fit(model, make_loader())
+    assert any(torch.isnan(p).any() for p in model.parameters())
+    assert EventKind.SKIPPED_STEP not in [e.kind for e in surgeon.events]
+
+
+def test_without_the_guard_a_rollback_repairs_the_nan(make_trainer: Callable) -> None:
+    """Unguarded (as on CUDA with a non-fused optimizer), the NaN weights produce NaN losses
+    until ``rollback_nonfinite`` of them in a row restore the last good snapshot."""
+    surgeon = ScheduleSurgeon(skip_nonfinite="off")
+    model = poisoned_model("grad", fused=False)
+    make_trainer([surgeon], max_steps=80).fit(model, make_loader())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    rollback = next(e for e in surgeon.events if e.kind is EventKind.ROLLBACK)
+    assert rollback.step == BAD_STEP + 1 + 2  # the third non-finite loss in a row
+    assert "3 non-finite steps in a row" in rollback.reason
+
+
+# ---------------------------------------------------------------------------- spikes
+SPIKE_STEP, STEPS = 100, 200
+
+
+def spike_1000x(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+    return loss * 1000.0 if step == SPIKE_STEP else loss
+
+
+def final_loss(callbacks: list[Any], spike: bool, make_trainer: Callable[..., Any]) -> float:
+    """Mean training loss of the last 10 steps."""
+    model = TinyRegressor(loss_hook=spike_1000x if spike else None)
+    make_trainer(callbacks, max_steps=STEPS).fit(model, make_loader())
+    losses = [r["loss"] for r in model.records[-10:]]
+    return sum(losses) / len(losses)
+
+
+def test_a_severe_spike_is_rolled_back_and_the_run_ends_as_a_clean_one(
+    make_trainer: Callable[..., Any],
+) -> None:
+    clean = final_loss([ScheduleSurgeon()], spike=False, make_trainer=make_trainer)
+    # left alone (no surgeon: constant LR) the spike wrecks the run
+    wrecked = final_loss([], spike=True, make_trainer=make_trainer)
+    assert not math.isfinite(wrecked) or wrecked > 10 * clean
+    # the surgeon without rollback only cuts the LR: still far off
+    cut_only = final_loss([ScheduleSurgeon(snapshot="off")], True, make_trainer)
+    assert cut_only > 1.5 * clean
+    surgeon = ScheduleSurgeon()
+    rolled_back = final_loss([surgeon], spike=True, make_trainer=make_trainer)
+    assert rolled_back == pytest.approx(clean, rel=0.10)
+    kinds = [(e.step, e.kind) for e in surgeon.events]
+    assert (SPIKE_STEP, EventKind.SPIKE) in kinds and (SPIKE_STEP, EventKind.ROLLBACK) in kinds
+    rollback = next(e for e in surgeon.events if e.kind is EventKind.ROLLBACK)
+    assert "restored the snapshot of step 90" in rollback.reason
+
+
+def test_rollback_is_in_events_jsonl_and_resume_takes_new_snapshots(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A checkpoint holds no snapshot; the resumed fit takes its own and still rolls back."""
+    surgeon = ScheduleSurgeon()
+    ckpt = pl.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=60, save_top_k=-1)
+    logger = pl.loggers.CSVLogger(tmp_path, name="run", version=0)
+    trainer = make_trainer([surgeon, ckpt], max_steps=60, logger=logger, enable_checkpointing=True)
+    trainer.fit(TinyRegressor(loss_hook=spike_1000x), make_loader())
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    saved = torch.load(path, weights_only=False)["callbacks"]["ScheduleSurgeon"]
+    assert not any(isinstance(v, Tensor) for v in _leaves(saved)), "a snapshot was checkpointed"
+
+    resumed = ScheduleSurgeon()
+    trainer = make_trainer([resumed], max_steps=STEPS, logger=logger)
+    trainer.fit(TinyRegressor(loss_hook=spike_1000x), make_loader(), ckpt_path=path)
+    rollback = next(e for e in resumed.events if e.kind is EventKind.ROLLBACK)
+    assert rollback.step == SPIKE_STEP
+    assert "restored the snapshot of step 90" in rollback.reason  # taken after the resume
+    lines = (Path(trainer.log_dir) / "events.jsonl").read_text().splitlines()
+    logged = [json.loads(line) for line in lines]
+    assert {"step": SPIKE_STEP, "kind": "rollback"}.items() <= next(
+        e for e in logged if e["kind"] == "rollback"
+    ).items()
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list | tuple):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"snapshot": "gpu"}, "snapshot"),
+        ({"skip_nonfinite": "sometimes"}, "skip_nonfinite"),
+        ({"rollback_threshold": 0.5}, "rollback_threshold"),
+        ({"rollback_threshold": math.nan}, "rollback_threshold"),
+        ({"rollback_nonfinite": 0}, "rollback_nonfinite"),
+        ({"snapshot_every": -3}, "snapshot_every"),
+        ({"snapshot_every": 1.5}, "snapshot_every"),
+    ],
+)
+def test_bad_values_raise_naming_the_field(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        ScheduleSurgeon(**kwargs)

@@ -1,0 +1,137 @@
+"""``Snapshot``: capture, train on, restore -> weights, buffers and optimizer state as captured."""
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from surgeon.snapshot import Snapshot
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def train(model: nn.Module, optimizers: list[torch.optim.Optimizer], steps: int) -> None:
+    model.train()
+    for i in range(steps):
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(i))
+        for opt in optimizers:
+            opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        for opt in optimizers:
+            opt.step()
+
+
+def everything(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[object]:
+    """Parameters, buffers, and per optimizer its groups' settings and state, cloned."""
+    out: list[object] = [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
+    for opt in optimizers:
+        out.append([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for p in params:
+            state = opt.state.get(p, {})
+            out.append({k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()})
+    return out
+
+
+def equal(a: list[object], b: list[object]) -> bool:
+    def eq(x: object, y: object) -> bool:
+        if isinstance(x, Tensor):
+            return isinstance(y, Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        if isinstance(x, list):
+            return isinstance(y, list) and len(x) == len(y) and all(map(eq, x, y))
+        return x == y
+
+    return eq(a, b)
+
+
+def two_optimizers(model: nn.Module) -> list[torch.optim.Optimizer]:
+    head = list(model[3].parameters())
+    body = [p for p in model.parameters() if all(p is not h for h in head)]
+    return [
+        torch.optim.AdamW(body, lr=1e-2, weight_decay=0.1),
+        torch.optim.SGD(head, lr=1e-2, momentum=0.9),
+    ]
+
+
+@pytest.mark.parametrize("location", ["cpu", "device"])
+def test_restore_brings_back_exactly_what_was_captured(location: str) -> None:
+    model = make_model()
+    optimizers = two_optimizers(model)
+    train(model, optimizers, 3)
+    snap = Snapshot(location)  # type: ignore[arg-type]
+    snap.capture(model, optimizers, step=3)
+    captured = everything(model, optimizers)
+    params = list(model.parameters())
+    for opt in optimizers:  # settings change too (schedule-free keeps state in its groups)
+        opt.param_groups[0]["lr"] = 123.0
+        opt.param_groups[0]["extra_state"] = 7
+    train(model, optimizers, 5)
+    assert not equal(everything(model, optimizers), captured)
+    snap.restore(model, optimizers)
+    for opt in optimizers:
+        opt.param_groups[0].pop("extra_state")  # not there at capture: left as the caller set it
+    assert equal(everything(model, optimizers), captured)
+    assert all(p is q for p, q in zip(model.parameters(), params, strict=True))  # in place
+    assert snap.step == 3
+
+
+def test_state_created_after_the_capture_is_dropped_on_restore() -> None:
+    """An optimizer without state at capture (before its first step) has none after restore."""
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    snap = Snapshot()
+    snap.capture(model, [optimizer], step=0)
+    before = everything(model, [optimizer])
+    train(model, [optimizer], 2)
+    assert optimizer.state
+    snap.restore(model, [optimizer])
+    assert not optimizer.state
+    assert equal(everything(model, [optimizer]), before)
+
+
+def test_a_restored_run_continues_as_the_original_did() -> None:
+    """Restore, then train: the same weights as training on from the capture point."""
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, [optimizer], 2)
+    snap = Snapshot()
+    snap.capture(model, [optimizer], step=2)
+    train(model, [optimizer], 4)
+    reference = everything(model, [optimizer])
+    snap.restore(model, [optimizer])
+    train(model, [optimizer], 4)
+    assert equal(everything(model, [optimizer]), reference)
+
+
+def buffer_pointers(snap: Snapshot) -> list[int]:
+    saved = list(snap._module)
+    for opt in snap._optimizers:
+        saved += [v for state in opt.states for v in (state or {}).values() if hasattr(v, "buffer")]
+    return sorted(s.buffer.data_ptr() for s in saved)
+
+
+def test_buffers_are_reused_and_nbytes_counts_them() -> None:
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train(model, [optimizer], 1)
+    snap = Snapshot()
+    snap.capture(model, [optimizer], step=1)
+    pointers = buffer_pointers(snap)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    steps = sum(s["step"].numel() * s["step"].element_size() for s in optimizer.state.values())
+    assert snap.nbytes == weights + moments + steps
+    train(model, [optimizer], 1)
+    snap.capture(model, [optimizer], step=2)
+    assert buffer_pointers(snap) == pointers  # no new allocation
+
+
+def test_bad_location_and_empty_restore_raise() -> None:
+    with pytest.raises(ValueError, match=r"snapshot location.*'gpu'"):
+        Snapshot("gpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty snapshot"):
+        Snapshot().restore(make_model(), [])
