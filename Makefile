@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # would download a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup test test-fast lint demo bench quality quality-quick clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
+
+quality: $(STAMP)
+	$(PY) benchmarks/quality.py --workers 2 --out runs/quality
+
+quality-quick: $(STAMP)
+	$(PY) benchmarks/quality.py --quick --out runs/quality-quick
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache .hypothesis

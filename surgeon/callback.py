@@ -171,7 +171,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         min_warmup: Steps = 0.02,
         max_warmup: Steps = 0.1,
         min_lr_ratio: float = 0.1,
-        decay: DecayName = "cosine",
+        decay: DecayName = "wsd",
         wsd_decay_fraction: float = 0.2,
         stabilize_window: Steps = 0.01,
         stabilize_threshold: float = 0.02,

@@ -57,7 +57,7 @@ class SurgeonConfig:
     """Longest automatic warmup: decay starts here if the loss never stabilized."""
     min_lr_ratio: float = 0.1
     """The floor: decay ends at ``min_lr_ratio x`` each group's peak LR; cuts never go lower."""
-    decay: DecayName = "cosine"
+    decay: DecayName = "wsd"
     """Shape from the peak to the floor; ``"wsd"`` holds the peak, then decays linearly over
     the last ``wsd_decay_fraction`` of the steps that remain."""
     wsd_decay_fraction: float = 0.2

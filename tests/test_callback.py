@@ -77,7 +77,7 @@ def spike_at(step: int, factor: float = 20.0) -> Callable[[int, int, Tensor], Te
 
 def test_lr_in_training_step_is_peak_times_controller_scale(make_trainer: Any) -> None:
     steps, ramp = 100, 10
-    cb = ScheduleSurgeon(min_warmup=ramp, max_warmup=30)
+    cb = ScheduleSurgeon(min_warmup=ramp, max_warmup=30, decay="cosine")
     scales_seen: list[float] = []
     phases_seen: list[str] = []
 
@@ -129,7 +129,7 @@ def test_phase_before_fit_is_warmup_and_events_empty() -> None:
 
 
 def test_two_param_groups_keep_their_ratio(make_trainer: Any) -> None:
-    cb = ScheduleSurgeon(min_warmup=8, max_warmup=16)
+    cb = ScheduleSurgeon(min_warmup=8, max_warmup=16, decay="cosine")
     model = TinyRegressor((1e-3, 1e-4))
     make_trainer([cb], max_steps=60).fit(model, make_loader())
 
@@ -198,7 +198,7 @@ def test_manual_optimization_two_optimizers(make_trainer: Any) -> None:
     """Works: each optimizer gets its own peak x the same scale, one surgeon step per batch, and
     the plan spans the batches (Lightning counts every ``opt.step()`` in ``max_steps``)."""
     batches = 24
-    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8)
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="cosine")
     model = TinyRegressor((0.05, 0.01), manual=True)
     trainer = make_trainer([cb], max_steps=2 * batches)
     trainer.fit(model, make_loader())
@@ -243,7 +243,14 @@ def test_injected_spike_cuts_the_lr_after_the_readback_delay(make_trainer: Any) 
         return loss
 
     # no plateau response in this run (patience = the whole run): the spike alone moves the LR
-    cb = ScheduleSurgeon(warmup=20, spike_cooldown=8, spike_recovery=10, plateau_patience=1.0)
+    cb = ScheduleSurgeon(
+        warmup=20,
+        spike_cooldown=8,
+        spike_recovery=10,
+        plateau_patience=1.0,
+        decay="cosine",
+        rollback_threshold=50.0,  # a cut, not a rollback (tests/test_rollback.py has those)
+    )
     model = TinyRegressor(loss_hook=hook)
     trainer = make_trainer([cb], max_steps=steps)
     trainer.fit(model, make_loader())
@@ -441,7 +448,7 @@ def test_constructor_defaults_match_the_config_defaults() -> None:
 @pytest.mark.parametrize("namespace", ["pytorch_lightning", "lightning.pytorch"])
 def test_works_with_both_lightning_namespaces(make_trainer: Any, namespace: str) -> None:
     ns = importlib.import_module(namespace)
-    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8)
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="cosine")
     assert isinstance(cb, ns.Callback)
     model = regressor_class(ns)()
     assert isinstance(model, ns.LightningModule)
@@ -530,7 +537,7 @@ def test_progress_bar_shows_the_phase(make_trainer: Any) -> None:
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
             seen.append(trainer.progress_bar_callback.get_metrics(trainer, pl_module)["phase"])
 
-    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8)
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="cosine")
     trainer = make_trainer([cb, ReadBar()], max_steps=30, enable_progress_bar=True)
     trainer.fit(TinyRegressor(), make_loader())
     switch = seen.index("decay")  # once, and never back

@@ -201,6 +201,7 @@ class TestPlateau:
             "warmup": self.WARMUP,
             "plateau_patience": self.PATIENCE,
             "plateau_cooldown": self.COOLDOWN,
+            "decay": "cosine",  # these tests follow the cosine's shape after each response
         }
         return SurgeonConfig(**{**kwargs, **overrides})
 

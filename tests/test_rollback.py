@@ -108,7 +108,7 @@ def test_without_the_guard_a_rollback_repairs_the_nan(make_trainer: Callable) ->
 
 
 # ---------------------------------------------------------------------------- spikes
-SPIKE_STEP, STEPS = 100, 200
+SPIKE_STEP, STEPS = 100, 300
 
 
 def spike_1000x(step: int, batch_idx: int, loss: Tensor) -> Tensor:
