@@ -84,13 +84,14 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 from surgeon import ScheduleSurgeon
 
-VARIANTS = ("none", "empty", "lambdalr", "monitor+spike", "surgeon")
+VARIANTS = ("none", "empty", "lambdalr", "monitor+spike", "surgeon", "surgeon-unguarded")
 LABELS = {
     "none": "none (constant LR)",
     "empty": "empty Callback (reference)",
     "lambdalr": "LambdaLR warmup-cosine",
     "monitor+spike": "LRMonitor + SpikeDetection",
     "surgeon": "ScheduleSurgeon",
+    "surgeon-unguarded": "  no NaN guard, no snapshots",
 }
 WIDTH, BATCH, LR = 32, 64, 0.01
 
@@ -224,6 +225,8 @@ def make_callbacks(variant: str) -> list[pl.Callback]:
         return [LearningRateMonitor(logging_interval="step"), SpikeDetection()]
     if variant == "surgeon":
         return [ScheduleSurgeon()]
+    if variant == "surgeon-unguarded":  # what the NaN guard and the snapshots cost
+        return [ScheduleSurgeon(skip_nonfinite="off", snapshot="off")]
     if variant == "empty":
         return [pl.Callback()]
     return []
