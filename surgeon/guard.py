@@ -108,18 +108,13 @@ class NonFiniteGuard:
             return None
         device = tensors[0].device
         flag = torch.zeros((), device=device)  # 0-d, as GradScaler makes it (fused Adam needs it)
-        if device not in self._one:
-            self._one[device] = torch.ones((), device=device)
         by_device: dict[torch.device, list[Tensor]] = {}
         for t in tensors:
             by_device.setdefault(t.device, []).append(t)
-        for where, group in by_device.items():
-            if where == device:
-                torch._amp_foreach_non_finite_check_and_unscale_(group, flag, self._one[device])
-            else:  # a model spread over devices: check there, gather the flag here
-                local = torch.zeros((), device=where)
-                one = self._one.setdefault(where, torch.ones((), device=where))
-                torch._amp_foreach_non_finite_check_and_unscale_(group, local, one)
+        for where, group in by_device.items():  # a model spread over devices: check on each
+            local = flag if where == device else torch.zeros((), device=where)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, local, self._unit(where))
+            if local is not flag:
                 flag = torch.maximum(flag, local.to(device, non_blocking=True))
         if self.reduce_max is not None:
             self.reduce_max(flag)
@@ -131,6 +126,12 @@ class NonFiniteGuard:
                 for p in group["params"]:
                     p.grad = None
         return flag
+
+    def _unit(self, device: torch.device) -> Tensor:
+        """A cached 1.0 on ``device``: the check's (un)scale factor."""
+        if device not in self._one:
+            self._one[device] = torch.ones((), device=device)
+        return self._one[device]
 
     def release(self) -> None:
         """After the step: take ``found_inf`` back off the optimizers it was put on."""

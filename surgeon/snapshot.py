@@ -61,11 +61,7 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         """Memory the copy holds, in bytes."""
-        tensors = [saved.buffer for saved in self._module]
-        for opt in self._optimizers:
-            for state in opt.states:
-                tensors += [v.buffer for v in (state or {}).values() if isinstance(v, _SavedTensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(s.buffer.numel() * s.buffer.element_size() for s in self._saved_tensors())
 
     @torch.no_grad()
     def capture(self, module: nn.Module, optimizers: list[Optimizer], step: int) -> None:
@@ -134,14 +130,18 @@ class Snapshot:
                 )
         return saved
 
-    def _recycle(self) -> None:
-        """Make the previous capture's buffers available for reuse by shape, dtype and device."""
-        self._spare = {}
+    def _saved_tensors(self) -> list[_SavedTensor]:
+        """Every tensor copy the snapshot holds: module tensors, then optimizer state."""
         saved = list(self._module)
         for opt in self._optimizers:
             for state in opt.states:
                 saved += [v for v in (state or {}).values() if isinstance(v, _SavedTensor)]
-        for item in saved:
+        return saved
+
+    def _recycle(self) -> None:
+        """Make the previous capture's buffers available for reuse by shape, dtype and device."""
+        self._spare = {}
+        for item in self._saved_tensors():
             key = (item.buffer.shape, item.buffer.dtype, item.device)
             self._spare.setdefault(key, []).append(item.buffer)
 

@@ -108,10 +108,7 @@ def test_a_restored_run_continues_as_the_original_did() -> None:
 
 
 def buffer_pointers(snap: Snapshot) -> list[int]:
-    saved = list(snap._module)
-    for opt in snap._optimizers:
-        saved += [v for state in opt.states for v in (state or {}).values() if hasattr(v, "buffer")]
-    return sorted(s.buffer.data_ptr() for s in saved)
+    return sorted(s.buffer.data_ptr() for s in snap._saved_tensors())
 
 
 def test_buffers_are_reused_and_nbytes_counts_them() -> None:
