@@ -1,8 +1,8 @@
 """Per-step overhead of LR control in a Lightning fit: what the surgeon costs next to the usual.
 
 A model so small (``Linear(32, 32)`` on one fixed in-memory batch) that the per-step work of
-Lightning and of the callbacks dominates. The same ``pytorch_lightning`` Trainer for all
-variants:
+Lightning and of the callbacks dominates (``--width`` makes it bigger, for the same table at a
+longer step). The same ``pytorch_lightning`` Trainer for all variants:
 
 * ``none``: no callback, constant LR (the baseline of every ratio);
 * ``empty``: one ``Callback()`` that overrides nothing, constant LR. A reference, not a
@@ -12,7 +12,9 @@ variants:
 * ``monitor+spike``: Lightning's ``LearningRateMonitor`` + ``SpikeDetection``
   (``pytorch_lightning.callbacks.spike``; it exists in ``pytorch_lightning`` 2.6 as well as
   ``lightning.pytorch``, so no namespace switch is needed);
-* ``surgeon``: ``ScheduleSurgeon()`` with its defaults.
+* ``surgeon``: ``ScheduleSurgeon()`` with its defaults;
+* ``surgeon-unguarded``: ``ScheduleSurgeon(skip_nonfinite="off", snapshot="off")``, the
+  controller alone: what the non-finite guard and the snapshots cost is the difference.
 
 In one process: one warm-up round of every variant (discarded), then ``--repeats`` rounds,
 each running every variant once, in a rotated order (so no variant always runs first).
@@ -38,6 +40,10 @@ Columns, per variant (medians over the rounds):
   shared, noisy one (where a 3 % difference drowns in the fit-to-fit spread) it is the
   number to trust. The CPU-time (``time.process_time``) ratio is in the JSON output.
 
+Below the table, the targets of issue 4 against this run: the surgeon's hook cost against
+``LambdaLR``'s, and its fit-time ratio against 1.03 (with the empty callback's beside it, the
+floor of any callback).
+
 Every variant gets the same no-op logger (``DummyLogger``): ``LearningRateMonitor`` refuses
 to run without one. Progress bar, model summary, checkpointing and sanity checks are off;
 torch runs one intra-op thread (``--threads``).
@@ -51,6 +57,7 @@ Usage::
 
     python benchmarks/overhead.py                 # full run (a minute or two on CPU)
     python benchmarks/overhead.py --quick         # smoke run, < 30 s
+    python benchmarks/overhead.py --width 1024    # a 7 ms step instead of 0.8 ms
     python benchmarks/overhead.py --json out.json # also write the numbers
 """
 
@@ -94,6 +101,7 @@ LABELS = {
     "surgeon-unguarded": "  no NaN guard, no snapshots",
 }
 WIDTH, BATCH, LR = 32, 64, 0.01
+"""Default model width (``--width``), batch size, SGD learning rate."""
 
 
 # ---------------------------------------------------------------------------- timing
@@ -158,12 +166,14 @@ def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
 
 
 class Tiny(pl.LightningModule):
-    """``Linear(32, 32)`` regressing a fixed batch; SGD, optionally with a LambdaLR."""
+    """``Linear(width, width)`` regressing a fixed batch; SGD, optionally with a LambdaLR."""
 
-    def __init__(self, total_steps: int, scheduler_timer: HookTimer | None = None) -> None:
+    def __init__(
+        self, total_steps: int, width: int, scheduler_timer: HookTimer | None = None
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Linear(WIDTH, WIDTH)
+        self.net = nn.Linear(width, width)
         self.total_steps = total_steps
         self.scheduler_timer = scheduler_timer
         self.stamps: list[int] = []
@@ -193,10 +203,10 @@ class FixedBatches:
     An iterable, not a list: Lightning would take a list for a list of dataloaders.
     """
 
-    def __init__(self, steps: int) -> None:
+    def __init__(self, steps: int, width: int) -> None:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(BATCH, WIDTH, generator=g)
-        y = x @ torch.randn(WIDTH, WIDTH, generator=g) / WIDTH**0.5
+        x = torch.randn(BATCH, width, generator=g)
+        y = x @ torch.randn(width, width, generator=g) / width**0.5
         self.batch, self.steps = (x, y), steps
 
     def __len__(self) -> int:
@@ -232,11 +242,13 @@ def make_callbacks(variant: str) -> list[pl.Callback]:
     return []
 
 
-def run_fit(variant: str, steps: int, device: str, root: Path, count_syncs: bool = False) -> Fit:
+def run_fit(
+    variant: str, steps: int, width: int, device: str, root: Path, count_syncs: bool = False
+) -> Fit:
     timer = HookTimer()
     callbacks = make_callbacks(variant)
     time_hooks(callbacks, timer)
-    model = Tiny(steps, timer if variant == "lambdalr" else None)
+    model = Tiny(steps, width, timer if variant == "lambdalr" else None)
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,
@@ -249,7 +261,7 @@ def run_fit(variant: str, steps: int, device: str, root: Path, count_syncs: bool
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    batches = FixedBatches(steps)
+    batches = FixedBatches(steps, width)
     # Lightning's own machinery around the LR work: callback dispatch and scheduler updates
     machinery = HookTimer()
     dispatch = pl_call._call_callback_hooks
@@ -311,16 +323,22 @@ class Row:
 
 
 def measure(
-    device: str, variants: list[str], steps: int, repeats: int, warmup_steps: int, root: Path
+    device: str,
+    variants: list[str],
+    steps: int,
+    width: int,
+    repeats: int,
+    warmup_steps: int,
+    root: Path,
 ) -> list[Row]:
     rows = {v: Row(v) for v in variants}
     per_hook: dict[tuple[str, str], list[float]] = {}
     for variant in variants:  # warm-up: imports, allocator, first-call paths
-        run_fit(variant, warmup_steps, device, root)
+        run_fit(variant, warmup_steps, width, device, root)
     for r in range(repeats):
         order = variants[r % len(variants) :] + variants[: r % len(variants)]
         for variant in order:
-            fit = run_fit(variant, steps, device, root)
+            fit = run_fit(variant, steps, width, device, root)
             row = rows[variant]
             row.wall_s.append(fit.wall_s)
             row.step_us.append(fit.step_s * 1e6)
@@ -355,7 +373,7 @@ def measure(
         rows[variant].per_hook_us_per_step[name] = statistics.median(values)
     if device == "cuda":
         for variant, row in rows.items():
-            fit = run_fit(variant, steps, device, root, count_syncs=True)
+            fit = run_fit(variant, steps, width, device, root, count_syncs=True)
             row.syncs_per_step = (fit.syncs or 0) / steps
             row.hook_syncs_per_step = (fit.hook_syncs or 0) / steps
     return list(rows.values())
@@ -388,15 +406,45 @@ def format_table(title: str, rows: list[Row], cuda: bool) -> str:
     lines.append("hook µs/step by callable (median):")
     for row in rows:
         for name, us in row.per_hook_us_per_step.items():
-            lines.append(f"  {name:<50} {us:>8.2f}")
+            lines.append(f"  {row.variant + ': ' + name:<64} {us:>8.2f}")
+    lines += targets(rows)
     return "\n".join(lines)
+
+
+def targets(rows: list[Row]) -> list[str]:
+    """The issue's targets against this table: hook cost at or below ``LambdaLR``'s, fit-time
+    ratio <= 1.03 (with the floor any callback pays, the empty one's, beside it)."""
+    by = {row.variant: row for row in rows}
+    if "surgeon" not in by:
+        return []
+    surgeon, lines = by["surgeon"], ["targets:"]
+    for variant in ("surgeon", "surgeon-unguarded"):
+        if variant in by and "lambdalr" in by:
+            mine, theirs = (
+                by[variant].median_hook_us_per_step,
+                by["lambdalr"].median_hook_us_per_step,
+            )
+            verdict = "met" if mine <= theirs else f"missed, x{mine / theirs:.1f}"
+            lines.append(
+                f"  {LABELS[variant].strip()}: hook {mine:.1f} µs/step vs LambdaLR's {theirs:.1f}: "
+                f"{verdict}"
+            )
+    floor = f" (an empty Callback: {by['empty'].estimated_ratio:.3f})" if "empty" in by else ""
+    met = "met" if max(surgeon.ratio, surgeon.estimated_ratio) <= 1.03 else "missed"
+    lines.append(
+        f"  fit-time ratio <= 1.03: {met}: measured {surgeon.ratio:.3f}, est. "
+        f"{surgeon.estimated_ratio:.3f}{floor}"
+    )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=500, help="optimizer steps per fit")
-    parser.add_argument("--repeats", type=int, default=5, help="measured rounds of all variants")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 100 steps, 2 repeats")
+    parser.add_argument("--steps", type=int, help="optimizer steps per fit (500; --quick: 100)")
+    parser.add_argument(
+        "--repeats", type=int, help="measured rounds of all variants (5; --quick: 2)"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer steps and repeats")
     parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -404,6 +452,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="auto: CPU, and CUDA too when available",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=WIDTH,
+        help="model width (Linear(width, width), batch 64): larger means a longer step",
+    )
     parser.add_argument(
         "--variants",
         nargs="+",
@@ -413,8 +467,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--json", type=Path, help="write the numbers to this file")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.repeats = 100, 2
+    if args.steps is None:
+        args.steps = 100 if args.quick else 500
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 5
     warmup_steps = 20 if args.quick else min(args.steps, 100)
     devices = ["cpu"] if args.device in ("auto", "cpu") else []
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
@@ -428,6 +484,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": args.steps,
         "repeats": args.repeats,
         "threads": args.threads,
+        "width": args.width,
         "torch": torch.__version__,
         "pytorch_lightning": pl.__version__,
         "python": platform.python_version(),
@@ -435,10 +492,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory() as tmp:
         for device in devices:
-            rows = measure(device, args.variants, args.steps, args.repeats, warmup_steps, Path(tmp))
+            rows = measure(
+                device,
+                args.variants,
+                args.steps,
+                args.width,
+                args.repeats,
+                warmup_steps,
+                Path(tmp),
+            )
             where = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
             title = (
-                f"{device.upper()} ({where or platform.machine()}), {args.steps} steps/fit, "
+                f"{device.upper()} ({where or platform.machine()}), Linear({args.width}, "
+                f"{args.width}), {args.steps} steps/fit, "
                 f"median of {args.repeats}, torch {torch.__version__}, "
                 f"pytorch_lightning {pl.__version__}, {args.threads} thread(s)"
             )

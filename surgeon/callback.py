@@ -142,6 +142,34 @@ def _make_guard(trainer: pl.Trainer, mode: SkipNonfinite, scaled: bool) -> NonFi
     return NonFiniteGuard(mode, lambda flag: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
 
 
+def _optimizer_step_counter(trainer: pl.Trainer) -> Any:
+    """Lightning's counter whose ``completed`` is ``trainer.global_step``, or ``None``.
+
+    The property walks a chain of seven (fit loop, Lightning module, optimization loop, ...), a
+    few µs a read, to a counter that is the same object for the whole fit: which loop counts is
+    fixed by ``automatic_optimization``, and Lightning updates the counter in place, also when it
+    restores a checkpoint (before ``on_train_start``, where this is called). ``None`` where the
+    loops are laid out otherwise (another Lightning version): read the property then.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        if trainer.lightning_module.automatic_optimization:
+            counter = loop.automatic_optimization.optim_progress.optimizer.step.total
+        else:
+            counter = loop.manual_optimization.optim_step_progress.total
+        return counter if counter.completed == trainer.global_step else None
+    except AttributeError:
+        return None
+
+
+def _grad_scaler(trainer: pl.Trainer) -> Any:
+    """The precision plugin's enabled GradScaler, or ``None`` (its ``_scale`` tensor appears
+    only at its first step, so look for the scaler, not the scale)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    is_enabled = getattr(scaler, "is_enabled", None)
+    return scaler if callable(is_enabled) and is_enabled() else None
+
+
 class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     """Runs the learning rate of every optimizer as an adaptive warmup/decay controller.
 
@@ -253,6 +281,12 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self.skipped_steps = 0
         self._written_step = -1
         self._last_global_step = 0
+        # fixed for a fit, read once (on_fit_start / on_train_start) rather than per step through
+        # Lightning's chains of properties
+        self._step_counter: Any = None  # see _optimizer_step_counter
+        self._scaler: Any = None
+        self._log_every = 1
+        self._is_global_zero = True
         self._optimizers: list[Optimizer] = []
         self._lr_names: list[list[str]] = []
         self._events_path: Path | None = None
@@ -288,14 +322,12 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         curve = None
         if self.config.peak_lr == "find" and not resuming:
             curve = self._find_peak_lr(trainer, pl_module)
-        for optimizer in self._optimizers:
-            for group in optimizer.param_groups:
-                group.setdefault(PEAK_LR_KEY, group["lr"])
-                _check_lr(group[PEAK_LR_KEY])
-        self._lr_names = lr_metric_names(self._optimizers)
+        self._adopt_new_param_groups()
         self.feed = LossFeed(self.feed.readback_every, _mean_across_ranks(trainer))
-        scaled = self._loss_scale(trainer) is not None
-        self.guard = _make_guard(trainer, self.skip_nonfinite, scaled)
+        self._scaler = _grad_scaler(trainer)
+        self._log_every = max(1, trainer.log_every_n_steps)
+        self._is_global_zero = trainer.is_global_zero
+        self.guard = _make_guard(trainer, self.skip_nonfinite, self._scaler is not None)
         self._step_flag = None
         self._snapshots = [] if self.snapshot == "off" else [Snapshot(self.snapshot) for _ in "ab"]
         self.step = self.skipped_steps = 0
@@ -311,6 +343,15 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             if not resuming:  # a reused log directory keeps no older run's curve
                 self._write_lr_find(self._events_path.parent / LR_FIND_FILE, curve)
         self._show_phase_in_progress_bar(trainer)
+
+    def _adopt_new_param_groups(self) -> None:
+        """Give each param group without a peak LR its configured LR as its peak (at the start,
+        and for groups added during the fit), and name every group's LR metric."""
+        for optimizer in self._optimizers:
+            for group in optimizer.param_groups:
+                group.setdefault(PEAK_LR_KEY, group["lr"])
+                _check_lr(group[PEAK_LR_KEY])
+        self._lr_names = lr_metric_names(self._optimizers)
 
     def _find_peak_lr(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
@@ -380,6 +421,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
+        self._step_counter = _optimizer_step_counter(trainer)
         if self._events_path is not None:
             # after a checkpoint is restored: the file holds this run's events, none when it
             # starts fresh (a reused log directory keeps no older run's), the restored ones when
@@ -437,13 +479,20 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         if self.controller is None or self._written_step == self.step:
             return
         scale = self.controller.lr_scale(self.step)
-        for optimizer in self._optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group[PEAK_LR_KEY] * scale
+        try:
+            for optimizer in self._optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = group[PEAK_LR_KEY] * scale
+        except KeyError:  # a param group added during the fit (e.g. by BaseFinetuning)
+            self._adopt_new_param_groups()
+            # snapshots taken with fewer groups cannot be restored into these optimizers
+            self.controller.forget_snapshots()
+            self._snapshots = [Snapshot(s.location) for s in self._snapshots]
+            return self.on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._written_step = self.step
         if self._snapshots and self.controller.snapshot_due(self.step):
             self._take_snapshot(trainer)
-        if self.step % max(1, trainer.log_every_n_steps) == 0 and trainer.is_global_zero:
+        if self.step % self._log_every == 0 and self._is_global_zero:
             self._log_lrs(trainer, scale)
 
     def on_before_backward(
@@ -479,20 +528,16 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
                 "are not counted (return the loss, or a dict with 'loss', on every step that "
                 "should count)"
             )
-        global_step = trainer.global_step  # a chain of properties: read it once
+        counter = self._step_counter  # trainer.global_step, without its chain of properties
+        global_step = counter.completed if counter is not None else trainer.global_step
         if global_step == self._last_global_step:
             return  # accumulating: the optimizer step has not happened yet
         self._last_global_step = global_step
         self.step += 1
         flag, self._step_flag = self._step_flag, None
         self.guard.release()
-        self._consume(trainer, self.feed.close_step(self._loss_scale(trainer), flag))
-
-    @staticmethod
-    def _loss_scale(trainer: pl.Trainer) -> Tensor | None:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = getattr(scaler, "_scale", None)
-        return scale if isinstance(scale, Tensor) else None
+        scale = getattr(self._scaler, "_scale", None)  # GradScaler makes it at its first step
+        self._consume(trainer, self.feed.close_step(scale, flag))
 
     def _consume(self, trainer: pl.Trainer, due: list[StepLoss]) -> None:
         assert self.controller is not None
@@ -506,7 +551,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
                 self._report(event)
             if self.controller.rollback_to is not None:
                 self._roll_back(trainer)
-            if loss_step % max(1, trainer.log_every_n_steps) == 0 and trainer.is_global_zero:
+            if loss_step % self._log_every == 0 and self._is_global_zero:
                 self._log_loss(trainer, loss_step, item.loss)
 
     # ------------------------------------------------------------------ snapshots

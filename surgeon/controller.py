@@ -116,16 +116,19 @@ class _Plan:
         """The plan as a schedule of the local step ``step - start``."""
         pieces = [schedules.linear(self.v0, self.v1, self.ramp)] if self.ramp else []
         if self.hold is None:
-            return schedules.join(
-                [*pieces, schedules.constant(self.v1)], [self.ramp] if pieces else []
-            )
+            return _join([*pieces, schedules.constant(self.v1)], [self.ramp] if pieces else [])
         if self.hold:
             pieces.append(schedules.constant(self.v1))
         pieces.append(schedules.decay_shape(self.shape, self.v1, min(floor, self.v1), self.decay))
         bounds = [self.ramp] if self.ramp else []
         if self.hold:
             bounds.append(self.ramp + self.hold)
-        return schedules.join(pieces, bounds)
+        return _join(pieces, bounds)
+
+
+def _join(pieces: list[schedules.Schedule], bounds: list[int]) -> schedules.Schedule:
+    """``schedules.join``, or the only piece itself: the same curve, one call less per step."""
+    return pieces[0] if len(pieces) == 1 else schedules.join(pieces, bounds)
 
 
 @dataclass
@@ -256,8 +259,9 @@ class Controller:
     # ------------------------------------------------------------------ LR
     def lr_scale(self, step: int) -> float:
         """Multiplier for each param group's base LR at optimizer ``step`` (>= the last loss's)."""
-        local = max(0, step - self._plan.start)
-        scale = self._base(local) * self.intervention.at(step)
+        scale = self._base(max(0, step - self._plan.start))
+        if self.intervention.mode != "normal":  # else it is 1: no call (this runs every step)
+            scale *= self.intervention.at(step)
         return scale if self.phase is Phase.WARMUP else max(self.floor, scale)
 
     def lr_for(self, base_lr: float, step: int) -> float:
@@ -282,7 +286,7 @@ class Controller:
         if self.intervention.mode == "recover" and self.intervention.at(step + 1) >= 1.0:
             self.intervention = _Intervention()
 
-        mean, std = self.spike.mean, self.spike.std
+        mean, var = self.spike.mean, self.spike.var  # before this loss, for a spike's reason
         if update_skipped and math.isfinite(loss):
             signal, bad = Signal.NONFINITE, f"gradients are non-finite (loss {loss:.4g}); "
         else:
@@ -303,7 +307,7 @@ class Controller:
             self.nonfinite_streak = 0
             why = (
                 f"loss {loss:.4g} is {self.spike.last_zscore:.1f} sigma above its running mean "
-                f"{mean:.4g} (std {std:.3g}; thresholds {self.spike.zscore:g} sigma and "
+                f"{mean:.4g} (std {math.sqrt(var):.3g}; thresholds {self.spike.zscore:g} sigma and "
                 f"{self.spike.ratio:g}x the mean); "
             )
             new_events.append(self._cut_for_spike(step, EventKind.SPIKE, why))
@@ -317,12 +321,14 @@ class Controller:
         else:
             self.nonfinite_streak = 0
             self._settle_snapshot(step)
-            new_events += self._maybe_recover(step, loss)
+            if self.intervention.mode == "hold":
+                new_events += self._maybe_recover(step, loss)
             if self.phase is Phase.WARMUP:
                 new_events += self._warmup_update(step, loss)
             elif self.phase is Phase.DECAY and self.intervention.mode == "normal":
                 new_events += self._plateau_update(step, loss)
-        if step == self._pending_snapshot_step:  # its loss was not normal: not a good state
+        pending = self._pending_snapshot
+        if pending is not None and pending[0] == step:  # its loss was not normal: not good
             self._pending_snapshot = None
         if self.phase is Phase.WARMUP and step + 1 >= self.max_warmup:
             new_events.append(self._end_warmup(step, self._warmup_deadline_reason()))
@@ -340,10 +346,6 @@ class Controller:
         # set by a decision to roll back: the step of the snapshot the caller is to restore
         self.rollback_to: int | None = None
         self._rollback_cause: tuple[int, str] = (0, "")
-
-    @property
-    def _pending_snapshot_step(self) -> int | None:
-        return None if self._pending_snapshot is None else self._pending_snapshot[0]
 
     @property
     def good_snapshot_step(self) -> int | None:
@@ -371,8 +373,13 @@ class Controller:
 
     def _settle_snapshot(self, step: int) -> None:
         """Promote the pending snapshot once the (normal) loss of its step is read."""
-        if step == self._pending_snapshot_step and self.spike.last_zscore <= NORMAL_BAND_ZSCORE:
-            self._good_snapshot, self._pending_snapshot = self._pending_snapshot, None
+        pending = self._pending_snapshot
+        if (
+            pending is not None
+            and pending[0] == step
+            and self.spike.last_zscore <= NORMAL_BAND_ZSCORE
+        ):
+            self._good_snapshot, self._pending_snapshot = pending, None
 
     def _request_rollback(self, step: int, cause: str) -> None:
         if self._good_snapshot is None or self.rollback_to is not None:
@@ -488,8 +495,10 @@ class Controller:
         return self._event(step, kind, why, before)
 
     def _maybe_recover(self, step: int, loss: float) -> list[Event]:
+        """While the LR is held cut: start its recovery once the cooldown is over and the loss
+        is back in its normal band."""
         held = self.intervention
-        if held.mode != "hold" or step + 1 < held.hold_until:
+        if step + 1 < held.hold_until:
             return []
         if self.spike.last_zscore > NORMAL_BAND_ZSCORE:
             return []

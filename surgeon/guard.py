@@ -30,6 +30,7 @@ collective per step that does not block the host on NCCL.
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -53,6 +54,18 @@ def mechanism_for(optimizer: Optimizer, mode: SkipNonfinite) -> Mechanism:
     return "host" if on_cpu or mode == "always" else "none"
 
 
+@dataclass
+class _Watched:
+    """What the guard decided about one optimizer, once (again when a param group is added)."""
+
+    mechanism: Mechanism
+    groups: int
+    """How many param groups the optimizer had: another count means the lists are stale."""
+    params: list[Tensor]
+    device: torch.device | None
+    """The one device all parameters live on (``None``: several)."""
+
+
 class NonFiniteGuard:
     """Per step: collect the micro-batch losses, then flag and skip a non-finite update."""
 
@@ -71,24 +84,34 @@ class NonFiniteGuard:
         """In-place max across ranks (``None``: one process, or gradients synchronized)."""
         self.check_losses = check_losses
         self._losses: list[Tensor] = []
-        self._mechanisms: dict[int, Mechanism] = {}
+        self._watched: dict[int, _Watched] = {}
         self._armed: list[Optimizer] = []
-        self._one: dict[torch.device, Tensor] = {}
+        self._constants: dict[tuple[torch.device, float], Tensor] = {}
+        self._scratch: dict[torch.device, Tensor] = {}
 
     def mechanism(self, optimizer: Optimizer) -> Mechanism:
         """:func:`mechanism_for`, decided once per optimizer; unguarded ones are logged once."""
-        key = id(optimizer)
-        if key not in self._mechanisms:
-            self._mechanisms[key] = found = mechanism_for(optimizer, self.mode)
-            if found == "none" and self.mode == "auto":
-                log.warning(
-                    "ScheduleSurgeon: %s on CUDA is not fused, so skipping its non-finite steps "
-                    "would cost a host sync per step; they are not skipped (a rollback undoes "
-                    "them). Create it with fused=True for a sync-free skip, or pass "
-                    "skip_nonfinite='always' to skip with a sync",
-                    type(optimizer).__name__,
-                )
-        return self._mechanisms[key]
+        return self._watch(optimizer).mechanism
+
+    def _watch(self, optimizer: Optimizer) -> _Watched:
+        groups = optimizer.param_groups
+        watched = self._watched.get(id(optimizer))
+        if watched is not None and watched.groups == len(groups):
+            return watched
+        found = mechanism_for(optimizer, self.mode)
+        if found == "none" and self.mode == "auto" and watched is None:
+            log.warning(
+                "ScheduleSurgeon: %s on CUDA is not fused, so skipping its non-finite steps "
+                "would cost a host sync per step; they are not skipped (a rollback undoes "
+                "them). Create it with fused=True for a sync-free skip, or pass "
+                "skip_nonfinite='always' to skip with a sync",
+                type(optimizer).__name__,
+            )
+        params = [p for group in groups for p in group["params"]]
+        devices = {p.device for p in params}
+        device = next(iter(devices)) if len(devices) == 1 else None
+        self._watched[id(optimizer)] = watched = _Watched(found, len(groups), params, device)
+        return watched
 
     def add_loss(self, loss: Tensor) -> None:
         """Keep one micro-batch loss of the coming step (a reference, no work)."""
@@ -97,46 +120,73 @@ class NonFiniteGuard:
 
     def check(self, optimizer: Optimizer) -> Tensor | None:
         """Flag the step ``optimizer`` is about to take (1.0: non-finite) and arrange for the
-        update to be skipped when set. ``None`` when this optimizer is not guarded."""
-        how = self.mechanism(optimizer)
+        update to be skipped when set. ``None`` when this optimizer is not guarded.
+
+        The flag must not be written to: on the host path it is a shared constant.
+        """
+        watched = self._watch(optimizer)
         losses, self._losses = self._losses, []
-        if how == "none":
+        if watched.mechanism == "none":
             return None
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        tensors = grads + [loss.reshape(1) for loss in losses]
+        tensors = [p.grad for p in watched.params if p.grad is not None]
+        tensors += losses
         if not tensors:
             return None
-        device = tensors[0].device
-        flag = torch.zeros((), device=device)  # 0-d, as GradScaler makes it (fused Adam needs it)
+        one_device = watched.device
+        if one_device is not None and any(loss.device != one_device for loss in losses):
+            one_device = None
+        device = tensors[0].device if one_device is None else one_device
+        on_host = watched.mechanism == "host"
+        # 0-d, as GradScaler makes it (fused Adam needs it); found_inf: a fresh one per step
+        # (the optimizer and the loss feed keep it), host: a scratch kept at 0 between checks
+        flag = self._zeroed_scratch(device) if on_host else torch.zeros((), device=device)
+        if one_device is not None:
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, self._constant(device))
+        else:
+            self._check_on_each_device(tensors, flag)
+        if self.reduce_max is not None:
+            self.reduce_max(flag)
+        if not on_host:
+            optimizer.found_inf = flag  # type: ignore[attr-defined]
+            self._armed.append(optimizer)
+            return flag
+        if not flag.item():
+            return self._constant(device, 0.0)
+        flag.zero_()
+        for p in watched.params:
+            p.grad = None
+        return self._constant(device, 1.0)
+
+    def _check_on_each_device(self, tensors: list[Tensor], flag: Tensor) -> None:
+        """The check of a model spread over devices: per device, then the max into ``flag``."""
         by_device: dict[torch.device, list[Tensor]] = {}
         for t in tensors:
             by_device.setdefault(t.device, []).append(t)
-        for where, group in by_device.items():  # a model spread over devices: check on each
-            local = flag if where == device else torch.zeros((), device=where)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, local, self._unit(where))
+        for where, group in by_device.items():
+            local = flag if where == flag.device else torch.zeros((), device=where)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, local, self._constant(where))
             if local is not flag:
-                flag = torch.maximum(flag, local.to(device, non_blocking=True))
-        if self.reduce_max is not None:
-            self.reduce_max(flag)
-        if how == "found_inf":
-            optimizer.found_inf = flag  # type: ignore[attr-defined]
-            self._armed.append(optimizer)
-        elif flag.item():
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-        return flag
+                torch.maximum(flag, local.to(flag.device, non_blocking=True), out=flag)
 
-    def _unit(self, device: torch.device) -> Tensor:
-        """A cached 1.0 on ``device``: the check's (un)scale factor."""
-        if device not in self._one:
-            self._one[device] = torch.ones((), device=device)
-        return self._one[device]
+    def _zeroed_scratch(self, device: torch.device) -> Tensor:
+        if device not in self._scratch:
+            self._scratch[device] = torch.zeros((), device=device)
+        return self._scratch[device]
+
+    def _constant(self, device: torch.device, value: float = 1.0) -> Tensor:
+        """A cached 0-d ``value`` on ``device`` (1.0 is also the check's unscale factor); never
+        written to."""
+        key = (device, value)
+        if key not in self._constants:
+            self._constants[key] = torch.full((), value, device=device)
+        return self._constants[key]
 
     def release(self) -> None:
         """After the step: take ``found_inf`` back off the optimizers it was put on."""
-        for optimizer in self._armed:
-            if hasattr(optimizer, "found_inf"):
-                del optimizer.found_inf
-        self._armed = []
-        self._losses = []
+        if self._armed:
+            for optimizer in self._armed:
+                if hasattr(optimizer, "found_inf"):
+                    del optimizer.found_inf
+            self._armed = []
+        if self._losses:
+            self._losses = []

@@ -22,8 +22,7 @@ the update of that step was not applied.
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,14 +32,24 @@ from surgeon._validate import check_positive_int
 Reduce = Callable[[Tensor], Tensor]
 
 
-@dataclass(frozen=True)
-class StepLoss:
+class StepLoss(NamedTuple):
     """The mean loss of one optimizer step; whether the step is not to be counted (GradScaler
-    skipped it, or it had no loss); whether the guard kept its update from being applied."""
+    skipped it, or it had no loss); whether the guard kept its update from being applied.
+
+    A named tuple: one is made per step, and a tuple is the cheapest to make."""
 
     loss: float
     skipped: bool = False
     update_skipped: bool = False
+
+
+class _Row(NamedTuple):
+    """One closed step, on its device, 0-d each: its loss, its loss scale (``None``: no
+    GradScaler) and its guard flag (``None``: not guarded)."""
+
+    loss: Tensor
+    scale: Tensor | None
+    flag: Tensor | None
 
 
 class _Block:
@@ -54,7 +63,7 @@ class _Block:
     def __init__(self, values: Tensor, scaled: bool, flagged: bool = False) -> None:
         self.scaled = scaled
         self.flagged = flagged
-        if values.device.type == "cuda":
+        if values.is_cuda:
             self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self.host.copy_(values, non_blocking=True)
             self.done: torch.cuda.Event | None = torch.cuda.Event()
@@ -90,10 +99,10 @@ class LossFeed:
         self.readback_every = readback_every
         self.reduce = reduce
         self._micro: Tensor | None = None
-        self._device: torch.device | None = None  # of the last loss added
-        # per closed step: its loss, its loss scale (None: no GradScaler), its guard flag (None:
-        # not guarded)
-        self._rows: list[tuple[Tensor, Tensor | None, Tensor | None]] = []
+        self._last_loss: Tensor | None = None  # its device is where a loss-less step's NaN goes
+        self._rows: list[_Row] = []
+        self._mixed_devices = False  # rows may sit on several devices (see _stack)
+        self._constants: dict[tuple[torch.device, float], Tensor] = {}
         self._in_flight: deque[_Block] = deque()
         self._last_scale = -math.inf  # no step before the first: nothing to compare with
 
@@ -101,7 +110,9 @@ class LossFeed:
         """Add one micro-batch loss (already divided by the accumulation count)."""
         if loss.requires_grad:  # Lightning's outputs["loss"] is detached already
             loss = loss.detach()
-        self._device = loss.device
+        if loss.dim():
+            loss = loss.reshape(())
+        self._last_loss = loss
         self._micro = loss if self._micro is None else self._micro + loss
 
     def close_step(
@@ -109,18 +120,20 @@ class LossFeed:
     ) -> list[StepLoss]:
         """End the current optimizer step; return the steps whose readback is now due.
 
-        ``update_skipped``: the guard's flag for this step (a 1-element tensor, 1.0: the
+        ``update_skipped``: the guard's flag for this step (a 0-d tensor, 1.0: the
         update was not applied). Per step this only keeps references (and copies the scale,
         which GradScaler updates in place); the tensor work happens once per block, in
         :meth:`_stack`.
         """
         loss = self._micro
         if loss is None:  # no loss this step (training_step returned None): a NaN scale marks it
-            loss = torch.full((), math.nan, device=self._device)
-            loss_scale = torch.full((1,), math.nan, device=self._device)
+            if self._last_loss is None:
+                self._mixed_devices = True  # on the CPU: the device of the losses is not known
+            device = None if self._last_loss is None else self._last_loss.device
+            loss = loss_scale = torch.full((), math.nan, device=device)
         self._micro = None
-        scale = None if loss_scale is None else loss_scale.clone()
-        self._rows.append((loss, scale, update_skipped))
+        scale = None if loss_scale is None else loss_scale.reshape(()).clone()
+        self._rows.append(_Row(loss, scale, update_skipped))
         if len(self._rows) < self.readback_every:
             return []
         values, scaled, flagged = self._stack()
@@ -132,32 +145,38 @@ class LossFeed:
 
     def _stack(self) -> tuple[Tensor, bool, bool]:
         """The open rows as one flat float32 tensor on one device (see :class:`_Block`)."""
-        device = self._device if self._device is not None else self._rows[-1][0].device
-        losses = [row[0] if row[0].device == device else row[0].to(device) for row in self._rows]
-        parts = [torch.stack([p if p.dim() == 0 else p.reshape(()) for p in losses]).float()]
-        present = []
-        for column, default in ((1, 1.0), (2, 0.0)):
-            if all(row[column] is None for row in self._rows):
-                present.append(False)
-                continue
-            present.append(True)
-            filled = [
-                torch.full((1,), default, device=device) if row[column] is None else row[column]
-                for row in self._rows
-            ]
-            parts.append(  # one value per step (GradScaler's scale is 0-d on CPU, (1,) on CUDA)
-                torch.cat([t.to(device).reshape(1) for t in filled]).float()
-            )
-        return torch.cat(parts) if len(parts) > 1 else parts[0], present[0], present[1]
+        rows = self._rows
+        if self._mixed_devices:  # restored from a checkpoint, or NaN rows before any loss
+            device = rows[-1].loss.device
+            rows = [_Row(*(None if t is None else t.to(device) for t in row)) for row in rows]
+            self._mixed_devices = False
+        columns = [row.loss for row in rows]
+        scaled = flagged = False
+        if any(row.scale is not None for row in rows):
+            scaled = True
+            columns += [self._or_constant(row.scale, row.loss, 1.0) for row in rows]
+        if any(row.flag is not None for row in rows):
+            flagged = True
+            columns += [self._or_constant(row.flag, row.loss, 0.0) for row in rows]
+        return torch.stack(columns).float(), scaled, flagged
+
+    def _or_constant(self, value: Tensor | None, beside: Tensor, default: float) -> Tensor:
+        """``value``, or a cached 0-d ``default`` on ``beside``'s device when it is ``None``."""
+        if value is not None:
+            return value
+        key = (beside.device, default)
+        if key not in self._constants:
+            self._constants[key] = torch.full((), default, device=beside.device)
+        return self._constants[key]
 
     def _read(self, block: _Block) -> list[StepLoss]:
         out = []
         for loss, scale, flag in block.read():
             if math.isnan(scale):  # a step without a loss (on some rank): not counted
-                out.append(StepLoss(loss, skipped=True))
+                out.append(StepLoss(loss, True))
                 continue
             skipped = scale < self._last_scale
-            out.append(StepLoss(loss, skipped=skipped, update_skipped=flag > 0 and not skipped))
+            out.append(StepLoss(loss, skipped, flag > 0 and not skipped))
             self._last_scale = scale
         return out
 
@@ -173,8 +192,6 @@ class LossFeed:
         """Restore what :meth:`state_dict` returned (as CPU tensors; moved on next use)."""
         self._micro = None
         self._in_flight = deque(_Block.from_rows(rows) for rows in state["in_flight"])
-        self._rows = [
-            (torch.tensor(row[0]), torch.tensor([row[1]]), torch.tensor([([*row, 0.0])[2]]))
-            for row in state["rows"]
-        ]
+        self._rows = [_Row(*(torch.tensor(v) for v in [*row, 0.0][:3])) for row in state["rows"]]
+        self._mixed_devices = bool(self._rows)
         self._last_scale = state["last_scale"]

@@ -26,12 +26,7 @@ SnapshotLocation = Literal["cpu", "device"]
 SNAPSHOT_LOCATIONS: tuple[str, ...] = ("cpu", "device")
 
 
-@dataclass
-class _SavedTensor:
-    """A tensor's copy (``buffer``) and the device its source lived on."""
-
-    buffer: Tensor
-    device: torch.device
+_IMMUTABLE = (float, int, bool, str, type(None))
 
 
 @dataclass
@@ -39,11 +34,24 @@ class _SavedOptimizer:
     groups: list[dict[str, Any]] = field(default_factory=list)
     """Each param group's settings, without ``params``."""
     states: list[dict[str, Any] | None] = field(default_factory=list)
-    """Per parameter, in param-group order: its state (``None``: it had none yet)."""
+    """Per parameter, in param-group order: its state (``None``: it had none yet), a tensor
+    entry as a :class:`_Slot` into the snapshot's flat list of copies."""
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a tensor's copy sits in the snapshot's flat list of buffers."""
+
+    index: int
 
 
 class Snapshot:
-    """One copy of a module's weights and its optimizers' state, taken and restored in place."""
+    """One copy of a module's weights and its optimizers' state, taken and restored in place.
+
+    Every tensor is copied by one ``torch._foreach_copy_`` into buffers kept from the last
+    capture while the layout (shapes, dtypes, devices, in order) is unchanged: a capture costs
+    one pass over the tensors, not a Python call per tensor.
+    """
 
     def __init__(self, location: SnapshotLocation = "cpu") -> None:
         if location not in SNAPSHOT_LOCATIONS:
@@ -53,23 +61,31 @@ class Snapshot:
         self.location = location
         self.step: int | None = None
         """The step at whose start the copy was taken (``None``: empty)."""
-        self._module: list[_SavedTensor] = []
+        self._buffers: list[Tensor] = []
+        self._layout: list[tuple[torch.Size, torch.dtype, torch.device]] = []
+        """Of the sources the buffers were made for: reused while it matches."""
+        self._module_count = 0
         self._optimizers: list[_SavedOptimizer] = []
-        self._spare: dict[tuple[Any, ...], list[Tensor]] = {}
         self._copied: torch.cuda.Event | None = None
 
     @property
     def nbytes(self) -> int:
         """Memory the copy holds, in bytes."""
-        return sum(s.buffer.numel() * s.buffer.element_size() for s in self._saved_tensors())
+        return sum(b.numel() * b.element_size() for b in self._buffers)
 
     @torch.no_grad()
     def capture(self, module: nn.Module, optimizers: list[Optimizer], step: int) -> None:
         """Copy ``module``'s parameters and buffers and ``optimizers``' state, reusing buffers."""
-        self._recycle()
-        self._module = [self._save(t) for t in _module_tensors(module)]
-        self._optimizers = [self._save_optimizer(opt) for opt in optimizers]
-        if any(saved.device.type == "cuda" for saved in self._module):
+        sources = _module_tensors(module)
+        self._module_count = len(sources)
+        self._optimizers = [_save_optimizer(opt, sources) for opt in optimizers]
+        layout = [(t.shape, t.dtype, t.device) for t in sources]
+        if layout != self._layout:
+            self._buffers = [self._new_buffer(t) for t in sources]
+            self._layout = layout
+        if sources:
+            torch._foreach_copy_(self._buffers, sources, non_blocking=True)
+        if any(device.type == "cuda" for _, _, device in layout):
             self._copied = torch.cuda.Event()
             self._copied.record()
         self.step = step
@@ -80,12 +96,12 @@ class Snapshot:
         if self.step is None:
             raise ValueError("restore() of an empty snapshot: capture() first")
         tensors = _module_tensors(module)
-        if len(tensors) != len(self._module) or len(optimizers) != len(self._optimizers):
+        if len(tensors) != self._module_count or len(optimizers) != len(self._optimizers):
             raise ValueError("restore() into a module or optimizers other than the captured ones")
         if self._copied is not None:
             self._copied.synchronize()  # rare (a rollback): the host copy must be complete
-        for live, saved in zip(tensors, self._module, strict=True):
-            live.copy_(saved.buffer, non_blocking=True)
+        for live, buffer in zip(tensors, self._buffers, strict=False):
+            live.copy_(buffer, non_blocking=True)
         for optimizer, saved_opt in zip(optimizers, self._optimizers, strict=True):
             for group, settings in zip(optimizer.param_groups, saved_opt.groups, strict=True):
                 group.update(copy.deepcopy(settings))
@@ -96,71 +112,66 @@ class Snapshot:
                     continue
                 live_state = optimizer.state.get(param, {})
                 optimizer.state[param] = {
-                    key: _put_back(live_state.get(key), value) for key, value in state.items()
+                    key: self._put_back(live_state.get(key), value) for key, value in state.items()
                 }
 
     # ------------------------------------------------------------------ internals
-    def _save(self, source: Tensor) -> _SavedTensor:
-        source = source.detach()
-        key = (source.shape, source.dtype, source.device)
-        spares = self._spare.get(key)
-        if spares:
-            buffer = spares.pop()
-        elif self.location == "device" or source.device.type == "cpu":
-            buffer = torch.empty_like(source, memory_format=torch.contiguous_format)
-        else:
-            pin = source.device.type == "cuda"
-            buffer = torch.empty(source.shape, dtype=source.dtype, pin_memory=pin)
-        buffer.copy_(source, non_blocking=True)
-        return _SavedTensor(buffer, source.device)
+    def _new_buffer(self, source: Tensor) -> Tensor:
+        if self.location == "device" or source.device.type == "cpu":
+            return torch.empty_like(source, memory_format=torch.contiguous_format)
+        pin = source.device.type == "cuda"
+        return torch.empty(source.shape, dtype=source.dtype, pin_memory=pin)
 
-    def _save_optimizer(self, optimizer: Optimizer) -> _SavedOptimizer:
-        saved = _SavedOptimizer()
-        for group in optimizer.param_groups:
-            saved.groups.append({k: copy.deepcopy(v) for k, v in group.items() if k != "params"})
-            for param in group["params"]:
-                state = optimizer.state.get(param)
-                saved.states.append(
-                    None
-                    if not state
-                    else {
-                        k: self._save(v) if isinstance(v, Tensor) else copy.deepcopy(v)
-                        for k, v in state.items()
-                    }
-                )
-        return saved
-
-    def _saved_tensors(self) -> list[_SavedTensor]:
-        """Every tensor copy the snapshot holds: module tensors, then optimizer state."""
-        saved = list(self._module)
-        for opt in self._optimizers:
-            for state in opt.states:
-                saved += [v for v in (state or {}).values() if isinstance(v, _SavedTensor)]
-        return saved
-
-    def _recycle(self) -> None:
-        """Make the previous capture's buffers available for reuse by shape, dtype and device."""
-        self._spare = {}
-        for item in self._saved_tensors():
-            key = (item.buffer.shape, item.buffer.dtype, item.device)
-            self._spare.setdefault(key, []).append(item.buffer)
+    def _put_back(self, live: Any, saved: Any) -> Any:
+        """The restored value of one optimizer-state entry: copied into the live tensor when it
+        has the same shape, dtype and device, else a fresh tensor on the source's device."""
+        if not isinstance(saved, _Slot):
+            return copy.deepcopy(saved)
+        buffer = self._buffers[saved.index]
+        shape, dtype, device = self._layout[saved.index]
+        if (
+            isinstance(live, Tensor)
+            and live.shape == shape
+            and live.dtype == dtype
+            and live.device == device
+        ):
+            return live.copy_(buffer, non_blocking=True)
+        return buffer.to(device, copy=True)
 
 
 def _module_tensors(module: nn.Module) -> list[Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-def _put_back(live: Any, saved: Any) -> Any:
-    """The restored value of one optimizer-state entry: copied into the live tensor when it
-    has the same shape, dtype and device, else a fresh tensor on the source's device."""
-    if not isinstance(saved, _SavedTensor):
-        return copy.deepcopy(saved)
-    buffer = saved.buffer
-    if (
-        isinstance(live, Tensor)
-        and live.shape == buffer.shape
-        and live.dtype == buffer.dtype
-        and live.device == saved.device
-    ):
-        return live.copy_(buffer, non_blocking=True)
-    return buffer.to(saved.device, copy=True)
+def _settings(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group's settings without ``params``: numbers, strings and tuples of them as they
+    are (immutable), anything else deep-copied."""
+    settings = {k: v for k, v in group.items() if k != "params"}
+    for key, value in settings.items():
+        if not isinstance(value, _IMMUTABLE) and not (
+            type(value) is tuple and all(isinstance(v, _IMMUTABLE) for v in value)
+        ):
+            settings[key] = copy.deepcopy(value)
+    return settings
+
+
+def _save_optimizer(optimizer: Optimizer, sources: list[Tensor]) -> _SavedOptimizer:
+    """``optimizer``'s settings and state, its tensors appended to ``sources`` (as slots; the
+    caller copies them under ``no_grad``)."""
+    saved = _SavedOptimizer()
+    for group in optimizer.param_groups:
+        saved.groups.append(_settings(group))
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if not state:
+                saved.states.append(None)
+                continue
+            entry: dict[str, Any] = {}
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    entry[key] = _Slot(len(sources))
+                    sources.append(value)
+                else:
+                    entry[key] = copy.deepcopy(value)
+            saved.states.append(entry)
+    return saved

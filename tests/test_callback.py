@@ -148,6 +148,38 @@ def test_two_param_groups_keep_their_ratio(make_trainer: Any) -> None:
 # ---------------------------------------------------------------------------- accumulation
 
 
+def test_a_param_group_added_mid_fit_is_driven_from_its_own_lr(make_trainer: Any) -> None:
+    """Lightning's ``BackboneFinetuning`` adds the unfrozen backbone as a new param group at
+    epoch 1; the surgeon takes the LR it was added with as its peak and drives it with the same
+    scale as the first group (and its LR is logged under a metric name of its own)."""
+    from pytorch_lightning.callbacks import BackboneFinetuning
+
+    class WithBackbone(TinyRegressor):  # type: ignore[misc, valid-type]
+        @property
+        def backbone(self) -> torch.nn.Module:
+            return self.net[0]
+
+        def configure_optimizers(self) -> Any:
+            head = [p for p in self.net.parameters() if p.requires_grad]  # backbone frozen
+            return torch.optim.SGD(head, lr=0.05, momentum=0.9)
+
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="cosine")
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)
+    model = WithBackbone()
+    make_trainer([finetuning, cb], max_steps=40).fit(model, make_loader())  # 10 steps/epoch
+
+    groups = [r["lrs"][0] for r in model.records]
+    assert [len(g) for g in groups] == [1] * 10 + [2] * 30
+    opt = model.trainer.optimizers[0]
+    peak0, peak1 = (g["surgeon_peak_lr"] for g in opt.param_groups)
+    assert peak0 == 0.05
+    assert 0 < peak1 < peak0  # BackboneFinetuning's 0.1 x the LR of the moment
+    for lr0, lr1 in groups[10:]:
+        assert math.isclose(lr1 / lr0, peak1 / peak0, rel_tol=1e-12)
+    assert len({lr1 for _, lr1 in groups[10:]}) > 20  # ... and the surgeon kept moving it
+    assert cb._lr_names == [["lr-SGD/pg1", "lr-SGD/pg2"]]
+
+
 def test_gradient_accumulation_counts_optimizer_steps_and_feeds_the_mean(
     make_trainer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -173,6 +205,8 @@ def test_gradient_accumulation_counts_optimizer_steps_and_feeds_the_mean(
 
     assert trainer.global_step == steps
     assert cb.step == steps
+    # steps were counted on Lightning's own counter object, not the fallback property chain
+    assert cb._step_counter is not None and cb._step_counter.completed == steps
     assert len(model.records) == steps * accumulate
     assert cb.controller is not None and cb.controller.total_steps == steps
     # losses still in flight: between R and 2R - 1 steps
@@ -206,6 +240,7 @@ def test_manual_optimization_two_optimizers(make_trainer: Any) -> None:
     assert trainer.global_step == 2 * batches  # two optimizer steps per batch
     assert len(model.records) == batches
     assert cb.step == batches
+    assert cb._step_counter is not None and cb._step_counter.completed == 2 * batches
     assert cb.controller is not None and cb.controller.total_steps == batches
     assert [r["step"] for r in model.records] == list(range(0, 2 * batches, 2))
     replay = replay_scales(losses_of(model), batches, cb.config)
@@ -563,6 +598,7 @@ def test_a_step_gradscaler_skipped_is_not_counted(make_trainer: Any) -> None:
     trainer.fit(TinyRegressor(loss_hook=hook), make_loader())
 
     assert trainer.global_step == 20
+    assert cb.guard.mode == "off"  # GradScaler skips non-finite steps itself: no second check
     assert cb.skipped_steps == 1
     assert cb.step == 19
     assert not [e for e in cb.events if e.kind is EventKind.NONFINITE]

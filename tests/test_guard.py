@@ -128,3 +128,24 @@ def test_cuda_optimizers_that_are_not_fused_are_left_alone_in_auto_mode() -> Non
 def test_bad_mode_names_the_field() -> None:
     with pytest.raises(ValueError, match=r"skip_nonfinite.*'sometimes'"):
         NonFiniteGuard("sometimes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["SGD", "SGD-fused"])
+def test_a_param_group_added_later_is_checked_and_skipped_too(name: str) -> None:
+    """``add_param_group`` mid-fit (``BaseFinetuning`` does): the guard sees the new group."""
+    torch.manual_seed(0)
+    head, backbone = nn.Linear(3, 2), nn.Linear(3, 2)
+    fused = name == "SGD-fused"
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, fused=fused)
+    guard = NonFiniteGuard("auto")
+    guard.check(optimizer)  # watched with one group
+    optimizer.add_param_group({"params": list(backbone.parameters()), "lr": 0.01})
+    (head(torch.ones(4, 3)) + backbone(torch.ones(4, 3))).pow(2).mean().backward()
+    backbone.weight.grad[0, 0] = math.nan
+    before = [t.detach().clone() for t in [*head.parameters(), *backbone.parameters()]]
+    flag = guard.check(optimizer)
+    assert flag is not None and flag.item() == 1.0
+    optimizer.step()
+    guard.release()
+    after = [*head.parameters(), *backbone.parameters()]
+    assert same([t.detach() for t in after], before)

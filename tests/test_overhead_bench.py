@@ -1,0 +1,61 @@
+"""The overhead benchmark (``benchmarks/overhead.py``) on a short run, in a subprocess as CI
+would run it: what it times is the hooks each variant really has, its ratios are paired with
+the baseline, and it prints the table and the targets the README quotes. No timing is asserted.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PER_STEP_HOOKS = {
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+}
+
+
+@pytest.mark.slow
+def test_quick_run_times_the_right_hooks_and_prints_the_targets(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    variants = ["none", "empty", "lambdalr", "surgeon", "surgeon-unguarded"]
+    argv = ["--quick", "--steps", "60", "--width", "16", "--variants", *variants]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "overhead.py"), *argv, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert "Linear(16, 16), 60 steps/fit" in done.stdout
+    assert "targets:" in done.stdout
+    assert "ScheduleSurgeon: hook" in done.stdout and "fit-time ratio <= 1.03" in done.stdout
+
+    result = json.loads(out.read_text())
+    assert result["steps"] == 60 and result["width"] == 16
+    rows = result["cpu"]
+    assert list(rows) == variants
+    assert rows["none"]["ratio"] == 1.0 and rows["none"]["step_ratio"] == 1.0
+    for row in rows.values():
+        assert len(row["wall_s"]) == len(row["step_us"]) == 2  # --quick: 2 rounds
+        assert all(v > 0 and math.isfinite(v) for v in row["wall_s"] + row["step_us"])
+    # each variant is timed in its own LR work, and only there
+    assert rows["empty"]["per_hook_us_per_step"] == {}
+    assert set(rows["lambdalr"]["per_hook_us_per_step"]) == {"LambdaLR.step"}
+    for variant in ("surgeon", "surgeon-unguarded"):
+        timed = {name.split(".")[1] for name in rows[variant]["per_hook_us_per_step"]}
+        assert timed >= PER_STEP_HOOKS
+        per_step = sum(
+            us
+            for name, us in rows[variant]["per_hook_us_per_step"].items()
+            if name.split(".")[1] in PER_STEP_HOOKS
+        )
+        # the per-step total is the four per-step hooks, nothing else (with 2 rounds a median is
+        # a mean, so the sum of the per-hook medians is the median of the per-round totals)
+        assert per_step > 0
+        assert math.isclose(per_step, rows[variant]["median_hook_us_per_step"], rel_tol=1e-9)
