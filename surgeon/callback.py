@@ -15,7 +15,8 @@ What it does each optimizer step:
 2. ``on_train_batch_end`` adds the micro-batch loss (``outputs["loss"]``, already
    divided by ``accumulate_grad_batches`` and free of the AMP scale) to the
    :class:`~surgeon.loss_feed.LossFeed`; when ``trainer.global_step`` has moved the
-   optimizer step is closed, and losses whose readback is due go to the controller.
+   optimizer step is closed, and losses whose readback is due go to the controller
+   (``on_train_end`` hands it the rest, so the last steps are decided on too).
 
 Steps are optimizer steps: a step GradScaler skipped is recognized from the loss
 scale (read late, with the loss) and not counted.
@@ -427,6 +428,13 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             # starts fresh (a reused log directory keeps no older run's), the restored ones when
             # it resumes (none twice after a crash)
             self._events_path.write_text("".join(map(self._event_line, self.events)))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Read the losses still in flight (the last ``readback_every`` to ``2 x`` that steps):
+        a spike or NaN at the very end is decided on and recorded like any other (a rollback
+        included: the fit then ends with the last good weights)."""
+        if self.controller is not None:
+            self._consume(trainer, self.feed.flush())
 
     def _planned_steps(self, trainer: pl.Trainer) -> int:
         if self.total_steps is not None:

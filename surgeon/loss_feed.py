@@ -136,12 +136,28 @@ class LossFeed:
         self._rows.append(_Row(loss, scale, update_skipped))
         if len(self._rows) < self.readback_every:
             return []
+        self._send_block()
+        return self._read(self._in_flight.popleft()) if len(self._in_flight) > 1 else []
+
+    def flush(self) -> list[StepLoss]:
+        """Everything not yet handed out, oldest first: the blocks in flight and the closed
+        steps of the open block (at the end of training, when nothing is left to wait for).
+        The open block goes through ``reduce`` like any other, so every rank must flush."""
+        self._micro = None  # micro-batches of a step that never reached its optimizer step
+        if self._rows:
+            self._send_block()
+        out: list[StepLoss] = []
+        while self._in_flight:
+            out += self._read(self._in_flight.popleft())
+        return out
+
+    def _send_block(self) -> None:
+        """Stack the open rows, reduce them across ranks and start their copy to the host."""
         values, scaled, flagged = self._stack()
         self._rows = []
         if self.reduce is not None:
             values = self.reduce(values)
         self._in_flight.append(_Block(values, scaled, flagged))
-        return self._read(self._in_flight.popleft()) if len(self._in_flight) > 1 else []
 
     def _stack(self) -> tuple[Tensor, bool, bool]:
         """The open rows as one flat float32 tensor on one device (see :class:`_Block`)."""

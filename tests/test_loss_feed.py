@@ -90,3 +90,22 @@ def test_state_round_trip_mid_block_gives_the_same_future(cut: int) -> None:
 def test_readback_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="readback_every"):
         LossFeed(readback_every=0)
+
+
+def test_flush_hands_out_every_closed_step_in_order_through_reduce() -> None:
+    """At the end of training: the block in flight and the open one, oldest first; the open
+    block goes through ``reduce`` (every rank flushes, so the collective matches); a step whose
+    micro-batches never reached an optimizer step is dropped."""
+    blocks: list[int] = []
+
+    def reduce(block: torch.Tensor) -> torch.Tensor:
+        blocks.append(len(block))
+        return block
+
+    feed = LossFeed(readback_every=4, reduce=reduce)
+    assert run(feed, [float(i) for i in range(6)]) == []  # block 0-3 in flight, 4-5 open
+    feed.add(torch.tensor(99.0))  # a micro-batch of a step that never closes
+    assert [s.loss for s in feed.flush()] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert blocks == [4, 2]
+    assert feed.flush() == []
+    assert feed.state_dict()["in_flight"] == [] and feed.state_dict()["rows"] == []

@@ -191,3 +191,30 @@ def _leaves(value: Any) -> list[Any]:
 def test_bad_values_raise_naming_the_field(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         ScheduleSurgeon(**kwargs)
+
+
+def test_a_nan_in_the_last_steps_is_rolled_back_when_training_ends(
+    make_trainer: Callable[..., Any],
+) -> None:
+    """The losses of the last few steps are still in flight when the loop stops; reading them
+    at ``on_train_end`` lets their decisions happen: NaN weights from a NaN gradient 4 steps
+    before the end (3 NaN losses follow) are rolled back, so the fit ends with good weights."""
+    steps, bad = 60, 56
+
+    class LatePoisoner(TinyRegressor):
+        def on_after_backward(self) -> None:
+            if self.global_step == bad:
+                self.net[0].weight.grad[0, 0] = math.nan
+
+    surgeon = ScheduleSurgeon(skip_nonfinite="off")  # unguarded: the NaN reaches the weights
+    recorder = StateRecorder()
+    model = LatePoisoner()
+    make_trainer([surgeon, recorder], max_steps=steps).fit(model, make_loader())
+
+    assert all(math.isnan(r["loss"]) for r in model.records[bad + 1 :])  # the last 3 steps
+    rollback = next(e for e in surgeon.events if e.kind is EventKind.ROLLBACK)
+    assert rollback.step == steps - 1 and "3 non-finite steps in a row" in rollback.reason
+    target = int(rollback.reason.split("snapshot of step ")[1].split()[0])
+    assert target <= bad
+    params = [p.detach() for p in model.parameters()]
+    assert same(params, recorder.at_step[target][: len(params)])  # back to that step's weights
