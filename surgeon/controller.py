@@ -429,13 +429,16 @@ class Controller:
     def _warmup_deadline_reason(self) -> str:
         if self.config.warmup != "auto":
             return f"fixed warmup of {self.max_warmup} steps finished"
-        drop = self.stabilizer.last_drop
-        seen = "no drop measured yet" if drop is None else f"last drop {drop:.2%}"
-        return (
-            f"max_warmup={self.max_warmup} steps reached before the loss stabilized "
-            f"({seen} per {self.stabilizer.window} steps, "
-            f"threshold {self.stabilizer.threshold:.2%})"
-        )
+        det = self.stabilizer
+        if det.last_drop is None:
+            seen = f"no drop measured yet: the window is {det.window} steps"
+        else:
+            seen = (
+                f"last drop {det.last_drop:.2%} per {det.window} steps, threshold "
+                f"{det.threshold:.2%}; below it {det.streak} steps in a row of the "
+                f"{det.patience} needed"
+            )
+        return f"max_warmup={self.max_warmup} steps reached before the loss stabilized ({seen})"
 
     def _end_warmup(self, step: int, why: str) -> Event:
         before = self.lr_scale(step + 1)

@@ -167,6 +167,9 @@ class TestWarmup:
         assert f"max_warmup={controller.max_warmup}" in end.reason
         assert "stabilized" in end.reason  # "... before the loss stabilized"
         assert re.search(r"last drop \d+\.\d+%", end.reason)
+        # why not stabilized: how many steps in a row were below the threshold, of how many
+        det = controller.stabilizer
+        assert f"below it {det.streak} steps in a row of the {det.patience} needed" in end.reason
         assert trace.phases[controller.max_warmup - 1] is Phase.WARMUP
         assert trace.phases[controller.max_warmup] is Phase.DECAY
 
