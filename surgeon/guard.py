@@ -11,7 +11,10 @@ weight, moment or step counter changes. Two ways, chosen per optimizer:
 * ``"found_inf"``, free of host syncs: optimizers that take GradScaler's
   ``found_inf`` (``fused=True`` Adam, AdamW, SGD, Adagrad; they set
   ``_step_supports_amp_scaling``) get the flag as ``optimizer.found_inf`` and their
-  fused kernel skips the update on the device, as under GradScaler;
+  fused kernel skips the update on the device, as under GradScaler. Except while the
+  optimizer has no state yet (its first step): a skipped first step would still create
+  it, and fused SGD makes its momentum from uninitialised memory, so that step is
+  checked the ``"host"`` way (one sync per fit);
 * ``"host"``: the flag is read on the host and, when set, every gradient of the
   optimizer is set to ``None``, so the step leaves every parameter alone (torch
   optimizers skip parameters without a gradient). Free on CPU; on CUDA a read is a
@@ -64,6 +67,8 @@ class _Watched:
     params: list[Tensor]
     device: torch.device | None
     """The one device all parameters live on (``None``: several)."""
+    sparse: bool = False
+    """Some gradients were sparse (``nn.Embedding(sparse=True)``): check their values."""
 
 
 class NonFiniteGuard:
@@ -136,14 +141,20 @@ class NonFiniteGuard:
         if one_device is not None and any(loss.device != one_device for loss in losses):
             one_device = None
         device = tensors[0].device if one_device is None else one_device
-        on_host = watched.mechanism == "host"
+        # a fused optimizer's first step creates its state even when found_inf skips it (fused
+        # SGD's momentum from uninitialised memory, applied by the next step): until it has
+        # state, read the flag and take the gradients away instead (one sync, once per fit)
+        on_host = watched.mechanism == "host" or not optimizer.state
         # 0-d, as GradScaler makes it (fused Adam needs it); found_inf: a fresh one per step
         # (the optimizer and the loss feed keep it), host: a scratch kept at 0 between checks
         flag = self._zeroed_scratch(device) if on_host else torch.zeros((), device=device)
-        if one_device is not None:
-            torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, self._constant(device))
-        else:
-            self._check_on_each_device(tensors, flag)
+        try:
+            self._find_nonfinite(tensors, flag, one_device is not None, watched.sparse)
+        except NotImplementedError:  # the kernel has no sparse version: learn it once
+            if watched.sparse:
+                raise
+            watched.sparse = True
+            self._find_nonfinite(tensors, flag, one_device is not None, sparse=True)
         if self.reduce_max is not None:
             self.reduce_max(flag)
         if not on_host:
@@ -156,6 +167,19 @@ class NonFiniteGuard:
         for p in watched.params:
             p.grad = None
         return self._constant(device, 1.0)
+
+    def _find_nonfinite(
+        self, tensors: list[Tensor], flag: Tensor, one_device: bool, sparse: bool
+    ) -> None:
+        """Set ``flag`` to 1 if any of ``tensors`` holds a NaN or inf (values unchanged)."""
+        if sparse:  # as GradScaler does: the values of the coalesced sparse tensor
+            tensors = [t.coalesce()._values() if t.is_sparse else t for t in tensors]
+        if one_device:
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                tensors, flag, self._constant(flag.device)
+            )
+        else:
+            self._check_on_each_device(tensors, flag)
 
     def _check_on_each_device(self, tensors: list[Tensor], flag: Tensor) -> None:
         """The check of a model spread over devices: per device, then the max into ``flag``."""

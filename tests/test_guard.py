@@ -149,3 +149,58 @@ def test_a_param_group_added_later_is_checked_and_skipped_too(name: str) -> None
     guard.release()
     after = [*head.parameters(), *backbone.parameters()]
     assert same([t.detach() for t in after], before)
+
+
+def test_a_skipped_first_step_of_a_fused_optimizer_leaves_no_state_behind() -> None:
+    """Fused SGD creates its momentum (from uninitialised memory) even on a step ``found_inf``
+    skips; the guard checks a stateless optimizer on the host and takes the gradients away, so
+    the first good step after it is exactly a first step."""
+    for _ in range(3):  # uninitialised memory: garbage shows up on some allocations only
+        garbage = torch.full((1000,), 123.0)
+        del garbage
+        p = nn.Parameter(torch.ones(1000))
+        optimizer = torch.optim.SGD([p], lr=0.1, momentum=0.9, fused=True)
+        guard = NonFiniteGuard("auto")
+        assert guard.mechanism(optimizer) == "found_inf"
+        p.grad = torch.full((1000,), math.nan)
+        flag = guard.check(optimizer)
+        assert flag is not None and flag.item() == 1.0
+        optimizer.step()
+        guard.release()
+        assert not optimizer.state and torch.equal(p.detach(), torch.ones(1000))
+        p.grad = torch.ones(1000)
+        guard.check(optimizer)
+        assert hasattr(optimizer, "found_inf") is False  # still stateless: checked on the host
+        optimizer.step()
+        guard.release()
+        assert torch.allclose(p.detach(), torch.full((1000,), 0.9))
+        p.grad = torch.ones(1000)
+        guard.check(optimizer)
+        assert hasattr(optimizer, "found_inf")  # state exists now: back to the sync-free path
+        optimizer.step()
+        guard.release()
+
+
+def test_sparse_gradients_are_checked_by_their_values() -> None:
+    """``nn.Embedding(sparse=True)``: the check kernel has no sparse version; the guard checks
+    the coalesced values, as GradScaler does, and skips a step whose sparse gradient has a NaN."""
+    torch.manual_seed(0)
+    embedding = nn.Embedding(50, 4, sparse=True)
+    optimizer = torch.optim.SGD(embedding.parameters(), lr=0.1)
+    guard = NonFiniteGuard("auto")
+    ids = torch.tensor([1, 2, 2, 7])
+    for poison, expected in ((False, 0.0), (True, 1.0), (False, 0.0)):
+        optimizer.zero_grad()
+        loss = embedding(ids).pow(2).mean()
+        loss.backward()
+        grad = embedding.weight.grad
+        assert grad is not None and grad.is_sparse
+        if poison:
+            grad._values()[0, 0] = math.nan
+        before = embedding.weight.detach().clone()
+        guard.add_loss(loss)
+        flag = guard.check(optimizer)
+        assert flag is not None and flag.item() == expected
+        optimizer.step()
+        guard.release()
+        assert torch.equal(embedding.weight.detach(), before) == poison  # skipped <=> flagged

@@ -21,8 +21,10 @@ free there; :func:`test_the_guard_reads_its_flag_only_where_that_is_free`). The 
 asserted, with ``R = readback_every`` and ``g`` the optimizer step count after the step
 (``trainer.global_step`` in ``on_train_batch_end``):
 
-* ``on_train_batch_start``, ``on_before_backward``, ``on_before_optimizer_step``: no sync,
-  ever (snapshot copies and the guard's flag stay on the device);
+* ``on_train_batch_start``, ``on_before_backward``, ``on_before_optimizer_step``: no sync
+  (snapshot copies and the guard's flag stay on the device), except one read of the guard's
+  flag before the very first optimizer step: the fused optimizer has no state yet, and a
+  step skipped through ``found_inf`` would still create it (see :mod:`surgeon.guard`);
 * ``on_train_batch_end`` where ``g`` is not a multiple of ``R`` (and every micro-batch that
   does not close an optimizer step): no sync;
 * where ``g`` is a multiple of ``R``: at most :data:`MAX_SYNCS_PER_READBACK`, and the
@@ -59,6 +61,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from surgeon import ScheduleSurgeon
 from surgeon.loss_feed import LossFeed
+
+FLAG_READ = ["Tensor.item", "aten._local_scalar_dense"]
+"""The guard's one read of its flag (``flag.item()``)."""
 
 MAX_SYNCS_PER_READBACK = 2
 """Host reads allowed in a readback step's hooks: the block's ``tolist`` (plus slack for one)."""
@@ -186,7 +191,9 @@ def check_hook_syncs(calls: list[HookCall], readback_every: int) -> None:
     readbacks = []
     for call in calls:
         due = call.hook == "end" and call.closed_step and call.global_step % readback_every == 0
-        if due:
+        if call.hook == "before_optimizer_step" and call.global_step == 0:
+            assert call.syncs in ([], FLAG_READ), call  # the first step's, with no state yet
+        elif due:
             assert len(call.syncs) <= MAX_SYNCS_PER_READBACK, call
             readbacks.append(call)
         else:
@@ -242,7 +249,7 @@ def test_the_guard_reads_its_flag_only_where_that_is_free(make_trainer: Callable
     surgeon = run_counted(make_trainer, readback_every=4, steps=12, fused=False)
     checks = [c for c in surgeon.calls if c.hook == "before_optimizer_step"]
     assert len(checks) == 12
-    assert all(c.syncs == ["Tensor.item", "aten._local_scalar_dense"] for c in checks)
+    assert all(c.syncs == FLAG_READ for c in checks)
     others = [c for c in surgeon.calls if c.hook != "before_optimizer_step"]
     check_hook_syncs(others, 4)
 
@@ -318,9 +325,12 @@ class SyncDebugSurgeon(ScheduleSurgeon):
         with self._no_sync():
             super().on_before_backward(*args)
 
-    def on_before_optimizer_step(self, *args: Any) -> None:
+    def on_before_optimizer_step(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step == 0:  # the guard reads its flag once, before any state exists
+            super().on_before_optimizer_step(trainer, *args)
+            return
         with self._no_sync():
-            super().on_before_optimizer_step(*args)
+            super().on_before_optimizer_step(trainer, *args)
 
 
 @pytest.mark.cuda
