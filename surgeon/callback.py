@@ -163,6 +163,13 @@ def _optimizer_step_counter(trainer: pl.Trainer) -> Any:
         return None
 
 
+def _starting_scale(scaler: Any) -> float | None:
+    """GradScaler's scale before its first step (``None``: no scaler, or it already stepped)."""
+    if scaler is None or getattr(scaler, "_scale", None) is not None:
+        return None  # a scale tensor exists: reading it would be a host sync; the feed has it
+    return float(scaler.get_scale())  # the initial scale, a Python float: no sync
+
+
 def _grad_scaler(trainer: pl.Trainer) -> Any:
     """The precision plugin's enabled GradScaler, or ``None`` (its ``_scale`` tensor appears
     only at its first step, so look for the scaler, not the scale)."""
@@ -178,9 +185,9 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     (ramp over ``min_warmup``, hold until the loss stabilizes, at most
     ``max_warmup``), cosine decay to ``min_lr_ratio x peak`` by the planned end,
     and plateau/spike/NaN interventions. See :class:`surgeon.config.SurgeonConfig`
-    for every knob; ``total_steps`` defaults to ``trainer.max_steps`` (divided by the
-    number of optimizers under manual optimization, where Lightning counts each
-    ``opt.step()``) or else ``trainer.estimated_stepping_batches``. With
+    for every knob; ``total_steps`` defaults to what ends the fit first: ``max_steps``
+    (divided by the number of optimizers under manual optimization, where Lightning counts
+    each ``opt.step()``) or ``max_epochs`` (``trainer.estimated_stepping_batches``). With
     ``peak_lr="find"`` Lightning's LR range test sets the peaks in ``on_fit_start`` (the
     first group's peak is the suggestion, the others keep their ratios to it), once per
     fresh fit; a resumed fit keeps the checkpoint's.
@@ -281,6 +288,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         """Optimizer steps applied so far (GradScaler-skipped steps excluded once known)."""
         self.skipped_steps = 0
         self._written_step = -1
+        self._written_scale = 1.0  # the LR scale of that write
         self._last_global_step = 0
         # fixed for a fit, read once (on_fit_start / on_train_start) rather than per step through
         # Lightning's chains of properties
@@ -288,6 +296,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self._scaler: Any = None
         self._log_every = 1
         self._is_global_zero = True
+        self._manual = False
         self._optimizers: list[Optimizer] = []
         self._lr_names: list[list[str]] = []
         self._events_path: Path | None = None
@@ -324,8 +333,16 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         if self.config.peak_lr == "find" and not resuming:
             curve = self._find_peak_lr(trainer, pl_module)
         self._adopt_new_param_groups()
-        self.feed = LossFeed(self.feed.readback_every, _mean_across_ranks(trainer))
+        self._manual = not pl_module.automatic_optimization
         self._scaler = _grad_scaler(trainer)
+        self.feed = LossFeed(
+            self.feed.readback_every,
+            _mean_across_ranks(trainer),
+            # Lightning divides the loss by it under automatic optimization only
+            accumulate=1 if self._manual else trainer.accumulate_grad_batches,
+            device=trainer.strategy.root_device,
+            loss_scale=_starting_scale(self._scaler),
+        )
         self._log_every = max(1, trainer.log_every_n_steps)
         self._is_global_zero = trainer.is_global_zero
         self.guard = _make_guard(trainer, self.skip_nonfinite, self._scaler is not None)
@@ -345,13 +362,17 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
                 self._write_lr_find(self._events_path.parent / LR_FIND_FILE, curve)
         self._show_phase_in_progress_bar(trainer)
 
-    def _adopt_new_param_groups(self) -> None:
-        """Give each param group without a peak LR its configured LR as its peak (at the start,
-        and for groups added during the fit), and name every group's LR metric."""
+    def _adopt_new_param_groups(self, scale: float = 1.0) -> None:
+        """Give each param group without a peak LR one, and name every group's LR metric.
+
+        At the start a group's configured LR is its peak. A group added during the fit (e.g. by
+        ``BaseFinetuning``) was given the LR it should have now, beside LRs written with the
+        scale ``scale``: its peak is that LR / ``scale``, so it follows the schedule from there.
+        """
         for optimizer in self._optimizers:
             for group in optimizer.param_groups:
-                group.setdefault(PEAK_LR_KEY, group["lr"])
-                _check_lr(group[PEAK_LR_KEY])
+                if PEAK_LR_KEY not in group:
+                    group[PEAK_LR_KEY] = _check_lr(group["lr"]) / scale
         self._lr_names = lr_metric_names(self._optimizers)
 
     def _find_peak_lr(
@@ -437,15 +458,17 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             self._consume(trainer, self.feed.flush())
 
     def _planned_steps(self, trainer: pl.Trainer) -> int:
+        """``total_steps``, else what ends the fit first: ``max_steps`` or ``max_epochs``
+        (Lightning's ``estimated_stepping_batches``, which counts optimizer steps)."""
         if self.total_steps is not None:
             return self.total_steps
+        estimate = trainer.estimated_stepping_batches  # min(max_steps, epochs x steps/epoch)
         if trainer.max_steps is not None and trainer.max_steps > 0:
             # under manual optimization `max_steps` counts every `opt.step()`, but the surgeon
             # steps once per batch: with k optimizers (each stepped once a batch) that is k calls
             manual = not trainer.lightning_module.automatic_optimization
             per_batch = len(trainer.optimizers) if manual else 1
-            return math.ceil(trainer.max_steps / per_batch)
-        estimate = trainer.estimated_stepping_batches
+            estimate = min(estimate, math.ceil(trainer.max_steps / per_batch))
         if isinstance(estimate, int | float) and math.isfinite(estimate) and estimate >= 1:
             return int(estimate)
         raise ValueError(
@@ -492,12 +515,13 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
                 for group in optimizer.param_groups:
                     group["lr"] = group[PEAK_LR_KEY] * scale
         except KeyError:  # a param group added during the fit (e.g. by BaseFinetuning)
-            self._adopt_new_param_groups()
+            # its LR was chosen beside the LRs of the last write: relative to that write's scale
+            self._adopt_new_param_groups(self._written_scale)
             # snapshots taken with fewer groups cannot be restored into these optimizers
             self.controller.forget_snapshots()
             self._snapshots = [Snapshot(s.location) for s in self._snapshots]
             return self.on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self._written_step = self.step
+        self._written_step, self._written_scale = self.step, scale
         if self._snapshots and self.controller.snapshot_due(self.step):
             self._take_snapshot(trainer)
         if self.step % self._log_every == 0 and self._is_global_zero:
@@ -531,10 +555,14 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             self.feed.add(loss)
         elif not self._warned_no_loss:
             self._warned_no_loss = True
+            counted = (
+                "are counted, but no spike, plateau or stabilization can be seen in them"
+                if self._manual
+                else "are not counted (Lightning skips their optimizer step)"
+            )
             log.warning(
                 "ScheduleSurgeon found no loss in a training_step output; steps without a loss "
-                "are not counted (return the loss, or a dict with 'loss', on every step that "
-                "should count)"
+                f"{counted}: return the loss, or a dict with 'loss'"
             )
         counter = self._step_counter  # trainer.global_step, without its chain of properties
         global_step = counter.completed if counter is not None else trainer.global_step
@@ -550,6 +578,10 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     def _consume(self, trainer: pl.Trainer, due: list[StepLoss]) -> None:
         assert self.controller is not None
         for item in due:
+            if item.no_loss and self._manual:  # the user stepped anyway: count it, unwatched
+                for event in self.controller.pass_step():
+                    self._report(event)
+                continue
             if item.skipped:
                 self.skipped_steps += 1
                 self.step -= 1
@@ -650,7 +682,9 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         assert self.controller is not None
-        self.controller.load_state_dict(state["controller"])
+        self.controller.load_state_dict(state["controller"], next_step=state["step"])
+        for event in self.controller.events[len(state["controller"]["events"]) :]:
+            self._report(event)  # made by the load itself: a replan for another planned length
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.feed.load_state_dict(state["feed"])

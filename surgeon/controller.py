@@ -75,6 +75,8 @@ class EventKind(str, Enum):
     """The step's optimizer update was not applied (non-finite loss or gradients)."""
     ROLLBACK = "rollback"
     """Weights and optimizer state went back to the last good snapshot."""
+    REPLAN = "replan"
+    """A resumed run plans another length: the rest of the schedule was re-planned over it."""
     PEAK_LR = "peak_lr"
     """Recorded by the callback: an LR range test set the peak before step 0."""
 
@@ -226,6 +228,7 @@ class Controller:
         """Counters, statistics, phase, plan, intervention and events (not the configuration,
         not the snapshot bookkeeping: snapshots live in memory only)."""
         return {
+            "total_steps": self.total_steps,
             "step": self.step,
             "phase": self.phase.value,
             "plan": asdict(self._plan),
@@ -240,8 +243,12 @@ class Controller:
             "spike": self.spike.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; the next LRs match the original's exactly."""
+    def load_state_dict(self, state: dict[str, Any], *, next_step: int | None = None) -> None:
+        """Restore what :meth:`state_dict` returned; the next LRs match the original's exactly.
+
+        Saved by a run planned for another length: the rest is re-planned over this one's
+        ``total_steps`` from ``next_step``, the first step whose LR the caller has not written
+        yet (default: the step of the next loss; a caller that reads losses late is ahead)."""
         self.step = state["step"]
         self.phase = Phase(state["phase"])
         self._set_plan(_Plan(**state["plan"]))
@@ -255,6 +262,41 @@ class Controller:
         self.stabilizer.load_state_dict(state["stabilizer"])
         self.plateau.load_state_dict(state["plateau"])
         self.spike.load_state_dict(state["spike"])
+        saved_total = state.get("total_steps", self.total_steps)
+        if saved_total != self.total_steps:
+            self._replan(saved_total, self.step if next_step is None else next_step)
+
+    def _replan(self, saved_total: int, step: int) -> None:
+        """The state was saved by a run planned for ``saved_total`` steps, this one plans
+        ``total_steps``: keep the LR where it is and spread what is left of the plan over the
+        new length from ``step`` (a ramp in progress finishes; the decay restarts from the
+        current level)."""
+        before = self.lr_scale(step)
+        plan = self._plan
+        if step >= self.total_steps:
+            self.phase = Phase.DONE
+            how = "nothing is left to plan"
+        elif plan.hold is None:  # a warmup paused by a spike: its recovery plans the rest
+            how = "the paused warmup plans the rest when it resumes"
+        elif self.phase is Phase.WARMUP:
+            self._set_plan(
+                self._decay_plan(
+                    plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp, decay_start=self.max_warmup
+                )
+            )
+            how = f"warmup now ends by step {self.max_warmup}, the decay follows"
+        else:
+            self.phase = Phase.DECAY
+            if step < plan.start + plan.ramp:  # a restart's ramp in progress: let it finish
+                self._set_plan(self._decay_plan(plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp))
+            else:
+                self._set_plan(self._decay_plan(step, self._base(step - plan.start)))
+            how = f"{self.config.decay} decay from the current LR scale over the remaining steps"
+        why = (
+            f"resumed at step {step} with a planned length of {self.total_steps} steps instead of "
+            f"{saved_total}: {how}"
+        )
+        self.events.append(Event(step, EventKind.REPLAN, why, before, self.lr_scale(step)))
 
     # ------------------------------------------------------------------ LR
     def lr_scale(self, step: int) -> float:
@@ -283,8 +325,7 @@ class Controller:
                 self.phase = Phase.DONE
             return []
         new_events: list[Event] = []
-        if self.intervention.mode == "recover" and self.intervention.at(step + 1) >= 1.0:
-            self.intervention = _Intervention()
+        self._expire_recovery(step)
 
         mean, var = self.spike.mean, self.spike.var  # before this loss, for a spike's reason
         if update_skipped and math.isfinite(loss):
@@ -327,8 +368,26 @@ class Controller:
                 new_events += self._warmup_update(step, loss)
             elif self.phase is Phase.DECAY and self.intervention.mode == "normal":
                 new_events += self._plateau_update(step, loss)
+        return self._close_step(step, new_events)
+
+    def pass_step(self) -> list[Event]:
+        """Count step ``self.step`` without its loss (manual optimization whose
+        ``training_step`` returned none): the plan moves on, warmup ends at ``max_warmup``,
+        no detector sees anything."""
+        step = self.step
+        self.step += 1
+        self._expire_recovery(step)
+        return self._close_step(step, [])
+
+    def _expire_recovery(self, step: int) -> None:
+        if self.intervention.mode == "recover" and self.intervention.at(step + 1) >= 1.0:
+            self.intervention = _Intervention()
+
+    def _close_step(self, step: int, new_events: list[Event]) -> list[Event]:
+        """What every step ends with: a snapshot of this step that did not settle is no good,
+        the warmup deadline, the end of the plan; record ``new_events``."""
         pending = self._pending_snapshot
-        if pending is not None and pending[0] == step:  # its loss was not normal: not good
+        if pending is not None and pending[0] == step:  # its loss was not normal (or unknown)
             self._pending_snapshot = None
         if self.phase is Phase.WARMUP and step + 1 >= self.max_warmup:
             new_events.append(self._end_warmup(step, self._warmup_deadline_reason()))

@@ -34,13 +34,15 @@ Reduce = Callable[[Tensor], Tensor]
 
 class StepLoss(NamedTuple):
     """The mean loss of one optimizer step; whether the step is not to be counted (GradScaler
-    skipped it, or it had no loss); whether the guard kept its update from being applied.
+    skipped it, or it had no loss); whether the guard kept its update from being applied;
+    whether it had no loss (on some rank).
 
     A named tuple: one is made per step, and a tuple is the cheapest to make."""
 
     loss: float
     skipped: bool = False
     update_skipped: bool = False
+    no_loss: bool = False
 
 
 class _Row(NamedTuple):
@@ -94,17 +96,36 @@ class _Block:
 class LossFeed:
     """Collects per-step losses on device and returns them as floats, late and in blocks."""
 
-    def __init__(self, readback_every: int = 4, reduce: Reduce | None = None) -> None:
+    def __init__(
+        self,
+        readback_every: int = 4,
+        reduce: Reduce | None = None,
+        *,
+        accumulate: int = 1,
+        device: torch.device | None = None,
+        loss_scale: float | None = None,
+    ) -> None:
+        """``accumulate``: the count each micro-batch loss was divided by (a step with fewer
+        micro-batches, the last of an epoch, is scaled back up to a mean); ``device``: where
+        the losses live (a NaN for a step without a loss goes there before any loss is seen);
+        ``loss_scale``: GradScaler's scale before the first step (so a first step it skips is
+        recognized)."""
         check_positive_int("readback_every", readback_every)
+        check_positive_int("accumulate", accumulate)
         self.readback_every = readback_every
         self.reduce = reduce
+        self.accumulate = accumulate
+        self.device = device
         self._micro: Tensor | None = None
+        self._micro_count = 0
         self._last_loss: Tensor | None = None  # its device is where a loss-less step's NaN goes
         self._rows: list[_Row] = []
         self._mixed_devices = False  # rows may sit on several devices (see _stack)
+        self._restored_rows = 0  # the first open rows came from a checkpoint, averaged already
         self._constants: dict[tuple[torch.device, float], Tensor] = {}
         self._in_flight: deque[_Block] = deque()
-        self._last_scale = -math.inf  # no step before the first: nothing to compare with
+        # no step before the first: nothing to compare with, unless GradScaler's start is known
+        self._last_scale = -math.inf if loss_scale is None else loss_scale
 
     def add(self, loss: Tensor) -> None:
         """Add one micro-batch loss (already divided by the accumulation count)."""
@@ -114,6 +135,7 @@ class LossFeed:
             loss = loss.reshape(())
         self._last_loss = loss
         self._micro = loss if self._micro is None else self._micro + loss
+        self._micro_count += 1
 
     def close_step(
         self, loss_scale: Tensor | None = None, update_skipped: Tensor | None = None
@@ -127,11 +149,13 @@ class LossFeed:
         """
         loss = self._micro
         if loss is None:  # no loss this step (training_step returned None): a NaN scale marks it
-            if self._last_loss is None:
+            device = self.device if self._last_loss is None else self._last_loss.device
+            if device is None:
                 self._mixed_devices = True  # on the CPU: the device of the losses is not known
-            device = None if self._last_loss is None else self._last_loss.device
             loss = loss_scale = torch.full((), math.nan, device=device)
-        self._micro = None
+        elif self._micro_count < self.accumulate:  # the short last window of an epoch
+            loss = loss * (self.accumulate / self._micro_count)
+        self._micro, self._micro_count = None, 0
         scale = None if loss_scale is None else loss_scale.reshape(()).clone()
         self._rows.append(_Row(loss, scale, update_skipped))
         if len(self._rows) < self.readback_every:
@@ -143,7 +167,7 @@ class LossFeed:
         """Everything not yet handed out, oldest first: the blocks in flight and the closed
         steps of the open block (at the end of training, when nothing is left to wait for).
         The open block goes through ``reduce`` like any other, so every rank must flush."""
-        self._micro = None  # micro-batches of a step that never reached its optimizer step
+        self._micro, self._micro_count = None, 0  # of a step that never reached its update
         if self._rows:
             self._send_block()
         out: list[StepLoss] = []
@@ -153,19 +177,33 @@ class LossFeed:
 
     def _send_block(self) -> None:
         """Stack the open rows, reduce them across ranks and start their copy to the host."""
-        values, scaled, flagged = self._stack()
+        values, scaled, flagged = self._reduced(*self._stack())
         self._rows = []
-        if self.reduce is not None:
-            values = self.reduce(values)
+        self._restored_rows = 0
         self._in_flight.append(_Block(values, scaled, flagged))
+
+    def _reduced(self, values: Tensor, scaled: bool, flagged: bool) -> tuple[Tensor, bool, bool]:
+        """``values`` averaged across ranks, except the rows restored from a checkpoint: those
+        were saved averaged already (a second mean could differ in the last bit)."""
+        if self.reduce is None:
+            return values, scaled, flagged
+        if not self._restored_rows:
+            return self.reduce(values), scaled, flagged
+        reduced = self.reduce(values.clone())  # a reduce may work in place
+        n = len(values) // (1 + scaled + flagged)
+        keep = torch.zeros(len(values), dtype=torch.bool)
+        for column in range(1 + scaled + flagged):
+            keep[column * n : column * n + self._restored_rows] = True
+        return torch.where(keep.to(values.device), values, reduced), scaled, flagged
 
     def _stack(self) -> tuple[Tensor, bool, bool]:
         """The open rows as one flat float32 tensor on one device (see :class:`_Block`)."""
         rows = self._rows
         if self._mixed_devices:  # restored from a checkpoint, or NaN rows before any loss
-            device = rows[-1].loss.device
+            device = self.device if self.device is not None else rows[-1].loss.device
             rows = [_Row(*(None if t is None else t.to(device) for t in row)) for row in rows]
-            self._mixed_devices = False
+            self._rows = rows
+            self._mixed_devices = self.device is None  # later rows may come from elsewhere
         columns = [row.loss for row in rows]
         scaled = flagged = False
         if any(row.scale is not None for row in rows):
@@ -189,7 +227,7 @@ class LossFeed:
         out = []
         for loss, scale, flag in block.read():
             if math.isnan(scale):  # a step without a loss (on some rank): not counted
-                out.append(StepLoss(loss, True))
+                out.append(StepLoss(loss, True, False, True))
                 continue
             skipped = scale < self._last_scale
             out.append(StepLoss(loss, skipped, flag > 0 and not skipped))
@@ -197,17 +235,23 @@ class LossFeed:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Losses not yet handed out (read now: checkpoints are rare), so a resume loses none."""
+        """Losses not yet handed out (read now: checkpoints are rare), so a resume loses none.
+
+        The open rows are saved averaged across ranks, as every rank would read them, so this
+        runs the feed's collective: call it on every rank (Lightning's ``save_checkpoint``
+        does, and must be called on every rank anyway)."""
+        rows = _Block(*self._reduced(*self._stack())).read() if self._rows else []
         return {
             "in_flight": [[list(row) for row in block.read()] for block in self._in_flight],
-            "rows": [list(row) for row in _Block(*self._stack()).read()] if self._rows else [],
+            "rows": [list(row) for row in rows],
             "last_scale": self._last_scale,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (as CPU tensors; moved on next use)."""
-        self._micro = None
+        self._micro, self._micro_count = None, 0
         self._in_flight = deque(_Block.from_rows(rows) for rows in state["in_flight"])
         self._rows = [_Row(*(torch.tensor(v) for v in [*row, 0.0][:3])) for row in state["rows"]]
         self._mixed_devices = bool(self._rows)
+        self._restored_rows = len(self._rows)
         self._last_scale = state["last_scale"]

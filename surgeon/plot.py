@@ -26,6 +26,9 @@ _EVENT_COLORS = {
     "nonfinite": "#000000",
     "recovered": "#43aa8b",
     "peak_lr": "#f4a261",
+    "skipped_step": "#6c757d",
+    "rollback": "#d62828",
+    "replan": "#264653",
 }
 _PHASE_NAMES = {code: phase.value for phase, code in PHASE_CODES.items()}
 

@@ -150,8 +150,9 @@ def test_two_param_groups_keep_their_ratio(make_trainer: Any) -> None:
 
 def test_a_param_group_added_mid_fit_is_driven_from_its_own_lr(make_trainer: Any) -> None:
     """Lightning's ``BackboneFinetuning`` adds the unfrozen backbone as a new param group at
-    epoch 1; the surgeon takes the LR it was added with as its peak and drives it with the same
-    scale as the first group (and its LR is logged under a metric name of its own)."""
+    epoch 1 with 0.1 x the head's LR of the moment; the surgeon keeps that LR and drives the
+    group with the same scale as the head from then on, so the 0.1 ratio holds (and its LR is
+    logged under a metric name of its own)."""
     from pytorch_lightning.callbacks import BackboneFinetuning
 
     class WithBackbone(TinyRegressor):  # type: ignore[misc, valid-type]
@@ -173,9 +174,9 @@ def test_a_param_group_added_mid_fit_is_driven_from_its_own_lr(make_trainer: Any
     opt = model.trainer.optimizers[0]
     peak0, peak1 = (g["surgeon_peak_lr"] for g in opt.param_groups)
     assert peak0 == 0.05
-    assert 0 < peak1 < peak0  # BackboneFinetuning's 0.1 x the LR of the moment
+    assert peak1 == pytest.approx(0.1 * peak0, rel=1e-12)
     for lr0, lr1 in groups[10:]:
-        assert math.isclose(lr1 / lr0, peak1 / peak0, rel_tol=1e-12)
+        assert math.isclose(lr1 / lr0, 0.1, rel_tol=1e-9)  # BackboneFinetuning's ratio
     assert len({lr1 for _, lr1 in groups[10:]}) > 20  # ... and the surgeon kept moving it
     assert cb._lr_names == [["lr-SGD/pg1", "lr-SGD/pg2"]]
 
@@ -360,6 +361,36 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(make_trainer: Any, tmp_
         assert cb.state_dict() == cb_a.state_dict()
 
 
+def test_resume_with_a_longer_run_replans_the_rest_from_where_it_is(
+    make_trainer: Any, tmp_path: Path
+) -> None:
+    """A run planned for 60 steps, resumed from its step-30 checkpoint with ``max_steps=120``:
+    a ``replan`` event, the LR carries on from the checkpoint's (no jump), and the decay now
+    ends at step 120."""
+    surgeon_args = {"min_warmup": 4, "max_warmup": 8}
+    ckpt = ModelCheckpoint(tmp_path / "a", "{step}", every_n_train_steps=30, save_top_k=-1)
+    cb_a, model_a = ScheduleSurgeon(**surgeon_args), TinyRegressor()
+    trainer = make_trainer([cb_a, ckpt], max_steps=60, enable_checkpointing=True)
+    trainer.fit(model_a, make_loader())
+
+    cb, model = ScheduleSurgeon(**surgeon_args), TinyRegressor()
+    trainer = make_trainer([cb], max_steps=120, default_root_dir=tmp_path / "b")
+    trainer.fit(model, make_loader(), ckpt_path=tmp_path / "a/step=30.ckpt")
+
+    assert cb.controller is not None and cb.controller.total_steps == 120
+    replans = [e for e in cb.events if e.kind is EventKind.REPLAN]
+    assert len(replans) == 1 and replans[0].step == 30
+    assert "120 steps instead of 60" in replans[0].reason
+    assert replans[0].scale_before == replans[0].scale_after  # no jump
+    lrs, lrs_a = first_lrs(model), first_lrs(model_a)
+    assert lrs[0] == lrs_a[30]  # carries on where the checkpoint was
+    assert lrs_a[59] < 0.3 * lrs_a[30]  # the 60-step plan had decayed by its end ...
+    assert lrs[59 - 30] == lrs[0]  # ... the 120-step one still holds there (wsd)
+    assert lrs[-1] < 0.3 * lrs[0] and cb.phase is Phase.DONE  # and decays by step 120
+    events = (tmp_path / "b" / "events.jsonl").read_text()
+    assert '"kind": "replan"' in events
+
+
 # ---------------------------------------------------------------------------- schedulers
 
 
@@ -424,6 +455,29 @@ class _Endless(IterableDataset):
         x, y = next(iter(make_loader(batches=1)))
         for _ in range(20):
             yield x[0], y[0]
+
+
+@pytest.mark.parametrize(
+    ("manual", "trainer_kw", "planned"),
+    [
+        (False, {"max_epochs": 3, "max_steps": 1000}, 30),  # the epochs end it first
+        (False, {"max_epochs": 3, "max_steps": 25}, 25),  # max_steps does
+        (False, {"max_epochs": 2, "accumulate_grad_batches": 3}, 8),  # ceil(10 / 3) a epoch
+        (True, {"max_epochs": 2, "max_steps": 1000}, 20),  # one surgeon step per batch
+        (True, {"max_epochs": 5, "max_steps": 30}, 15),  # 2 opt.step() per batch
+    ],
+    ids=["epochs-first", "steps-first", "accumulate", "manual-epochs-first", "manual-steps"],
+)
+def test_planned_length_is_what_ends_the_fit_first(
+    make_trainer: Any, manual: bool, trainer_kw: dict[str, Any], planned: int
+) -> None:
+    cb = ScheduleSurgeon(min_warmup=2, max_warmup=4)
+    lrs = (0.05, 0.01) if manual else (0.05,)
+    trainer = make_trainer([cb], **trainer_kw)
+    trainer.fit(TinyRegressor(lrs, manual=manual), make_loader())
+    assert cb.controller is not None and cb.controller.total_steps == planned
+    assert cb.step == planned  # the fit did end there
+    assert cb.phase.value == "done"  # so the plan ran out exactly at the end
 
 
 @pytest.mark.parametrize(
@@ -562,6 +616,36 @@ def test_steps_without_a_loss_are_not_counted(make_trainer: Any) -> None:
     assert cb.step == cb.controller.step == steps - cb.skipped_steps
 
 
+def test_manual_steps_without_a_loss_are_counted_and_follow_the_plan(
+    make_trainer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under manual optimization ``training_step`` may return nothing while the user steps the
+    optimizers: those steps count (the LR follows the plan to its end), unwatched, with a
+    warning once."""
+
+    class Silent(TinyRegressor):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            super().training_step(batch, batch_idx)  # steps both optimizers
+            return None
+
+    caplog.set_level(logging.WARNING, logger="surgeon")
+    batches = 40
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8)
+    model = Silent((0.05, 0.01), manual=True)
+    make_trainer([cb], max_steps=2 * batches).fit(model, make_loader())
+    assert cb.step == cb.controller.step == batches and cb.skipped_steps == 0
+    assert cb.phase.value == "done"
+    assert [e.kind for e in cb.events] == [EventKind.WARMUP_END]  # at max_warmup: no losses
+    plan = Controller(batches, cb.config)  # the plan with no loss seen, step by step
+    expected = []
+    for t in range(batches):
+        expected.append(0.05 * plan.lr_scale(t))
+        plan.pass_step()
+    assert [r["lrs"][0][0] for r in model.records] == pytest.approx(expected, rel=1e-12)
+    assert expected[7] == pytest.approx(0.05) and expected[-1] < 0.05 * 0.3  # ramp .. decay
+    assert len([r for r in caplog.records if "found no loss" in r.getMessage()]) == 1
+
+
 def test_progress_bar_shows_the_phase(make_trainer: Any) -> None:
     seen: list[str] = []
 
@@ -578,13 +662,13 @@ def test_progress_bar_shows_the_phase(make_trainer: Any) -> None:
     assert cb.phase.value == "done"  # the last losses, read when training ended, finish the plan
 
 
-def test_a_step_gradscaler_skipped_is_not_counted(make_trainer: Any) -> None:
+@pytest.mark.parametrize("bad", [0, 5])
+def test_a_step_gradscaler_skipped_is_not_counted(make_trainer: Any, bad: int) -> None:
     """16-mixed on CPU with torch's CPU GradScaler: an inf loss gives inf gradients, GradScaler
     skips that optimizer step and halves its scale; the surgeon sees the drop and does not count
-    the step (Lightning's ``global_step`` does)."""
+    the step (Lightning's ``global_step`` does). The very first step too: its drop is measured
+    from the scaler's starting scale."""
     from pytorch_lightning.plugins import MixedPrecision
-
-    bad = 5
 
     def hook(step: int, batch_idx: int, loss: Tensor) -> Tensor:
         return loss * math.inf if step == bad else loss

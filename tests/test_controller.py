@@ -481,7 +481,12 @@ class TestEvents:
         controller = Controller(total, BUSY_CONFIG)
         trace = drive(controller, busy_stream(total, seed=9))  # drive() checks the scales
         # the others need the callback (peak_lr) or its guard and snapshots (TestRollback)
-        caller_driven = {EventKind.PEAK_LR, EventKind.SKIPPED_STEP, EventKind.ROLLBACK}
+        caller_driven = {
+            EventKind.PEAK_LR,
+            EventKind.SKIPPED_STEP,
+            EventKind.ROLLBACK,
+            EventKind.REPLAN,
+        }
         assert set(trace.kinds()) == set(EventKind) - caller_driven
         assert controller.events == trace.events
         for event in trace.events:
@@ -774,6 +779,58 @@ def scenarios(draw: st.DrawFn) -> tuple[int, SurgeonConfig, list[float]]:
 PROPERTY_SETTINGS = settings(
     max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+
+
+class TestReplan:
+    """A state saved by a run planned for another length: the rest is re-planned from where the
+    LR is, with a ``replan`` event; the same length changes nothing."""
+
+    CONFIG = SurgeonConfig(warmup=10, decay="cosine", plateau_patience=10_000)
+
+    def saved_at(self, total: int, step: int) -> dict[str, Any]:
+        controller = Controller(total, self.CONFIG)
+        drive(controller, [1.0] * step)
+        return controller.state_dict()
+
+    @pytest.mark.parametrize(
+        ("old", "new", "at"), [(200, 600, 100), (600, 200, 100), (200, 600, 5)]
+    )
+    def test_the_lr_carries_on_and_the_decay_ends_at_the_new_length(
+        self, old: int, new: int, at: int
+    ) -> None:
+        before = Controller(old, self.CONFIG)
+        before.load_state_dict(self.saved_at(old, at))
+        resumed = Controller(new, self.CONFIG)
+        resumed.load_state_dict(self.saved_at(old, at))
+        (replan,) = resumed.events[-1:]
+        assert replan.kind is EventKind.REPLAN and replan.step == at
+        assert f"{new} steps instead of {old}" in replan.reason
+        assert resumed.lr_scale(at) == pytest.approx(before.lr_scale(at), rel=1e-12)  # no jump
+        assert replan.scale_before == replan.scale_after == pytest.approx(resumed.lr_scale(at))
+        trace = drive(resumed, [1.0] * (new - at))
+        assert resumed.phase is Phase.DONE
+        assert trace.lrs[-1] == pytest.approx(self.CONFIG.min_lr_ratio, abs=0.01)
+        assert all(a >= b for a, b in itertools.pairwise(trace.lrs[max(0, 10 - at) :]))
+
+    def test_a_finished_run_resumed_longer_stays_at_its_floor_and_says_so(self) -> None:
+        resumed = Controller(600, self.CONFIG)
+        resumed.load_state_dict(self.saved_at(200, 200))
+        assert resumed.phase is Phase.DECAY and resumed.events[-1].kind is EventKind.REPLAN
+        assert resumed.lr_scale(200) == pytest.approx(self.CONFIG.min_lr_ratio)
+        drive(resumed, [1.0] * 400)
+        assert resumed.phase is Phase.DONE
+
+    def test_the_same_length_or_an_old_state_replans_nothing(self) -> None:
+        state = self.saved_at(200, 100)
+        for loaded in (state, {k: v for k, v in state.items() if k != "total_steps"}):
+            resumed = Controller(200, self.CONFIG)
+            resumed.load_state_dict(loaded)
+            assert resumed.state_dict() == state
+
+    def test_the_caller_can_replan_from_the_step_it_writes_next(self) -> None:
+        resumed = Controller(600, self.CONFIG)
+        resumed.load_state_dict(self.saved_at(200, 100), next_step=106)  # 6 losses in flight
+        assert resumed.events[-1].step == 106 and resumed.step == 100
 
 
 class TestProperties:

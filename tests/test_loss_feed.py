@@ -87,6 +87,59 @@ def test_state_round_trip_mid_block_gives_the_same_future(cut: int) -> None:
     assert head + tail == whole
 
 
+def mean_with_a_rank_seeing_a_third_more(block: torch.Tensor) -> torch.Tensor:
+    """A stand-in for the cross-rank mean (in place, as ``dist.all_reduce`` works): the other
+    rank's losses (< 8 here) are a third higher, its loss scales (16) the same; a second mean
+    of a mean would show (x 7/6 again)."""
+    other = torch.where(block < 8.0, block * (4.0 / 3.0), block)
+    block.add_(other)
+    return block / 2.0
+
+
+@pytest.mark.parametrize("cut", [1, 3, 4, 6, 9])
+def test_state_round_trip_under_a_reduce_gives_the_same_future(cut: int) -> None:
+    """The open rows are saved averaged across ranks (as every rank will read them), and the
+    resumed feed does not average them a second time."""
+    losses = [0.5 + 0.05 * i for i in range(20)]
+    scales = [16.0] * 20
+    reduce = mean_with_a_rank_seeing_a_third_more
+    whole = run(LossFeed(readback_every=3, reduce=reduce), losses, scales)
+
+    first = LossFeed(readback_every=3, reduce=reduce)
+    head = run(first, losses[:cut], scales[:cut])
+    state = first.state_dict()
+    assert [row[0] for row in state["rows"]] == pytest.approx(
+        [loss * 7 / 6 for loss in losses[cut - cut % 3 : cut]]
+    )
+    resumed = LossFeed(readback_every=3, reduce=reduce)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["rows"] == state["rows"]  # saving again changes nothing
+    tail = run(resumed, losses[cut:], scales[cut:])
+    assert head + tail == whole
+    assert [s.loss for s in whole] == pytest.approx([loss * 7 / 6 for loss in losses[:15]])
+
+
+def test_a_short_accumulation_window_is_scaled_back_to_a_mean() -> None:
+    """Lightning divides every micro-batch loss by ``accumulate_grad_batches``, also in the
+    last window of an epoch when it has fewer micro-batches: the feed undoes that."""
+    feed = LossFeed(readback_every=1, accumulate=4)
+    due = []
+    for window in (4, 4, 2, 4, 1):  # micro-batches per optimizer step; each loss 1.0 / 4
+        for _ in range(window):
+            feed.add(torch.tensor(0.25))
+        due += feed.close_step()
+    assert [s.loss for s in due + feed.flush()] == [1.0] * 5
+
+
+def test_a_first_step_gradscaler_skipped_is_recognized_from_its_starting_scale() -> None:
+    feed = LossFeed(readback_every=2, loss_scale=65536.0)
+    out = run(feed, [1.0] * 4, [32768.0, 32768.0, 32768.0, 32768.0]) + feed.flush()
+    assert [s.skipped for s in out] == [True, False, False, False]
+    unknown = LossFeed(readback_every=2)  # without the starting scale it cannot be seen
+    out = run(unknown, [1.0] * 4, [32768.0] * 4) + unknown.flush()
+    assert [s.skipped for s in out] == [False] * 4
+
+
 def test_readback_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="readback_every"):
         LossFeed(readback_every=0)
