@@ -617,6 +617,11 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     def _log_lrs(self, trainer: pl.Trainer, scale: float) -> None:
         """The LRs written for the current step, named as ``LearningRateMonitor`` names them."""
         metrics = {"surgeon/lr_scale": scale}
+        pairs = zip(self._optimizers, self._lr_names, strict=True)
+        if any(len(optimizer.param_groups) != len(names) for optimizer, names in pairs):
+            # groups restored after on_fit_start (a resumed BaseFinetuning), or added with a
+            # copied peak: name them now
+            self._lr_names = lr_metric_names(self._optimizers)
         for optimizer, names in zip(self._optimizers, self._lr_names, strict=True):
             for group, name in zip(optimizer.param_groups, names, strict=True):
                 metrics[name] = group["lr"]

@@ -279,12 +279,12 @@ class Controller:
         elif plan.hold is None:  # a warmup paused by a spike: its recovery plans the rest
             how = "the paused warmup plans the rest when it resumes"
         elif self.phase is Phase.WARMUP:
+            # the new max_warmup may be behind: the decay then starts here, not in the past
+            ends = max(self.max_warmup, step)
             self._set_plan(
-                self._decay_plan(
-                    plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp, decay_start=self.max_warmup
-                )
+                self._decay_plan(plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp, decay_start=ends)
             )
-            how = f"warmup now ends by step {self.max_warmup}, the decay follows"
+            how = f"warmup now ends by step {ends}, the decay follows"
         else:
             self.phase = Phase.DECAY
             if step < plan.start + plan.ramp:  # a restart's ramp in progress: let it finish

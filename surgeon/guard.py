@@ -11,10 +11,10 @@ weight, moment or step counter changes. Two ways, chosen per optimizer:
 * ``"found_inf"``, free of host syncs: optimizers that take GradScaler's
   ``found_inf`` (``fused=True`` Adam, AdamW, SGD, Adagrad; they set
   ``_step_supports_amp_scaling``) get the flag as ``optimizer.found_inf`` and their
-  fused kernel skips the update on the device, as under GradScaler. Except while the
-  optimizer has no state yet (its first step): a skipped first step would still create
-  it, and fused SGD makes its momentum from uninitialised memory, so that step is
-  checked the ``"host"`` way (one sync per fit);
+  fused kernel skips the update on the device, as under GradScaler. Except while a
+  parameter about to be updated has no state yet (the first step, or a group's first):
+  a skipped first step would still create it, and fused SGD makes its momentum from
+  uninitialised memory, so that step is checked the ``"host"`` way (one sync);
 * ``"host"``: the flag is read on the host and, when set, every gradient of the
   optimizer is set to ``None``, so the step leaves every parameter alone (torch
   optimizers skip parameters without a gradient). Free on CPU; on CUDA a read is a
@@ -55,6 +55,15 @@ def mechanism_for(optimizer: Optimizer, mode: SkipNonfinite) -> Mechanism:
         return "found_inf"
     on_cpu = all(p.device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
     return "host" if on_cpu or mode == "always" else "none"
+
+
+def _stateless_param_with_grad(optimizer: Optimizer, watched: "_Watched") -> bool:
+    """Whether a parameter about to be updated has no optimizer state yet (its first step:
+    the whole optimizer's, or a group's added or unfrozen later)."""
+    state = optimizer.state
+    if len(state) >= len(watched.params):  # every parameter has state: the usual case
+        return False
+    return any(p.grad is not None and p not in state for p in watched.params)
 
 
 @dataclass
@@ -144,7 +153,7 @@ class NonFiniteGuard:
         # a fused optimizer's first step creates its state even when found_inf skips it (fused
         # SGD's momentum from uninitialised memory, applied by the next step): until it has
         # state, read the flag and take the gradients away instead (one sync, once per fit)
-        on_host = watched.mechanism == "host" or not optimizer.state
+        on_host = watched.mechanism == "host" or _stateless_param_with_grad(optimizer, watched)
         # 0-d, as GradScaler makes it (fused Adam needs it); found_inf: a fresh one per step
         # (the optimizer and the loss feed keep it), host: a scratch kept at 0 between checks
         flag = self._zeroed_scratch(device) if on_host else torch.zeros((), device=device)

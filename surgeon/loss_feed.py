@@ -105,8 +105,10 @@ class LossFeed:
         device: torch.device | None = None,
         loss_scale: float | None = None,
     ) -> None:
-        """``accumulate``: the count each micro-batch loss was divided by (a step with fewer
-        micro-batches, the last of an epoch, is scaled back up to a mean); ``device``: where
+        """``accumulate``: the count each micro-batch loss was divided by (Lightning's
+        ``accumulate_grad_batches``; 1 under manual optimization): a step's loss is the mean of
+        its micro-batches' undivided losses, also when it has another count of them (the short
+        last window of an epoch, or a manual step over several batches); ``device``: where
         the losses live (a NaN for a step without a loss goes there before any loss is seen);
         ``loss_scale``: GradScaler's scale before the first step (so a first step it skips is
         recognized)."""
@@ -153,7 +155,7 @@ class LossFeed:
             if device is None:
                 self._mixed_devices = True  # on the CPU: the device of the losses is not known
             loss = loss_scale = torch.full((), math.nan, device=device)
-        elif self._micro_count < self.accumulate:  # the short last window of an epoch
+        elif self._micro_count != self.accumulate:  # the mean over the step's micro-batches
             loss = loss * (self.accumulate / self._micro_count)
         self._micro, self._micro_count = None, 0
         scale = None if loss_scale is None else loss_scale.reshape(()).clone()

@@ -128,6 +128,29 @@ def test_phase_before_fit_is_warmup_and_events_empty() -> None:
     assert cb.events == []
 
 
+def test_resuming_after_a_param_group_was_added_mid_fit(make_trainer: Any, tmp_path: Path) -> None:
+    """Lightning restores the added group (BackboneFinetuning's) after ``on_fit_start``: the
+    resumed run logs and drives both groups, with the ratio of the first run."""
+    from pytorch_lightning.callbacks import BackboneFinetuning
+
+    def callbacks() -> list[Any]:  # the surgeon first: its on_fit_start runs before the restore
+        return [ScheduleSurgeon(total_steps=40), BackboneFinetuning(1, verbose=False)]
+
+    ckpt = ModelCheckpoint(tmp_path / "ck", save_last=True)
+    first = make_trainer([*callbacks(), ckpt], max_epochs=2, enable_checkpointing=True)
+    first.fit(WithBackbone(), make_loader())  # 10 steps an epoch, the group added at epoch 1
+    model = WithBackbone()
+    resumed = make_trainer(callbacks(), max_epochs=4, logger=CSVLogger(tmp_path))
+    resumed.fit(model, make_loader(), ckpt_path=tmp_path / "ck" / "last.ckpt")
+    assert [r["step"] for r in model.records] == list(range(20, 40))
+    assert all(len(r["lrs"][0]) == 2 for r in model.records)
+    assert all(
+        math.isclose(r["lrs"][0][1] / r["lrs"][0][0], 0.1, rel_tol=1e-9) for r in model.records
+    )
+    with (Path(resumed.log_dir) / "metrics.csv").open() as f:
+        assert {"lr-SGD/pg1", "lr-SGD/pg2"} <= set(next(csv.DictReader(f)))
+
+
 def test_two_param_groups_keep_their_ratio(make_trainer: Any) -> None:
     cb = ScheduleSurgeon(min_warmup=8, max_warmup=16, decay="cosine")
     model = TinyRegressor((1e-3, 1e-4))
@@ -148,21 +171,25 @@ def test_two_param_groups_keep_their_ratio(make_trainer: Any) -> None:
 # ---------------------------------------------------------------------------- accumulation
 
 
+class WithBackbone(TinyRegressor):  # type: ignore[misc, valid-type]
+    """The first layer is a ``backbone`` for ``BackboneFinetuning``, which freezes it first:
+    the optimizer starts with the head alone."""
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.net[0]
+
+    def configure_optimizers(self) -> Any:
+        head = [p for p in self.net.parameters() if p.requires_grad]  # backbone frozen
+        return torch.optim.SGD(head, lr=0.05, momentum=0.9)
+
+
 def test_a_param_group_added_mid_fit_is_driven_from_its_own_lr(make_trainer: Any) -> None:
     """Lightning's ``BackboneFinetuning`` adds the unfrozen backbone as a new param group at
     epoch 1 with 0.1 x the head's LR of the moment; the surgeon keeps that LR and drives the
     group with the same scale as the head from then on, so the 0.1 ratio holds (and its LR is
     logged under a metric name of its own)."""
     from pytorch_lightning.callbacks import BackboneFinetuning
-
-    class WithBackbone(TinyRegressor):  # type: ignore[misc, valid-type]
-        @property
-        def backbone(self) -> torch.nn.Module:
-            return self.net[0]
-
-        def configure_optimizers(self) -> Any:
-            head = [p for p in self.net.parameters() if p.requires_grad]  # backbone frozen
-            return torch.optim.SGD(head, lr=0.05, momentum=0.9)
 
     cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="cosine")
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)

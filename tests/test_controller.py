@@ -812,6 +812,20 @@ class TestReplan:
         assert trace.lrs[-1] == pytest.approx(self.CONFIG.min_lr_ratio, abs=0.01)
         assert all(a >= b for a, b in itertools.pairwise(trace.lrs[max(0, 10 - at) :]))
 
+    def test_a_shorter_run_resumed_in_warmup_past_its_new_deadline_keeps_the_lr(self) -> None:
+        """Saved mid-warmup of a long run; the new, shorter run's max_warmup is already behind:
+        the decay starts from here at the current level, not from a step in the past."""
+        config = SurgeonConfig(decay="cosine")
+        long = Controller(1000, config)
+        drive(long, [1.0 / (t + 1) for t in range(30)])  # still falling: still in warmup
+        assert long.phase is Phase.WARMUP
+        short = Controller(60, config)
+        short.load_state_dict(long.state_dict(), next_step=34)
+        assert short.max_warmup < 34
+        assert short.lr_scale(34) == pytest.approx(long.lr_scale(34), rel=1e-12)
+        lrs = [short.lr_scale(t) for t in range(34, 61)]
+        assert all(a >= b for a, b in itertools.pairwise(lrs)) and lrs[-1] == pytest.approx(0.1)
+
     def test_a_finished_run_resumed_longer_stays_at_its_floor_and_says_so(self) -> None:
         resumed = Controller(600, self.CONFIG)
         resumed.load_state_dict(self.saved_at(200, 200))

@@ -204,3 +204,29 @@ def test_sparse_gradients_are_checked_by_their_values() -> None:
         optimizer.step()
         guard.release()
         assert torch.equal(embedding.weight.detach(), before) == poison  # skipped <=> flagged
+
+
+def test_a_group_that_first_gets_gradients_at_a_skipped_step_gets_no_state() -> None:
+    """The optimizer has state, but a group (a backbone unfrozen later) gets its first gradient
+    at a non-finite step: fused SGD would create that group's momentum from uninitialised memory
+    even though ``found_inf`` skips the step; the guard checks it on the host instead."""
+    a, b = nn.Parameter(torch.ones(1000)), nn.Parameter(torch.ones(1000))
+    optimizer = torch.optim.SGD(
+        [{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9, fused=True
+    )
+    guard = NonFiniteGuard("auto")
+
+    def step(grad_a: float, grad_b: float | None) -> float:
+        a.grad = torch.full((1000,), grad_a)
+        b.grad = None if grad_b is None else torch.full((1000,), grad_b)
+        flag = guard.check(optimizer)
+        assert flag is not None
+        optimizer.step()
+        guard.release()
+        return flag.item()
+
+    assert step(1.0, None) == 0.0 and b not in optimizer.state  # b frozen
+    assert step(1.0, math.nan) == 1.0  # b's first gradient, non-finite: skipped
+    assert b not in optimizer.state and torch.equal(b.detach(), torch.ones(1000))
+    assert step(1.0, 1.0) == 0.0
+    assert torch.allclose(b.detach(), torch.full((1000,), 0.9))  # a clean first step for b

@@ -31,14 +31,16 @@ def test_blocks_come_back_one_block_late_in_order() -> None:
     assert [s.loss for s in feed.close_step()] == [0.0, 1.0, 2.0]
 
 
-def test_micro_batches_of_a_step_are_summed() -> None:
-    feed = LossFeed(readback_every=1)
+def test_micro_batches_of_a_full_window_are_summed() -> None:
+    """Lightning divided each micro-batch loss by ``accumulate_grad_batches`` already: the sum
+    of a full window is its mean."""
+    feed = LossFeed(readback_every=1, accumulate=2)
     due = []
-    for parts in ([0.25, 0.5], [1.0, 2.0, 3.0], []):  # already divided by the accumulation count
+    for parts in ([0.25, 0.5], [1.0, 2.0], []):
         for part in parts:
             feed.add(torch.tensor(part, requires_grad=True) * 1.0)
         due += feed.close_step()
-    assert [s.loss for s in due] == [0.75, 6.0]  # each step one block late
+    assert [s.loss for s in due] == [0.75, 3.0]  # each step one block late
 
 
 def test_a_dropped_loss_scale_marks_the_step_skipped() -> None:
@@ -129,6 +131,16 @@ def test_a_short_accumulation_window_is_scaled_back_to_a_mean() -> None:
             feed.add(torch.tensor(0.25))
         due += feed.close_step()
     assert [s.loss for s in due + feed.flush()] == [1.0] * 5
+
+
+def test_a_manual_step_over_several_batches_gets_their_mean() -> None:
+    """Manual optimization: the losses ``training_step`` returns are not divided by anything;
+    a step over 3 batches (the user steps every 3rd) gets their mean, not their sum."""
+    feed = LossFeed(readback_every=1, accumulate=1)
+    for value in (1.0, 2.0, 6.0):
+        feed.add(torch.tensor(value))
+    assert feed.close_step() == []
+    assert [s.loss for s in feed.flush()] == [3.0]
 
 
 def test_a_first_step_gradscaler_skipped_is_recognized_from_its_starting_scale() -> None:
