@@ -31,7 +31,8 @@ Nothing lost (see :mod:`surgeon.guard` and :mod:`surgeon.snapshot`):
    weights and optimizer state are copied (``snapshot="cpu"`` or ``"device"``); on a
    severe spike or a run of non-finite steps the controller asks for the last good copy
    and ``on_train_batch_end`` restores it (a ``rollback`` event), on every rank alike.
-Only rank zero writes logs and ``events.jsonl``; every rank makes the same
+Only rank zero logs metrics and writes ``events.jsonl`` (each rank logs its event lines on
+the ``surgeon`` logger); every rank makes the same
 decisions because the feed averages the losses across ranks before reading them.
 """
 
@@ -182,12 +183,13 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     """Runs the learning rate of every optimizer as an adaptive warmup/decay controller.
 
     With no arguments: each group's configured LR is its peak, warmup is automatic
-    (ramp over ``min_warmup``, hold until the loss stabilizes, at most
-    ``max_warmup``), cosine decay to ``min_lr_ratio x peak`` by the planned end,
-    and plateau/spike/NaN interventions. See :class:`surgeon.config.SurgeonConfig`
-    for every knob; ``total_steps`` defaults to what ends the fit first: ``max_steps``
-    (divided by the number of optimizers under manual optimization, where Lightning counts
-    each ``opt.step()``) or ``max_epochs`` (``trainer.estimated_stepping_batches``). With
+    (ramp over ``min_warmup``, hold until the loss stabilizes, at most ``max_warmup``),
+    warmup-stable-decay (hold the peak, then linear to ``min_lr_ratio x peak`` over the
+    last ``wsd_decay_fraction`` of the run; ``decay`` picks another shape), and
+    plateau/spike/NaN interventions. See :class:`surgeon.config.SurgeonConfig` for every
+    knob; ``total_steps`` defaults to what ends the fit first: ``max_steps`` (divided by
+    the number of optimizers under manual optimization, where Lightning counts each
+    ``opt.step()``) or ``max_epochs`` (``trainer.estimated_stepping_batches``). With
     ``peak_lr="find"`` Lightning's LR range test sets the peaks in ``on_fit_start`` (the
     first group's peak is the suggestion, the others keep their ratios to it), once per
     fresh fit; a resumed fit keeps the checkpoint's.
@@ -451,7 +453,8 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             self._events_path.write_text("".join(map(self._event_line, self.events)))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Read the losses still in flight (the last ``readback_every`` to ``2 x`` that steps):
+        """Read the losses still in flight (of the last ``readback_every`` to
+        ``2 x readback_every - 1`` steps):
         a spike or NaN at the very end is decided on and recorded like any other (a rollback
         included: the fit then ends with the last good weights)."""
         if self.controller is not None:

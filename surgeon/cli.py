@@ -283,7 +283,11 @@ def _add_plot(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "plot",
         help="plot loss and LR of a logged run with the surgeon's events marked",
     )
-    plot.add_argument("run_dir", type=Path, help="directory holding the run's metrics.csv")
+    plot.add_argument(
+        "run_dir",
+        type=Path,
+        help="directory holding the run's metrics.csv (CSVLogger) or TensorBoard event file",
+    )
     plot.add_argument("--out", type=Path, default=None, help="PNG path (default: in the run)")
     plot.set_defaults(handler=_run_plot, usage_prog=plot.prog)
 

@@ -26,7 +26,7 @@ Time: the loss passed to the ``n``-th call of ``update`` belongs to step ``n``
 (counting from 0); a decision made on it takes effect from step ``n + 1`` and is
 recorded as an :class:`Event` at step ``n``. Both curves are closed-form in the
 step, so ``lr_scale`` may be asked for steps ahead of the last loss (the callback
-reads losses a few steps late on GPU) and the answer is a pure function of the
+reads losses a few steps late, on every device) and the answer is a pure function of the
 losses seen.
 """
 

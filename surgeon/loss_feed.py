@@ -12,7 +12,10 @@ CPU and GPU runs make identical decisions.
 
 The same block carries the AMP loss scale of each step (when a GradScaler is
 in use): a scale lower than the step before means GradScaler skipped that
-optimizer step, and the caller does not count it. A step that produced no loss
+optimizer step. When the loss itself is finite, that was an overflow of the scaled
+gradients (GradScaler calibrating its scale) and the caller does not count the step;
+when the loss is NaN/inf it is handed out like a step the guard skipped (counted,
+``update_skipped``), so the controller records it and reacts. A step that produced no loss
 (``training_step`` returned ``None``, Lightning's way to skip a batch) carries a
 NaN scale and is not counted either. It also carries the
 :class:`~surgeon.guard.NonFiniteGuard`'s flag of each step (when the guard acts):
@@ -231,8 +234,11 @@ class LossFeed:
             if math.isnan(scale):  # a step without a loss (on some rank): not counted
                 out.append(StepLoss(loss, True, False, True))
                 continue
-            skipped = scale < self._last_scale
-            out.append(StepLoss(loss, skipped, flag > 0 and not skipped))
+            dropped = scale < self._last_scale  # GradScaler skipped the update
+            if dropped and not math.isfinite(loss):  # a NaN/inf loss, not a scale overflow:
+                out.append(StepLoss(loss, False, True))  # a counted, skipped step, as guarded
+            else:
+                out.append(StepLoss(loss, dropped, flag > 0 and not dropped))
             self._last_scale = scale
         return out
 

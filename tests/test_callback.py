@@ -690,15 +690,20 @@ def test_progress_bar_shows_the_phase(make_trainer: Any) -> None:
 
 
 @pytest.mark.parametrize("bad", [0, 5])
-def test_a_step_gradscaler_skipped_is_not_counted(make_trainer: Any, bad: int) -> None:
-    """16-mixed on CPU with torch's CPU GradScaler: an inf loss gives inf gradients, GradScaler
-    skips that optimizer step and halves its scale; the surgeon sees the drop and does not count
-    the step (Lightning's ``global_step`` does). The very first step too: its drop is measured
-    from the scaler's starting scale."""
+@pytest.mark.parametrize("poison", ["overflow", "inf-loss"])
+def test_a_step_gradscaler_skipped(make_trainer: Any, bad: int, poison: str) -> None:
+    """16-mixed on CPU with torch's CPU GradScaler (the guard stands aside). A finite but huge
+    loss overflows the scaled fp16 gradients: GradScaler skips the step and halves its scale,
+    routine calibration, so the surgeon does not count the step and says nothing. An inf loss:
+    GradScaler skips it too, and the surgeon records it as a skipped non-finite step (counted,
+    ``nonfinite`` + ``skipped_step``), as the guard would have. The very first step as well: its
+    scale drop is measured from the scaler's starting scale."""
     from pytorch_lightning.plugins import MixedPrecision
 
+    factor = 1e30 if poison == "overflow" else math.inf
+
     def hook(step: int, batch_idx: int, loss: Tensor) -> Tensor:
-        return loss * math.inf if step == bad else loss
+        return loss * factor if step == bad else loss
 
     cb = ScheduleSurgeon(min_warmup=2, max_warmup=4, readback_every=2)
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
@@ -707,6 +712,11 @@ def test_a_step_gradscaler_skipped_is_not_counted(make_trainer: Any, bad: int) -
 
     assert trainer.global_step == 20
     assert cb.guard.mode == "off"  # GradScaler skips non-finite steps itself: no second check
-    assert cb.skipped_steps == 1
-    assert cb.step == 19
-    assert not [e for e in cb.events if e.kind is EventKind.NONFINITE]
+    at_bad = [e.kind for e in cb.events if e.step == bad]
+    if poison == "overflow":
+        assert cb.skipped_steps == 1 and cb.step == 19
+        assert not [e for e in cb.events if e.kind is EventKind.NONFINITE]
+    else:
+        assert cb.skipped_steps == 0 and cb.step == 20
+        assert at_bad[:2] == [EventKind.NONFINITE, EventKind.SKIPPED_STEP]
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())

@@ -51,6 +51,19 @@ def test_a_dropped_loss_scale_marks_the_step_skipped() -> None:
     assert [s.skipped for s in out] == [False, False, True, False, False, False]
 
 
+def test_a_dropped_scale_with_a_non_finite_loss_is_a_counted_skipped_update() -> None:
+    """GradScaler skipped the update because the loss itself is NaN/inf, not because its scale
+    overflowed the gradients: handed out as a counted step whose update was not applied."""
+    feed = LossFeed(readback_every=2)
+    out = run(feed, [1.0, math.inf, 1.0, 1.0], [8.0, 4.0, 4.0, 4.0]) + feed.flush()
+    assert [(s.skipped, s.update_skipped) for s in out] == [
+        (False, False),
+        (False, True),
+        (False, False),
+        (False, False),
+    ]
+
+
 def test_a_step_without_a_loss_is_skipped_and_does_not_reset_the_scale() -> None:
     feed = LossFeed(readback_every=2)
     out = run(feed, [1.0, math.nan, 2.0, 3.0, 4.0, 5.0], [8.0, 8.0, 4.0, 4.0, 4.0, 4.0])
