@@ -27,7 +27,7 @@ _EVENT_COLORS = {
     "recovered": "#43aa8b",
     "peak_lr": "#f4a261",
     "skipped_step": "#6c757d",
-    "rollback": "#d62828",
+    "rollback": "#1d3557",
     "replan": "#264653",
 }
 _PHASE_NAMES = {code: phase.value for phase, code in PHASE_CODES.items()}
@@ -142,6 +142,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
 
     counts = Counter(event["kind"] for event in events)
     labelled: set[str] = set()
+    at_step: Counter[int] = Counter()  # events already marked at a step: their labels side by side
     for event in events:
         kind = event["kind"]
         color = _EVENT_COLORS.get(kind, "#555555")
@@ -153,12 +154,15 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
             kind,
             (event["step"], 1.0),
             xycoords=("data", "axes fraction"),
+            xytext=(-10 * at_step[event["step"]], 0),
+            textcoords="offset points",
             rotation=90,
             va="top",
             ha="right",
             fontsize=8,
             color=color,
         )
+        at_step[event["step"]] += 1
     phase_handles = [
         plt.Rectangle((0, 0), 1, 1, color=color, label=f"phase: {name}")
         for name, color in _PHASE_COLORS.items()
