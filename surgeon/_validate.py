@@ -1,6 +1,9 @@
 """Argument checks shared by the detectors, the controller and the callback: one message format."""
 
 import math
+import sys
+
+_LARGEST = sys.float_info.max
 
 
 def check_positive_int(name: str, value: int, *, allow_zero: bool = False) -> None:
@@ -18,6 +21,7 @@ def check_in_range(
     ok = (
         isinstance(value, int | float)
         and not isinstance(value, bool)
+        and abs(value) <= _LARGEST  # also an int too large for a float
         and math.isfinite(value)
         and (value > low if low_open else value >= low)
         and (value < high if high_open else value <= high)

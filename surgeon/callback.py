@@ -277,6 +277,13 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             raise ValueError(
                 f"snapshot must be one of {(*SNAPSHOT_LOCATIONS, 'off')}, got snapshot={snapshot!r}"
             )
+        if total_steps is not None:
+            Controller(total_steps, self.config)  # warmup lengths against the run: fail now
+        if not isinstance(leave_scheduled_optimizers, bool):
+            raise ValueError(
+                "leave_scheduled_optimizers must be True or False, got "
+                f"leave_scheduled_optimizers={leave_scheduled_optimizers!r}"
+            )
         self.total_steps = total_steps
         self.leave_scheduled_optimizers = leave_scheduled_optimizers
         self.snapshot = snapshot

@@ -87,7 +87,10 @@ def _as_float(
     """``value`` as a finite float in ``[minimum, maximum]``, or a ValueError naming ``field``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         _fail(f"{field} must be a real number, got {field}={value!r}")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond the float range
+        result = math.inf
     if not math.isfinite(result):
         _fail(f"{field} must be finite, got {field}={value!r}")
     if minimum is not None and result < minimum:
@@ -117,8 +120,10 @@ def _check_floor(min_field: str, min_lr: float, lr_field: str, lr: float) -> Non
 
 
 def _check_step(step: int) -> None:
+    if type(step) is not int and (isinstance(step, bool) or not isinstance(step, numbers.Integral)):
+        _fail(f"step must be an integer >= 0, got step={step!r}")
     if step < 0:
-        _fail(f"step must be >= 0, got step={step!r}")
+        _fail(f"step must be an integer >= 0, got step={step!r}")
 
 
 # ------------------------------------------------------------------------ interpolation
@@ -317,6 +322,8 @@ def one_cycle(
     rise_end = float(pct * total) - 1
     boundary = math.floor(rise_end) + 1
     rise = _ramp(initial, peak, 0.0, rise_end, interp)
+    if boundary > total - 1:  # pct_start=1: no fall phase; past the horizon the peak holds
+        return join([rise, constant(peak)], [boundary])
     fall = _ramp(peak, floor, rise_end - boundary, (total - 1) - boundary, interp)
     return join([rise, fall], [boundary])
 

@@ -468,6 +468,10 @@ def test_leave_scheduled_optimizers_with_nothing_left_to_drive(make_trainer: Any
         ({"readback_every": 0}, "readback_every"),
         ({"min_warmup": 0.5, "max_warmup": 0.2}, "min_warmup"),
         ({"min_warmup": 20, "max_warmup": 10}, "min_warmup"),
+        ({"total_steps": 100, "min_warmup": 50, "max_warmup": 0.1}, "min_warmup"),
+        ({"total_steps": 100, "warmup": 500}, "warmup"),
+        ({"min_lr_ratio": 10**400}, "min_lr_ratio"),
+        ({"leave_scheduled_optimizers": "no"}, "leave_scheduled_optimizers"),
     ],
 )
 def test_bad_constructor_value_names_the_field(kwargs: dict[str, Any], field: str) -> None:

@@ -202,10 +202,21 @@ class TestValidation:
         assert "10 decay steps" in str(info.value)
 
     @pytest.mark.parametrize("name", sorted(EXAMPLES))
-    def test_negative_step_rejected(self, name: str) -> None:
+    @pytest.mark.parametrize("step", [-1, math.nan, 2.5, True, "3", None])
+    def test_a_step_that_is_not_an_int_from_0_is_rejected(self, name: str, step: object) -> None:
+        """Never a NaN LR or a bare TypeError from inside: a ValueError naming ``step``."""
         schedule = SCHEDULES[name](**EXAMPLES[name])
-        with pytest.raises(ValueError, match=re.escape("step must be >= 0, got step=-1")):
-            schedule(-1)
+        message = f"step must be an integer >= 0, got step={step!r}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            schedule(step)  # type: ignore[arg-type]
+
+    def test_a_numpy_int_step_is_a_step(self) -> None:
+        np = pytest.importorskip("numpy")
+        assert cosine(1.0, 10)(np.int64(3)) == cosine(1.0, 10)(3)
+
+    def test_one_cycle_with_no_fall_phase_holds_its_peak_past_the_horizon(self) -> None:
+        schedule = one_cycle(1.0, 10, pct_start=1.0)
+        assert [schedule(t) for t in (9, 10, 11, 100)] == [1.0] * 4
 
     def test_every_registered_factory_has_an_example(self) -> None:
         assert set(EXAMPLES) == set(SCHEDULES)

@@ -17,6 +17,7 @@ best that the smoothed loss never beats. ``min_delta=1e-3`` as a relative
 threshold follows torch's default order of magnitude (1e-4) for a noisier signal.
 """
 
+import math
 from typing import Any
 
 from surgeon._validate import check_in_range, check_positive_int
@@ -42,6 +43,8 @@ class PlateauDetector:
         self.min_delta = min_delta
         self.cooldown = cooldown
         self.alpha = alpha
+        # losses before a best is kept: 1 / alpha, as an int (2 / (p + 1) x 49 may be 0.99..)
+        self._warm_count = math.ceil(1.0 / alpha - 1e-9)
         self.reset()
 
     def reset(self) -> None:
@@ -57,7 +60,7 @@ class PlateauDetector:
         self.count += 1
         weight = max(self.alpha, 1.0 / self.count)  # a running mean until the span is filled
         self.ema = loss if self.ema is None else self.ema + weight * (loss - self.ema)
-        if self.count * self.alpha < 1.0:
+        if self.count < self._warm_count:
             return None  # still warming up: no best yet
         if self.best is None or self.ema < self.best - self.min_delta * abs(self.best):
             self.best = self.ema

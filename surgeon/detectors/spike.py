@@ -77,6 +77,7 @@ class SpikeDetector:
             self.count >= self.min_observations
             and self.last_zscore > self.zscore
             and excess > (self.ratio - 1.0) * abs(self.mean)
+            and (std > 0 or self.mean != 0)  # an all-zero stream has no scale to measure by
         )
         if std > 0:
             loss = min(loss, self.mean + self.zscore * std)
@@ -85,8 +86,11 @@ class SpikeDetector:
             loss = self.mean + (self.ratio - 1.0) * abs(self.mean)
         diff = loss - self.mean
         increment = self.alpha * diff
+        var = (1.0 - self.alpha) * (self.var + diff * increment)
+        if not math.isfinite(var):  # a loss so far out (~1e154) that its square overflows:
+            return Signal.SPIKE if is_spike else None  # keep the statistics finite without it
         self.mean += increment
-        self.var = (1.0 - self.alpha) * (self.var + diff * increment)
+        self.var = var
         self.count += 1
         return Signal.SPIKE if is_spike else None
 

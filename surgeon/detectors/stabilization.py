@@ -23,7 +23,7 @@ from typing import Any
 from surgeon._validate import check_in_range, check_positive_int
 from surgeon.detectors import Signal
 
-_EPS = 1e-12
+_TINY = 1e-300  # only guards a zero EMA: any other scale gives the same relative drop
 
 
 class StabilizationDetector:
@@ -53,7 +53,7 @@ class StabilizationDetector:
         if len(self.history) <= self.window:
             return None
         old = self.history[0]
-        self.last_drop = (old - self.ema) / max(abs(old), _EPS)
+        self.last_drop = (old - self.ema) / max(abs(old), _TINY)
         self.streak = self.streak + 1 if self.last_drop < self.threshold else 0
         return Signal.STABILIZED if self.streak >= self.patience else None
 
