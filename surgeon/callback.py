@@ -611,15 +611,18 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         assert self.controller is not None
         good = self.controller.good_snapshot_step
         spare = next(s for s in self._snapshots if s.step is None or s.step != good)
-        spare.capture(trainer.lightning_module, trainer.optimizers, self.step)
-        self.controller.snapshot_taken(self.step, spare.nbytes)
+        if spare.capture(trainer.lightning_module, trainer.optimizers, self.step):
+            self.controller.snapshot_taken(self.step, spare.nbytes)
 
     def _roll_back(self, trainer: pl.Trainer) -> None:
         """Restore the snapshot the controller asked for; the next step starts from it."""
         assert self.controller is not None
         target = self.controller.rollback_to
         snapshot = next(s for s in self._snapshots if s.step == target)
-        snapshot.restore(trainer.lightning_module, trainer.optimizers)
+        # optimizers left to their own LR schedulers keep their settings: their scheduler is
+        # not rolled back, so it still owns their LR
+        scheduled = [o for o in trainer.optimizers if not any(o is d for d in self._optimizers)]
+        snapshot.restore(trainer.lightning_module, trainer.optimizers, keep_settings_of=scheduled)
         self._report(self.controller.rolled_back(self.step))
         self._written_step = -1  # the restored param groups hold an old LR: write it again
 

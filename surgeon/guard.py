@@ -22,6 +22,10 @@ weight, moment or step counter changes. Two ways, chosen per optimizer:
   otherwise leaves such optimizers unguarded (the rollback still undoes the damage,
   a few steps later) and says so once.
 
+``torch.optim.LBFGS`` is not guarded: it evaluates its closure (where this check runs)
+several times inside one step, after moving the weights, too late to skip anything; a
+rollback undoes a bad LBFGS step instead.
+
 Ranks must skip the same steps. Under DDP the gradients are already averaged across
 ranks when the check runs, so a NaN on any rank is a NaN on all: the guard checks the
 gradients alone (``check_losses=False``) and needs no collective; a loss that is
@@ -49,7 +53,9 @@ Mechanism = Literal["found_inf", "host", "none"]
 
 def mechanism_for(optimizer: Optimizer, mode: SkipNonfinite) -> Mechanism:
     """How the guard skips ``optimizer``'s update in ``mode`` (``"none"``: it does not)."""
-    if mode == "off":
+    if mode == "off" or isinstance(optimizer, torch.optim.LBFGS):
+        # LBFGS evaluates its closure (and so this check) several times inside one step, after
+        # it has moved the weights: too late to skip; a rollback undoes such a step instead
         return "none"
     if getattr(optimizer, "_step_supports_amp_scaling", False):
         return "found_inf"
@@ -58,12 +64,40 @@ def mechanism_for(optimizer: Optimizer, mode: SkipNonfinite) -> Mechanism:
 
 
 def _stateless_param_with_grad(optimizer: Optimizer, watched: "_Watched") -> bool:
-    """Whether a parameter about to be updated has no optimizer state yet (its first step:
-    the whole optimizer's, or a group's added or unfrozen later)."""
+    """Whether a parameter whose first step would create state from uninitialised memory
+    (fused SGD's momentum) is about to take it: the whole optimizer's first step, or a
+    group's added or unfrozen later."""
+    if not watched.first_step_risk:
+        return False
     state = optimizer.state
     if len(state) >= len(watched.params):  # every parameter has state: the usual case
         return False
-    return any(p.grad is not None and p not in state for p in watched.params)
+    return any(p.grad is not None and p not in state for p in watched.first_step_risk)
+
+
+def _warn_unguarded(optimizer: Optimizer) -> None:
+    """Say once why ``optimizer``'s non-finite steps are not skipped."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        log.warning(
+            "ScheduleSurgeon: LBFGS moves the weights while it evaluates its closure, before a "
+            "non-finite step could be skipped; its non-finite steps are not skipped (a rollback "
+            "undoes them)"
+        )
+        return
+    log.warning(
+        "ScheduleSurgeon: %s on CUDA is not fused, so skipping its non-finite steps would cost "
+        "a host sync per step; they are not skipped (a rollback undoes them). Create it with "
+        "fused=True for a sync-free skip, or pass skip_nonfinite='always' to skip with a sync",
+        type(optimizer).__name__,
+    )
+
+
+def _first_step_risk(optimizer: Optimizer) -> list[Tensor]:
+    """Parameters in groups of a fused SGD with momentum (its first step makes the buffer with
+    ``empty_like``; fused Adam and friends start from zeros)."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return []
+    return [p for g in optimizer.param_groups if g.get("momentum", 0) for p in g["params"]]
 
 
 @dataclass
@@ -76,8 +110,12 @@ class _Watched:
     params: list[Tensor]
     device: torch.device | None
     """The one device all parameters live on (``None``: several)."""
-    sparse: bool = False
-    """Some gradients were sparse (``nn.Embedding(sparse=True)``): check their values."""
+    first_step_risk: list[Tensor]
+    """Parameters whose skipped first step would leave garbage state (see
+    :func:`_first_step_risk`)."""
+    convert: bool = False
+    """Some gradients are sparse or complex, which the kernel does not take: check their
+    (real) values."""
 
 
 class NonFiniteGuard:
@@ -113,18 +151,13 @@ class NonFiniteGuard:
         if watched is not None and watched.groups == len(groups):
             return watched
         found = mechanism_for(optimizer, self.mode)
-        if found == "none" and self.mode == "auto" and watched is None:
-            log.warning(
-                "ScheduleSurgeon: %s on CUDA is not fused, so skipping its non-finite steps "
-                "would cost a host sync per step; they are not skipped (a rollback undoes "
-                "them). Create it with fused=True for a sync-free skip, or pass "
-                "skip_nonfinite='always' to skip with a sync",
-                type(optimizer).__name__,
-            )
+        if found == "none" and self.mode != "off" and watched is None:
+            _warn_unguarded(optimizer)
         params = [p for group in groups for p in group["params"]]
         devices = {p.device for p in params}
         device = next(iter(devices)) if len(devices) == 1 else None
-        self._watched[id(optimizer)] = watched = _Watched(found, len(groups), params, device)
+        risk = _first_step_risk(optimizer) if found == "found_inf" else []
+        self._watched[id(optimizer)] = watched = _Watched(found, len(groups), params, device, risk)
         return watched
 
     def add_loss(self, loss: Tensor) -> None:
@@ -139,7 +172,7 @@ class NonFiniteGuard:
         The flag must not be written to: on the host path it is a shared constant.
         """
         watched = self._watch(optimizer)
-        losses, self._losses = self._losses, []
+        losses = self._losses  # kept until release(): every optimizer of the step sees them
         if watched.mechanism == "none":
             return None
         tensors = [p.grad for p in watched.params if p.grad is not None]
@@ -158,12 +191,12 @@ class NonFiniteGuard:
         # (the optimizer and the loss feed keep it), host: a scratch kept at 0 between checks
         flag = self._zeroed_scratch(device) if on_host else torch.zeros((), device=device)
         try:
-            self._find_nonfinite(tensors, flag, one_device is not None, watched.sparse)
-        except NotImplementedError:  # the kernel has no sparse version: learn it once
-            if watched.sparse:
+            self._find_nonfinite(tensors, flag, one_device is not None, watched.convert)
+        except NotImplementedError:  # no sparse or complex version of the kernel: learn it once
+            if watched.convert:
                 raise
-            watched.sparse = True
-            self._find_nonfinite(tensors, flag, one_device is not None, sparse=True)
+            watched.convert = True
+            self._find_nonfinite(tensors, flag, one_device is not None, convert=True)
         if self.reduce_max is not None:
             self.reduce_max(flag)
         if not on_host:
@@ -178,11 +211,12 @@ class NonFiniteGuard:
         return self._constant(device, 1.0)
 
     def _find_nonfinite(
-        self, tensors: list[Tensor], flag: Tensor, one_device: bool, sparse: bool
+        self, tensors: list[Tensor], flag: Tensor, one_device: bool, convert: bool
     ) -> None:
         """Set ``flag`` to 1 if any of ``tensors`` holds a NaN or inf (values unchanged)."""
-        if sparse:  # as GradScaler does: the values of the coalesced sparse tensor
+        if convert:  # as GradScaler does for sparse: the values of the coalesced tensor
             tensors = [t.coalesce()._values() if t.is_sparse else t for t in tensors]
+            tensors = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
         if one_device:
             torch._amp_foreach_non_finite_check_and_unscale_(
                 tensors, flag, self._constant(flag.device)

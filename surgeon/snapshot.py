@@ -15,11 +15,13 @@ FSDP), never with ``state_dict()``, which may gather across ranks.
 """
 
 import copy
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 SnapshotLocation = Literal["cpu", "device"]
@@ -74,9 +76,12 @@ class Snapshot:
         return sum(b.numel() * b.element_size() for b in self._buffers)
 
     @torch.no_grad()
-    def capture(self, module: nn.Module, optimizers: list[Optimizer], step: int) -> None:
-        """Copy ``module``'s parameters and buffers and ``optimizers``' state, reusing buffers."""
+    def capture(self, module: nn.Module, optimizers: list[Optimizer], step: int) -> bool:
+        """Copy ``module``'s parameters and buffers and ``optimizers``' state, reusing buffers.
+        ``False`` (nothing copied) while a lazy module has not materialized its tensors yet."""
         sources = _module_tensors(module)
+        if any(is_lazy(t) for t in sources):
+            return False
         self._module_count = len(sources)
         self._optimizers = [_save_optimizer(opt, sources) for opt in optimizers]
         layout = [(t.shape, t.dtype, t.device) for t in sources]
@@ -89,10 +94,18 @@ class Snapshot:
             self._copied = torch.cuda.Event()
             self._copied.record()
         self.step = step
+        return True
 
     @torch.no_grad()
-    def restore(self, module: nn.Module, optimizers: list[Optimizer]) -> None:
-        """Put the copied values back into the same module and optimizers."""
+    def restore(
+        self,
+        module: nn.Module,
+        optimizers: list[Optimizer],
+        keep_settings_of: Collection[Optimizer] = (),
+    ) -> None:
+        """Put the copied values back into the same module and optimizers; the param-group
+        settings (LR, momentum, ...) of ``keep_settings_of`` stay as they are (an LR scheduler
+        that is not rolled back owns them)."""
         if self.step is None:
             raise ValueError("restore() of an empty snapshot: capture() first")
         tensors = _module_tensors(module)
@@ -103,8 +116,9 @@ class Snapshot:
         for live, buffer in zip(tensors, self._buffers, strict=False):
             live.copy_(buffer, non_blocking=True)
         for optimizer, saved_opt in zip(optimizers, self._optimizers, strict=True):
-            for group, settings in zip(optimizer.param_groups, saved_opt.groups, strict=True):
-                group.update(copy.deepcopy(settings))
+            if not any(optimizer is kept for kept in keep_settings_of):
+                for group, settings in zip(optimizer.param_groups, saved_opt.groups, strict=True):
+                    group.update(copy.deepcopy(settings))
             params = [p for group in optimizer.param_groups for p in group["params"]]
             for param, state in zip(params, saved_opt.states, strict=True):
                 if state is None:

@@ -6,6 +6,7 @@ state tensor must be bit-for-bit what it was before that step, and a following f
 must be applied again.
 """
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -230,3 +231,55 @@ def test_a_group_that_first_gets_gradients_at_a_skipped_step_gets_no_state() -> 
     assert b not in optimizer.state and torch.equal(b.detach(), torch.ones(1000))
     assert step(1.0, 1.0) == 0.0
     assert torch.allclose(b.detach(), torch.full((1000,), 0.9))  # a clean first step for b
+
+
+def test_every_optimizer_of_a_step_sees_its_losses() -> None:
+    """Manual optimization, one backward, two optimizers stepped: a NaN loss with finite
+    gradients flags both, not only the first one checked."""
+    first, second = nn.Linear(3, 2), nn.Linear(3, 2)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (first, second)]
+    guard = NonFiniteGuard("auto")
+    loss = (first(torch.ones(4, 3)) + second(torch.ones(4, 3))).pow(2).mean()
+    loss.backward()
+    guard.add_loss(loss.detach() + math.nan)
+    flags = [guard.check(optimizer) for optimizer in optimizers]
+    assert [f.item() for f in flags if f is not None] == [1.0, 1.0]
+    guard.release()
+    assert guard.check(optimizers[0]) is None  # released: no gradients, no losses left
+
+
+def test_lbfgs_is_left_to_the_rollback_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """LBFGS runs the check inside its own step, after moving the weights: too late to skip."""
+    optimizer = torch.optim.LBFGS(nn.Linear(3, 2).parameters())
+    for mode in ("auto", "always"):
+        assert mechanism_for(optimizer, mode) == "none"  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="surgeon"):
+        NonFiniteGuard("auto").mechanism(optimizer)
+    assert "LBFGS" in caplog.text and "rollback" in caplog.text
+
+
+def test_complex_gradients_are_checked_by_their_real_and_imaginary_parts() -> None:
+    weight = nn.Parameter(torch.ones(4, dtype=torch.complex64))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    guard = NonFiniteGuard("auto")
+    for poison, expected in ((False, 0.0), (True, 1.0)):
+        weight.grad = torch.ones(4, dtype=torch.complex64)
+        if poison:
+            weight.grad[1] = complex(0.0, math.inf)
+        flag = guard.check(optimizer)
+        assert flag is not None and flag.item() == expected
+        guard.release()
+
+
+def test_fused_sgd_without_momentum_stays_on_the_sync_free_path() -> None:
+    """It keeps no state at all, so there is no first step to fear: ``found_inf`` every step."""
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    guard = NonFiniteGuard("auto")
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.ones(4, 3)).pow(2).mean().backward()
+        guard.check(optimizer)
+        assert hasattr(optimizer, "found_inf")  # armed: nothing read on the host
+        optimizer.step()
+        guard.release()

@@ -132,3 +132,33 @@ def test_bad_location_and_empty_restore_raise() -> None:
         Snapshot("gpu")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="empty snapshot"):
         Snapshot().restore(make_model(), [])
+
+
+def test_a_lazy_module_is_not_captured_until_its_tensors_exist() -> None:
+    model = nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.Linear(3, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    snap = Snapshot()
+    assert snap.capture(model, [optimizer], 0) is False and snap.step is None
+    model(torch.ones(2, 5))  # materializes the lazy weights
+    assert snap.capture(model, [optimizer], 1) is True and snap.step == 1
+
+
+def test_restore_can_leave_an_optimizers_settings_to_its_scheduler() -> None:
+    """An optimizer whose LR a scheduler owns (the surgeon left it alone): its state goes back,
+    its LR stays where the scheduler has it, since the scheduler is not rolled back."""
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    snap = Snapshot()
+    model(torch.ones(4, 3)).sum().backward()
+    optimizer.step()
+    snap.capture(model, [optimizer], 1)
+    weights = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    snap.restore(model, [optimizer], keep_settings_of=[optimizer])
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    assert optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0] == 0.1 * 0.5**3
+    snap.restore(model, [optimizer])  # without: the captured LR comes back
+    assert optimizer.param_groups[0]["lr"] == 0.1
