@@ -445,6 +445,22 @@ def test_leave_scheduled_optimizers_drives_only_the_others(make_trainer: Any) ->
     assert [r["lrs"][1][0] for r in model.records] == [0.01 * s for s in replay]
 
 
+def test_a_rollback_leaves_a_scheduled_optimizers_lr_to_its_scheduler(make_trainer: Any) -> None:
+    """A 1000x spike rolls weights and optimizer state back; the optimizer whose LR a StepLR
+    drives keeps the scheduler's LR (the scheduler is not rolled back), every batch."""
+    spike = 60
+
+    def hook(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        return loss * 1000 if step == 2 * spike else loss  # manual: 2 opt.step() per batch
+
+    cb = ScheduleSurgeon(leave_scheduled_optimizers=True)
+    model = TinyRegressor((0.05, 0.05), manual=True, scheduled=True, loss_hook=hook)
+    make_trainer([cb], max_steps=240).fit(model, make_loader())
+    assert EventKind.ROLLBACK in [e.kind for e in cb.events]
+    for i, r in enumerate(model.records):
+        assert r["lrs"][0][0] == 0.05 * 0.5 ** (i // 3), i
+
+
 def test_leave_scheduled_optimizers_with_nothing_left_to_drive(make_trainer: Any) -> None:
     trainer = make_trainer([ScheduleSurgeon(leave_scheduled_optimizers=True)], max_steps=10)
     with pytest.raises(ValueError, match="no optimizer to drive"):
