@@ -183,9 +183,9 @@ class NonFiniteGuard:
         if one_device is not None and any(loss.device != one_device for loss in losses):
             one_device = None
         device = tensors[0].device if one_device is None else one_device
-        # a fused optimizer's first step creates its state even when found_inf skips it (fused
-        # SGD's momentum from uninitialised memory, applied by the next step): until it has
-        # state, read the flag and take the gradients away instead (one sync, once per fit)
+        # fused SGD's first step of a parameter creates its momentum even when found_inf skips
+        # it (from uninitialised memory, applied by the next step): on such a step read the flag
+        # and take the gradients away instead (one sync per parameter's first step)
         on_host = watched.mechanism == "host" or _stateless_param_with_grad(optimizer, watched)
         # 0-d, as GradScaler makes it (fused Adam needs it); found_inf: a fresh one per step
         # (the optimizer and the loss feed keep it), host: a scratch kept at 0 between checks
