@@ -67,7 +67,7 @@ except ImportError:  # pragma: no cover - `lightning` is optional
 
 PEAK_LR_KEY = "surgeon_peak_lr"
 """Param-group key holding the group's configured (peak) LR; saved with the optimizer."""
-PHASE_CODES = {Phase.WARMUP: 0.0, Phase.DECAY: 1.0, Phase.DONE: 2.0}
+PHASE_CODES = {Phase.WARMUP: 0.0, Phase.STABLE: 1.0, Phase.DECAY: 2.0, Phase.DONE: 3.0}
 """Numeric phase logged as ``surgeon/phase`` (loggers take numbers)."""
 EVENTS_FILE = "events.jsonl"
 LR_FIND_FILE = "lr_find.csv"

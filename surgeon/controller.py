@@ -55,9 +55,15 @@ def _format_bytes(nbytes: int) -> str:
 
 
 class Phase(str, Enum):
-    """Where the run is in its lifetime; interventions are events, not phases."""
+    """Where the run is in its lifetime; interventions are events, not phases.
+
+    After warmup the phase follows the plan: ``STABLE`` while it holds its level (the
+    ``wsd`` hold, a restart's re-warm), ``DECAY`` in its decay; ``DONE`` past ``total_steps``.
+    Every change of phase is an event (``warmup_end``, ``decay_start``, ``done``, or the
+    decision that re-planned)."""
 
     WARMUP = "warmup"
+    STABLE = "stable"
     DECAY = "decay"
     DONE = "done"
 
@@ -75,6 +81,10 @@ class EventKind(str, Enum):
     """The step's optimizer update was not applied (non-finite loss or gradients)."""
     ROLLBACK = "rollback"
     """Weights and optimizer state went back to the last good snapshot."""
+    DECAY_START = "decay_start"
+    """The plan's hold at its level ended; the decay to the floor begins (phase ``decay``)."""
+    DONE = "done"
+    """The planned length is over; the LR stays at the floor (phase ``done``)."""
     REPLAN = "replan"
     """A resumed run plans another length: the rest of the schedule was re-planned over it."""
     PEAK_LR = "peak_lr"
@@ -214,8 +224,8 @@ class Controller:
         for detector in (self.stabilizer, self.plateau, self.spike):
             detector.reset()
         if self.max_warmup == 0:
-            self.phase = Phase.DECAY
             self._set_plan(self._decay_plan(0, 1.0))
+            self.phase = self._plan_phase(0)
         else:
             ramp = self.min_warmup
             self._set_plan(
@@ -286,11 +296,11 @@ class Controller:
             )
             how = f"warmup now ends by step {ends}, the decay follows"
         else:
-            self.phase = Phase.DECAY
             if step < plan.start + plan.ramp:  # a restart's ramp in progress: let it finish
                 self._set_plan(self._decay_plan(plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp))
             else:
                 self._set_plan(self._decay_plan(step, self._base(step - plan.start)))
+            self.phase = self._plan_phase(step)
             how = f"{self.config.decay} decay from the current LR scale over the remaining steps"
         why = (
             f"resumed at step {step} with a planned length of {self.total_steps} steps instead of "
@@ -321,9 +331,7 @@ class Controller:
         step = self.step
         self.step += 1
         if step < self.ignore_until:  # undone by a rollback: the loss of discarded weights
-            if self.step >= self.total_steps:
-                self.phase = Phase.DONE
-            return []
+            return self._close_step(step, [])
         new_events: list[Event] = []
         self._expire_recovery(step)
 
@@ -366,7 +374,7 @@ class Controller:
                 new_events += self._maybe_recover(step, loss)
             if self.phase is Phase.WARMUP:
                 new_events += self._warmup_update(step, loss)
-            elif self.phase is Phase.DECAY and self.intervention.mode == "normal":
+            elif self.phase in (Phase.STABLE, Phase.DECAY) and self.intervention.mode == "normal":
                 new_events += self._plateau_update(step, loss)
         return self._close_step(step, new_events)
 
@@ -391,10 +399,40 @@ class Controller:
             self._pending_snapshot = None
         if self.phase is Phase.WARMUP and step + 1 >= self.max_warmup:
             new_events.append(self._end_warmup(step, self._warmup_deadline_reason()))
-        if self.step >= self.total_steps:
-            self.phase = Phase.DONE
+        self._follow_plan(step, new_events)
         self.events += new_events
         return new_events
+
+    def _plan_phase(self, step: int) -> Phase:
+        """``STABLE`` or ``DECAY``: where ``step`` falls in the current plan (after warmup)."""
+        plan = self._plan
+        if plan.hold is None or step - plan.start < plan.ramp + plan.hold:
+            return Phase.STABLE
+        return Phase.DECAY
+
+    def _follow_plan(self, step: int, new_events: list[Event]) -> None:
+        """Move the phase along the plan as step ``step`` ends: ``decay_start`` when the hold
+        gives way to the decay, ``done`` when the planned length is over."""
+        if self.phase in (Phase.WARMUP, Phase.DONE):
+            return
+        if self.step >= self.total_steps:
+            self.phase = Phase.DONE
+            why = (
+                f"planned length of {self.total_steps} steps reached; the LR stays at the floor "
+                f"({self.floor:g} of the peak) from here"
+            )
+            new_events.append(self._event(step, EventKind.DONE, why, None))
+            return
+        phase = self._plan_phase(step + 1)
+        if phase is Phase.DECAY and self.phase is Phase.STABLE:
+            plan = self._plan
+            level = self._base(step + 1 - plan.start)
+            why = (
+                f"the hold at LR scale {level:.3g} ends: {plan.shape} decay to the floor "
+                f"({self.floor:g}) over the last {plan.decay} steps"
+            )
+            new_events.append(self._event(step, EventKind.DECAY_START, why, None))
+        self.phase = phase
 
     # ------------------------------------------------------------------ snapshots and rollback
     def forget_snapshots(self) -> None:
@@ -501,9 +539,9 @@ class Controller:
 
     def _end_warmup(self, step: int, why: str) -> Event:
         before = self.lr_scale(step + 1)
-        self.phase = Phase.DECAY
         self.paused = False
         self._set_plan(self._decay_plan(step + 1, self._base(step + 1 - self._plan.start)))
+        self.phase = self._plan_phase(step + 1)
         self.plateau.reset()
         return self._event(step, EventKind.WARMUP_END, why, before)
 

@@ -27,6 +27,8 @@ from streams import ema_drops, noisy, settled
 from surgeon.config import SurgeonConfig
 from surgeon.controller import Controller, Event, EventKind, Phase
 
+PLAN_EVENTS = (EventKind.DECAY_START, EventKind.DONE)
+
 # ------------------------------------------------------------------------------- helpers
 
 
@@ -41,6 +43,10 @@ class Trace:
     events: list[Event] = field(default_factory=list)
 
     def kinds(self) -> list[EventKind]:
+        """The decisions: every event but the plan's own phase changes (decay_start, done)."""
+        return [e.kind for e in self.events if e.kind not in PLAN_EVENTS]
+
+    def all_kinds(self) -> list[EventKind]:
         return [e.kind for e in self.events]
 
     def of(self, kind: EventKind) -> list[Event]:
@@ -135,7 +141,7 @@ class TestWarmup:
         assert f"{det.window} steps" in end.reason
         # decay starts at the peak on the next step
         assert trace.phases[end.step] is Phase.WARMUP
-        assert trace.phases[end.step + 1] is Phase.DECAY
+        assert trace.phases[end.step + 1] is Phase.STABLE  # wsd: the hold at the peak
         assert trace.lrs[end.step + 1] == 1.0
 
     def test_flat_loss_ends_warmup_as_soon_as_min_warmup_allows(self) -> None:
@@ -171,7 +177,7 @@ class TestWarmup:
         det = controller.stabilizer
         assert f"below it {det.streak} steps in a row of the {det.patience} needed" in end.reason
         assert trace.phases[controller.max_warmup - 1] is Phase.WARMUP
-        assert trace.phases[controller.max_warmup] is Phase.DECAY
+        assert trace.phases[controller.max_warmup] is Phase.STABLE
 
     @pytest.mark.parametrize("warmup", [1, 7, 50])
     def test_fixed_warmup_ends_exactly_there(self, warmup: int) -> None:
@@ -180,14 +186,15 @@ class TestWarmup:
         (end,) = trace.of(EventKind.WARMUP_END)
         assert end.step == warmup - 1
         assert f"fixed warmup of {warmup} steps" in end.reason
-        assert trace.phases[: warmup + 1] == [Phase.WARMUP] * warmup + [Phase.DECAY]
+        assert trace.phases[: warmup + 1] == [Phase.WARMUP] * warmup + [Phase.STABLE]
         for s in range(warmup):
             assert trace.lrs[s] == pytest.approx((s + 1) / (warmup + 1))
         assert trace.lrs[warmup] == 1.0
 
-    def test_zero_warmup_starts_in_decay_at_the_peak(self) -> None:
-        controller = Controller(500, SurgeonConfig(warmup=0))
-        assert controller.phase is Phase.DECAY
+    @pytest.mark.parametrize(("decay", "phase"), [("wsd", Phase.STABLE), ("cosine", Phase.DECAY)])
+    def test_zero_warmup_starts_after_warmup_at_the_peak(self, decay: str, phase: Phase) -> None:
+        controller = Controller(500, SurgeonConfig(warmup=0, decay=decay))
+        assert controller.phase is phase
         trace = drive(controller, [1.0] * 10)
         assert trace.lrs[0] == 1.0
         assert EventKind.WARMUP_END not in trace.kinds()
@@ -441,7 +448,7 @@ class TestNonFinite:
         assert [d.state_dict() for d in detectors] == states  # statistics untouched
         # cut like a spike (in warmup the ramp is frozen where it was, and not floored)
         floor = 0.0 if controller.phase is Phase.WARMUP else controller.floor
-        assert controller.phase is (Phase.WARMUP if at < 100 else Phase.DECAY)
+        assert controller.phase is (Phase.WARMUP if at < 100 else Phase.STABLE)  # wsd hold
         expected = max(floor, before * controller.config.spike_factor)
         assert controller.lr_scale(at + 1) == pytest.approx(expected)
         controller.update(bad)  # a second one in a row
@@ -487,7 +494,7 @@ class TestEvents:
             EventKind.ROLLBACK,
             EventKind.REPLAN,
         }
-        assert set(trace.kinds()) == set(EventKind) - caller_driven
+        assert set(trace.all_kinds()) == set(EventKind) - caller_driven
         assert controller.events == trace.events
         for event in trace.events:
             assert re.search(r"\d", event.reason), event
@@ -500,6 +507,32 @@ class TestEvents:
         trace = drive(controller, [1.0] * 60)
         assert trace.phases[49] is Phase.DECAY and trace.phases[50] is Phase.DONE
         assert trace.lrs[50:] == [controller.floor] * 10
+        (done,) = trace.of(EventKind.DONE)
+        assert done.step == 49 and "50 steps" in done.reason
+        assert done.scale_after == controller.floor
+
+    @pytest.mark.parametrize("fraction", [0.2, 0.5])
+    def test_wsd_phases_follow_the_plan_with_an_event_at_each_change(self, fraction: float) -> None:
+        total, warmup = 200, 10
+        config = SurgeonConfig(warmup=warmup, wsd_decay_fraction=fraction, plateau_patience=1.0)
+        trace = drive(Controller(total, config), [1.0] * total)
+        assert trace.all_kinds() == [EventKind.WARMUP_END, EventKind.DECAY_START, EventKind.DONE]
+        tail = round((total - warmup) * fraction)
+        (start,) = trace.of(EventKind.DECAY_START)
+        assert start.step == total - tail - 1  # the last step at the peak
+        assert trace.lrs[start.step] == 1.0 > trace.lrs[start.step + 2]
+        assert f"over the last {tail} steps" in start.reason
+        assert trace.phases == (
+            [Phase.WARMUP] * warmup
+            + [Phase.STABLE] * (total - tail - warmup)
+            + [Phase.DECAY] * tail
+        )
+
+    def test_cosine_goes_from_warmup_straight_to_decay(self) -> None:
+        config = SurgeonConfig(warmup=10, decay="cosine", plateau_patience=1.0)
+        trace = drive(Controller(100, config), [1.0] * 100)
+        assert trace.all_kinds() == [EventKind.WARMUP_END, EventKind.DONE]
+        assert trace.phases[10:] == [Phase.DECAY] * 90
 
     def test_reset_returns_to_a_fresh_controller(self) -> None:
         total = 600
