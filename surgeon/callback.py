@@ -429,7 +429,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         )
         # the scale is untouched (only the peak changed): both sides are the next step's
         scale = self.controller.lr_scale(1)
-        event = Event(0, EventKind.PEAK_LR, why, scale, scale)
+        event = Event(0, EventKind.PEAK_LR, why, scale, scale, self.controller.phase)
         self.controller.events.append(event)
         self._report(event)  # logged now; events.jsonl is written once training starts
         return curve

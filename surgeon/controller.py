@@ -31,7 +31,7 @@ losses seen.
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -93,22 +93,32 @@ class EventKind(str, Enum):
 
 @dataclass(frozen=True)
 class Event:
-    """One decision: at which step, what, why (a sentence with the numbers), LR scale around it."""
+    """One decision: at which step, what, why (a sentence with the numbers), LR scale around it,
+    and the phase the run is in after the step's decisions (``None``: not recorded)."""
 
     step: int
     kind: EventKind
     reason: str
     scale_before: float
     scale_after: float
+    phase: Phase | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form (``kind`` as its string value)."""
-        return {**asdict(self), "kind": self.kind.value}
+        """Plain-JSON form (``kind`` and ``phase`` as their string values)."""
+        phase = None if self.phase is None else self.phase.value
+        return {**asdict(self), "kind": self.kind.value, "phase": phase}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Event":
-        """Inverse of :meth:`to_dict`."""
-        return cls(**{**data, "kind": EventKind(data["kind"])})
+        """Inverse of :meth:`to_dict` (records of older versions have no ``phase``)."""
+        phase = data.get("phase")
+        return cls(
+            **{
+                **data,
+                "kind": EventKind(data["kind"]),
+                "phase": None if phase is None else Phase(phase),
+            }
+        )
 
 
 @dataclass
@@ -306,7 +316,8 @@ class Controller:
             f"resumed at step {step} with a planned length of {self.total_steps} steps instead of "
             f"{saved_total}: {how}"
         )
-        self.events.append(Event(step, EventKind.REPLAN, why, before, self.lr_scale(step)))
+        after = self.lr_scale(step)
+        self.events.append(Event(step, EventKind.REPLAN, why, before, after, self.phase))
 
     # ------------------------------------------------------------------ LR
     def lr_scale(self, step: int) -> float:
@@ -400,7 +411,9 @@ class Controller:
         if self.phase is Phase.WARMUP and step + 1 >= self.max_warmup:
             new_events.append(self._end_warmup(step, self._warmup_deadline_reason()))
         self._follow_plan(step, new_events)
-        self.events += new_events
+        if new_events:  # each says the phase the step's decisions left the run in
+            new_events = [replace(event, phase=self.phase) for event in new_events]
+            self.events += new_events
         return new_events
 
     def _plan_phase(self, step: int) -> Phase:
@@ -500,7 +513,7 @@ class Controller:
             f"undoing the updates of steps {target} to {now - 1} ({now - target} steps)"
         )
         scale = self.lr_scale(now)
-        event = Event(step, EventKind.ROLLBACK, why, scale, scale)
+        event = Event(step, EventKind.ROLLBACK, why, scale, scale, self.phase)
         self.events.append(event)
         return event
 

@@ -522,6 +522,8 @@ class TestEvents:
         assert start.step == total - tail - 1  # the last step at the peak
         assert trace.lrs[start.step] == 1.0 > trace.lrs[start.step + 2]
         assert f"over the last {tail} steps" in start.reason
+        # each event says the phase it left the run in: the plot draws the phases from them
+        assert [e.phase for e in trace.events] == [Phase.STABLE, Phase.DECAY, Phase.DONE]
         assert trace.phases == (
             [Phase.WARMUP] * warmup
             + [Phase.STABLE] * (total - tail - warmup)
