@@ -54,6 +54,7 @@ from surgeon.config import DecayName, PeakLR, PlateauAction, Steps, SurgeonConfi
 from surgeon.controller import Controller, Event, EventKind, Phase
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
 from surgeon.loss_feed import LossFeed, Reduce, StepLoss
+from surgeon.runfiles import EVENTS_FILE, LR_FIND_FILE, PHASE_CODES
 from surgeon.snapshot import SNAPSHOT_LOCATIONS, Snapshot, SnapshotLocation
 
 log = logging.getLogger("surgeon")
@@ -67,11 +68,6 @@ except ImportError:  # pragma: no cover - `lightning` is optional
 
 PEAK_LR_KEY = "surgeon_peak_lr"
 """Param-group key holding the group's configured (peak) LR; saved with the optimizer."""
-PHASE_CODES = {Phase.WARMUP: 0.0, Phase.STABLE: 1.0, Phase.DECAY: 2.0, Phase.DONE: 3.0}
-"""Numeric phase logged as ``surgeon/phase`` (loggers take numbers)."""
-EVENTS_FILE = "events.jsonl"
-LR_FIND_FILE = "lr_find.csv"
-"""The range test's ``lr,loss`` curve (``peak_lr="find"``), beside ``events.jsonl``."""
 
 
 def lr_metric_names(optimizers: list[Optimizer]) -> list[list[str]]:
