@@ -41,11 +41,14 @@ import json
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch.distributed as dist
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -54,6 +57,7 @@ from surgeon.config import DecayName, PeakLR, PlateauAction, Steps, SurgeonConfi
 from surgeon.controller import Controller, Event, EventKind, Phase
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
 from surgeon.loss_feed import LossFeed, Reduce, StepLoss
+from surgeon.lr_find import MIN_DROP, MIN_POINTS, suggest_lr
 from surgeon.runfiles import EVENTS_FILE, LR_FIND_FILE, PHASE_CODES
 from surgeon.snapshot import SNAPSHOT_LOCATIONS, Snapshot, SnapshotLocation
 
@@ -66,6 +70,8 @@ try:  # one class that both Trainers accept: `lightning.pytorch` and `pytorch_li
 except ImportError:  # pragma: no cover - `lightning` is optional
     _CALLBACK_BASES = (pl.Callback,)
 
+FAR_FROM_CONFIGURED = 30.0
+"""A range-test suggestion this many times above or below the configured LR is warned about."""
 PEAK_LR_KEY = "surgeon_peak_lr"
 """Param-group key holding the group's configured (peak) LR; saved with the optimizer."""
 
@@ -94,6 +100,32 @@ def _lr_find(trainer: pl.Trainer) -> Any:
     else:
         from pytorch_lightning.tuner import lr_finder
     return lr_finder._lr_find
+
+
+@contextmanager
+def _range_test_losses(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[list[float]]:
+    """The loss of each step of Lightning's range test, as its ``_LRCallback`` reads it
+    (``outputs["loss"]`` at the last micro-batch of a step; NaN for a step without one), one per
+    entry of ``finder.results["lr"]``. The finder replaces the Trainer's callbacks while it runs,
+    so the module's own ``on_train_batch_end`` is wrapped for the duration instead."""
+    losses: list[float] = []
+    own = vars(pl_module).get("on_train_batch_end")
+    hook = pl_module.on_train_batch_end
+
+    def record(outputs: Any, batch: Any, batch_idx: int) -> Any:
+        if (trainer.fit_loop.batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            losses.append(float(loss) if isinstance(loss, Tensor) else math.nan)
+        return hook(outputs, batch, batch_idx)
+
+    pl_module.on_train_batch_end = record
+    try:
+        yield losses
+    finally:
+        if own is None:
+            del pl_module.on_train_batch_end  # the class's hook again
+        else:
+            pl_module.on_train_batch_end = own
 
 
 def _check_lr(lr: Any) -> float:
@@ -383,45 +415,76 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     def _find_peak_lr(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> list[tuple[float, float]] | None:
-        """Run Lightning's LR range test; set each group's peak to ``suggestion x`` its ratio
-        to the first group; record a ``peak_lr`` event. Returns the ``(lr, loss)`` curve."""
+        """Run Lightning's LR range test and :func:`surgeon.lr_find.suggest_lr` on its losses;
+        set each group's peak to ``suggestion x`` its ratio to the first group; record a
+        ``peak_lr`` event. Returns the ``(lr, loss)`` curve (``None``: no test was run).
+
+        Skipped, with a warning, when the fit is planned for fewer steps than ``find_steps``: a
+        test longer than the fit costs more than the fit, and suggests an LR for more steps."""
         assert self.controller is not None
         cfg = self.config
         if len(trainer.optimizers) != 1:
             raise ValueError(
                 "ScheduleSurgeon(peak_lr='find') needs exactly one optimizer (Lightning's LR "
-                f"finder drives one), got {len(trainer.optimizers)}"
+                f"finder drives one), got {len(trainer.optimizers)}: pass peak_lr='optimizer' "
+                "and set each optimizer's LR"
             )
+        total = self.controller.total_steps
+        if total < cfg.find_steps:
+            rank_zero_warn(
+                f"ScheduleSurgeon(peak_lr='find') skipped the LR range test: the fit is planned "
+                f"for {total} steps, fewer than find_steps={cfg.find_steps}; keeping the "
+                f"optimizer's configured LRs. Pass find_steps <= {total} to run it anyway."
+            )
+            return None
         optimizer = trainer.optimizers[0]
         configured = [group["lr"] for group in optimizer.param_groups]
         first = _check_lr(configured[0])
-        finder = _lr_find(trainer)(
-            trainer,
-            pl_module,
-            min_lr=cfg.find_min_lr,
-            max_lr=cfg.find_max_lr,
-            num_training=cfg.find_steps,
-        )
+        with _range_test_losses(trainer, pl_module) as losses:
+            finder = _lr_find(trainer)(
+                trainer,
+                pl_module,
+                min_lr=cfg.find_min_lr,
+                max_lr=cfg.find_max_lr,
+                num_training=cfg.find_steps,
+            )
         # the finder restored the model, optimizers and callbacks from a checkpoint it took
         # first: our own (fresh) state among them, which is not a resume
         self._pending_state = None
-        suggestion = finder.suggestion() if finder is not None else None
-        if suggestion is None or not (math.isfinite(suggestion) and suggestion > 0):
-            log.warning(
-                "ScheduleSurgeon(peak_lr='find'): the LR range test gave no suggestion (too few "
-                "steps or a diverging loss); keeping the optimizer's configured LRs"
-            )
+        if finder is None:  # Lightning skips it under fast_dev_run (and says so)
             return None
+        lrs = [float(lr) for lr in finder.results["lr"]]
+        losses = trainer.strategy.broadcast(losses)[: len(lrs)]  # rank 0's, like the finder's
+        curve = list(zip(lrs, losses, strict=False))
+        found = suggest_lr(lrs[: len(losses)], losses)
+        steps = f"LRs {lrs[0]:.3g} to {lrs[-1]:.3g} over {len(curve)} steps" if curve else "no step"
+        tested = (
+            f"tested {steps} (find_min_lr={cfg.find_min_lr:g}, find_max_lr={cfg.find_max_lr:g}, "
+            f"find_steps={cfg.find_steps})"
+        )
+        if found is None:
+            rank_zero_warn(
+                "ScheduleSurgeon(peak_lr='find'): the LR range test gave no suggestion (its loss "
+                f"neither fell by {MIN_DROP:.0%} nor diverged, had fewer than {MIN_POINTS} finite "
+                f"values, or was <= 0; {tested}); keeping the optimizer's configured LRs. Widen "
+                "find_min_lr..find_max_lr or raise find_steps."
+            )
+            return curve
+        suggestion = found.lr
+        if max(suggestion / first, first / suggestion) > FAR_FROM_CONFIGURED:
+            rank_zero_warn(
+                f"ScheduleSurgeon(peak_lr='find') sets the peak LR to {suggestion:.3g}, "
+                f"{max(suggestion / first, first / suggestion):.0f}x from the configured "
+                f"{first:.3g} (first param group): check the LR range test's curve "
+                f"({LR_FIND_FILE}, drawn by surgeon plot), or pass peak_lr='optimizer' to keep "
+                "the configured LRs"
+            )
         # load_state_dict replaced the param group dicts: read them again
         for group, lr in zip(optimizer.param_groups, configured, strict=True):
             group[PEAK_LR_KEY] = suggestion * lr / first
-        lrs, losses = finder.results["lr"], finder.results["loss"]
-        curve = list(zip(map(float, lrs), map(float, losses), strict=True))
         why = (
             f"LR range test suggests peak LR {suggestion:.4g} (first param group; others keep "
-            f"their configured ratios, first was {first:.4g}): tested LRs {lrs[0]:.3g} to "
-            f"{lrs[-1]:.3g} over {len(curve)} steps (find_min_lr={cfg.find_min_lr:g}, "
-            f"find_max_lr={cfg.find_max_lr:g}, find_steps={cfg.find_steps})"
+            f"their configured ratios, first was {first:.4g}): {found.reason}; {tested}"
         )
         # the scale is untouched (only the peak changed): both sides are the next step's
         scale = self.controller.lr_scale(1)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgeon.lr_find import smooth_log
 from surgeon.runfiles import (
     EVENTS_FILE,
     LOSSES_FILE,
@@ -476,8 +477,14 @@ def _draw_events(ax_loss: Any, ax_lr: Any, events: list[dict[str, Any]]) -> None
 
 
 def _draw_lr_find(ax: Any, curve: list[tuple[float, float]], events: list[dict[str, Any]]) -> None:
-    """The range test: loss against LR (log axis), the chosen peak marked."""
-    ax.plot(*zip(*curve, strict=True), color="#264653", lw=1.0, label="LR range test")
+    """The range test: each step's loss against its LR (log axis), the smoothed curve that
+    :func:`surgeon.lr_find.suggest_lr` reads, and the chosen peak."""
+    lrs, losses = zip(*curve, strict=True)
+    ax.plot(lrs, losses, color="#264653", lw=0.7, alpha=0.5, label="LR range test")
+    if all(loss > 0 for loss in losses):
+        smoothed = [math.exp(value) for value in smooth_log(losses)]
+        ax.plot(lrs, smoothed, color="#264653", lw=1.6, label="smoothed")
+        ax.set_yscale("log")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (range test)")
     ax.set_ylabel("loss")

@@ -6,7 +6,7 @@ torch nor Lightning, so the command line starts fast and reads any run without t
 * ``events.jsonl``: one JSON record per decision (``step``, ``kind``, ``reason``, the LR scale
   and the first param group's LR around it, and the ``phase`` the run is in after that
   step's decisions);
-* ``lr_find.csv``: the LR range test's ``lr,loss`` curve (``peak_lr="find"``);
+* ``lr_find.csv``: the LR range test's ``lr,loss`` curve, each step's loss (``peak_lr="find"``);
 * ``settings.json``: the planned length and the configuration of the fit;
 * ``losses.csv``: every step's loss as the controller saw it (``step,loss,update_skipped``).
 """
