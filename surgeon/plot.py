@@ -92,6 +92,8 @@ SMOOTH_FRACTION = 0.02
 MAX_LR_LABELS = 6
 """More distinct LR curves than this share one legend entry."""
 _DASH = 4.0
+_UNKNOWN_DASHES = (0.0, (1.0, 2.0))
+_OWN_LOSS_COLORS = ["#e76f51", "#6a4c93", "#2a9d8f", "#8d99ae"]
 _PHASE_NAMES = {code: phase.value for phase, code in PHASE_CODES.items()}
 
 Points = list[tuple[int, float]]
@@ -400,9 +402,10 @@ def draw(run: Run, out: Path | None = None, *, log_lr: bool = False) -> Path:
         for name, color in PHASE_COLORS.items()
         if any(span[0] == name for span in spans)
     ]
-    ax_loss.legend(loc="upper right", fontsize=8)
+    outside = {"loc": "upper left", "bbox_to_anchor": (1.005, 1.0), "fontsize": 8}
+    ax_loss.legend(**outside)
     handles, _ = ax_lr.get_legend_handles_labels()
-    ax_lr.legend(handles=handles + phase_handles, loc="upper right", fontsize=8, ncol=2)
+    ax_lr.legend(handles=handles + phase_handles, **outside)
     fig.suptitle(f"ScheduleSurgeon: {len(run.events)} events — {run.directory}")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -418,13 +421,14 @@ def _draw_losses(ax: Any, run: Run) -> None:
         ax.plot(*zip(*points, strict=True), lw=0.7, alpha=0.45, color="#1f77b4", label=name)
         smoothed = smooth(points)
         ax.plot(*zip(*smoothed, strict=True), lw=1.6, color="#0b3d91", label=f"{name}, smoothed")
+    colors = iter(_OWN_LOSS_COLORS * 4)
     for key in own_losses(run.series):
         if key == name:
             continue
         finite = [(s, v) for s, v in run.series[key] if math.isfinite(v)]
         if finite:
             style = {"marker": "o", "ms": 3} if _is_validation(key) else {"lw": 0.8}
-            ax.plot(*zip(*finite, strict=True), label=key, **style)
+            ax.plot(*zip(*finite, strict=True), label=key, color=next(colors), **style)
     values = [v for line in ax.get_lines() for v in line.get_ydata()]
     if values and all(v > 0 for v in values):
         ax.set_yscale("log")
@@ -450,17 +454,15 @@ def _draw_lrs(ax: Any, run: Run, log_lr: bool) -> None:
 
 def _draw_events(ax_loss: Any, ax_lr: Any, events: list[dict[str, Any]]) -> None:
     """A vertical line per event on both panels, its kind written on the loss panel."""
+    from matplotlib.lines import Line2D
+
     counts = Counter(event["kind"] for event in events)
-    labelled: set[str] = set()
     at_step: Counter[int] = Counter()  # labels already written at a step: side by side
     for event, dashes in zip(events, event_dashes(events), strict=True):
         kind = event["kind"]
         color, known = event_style(kind)
         for ax in (ax_loss, ax_lr):
-            label = f"{kind} ({counts[kind]})" if ax is ax_lr and kind not in labelled else None
-            style = dashes if known else (0, (1.0, 2.0))
-            ax.axvline(event["step"], color=color, ls=style, lw=1.2, label=label)
-        labelled.add(kind)
+            ax.axvline(event["step"], color=color, ls=dashes if known else _UNKNOWN_DASHES, lw=1.2)
         ax_loss.annotate(
             kind,
             (event["step"], 1.0),
@@ -474,6 +476,10 @@ def _draw_events(ax_loss: Any, ax_lr: Any, events: list[dict[str, Any]]) -> None
             color=color,
         )
         at_step[event["step"]] += 1
+    for kind, count in counts.items():  # a legend entry per kind, in order of appearance
+        color, known = event_style(kind)
+        style = "--" if known else _UNKNOWN_DASHES
+        ax_lr.add_line(Line2D([], [], color=color, ls=style, lw=1.2, label=f"{kind} ({count})"))
 
 
 def _draw_lr_find(ax: Any, curve: list[tuple[float, float]], events: list[dict[str, Any]]) -> None:

@@ -390,7 +390,7 @@ def test_an_event_kind_this_version_does_not_know_is_drawn_neutral(
         f.write(json.dumps({**event(12, "a_kind_from_the_future", "stable")}) + "\n")
     assert main(["plot", str(tmp_path)]) == 0
     (figure,) = caught_figures
-    (mark,) = [line for line in figure.axes[1].get_lines() if line.get_xdata()[0] == 12]
+    (mark,) = [line for line in figure.axes[1].get_lines() if list(line.get_xdata()) == [12, 12]]
     assert mark.get_color() == UNKNOWN_EVENT_COLOR
     assert "a_kind_from_the_future (1)" in [
         text.get_text() for text in figure.axes[1].get_legend().get_texts()
