@@ -5,7 +5,7 @@ exponentially, and records each step's loss. :func:`suggest_lr` reads that curve
 
 1. the curve ends at its first non-finite loss (the run blew up there);
 2. the losses are smoothed by a **centred** moving average of their logarithms over
-   ``SMOOTH_FRACTION`` of the points (5%, at least 3), shrunk symmetrically at both ends:
+   ``SMOOTH_FRACTION`` of the points (5%, at least 3; cut short by the ends of the curve):
    centred, so the smoothed curve does not lag behind the LR (an exponential moving average,
    as Lightning's and fastai's curves are, puts its minimum late: with beta=0.98 over 100 steps,
    by up to two decades of LR); logarithms, so the rule is the same at any loss scale;
@@ -50,8 +50,9 @@ MIN_POINTS = 10
 
 
 def smooth_log(losses: Sequence[float]) -> list[float]:
-    """Centred moving average of ``log(loss)`` over ``SMOOTH_FRACTION`` of the points, the window
-    shrunk symmetrically at both ends (the first and last values are the losses' own logs)."""
+    """Centred moving average of ``log(loss)`` over ``SMOOTH_FRACTION`` of the points (``2h + 1``
+    of them); within ``h`` points of an end the window is cut short by the end (the first value
+    averages the first ``h + 1`` points), so no smoothed point rests on a single noisy loss."""
     logs = [math.log(loss) for loss in losses]
     half = max(1, round(SMOOTH_FRACTION * len(logs)))
     prefix = [0.0]
@@ -59,8 +60,8 @@ def smooth_log(losses: Sequence[float]) -> list[float]:
         prefix.append(prefix[-1] + value)
     smoothed = []
     for i in range(len(logs)):
-        width = min(half, i, len(logs) - 1 - i)
-        smoothed.append((prefix[i + width + 1] - prefix[i - width]) / (2 * width + 1))
+        low, high = max(0, i - half), min(len(logs), i + half + 1)
+        smoothed.append((prefix[high] - prefix[low]) / (high - low))
     return smoothed
 
 
