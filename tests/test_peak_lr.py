@@ -197,6 +197,16 @@ def test_a_fit_shorter_than_find_steps_skips_the_range_test(
     assert len(finder_calls) == 1
 
 
+def test_two_optimizers_are_refused_saying_what_to_do_instead(make_trainer: Any) -> None:
+    trainer = make_trainer([new_surgeon()], max_steps=TOTAL)
+    message = (
+        r"ScheduleSurgeon\(peak_lr='find'\) needs exactly one optimizer \(Lightning's LR finder "
+        r"drives one\), got 2: pass peak_lr='optimizer' and set each optimizer's LR"
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(TinyRegressor(lrs=LRS, manual=True), make_loader())
+
+
 @pytest.mark.parametrize("configured", [1e-6, 3e-3])
 def test_a_suggestion_far_from_the_configured_lr_is_warned_about(
     make_trainer: Any, tmp_path: Path, configured: float
