@@ -14,6 +14,11 @@ writes a PNG of the curve (needs matplotlib: ``pip install 'schedule-surgeon[plo
 
 Usage errors (unknown schedule or option, bad value, a ValueError from a factory) print
 ``surgeon <command>: error: <message>`` to stderr and return exit code 2, no traceback.
+
+``surgeon --version`` prints ``surgeon.__version__``. Torch, Lightning and matplotlib are
+imported only by the handlers that need them (``surgeon plot`` reads the run before it imports
+matplotlib), so ``--help``, ``--version`` and usage errors answer at once
+(``tests/test_cli_startup.py``, ``benchmarks/cli_startup.py``).
 """
 
 from __future__ import annotations
