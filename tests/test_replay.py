@@ -241,9 +241,8 @@ def test_a_decision_changes_the_lr_once_its_block_is_read(readback_every: int) -
     total, spike = 400, 201
     losses = [1.0 + 0.001 * (i % 5) for i in range(total)]
     losses[spike] = 5.0  # a spike (and a rollback request without a snapshot: none taken)
-    settings = RunSettings(
-        total, SurgeonConfig(min_warmup=0, max_warmup=0, spike_cooldown=50), readback_every, snapshots=False
-    )
+    config = SurgeonConfig(min_warmup=0, max_warmup=0, spike_cooldown=50)
+    settings = RunSettings(total, config, readback_every, snapshots=False)
     result = replay(losses, settings)
     calm = replay([min(x, 1.01) for x in losses], settings)
     read_at = (spike // readback_every + 2) * readback_every - 1

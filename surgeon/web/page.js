@@ -337,6 +337,7 @@
     controls.append(reset);
 
     function update() {
+      ctl.decay_fraction.input.disabled = state.shape !== "wsd";
       let schedule;
       try {
         schedule = preview_schedule(state);
