@@ -12,6 +12,11 @@ Parsers raise :class:`UsageError` instead of exiting; handlers do the same for b
 ``--warmup_steps`` both accepted. It prints a table of step -> lr and, with ``--out``,
 writes a PNG of the curve (needs matplotlib: ``pip install 'schedule-surgeon[plot]'``).
 
+``surgeon preview --html FILE [NAME ...]`` writes the interactive schedule page and
+``surgeon replay RUN_OR_CSV [--<SurgeonConfig field> value ...]`` re-runs the surgeon's
+decisions on a logged loss stream (:mod:`surgeon.replay`; its options are derived from the
+``SurgeonConfig`` fields), with ``--html`` the interactive replay page (:mod:`surgeon.web`).
+
 Usage errors (unknown schedule or option, bad value, a ValueError from a factory) print
 ``surgeon <command>: error: <message>`` to stderr and return exit code 2, no traceback.
 """
@@ -132,7 +137,8 @@ def _add_preview(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     preview = subparsers.add_parser(
         "preview",
         help="print (and optionally plot) a learning-rate schedule",
-        description="Print a table of step -> lr for a schedule, optionally plot it.",
+        description="Print a table of step -> lr for a schedule, optionally plot it; or write an "
+        "interactive page of a warmup + decay schedule (--html).",
     )
     preview.set_defaults(handler=_run_preview, usage_prog=preview.prog)
     preview.add_argument(
@@ -416,10 +422,10 @@ def _add_replay(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         description=(
             "Feed a logged loss stream through the controller as the callback would (losses read "
             "in blocks, a few steps late; snapshots and rollbacks as in a run), print the "
-            "decisions with their reasons and plot the LR it would have set. RUN is a surgeon "
-            "run directory (losses.csv, settings.json), a Lightning metrics.csv or TensorBoard "
-            "event file, or a step,loss CSV. Settings default to the run's settings.json, else "
-            "to SurgeonConfig's defaults."
+            "decisions with their reasons and plot the LR it would have set. RUN_OR_CSV is a "
+            "surgeon run directory (losses.csv, settings.json), a Lightning metrics.csv or "
+            "TensorBoard event file, or a step,loss CSV. Settings default to the run's "
+            "settings.json, else to SurgeonConfig's defaults."
         ),
     )
     replay.add_argument("run", type=Path, metavar="RUN_OR_CSV", help="what to replay")
@@ -538,7 +544,7 @@ def _run_replay(args: argparse.Namespace) -> int:
         return 0
     from surgeon.plot import plot_replay
 
-    out = args.out or Path(stream.source.split(" (")[0]).parent / "replay.png"
+    out = args.out or stream.path.parent / "replay.png"
     try:
         plot_replay(result, out, stream.source)
     except OSError as err:

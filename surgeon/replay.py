@@ -106,11 +106,13 @@ class RunSettings:
 @dataclass(frozen=True)
 class LossStream:
     """A logged loss stream: the step of each point, its loss, whether its update was skipped;
-    where it came from, and the run's settings and events when they were logged beside it."""
+    the file it came from and a description (file and series), and the run's settings and
+    events when they were logged beside it."""
 
     steps: list[int]
     losses: list[float]
     update_skipped: list[bool]
+    path: Path
     source: str
     settings: RunSettings | None = None
     logged_events: list[dict[str, Any]] | None = None
@@ -237,6 +239,7 @@ def read_stream(path: Path, metric: str | None = None) -> LossStream:
         steps=[steps[i] for i in order],
         losses=[losses[i] for i in order],
         update_skipped=[flags[i] for i in order],
+        path=path,
         source=source,
         settings=settings,
         logged_events=events,

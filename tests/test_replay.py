@@ -280,3 +280,97 @@ def test_settings_round_trip_and_reject_unknown_fields() -> None:
         RunSettings.from_json(data)
     with pytest.raises(ValueError, match="total_steps must be an integer >= 1"):
         RunSettings(0)
+
+
+# ------------------------------------------------------------------------ the command line
+
+
+def plain_csv(path: Path, n: int = 100, spike_at: int | None = None) -> Path:
+    losses = [1.0 + 0.01 * (i % 3) for i in range(n)]
+    if spike_at is not None:
+        losses[spike_at] = 9.0
+    path.write_text("step,loss\n" + "".join(f"{i},{x!r}\n" for i, x in enumerate(losses)))
+    return path
+
+
+def replayed(capsys: pytest.CaptureFixture[str], *argv: str) -> list[tuple[int, str, str]]:
+    """``surgeon replay ARGV``'s printed events as (step, kind, reason)."""
+    assert main(["replay", *argv]) == 0
+    rows = re.findall(r"^\s*(\d+)  (\w+)\s+(.*)$", capsys.readouterr().out, re.M)
+    return [(int(step), kind, reason) for step, kind, reason in rows]
+
+
+def test_config_options_parse_lengths_as_steps_or_fractions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv_path = plain_csv(tmp_path / "l.csv")
+    png = ["--out", str(tmp_path / "r.png")]
+    (end, *_) = replayed(capsys, str(csv_path), "--warmup", "7", *png)
+    assert end[:2] == (6, "warmup_end") and "fixed warmup of 7 steps" in end[2]
+    (end, *_) = replayed(capsys, str(csv_path), "--min-warmup", "0.5", "--max-warmup", "0.5", *png)
+    assert end[:2] == (49, "warmup_end")  # half of the 100 steps
+    (end, *_) = replayed(capsys, str(csv_path), "--min_warmup", "3", "--max-warmup", "3", *png)
+    assert end[:2] == (2, "warmup_end")
+    events = replayed(capsys, str(csv_path), "--total-steps", "60", *png)
+    assert events[-1][:2] == (59, "done")
+
+
+def test_snapshot_off_replays_a_run_without_rollbacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv_path = plain_csv(tmp_path / "l.csv", n=300, spike_at=200)
+    png = ["--out", str(tmp_path / "r.png")]
+    kinds = [kind for _, kind, _ in replayed(capsys, str(csv_path), *png)]
+    assert "spike" in kinds and "rollback" in kinds
+    kinds = [kind for _, kind, _ in replayed(capsys, str(csv_path), "--snapshot", "off", *png)]
+    assert "spike" in kinds and "rollback" not in kinds
+
+
+def test_a_subsampled_stream_says_how_it_is_replayed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,train_loss\n" + "".join(f"{50 * i + 49},1.0\n" for i in range(40)))
+    assert main(["replay", str(path), "--out", str(tmp_path / "r.png")]) == 0
+    out = capsys.readouterr().out
+    assert "logged every 50 steps: one point is one step of the replay" in out
+    assert "(train_loss): 40 losses, steps 49 to 1999" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--spike-zscore", "-1"], "spike_zscore must be a finite number in (0.0, inf)"),
+        (["--decay", "nope"], "invalid 'cosine' or 'linear' or 'sqrt' or 'wsd' value: 'nope'"),
+        (["--min-warmup", "5", "--max-warmup", "1"], "min_warmup must be <= max_warmup"),
+        (["--max-warmup", "500"], "max_warmup must be <= total_steps"),
+        (["--metric", "val_loss"], "has no series 'val_loss'"),
+    ],
+)
+def test_bad_settings_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    csv_path = plain_csv(tmp_path / "l.csv")
+    assert main(["replay", str(csv_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("surgeon replay: error: ") and message in err
+
+
+def test_a_missing_stream_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["replay", str(tmp_path / "nothing.csv")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_preview_needs_a_schedule_or_a_page(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["preview"]) == 2
+    assert "name a schedule (see --help), or write a page with --html FILE" in (
+        capsys.readouterr().err
+    )
+    page = tmp_path / "page.html"
+    assert main(["preview", "--html", str(page), "one_cycle", "--total-steps", "100"]) == 2
+    assert "start it from one of warmup_cosine, cosine, wsd" in capsys.readouterr().err
+    assert not page.exists()
