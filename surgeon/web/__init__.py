@@ -25,7 +25,7 @@ from typing import Any
 
 from surgeon.config import Steps, SurgeonConfig, resolve_steps
 
-__all__ = ["PAGE_MODULES", "PORT_MODULES", "js_config", "page", "source"]
+__all__ = ["PAGE_MODULES", "PORT_MODULES", "js_config", "js_value", "page", "source"]
 
 PORT_MODULES: tuple[str, ...] = (
     "format.js",

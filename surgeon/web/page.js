@@ -436,10 +436,9 @@
       }),
     };
     let marker = losses.length - 1;
-    const marker_ctl = slider(controls, { key: "marker", label: "read the step", min: 0,
-                                          max: losses.length - 1, step: 1, integer: true,
-                                          format: (i) => `step ${data.steps[i]}` }, marker,
-                              (v) => {
+    slider(controls, { key: "marker", label: "read the step", min: 0, max: losses.length - 1,
+                       step: 1, integer: true, format: (i) => `step ${data.steps[i]}` },
+           marker, (v) => {
       marker = v;
       render();
     });
@@ -452,7 +451,6 @@
       update();
     });
     controls.append(reset);
-    void marker_ctl;
 
     let result = null;
     function update() {
