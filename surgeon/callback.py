@@ -451,6 +451,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
                 config=self.config,
                 total_steps=controller.total_steps,
                 readback_every=self.engine.readback_every,
+                snapshot=self.engine.snapshot_mode,
                 events=[self._event_record(event) for event in self.events],
                 next_loss_step=controller.step,
             )

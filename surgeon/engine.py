@@ -184,6 +184,11 @@ class StepEngine:
         self.written_scale = 1.0
         self.adopt_new_param_groups()
 
+    @property
+    def snapshot_mode(self) -> SnapshotMode:
+        """Where this run keeps snapshots (``"off"`` also when it has no module to copy)."""
+        return self.snapshot if self.module is not None else "off"
+
     def release(self) -> None:
         """Free what the run holds (snapshot memory, the guard's flags) at its end."""
         self._snapshots = []

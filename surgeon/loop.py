@@ -229,6 +229,7 @@ class Surgeon:
             config=self.engine.config,
             total_steps=controller.total_steps,
             readback_every=self.engine.readback_every,
+            snapshot=self.engine.snapshot_mode,
             events=[self._record(e) for e in self.events],
             next_loss_step=controller.step,
         )

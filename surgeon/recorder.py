@@ -2,8 +2,9 @@
 
 * ``events.jsonl``: one JSON record per decision (:meth:`surgeon.controller.Event.to_dict`
   plus the first driven param group's LR before and after);
-* ``settings.json``: what the decisions depend on: the planned length, the read-back block and
-  every :class:`~surgeon.config.SurgeonConfig` field, so ``surgeon replay`` can re-run them;
+* ``settings.json``: what the decisions depend on: the planned length, the read-back block,
+  where snapshots were kept (``"off"``: no rollbacks) and every
+  :class:`~surgeon.config.SurgeonConfig` field, so ``surgeon replay`` can re-run them;
 * ``losses.csv``: ``step,loss,update_skipped``, every loss as the controller consumed it, in
   step order (a logger only keeps one row per ``log_every_n_steps``).
 
@@ -44,6 +45,7 @@ class RunRecorder:
         config: SurgeonConfig,
         total_steps: int,
         readback_every: int,
+        snapshot: str,
         events: list[dict[str, Any]],
         next_loss_step: int,
     ) -> None:
@@ -54,6 +56,7 @@ class RunRecorder:
         settings = {
             "total_steps": total_steps,
             "readback_every": readback_every,
+            "snapshot": snapshot,
             "config": asdict(config),
         }
         (self.directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")

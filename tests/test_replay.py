@@ -374,3 +374,19 @@ def test_preview_needs_a_schedule_or_a_page(
     assert main(["preview", "--html", str(page), "one_cycle", "--total-steps", "100"]) == 2
     assert "start it from one of warmup_cosine, cosine, wsd" in capsys.readouterr().err
     assert not page.exists()
+
+
+def test_a_run_without_snapshots_replays_without_rollbacks_from_its_settings(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """``settings.json`` says the run kept no snapshots: replaying its directory with no
+    options makes no rollback (its 30x spike and NaN streak only cut) and reproduces it."""
+    surgeon = ScheduleSurgeon(**SURGEON_KW, snapshot="off")
+    trainer = make_trainer([surgeon], max_steps=STEPS)
+    trainer.fit(TinyRegressor(loss_hook=troubled), make_loader())
+    kinds = {e.kind.value for e in surgeon.events}
+    assert "rollback" not in kinds and "spike" in kinds
+    stream = read_stream(tmp_path)
+    assert not stream.settings.snapshots
+    replayed = replay(stream.losses, stream.settings, update_skipped=stream.update_skipped)
+    assert comparable(replayed.events) == comparable(surgeon.events)
