@@ -2,7 +2,7 @@
 
 Reads what a run leaves in its log directory: Lightning ``CSVLogger``'s ``metrics.csv`` or, with
 ``tensorboard`` installed, ``TensorBoardLogger``'s event file, and the files the callback writes
-beside it (:mod:`surgeon.runfiles`): ``events.jsonl`` (required: it is what makes a run a
+beside it (:mod:`surgeon.recorder`): ``events.jsonl`` (required: it is what makes a run a
 surgeon run), and when present ``losses.csv`` (every step's loss), ``settings.json`` (the
 planned length) and ``lr_find.csv`` (the range test of ``peak_lr="find"``, drawn in a third
 panel).
@@ -22,6 +22,9 @@ What is drawn, and from where (each a function of :class:`Run` tested on its own
   version does not know get a neutral dotted style); events at one step interleave their dashes
   (:func:`event_dashes`) so none hides another; the legend counts each kind.
 
+:func:`plot_replay` draws a ``surgeon replay`` the same way (its loss, smoothed alike, the
+replayed LR scale, its phases and events).
+
 Only the standard library is imported at module level: matplotlib (the ``plot`` extra) is
 imported by :func:`plot_run`, so a missing or foreign run directory is reported at once.
 """
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from surgeon.lr_find import smooth_log
-from surgeon.runfiles import (
+from surgeon.recorder import (
     EVENTS_FILE,
     LOSSES_FILE,
     LR_FIND_FILE,
@@ -58,6 +61,7 @@ __all__ = [
     "lr_lines",
     "own_losses",
     "phase_spans",
+    "plot_replay",
     "plot_run",
     "read_metrics",
     "smooth",
@@ -500,3 +504,51 @@ def _draw_lr_find(ax: Any, curve: list[tuple[float, float]], events: list[dict[s
             peak = event["lr_after"] / scale  # lr_after is the peak x the next step's scale
             ax.axvline(peak, color=EVENT_COLORS["peak_lr"], ls="--", label=f"peak LR {peak:.3g}")
     ax.legend(loc="upper left", fontsize=8)
+
+
+def plot_replay(result: Any, out: Path, title: str) -> Path:
+    """Write a PNG of a :class:`surgeon.replay.Replay`: the loss stream and its smoothed value,
+    the replayed LR scale, phases shaded and events marked, as :func:`plot_run` draws a run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    steps = result.steps
+    spans: list[tuple[str, int, int]] = []
+    for step, phase in zip(steps, result.phases, strict=True):
+        if spans and spans[-1][0] == phase:
+            spans[-1] = (phase, spans[-1][1], step)
+        else:
+            spans.append((phase, spans[-1][2] if spans else step, step))
+    for ax in (ax_loss, ax_lr):
+        for name, start, end in spans:
+            ax.axvspan(start, end, color=PHASE_COLORS.get(name, "#eeeeee"), lw=0, zorder=0)
+    pairs = zip(steps, result.losses, strict=True)
+    points = [(s, v) for s, v in pairs if math.isfinite(v) and v > 0]
+    if points:
+        ax_loss.plot(*zip(*points, strict=True), lw=0.7, alpha=0.45, color="#1f77b4", label="loss")
+        smoothed = smooth(points)
+        ax_loss.plot(*zip(*smoothed, strict=True), lw=1.6, color="#0b3d91", label="loss, smoothed")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_yscale("log")
+    ax_lr.plot(steps, result.lr_scales, color="#264653", label="replayed LR scale")
+    ax_lr.set_ylabel("LR scale (x each group's peak LR)")
+    ax_lr.set_xlabel("optimizer step")
+    _draw_events(ax_loss, ax_lr, [event.to_dict() for event in result.events])
+    phase_handles = [
+        plt.Rectangle((0, 0), 1, 1, color=PHASE_COLORS.get(n, "#eeeeee"), label=f"phase: {n}")
+        for n in dict.fromkeys(span[0] for span in spans)
+    ]
+    outside = {"loc": "upper left", "bbox_to_anchor": (1.005, 1.0), "fontsize": 8}
+    ax_loss.legend(**outside)
+    handles, _ = ax_lr.get_legend_handles_labels()
+    ax_lr.legend(handles=handles + phase_handles, **outside)
+    fig.suptitle(f"surgeon replay: {len(result.events)} events — {title}")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -28,7 +28,7 @@ from surgeon.callback import PEAK_LR_KEY, ScheduleSurgeon
 from surgeon.cli import main
 from surgeon.controller import Controller, EventKind
 from surgeon.lr_find import suggest_lr
-from surgeon.runfiles import EVENTS_FILE, LR_FIND_FILE
+from surgeon.recorder import EVENTS_FILE, LR_FIND_FILE
 
 matplotlib.use("Agg")
 

@@ -46,7 +46,7 @@ from surgeon.plot import (
     phase_spans,
     smooth,
 )
-from surgeon.runfiles import EVENTS_FILE, LOSSES_FILE, PHASE_CODES, SETTINGS_FILE
+from surgeon.recorder import EVENTS_FILE, LOSSES_FILE, PHASE_CODES, SETTINGS_FILE
 
 matplotlib.use("Agg")
 
@@ -343,9 +343,10 @@ def test_plot_of_a_real_run_marks_every_event(
     for step, code in run.series["surgeon/phase"]:
         inside = [name for name, start, end in spans if start <= step + 1 < end]
         assert inside in ([names[code]], []), step  # [] past the last step
-    # the loss panel: the logged loss, its smoothed curve, the module's own losses
+    # the loss panel: every step's loss from losses.csv, its smoothed curve, the module's own
     drawn = {line.get_label(): line for line in ax_loss.get_lines()}
-    assert {"surgeon/loss", "surgeon/loss, smoothed", "train_loss", "val_loss"} <= set(drawn)
+    assert {LOSSES_FILE, f"{LOSSES_FILE}, smoothed", "train_loss", "val_loss"} <= set(drawn)
+    assert list(drawn[LOSSES_FILE].get_xdata()) == list(range(STEPS))
     assert list(drawn["val_loss"].get_xdata()) == [19, 39, 59]
     assert ax_loss.get_yscale() == "log" and ax_lr.get_yscale() == "linear"
     assert figure._suptitle.get_text().startswith(f"ScheduleSurgeon: {len(records)} events")
