@@ -127,13 +127,15 @@ def _mean_across_ranks(trainer: pl.Trainer) -> Reduce | None:
     return reduce
 
 
-def _make_guard(trainer: pl.Trainer, mode: SkipNonfinite, scaled: bool) -> NonFiniteGuard:
+def _make_guard(
+    trainer: pl.Trainer, mode: SkipNonfinite, scaled: bool, grad_check_every: int
+) -> NonFiniteGuard:
     """The guard for this fit: off under a GradScaler (which skips non-finite steps itself);
     under DDP on the already-averaged gradients alone; elsewhere with a max across ranks."""
     if scaled or mode == "off":
         return NonFiniteGuard("off")
     if trainer.world_size <= 1:
-        return NonFiniteGuard(mode)
+        return NonFiniteGuard(mode, grad_check_every=grad_check_every)
     if any(cls.__name__ == "DDPStrategy" for cls in type(trainer.strategy).__mro__):
         return NonFiniteGuard(mode, check_losses=False)  # no collective needed (see guard)
     if not (dist.is_available() and dist.is_initialized()):
@@ -197,7 +199,9 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     ``skip_nonfinite``: ``"auto"`` skips the update of a step with a non-finite loss or
     gradient wherever that costs no host sync (CPU, ``fused=True`` optimizers; under a
     GradScaler, GradScaler does it); ``"always"`` also on CUDA with other optimizers (one
-    sync per step); ``"off"``. ``snapshot``: where last-good copies of the weights and
+    sync per step); ``"off"``. ``grad_check_every``: on the CPU the losses are checked every
+    step and the gradients every n-th (every step without snapshots; see :mod:`surgeon.guard`).
+    ``snapshot``: where last-good copies of the weights and
     optimizer state live for rollbacks (``"cpu"``, ``"device"``, ``"off"``: no rollback).
     """
 
@@ -231,6 +235,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         rollback_threshold: float = 4.0,
         rollback_nonfinite: int = 3,
         skip_nonfinite: SkipNonfinite = "auto",
+        grad_check_every: int = 8,
         snapshot: SnapshotLocation | Literal["off"] = "cpu",
         readback_every: int = 4,
         leave_scheduled_optimizers: bool = False,
@@ -288,7 +293,8 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self.leave_scheduled_optimizers = leave_scheduled_optimizers
         self.snapshot = snapshot
         self.skip_nonfinite = skip_nonfinite
-        self.guard = NonFiniteGuard(skip_nonfinite)  # validates; rebuilt for each fit
+        self.guard = NonFiniteGuard(skip_nonfinite, grad_check_every=grad_check_every)  # validates
+        self.grad_check_every = grad_check_every
         self.feed = LossFeed(readback_every)
         self._snapshots: list[Snapshot] = []
         self._step_flag: Tensor | None = None
@@ -354,7 +360,9 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         )
         self._log_every = max(1, trainer.log_every_n_steps)
         self._is_global_zero = trainer.is_global_zero
-        self.guard = _make_guard(trainer, self.skip_nonfinite, self._scaler is not None)
+        # without snapshots no rollback repairs a step whose gradients went unchecked
+        every = self.grad_check_every if self.snapshot != "off" else 1
+        self.guard = _make_guard(trainer, self.skip_nonfinite, self._scaler is not None, every)
         self._step_flag = None
         self._snapshots = [] if self.snapshot == "off" else [Snapshot(self.snapshot) for _ in "ab"]
         self.step = self.skipped_steps = 0
