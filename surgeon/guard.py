@@ -253,11 +253,12 @@ class NonFiniteGuard:
         CPU); the gradients are taken away when one is non-finite."""
         device = watched.device
         assert device is not None  # sampled: all on the CPU
-        if all(math.isfinite(loss.item()) for loss in self._losses):
-            return self._constant(device, 0.0)
-        for p in watched.params:
-            p.grad = None
-        return self._constant(device, 1.0)
+        for loss in self._losses:
+            if not math.isfinite(loss.item()):
+                for p in watched.params:
+                    p.grad = None
+                return self._constant(device, 1.0)
+        return self._constant(device, 0.0)
 
     def _find_nonfinite(
         self, tensors: list[Tensor], flag: Tensor, one_device: bool, convert: bool
@@ -293,9 +294,10 @@ class NonFiniteGuard:
         """A cached 0-d ``value`` on ``device`` (1.0 is also the check's unscale factor); never
         written to."""
         key = (device, value)
-        if key not in self._constants:
-            self._constants[key] = torch.full((), value, device=device)
-        return self._constants[key]
+        constant = self._constants.get(key)
+        if constant is None:
+            constant = self._constants[key] = torch.full((), value, device=device)
+        return constant
 
     def release(self) -> None:
         """After the step: take ``found_inf`` back off the optimizers it was put on."""
