@@ -125,7 +125,8 @@ class Block(nn.Module):
 
 
 class GPT(pl.LightningModule):
-    """A small GPT on random tokens; records a timestamp (or CUDA event) per step."""
+    """A small GPT on random tokens (embedded with ``index_select``, whose backward is an
+    ``index_add_``: no host sync, where ``nn.Embedding``'s sorting backward may sync)."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -135,17 +136,15 @@ class GPT(pl.LightningModule):
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.blocks))
         self.ln = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.vocab, bias=False)
-        self.clock: StepClock | None = None
 
     def forward(self, tokens: Tensor) -> Tensor:
-        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        embedded = self.embed.weight.index_select(0, tokens.flatten()).view(*tokens.shape, -1)
+        x = embedded + self.position[: tokens.shape[1]]
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln(x))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        if self.clock is not None:
-            self.clock.tick(self.global_step)
         tokens, targets = batch
         logits = self(tokens)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -177,9 +176,10 @@ def count_params(cfg: Config) -> int:
 
 
 # ---------------------------------------------------------------------------- timing
-class StepClock:
-    """Time from the start of step ``start`` to the end of the fit: CUDA events on CUDA (the
-    device's own timeline), ``perf_counter`` on the CPU."""
+class StepClock(pl.Callback):
+    """Time from the start of step ``start`` to the end of training (after the surgeon's own
+    ``on_train_end``, before anything after it): CUDA events on CUDA (the device's timeline),
+    ``perf_counter`` on the CPU."""
 
     def __init__(self, start: int, cuda: bool) -> None:
         self.start, self.cuda = start, cuda
@@ -193,11 +193,11 @@ class StepClock:
         event.record()
         return event
 
-    def tick(self, step: int) -> None:
-        if step == self.start:
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.start:
             self.first = self._now()
 
-    def stop(self) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.last = self._now()
 
     def seconds(self) -> float:
@@ -415,13 +415,11 @@ def timed_fit(
 ) -> tuple[float, SnapshotCopy | None]:
     """Steps/s of one fit (after ``WARMUP_STEPS``); with the surgeon, its snapshot copy."""
     cuda = device == "cuda"
-    probe = _SnapshotProbe(cuda)
-    callbacks = [ScheduleSurgeon(total_steps=PLANNED_STEPS), probe] if surgeon else []
+    clock, probe = StepClock(WARMUP_STEPS, cuda), _SnapshotProbe(cuda)
+    # in this order: the clock stops after the surgeon's on_train_end, before the probe's
+    callbacks = [ScheduleSurgeon(total_steps=PLANNED_STEPS), clock, probe] if surgeon else [clock]
     trainer = make_trainer(callbacks, steps, device, precision, root)
-    model = GPT(cfg)
-    model.clock = clock = StepClock(WARMUP_STEPS, cuda)
-    trainer.fit(model, Batches(cfg, steps, torch.device(device)))
-    clock.stop()
+    trainer.fit(GPT(cfg), Batches(cfg, steps, torch.device(device)))
     return (steps - WARMUP_STEPS) / clock.seconds(), probe.copy
 
 
@@ -483,13 +481,13 @@ class Result:
         )
         return (
             f"gpu_check: {'PASS' if self.ok else 'FAIL'} device={self.device!r} "
-            f"precision={self.precision} params={self.params / 1e6:.1f}M; {syncs}; "
+            f"precision={self.precision} params={self.params / 1e6:.3g}M; {syncs}; "
             f"read-back and first-step calls: {s.readback_syncs} syncs in {s.exempt_calls}; "
             f"fit's own syncs/step {per_step(s.baseline_syncs_per_step)} without the surgeon, "
             f"{per_step(s.fit_syncs_per_step)} with it; "
             f"steps/s {none:.2f} without, {mine:.2f} with: ratio {self.ratio:.3f} "
             f"(target >= {RATIO_TARGET}: {met}; {self.rounds} interleaved rounds of "
-            f"{self.steps_per_fit} steps); snapshot {snap.mb:.0f} MB: copy {snap.copy_ms:.2f} ms, "
+            f"{self.steps_per_fit} steps); snapshot {snap.mb:.3g} MB: copy {snap.copy_ms:.2f} ms, "
             f"host {snap.host_ms:.2f} ms; est. ratio with a snapshot every {SNAPSHOT_EVERY} steps "
             f"{self.est_ratio:.3f}; {self.seconds:.0f} s"
         )

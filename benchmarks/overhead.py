@@ -53,23 +53,30 @@ steps/s relative to ``none`` (from the median step times) and host syncs per ste
 in one extra fit per variant under ``torch.cuda.set_sync_debug_mode("warn")`` (whole fit,
 and inside the LR work alone).
 
+``--profile`` replaces the table by one fit of each surgeon variant under ``cProfile``: the
+surgeon's functions by cumulative and own time per step (the profiler adds its own cost to
+every call, about doubling these small figures: read them as shares).
+
 Usage::
 
     python benchmarks/overhead.py                 # full run (a minute or two on CPU)
     python benchmarks/overhead.py --quick         # smoke run, < 30 s
     python benchmarks/overhead.py --width 1024    # a 7 ms step instead of 0.8 ms
     python benchmarks/overhead.py --json out.json # also write the numbers
+    python benchmarks/overhead.py --profile --steps 2000 --variants surgeon
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import itertools
 import json
 import logging
 import math
 import platform
+import pstats
 import statistics
 import sys
 import tempfile
@@ -89,6 +96,7 @@ from pytorch_lightning.trainer import call as pl_call
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+import surgeon
 from surgeon import ScheduleSurgeon
 
 VARIANTS = ("none", "empty", "lambdalr", "monitor+spike", "surgeon", "surgeon-unguarded")
@@ -438,6 +446,28 @@ def targets(rows: list[Row]) -> list[str]:
     return lines
 
 
+def profile(variant: str, steps: int, width: int, root: Path, top: int = 30) -> str:
+    """One fit of ``variant`` under ``cProfile``: the surgeon's functions, per step."""
+    run_fit(variant, min(steps, 50), width, "cpu", root)  # warm-up
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run_fit(variant, steps, width, "cpu", root)
+    profiler.disable()
+    package = str(Path(surgeon.__file__).parent)
+    rows = [
+        (cumulative / steps * 1e6, own / steps * 1e6, calls / steps, f"{Path(file).name}:{func}")
+        for (file, _, func), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items()
+        if file.startswith(package)
+    ]
+    lines = [
+        f"{variant}: cProfile of one {steps}-step fit, the surgeon's functions per step",
+        f"{'cumulative µs':>13} {'own µs':>7} {'calls':>6}  function",
+    ]
+    for cumulative, own, calls, name in sorted(rows, reverse=True)[:top]:
+        lines.append(f"{cumulative:>13.2f} {own:>7.2f} {calls:>6.2f}  {name}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help="optimizer steps per fit (500; --quick: 100)")
@@ -466,6 +496,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="which variants (the first is the baseline of the ratios)",
     )
     parser.add_argument("--json", type=Path, help="write the numbers to this file")
+    parser.add_argument(
+        "--profile", action="store_true", help="instead: cProfile one fit of each surgeon variant"
+    )
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 100 if args.quick else 500
@@ -490,6 +523,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
+    if args.profile:
+        with tempfile.TemporaryDirectory() as tmp:
+            for variant in (v for v in args.variants if v.startswith("surgeon")):
+                print(profile(variant, args.steps, args.width, Path(tmp)), end="\n\n")
+        return result
     with tempfile.TemporaryDirectory() as tmp:
         for device in devices:
             rows = measure(
