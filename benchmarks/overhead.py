@@ -40,8 +40,8 @@ Columns, per variant (medians over the rounds):
   shared, noisy one (where a 3 % difference drowns in the fit-to-fit spread) it is the
   number to trust. The CPU-time (``time.process_time``) ratio is in the JSON output.
 
-Below the table, the targets of issue 4 against this run: the surgeon's hook cost against
-``LambdaLR``'s, and its fit-time ratio against 1.03 (with the empty callback's beside it, the
+Below the table, the targets of issue 17 against this run: the surgeon's hook cost against
+``LambdaLR``'s, and its fit-time ratio against 1.05 (with the empty callback's beside it, the
 floor of any callback).
 
 Every variant gets the same no-op logger (``DummyLogger``): ``LearningRateMonitor`` refuses
@@ -118,9 +118,11 @@ PER_STEP = ("batch", "optimizer", "backward", "step")
 
 
 class HookTimer:
-    """Accumulates the time (and, on CUDA, host syncs) spent inside wrapped callables."""
+    """Accumulates the time (and, on CUDA, host syncs) spent inside wrapped callables, by
+    ``clock`` (nanoseconds; ``time.thread_time_ns`` counts CPU time only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], int] = time.perf_counter_ns) -> None:
+        self.clock = clock
         self.ns: dict[str, int] = {}
         self.sync_log: list[Any] | None = None  # the recorded-warnings list, when counting
         self.syncs = 0
@@ -130,11 +132,11 @@ class HookTimer:
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             before = len(self.sync_log) if self.sync_log is not None else 0
-            start = time.perf_counter_ns()
+            start = self.clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.ns[name] += time.perf_counter_ns() - start
+                self.ns[name] += self.clock() - start
                 if self.sync_log is not None:
                     self.syncs += len(self.sync_log) - before
 
@@ -419,28 +421,35 @@ def format_table(title: str, rows: list[Row], cuda: bool) -> str:
     return "\n".join(lines)
 
 
+HOOK_TARGETS = {"surgeon": 2.0, "surgeon-unguarded": 1.0}
+"""Issue 17: the surgeon's per-step hook cost at most this many times ``LambdaLR``'s."""
+RATIO_TARGET = 1.05
+"""Issue 17: the fit-time ratio with the defaults."""
+
+
 def targets(rows: list[Row]) -> list[str]:
-    """The issue's targets against this table: hook cost at or below ``LambdaLR``'s, fit-time
-    ratio <= 1.03 (with the floor any callback pays, the empty one's, beside it)."""
+    """The issue's targets against this table: hook cost against ``LambdaLR``'s (at most as
+    much without the guard and snapshots, twice with the defaults), fit-time ratio <= 1.05
+    (with the floor any callback pays, the empty one's, beside it)."""
     by = {row.variant: row for row in rows}
     if "surgeon" not in by:
         return []
     surgeon, lines = by["surgeon"], ["targets:"]
-    for variant in ("surgeon", "surgeon-unguarded"):
+    for variant, times in HOOK_TARGETS.items():
         if variant in by and "lambdalr" in by:
             mine, theirs = (
                 by[variant].median_hook_us_per_step,
                 by["lambdalr"].median_hook_us_per_step,
             )
-            verdict = "met" if mine <= theirs else f"missed, x{mine / theirs:.1f}"
+            verdict = "met" if mine <= times * theirs else "missed"
             lines.append(
-                f"  {LABELS[variant].strip()}: hook {mine:.1f} µs/step vs LambdaLR's {theirs:.1f}: "
-                f"{verdict}"
+                f"  {LABELS[variant].strip()}: hook {mine:.1f} µs/step, x{mine / theirs:.1f} "
+                f"LambdaLR's {theirs:.1f} (target <= x{times:g}): {verdict}"
             )
     floor = f" (an empty Callback: {by['empty'].estimated_ratio:.3f})" if "empty" in by else ""
-    met = "met" if max(surgeon.ratio, surgeon.estimated_ratio) <= 1.03 else "missed"
+    met = "met" if max(surgeon.ratio, surgeon.estimated_ratio) <= RATIO_TARGET else "missed"
     lines.append(
-        f"  fit-time ratio <= 1.03: {met}: measured {surgeon.ratio:.3f}, est. "
+        f"  fit-time ratio <= {RATIO_TARGET}: {met}: measured {surgeon.ratio:.3f}, est. "
         f"{surgeon.estimated_ratio:.3f}{floor}"
     )
     return lines

@@ -2,7 +2,9 @@
 
 The model is ``DEPTH`` layers of ``Linear(width, width)`` + ``Tanh`` (width chosen for the
 parameter count), regressing one fixed batch of 64 rows (``overhead.FixedBatches``), SGD with
-momentum 0.9; one torch thread. Two parts, in one run:
+momentum 0.9; one torch thread. Every time is CPU time of the training thread
+(``time.thread_time``; the whole fit's: ``time.process_time``), so that other load on a shared
+host, which preempts this process, does not count. Two parts, in one run:
 
 1. **Guard candidates** (``--sizes`` up to 25M by default): what checking a step's gradients
    for NaN/inf costs, timed right after ``backward`` (the gradients as hot in the caches as in
@@ -27,7 +29,7 @@ momentum 0.9; one torch thread. Two parts, in one run:
    capture of the trained weights and optimizer state, buffers reused, as mid-run (median of
    3, after the fit) and the memory of the surgeon's two (the rollback target and the one
    waiting for its loss); that capture amortized over ``snapshot_every=100`` steps; the
-   fit-time ratio measured (median over rounds of the paired whole-fit wall times; the first
+   fit-time ratio measured (median over rounds of the paired whole-fit CPU times; the first
    capture, at step 0, weighs more in these few steps than in a real run) and estimated for
    a 10K-step run, ``1 + (hooks + Lightning's dispatch of them + capture / 100) / step``.
 
@@ -71,6 +73,7 @@ from surgeon import ScheduleSurgeon
 from surgeon.guard import NonFiniteGuard
 from surgeon.snapshot import Snapshot
 
+CLOCK = time.thread_time_ns
 DEPTH = 4
 PLANNED_STEPS = 10_000
 """The surgeon's ``total_steps``: ``snapshot_every`` is 1% of it, 100 steps."""
@@ -166,18 +169,18 @@ def measure_candidates(name: str, size: Size) -> CandidateRow:
     steps: list[float] = []
     for r in range(size.candidate_rounds + 1):  # the first round warms up
         for candidate, check in CANDIDATES.items():
-            start = time.perf_counter_ns()
+            start = CLOCK()
             optimizer.zero_grad()
             loss = nn.functional.mse_loss(net(x), y)
             loss.backward()
             grads = [p.grad for p in net.parameters() if p.grad is not None]
-            checked = time.perf_counter_ns()
+            checked = CLOCK()
             assert not check(grads, loss.detach())
-            done = time.perf_counter_ns()
+            done = CLOCK()
             optimizer.step()
             if r:
                 timings[candidate].append((done - checked) / 1e3)
-                steps.append((time.perf_counter_ns() - start - (done - checked)) / 1e3)
+                steps.append((CLOCK() - start - (done - checked)) / 1e3)
     row = CandidateRow(name, sum(p.numel() for p in net.parameters()), statistics.median(steps))
     row.us = {c: statistics.median(v) for c, v in timings.items()}
     k = GRAD_CHECK_EVERY
@@ -209,7 +212,7 @@ class Regressor(pl.LightningModule):
         self.stamps: list[int] = []
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        self.stamps.append(time.perf_counter_ns())
+        self.stamps.append(CLOCK())
         x, y = batch
         return nn.functional.mse_loss(self.net(x), y)
 
@@ -219,7 +222,7 @@ class Regressor(pl.LightningModule):
 
 @dataclass
 class Fit:
-    wall_s: float
+    cpu_s: float  # the whole fit, this process's CPU time
     step_s: float  # median step-to-step time
     hooks_s: float  # the surgeon's per-step hooks, snapshot captures included
     dispatch_s: float  # Lightning's callback dispatch, the hooks themselves excluded
@@ -242,18 +245,18 @@ class _Parts:
         check, capture = self._check, self._capture
 
         def timed_check(guard: NonFiniteGuard, *args: Any) -> Any:
-            start = time.perf_counter_ns()
+            start = CLOCK()
             try:
                 return check(guard, *args)
             finally:
-                self.guard_ns += time.perf_counter_ns() - start
+                self.guard_ns += CLOCK() - start
 
         def timed_capture(snapshot: Snapshot, *args: Any) -> Any:
-            start = time.perf_counter_ns()
+            start = CLOCK()
             try:
                 return capture(snapshot, *args)
             finally:
-                self.captures_ns.append(time.perf_counter_ns() - start)
+                self.captures_ns.append(CLOCK() - start)
 
         NonFiniteGuard.check = timed_check  # type: ignore[method-assign]
         Snapshot.capture = timed_capture  # type: ignore[method-assign]
@@ -265,7 +268,7 @@ class _Parts:
 
 
 def run_fit(width: int, steps: int, surgeon: bool, root: Path) -> Fit:
-    timer = HookTimer()
+    timer = HookTimer(CLOCK)
     callbacks: list[pl.Callback] = [ScheduleSurgeon(total_steps=PLANNED_STEPS)] if surgeon else []
     time_hooks(callbacks, timer)
     model = Regressor(width)
@@ -281,15 +284,15 @@ def run_fit(width: int, steps: int, surgeon: bool, root: Path) -> Fit:
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    machinery = HookTimer()
+    machinery = HookTimer(CLOCK)
     dispatch = pl_call._call_callback_hooks
     pl_call._call_callback_hooks = machinery.wrap(dispatch, "callback dispatch")
     gc.collect()
     try:
         with _Parts() as parts:
-            start = time.perf_counter()
+            start = time.process_time()
             trainer.fit(model, FixedBatches(steps, width))
-            wall = time.perf_counter() - start
+            cpu = time.process_time() - start
     finally:
         pl_call._call_callback_hooks = dispatch
     assert trainer.global_step == steps
@@ -298,7 +301,7 @@ def run_fit(width: int, steps: int, surgeon: bool, root: Path) -> Fit:
     hooks = timer.seconds(per_step=True)
     all_hooks = hooks + timer.seconds(per_step=False)
     return Fit(
-        wall_s=wall,
+        cpu_s=cpu,
         step_s=step,
         hooks_s=hooks,
         dispatch_s=sum(machinery.ns.values()) / 1e9 - all_hooks,
@@ -316,9 +319,9 @@ def time_capture(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[f
     snapshot.capture(module, [optimizer], 0)  # makes the buffers
     times = []
     for step in range(1, 4):
-        start = time.perf_counter()
+        start = CLOCK()
         snapshot.capture(module, [optimizer], step)
-        times.append(time.perf_counter() - start)
+        times.append((CLOCK() - start) / 1e9)
     return statistics.median(times), snapshot.nbytes
 
 
@@ -357,7 +360,7 @@ def measure_fits(name: str, size: Size, root: Path) -> FitRow:
     row.guard_us = statistics.median(f.guard_s / steps for f in mine) * 1e6
     row.snapshot_mb = 2 * mine[-1].snapshot_bytes / 2**20
     row.capture_us_amortized = row.capture_ms * 1e3 / SNAPSHOT_EVERY
-    row.fit_ratio = statistics.median(m.wall_s / p.wall_s for m, p in zip(mine, plain, strict=True))
+    row.fit_ratio = statistics.median(m.cpu_s / p.cpu_s for m, p in zip(mine, plain, strict=True))
     dispatch = [statistics.median(f.dispatch_s for f in group) for group in (mine, plain)]
     dispatch_us = (dispatch[0] - dispatch[1]) / steps * 1e6
     added = row.hooks_us + max(0.0, dispatch_us) + row.capture_us_amortized

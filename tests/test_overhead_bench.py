@@ -38,7 +38,7 @@ def test_quick_run_times_the_right_hooks_and_prints_the_targets(tmp_path: Path) 
     )
     assert "Linear(16, 16), 60 steps/fit" in done.stdout
     assert "targets:" in done.stdout
-    assert "ScheduleSurgeon: hook" in done.stdout and "fit-time ratio <= 1.03" in done.stdout
+    assert "ScheduleSurgeon: hook" in done.stdout and "fit-time ratio <= 1.05" in done.stdout
 
     result = json.loads(out.read_text())
     assert result["steps"] == 60 and result["width"] == 16
