@@ -17,9 +17,10 @@ that stay on the device), fused AdamW (the guard hands it ``found_inf``, no read
    surgeon: more of them with the surgeon also exits 1.
 2. **Throughput.** Fits without a callback and with ``ScheduleSurgeon(total_steps=100_000)``
    (its defaults for a 100K-step run: a snapshot every 1000 steps, so only the first, at step
-   0, falls in a fit), interleaved, ``--rounds`` of each; steps/s over the steps after the
-   first ``WARMUP_STEPS``, timed with CUDA events. The steps per fit are chosen from a
-   warm-up fit so that each timed fit takes ~15 s (30 to 400 steps).
+   0, falls in a fit), interleaved, ``--rounds`` of each (3; 2 on a slow device); steps/s over
+   the steps after the first ``WARMUP_STEPS``, timed with CUDA events. The steps per fit (30
+   to 400) are sized from the sync fits' pace so that the whole check stays within
+   ``TIME_BUDGET_S``.
 3. **Snapshot copy.** The default snapshot (``"cpu"``: pinned host memory) of the trained
    model and optimizer, captured ``SNAPSHOT_REPEATS`` times: the time until the copy is done,
    the time the host spends in ``capture``, the size; and what that costs per step at one
@@ -72,7 +73,10 @@ PLANNED_STEPS = 100_000
 SNAPSHOT_EVERY = PLANNED_STEPS // 100
 WARMUP_STEPS = 10
 """Steps at the start of each timed fit left out of its steps/s."""
-TARGET_SECONDS_PER_FIT = 15.0
+TIME_BUDGET_S = 240.0
+"""The whole check, the interpreter's start aside: the timed fits get what the sync fits left."""
+FIT_OVERHEAD_S = 3.0
+"""A fit's own cost beside its steps (Lightning's setup and teardown), for the budget."""
 SNAPSHOT_REPEATS = 5
 RATIO_TARGET = 0.99
 PER_STEP_HOOKS = (
@@ -100,7 +104,7 @@ class Config:
     max_steps: int
 
 
-FULL = Config(8192, 512, 5, 8, 512, 32, sync_steps=48, rounds=3, min_steps=30, max_steps=400)
+FULL = Config(8192, 512, 5, 8, 512, 32, sync_steps=32, rounds=3, min_steps=30, max_steps=400)
 TINY = Config(64, 32, 2, 2, 16, 4, sync_steps=24, rounds=2, min_steps=24, max_steps=24)
 
 
@@ -309,6 +313,7 @@ class SyncReport:
     exempt_calls: int = 0
     fit_syncs_per_step: float | None = None  # CUDA: outside the surgeon's hooks, with it
     baseline_syncs_per_step: float | None = None  # the same fit without the surgeon
+    seconds: float = 0.0  # the fit's wall time (an upper bound of steps x step time)
 
 
 class _StepMarks(pl.Callback):
@@ -386,12 +391,14 @@ def sync_fit(cfg: Config, device: str, precision: str, root: Path, surgeon: bool
     trainer = make_trainer(callbacks, cfg.sync_steps, device, precision, root)
     trainer_ref.append(trainer)
     model = GPT(cfg)
+    start = time.perf_counter()
     with watch.fit():
         try:
             trainer.fit(model, Batches(cfg, cfg.sync_steps, torch.device(device)))
         except RuntimeError:
             if report.error is None:
                 raise  # not the surgeon's: let it show
+    report.seconds = time.perf_counter() - start
     report.readback_syncs = watch.lenient_syncs
     if cuda and report.error is None:
         report.fit_syncs_per_step = watch.syncs_between_steps()
@@ -493,6 +500,14 @@ class Result:
         )
 
 
+def timed_steps(cfg: Config, seconds: float, step_s: float, rounds: int) -> int:
+    """Steps to time per fit, for ``2 x rounds`` fits to take ``seconds`` at ``step_s``
+    (within the config's bounds)."""
+    per_fit = seconds / (2 * rounds) - FIT_OVERHEAD_S
+    steps = int(per_fit / step_s) - WARMUP_STEPS
+    return min(cfg.max_steps, max(cfg.min_steps, steps))
+
+
 def run(device: str, tiny: bool, rounds: int | None, root: Path) -> Result:
     cfg = TINY if tiny else FULL
     cuda = device == "cuda"
@@ -516,12 +531,13 @@ def run(device: str, tiny: bool, rounds: int | None, root: Path) -> Result:
     result.syncs.baseline_syncs_per_step = baseline.fit_syncs_per_step
     if cuda and (result.syncs.fit_syncs_per_step or 0) > (baseline.fit_syncs_per_step or 0):
         result.ok = False  # the surgeon made the fit itself sync more (outside its hooks)
-    # 2. throughput: a warm-up fit of each, which sizes the timed ones
-    warm = cfg.min_steps + WARMUP_STEPS
-    timed_fit(cfg, warm, device, precision, root, surgeon=True)
-    rate, _ = timed_fit(cfg, warm, device, precision, root, surgeon=False)
-    timed = int(min(cfg.max_steps, max(cfg.min_steps, rate * TARGET_SECONDS_PER_FIT)))
-    result.steps_per_fit = timed + WARMUP_STEPS
+    # 2. throughput: the sync fits (which warmed the device up) size the timed ones
+    step_s = max(result.syncs.seconds, baseline.seconds) / cfg.sync_steps
+    left = TIME_BUDGET_S - (time.perf_counter() - started)
+    result.steps_per_fit = timed_steps(cfg, left, step_s, result.rounds) + WARMUP_STEPS
+    if rounds is None and result.steps_per_fit - WARMUP_STEPS < cfg.min_steps + 1:
+        result.rounds = 2  # a slow device: fewer rounds of the least steps
+        result.steps_per_fit = timed_steps(cfg, left, step_s, result.rounds) + WARMUP_STEPS
     for r in range(result.rounds):
         for surgeon in (False, True) if r % 2 == 0 else (True, False):
             rate, copy = timed_fit(cfg, result.steps_per_fit, device, precision, root, surgeon)
