@@ -295,12 +295,12 @@ def test_on_the_cpu_gradients_are_checked_every_nth_step_and_losses_every_step()
     checked one (elsewhere it is applied: the gap a rollback closes, tested below)."""
     guard = NonFiniteGuard("auto", grad_check_every=4)
     plan = {1: "loss-nan", 2: "grad-nan", 4: "grad-nan", 6: "grad-inf", 8: "grad-inf"}
-    skipped, changed = [], []
+    skipped, changed, optimizers = [], [], []
     for step in range(9):
         torch.manual_seed(0)  # finite weights again each step: the steps are independent
         model = nn.Linear(3, 2)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        guard._watched.clear()  # a new optimizer each step, same guard (its step count goes on)
+        optimizers.append(optimizer)  # alive: a new one each step, the same guard's count goes on
         assert guard.mechanism(optimizer) == "host"
         before = snapshot(model, optimizer)
         if guarded_step(model, optimizer, guard, plan.get(step)).item() == 1.0:
