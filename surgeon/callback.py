@@ -154,13 +154,15 @@ def _mean_across_ranks(trainer: pl.Trainer) -> Reduce | None:
     return distributed_mean()
 
 
-def _make_guard(trainer: pl.Trainer, mode: SkipNonfinite, scaled: bool) -> NonFiniteGuard:
+def _make_guard(
+    trainer: pl.Trainer, mode: SkipNonfinite, scaled: bool, grad_check_every: int
+) -> NonFiniteGuard:
     """The guard for this fit: off under a GradScaler (which skips non-finite steps itself);
     under DDP on the already-averaged gradients alone; elsewhere with a max across ranks."""
     if scaled or mode == "off":
         return NonFiniteGuard("off")
     if trainer.world_size <= 1:
-        return NonFiniteGuard(mode)
+        return NonFiniteGuard(mode, grad_check_every=grad_check_every)
     if any(cls.__name__ == "DDPStrategy" for cls in type(trainer.strategy).__mro__):
         return NonFiniteGuard(mode, check_losses=False)  # no collective needed (see guard)
     if not (dist.is_available() and dist.is_initialized()):
@@ -217,7 +219,9 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     ``skip_nonfinite``: ``"auto"`` skips the update of a step with a non-finite loss or
     gradient wherever that costs no host sync (CPU, ``fused=True`` optimizers; under a
     GradScaler, GradScaler does it); ``"always"`` also on CUDA with other optimizers (one
-    sync per step); ``"off"``. ``snapshot``: where last-good copies of the weights and
+    sync per step); ``"off"``. ``grad_check_every``: on the CPU the losses are checked every
+    step and the gradients every n-th (every step without snapshots; see :mod:`surgeon.guard`).
+    ``snapshot``: where last-good copies of the weights and
     optimizer state live for rollbacks (``"cpu"``, ``"device"``, ``"off"``: no rollback).
     """
 
@@ -251,6 +255,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         rollback_threshold: float = 4.0,
         rollback_nonfinite: int = 3,
         skip_nonfinite: SkipNonfinite = "auto",
+        grad_check_every: int = 8,
         snapshot: SnapshotMode = "cpu",
         readback_every: int = 4,
         leave_scheduled_optimizers: bool = False,
@@ -304,7 +309,8 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self.total_steps = total_steps
         self.leave_scheduled_optimizers = leave_scheduled_optimizers
         self.skip_nonfinite = skip_nonfinite
-        NonFiniteGuard(skip_nonfinite)  # validates the mode; the fit's guard is made at its start
+        NonFiniteGuard(skip_nonfinite, grad_check_every=grad_check_every)  # validates; see start
+        self.grad_check_every = grad_check_every
         self.engine = StepEngine(
             self.config,
             snapshot=snapshot,
@@ -377,7 +383,13 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             trainer.optimizers,
             module=pl_module,
             driven=driven,
-            guard=_make_guard(trainer, self.skip_nonfinite, self._scaler is not None),
+            guard=_make_guard(
+                trainer,
+                self.skip_nonfinite,
+                self._scaler is not None,
+                # without snapshots no rollback repairs a step whose gradients went unchecked
+                self.grad_check_every if self.engine.snapshot != "off" else 1,
+            ),
             reduce=_mean_across_ranks(trainer),
             # Lightning divides the loss by it under automatic optimization only
             accumulate=1 if self._manual else trainer.accumulate_grad_batches,

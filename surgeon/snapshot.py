@@ -66,6 +66,8 @@ class Snapshot:
         self._buffers: list[Tensor] = []
         self._layout: list[tuple[torch.Size, torch.dtype, torch.device]] = []
         """Of the sources the buffers were made for: reused while it matches."""
+        self._nbytes = 0  # of the buffers, counted when they are made
+        self._on_cuda = False  # some source is on CUDA: the copy is waited for before a restore
         self._module_count = 0
         self._optimizers: list[_SavedOptimizer] = []
         self._copied: torch.cuda.Event | None = None
@@ -73,7 +75,7 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         """Memory the copy holds, in bytes."""
-        return sum(b.numel() * b.element_size() for b in self._buffers)
+        return self._nbytes
 
     @torch.no_grad()
     def capture(self, module: nn.Module, optimizers: list[Optimizer], step: int) -> bool:
@@ -88,9 +90,11 @@ class Snapshot:
         if layout != self._layout:
             self._buffers = [self._new_buffer(t) for t in sources]
             self._layout = layout
+            self._nbytes = sum(b.numel() * b.element_size() for b in self._buffers)
+            self._on_cuda = any(device.type == "cuda" for _, _, device in layout)
         if sources:
             torch._foreach_copy_(self._buffers, sources, non_blocking=True)
-        if any(device.type == "cuda" for _, _, device in layout):
+        if self._on_cuda:
             self._copied = torch.cuda.Event()
             self._copied.record()
         self.step = step

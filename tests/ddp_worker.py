@@ -15,8 +15,9 @@ of that rank alone is multiplied by NaN. Each rank writes ``OUT_DIR/rank{r}.json
 * ``events``: ``[step, kind]`` of every surgeon decision, in order;
 * ``controller``: the controller's ``state_dict()`` at the end, as JSON text
   (``sort_keys``; compared as text so NaN and the float repr are compared exactly);
-* ``collectives``: ``[hook, global_step, [names]]`` for every per-step hook call of the
-  surgeon that called a ``torch.distributed`` collective (see :class:`CountingSurgeon`);
+* ``collectives``: ``[hook, global_step, [[name, numel], ...]]`` for every per-step hook call
+  of the surgeon that called a ``torch.distributed`` collective (see :class:`CountingSurgeon`;
+  ``numel``: the size of the tensor it was given);
 * ``weights``: the final parameters, flattened; ``nan_step_changed_weights``: whether the
   parameters at the start of ``--nan-step + 1`` differ from those at the start of
   ``--nan-step`` (the guard must have skipped that update).
@@ -54,15 +55,17 @@ COLLECTIVES = (
 
 
 @contextmanager
-def count_collectives() -> Iterator[list[str]]:
-    """Yield a list that fills with the name of each ``torch.distributed`` collective called."""
-    seen: list[str] = []
+def count_collectives() -> Iterator[list[list[Any]]]:
+    """Yield a list that fills with ``[name, numel]`` for each ``torch.distributed`` collective
+    called (``numel``: of its tensor argument, ``None`` without one)."""
+    seen: list[list[Any]] = []
     originals = {name: getattr(dist, name) for name in COLLECTIVES}
 
     def counted(name: str, fn: Any) -> Any:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            seen.append(name)
+            tensor = args[0] if args and isinstance(args[0], Tensor) else None
+            seen.append([name, None if tensor is None else tensor.numel()])
             return fn(*args, **kwargs)
 
         return wrapper

@@ -571,6 +571,7 @@ def test_constructor_defaults_match_the_config_defaults() -> None:
         "readback_every",
         "leave_scheduled_optimizers",
         "skip_nonfinite",
+        "grad_check_every",
         "snapshot",
     }
     assert set(params) - own == set(config_fields)
