@@ -487,12 +487,15 @@ class TestEvents:
         total = 2000
         controller = Controller(total, BUSY_CONFIG)
         trace = drive(controller, busy_stream(total, seed=9))  # drive() checks the scales
-        # the others need the callback (peak_lr) or its guard and snapshots (TestRollback)
+        # the others need the callback (peak_lr) or its guard and snapshots (TestRollback),
+        # or a long non-finite stretch (stalled: TestRollback)
         caller_driven = {
             EventKind.PEAK_LR,
             EventKind.SKIPPED_STEP,
             EventKind.ROLLBACK,
             EventKind.REPLAN,
+            EventKind.BUFFERS_RESTORED,
+            EventKind.STALLED,
         }
         assert set(trace.all_kinds()) == set(EventKind) - caller_driven
         assert controller.events == trace.events
