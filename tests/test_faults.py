@@ -245,6 +245,19 @@ def test_nan_in_one_input_leaves_batchnorm_statistics_finite(
     assert math.isfinite(eval_loss(model))
 
 
+def test_the_buffer_check_makes_no_host_sync(make_trainer: Callable[..., Any]) -> None:
+    """The per-step buffer check is a device flag that travels with the loss: the hooks read
+    nothing off read-back steps (the rules of ``test_host_sync``), with BatchNorm buffers to
+    check and a fused optimizer (the guard reads nothing either)."""
+    from test_host_sync import CountingSurgeon, check_hook_syncs
+
+    surgeon = CountingSurgeon(readback_every=4, snapshot_every=10)
+    model = Net(batchnorm=True, optimizer="fused-sgd")
+    make_trainer([surgeon], max_steps=24).fit(model, make_loader(batches=8))
+    assert len(surgeon.engine._buffers) == 2  # running mean and variance: checked every step
+    check_hook_syncs(surgeon.calls, 4)
+
+
 # ---------------------------------------------------------------------------- 4. checkpoints
 def test_the_last_checkpoint_holds_no_unread_damage(
     make_trainer: Callable[..., Any], tmp_path: Path
@@ -266,6 +279,25 @@ def test_the_last_checkpoint_holds_no_unread_damage(
     restored = TinyRegressor()
     restored.load_state_dict(saved)
     assert eval_loss(restored) == eval_loss(model)
+
+
+def test_a_weights_only_checkpoint_is_not_read_first(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Not guaranteed: ``save_weights_only`` checkpoints skip the callbacks' state, so the
+    losses in flight are not read before them; the spike of step 296 is rolled back only at
+    the end of the fit, after last.ckpt was written with the damaged weights."""
+    surgeon = ScheduleSurgeon()
+    model = TinyRegressor(loss_hook=at({296}, lambda loss: loss * 50))
+    ckpt = ModelCheckpoint(
+        tmp_path, every_n_train_steps=300, save_last=True, save_weights_only=True
+    )
+    make_trainer([surgeon, ckpt], max_steps=300, enable_checkpointing=True).fit(
+        model, make_loader()
+    )
+    assert [e.step for e in of_kind(surgeon, EventKind.ROLLBACK)] == [296]
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    assert not all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
 
 
 # ---------------------------------------------------------------------------- 5. resume
