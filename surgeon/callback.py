@@ -78,11 +78,11 @@ __all__ = ["EVENTS_FILE", "LR_FIND_FILE", "PEAK_LR_KEY", "PHASE_CODES", "Schedul
 PHASE_CODES = {Phase.WARMUP: 0.0, Phase.STABLE: 1.0, Phase.DECAY: 2.0, Phase.DONE: 3.0}
 """Numeric phase logged as ``surgeon/phase`` (loggers take numbers)."""
 LR_FIND_FILE = "lr_find.csv"
+"""The range test's ``lr,loss`` curve (``peak_lr="find"``), beside ``events.jsonl``."""
 _MANUAL_SAMPLE = 10
 """Steps before the steps per batch of a manual optimization are trusted to project its length."""
 _MANUAL_TOLERANCE = 0.05
 """A projected length off the plan by more than this share of it is re-planned."""
-"""The range test's ``lr,loss`` curve (``peak_lr="find"``), beside ``events.jsonl``."""
 
 
 def lr_metric_names(optimizers: list[Optimizer]) -> list[list[str]]:

@@ -240,7 +240,6 @@ class Controller:
         self.snapshot_every = resolve_steps(
             "snapshot_every", cfg.snapshot_every, total_steps, max(_MIN_SNAPSHOT_EVERY, lag)
         )
-        self.lag = lag
         self.max_undone_steps = 2 * self.snapshot_every + lag
         """The most steps a rollback undoes: its target is at most two snapshot intervals before
         the step whose loss asked for it, which is read at most ``lag`` steps later."""
@@ -344,13 +343,11 @@ class Controller:
             self._set_plan(plan)
             return
         step = self.step if next_step is None else next_step
-        lengths = (
-            ""
-            if saved_total == self.total_steps
-            else (f"a planned length of {self.total_steps} steps instead of {saved_total}")
-        )
-        settings = [f"{name}={new!r} instead of {old!r}" for name, (old, new) in changed.items()]
-        cause = f"resumed at step {step} with " + ", ".join(filter(None, [lengths, *settings]))
+        changes = [f"{name}={new!r} instead of {old!r}" for name, (old, new) in changed.items()]
+        if saved_total != self.total_steps:
+            length = f"a planned length of {self.total_steps} steps instead of {saved_total}"
+            changes.insert(0, length)
+        cause = f"resumed at step {step} with {', '.join(changes)}"
         self._replan(step, plan, cause, saved_total != self.total_steps, changed)
 
     def replan(self, total_steps: int, step: int, cause: str) -> Event:

@@ -107,23 +107,16 @@ def _checked_buffers(module: nn.Module | None) -> list[Tensor]:
     return list(found.values())
 
 
-def _reset_nonfinite_statistics(module: nn.Module) -> tuple[list[str], int]:
+def _reset_nonfinite_statistics(module: nn.Module) -> None:
     """Without a snapshot: reset the running statistics of every module with a NaN/inf buffer
-    that has ``reset_running_stats`` (BatchNorm, InstanceNorm). Returns the names of the reset
-    modules and how many other buffers stay non-finite (a rare path: host reads are fine)."""
-    reset, left = [], 0
-    for name, sub in module.named_modules():
-        bad = [
-            b
+    that has ``reset_running_stats`` (BatchNorm, InstanceNorm; a rare path: host reads are
+    fine)."""
+    for sub in module.modules():
+        if callable(getattr(sub, "reset_running_stats", None)) and any(
+            b is not None and b.is_floating_point() and not bool(torch.isfinite(b).all())
             for b in sub._buffers.values()
-            if b is not None and b.is_floating_point() and not bool(torch.isfinite(b).all())
-        ]
-        if bad and callable(getattr(sub, "reset_running_stats", None)):
+        ):
             sub.reset_running_stats()
-            reset.append(name or type(sub).__name__)
-        else:
-            left += len(bad)
-    return reset, left
 
 
 class StepEngine:
@@ -306,6 +299,7 @@ class StepEngine:
         self.guard.release()
         self._consume(self.feed.close_step(loss_scale, flag, self._check_buffers()))
 
+    @torch.no_grad()
     def _check_buffers(self) -> Tensor | None:
         """A 0-d flag on the device, 1.0 when a checked buffer holds a NaN/inf (``None``: none to
         check). One kernel per device (the one the guard uses, values unchanged); not read
@@ -362,18 +356,21 @@ class StepEngine:
     def _repair_buffers(self, step: int) -> None:
         """Replace the NaN/inf in the module's buffers after ``step``: with the values of the
         good snapshot, else (none yet, or ``snapshot="off"``) by resetting the running
-        statistics of the modules that hold them; recorded as a ``buffers_restored`` event."""
+        statistics of the modules that hold them; recorded as a ``buffers_restored`` event.
+        Every rank repairs its own buffers (they may differ); the event says nothing
+        rank-specific, so every rank records the same."""
         assert self.controller is not None and self.module is not None
         good = self.controller.good_snapshot_step
         snapshot = next((s for s in self._snapshots if s.step == good), None)
         if good is not None and snapshot is not None:
-            count = snapshot.repair_buffers(self.module)
-            how = f"{count} buffer(s) repaired with their values in the snapshot of step {good}"
+            snapshot.repair_buffers(self.module)
+            how = f"the NaN/inf entries restored from the snapshot of step {good}"
         else:
-            reset, left = _reset_nonfinite_statistics(self.module)
-            how = f"no snapshot to restore them from: reset the running statistics of {reset}"
-            if left:
-                how += f"; {left} other buffer(s) stay non-finite"
+            _reset_nonfinite_statistics(self.module)
+            how = (
+                "no snapshot to restore them from: the running statistics of the modules "
+                "holding them reset (others have no reset_running_stats and stay as they are)"
+            )
         self.on_event(self.controller.buffers_nonfinite(step, how))
         self.restores += 1
         self._buffers_checked_from = self.step
