@@ -91,7 +91,8 @@ class TrainingStalled(RuntimeError):
 
 def _checked_buffers(module: nn.Module | None) -> list[Tensor]:
     """The buffers whose NaN/inf the engine looks for: floating-point and persistent (running
-    statistics and the like; not caches such as masks), once materialized."""
+    statistics and the like; not caches such as masks), once materialized, and outside autograd
+    (the check writes them back unchanged, in place)."""
     if module is None:
         return []
     found: dict[int, Tensor] = {}
@@ -101,6 +102,7 @@ def _checked_buffers(module: nn.Module | None) -> list[Tensor]:
                 buffer is not None
                 and name not in sub._non_persistent_buffers_set
                 and buffer.is_floating_point()
+                and not buffer.requires_grad
                 and not is_lazy(buffer)
             ):
                 found.setdefault(id(buffer), buffer)
@@ -297,16 +299,14 @@ class StepEngine:
         self.step += 1
         flag, self._step_flag = self._step_flag, None
         self.guard.release()
-        self._consume(self.feed.close_step(loss_scale, flag, self._check_buffers()))
+        buffers_flag = self._check_buffers() if self._buffers else None
+        self._consume(self.feed.close_step(loss_scale, flag, buffers_flag))
 
-    @torch.no_grad()
-    def _check_buffers(self) -> Tensor | None:
-        """A 0-d flag on the device, 1.0 when a checked buffer holds a NaN/inf (``None``: none to
-        check). One kernel per device (the one the guard uses, values unchanged); not read
-        here: it travels with the loss."""
+    def _check_buffers(self) -> Tensor:
+        """A 0-d flag on the device, 1.0 when a checked buffer holds a NaN/inf. One kernel per
+        device (the one the guard uses, values unchanged); not read here: it travels with the
+        loss."""
         buffers = self._buffers
-        if not buffers:
-            return None
         device = buffers[0].device
         flag = torch.zeros((), device=device)
         if all(b.device == device for b in buffers):
