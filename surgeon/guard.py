@@ -27,11 +27,10 @@ the gradients may be checked every ``grad_check_every``-th step only: a full che
 gradient (on the CPU about as long as writing them, see ``benchmarks/scaling.py``), while the
 step's losses are read on the host every step, which costs a few µs whatever the model's size.
 What that leaves out is a non-finite gradient with a finite loss on a step whose gradients are
-not checked: its update is applied. When it makes the weights non-finite (as a NaN or inf
-update does), the next steps' losses are non-finite and those steps are skipped; after
-``rollback_nonfinite`` of them the surgeon restores its last good snapshot (a rollback), so
-the fit goes on from weights that are finite. Without snapshots there is no rollback, and the
-surgeon checks the gradients every step.
+not checked: its update is applied. When the damaged weights make the next losses non-finite,
+those steps are skipped and after ``rollback_nonfinite`` of them the surgeon restores its last
+good snapshot; when they do not (an inf weight behind a saturating tanh), nothing notices. So
+the surgeon's default is 1 (every step); without snapshots it checks every step regardless.
 
 ``torch.optim.LBFGS`` is not guarded: it evaluates its closure (where this check runs)
 several times inside one step, after moving the weights, too late to skip anything; a

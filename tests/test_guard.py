@@ -355,11 +355,10 @@ def events_at(surgeon: ScheduleSurgeon, step: int) -> list[EventKind]:
 
 
 def test_a_nan_gradient_on_an_unchecked_step_is_rolled_back(make_trainer: Callable) -> None:
-    """The default (gradients every 8th step on the CPU): a NaN gradient with a finite loss at
-    step 30 is applied; the three NaN losses after it are skipped, then the last good snapshot
-    is restored. The fit ends with finite weights that kept training."""
-    surgeon = ScheduleSurgeon()
-    assert surgeon.grad_check_every == 8
+    """``grad_check_every=8`` (gradients every 8th step on the CPU): a NaN gradient with a
+    finite loss at step 30 is applied; the three NaN losses after it are skipped, then the last
+    good snapshot is restored. The fit ends with finite weights that kept training."""
+    surgeon = ScheduleSurgeon(grad_check_every=8)
     model = GradPoisoner(bad_step=30)
     make_trainer([surgeon], max_steps=80).fit(model, make_loader())
     assert events_at(surgeon, 30) == []  # not seen: its update was applied

@@ -74,7 +74,7 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(
     make_trainer: Callable[..., Any], poison: str, fused: bool
 ) -> None:
     # every step's gradients (by default every 8th on the CPU: tests/test_guard.py, the others)
-    surgeon, recorder = ScheduleSurgeon(grad_check_every=1), StateRecorder()
+    surgeon, recorder = ScheduleSurgeon(), StateRecorder()
     model = poisoned_model(poison, fused)
     trainer = make_trainer([surgeon, recorder], max_steps=60)
     trainer.fit(model, make_loader())

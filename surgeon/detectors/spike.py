@@ -94,6 +94,12 @@ class SpikeDetector:
         self.count += 1
         return Signal.SPIKE if is_spike else None
 
+    def rebase(self, level: float) -> None:
+        """A lasting level shift: the running mean moves to ``level`` (the spread stays), so
+        the losses at the new level are normal from the next one on."""
+        self.mean = level
+        self.last_zscore = 0.0
+
     def state_dict(self) -> dict[str, Any]:
         """The changing statistics (not the configuration)."""
         return {
