@@ -86,7 +86,14 @@ class EventKind(str, Enum):
     DONE = "done"
     """The planned length is over; the LR stays at the floor (phase ``done``)."""
     REPLAN = "replan"
-    """A resumed run plans another length: the rest of the schedule was re-planned over it."""
+    """The planned length changed (a resumed run planned for another length, or a ``max_time``
+    fit planned from its measured step rate): the rest of the schedule was re-planned over it."""
+    COOLDOWN = "cooldown"
+    """The run's end was brought forward (a time budget, an ``EarlyStopping`` about to stop the
+    fit, or a request): decay from the current level to the floor, and the plan ends there."""
+    STOPPED = "stopped"
+    """Recorded by the callback: the fit ended before its plan did (the LR never reached the
+    end of its schedule)."""
     PEAK_LR = "peak_lr"
     """Recorded by the callback: an LR range test set the peak before step 0."""
 
@@ -397,6 +404,39 @@ class Controller:
         self.step += 1
         self._expire_recovery(step)
         return self._close_step(step, [])
+
+    def cool_down(self, start: int, steps: int, why: str, *, hold: int = 0) -> Event:
+        """Bring the end of the run forward (or move it): hold the current level until step
+        ``start + hold``, then decay to the floor over ``steps`` steps; ``total_steps`` becomes
+        ``start + hold + steps``.
+
+        ``start``: the first step whose LR the caller has not written yet (a caller that reads
+        losses late is ahead of :attr:`step`); the LR there is unchanged, so the curve stays
+        continuous. The decay has the configured shape (``wsd``: its linear tail). The plateau
+        detector starts afresh (the level is a new baseline). Returns the ``cooldown`` event,
+        recorded at ``start - 1`` (it takes effect from ``start``) with ``why`` and the new plan.
+        """
+        check_positive_int("steps", steps)
+        check_positive_int("hold", hold, allow_zero=True)
+        start = max(start, self.step)
+        before = self.lr_scale(start)
+        level = self._base(max(0, start - self._plan.start))
+        shape = "linear" if self.config.decay == "wsd" else self.config.decay
+        self.total_steps = start + hold + steps
+        self.paused = False
+        # from the next loss's step: the steps up to `start` hold the level their LRs were at
+        self._set_plan(_Plan(self.step, level, level, start + hold - self.step, 0, steps, shape))
+        self.phase = self._plan_phase(self.step)
+        self.plateau.reset()
+        held = f"hold LR scale {level:.3g} to step {start + hold}, then " if hold else ""
+        why += (
+            f": {held}{shape} decay from LR scale {level:.3g} to the floor ({self.floor:g}) over "
+            f"{steps} steps; the plan now ends at step {self.total_steps}"
+        )
+        after = self.lr_scale(start)
+        event = Event(max(0, start - 1), EventKind.COOLDOWN, why, before, after, self.phase)
+        self.events.append(event)
+        return event
 
     def _expire_recovery(self, step: int) -> None:
         if self.intervention.mode == "recover" and self.intervention.at(step + 1) >= 1.0:

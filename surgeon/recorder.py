@@ -7,12 +7,14 @@
 * ``losses.csv``: ``step,loss,update_skipped``, every loss as the controller consumed it, in
   step order (a logger only keeps one row per ``log_every_n_steps``).
 
-Written by rank zero only. Lines are appended as they come (the loss file is buffered and
-flushed at checkpoints and at the end); a resumed run first rewrites both files to what its
-checkpoint had seen, so a crash leaves no step twice.
+Written by rank zero only, into every directory the run logs to (each logger's, so a plot of
+either finds them beside its metrics). Lines are appended as they come (the loss files are
+buffered and flushed at checkpoints and at the end); a resumed run first rewrites the files of
+each directory to what its checkpoint had seen, so a crash leaves no step twice.
 """
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
@@ -31,12 +33,18 @@ def event_record(event: Event, lr_before: float, lr_after: float) -> dict[str, A
     return {**event.to_dict(), "lr_before": lr_before, "lr_after": lr_after}
 
 
-class RunRecorder:
-    """Writes ``events.jsonl``, ``settings.json`` and ``losses.csv`` into one directory."""
+def run_settings(config: SurgeonConfig, total_steps: int, readback_every: int) -> dict[str, Any]:
+    """What the decisions depend on (``settings.json``; the loggers' hyperparameters)."""
+    return {"total_steps": total_steps, "readback_every": readback_every, "config": asdict(config)}
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        self._losses: IO[str] | None = None
+
+class RunRecorder:
+    """Writes ``events.jsonl``, ``settings.json`` and ``losses.csv`` into each of its
+    directories (the same lines in each)."""
+
+    def __init__(self, directories: Sequence[Path]) -> None:
+        self.directories = [Path(d) for d in directories]
+        self._losses: list[IO[str]] = []
 
     def start(
         self,
@@ -49,22 +57,22 @@ class RunRecorder:
     ) -> None:
         """Open the run: the settings, the events so far (none when fresh, the restored ones on
         a resume) and the losses of steps before ``next_loss_step`` kept from an earlier run in
-        this directory (a resume; a fresh run keeps none)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        settings = {
-            "total_steps": total_steps,
-            "readback_every": readback_every,
-            "config": asdict(config),
-        }
-        (self.directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-        (self.directory / EVENTS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
-        kept = self._kept_losses(next_loss_step)
+        each directory (a resume; a fresh run keeps none)."""
         self.close()
-        self._losses = (self.directory / LOSSES_FILE).open("w")
-        self._losses.write(LOSSES_HEADER + "".join(kept))
+        settings = json.dumps(run_settings(config, total_steps, readback_every), indent=2) + "\n"
+        lines = "".join(json.dumps(e) + "\n" for e in events)
+        for directory in self.directories:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / SETTINGS_FILE).write_text(settings)
+            (directory / EVENTS_FILE).write_text(lines)
+            kept = self._kept_losses(directory, next_loss_step)
+            losses = (directory / LOSSES_FILE).open("w")
+            losses.write(LOSSES_HEADER + "".join(kept))
+            self._losses.append(losses)
 
-    def _kept_losses(self, before: int) -> list[str]:
-        path = self.directory / LOSSES_FILE
+    @staticmethod
+    def _kept_losses(directory: Path, before: int) -> list[str]:
+        path = directory / LOSSES_FILE
         if before <= 0 or not path.exists():
             return []
         rows = path.read_text().splitlines(keepends=True)[1:]
@@ -73,21 +81,24 @@ class RunRecorder:
 
     def event(self, record: dict[str, Any]) -> None:
         """Append one event record."""
-        with (self.directory / EVENTS_FILE).open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        for directory in self.directories:
+            with (directory / EVENTS_FILE).open("a") as f:
+                f.write(line)
 
     def loss(self, step: int, loss: float, update_skipped: bool) -> None:
         """Append the loss the controller consumed for ``step``."""
-        if self._losses is not None:
-            self._losses.write(f"{step},{loss!r},{int(update_skipped)}\n")
+        row = f"{step},{loss!r},{int(update_skipped)}\n"
+        for losses in self._losses:
+            losses.write(row)
 
     def flush(self) -> None:
         """Push buffered loss rows to disk (at checkpoints, at the end)."""
-        if self._losses is not None:
-            self._losses.flush()
+        for losses in self._losses:
+            losses.flush()
 
     def close(self) -> None:
-        """Flush and close the loss file."""
-        if self._losses is not None:
-            self._losses.close()
-            self._losses = None
+        """Flush and close the loss files."""
+        for losses in self._losses:
+            losses.close()
+        self._losses = []
