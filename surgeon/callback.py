@@ -49,6 +49,7 @@ import csv
 import logging
 import math
 from collections import defaultdict
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +120,8 @@ LR_FIND_FILE = "lr_find.csv"
 """The range test's ``lr,loss`` curve (``peak_lr="find"``), beside ``events.jsonl``."""
 SURGEON_LOGS = "surgeon_logs"
 """Without a logger or ``log_dir``, run files go to ``default_root_dir/surgeon_logs/version_N``."""
-PROVISIONAL_STEPS = 1_000_000
-"""The plan of a fit that only ``max_time`` bounds, until its step rate is measured."""
+OPEN_ENDED = 10**9
+"""The planned length of a fit only ``max_time`` bounds: its time cooldown ends it."""
 TIME_MARGIN = 0.05
 """A ``max_time`` plan ends this fraction of the measured steps left early (rates drift)."""
 
@@ -498,6 +499,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self._timer: Any = None
         self._plan_cap: int | None = None
         self._probing = False
+        self._time_estimate: int | None = None
         self._probe_losses: dict[int, tuple[float, bool]] = {}
         self._time_origin: tuple[int, float] | None = None
         self._time_cooling = False
@@ -577,6 +579,9 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self._resuming = trainer.ckpt_path is not None or self._pending_state is not None
         self._plan_cap = self._planned_steps(trainer)
         total = self._initial_total()
+        # a max_time plan's lengths are fractions of the run its step rate allows (checkpointed)
+        self._time_estimate = (self._pending_state or {}).get("time_estimate")
+        self.engine.config = self._lengths_for(self._time_estimate)
         scheduled = self._take_over_schedulers(trainer)
         driven = [opt for opt in trainer.optimizers if id(opt) not in scheduled]
         if not driven:
@@ -615,6 +620,8 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         if self._pending_state is not None:
             self.engine.load_state_dict(self._pending_state)
             self._pending_state = None
+        if self._is_global_zero:
+            self._log_hyperparams(trainer)
 
     def _find_peak_lr(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
@@ -698,7 +705,6 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             # after a checkpoint is restored: the files hold this run's events and losses, none
             # when it starts fresh (a reused log directory keeps no older run's), the restored
             # ones when it resumes (none twice after a crash)
-            self._log_hyperparams()
             self._log_dirs = self._run_directories(trainer)
             self._recorder = RunRecorder(self._log_dirs)
             self._recorder.start(
@@ -736,6 +742,13 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         watch = self._watch_early_stopping and not self._es_on_epoch_end
         if watch and not trainer.sanity_checking:
             self._es_pending = True  # read once every callback's on_validation_end has run
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The coming step's LR, for callbacks that read it here (``LearningRateMonitor`` logs
+        at each epoch start); written again in ``on_train_batch_start``, after any callback that
+        changes it at the epoch start (the surgeon owns the LR)."""
+        self.engine.begin_step()
+        self.engine.written_step = -1
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._watch_early_stopping and self._es_on_epoch_end:
@@ -799,15 +812,15 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def _initial_total(self) -> int:
         """The length to start with: a resumed fit whose plan a budget moved (a cooldown, a
-        ``max_time`` plan) keeps its checkpoint's; a fit only ``max_time`` bounds starts with a
-        provisional plan until its step rate is known; else the planned length."""
+        ``max_time`` plan) keeps its checkpoint's; a fit only ``max_time`` bounds is open-ended
+        (its time cooldown ends it); else the planned length."""
         state = self._pending_state
         if state is not None and "controller" in state:
             saved = state["controller"]
             moved = any(e["kind"] == EventKind.COOLDOWN.value for e in saved["events"])
             if moved or self._timer is not None:
                 return int(saved["total_steps"])
-        return PROVISIONAL_STEPS if self._plan_cap is None else self._plan_cap
+        return OPEN_ENDED if self._plan_cap is None else self._plan_cap
 
     def _take_over_schedulers(self, trainer: pl.Trainer) -> set[int]:
         """The ids of the optimizers left to their LR schedulers. The others' schedulers are
@@ -945,10 +958,11 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
 
     def _check_time_budget(self, trainer: pl.Trainer) -> None:
         """``max_time``: from the step rate measured since the first check, the steps left
-        before the Timer stops the fit. The first estimate plans the run (a ``replan``); later
-        ones cool down in time when the time ends the fit first (for ``wsd`` once the steps left
-        are its tail's share of the run; other shapes at once), and re-plan the cooldown when the
-        estimate moves by more than a tenth."""
+        before the Timer stops the fit. The first estimate plans the run (a ``replan``, when the
+        time ends it first); later ones cool down in time when the time ends the fit first (for
+        ``wsd`` once the steps left are its tail's share of the run; other shapes once warmup is
+        over), and move the cooldown's end when the estimate moves by more than a tenth (twice
+        that to extend it: ending early only holds the floor longer)."""
         step = self.engine.step
         self._next_budget_check = step + self._budget_every
         timer, controller = self._timer, self.controller
@@ -962,9 +976,11 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             return
         rate = (step - start_step) / max(elapsed - start_time, 1e-9)
         remaining = max(0.0, timer.time_remaining("train"))
-        left = int(remaining * rate * (1.0 - TIME_MARGIN))
+        # end a little early rather than late: the LR then holds the floor for those steps
+        left = int(remaining * rate * (1.0 - TIME_MARGIN)) - 2 * self._budget_every
         if trainer.world_size > 1:  # every rank plans the same steps (rank zero's clock)
             left = trainer.strategy.broadcast(left)
+        left = max(1, left)
         why = (
             f"max_time: {remaining:.4g} s left at {rate:.4g} steps/s (measured over steps "
             f"{start_step} to {step}) is about {left} more steps"
@@ -980,22 +996,42 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             left = min(left, self._plan_cap - step)
         planned = controller.total_steps - step
         if not self._time_cooling:
-            tail = self.config.wsd_decay_fraction if self.config.decay == "wsd" else 1.0
-            if left >= planned or left > tail * (step + left):
+            wsd = self.config.decay == "wsd"
+            tail = self.config.wsd_decay_fraction if wsd else 1.0
+            due = left <= tail * (step + left) and (wsd or controller.phase is not Phase.WARMUP)
+            if left >= planned or not due:
                 return  # the plan ends first, or its cooldown is not due yet
-        elif abs(left - planned) <= max(self._budget_every, planned // 10):
-            return
+            why += ": cooling down in time"
+        else:  # a cooldown is under way: move its end when the estimate has moved enough
+            slack = max(2 * self._budget_every, planned // 10)
+            if planned - slack <= left <= planned + 2 * slack:
+                return
+            why += f", not the {planned} the cooldown has left"
         self._time_cooling = True
-        relation = "fewer" if left < planned else "more"
-        why += f", {relation} than the {planned} the plan has left"
-        self._report(controller.cool_down(step, max(1, left), why))
+        self._report(controller.cool_down(step, left, why))
 
-    def _plan_from_time(self, total: int, why: str) -> None:
-        """Re-plan the run for ``total`` steps: a fresh controller for that length, fed the
-        losses the provisional one has consumed (the events already reported stay the record)."""
+    def _lengths_for(self, run: int | None) -> SurgeonConfig:
+        """The settings with every fractional length (warmup, windows, patience, cooldowns,
+        snapshots) resolved against a run of ``run`` steps (``None``: as they are)."""
+        if run is None:
+            return self.config
+        lengths = {
+            f.name: resolve_steps(f.name, getattr(self.config, f.name), run)
+            for f in fields(self.config)
+            if f.type is Steps
+        }
+        return replace(self.config, **lengths)
+
+    def _plan_from_time(self, estimate: int, why: str) -> None:
+        """Plan the run for the ``estimate`` steps ``max_time`` allows: a fresh controller whose
+        fractional lengths are of that run, fed the losses the first one has consumed (the
+        events already reported stay the record). Its planned length stays open (or
+        ``max_steps`` / ``max_epochs``'s): the time cooldown ends it, wherever the step rate
+        puts the end."""
         old = self.controller
         assert old is not None
-        new = Controller(total, self.config)
+        config = self._lengths_for(estimate)
+        new = Controller(OPEN_ENDED if self._plan_cap is None else self._plan_cap, config)
         for step in range(old.step):
             item = self._probe_losses.get(step)
             if item is None:
@@ -1006,13 +1042,14 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         new.events = list(old.events)
         step = self.engine.step
         why += (
-            f": the run is planned for {total} steps (until the step rate was measured: "
-            f"{old.total_steps})"
+            f": the run is planned as a {estimate}-step one (warmup {new.min_warmup} to "
+            f"{new.max_warmup} steps), and cools down as the time runs out"
         )
         before, after = old.lr_scale(step), new.lr_scale(step)
         event = Event(max(0, step - 1), EventKind.REPLAN, why, before, after, new.phase)
         new.events.append(event)
-        self.engine.controller = new
+        self.engine.config, self.engine.controller = config, new
+        self._time_estimate = estimate
         self._report(event)
 
     def _check_early_stopping(self, trainer: pl.Trainer) -> None:
@@ -1157,18 +1194,22 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             self._shown_phase = shown.value
             trainer.progress_bar_metrics["phase"] = shown.value
 
-    def _log_hyperparams(self) -> None:
+    def _log_hyperparams(self, trainer: pl.Trainer) -> None:
         """The run's settings (``settings.json``) among every logger's hyperparameters, as
-        ``surgeon/...``; TensorBoard keeps the last set it was given, so it gets them with
-        the ones already logged."""
+        ``surgeon/...``, before Lightning logs the model's. TensorBoard shows the first set a
+        run was given: it gets the model's (and datamodule's) with them."""
         controller = self.controller
         assert controller is not None
         settings = run_settings(self.config, controller.total_steps, self.engine.readback_every)
         flat = {**{k: v for k, v in settings.items() if k != "config"}, **settings["config"]}
+        theirs: dict[str, Any] = {}
+        for owner in (trainer.lightning_module, trainer.datamodule):
+            if owner is not None and getattr(owner, "_log_hyperparams", False):
+                theirs.update(owner.hparams_initial)
+        theirs.pop("_class_path", None)  # as Lightning leaves LightningCLI's out
         for logger in self._loggers:
-            logged = getattr(logger, "hparams", None)
-            params = dict(logged) if _is_a(logger, "TensorBoardLogger") and logged else {}
-            logger.log_hyperparams({**params, "surgeon": flat})
+            first = theirs if _is_a(logger, "TensorBoardLogger") else {}
+            logger.log_hyperparams({**first, "surgeon": flat})
             logger.save()
 
     def _run_directories(self, trainer: pl.Trainer) -> list[Path]:
@@ -1221,7 +1262,10 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             return self._pending_state or {}
         if self._recorder is not None:
             self._recorder.flush()  # the loss rows up to this checkpoint are on disk
-        return self.engine.state_dict()
+        state = self.engine.state_dict()
+        if self._time_estimate is not None:  # the run a max_time plan's lengths are of
+            state["time_estimate"] = self._time_estimate
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:

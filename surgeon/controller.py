@@ -405,32 +405,36 @@ class Controller:
         self._expire_recovery(step)
         return self._close_step(step, [])
 
-    def cool_down(self, start: int, steps: int, why: str, *, hold: int = 0) -> Event:
-        """Bring the end of the run forward (or move it): hold the current level until step
-        ``start + hold``, then decay to the floor over ``steps`` steps; ``total_steps`` becomes
-        ``start + hold + steps``.
+    def cool_down(self, start: int, steps: int, why: str) -> Event:
+        """Bring the end of the run forward (or move it): from step ``start`` decay from the
+        current level to the floor over ``steps`` steps; ``total_steps`` becomes
+        ``start + steps``. Returns the ``cooldown`` event, recorded at ``start - 1`` (it takes
+        effect from ``start``) with ``why`` and the new plan.
 
         ``start``: the first step whose LR the caller has not written yet (a caller that reads
-        losses late is ahead of :attr:`step`); the LR there is unchanged, so the curve stays
-        continuous. The decay has the configured shape (``wsd``: its linear tail). The plateau
-        detector starts afresh (the level is a new baseline). Returns the ``cooldown`` event,
-        recorded at ``start - 1`` (it takes effect from ``start``) with ``why`` and the new plan.
+        losses late is ahead of :attr:`step`). The LR at ``start`` is unchanged (the curve stays
+        continuous) and the decay has the configured shape (``wsd``: its linear tail), continued
+        so that it passes through that level at ``start``: the plan begins at the next loss's
+        step, so the decisions still to come on the losses before ``start`` see the phase
+        ``decay`` already. The plateau detector starts afresh (the level is a new baseline).
         """
         check_positive_int("steps", steps)
-        check_positive_int("hold", hold, allow_zero=True)
         start = max(start, self.step)
         before = self.lr_scale(start)
         level = self._base(max(0, start - self._plan.start))
         shape = "linear" if self.config.decay == "wsd" else self.config.decay
-        self.total_steps = start + hold + steps
+        lag, length = start - self.step, start - self.step + steps
+        top = level
+        if level > self.floor:  # the curve through `level` at `start` and the floor at the end
+            left = schedules.decay_shape(shape, 1.0, 0.0, length)(lag)
+            top = self.floor + (level - self.floor) / left
+        self.total_steps = start + steps
         self.paused = False
-        # from the next loss's step: the steps up to `start` hold the level their LRs were at
-        self._set_plan(_Plan(self.step, level, level, start + hold - self.step, 0, steps, shape))
-        self.phase = self._plan_phase(self.step)
+        self._set_plan(_Plan(self.step, top, top, 0, 0, length, shape))
+        self.phase = Phase.DECAY
         self.plateau.reset()
-        held = f"hold LR scale {level:.3g} to step {start + hold}, then " if hold else ""
         why += (
-            f": {held}{shape} decay from LR scale {level:.3g} to the floor ({self.floor:g}) over "
+            f": {shape} decay from LR scale {level:.3g} to the floor ({self.floor:g}) over "
             f"{steps} steps; the plan now ends at step {self.total_steps}"
         )
         after = self.lr_scale(start)

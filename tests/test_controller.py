@@ -493,6 +493,8 @@ class TestEvents:
             EventKind.SKIPPED_STEP,
             EventKind.ROLLBACK,
             EventKind.REPLAN,
+            EventKind.COOLDOWN,  # a budget's (tests/test_cooldown.py)
+            EventKind.STOPPED,
         }
         assert set(trace.all_kinds()) == set(EventKind) - caller_driven
         assert controller.events == trace.events
