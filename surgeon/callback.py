@@ -122,6 +122,8 @@ SURGEON_LOGS = "surgeon_logs"
 """Without a logger or ``log_dir``, run files go to ``default_root_dir/surgeon_logs/version_N``."""
 OPEN_ENDED = 10**9
 """The planned length of a fit only ``max_time`` bounds: its time cooldown ends it."""
+DDP_BUDGET_EVERY = 32
+"""Steps between ``max_time`` checks under DDP (each is a broadcast of rank zero's estimate)."""
 TIME_MARGIN = 0.05
 """A ``max_time`` plan ends this fraction of the measured steps left early (rates drift)."""
 
@@ -947,10 +949,9 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             return
         controller = self.controller
         assert controller is not None
-        # under DDP each check is a broadcast: a few per run, not one per block
         every = self.engine.readback_every
-        if trainer.world_size > 1:
-            every = max(every, controller.total_steps // 100)
+        if trainer.world_size > 1:  # each check is then a broadcast (Lightning's Timer makes one
+            every = max(every, DDP_BUDGET_EVERY)  # every step): fewer checks
         self._budget_every = every
         self._time_origin = None
         self._time_cooling = any(e.kind is EventKind.COOLDOWN for e in controller.events)
