@@ -48,7 +48,7 @@ zero.
 import csv
 import logging
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,8 @@ SURGEON_LOGS = "surgeon_logs"
 """Without a logger or ``log_dir``, run files go to ``default_root_dir/surgeon_logs/version_N``."""
 OPEN_ENDED = 10**9
 """The planned length of a fit only ``max_time`` bounds: its time cooldown ends it."""
+RECENT_CHECKS = 16
+"""``max_time``: the recent step rate is measured over this many checks."""
 DDP_BUDGET_EVERY = 32
 """Steps between ``max_time`` checks under DDP (each is a broadcast of rank zero's estimate)."""
 TIME_MARGIN = 0.05
@@ -497,12 +499,14 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self._shown_phase: str | None = None
         self._plan_end = _NEVER
         self._done_shown = False
+        self._next_check = _NEVER  # the first step at which one of the two is due (one compare)
         # budget: max_time (measured step rate) and EarlyStopping (patience about to run out)
         self._timer: Any = None
         self._plan_cap: int | None = None
         self._probing = False
         self._time_estimate: int | None = None
         self._probe_losses: dict[int, tuple[float, bool]] = {}
+        self._time_samples: deque[tuple[int, float]] = deque(maxlen=RECENT_CHECKS + 1)
         self._time_origin: tuple[int, float] | None = None
         self._time_cooling = False
         self._budget_every = readback_every
@@ -703,6 +707,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         assert controller is not None
         self._plan_end, self._done_shown = controller.total_steps, False
         self._start_budget(trainer)
+        self._schedule_checks()
         if self._is_global_zero:
             # after a checkpoint is restored: the files hold this run's events and losses, none
             # when it starts fresh (a reused log directory keeps no older run's), the restored
@@ -926,11 +931,23 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self._last_global_step = global_step
         # GradScaler makes its scale tensor at its first step
         self.engine.end_step(getattr(self._scaler, "_scale", None))
-        if self.engine.step >= self._next_budget_check:
+        if self.engine.step >= self._next_check:
+            self._on_check(trainer)
+
+    def _on_check(self, trainer: pl.Trainer) -> None:
+        """A ``max_time`` check is due, or the planned steps have run (the progress bar and
+        ``callback_metrics`` say ``done`` at once)."""
+        step = self.engine.step
+        if step >= self._next_budget_check:
             self._check_time_budget(trainer)
-        if not self._done_shown and self.engine.step >= self._plan_end:
-            self._done_shown = True  # the plan is over: the progress bar says so at once
+        if not self._done_shown and step >= self._plan_end:
+            self._done_shown = True
             self._publish(trainer)
+        self._schedule_checks()
+
+    def _schedule_checks(self) -> None:
+        end = _NEVER if self._done_shown else self._plan_end
+        self._next_check = min(self._next_budget_check, end)
 
     # ------------------------------------------------------------------ budget
     def _start_budget(self, trainer: pl.Trainer) -> None:
@@ -954,28 +971,37 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             every = max(every, DDP_BUDGET_EVERY)  # every step): fewer checks
         self._budget_every = every
         self._time_origin = None
+        self._time_samples.clear()
         self._time_cooling = any(e.kind is EventKind.COOLDOWN for e in controller.events)
         self._next_budget_check = self.engine.step + every
 
     def _check_time_budget(self, trainer: pl.Trainer) -> None:
-        """``max_time``: from the step rate measured since the first check, the steps left
-        before the Timer stops the fit. The first estimate plans the run (a ``replan``, when the
-        time ends it first); later ones cool down in time when the time ends the fit first (for
-        ``wsd`` once the steps left are its tail's share of the run; other shapes once warmup is
-        over), and move the cooldown's end when the estimate moves by more than a tenth (twice
-        that to extend it: ending early only holds the floor longer)."""
+        """``max_time``: from the step rate measured since the first check (or over the recent
+        checks, if slower), the steps left before the Timer stops the fit. The first estimate
+        plans the run (a ``replan``, when the time ends it first); later ones cool down in time
+        when the time ends the fit first (for ``wsd`` once the steps left are its tail's share
+        of the run; other shapes once warmup is over), and move the cooldown's end when the
+        estimate moves by more than a tenth (twice that to extend it: ending early only holds
+        the floor longer)."""
         step = self.engine.step
         self._next_budget_check = step + self._budget_every
         timer, controller = self._timer, self.controller
         assert controller is not None
         elapsed = timer.time_elapsed("train")
+        samples = self._time_samples
+        samples.append((step, elapsed))
         if self._time_origin is None:  # the first steps carry start-up costs: measure after them
             self._time_origin = (step, elapsed)
             return
         start_step, start_time = self._time_origin
         if step - start_step < (3 if self._probing else 1) * self._budget_every:
             return
-        rate = (step - start_step) / max(elapsed - start_time, 1e-9)
+        # the slower of the whole fit's rate (validation included) and the recent one (a
+        # slowdown shows at once): ending early only holds the floor longer
+        rate = min(
+            (step - start_step) / max(elapsed - start_time, 1e-9),
+            (step - samples[0][0]) / max(elapsed - samples[0][1], 1e-9),
+        )
         remaining = max(0.0, timer.time_remaining("train"))
         # end a little early rather than late: the LR then holds the floor for those steps
         left = int(remaining * rate * (1.0 - TIME_MARGIN)) - 2 * self._budget_every
@@ -983,8 +1009,8 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             left = trainer.strategy.broadcast(left)
         left = max(1, left)
         why = (
-            f"max_time: {remaining:.4g} s left at {rate:.4g} steps/s (measured over steps "
-            f"{start_step} to {step}) is about {left} more steps"
+            f"max_time: {remaining:.4g} s left at {rate:.4g} steps/s (since step {start_step}, "
+            f"or over the last {step - samples[0][0]} steps if slower) is about {left} more steps"
         )
         if self._probing:
             self._probing = False
@@ -1157,7 +1183,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             self._probe_losses[step] = (loss, update_skipped)
         every = self._log_every
         if every and self._is_global_zero:
-            at = self._lightning_step(step)
+            at = step + self.engine.skipped_steps + (self._step_offset or 0)  # Lightning's step
             if (at + 1) % every == 0:
                 self._log_loss(at, loss)
 
@@ -1245,6 +1271,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         controller = self.controller
         if controller is not None and controller.total_steps != self._plan_end:
             self._plan_end, self._done_shown = controller.total_steps, False
+            self._schedule_checks()
         if self._is_global_zero and self._loggers:
             step = self._lightning_step(event.step)
             for logger in self._loggers:

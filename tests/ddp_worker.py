@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--readback-every", type=int, default=4)
     args = parser.parse_args()
 
-    surgeon = CountingSurgeon(readback_every=args.readback_every)
+    surgeon = CountingSurgeon(readback_every=args.readback_every, log_dir=args.out_dir)
     model = Regressor(args.spike_step, args.spike_rank, args.spike_factor, args.nan_step)
     trainer = pl.Trainer(
         strategy="ddp",
