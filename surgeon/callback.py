@@ -708,6 +708,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self._plan_end, self._done_shown = controller.total_steps, False
         self._start_budget(trainer)
         self._schedule_checks()
+        self._shown_phase = None  # Lightning cleared the progress bar's metrics after sanity
         if self._is_global_zero:
             # after a checkpoint is restored: the files hold this run's events and losses, none
             # when it starts fresh (a reused log directory keeps no older run's), the restored
@@ -767,6 +768,8 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         series to it and moves itself ahead of it in ``trainer.callbacks``: both act in
         ``on_train_batch_start``, the surgeon's write must come first for the monitor to log the
         LR the step uses (Lightning calls the hooks in list order)."""
+        # called from on_fit_start, while Lightning iterates this list: moving an element to an
+        # earlier place neither skips nor repeats the callbacks after it
         callbacks = trainer.callbacks
         monitors = [i for i, cb in enumerate(callbacks) if _is_a(cb, "LearningRateMonitor")]
         if not monitors or not self._loggers:
@@ -1199,17 +1202,20 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             logger.log_metrics(metrics, step=step)
 
     def _publish(self, trainer: Any) -> None:
-        """The state where Lightning users look: ``surgeon/lr`` (the first param group's),
+        """The state where Lightning users look: ``surgeon/lr`` (the first param group's, for
+        the current step),
         ``surgeon/lr_scale``, ``surgeon/phase``, ``surgeon/last_event`` and its step in
         ``trainer.callback_metrics`` (monitorable, usable in checkpoint names), and the phase's
         name in the progress bar (``done`` once the planned steps have run)."""
         controller = self.controller
         if controller is None or trainer is None or not self.engine.driven:
             return
-        shown = Phase.DONE if self.engine.step >= controller.total_steps else controller.phase
+        step = self.engine.step
+        shown = Phase.DONE if step >= controller.total_steps else controller.phase
+        scale = controller.lr_scale(step)  # the current step's, written or about to be
         values = {
-            "surgeon/lr": self.engine.driven[0].param_groups[0]["lr"],
-            "surgeon/lr_scale": self.engine.written_scale,
+            "surgeon/lr": self.engine.driven[0].param_groups[0][PEAK_LR_KEY] * scale,
+            "surgeon/lr_scale": scale,
             "surgeon/phase": PHASE_CODES[shown],
         }
         if controller.events:

@@ -158,9 +158,16 @@ def test_a_typical_project_sees_what_the_surgeon_does(
     tmp_path: Path, info_lines: list[str], namespace: str
 ) -> None:
     ns = importlib.import_module(namespace)
+    bar: list[str] = []
+
+    class ReadBar(ns.Callback):  # what the progress bar shows after each step
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            bar.append(trainer.progress_bar_callback.get_metrics(trainer, pl_module)["phase"])
+
     cb = ScheduleSurgeon()
     model = project_class(ns)()
     trainer = project_trainer(ns, tmp_path, cb, max_epochs=4)
+    trainer.callbacks.append(ReadBar())
     fit(trainer, model)
     events = cb.events
     assert [e.kind for e in events][-2:] == [EventKind.DECAY_START, EventKind.DONE]
@@ -232,7 +239,14 @@ def test_a_typical_project_sees_what_the_surgeon_does(
     assert metrics["surgeon/phase"].item() == PHASE_CODES[Phase.DONE]
     assert metrics["surgeon/last_event"].item() == EVENT_CODES[EventKind.DONE]
     assert metrics["surgeon/last_event_step"].item() == events[-1].step
-    assert trainer.progress_bar_metrics["phase"] == "done"
+    # the bar: from the first step (after the sanity check), through the hold, to `done`
+    assert bar[0] == "warmup" and "stable" in bar and bar[-1] == "done"
+    assert [p for i, p in enumerate(bar) if i == 0 or bar[i - 1] != p] == [
+        "warmup",
+        "stable",
+        "decay",
+        "done",
+    ]
     names = sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt"))
     phases = {int(n.split("phase")[1].split(".")[0]) for n in names}
     assert len(names) == 4 and phases <= set(map(int, PHASE_CODES.values())) and len(phases) > 1
