@@ -4,17 +4,19 @@ The engine holds the per-step logic every front door shares (feed, controller, g
 snapshots); this module maps Lightning's hooks onto it, plans the run from the Trainer, and
 sends events and metrics to Lightning's loggers. What happens each optimizer step:
 
-1. ``peak_lr x lr_scale(step)`` goes into every param group of every optimizer, where
-   ``peak_lr`` is the LR that group was configured with (so layer-wise ratios hold). It is
-   written as the previous step ends (``on_train_batch_end``, and ``on_train_start`` for the
-   first), and ``on_train_batch_start`` writes it if it is not there yet: the LR must be in
-   place for the *whole* step, before any callback's ``on_train_batch_start`` (so
-   ``LearningRateMonitor`` logs the LR the step uses, in whatever order the callbacks are
-   listed), ``training_step``, the backward hooks and ``optimizer.step``; with gradient
-   accumulation the write happens once per optimizer step, and it also covers manual
-   optimization where the user calls ``opt.step()`` inside ``training_step``. An LR scheduler
-   returned by ``configure_optimizers`` is dropped (as ``StochasticWeightAveraging`` swaps the
-   user's), see ``replace_lr_schedulers``.
+1. ``on_train_batch_start`` writes ``peak_lr x lr_scale(step)`` into every param
+   group of every optimizer, where ``peak_lr`` is the LR that group was configured
+   with (so layer-wise ratios hold). This hook, not ``on_before_optimizer_step``,
+   because the LR must be in place for the *whole* step: ``training_step`` and the
+   backward hooks then see the LR that ``optimizer.step`` will use, with gradient
+   accumulation it runs once per micro-batch and the write is skipped until the
+   next optimizer step, and it also covers manual optimization where the user
+   calls ``opt.step()`` inside ``training_step``. ``on_train_epoch_start`` writes it too,
+   for callbacks that read it there. A ``LearningRateMonitor`` reads it in the same hooks:
+   the surgeon moves itself ahead of it in ``trainer.callbacks`` (see
+   :meth:`ScheduleSurgeon._go_before_lr_monitors`). An LR scheduler returned by
+   ``configure_optimizers`` is dropped (as ``StochasticWeightAveraging`` swaps the user's),
+   see ``replace_lr_schedulers``.
 2. ``on_train_batch_end`` adds the micro-batch loss (``outputs["loss"]``, already
    divided by ``accumulate_grad_batches`` and free of the AMP scale) to the
    :class:`~surgeon.loss_feed.LossFeed`; when ``trainer.global_step`` has moved the

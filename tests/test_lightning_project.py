@@ -384,6 +384,21 @@ def test_a_max_time_fit_ends_annealed(tmp_path: Path) -> None:
     assert max(lrs) == pytest.approx(LR)
 
 
+@pytest.mark.slow
+def test_a_max_time_plan_under_ddp_is_rank_zeros_on_both_ranks(tmp_path: Path) -> None:
+    """Two DDP processes (gloo) with only ``max_time``: each rank measures its own step rate,
+    rank zero's estimates are broadcast, so both plan, cool down and end alike."""
+    from test_ddp import run_worker
+
+    ranks = run_worker(tmp_path, "--max-time=6", "--spike-step=-1", "--nan-step=-1")
+    lrs = [[lr for _, lr in r["lrs"]] for r in ranks]
+    assert lrs[0] == lrs[1] and len(lrs[0]) > 100
+    assert ranks[0]["events"] == ranks[1]["events"]
+    kinds = [kind for _, kind in ranks[0]["events"]]
+    assert kinds[0] == "replan" and "cooldown" in kinds and kinds[-1] == "done"
+    assert lrs[0][-1] == pytest.approx(0.1 * 0.05)  # the worker's SGD(lr=0.05), at the floor
+
+
 def test_early_stopping_about_to_stop_the_fit_cools_down_to_the_floor_first(
     tmp_path: Path,
 ) -> None:
