@@ -80,6 +80,9 @@ from surgeon.engine import (
     StepEngine,
     check_lr,
     check_snapshot_mode,
+    distributed_max,
+    distributed_mean,
+    starting_scale,
 )
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
 from surgeon.loss_feed import Reduce
@@ -164,23 +167,13 @@ def _lr_find(trainer: pl.Trainer) -> Any:
 
 
 def _mean_across_ranks(trainer: pl.Trainer) -> Reduce | None:
-    """The feed's ``reduce``: the mean over ranks in one all-reduce (``None`` on one process).
-
-    Not ``trainer.strategy.reduce``: Lightning's DDP reduce runs a ``barrier`` before its
-    all-reduce, a second collective, and on NCCL a barrier blocks the host until the GPU has
-    caught up (``cudaStreamSynchronize``), once per block: the stall the feed exists to avoid.
-    """
+    """The feed's ``reduce``: the mean over ranks in one all-reduce (``None`` on one process);
+    through the strategy where it runs without ``torch.distributed``."""
     if trainer.world_size <= 1:
         return None
     if not (dist.is_available() and dist.is_initialized()):  # a strategy of its own kind
         return lambda block: trainer.strategy.reduce(block, reduce_op="mean")
-    world_size = dist.get_world_size()
-
-    def reduce(block: Tensor) -> Tensor:
-        dist.all_reduce(block, op=dist.ReduceOp.SUM)  # gloo has no AVG; same bits on all ranks
-        return block / world_size
-
-    return reduce
+    return distributed_mean()
 
 
 def _make_guard(trainer: pl.Trainer, mode: SkipNonfinite, scaled: bool) -> NonFiniteGuard:
@@ -197,7 +190,7 @@ def _make_guard(trainer: pl.Trainer, mode: SkipNonfinite, scaled: bool) -> NonFi
             f"ScheduleSurgeon(skip_nonfinite={mode!r}) under {type(trainer.strategy).__name__} "
             "needs torch.distributed to agree on skipped steps; pass skip_nonfinite='off'"
         )
-    return NonFiniteGuard(mode, lambda flag: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
+    return NonFiniteGuard(mode, distributed_max())
 
 
 def _optimizer_step_counter(trainer: pl.Trainer) -> Any:
@@ -218,13 +211,6 @@ def _optimizer_step_counter(trainer: pl.Trainer) -> Any:
         return counter if counter.completed == trainer.global_step else None
     except AttributeError:
         return None
-
-
-def _starting_scale(scaler: Any) -> float | None:
-    """GradScaler's scale before its first step (``None``: no scaler, or it already stepped)."""
-    if scaler is None or getattr(scaler, "_scale", None) is not None:
-        return None  # a scale tensor exists: reading it would be a host sync; the feed has it
-    return float(scaler.get_scale())  # the initial scale, a Python float: no sync
 
 
 def _grad_scaler(trainer: pl.Trainer) -> Any:
@@ -611,7 +597,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
                 # Lightning divides the loss by it under automatic optimization only
                 accumulate=1 if self._manual else trainer.accumulate_grad_batches,
                 device=trainer.strategy.root_device,
-                loss_scale=_starting_scale(self._scaler),
+                loss_scale=starting_scale(self._scaler),
                 manual=self._manual,
             )
         except ValueError as err:  # a warmup longer than the run: say where the length came from
@@ -716,11 +702,12 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             # when it starts fresh (a reused log directory keeps no older run's), the restored
             # ones when it resumes (none twice after a crash)
             self._log_dirs = self._run_directories(trainer)
-            self._recorder = RunRecorder(self._log_dirs)
+            self._recorder = RunRecorder(*self._log_dirs)
             self._recorder.start(
                 config=self.config,
                 total_steps=controller.total_steps,
                 readback_every=self.engine.readback_every,
+                snapshot=self.engine.snapshot_mode,
                 events=[self._event_record(event) for event in self.events],
                 next_loss_step=controller.step,
             )
@@ -1235,7 +1222,10 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         run was given: it gets the model's (and datamodule's) with them."""
         controller = self.controller
         assert controller is not None
-        settings = run_settings(self.config, controller.total_steps, self.engine.readback_every)
+        engine = self.engine
+        settings = run_settings(
+            self.config, controller.total_steps, engine.readback_every, engine.snapshot_mode
+        )
         flat = {**{k: v for k, v in settings.items() if k != "config"}, **settings["config"]}
         theirs: dict[str, Any] = {}
         for owner in (trainer.lightning_module, trainer.datamodule):

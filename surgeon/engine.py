@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -56,6 +57,39 @@ def check_snapshot_mode(snapshot: Any) -> None:
         raise ValueError(
             f"snapshot must be one of {(*SNAPSHOT_LOCATIONS, 'off')}, got snapshot={snapshot!r}"
         )
+
+
+def distributed_mean() -> Reduce | None:
+    """The loss feed's ``reduce`` over ``torch.distributed``: the mean over ranks in one
+    all-reduce (``None`` when not distributed or on one process).
+
+    Not a framework's own reduce: Lightning's DDP reduce runs a ``barrier`` before its
+    all-reduce, a second collective, and on NCCL a barrier blocks the host until the GPU has
+    caught up, once per block: the stall the feed exists to avoid.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return None
+    world_size = dist.get_world_size()
+
+    def reduce(block: Tensor) -> Tensor:
+        dist.all_reduce(block, op=dist.ReduceOp.SUM)  # gloo has no AVG; same bits on all ranks
+        return block / world_size
+
+    return reduce
+
+
+def distributed_max() -> Callable[[Tensor], None] | None:
+    """In-place max over ranks for the guard's flag (``None`` when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return None
+    return lambda flag: dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+
+
+def starting_scale(scaler: Any) -> float | None:
+    """GradScaler's scale before its first step (``None``: no scaler, or it already stepped)."""
+    if scaler is None or getattr(scaler, "_scale", None) is not None:
+        return None  # a scale tensor exists: reading it would be a host sync; the feed has it
+    return float(scaler.get_scale())  # the initial scale, a Python float: no sync
 
 
 def _ignore(*_: Any) -> None:
@@ -149,6 +183,11 @@ class StepEngine:
         self.written_step = -1
         self.written_scale = 1.0
         self.adopt_new_param_groups()
+
+    @property
+    def snapshot_mode(self) -> SnapshotMode:
+        """Where this run keeps snapshots (``"off"`` also when it has no module to copy)."""
+        return self.snapshot if self.module is not None else "off"
 
     def release(self) -> None:
         """Free what the run holds (snapshot memory, the guard's flags) at its end."""

@@ -191,3 +191,79 @@ def _plot_lr_find(ax: Any, curve: list[tuple[float, float]], events: list[dict[s
             peak = event["lr_after"] / scale  # lr_after is the peak x the next step's scale
             ax.axvline(peak, color=_EVENT_COLORS["peak_lr"], ls="--", label=f"peak LR {peak:.3g}")
     ax.legend(loc="upper left", fontsize=8)
+
+
+def _mark_events(ax_loss: Any, ax_lr: Any, events: list[dict[str, Any]]) -> None:
+    """A dashed line per event on both panels, its kind written at the top of the loss panel
+    (side by side at a shared step) and counted once per kind in the LR panel's legend."""
+    counts = Counter(event["kind"] for event in events)
+    labelled: set[str] = set()
+    at_step: Counter[int] = Counter()
+    for event in events:
+        kind = event["kind"]
+        color = _EVENT_COLORS.get(kind, "#555555")
+        for ax in (ax_loss, ax_lr):
+            label = f"{kind} ({counts[kind]})" if ax is ax_lr and kind not in labelled else None
+            ax.axvline(event["step"], color=color, ls="--", lw=1.2, label=label)
+        labelled.add(kind)
+        ax_loss.annotate(
+            kind,
+            (event["step"], 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(-10 * at_step[event["step"]], 0),
+            textcoords="offset points",
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=8,
+            color=color,
+        )
+        at_step[event["step"]] += 1
+
+
+def plot_replay(result: Any, out: Path, title: str) -> Path:
+    """Write a PNG of a :class:`surgeon.replay.Replay`: the loss stream and its smoothed value,
+    the replayed LR scale, phases shaded and events marked, as :func:`plot_run` draws a run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    steps = result.steps
+    spans: list[tuple[str, int, int]] = []
+    for step, phase in zip(steps, result.phases, strict=True):
+        if spans and spans[-1][0] == phase:
+            spans[-1] = (phase, spans[-1][1], step)
+        else:
+            spans.append((phase, spans[-1][2] if spans else step, step))
+    for ax in (ax_loss, ax_lr):
+        for name, start, end in spans:
+            ax.axvspan(start, end, color=_PHASE_COLORS.get(name, "#eeeeee"), lw=0, zorder=0)
+    for values, label, style in (
+        (result.losses, "loss", {"lw": 0.7, "alpha": 0.5}),
+        (result.smooth, "loss_smooth", {}),
+    ):
+        points = [(s, v) for s, v in zip(steps, values, strict=True) if math.isfinite(v) and v > 0]
+        if points:
+            ax_loss.plot(*zip(*points, strict=True), label=label, **style)
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_yscale("log")
+    ax_lr.plot(steps, result.lr_scales, color="#264653", label="replayed LR scale")
+    ax_lr.set_ylabel("LR scale (x each group's peak LR)")
+    ax_lr.set_xlabel("optimizer step")
+    _mark_events(ax_loss, ax_lr, [event.to_dict() for event in result.events])
+    phase_handles = [
+        plt.Rectangle((0, 0), 1, 1, color=_PHASE_COLORS.get(n, "#eeeeee"), label=f"phase: {n}")
+        for n in dict.fromkeys(span[0] for span in spans)
+    ]
+    ax_loss.legend(loc="upper right", fontsize=8)
+    handles, _ = ax_lr.get_legend_handles_labels()
+    ax_lr.legend(handles=handles + phase_handles, loc="upper right", fontsize=8)
+    fig.suptitle(f"surgeon replay: {len(result.events)} events — {title}")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -2,8 +2,9 @@
 
 * ``events.jsonl``: one JSON record per decision (:meth:`surgeon.controller.Event.to_dict`
   plus the first driven param group's LR before and after);
-* ``settings.json``: what the decisions depend on: the planned length, the read-back block and
-  every :class:`~surgeon.config.SurgeonConfig` field, so ``surgeon replay`` can re-run them;
+* ``settings.json``: what the decisions depend on: the planned length, the read-back block,
+  where snapshots were kept (``"off"``: no rollbacks) and every
+  :class:`~surgeon.config.SurgeonConfig` field, so ``surgeon replay`` can re-run them;
 * ``losses.csv``: ``step,loss,update_skipped``, every loss as the controller consumed it, in
   step order (a logger only keeps one row per ``log_every_n_steps``).
 
@@ -14,7 +15,6 @@ each directory to what its checkpoint had seen, so a crash leaves no step twice.
 """
 
 import json
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
@@ -33,16 +33,23 @@ def event_record(event: Event, lr_before: float, lr_after: float) -> dict[str, A
     return {**event.to_dict(), "lr_before": lr_before, "lr_after": lr_after}
 
 
-def run_settings(config: SurgeonConfig, total_steps: int, readback_every: int) -> dict[str, Any]:
+def run_settings(
+    config: SurgeonConfig, total_steps: int, readback_every: int, snapshot: str
+) -> dict[str, Any]:
     """What the decisions depend on (``settings.json``; the loggers' hyperparameters)."""
-    return {"total_steps": total_steps, "readback_every": readback_every, "config": asdict(config)}
+    return {
+        "total_steps": total_steps,
+        "readback_every": readback_every,
+        "snapshot": snapshot,
+        "config": asdict(config),
+    }
 
 
 class RunRecorder:
     """Writes ``events.jsonl``, ``settings.json`` and ``losses.csv`` into each of its
     directories (the same lines in each)."""
 
-    def __init__(self, directories: Sequence[Path]) -> None:
+    def __init__(self, *directories: Path) -> None:
         self.directories = [Path(d) for d in directories]
         self._losses: list[IO[str]] = []
 
@@ -52,6 +59,7 @@ class RunRecorder:
         config: SurgeonConfig,
         total_steps: int,
         readback_every: int,
+        snapshot: str,
         events: list[dict[str, Any]],
         next_loss_step: int,
     ) -> None:
@@ -59,11 +67,12 @@ class RunRecorder:
         a resume) and the losses of steps before ``next_loss_step`` kept from an earlier run in
         each directory (a resume; a fresh run keeps none)."""
         self.close()
-        settings = json.dumps(run_settings(config, total_steps, readback_every), indent=2) + "\n"
+        settings = run_settings(config, total_steps, readback_every, snapshot)
+        text = json.dumps(settings, indent=2) + "\n"
         lines = "".join(json.dumps(e) + "\n" for e in events)
         for directory in self.directories:
             directory.mkdir(parents=True, exist_ok=True)
-            (directory / SETTINGS_FILE).write_text(settings)
+            (directory / SETTINGS_FILE).write_text(text)
             (directory / EVENTS_FILE).write_text(lines)
             kept = self._kept_losses(directory, next_loss_step)
             losses = (directory / LOSSES_FILE).open("w")

@@ -47,7 +47,13 @@ def test_losses_and_settings_of_a_fit(make_trainer: Any, tmp_path: Path) -> None
         else:
             assert loss == pytest.approx(seen[step], rel=1e-6) and skipped == 0
     settings = json.loads((run_dir / SETTINGS_FILE).read_text())
-    assert settings == {"total_steps": steps, "readback_every": 3, "config": asdict(cb.config)}
+    config = asdict(cb.config)
+    assert settings == {
+        "total_steps": steps,
+        "readback_every": 3,
+        "snapshot": "cpu",
+        "config": config,
+    }
 
 
 def test_a_resume_after_a_crash_keeps_each_step_once(make_trainer: Any, tmp_path: Path) -> None:
