@@ -93,10 +93,17 @@ Project = project_class(pl)
 
 
 def project_trainer(
-    ns: ModuleType, root: Path, surgeon: ScheduleSurgeon, *, patience: int = 3, **kw: Any
+    ns: ModuleType,
+    root: Path,
+    surgeon: ScheduleSurgeon,
+    *,
+    patience: int = 3,
+    check_on_train_epoch_end: bool | None = None,
+    **kw: Any,
 ) -> Any:
     """The project's Trainer: LearningRateMonitor first, then the surgeon, ModelCheckpoint and
-    EarlyStopping; TensorBoard and CSV loggers; validation every epoch."""
+    EarlyStopping (``check_on_train_epoch_end``: where it checks, Lightning's choice by
+    default); TensorBoard and CSV loggers; validation every epoch."""
     callbacks = [
         ns.callbacks.LearningRateMonitor(),
         surgeon,
@@ -106,7 +113,11 @@ def project_trainer(
             auto_insert_metric_name=False,
             save_top_k=-1,
         ),
-        ns.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
+        ns.callbacks.EarlyStopping(
+            monitor="val_loss",
+            patience=patience,
+            check_on_train_epoch_end=check_on_train_epoch_end,
+        ),
     ]
     loggers = [
         ns.loggers.TensorBoardLogger(root, name="tb"),
@@ -399,16 +410,25 @@ def test_a_max_time_plan_under_ddp_is_rank_zeros_on_both_ranks(tmp_path: Path) -
     assert lrs[0][-1] == pytest.approx(0.1 * 0.05)  # the worker's SGD(lr=0.05), at the floor
 
 
+@pytest.mark.parametrize("on_epoch_end", [None, False], ids=["epoch-end", "validation-end"])
 def test_early_stopping_about_to_stop_the_fit_cools_down_to_the_floor_first(
-    tmp_path: Path,
+    tmp_path: Path, on_epoch_end: bool | None
 ) -> None:
     """val_loss improves for 3 epochs, then stays flat: EarlyStopping(patience=3) stops the fit
     at the end of epoch 5. After epoch 4's check (2 of 3 without improvement) the surgeon
-    decays to the floor over epoch 5; its last step runs at the floor."""
+    decays to the floor over epoch 5; its last step runs at the floor. EarlyStopping checks at
+    the train epoch's end (Lightning's default here) or at the validation's."""
     script = [3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     cb = ScheduleSurgeon(min_warmup=4, max_warmup=8)
     model = Project(scheduler=None, val_script=script)
-    trainer = project_trainer(pl, tmp_path, cb, max_epochs=len(script), enable_progress_bar=False)
+    trainer = project_trainer(
+        pl,
+        tmp_path,
+        cb,
+        check_on_train_epoch_end=on_epoch_end,
+        max_epochs=len(script),
+        enable_progress_bar=False,
+    )
     fit(trainer, model)
     assert trainer.current_epoch == 6 and len(model.records) == 6 * BATCHES  # stopped early
     (cooldown,) = [e for e in cb.events if e.kind is EventKind.COOLDOWN]
