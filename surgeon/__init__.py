@@ -4,7 +4,8 @@
 Fabric loops; :class:`Controller` is the
 framework-free phase machine it drives; :mod:`surgeon.schedules` holds the pure
 schedule functions underneath. The callback (and so torch and Lightning) is
-imported on first use, so ``surgeon.schedules`` and the CLI's preview stay light.
+imported on first use, so ``surgeon.schedules``, ``surgeon.plot`` and the command line stay
+light. The distribution is ``schedule-surgeon``; ``__version__`` is its one version number.
 """
 
 from typing import TYPE_CHECKING, Any

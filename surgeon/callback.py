@@ -51,6 +51,8 @@ import csv
 import logging
 import math
 from collections import defaultdict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor
@@ -86,7 +89,16 @@ from surgeon.engine import (
 )
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
 from surgeon.loss_feed import Reduce
-from surgeon.recorder import EVENTS_FILE, RunRecorder, event_record, run_settings
+from surgeon.lr_find import MIN_DROP, MIN_POINTS, suggest_lr
+from surgeon.recorder import (
+    EVENT_CODES,
+    EVENTS_FILE,
+    LR_FIND_FILE,
+    PHASE_CODES,
+    RunRecorder,
+    event_record,
+    run_settings,
+)
 
 log = logging.getLogger("surgeon")
 """Warnings (events and notices go through Lightning's rank-zero info channel)."""
@@ -116,13 +128,8 @@ __all__ = [
     "SurgeonMisconfigurationException",
 ]
 
-PHASE_CODES = {Phase.WARMUP: 0.0, Phase.STABLE: 1.0, Phase.DECAY: 2.0, Phase.DONE: 3.0}
-"""Numeric phase logged as ``surgeon/phase`` (loggers take numbers)."""
-EVENT_CODES = {kind: float(code) for code, kind in enumerate(EventKind)}
-"""Numeric event kind (its place in :class:`~surgeon.controller.EventKind`), logged as
-``surgeon/event`` and kept as ``surgeon/last_event`` in ``trainer.callback_metrics``."""
-LR_FIND_FILE = "lr_find.csv"
-"""The range test's ``lr,loss`` curve (``peak_lr="find"``), beside ``events.jsonl``."""
+FAR_FROM_CONFIGURED = 30.0
+"""A range-test suggestion this many times above or below the configured LR is warned about."""
 SURGEON_LOGS = "surgeon_logs"
 """Without a logger or ``log_dir``, run files go to ``default_root_dir/surgeon_logs/version_N``."""
 OPEN_ENDED = 10**9
@@ -164,6 +171,32 @@ def _lr_find(trainer: pl.Trainer) -> Any:
     else:
         from pytorch_lightning.tuner import lr_finder
     return lr_finder._lr_find
+
+
+@contextmanager
+def _range_test_losses(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[list[float]]:
+    """The loss of each step of Lightning's range test, as its ``_LRCallback`` reads it
+    (``outputs["loss"]`` at the last micro-batch of a step; NaN for a step without one), one per
+    entry of ``finder.results["lr"]``. The finder replaces the Trainer's callbacks while it runs,
+    so the module's own ``on_train_batch_end`` is wrapped for the duration instead."""
+    losses: list[float] = []
+    own = vars(pl_module).get("on_train_batch_end")
+    hook = pl_module.on_train_batch_end
+
+    def record(outputs: Any, batch: Any, batch_idx: int) -> Any:
+        if (trainer.fit_loop.batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            losses.append(float(loss) if isinstance(loss, Tensor) else math.nan)
+        return hook(outputs, batch, batch_idx)
+
+    pl_module.on_train_batch_end = record
+    try:
+        yield losses
+    finally:
+        if own is None:
+            del pl_module.on_train_batch_end  # the class's hook again
+        else:
+            pl_module.on_train_batch_end = own
 
 
 def _mean_across_ranks(trainer: pl.Trainer) -> Reduce | None:
@@ -282,8 +315,8 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             (``trainer.estimated_stepping_batches``); with only ``max_time``, planned from
             the step rate of the first steps.
         warmup: ``"auto"``: ramp over ``min_warmup`` steps, hold the peak until the loss
-            stabilizes (never past ``max_warmup``); an int: a fixed linear warmup of that many
-            steps.
+            stabilizes (never past ``max_warmup``); a length (an int of steps or a float
+            fraction of the run): a fixed linear warmup that long.
         min_warmup: Shortest automatic warmup, also the length of its linear ramp.
         max_warmup: Longest automatic warmup: the plan goes on from here if the loss never
             stabilized.
@@ -292,7 +325,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         decay: Shape from the peak to the floor (``"wsd"``, ``"cosine"``, ``"linear"``,
             ``"sqrt"``); ``"wsd"`` holds the peak (phase ``stable``), then decays linearly
             over the last ``wsd_decay_fraction`` of the steps that remain.
-        wsd_decay_fraction: Share of the remaining steps that the ``"wsd"`` tail spends
+        wsd_decay_fraction: Share of the steps after warmup that the ``"wsd"`` tail spends
             decaying; also the default length of :meth:`cool_down_now` and the share of a
             ``max_time`` run that its cooldown takes.
         stabilize_window: Window (at least 10 steps) over which the loss EMA's relative drop
@@ -620,45 +653,76 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     def _find_peak_lr(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> list[tuple[float, float]] | None:
-        """Run Lightning's LR range test; set each group's peak to ``suggestion x`` its ratio
-        to the first group; record a ``peak_lr`` event. Returns the ``(lr, loss)`` curve."""
+        """Run Lightning's LR range test and :func:`surgeon.lr_find.suggest_lr` on its losses;
+        set each group's peak to ``suggestion x`` its ratio to the first group; record a
+        ``peak_lr`` event. Returns the ``(lr, loss)`` curve (``None``: no test was run).
+
+        Skipped, with a warning, when the fit is planned for fewer steps than ``find_steps``: a
+        test longer than the fit costs more than the fit, and suggests an LR for more steps."""
         assert self.controller is not None
         cfg = self.config
         if len(trainer.optimizers) != 1:
             raise ValueError(
                 "ScheduleSurgeon(peak_lr='find') needs exactly one optimizer (Lightning's LR "
-                f"finder drives one), got {len(trainer.optimizers)}"
+                f"finder drives one), got {len(trainer.optimizers)}: pass peak_lr='optimizer' "
+                "and set each optimizer's LR"
             )
+        total = self.controller.total_steps
+        if total < cfg.find_steps:
+            rank_zero_warn(
+                f"ScheduleSurgeon(peak_lr='find') skipped the LR range test: the fit is planned "
+                f"for {total} steps, fewer than find_steps={cfg.find_steps}; keeping the "
+                f"optimizer's configured LRs. Pass find_steps <= {total} to run it anyway."
+            )
+            return None
         optimizer = trainer.optimizers[0]
         configured = [group["lr"] for group in optimizer.param_groups]
         first = check_lr(configured[0])
-        finder = _lr_find(trainer)(
-            trainer,
-            pl_module,
-            min_lr=cfg.find_min_lr,
-            max_lr=cfg.find_max_lr,
-            num_training=cfg.find_steps,
-        )
+        with _range_test_losses(trainer, pl_module) as losses:
+            finder = _lr_find(trainer)(
+                trainer,
+                pl_module,
+                min_lr=cfg.find_min_lr,
+                max_lr=cfg.find_max_lr,
+                num_training=cfg.find_steps,
+            )
         # the finder restored the model, optimizers and callbacks from a checkpoint it took
         # first: our own (fresh) state among them, which is not a resume
         self._pending_state = None
-        suggestion = finder.suggestion() if finder is not None else None
-        if suggestion is None or not (math.isfinite(suggestion) and suggestion > 0):
-            log.warning(
-                "ScheduleSurgeon(peak_lr='find'): the LR range test gave no suggestion (too few "
-                "steps or a diverging loss); keeping the optimizer's configured LRs"
-            )
+        if finder is None:  # Lightning skips it under fast_dev_run (and says so)
             return None
+        lrs = [float(lr) for lr in finder.results["lr"]]
+        losses = trainer.strategy.broadcast(losses)[: len(lrs)]  # rank 0's, like the finder's
+        curve = list(zip(lrs, losses, strict=False))
+        found = suggest_lr(lrs[: len(losses)], losses)
+        steps = f"LRs {lrs[0]:.3g} to {lrs[-1]:.3g} over {len(curve)} steps" if curve else "no step"
+        tested = (
+            f"tested {steps} (find_min_lr={cfg.find_min_lr:g}, find_max_lr={cfg.find_max_lr:g}, "
+            f"find_steps={cfg.find_steps})"
+        )
+        if found is None:
+            rank_zero_warn(
+                "ScheduleSurgeon(peak_lr='find'): the LR range test gave no suggestion (its loss "
+                f"neither fell by {MIN_DROP:.0%} nor diverged, had fewer than {MIN_POINTS} finite "
+                f"values, or was <= 0; {tested}); keeping the optimizer's configured LRs. Widen "
+                "find_min_lr..find_max_lr or raise find_steps."
+            )
+            return curve
+        suggestion = found.lr
+        if max(suggestion / first, first / suggestion) > FAR_FROM_CONFIGURED:
+            rank_zero_warn(
+                f"ScheduleSurgeon(peak_lr='find') sets the peak LR to {suggestion:.3g}, "
+                f"{max(suggestion / first, first / suggestion):.0f}x from the configured "
+                f"{first:.3g} (first param group): check the LR range test's curve "
+                f"({LR_FIND_FILE}, drawn by surgeon plot), or pass peak_lr='optimizer' to keep "
+                "the configured LRs"
+            )
         # load_state_dict replaced the param group dicts: read them again
         for group, lr in zip(optimizer.param_groups, configured, strict=True):
             group[PEAK_LR_KEY] = suggestion * lr / first
-        lrs, losses = finder.results["lr"], finder.results["loss"]
-        curve = list(zip(map(float, lrs), map(float, losses), strict=True))
         why = (
             f"LR range test suggests peak LR {suggestion:.4g} (first param group; others keep "
-            f"their configured ratios, first was {first:.4g}): tested LRs {lrs[0]:.3g} to "
-            f"{lrs[-1]:.3g} over {len(curve)} steps (find_min_lr={cfg.find_min_lr:g}, "
-            f"find_max_lr={cfg.find_max_lr:g}, find_steps={cfg.find_steps})"
+            f"their configured ratios, first was {first:.4g}): {found.reason}; {tested}"
         )
         # the scale is untouched (only the peak changed): both sides are the next step's
         scale = self.controller.lr_scale(1)
@@ -1034,11 +1098,13 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         snapshots) resolved against a run of ``run`` steps (``None``: as they are)."""
         if run is None:
             return self.config
-        lengths = {
+        lengths: dict[str, Any] = {
             f.name: resolve_steps(f.name, getattr(self.config, f.name), run)
             for f in fields(self.config)
             if f.type is Steps
         }
+        if self.config.warmup != "auto":  # a fixed warmup's length
+            lengths["warmup"] = resolve_steps("warmup", self.config.warmup, run)
         return replace(self.config, **lengths)
 
     def _plan_from_time(self, estimate: int, why: str) -> None:

@@ -19,6 +19,11 @@ decisions on a logged loss stream (:mod:`surgeon.replay`; its options are derive
 
 Usage errors (unknown schedule or option, bad value, a ValueError from a factory) print
 ``surgeon <command>: error: <message>`` to stderr and return exit code 2, no traceback.
+
+``surgeon --version`` prints ``surgeon.__version__``. Torch, Lightning and matplotlib are
+imported only by the handlers that need them (``surgeon plot`` reads the run before it imports
+matplotlib), so ``--help``, ``--version`` and usage errors answer at once
+(``tests/test_cli_startup.py``, ``benchmarks/cli_startup.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+from surgeon import __version__
 from surgeon.schedules import SCHEDULES, Schedule
 
 __all__ = ["SUBCOMMANDS", "UsageError", "build_parser", "main"]
@@ -347,6 +353,10 @@ def _add_plot(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     plot = subparsers.add_parser(
         "plot",
         help="plot loss and LR of a logged run with the surgeon's events marked",
+        description=(
+            "Write a PNG of a run trained with ScheduleSurgeon: loss (smoothed, and the run's own "
+            "val/train losses), LR per param group, phases shaded, every event marked."
+        ),
     )
     plot.add_argument(
         "run_dir",
@@ -354,25 +364,30 @@ def _add_plot(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="directory holding the run's metrics.csv (CSVLogger) or TensorBoard event file",
     )
     plot.add_argument("--out", type=Path, default=None, help="PNG path (default: in the run)")
+    plot.add_argument(
+        "--log-lr",
+        action="store_true",
+        help="LR on a log axis (param groups whose LRs are decades apart)",
+    )
     plot.set_defaults(handler=_run_plot, usage_prog=plot.prog)
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    return _write_plot(args.usage_prog, args.run_dir, args.out)
+    return _write_plot(args.usage_prog, args.run_dir, args.out, log_lr=args.log_lr)
 
 
-def _write_plot(prog: str, run_dir: Path, out: Path | None) -> int:
+def _write_plot(prog: str, run_dir: Path, out: Path | None, *, log_lr: bool = False) -> int:
+    from surgeon.plot import RunError, draw, load_run  # no matplotlib yet: errors come fast
+
+    try:
+        run = load_run(run_dir)
+    except RunError as err:
+        raise UsageError(prog, str(err)) from None
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UsageError(prog, f"plotting needs matplotlib: pip install '{PLOT_EXTRA}'") from None
-    from surgeon.plot import plot_run
-
-    try:
-        path = plot_run(run_dir, out)
-    except FileNotFoundError as err:
-        raise UsageError(prog, str(err)) from None
-    print(f"wrote {path}")
+    print(f"wrote {draw(run, out, log_lr=log_lr)}")
     return 0
 
 
@@ -580,7 +595,7 @@ def _compare_with_log(events: list[Any], logged: list[dict[str, Any]]) -> str:
 def _replay_page(stream: Any, settings: Any) -> str:
     """The interactive replay page of ``stream`` (its data, the run settings, the colors)."""
     from surgeon import web
-    from surgeon.plot import _EVENT_COLORS, _PHASE_COLORS
+    from surgeon.plot import EVENT_COLORS, PHASE_COLORS
 
     logged = None
     if stream.logged_events is not None:
@@ -607,7 +622,7 @@ def _replay_page(stream: Any, settings: Any) -> str:
         },
         "logged_events": logged,
         "peak_lr": peaks[0] if peaks else None,
-        "colors": {"events": _EVENT_COLORS, "phases": _PHASE_COLORS},
+        "colors": {"events": EVENT_COLORS, "phases": PHASE_COLORS},
     }
     return web.page(f"surgeon replay: {stream.source}", data)
 
@@ -636,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="surgeon",
         description="schedule-surgeon: an adaptive learning-rate controller for Lightning.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=_Parser
     )

@@ -6,7 +6,12 @@
   where snapshots were kept (``"off"``: no rollbacks) and every
   :class:`~surgeon.config.SurgeonConfig` field, so ``surgeon replay`` can re-run them;
 * ``losses.csv``: ``step,loss,update_skipped``, every loss as the controller consumed it, in
-  step order (a logger only keeps one row per ``log_every_n_steps``).
+  step order (a logger only keeps one row per ``log_every_n_steps``);
+* ``lr_find.csv`` (written by the callback when ``peak_lr="find"`` ran a range test): ``lr,loss``,
+  each step of the test.
+
+These names and the logged phase and event codes live here, with no torch or Lightning
+import, so that ``surgeon plot`` and the command line read a run without them.
 
 Written by rank zero only, into every directory the run logs to (each logger's, so a plot of
 either finds them beside its metrics). Lines are appended as they come (the loss files are
@@ -20,11 +25,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from surgeon.config import SurgeonConfig
-from surgeon.controller import Event
+from surgeon.controller import Event, EventKind, Phase
 
 EVENTS_FILE = "events.jsonl"
 SETTINGS_FILE = "settings.json"
 LOSSES_FILE = "losses.csv"
+LR_FIND_FILE = "lr_find.csv"
+PHASE_CODES = {Phase.WARMUP: 0.0, Phase.STABLE: 1.0, Phase.DECAY: 2.0, Phase.DONE: 3.0}
+"""Numeric phase logged as ``surgeon/phase`` (loggers take numbers)."""
+EVENT_CODES = {kind: float(code) for code, kind in enumerate(EventKind)}
+"""Numeric event kind (its place in :class:`~surgeon.controller.EventKind`), logged as
+``surgeon/event`` and kept as ``surgeon/last_event`` in ``trainer.callback_metrics``."""
 LOSSES_HEADER = "step,loss,update_skipped\n"
 
 
