@@ -390,9 +390,10 @@ class StepEngine:
             if controller.rollback_to is not None:
                 self._roll_back()
             self.on_loss(loss_step, item.loss, item.update_skipped)
-            stalled = next((e for e in events if e.kind is EventKind.STALLED), None)
-            if stalled is not None:
-                raise TrainingStalled(f"step {stalled.step}: {stalled.reason}")
+            if events:
+                stalled = next((e for e in events if e.kind is EventKind.STALLED), None)
+                if stalled is not None:
+                    raise TrainingStalled(f"step {stalled.step}: {stalled.reason}")
 
     def _repair_buffers(self, step: int) -> None:
         """Replace the NaN/inf in the module's buffers after ``step``: with the values of the
