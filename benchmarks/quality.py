@@ -45,7 +45,7 @@ Reproduce::
     python benchmarks/quality.py --sweep --tasks mlp            # the LR sweep of a task
 
 Every fit uses one torch thread; ``--workers N`` runs fits in N spawned processes (default 2
-for a full run on >= 2 CPUs, else 1). The numbers do not depend on ``--workers``.
+on >= 2 CPUs, else 1). The numbers do not depend on ``--workers``.
 ``--reuse DIR`` takes the fits of the fixed contenders (everything but the surgeons) from
 ``DIR/runs.jsonl`` when the task, contender, seed, budget, LR and the code they depend on
 (``quality_fit.fingerprint``) are the same: a surgeon change then costs only the surgeons'
@@ -211,8 +211,7 @@ def _parser(all_tasks: dict[str, Task]) -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=None,
-        help="worker processes, 1: in-process (default: 2 for a full run or a "
-        "sweep on >= 2 CPUs, else 1)",
+        help="worker processes, 1: in-process (default: 2 on >= 2 CPUs, else 1)",
     )
     parser.add_argument(
         "--reuse",
@@ -268,8 +267,7 @@ def main(argv: list[str] | None = None, tasks: dict[str, Task] | None = None) ->
         if steps <= 0 or steps % val_points:
             parser.error(f"{name}: {steps} steps is not a positive multiple of {val_points}")
     if args.workers is None:
-        full = not args.quick and tasks is None
-        args.workers = 2 if full and (os.cpu_count() or 1) >= 2 else 1
+        args.workers = 2 if tasks is None and (os.cpu_count() or 1) >= 2 else 1
     if tasks is not None and args.workers > 1:
         parser.error("tasks passed to main() run in-process only: use --workers 1")
     out = args.out or Path("runs/quality-sweep" if args.sweep else "runs/quality")

@@ -36,8 +36,16 @@ def _pct(x: float) -> str:
     return "nan" if math.isnan(x) else f"{100 * x:+.1f}%"
 
 
-def _met(met: bool | None) -> str:
-    return {True: "**met**", False: "**missed**", None: "not measured"}[met]
+def _goal_cell(result: dict[str, Any]) -> str:
+    if result["met"] is None:
+        return result["detail"]
+    return f"{'**met**' if result['met'] else '**missed**'}: {result['detail']}"
+
+
+def _geomean_cell(mean: dict[str, Any]) -> str:
+    if math.isnan(mean["geomean"]):
+        return f"n/a ({mean['tasks']} tasks)"
+    return f"**{_fmt(mean['geomean'], 4)}x** ({mean['tasks']} tasks)"
 
 
 def _commit(meta: dict[str, Any]) -> str:
@@ -142,7 +150,7 @@ def markdown(
         )
     lines.append(
         "| **geometric mean** (kept tasks at their tuned LR) | | | | | | | "
-        + " | ".join(f"**{_fmt(means[s]['geomean'], 4)}x** ({means[s]['tasks']})" for s in surgeons)
+        + " | ".join(_geomean_cell(means[s]) for s in surgeons)
         + " |"
     )
     lines += [
@@ -157,9 +165,7 @@ def markdown(
         "|---|" + "---|" * len(surgeons),
     ]
     for goal in goals:
-        cells = [
-            f"{_met(goal['results'][s]['met'])}: {goal['results'][s]['detail']}" for s in surgeons
-        ]
+        cells = [_goal_cell(goal["results"][s]) for s in surgeons]
         lines.append(f"| {goal['target']} | " + " | ".join(cells) + " |")
     lines += ["", "## Tasks", ""]
     for name, task in summary.items():
