@@ -70,8 +70,8 @@ import pytorch_lightning as pl
 import quality_report
 import quality_tasks
 import torch
-from quality_contenders import CONTENDERS, QUICK, SWEEP, applies, parse_surgeon
-from quality_fit import Job, quiet, run_job
+from quality_contenders import CONTENDERS, QUICK, SWEEP, Contender, applies, parse_surgeon
+from quality_fit import Job, fingerprint, quiet, run_job
 from quality_score import (
     SWEEP_POINTS,
     final_val_loss,
@@ -230,6 +230,72 @@ def _parser(all_tasks: dict[str, Task]) -> argparse.ArgumentParser:
     return parser
 
 
+def plan(
+    chosen: dict[str, Task],
+    contenders: dict[str, Contender],
+    budgets: dict[str, int],
+    seeds: int,
+    val_points: int,
+    code: str,
+) -> list[Job]:
+    """Every fit of a benchmark run, the longest first (so that the workers finish together)."""
+    jobs = [
+        Job(name, c, s, budgets[name], task.lr, val_points, code)
+        for name, task in chosen.items()
+        for c in contenders.values()
+        if applies(c, task.base)
+        for s in range(seeds)
+    ]
+    return sorted(jobs, key=lambda j: -j.steps * chosen[j.task].cost_ms)
+
+
+def plan_sweep(
+    chosen: dict[str, Task],
+    budgets: dict[str, int],
+    seeds: int | None,
+    lrs: list[float] | None,
+    val_points: int,
+    code: str,
+) -> list[Job]:
+    """Warmup 5% + cosine at each LR (default: :func:`lr_grid` of the task's) and seed (default:
+    the task's ``sweep_seeds``), for every task at its own tuned LR."""
+    return [
+        Job(name, CONTENDERS[SWEEP], s, budgets[name], lr, val_points, code)
+        for name, task in chosen.items()
+        if task.base is None
+        for lr in lrs or lr_grid(task.lr)
+        for s in range(seeds if seeds is not None else task.sweep_seeds)
+    ]
+
+
+def write(
+    out: Path,
+    runs: list[dict[str, Any]],
+    chosen: dict[str, Task],
+    contenders: dict[str, Contender],
+    meta: dict[str, Any],
+    plots: bool,
+) -> dict[str, Any]:
+    """``results.md``, ``results.json`` and (not for a sweep) a PNG per task; returns them."""
+    if meta["mode"] == "sweep":
+        summary = sweep_summary(runs, chosen)
+        text = quality_report.sweep_markdown(summary, meta)
+        (out / "results.json").write_text(quality_report.dumps({"meta": meta, "sweep": summary}))
+        result = {"meta": meta, "sweep": summary}
+    else:
+        summary = summarize(runs, chosen, contenders)
+        goals, means = targets(summary), geomeans(summary)
+        text = quality_report.markdown(summary, goals, means, meta)
+        (out / "results.json").write_text(quality_report.to_json(summary, goals, means, meta))
+        if plots:
+            for name, task in summary.items():
+                quality_report.plot_task(name, task, out / f"{name}.png")
+        result = {"meta": meta, "summary": summary, "targets": goals, "geomeans": means}
+    (out / "results.md").write_text(text + "\n")
+    print(text, flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None, tasks: dict[str, Task] | None = None) -> dict[str, Any]:
     """Run the benchmark (or its LR sweep); write ``results.md``, ``results.json``, the PNGs.
 
@@ -243,8 +309,6 @@ def main(argv: list[str] | None = None, tasks: dict[str, Task] | None = None) ->
     if unknown:
         parser.error(f"unknown task(s) {unknown}; tasks: {', '.join(all_tasks)}")
     chosen = {t: all_tasks[t] for t in all_tasks if t in task_names}
-    if args.sweep:
-        chosen = {n: t for n, t in chosen.items() if t.base is None}
     names = (
         args.contenders.split(",") if args.contenders else list(QUICK if args.quick else CONTENDERS)
     )
@@ -258,7 +322,10 @@ def main(argv: list[str] | None = None, tasks: dict[str, Task] | None = None) ->
         except ValueError as error:
             parser.error(str(error))
         contenders[variant.name] = variant
-    default_seeds = 1 if args.quick else 3
+    try:
+        sweep_lrs = [float(x) for x in args.sweep_lrs.split(",")] if args.sweep_lrs else None
+    except ValueError:
+        parser.error(f"--sweep-lrs must be comma-separated numbers, got {args.sweep_lrs!r}")
     val_points = QUICK_VAL_POINTS if args.quick else VAL_POINTS
     budgets = {
         n: args.steps or (t.quick_steps if args.quick else t.steps) for n, t in chosen.items()
@@ -272,34 +339,12 @@ def main(argv: list[str] | None = None, tasks: dict[str, Task] | None = None) ->
         parser.error("tasks passed to main() run in-process only: use --workers 1")
     out = args.out or Path("runs/quality-sweep" if args.sweep else "runs/quality")
 
-    jobs: list[Job] = []
-    for name, task in chosen.items():
-        if args.sweep:
-            seeds = range(args.seeds if args.seeds is not None else task.sweep_seeds)
-            try:
-                lrs = (
-                    [float(x) for x in args.sweep_lrs.split(",")]
-                    if args.sweep_lrs
-                    else lr_grid(task.lr)
-                )
-            except ValueError as error:
-                parser.error(f"{name}: {error}")
-            jobs += [
-                Job(name, CONTENDERS[SWEEP], s, budgets[name], lr, val_points)
-                for lr in lrs
-                for s in seeds
-            ]
-            continue
-        seeds = range(args.seeds if args.seeds is not None else default_seeds)
-        jobs += [
-            Job(name, c, s, budgets[name], task.lr, val_points)
-            for c in contenders.values()
-            if applies(c, task.base)
-            for s in seeds
-        ]
-    # the longest fits first, so that worker processes finish together
-    jobs.sort(key=lambda j: -j.steps * chosen[j.task].cost_ms)
-
+    code, checkout = fingerprint(), git_state()  # the code under test, before it can change
+    if args.sweep:
+        jobs = plan_sweep(chosen, budgets, args.seeds, sweep_lrs, val_points, code)
+    else:
+        seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+        jobs = plan(chosen, contenders, budgets, seeds, val_points, code)
     quiet()
     reused = load_reusable(args.reuse) if args.reuse else None
     out.mkdir(parents=True, exist_ok=True)
@@ -322,25 +367,9 @@ def main(argv: list[str] | None = None, tasks: dict[str, Task] | None = None) ->
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "argv": sys.argv[1:] if argv is None else list(argv),
-        **git_state(),
+        **checkout,
     }
-    if args.sweep:
-        summary = sweep_summary(runs, chosen)
-        text = quality_report.sweep_markdown(summary, meta)
-        (out / "results.json").write_text(quality_report.dumps({"meta": meta, "sweep": summary}))
-        result = {"meta": meta, "sweep": summary}
-    else:
-        summary = summarize(runs, chosen, contenders)
-        goals = targets(summary)
-        means = geomeans(summary)
-        text = quality_report.markdown(summary, goals, means, meta)
-        (out / "results.json").write_text(quality_report.to_json(summary, goals, means, meta))
-        if not args.no_plots:
-            for name, task in summary.items():
-                quality_report.plot_task(name, task, out / f"{name}.png")
-        result = {"meta": meta, "summary": summary, "targets": goals, "geomeans": means}
-    (out / "results.md").write_text(text + "\n")
-    print(text, flush=True)
+    result = write(out, runs, chosen, contenders, meta, plots=not args.no_plots)
     print(f"\nwrote {out}/results.md, results.json in {wall:.0f} s", flush=True)
     return result
 

@@ -8,7 +8,6 @@ tasks, the contenders, the schedules, the models of the examples, torch and Ligh
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import tempfile
@@ -38,12 +37,14 @@ class Job:
     lr: float
     val_points: int = VAL_POINTS
     """Validations, every ``steps // val_points`` steps (``steps`` is a multiple)."""
+    code: str = ""
+    """:func:`fingerprint` of the code, taken once when the run starts."""
 
     def key(self) -> str:
-        """What identifies the fit for ``--reuse`` (with :func:`fingerprint`)."""
+        """What identifies the fit for ``--reuse``."""
         return (
             f"{self.task}|{self.contender.name}|{self.seed}|{self.steps}|{self.lr!r}|"
-            f"{self.val_points}|{fingerprint()}"
+            f"{self.val_points}|{self.code}"
         )
 
 
@@ -57,7 +58,6 @@ FIT_SOURCES = (
 )
 
 
-@functools.cache
 def fingerprint() -> str:
     """A hash of the sources and versions a fixed contender's fit depends on."""
     digest = hashlib.sha256(f"{torch.__version__} {pl.__version__}".encode())

@@ -499,6 +499,7 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
         ["--tasks", "mlp", "--steps", "30"],  # not a multiple of the 20 validations
         ["--surgeon", "surgeon:decay=cosine"],  # a taken name
         ["--surgeon", "x:decay=nope"],
+        ["--sweep", "--sweep-lrs", "0.1,x"],
     ):
         with pytest.raises(SystemExit):
             quality.main([*argv, "--out", str(tmp_path)], tasks=TASKS)
@@ -518,7 +519,7 @@ def test_quick_mode_runs_every_task(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "results.json").read_text())
     assert list(data["tasks"]) == list(TASKS)
     for name, task in data["tasks"].items():
-        assert list(task["contenders"]) == list(qc.QUICK)
+        assert set(task["contenders"]) == set(qc.QUICK)
         assert (tmp_path / f"{name}.png").exists()
         assert task["reference"]["contender"] in (qc.COSINE, qc.SWEEP)
     assert len(data["targets"]) == 4 and all("surgeon" in r["results"] for r in data["targets"])
