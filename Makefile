@@ -47,11 +47,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 
+# the outcome benchmark (README: Outcome benchmark); one torch thread per fit
 quality: $(STAMP)
-	$(PY) benchmarks/quality.py --workers 2 --out runs/quality
+	OMP_NUM_THREADS=1 $(PY) benchmarks/quality.py --workers 2 --out runs/quality
 
 quality-quick: $(STAMP)
-	$(PY) benchmarks/quality.py --quick --out runs/quality-quick
+	OMP_NUM_THREADS=1 $(PY) benchmarks/quality.py --quick --workers 2 --out runs/quality-quick
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache .hypothesis
