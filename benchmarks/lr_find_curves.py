@@ -54,7 +54,9 @@ import quality_tasks  # noqa: E402
 from toy_tasks import CircleData, CircleNet, DigitsData, DigitsFinetuner  # noqa: E402
 
 from surgeon import ScheduleSurgeon  # noqa: E402
-from surgeon.callback import _range_test_losses  # noqa: E402  (what the callback records)
+from surgeon._lightning.range_test import (  # noqa: E402  (what the callback records)
+    range_test_losses as _range_test_losses,
+)
 from surgeon.lr_find import suggest_lr  # noqa: E402
 
 FIND = {"min_lr": 1e-7, "max_lr": 1.0, "num_training": 100}

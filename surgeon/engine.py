@@ -23,7 +23,12 @@ cannot make progress: :class:`TrainingStalled` is raised (after the ``stalled`` 
 
 What an adapter adds: where the settings, the planned length, the optimizers, the cross-rank
 mean and the guard's mode come from (:meth:`StepEngine.start`), and where the events and the
-losses go (``on_event`` / ``on_loss``). Nothing here imports Lightning.
+losses go (``on_event``; ``on_losses`` once per block read, ``on_loss`` for each loss where a
+view needs the controller's state right after it). Nothing here imports Lightning.
+
+Per step the engine does only what the step needs: the LR write, references kept for the
+feed, and (with the guard and snapshots) their device work; everything that turns tensors
+into floats or decisions runs once per block of ``readback_every`` steps.
 """
 
 import math
@@ -42,6 +47,7 @@ from surgeon.config import SurgeonConfig
 from surgeon.controller import Controller, Event, EventKind, Phase
 from surgeon.guard import NonFiniteGuard
 from surgeon.loss_feed import LossFeed, Reduce, StepLoss
+from surgeon.recorder import event_record
 from surgeon.snapshot import SNAPSHOT_LOCATIONS, Snapshot, SnapshotLocation
 
 PEAK_LR_KEY = "surgeon_peak_lr"
@@ -52,8 +58,12 @@ _UNCOMPARED_SETTINGS = ("find_min_lr", "find_max_lr", "find_steps")
 
 SnapshotMode = SnapshotLocation | Literal["off"]
 EventSink = Callable[[Event], None]
+LossRow = tuple[int, float, bool]
+"""``(step, loss, update_skipped)``: a loss the controller consumed."""
 LossSink = Callable[[int, float, bool], None]
-"""``(step, loss, update_skipped)`` for every loss the controller consumed, in step order."""
+"""Called with each :data:`LossRow` right after the controller consumed it."""
+LossesSink = Callable[[list[LossRow]], None]
+"""Called with the losses the controller consumed, in step order, once per block read."""
 
 
 def check_lr(lr: Any) -> float:
@@ -165,14 +175,18 @@ class StepEngine:
         snapshot: SnapshotMode = "cpu",
         readback_every: int = 4,
         on_event: EventSink = _ignore,
-        on_loss: LossSink = _ignore,
+        on_losses: LossesSink = _ignore,
+        on_loss: LossSink | None = None,
     ) -> None:
+        """``on_event``: each decision; ``on_losses``: the losses consumed, once per block;
+        ``on_loss``: each loss right after it was consumed (``None``: not needed, no call)."""
         check_snapshot_mode(snapshot)
         check_positive_int("readback_every", readback_every)
         self.config = config
         self.snapshot = snapshot
         self.readback_every = readback_every
         self.on_event = on_event
+        self.on_losses = on_losses
         self.on_loss = on_loss
         self.controller: Controller | None = None
         self.planned = 0
@@ -259,6 +273,12 @@ class StepEngine:
         self.written_step = -1
         self.written_scale = 1.0
         self.adopt_new_param_groups()
+
+    def event_record(self, event: Event) -> dict[str, Any]:
+        """``event`` as a record of ``events.jsonl``, with the first driven param group's LR
+        before and after it."""
+        peak = self.driven[0].param_groups[0][PEAK_LR_KEY]
+        return event_record(event, peak * event.scale_before, peak * event.scale_after)
 
     @property
     def snapshot_mode(self) -> SnapshotMode:
@@ -368,32 +388,42 @@ class StepEngine:
             self._consume(self.feed.flush())
 
     def _consume(self, due: list[StepLoss]) -> None:
+        """Hand the controller the losses whose readback is due, in step order; carry out the
+        rollbacks and buffer repairs it asks for; then the losses go to ``on_losses``."""
         controller = self.controller
         assert controller is not None
-        for item in due:
-            if item.buffers_nonfinite and controller.step >= max(
+        on_event, on_loss = self.on_event, self.on_loss
+        rows: list[LossRow] = []
+        for loss, skipped, update_skipped, no_loss, buffers_nonfinite in due:
+            if buffers_nonfinite and controller.step >= max(
                 controller.ignore_until, self._buffers_checked_from
             ):  # (flags of steps before a rollback or a repair were raised before it)
                 self._repair_buffers(controller.step)
-            if item.no_loss and self.manual:  # the user stepped anyway: count it, unwatched
+            if no_loss and self.manual:  # the user stepped anyway: count it, unwatched
                 for event in controller.pass_step():
-                    self.on_event(event)
+                    on_event(event)
                 continue
-            if item.skipped:
+            if skipped:
                 self.skipped_steps += 1
                 self.step -= 1
                 continue
             loss_step = controller.step
-            events = controller.update(item.loss, update_skipped=item.update_skipped)
-            for event in events:
-                self.on_event(event)
+            events = controller.update(loss, update_skipped=update_skipped)
+            if events:
+                for event in events:
+                    on_event(event)
             if controller.rollback_to is not None:
                 self._roll_back()
-            self.on_loss(loss_step, item.loss, item.update_skipped)
+            rows.append((loss_step, loss, update_skipped))
+            if on_loss is not None:
+                on_loss(loss_step, loss, update_skipped)
             if events:
                 stalled = next((e for e in events if e.kind is EventKind.STALLED), None)
                 if stalled is not None:
+                    self.on_losses(rows)
                     raise TrainingStalled(f"step {stalled.step}: {stalled.reason}")
+        if rows:
+            self.on_losses(rows)
 
     def _repair_buffers(self, step: int) -> None:
         """Replace the NaN/inf in the module's buffers after ``step``: with the values of the

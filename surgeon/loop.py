@@ -36,7 +36,7 @@ from surgeon._validate import check_positive_int
 from surgeon.config import CONFIG_FIELDS, SurgeonConfig, resolve_steps
 from surgeon.controller import Controller, Event, Phase
 from surgeon.engine import (
-    PEAK_LR_KEY,
+    LossRow,
     SnapshotMode,
     StepEngine,
     distributed_max,
@@ -44,7 +44,7 @@ from surgeon.engine import (
     starting_scale,
 )
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
-from surgeon.recorder import RunRecorder, event_record
+from surgeon.recorder import RunRecorder
 
 
 def _grads_synchronized(model: nn.Module | None) -> bool:
@@ -134,7 +134,7 @@ class Surgeon:
             snapshot=snapshot,
             readback_every=readback_every,
             on_event=self._report,
-            on_loss=self._on_loss,
+            on_losses=self._on_losses,
         )
         if _grads_synchronized(model):
             guard = NonFiniteGuard(skip_nonfinite, check_losses=False)
@@ -252,23 +252,19 @@ class Surgeon:
             total_steps=controller.total_steps,
             readback_every=self.engine.readback_every,
             snapshot=self.engine.snapshot_mode,
-            events=[self._record(e) for e in self.events],
+            events=[self.engine.event_record(e) for e in self.events],
             next_loss_step=controller.step,
         )
 
-    def _record(self, event: Event) -> dict[str, Any]:
-        peak = self.engine.driven[0].param_groups[0][PEAK_LR_KEY]
-        return event_record(event, peak * event.scale_before, peak * event.scale_after)
-
     def _report(self, event: Event) -> None:
         if self._recorder is not None:
-            self._recorder.event(self._record(event))
+            self._recorder.event(self.engine.event_record(event))
         if self.verbose and self._rank_zero:
             print(f"surgeon: step {event.step}: {event.kind.value}: {event.reason}", flush=True)
 
-    def _on_loss(self, step: int, loss: float, update_skipped: bool) -> None:
+    def _on_losses(self, rows: list[LossRow]) -> None:
         if self._recorder is not None:
-            self._recorder.loss(step, loss, update_skipped)
+            self._recorder.losses(rows)
 
     def __repr__(self) -> str:
         settings = {

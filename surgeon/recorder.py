@@ -106,11 +106,12 @@ class RunRecorder:
             with (directory / EVENTS_FILE).open("a") as f:
                 f.write(line)
 
-    def loss(self, step: int, loss: float, update_skipped: bool) -> None:
-        """Append the loss the controller consumed for ``step``."""
-        row = f"{step},{loss!r},{int(update_skipped)}\n"
+    def losses(self, rows: list[tuple[int, float, bool]]) -> None:
+        """Append the losses the controller consumed, ``(step, loss, update_skipped)`` each (a
+        block at a time: one string and one write per file)."""
+        text = "".join([f"{step},{loss!r},{int(skipped)}\n" for step, loss, skipped in rows])
         for losses in self._losses:
-            losses.write(row)
+            losses.write(text)
 
     def flush(self) -> None:
         """Push buffered loss rows to disk (at checkpoints, at the end)."""

@@ -1,0 +1,192 @@
+"""Fits that end before their plan: ``max_time``, an ``EarlyStopping`` about to stop the fit,
+and the record of an early end.
+
+* ``max_time``: the ``Timer`` that enforces it is the clock of a
+  :class:`~surgeon.planning.TimePlanner` (checked every ``readback_every`` steps, every
+  :data:`DDP_BUDGET_EVERY` under DDP, where each check is a broadcast of rank zero's
+  estimate); a fit only the time bounds is planned open-ended, then from its step rate;
+* ``EarlyStopping``: after its check (at the validation's end or the epoch's, where it
+  checks), when one more check without improvement would stop the fit, the LR decays to the
+  floor by that check; rank zero decides;
+* a fit that ends before its plan gets a ``stopped`` event saying what ended it.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+
+from surgeon._lightning.reporting import NEVER
+from surgeon._lightning.trainer import is_a, planned_steps, time_limit
+from surgeon.config import SurgeonConfig
+from surgeon.controller import Event, EventKind, Phase
+from surgeon.engine import StepEngine
+from surgeon.planning import OPEN_ENDED, TimePlanner, lengths_for
+
+DDP_BUDGET_EVERY = 32
+"""Steps between ``max_time`` checks under DDP (each is a broadcast of rank zero's estimate)."""
+
+
+class FitBudget:
+    """What may end a fit before its plan, watched through Lightning's callbacks."""
+
+    def __init__(
+        self,
+        engine: StepEngine,
+        config: SurgeonConfig,
+        *,
+        total_steps: int | None,
+        cooldown_on_stop: bool,
+        notice: Callable[[str], None],
+    ) -> None:
+        self.engine, self.config = engine, config
+        self.total_steps = total_steps
+        self.cooldown_on_stop = cooldown_on_stop
+        self.notice = notice
+        self.timer: Any = None
+        self.plan_cap: int | None = None
+        """What ``total_steps`` / ``max_steps`` / ``max_epochs`` allow (``None``: only time)."""
+        self.time_estimate: int | None = None
+        """The run a ``max_time`` plan's lengths are of (checkpointed)."""
+        self.time: TimePlanner | None = None
+        self.pending = False
+        """An ``EarlyStopping`` check has run: look at it before the next step's LR."""
+        self._early_stoppers: list[Any] = []
+        self._watch_early_stopping = False
+        self._es_on_epoch_end = False
+        self._last_es_step = 0
+
+    @property
+    def next_check(self) -> int:
+        """The step at which the next ``max_time`` check is due."""
+        return NEVER if self.time is None else self.time.next_check
+
+    def plan(self, trainer: pl.Trainer, pending_state: dict[str, Any] | None) -> int:
+        """``on_fit_start``: the length to start with, and the settings' lengths. A resumed fit
+        whose plan a budget moved (a cooldown, a ``max_time`` plan) keeps its checkpoint's; a
+        fit only ``max_time`` bounds is open-ended (its time cooldown ends it); else the
+        planned length (``total_steps``, else what ends the fit first)."""
+        self.timer = time_limit(trainer) if self.cooldown_on_stop else None
+        self.plan_cap = planned_steps(trainer, self.total_steps, self.timer is not None)
+        # a max_time plan's lengths are fractions of the run its step rate allows (checkpointed)
+        self.time_estimate = (pending_state or {}).get("time_estimate")
+        self.engine.config = lengths_for(self.config, self.time_estimate)
+        if pending_state is not None and "controller" in pending_state:
+            saved = pending_state["controller"]
+            moved = any(e["kind"] == EventKind.COOLDOWN.value for e in saved["events"])
+            if moved or self.timer is not None:
+                return int(saved["total_steps"])
+        return OPEN_ENDED if self.plan_cap is None else self.plan_cap
+
+    def begin_training(self, trainer: pl.Trainer, probing: bool) -> None:
+        """``on_train_start``: find the ``EarlyStopping`` callbacks (checked after theirs run)
+        and start the ``max_time`` planner (``probing``: it plans the run's length)."""
+        self._early_stoppers = [cb for cb in trainer.callbacks if is_a(cb, "EarlyStopping")]
+        # where EarlyStopping checks: Lightning decides in its setup, before on_fit_start
+        self._es_on_epoch_end = any(
+            getattr(es, "_check_on_train_epoch_end", False) for es in self._early_stoppers
+        )
+        self._watch_early_stopping = self.cooldown_on_stop and bool(self._early_stoppers)
+        self.pending = False
+        self._last_es_step = self.engine.step
+        self.time = None
+        if self.timer is None:
+            return
+        every = self.engine.readback_every
+        if trainer.world_size > 1:  # each check is then a broadcast (Lightning's Timer makes one
+            every = max(every, DDP_BUDGET_EVERY)  # every step): fewer checks
+        timer = self.timer
+        self.time = TimePlanner(
+            self.engine,
+            self.config,
+            elapsed=lambda: timer.time_elapsed("train"),
+            remaining=lambda: timer.time_remaining("train"),
+            every=every,
+            plan_cap=self.plan_cap,
+            probing=probing,
+            agree=trainer.strategy.broadcast if trainer.world_size > 1 else lambda n: n,
+        )
+
+    def check_time(self) -> None:
+        """A ``max_time`` check (due at :attr:`next_check`)."""
+        assert self.time is not None
+        self.time.check()
+        if self.time.estimate is not None:
+            self.time_estimate = self.time.estimate
+
+    def after_validation(self, trainer: pl.Trainer) -> None:
+        """After every callback's ``on_validation_end``: an ``EarlyStopping`` that checks there
+        is looked at before the next step."""
+        watch = self._watch_early_stopping and not self._es_on_epoch_end
+        if watch and not trainer.sanity_checking:
+            self.pending = True
+
+    def after_train_epoch(self) -> None:
+        """At the epoch's end: an ``EarlyStopping`` that checks there is looked at before the
+        next step."""
+        if self._watch_early_stopping and self._es_on_epoch_end:
+            self.pending = True
+
+    def check_early_stopping(self, trainer: pl.Trainer) -> None:
+        """After an ``EarlyStopping`` check: when one more check without improvement would stop
+        the fit (its patience is one from running out), decay to the floor by that check (the
+        interval is the one since the previous check)."""
+        self.pending = False
+        step = self.engine.step
+        interval, self._last_es_step = step - self._last_es_step, step
+        near = [
+            es
+            for es in self._early_stoppers
+            if es.patience >= 2 and es.wait_count == es.patience - 1
+        ]
+        steps = interval - 1 if near and interval >= 2 else 0  # the floor on the last step
+        if trainer.world_size > 1:  # wait counts are per rank: rank zero decides
+            steps = trainer.strategy.broadcast(steps)
+        if not steps:
+            return
+        es = near[0] if near else self._early_stoppers[0]
+        self.cool_down(
+            steps,
+            f"EarlyStopping(monitor={es.monitor!r}, patience={es.patience}) has seen "
+            f"{es.wait_count} checks in a row without improvement: the next one without "
+            f"improvement stops the fit, about {interval} steps from here",
+        )
+
+    def cool_down(self, steps: int, why: str) -> Event | None:
+        """Cool down from the current step over ``steps`` steps, unless the plan ends by then
+        (then say so)."""
+        event = self.engine.cool_down(steps, why)
+        if event is None:
+            end = self.engine.step + steps
+            self.notice(f"{why}; no cooldown: the plan already ends by step {end}")
+        return event
+
+    def record_early_end(self, trainer: pl.Trainer) -> None:
+        """A ``stopped`` event when the fit ended before its plan did, saying why."""
+        controller = self.engine.controller
+        if controller is None or controller.phase is Phase.DONE:
+            return
+        done = controller.step
+        scale = controller.lr_scale(max(0, done - 1))
+        why = (
+            f"the fit ended after {done} of the {controller.total_steps} planned steps, in phase "
+            f"{controller.phase.value} at LR scale {scale:.3g} (the floor is "
+            f"{controller.floor:g}): {self._stop_cause(trainer)}"
+        )
+        event = Event(max(0, done - 1), EventKind.STOPPED, why, scale, scale, controller.phase)
+        controller.events.append(event)
+        self.engine.on_event(event)
+
+    def _stop_cause(self, trainer: pl.Trainer) -> str:
+        """What ended the fit, as far as Lightning's callbacks tell."""
+        for es in self._early_stoppers:
+            message = getattr(es, "stopping_reason_message", None)
+            if message or (trainer.should_stop and es.wait_count >= es.patience):
+                message = message or f"{es.wait_count} checks without improvement"
+                return f"EarlyStopping(monitor={es.monitor!r}) stopped it: {message}"
+        timer = self.timer or time_limit(trainer)
+        if timer is not None and timer.time_remaining("train") <= 0:
+            return f"max_time ({timer._duration:g} s) ran out"
+        if trainer.should_stop:
+            return "trainer.should_stop was set"
+        return "the Trainer's max_steps / max_epochs ended it, or the data ran out"

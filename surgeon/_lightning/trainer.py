@@ -1,0 +1,242 @@
+"""What the Trainer says, read once per fit: its callbacks, scaler, counters, strategy and
+planned length, and the LR schedulers ``configure_optimizers`` gave it (taken over or refused).
+
+Both Lightning namespaces (``lightning.pytorch`` and ``pytorch_lightning``) are accepted:
+callbacks are recognized by class name, errors are of both ``MisconfigurationException``s.
+"""
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch.distributed as dist
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch.optim import Optimizer
+
+from surgeon.engine import distributed_max, distributed_mean
+from surgeon.guard import NonFiniteGuard, SkipNonfinite
+from surgeon.loss_feed import Reduce
+
+try:  # one class that both Trainers accept: `lightning.pytorch` and `pytorch_lightning`
+    import lightning.pytorch as _lightning_pytorch
+    from lightning.fabric.utilities.exceptions import (
+        MisconfigurationException as _LightningMisconfigurationException,
+    )
+
+    CALLBACK_BASES: tuple[type, ...] = (pl.Callback, _lightning_pytorch.Callback)
+    _MISCONFIGURATION_BASES: tuple[type, ...] = (
+        MisconfigurationException,
+        _LightningMisconfigurationException,
+    )
+except ImportError:  # pragma: no cover - `lightning` is optional
+    CALLBACK_BASES = (pl.Callback,)
+    _MISCONFIGURATION_BASES = (MisconfigurationException,)
+
+
+class SurgeonMisconfigurationException(*_MISCONFIGURATION_BASES, ValueError):  # type: ignore[misc]
+    """The surgeon cannot run with this Trainer setup (raised before training; Lightning's
+    ``MisconfigurationException`` of either namespace, and a ``ValueError``)."""
+
+    __module__ = "surgeon.callback"  # its public home (re-exported there)
+
+
+def is_a(obj: Any, class_name: str) -> bool:
+    """Whether ``obj`` is a ``class_name`` of either Lightning namespace (by its class's MRO)."""
+    return any(cls.__name__ == class_name for cls in type(obj).__mro__)
+
+
+def lr_metric_names(optimizers: list[Optimizer]) -> list[list[str]]:
+    """Metric names per optimizer and group, as ``LearningRateMonitor`` names them."""
+    seen: defaultdict[type, int] = defaultdict(int)
+    names = []
+    for optimizer in optimizers:
+        seen[type(optimizer)] += 1
+        name = f"lr-{type(optimizer).__name__}"
+        if seen[type(optimizer)] > 1:
+            name += f"-{seen[type(optimizer)] - 1}"
+        groups = optimizer.param_groups
+        if len(groups) == 1:  # a named single group is `lr-AdamW/<name>`
+            names.append([f"{name}/{groups[0]['name']}" if groups[0].get("name") else name])
+        else:
+            names.append([f"{name}/{g.get('name', f'pg{i + 1}')}" for i, g in enumerate(groups)])
+    return names
+
+
+def time_limit(trainer: pl.Trainer) -> Any:
+    """The ``Timer`` enforcing ``Trainer(max_time=...)`` (or one the user added), or ``None``."""
+    return next(
+        (
+            cb
+            for cb in trainer.callbacks
+            if is_a(cb, "Timer") and getattr(cb, "_duration", None) is not None
+        ),
+        None,
+    )
+
+
+def grad_scaler(trainer: pl.Trainer) -> Any:
+    """The precision plugin's enabled GradScaler, or ``None`` (its ``_scale`` tensor appears
+    only at its first step, so look for the scaler, not the scale)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    is_enabled = getattr(scaler, "is_enabled", None)
+    return scaler if callable(is_enabled) and is_enabled() else None
+
+
+def optimizer_step_counter(trainer: pl.Trainer) -> Any:
+    """Lightning's counter whose ``completed`` is ``trainer.global_step``, or ``None``.
+
+    The property walks a chain of seven (fit loop, Lightning module, optimization loop, ...), a
+    few µs a read, to a counter that is the same object for the whole fit: which loop counts is
+    fixed by ``automatic_optimization``, and Lightning updates the counter in place, also when it
+    restores a checkpoint (before ``on_train_start``, where this is called). ``None`` where the
+    loops are laid out otherwise (another Lightning version): read the property then.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        if trainer.lightning_module.automatic_optimization:
+            counter = loop.automatic_optimization.optim_progress.optimizer.step.total
+        else:
+            counter = loop.manual_optimization.optim_step_progress.total
+        return counter if counter.completed == trainer.global_step else None
+    except AttributeError:
+        return None
+
+
+def mean_across_ranks(trainer: pl.Trainer) -> Reduce | None:
+    """The feed's ``reduce``: the mean over ranks in one all-reduce (``None`` on one process);
+    through the strategy where it runs without ``torch.distributed``."""
+    if trainer.world_size <= 1:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):  # a strategy of its own kind
+        return lambda block: trainer.strategy.reduce(block, reduce_op="mean")
+    return distributed_mean()
+
+
+def make_guard(
+    trainer: pl.Trainer, mode: SkipNonfinite, scaled: bool, grad_check_every: int
+) -> NonFiniteGuard:
+    """The guard for this fit: off under a GradScaler (which skips non-finite steps itself);
+    under DDP on the already-averaged gradients alone; elsewhere with a max across ranks."""
+    if scaled or mode == "off":
+        return NonFiniteGuard("off")
+    if trainer.world_size <= 1:
+        return NonFiniteGuard(mode, grad_check_every=grad_check_every)
+    if is_a(trainer.strategy, "DDPStrategy"):
+        return NonFiniteGuard(mode, check_losses=False)  # no collective needed (see guard)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"ScheduleSurgeon(skip_nonfinite={mode!r}) under {type(trainer.strategy).__name__} "
+            "needs torch.distributed to agree on skipped steps; pass skip_nonfinite='off'"
+        )
+    return NonFiniteGuard(mode, distributed_max())
+
+
+def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> int | None:
+    """``total_steps``, else what ends the fit first: ``max_steps`` or ``max_epochs``
+    (Lightning's ``estimated_stepping_batches``, which counts optimizer steps); ``None``
+    when only ``max_time`` bounds the fit (``timed``: planned from the step rate once
+    measured)."""
+    if total_steps is not None:
+        return total_steps
+    estimate = trainer.estimated_stepping_batches  # min(max_steps, epochs x steps/epoch)
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        # under manual optimization `max_steps` counts every `opt.step()`, but the surgeon
+        # steps once per batch: with k optimizers (each stepped once a batch) that is k calls
+        manual = not trainer.lightning_module.automatic_optimization
+        per_batch = len(trainer.optimizers) if manual else 1
+        estimate = min(estimate, math.ceil(trainer.max_steps / per_batch))
+    if isinstance(estimate, int | float) and math.isfinite(estimate) and estimate >= 1:
+        return int(estimate)
+    if timed:
+        return None
+    raise SurgeonMisconfigurationException(
+        "ScheduleSurgeon needs a finite planned length: pass total_steps=..., or set "
+        f"Trainer(max_steps=...), max_epochs or max_time (estimated_stepping_batches="
+        f"{estimate})"
+    )
+
+
+def plan_source(trainer: pl.Trainer, total_steps: int | None, plan_cap: int | None) -> str:
+    """Where the planned length came from, for messages."""
+    if total_steps is not None:
+        return f"total_steps={total_steps}"
+    if plan_cap is None:
+        return "provisional (only max_time bounds the fit)"
+    return (
+        f"what ends the fit first (max_steps={trainer.max_steps}, "
+        f"max_epochs={trainer.max_epochs}); pass total_steps=... to plan another length"
+    )
+
+
+def manual_limits(trainer: pl.Trainer, total_steps: int | None) -> tuple[int | None, float]:
+    """Under manual optimization without ``total_steps``: the Trainer's ``max_steps`` (``None``:
+    none) and the batches ``max_epochs`` allows, to follow the steps per batch with."""
+    manual = not trainer.lightning_module.automatic_optimization
+    if not manual or total_steps is not None or trainer.max_steps in (None, -1):
+        return None, math.inf
+    batches, epochs = trainer.num_training_batches, trainer.max_epochs
+    bounded = epochs not in (None, -1) and math.isfinite(batches)
+    return trainer.max_steps, batches * epochs if bounded else math.inf
+
+
+def _peak_under_scheduler(scheduler: Any, group: dict[str, Any], index: int) -> float:
+    """The LR a group had before ``scheduler`` took it over: ``OneCycleLR``'s ``max_lr`` and
+    ``CyclicLR``'s ``max_lr`` (their peaks; both overwrite the configured LR), else the LR the
+    optimizer was configured with (torch schedulers keep it as ``initial_lr``)."""
+    if "max_lr" in group:  # OneCycleLR
+        return group["max_lr"]
+    max_lrs = getattr(scheduler, "max_lrs", None)  # CyclicLR
+    if max_lrs is not None:
+        return max_lrs[index]
+    return group.get("initial_lr", group["lr"])
+
+
+def take_over_schedulers(
+    trainer: pl.Trainer, *, leave: bool, replace: bool, notice: Callable[[str], None]
+) -> set[int]:
+    """The ids of the optimizers left to their LR schedulers (``leave``). The others'
+    schedulers are dropped from the Trainer (each group's LR set to the peak the scheduler had
+    taken over; ``notice`` says so), or refused (``replace=False``)."""
+    configs = trainer.lr_scheduler_configs
+    if not configs:
+        return set()
+    if leave:
+        return {id(c.scheduler.optimizer) for c in configs}
+    names = ", ".join(type(c.scheduler).__name__ for c in configs)
+    fix = (
+        "return only the optimizer(s) from configure_optimizers, or pass "
+        "ScheduleSurgeon(leave_scheduled_optimizers=True) to leave the optimizers that "
+        "have a scheduler to it"
+    )
+    if not replace:
+        raise SurgeonMisconfigurationException(
+            f"configure_optimizers returned LR scheduler(s) ({names}), but ScheduleSurgeon "
+            f"sets the learning rate itself and replace_lr_schedulers=False: {fix}"
+        )
+    if not trainer.lightning_module.automatic_optimization:
+        raise SurgeonMisconfigurationException(
+            f"configure_optimizers returned LR scheduler(s) ({names}) under manual "
+            "optimization, where training_step steps them itself (after the surgeon has "
+            f"written the LR): {fix}"
+        )
+    dropped = []
+    for config in configs:
+        scheduler, optimizer = config.scheduler, config.scheduler.optimizer
+        peaks = [
+            _peak_under_scheduler(scheduler, group, i)
+            for i, group in enumerate(optimizer.param_groups)
+        ]
+        for group, peak in zip(optimizer.param_groups, peaks, strict=True):
+            group["lr"] = peak
+        shown = ", ".join(f"{peak:.4g}" for peak in peaks)
+        owner = type(optimizer).__name__
+        dropped.append(f"{type(scheduler).__name__} (of {owner}, peak LR {shown})")
+    configs.clear()  # the strategy's own list: Lightning neither steps nor saves them now
+    notice(
+        f"replacing the LR scheduler(s) configure_optimizers returned: {'; '.join(dropped)}. "
+        "The surgeon sets the learning rate from here; pass replace_lr_schedulers=False "
+        "to refuse to start instead"
+    )
+    return set()
