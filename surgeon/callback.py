@@ -1,50 +1,34 @@
 """``ScheduleSurgeon``: the Lightning adapter around :class:`surgeon.engine.StepEngine`.
 
-The engine holds the per-step logic every front door shares (feed, controller, guard,
-snapshots); this module maps Lightning's hooks onto it. What happens each optimizer step:
+The engine holds the per-step logic every front door shares (LR write, loss feed, guard,
+snapshots, rollbacks); this module maps Lightning's hooks onto it. Each optimizer step:
 
-1. ``on_train_batch_start`` writes ``peak_lr x lr_scale(step)`` into every param
-   group of every optimizer, where ``peak_lr`` is the LR that group was configured
-   with (so layer-wise ratios hold). This hook, not ``on_before_optimizer_step``,
-   because the LR must be in place for the *whole* step: ``training_step`` and the
-   backward hooks then see the LR that ``optimizer.step`` will use, with gradient
-   accumulation it runs once per micro-batch and the write is skipped until the
-   next optimizer step, and it also covers manual optimization where the user
-   calls ``opt.step()`` inside ``training_step``. ``on_train_epoch_start`` writes it too,
-   for callbacks that read it there. A ``LearningRateMonitor`` reads it in the same hooks:
-   the surgeon moves itself ahead of it in ``trainer.callbacks``. An LR scheduler returned by
-   ``configure_optimizers`` is dropped (as ``StochasticWeightAveraging`` swaps the user's),
-   see ``replace_lr_schedulers``.
-2. ``on_train_batch_end`` adds the micro-batch loss (``outputs["loss"]``, already
-   divided by ``accumulate_grad_batches`` and free of the AMP scale) to the
-   :class:`~surgeon.loss_feed.LossFeed`; when ``trainer.global_step`` has moved the
-   optimizer step is closed, and losses whose readback is due go to the controller
-   (``on_train_end`` hands it the rest, so the last steps are decided on too).
-
-Steps are optimizer steps: a step GradScaler skipped is recognized from the loss
-scale (read late, with the loss) and not counted.
-
-Nothing lost (see :mod:`surgeon.guard` and :mod:`surgeon.snapshot`):
-
-3. ``on_before_backward`` keeps each micro-batch loss and ``on_before_optimizer_step``
-   flags the step on the device when a loss or gradient is non-finite; the optimizer
-   then skips the whole update (``skip_nonfinite``). The flag travels with the loss
-   and the controller records a ``skipped_step`` event when it is read.
-4. At the start of every ``snapshot_every``-th step while the loss is normal, the
-   weights and optimizer state are copied (``snapshot="cpu"`` or ``"device"``); on a
-   severe spike or a run of non-finite steps the controller asks for the last good copy
-   and ``on_train_batch_end`` restores it (a ``rollback`` event), on every rank alike.
+1. ``on_train_batch_start`` writes ``peak_lr x lr_scale(step)`` into every driven param group
+   (``peak_lr``: the LR the group was configured with, so layer-wise ratios hold), and takes a
+   last-good snapshot when one is due. This hook, not ``on_before_optimizer_step``: the LR is
+   then in place for the whole step (``training_step`` and the backward hooks see the LR that
+   ``optimizer.step`` uses; under gradient accumulation the write waits for the next optimizer
+   step; a manual ``opt.step()`` inside ``training_step`` is covered). ``on_train_epoch_start``
+   writes it too, for callbacks that read it there; a ``LearningRateMonitor`` is moved behind
+   the surgeon, and LR schedulers from ``configure_optimizers`` are dropped
+   (``replace_lr_schedulers``);
+2. ``on_before_backward`` hands the guard each micro-batch loss; ``on_before_optimizer_step``
+   flags the step on the device when a loss or gradient is non-finite, and the optimizer then
+   skips the whole update (``skip_nonfinite``, see :mod:`surgeon.guard`);
+3. ``on_train_batch_end`` adds the micro-batch loss (``outputs["loss"]``, already divided by
+   ``accumulate_grad_batches``, free of the AMP scale) to the loss feed; once
+   ``trainer.global_step`` has moved, the step is closed and the losses whose readback is due
+   go to the controller; a rollback it asks for is carried out there, on every rank alike
+   (``on_train_end`` hands it the rest). Steps are optimizer steps: one GradScaler skipped is
+   recognized from the loss scale (read late, with the loss) and not counted.
 
 The rest is wiring, one concern per module of :mod:`surgeon._lightning`: what the Trainer
 says (``trainer``), what users see (``reporting``: info lines, logger metrics, run files,
 ``callback_metrics``, progress bar, hyperparameters), fits that end before their plan
 (``budget``: ``max_time``, ``EarlyStopping``) and ``peak_lr="find"`` (``range_test``). Only
-rank zero logs and writes files; every rank makes the same decisions because the feed
-averages the losses across ranks before reading them, and budget decisions are broadcast
-from rank zero.
+rank zero logs and writes files; every rank makes the same decisions, as the feed averages
+the losses across ranks before reading them and budget decisions are rank zero's.
 """
-
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -59,14 +43,14 @@ from surgeon._lightning.reporting import NEVER, Reporter
 from surgeon._lightning.trainer import (
     CALLBACK_BASES,
     SurgeonMisconfigurationException,
+    driven_optimizers,
     grad_scaler,
     lr_metric_names,
     make_guard,
-    manual_limits,
+    manual_planner,
     mean_across_ranks,
     optimizer_step_counter,
     plan_source,
-    take_over_schedulers,
 )
 from surgeon._validate import check_positive_int
 from surgeon.config import (
@@ -91,9 +75,6 @@ from surgeon.engine import (
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
 from surgeon.planning import ManualStepPlanner
 from surgeon.recorder import EVENT_CODES, EVENTS_FILE, LR_FIND_FILE, PHASE_CODES
-
-log = logging.getLogger("surgeon")
-"""Warnings (events and notices go through Lightning's rank-zero info channel)."""
 
 __all__ = [
     "EVENTS_FILE",
@@ -305,7 +286,6 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         self._pending_state: dict[str, Any] | None = None
         self._resuming = False
         self._state_loaded = False  # this fit restored the surgeon's state from a checkpoint
-        self._probing = False  # a max_time plan is to be measured
         self._lr_find_curve: list[tuple[float, float]] | None = None
         self._warned_no_loss = False
 
@@ -376,19 +356,12 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         # a resumed fit takes its peaks from the checkpoint's param groups: no second range test
         self._resuming = trainer.ckpt_path is not None or self._pending_state is not None
         total = self._budget.plan(trainer, self._pending_state)
-        scheduled = take_over_schedulers(
+        driven = driven_optimizers(
             trainer,
             leave=self.leave_scheduled_optimizers,
             replace=self.replace_lr_schedulers,
             notice=view.notice,
         )
-        driven = [opt for opt in trainer.optimizers if id(opt) not in scheduled]
-        if not driven:
-            raise SurgeonMisconfigurationException(
-                "ScheduleSurgeon has no optimizer to drive: all have LR schedulers and "
-                "leave_scheduled_optimizers=True leaves them to those; pass "
-                "leave_scheduled_optimizers=False to take them over"
-            )
         self._manual = not pl_module.automatic_optimization
         self._scaler = grad_scaler(trainer)
         # without snapshots no rollback repairs a step whose gradients went unchecked
@@ -414,12 +387,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
                 f"{err}; the planned length of {total} steps is {source}"
             ) from err
         self._state_loaded = False
-        max_steps, batch_limit = manual_limits(trainer, self.total_steps)
-        self._manual_planner = (
-            None if max_steps is None else ManualStepPlanner(engine, max_steps, batch_limit)
-        )
-        timed = self._budget.timer is not None
-        self._probing = timed and not self._resuming and self.total_steps is None
+        self._manual_planner = manual_planner(engine, trainer, self.total_steps)
         self._lr_find_curve = None
         if self.config.peak_lr == "find" and not self._resuming:
             self._lr_find_curve = find_peak_lr(engine, trainer, pl_module)
@@ -447,7 +415,8 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             per_batch = len(trainer.optimizers) if self._manual else 1
             self.engine.start_at(math.ceil(trainer.global_step / per_batch))
         self._epoch_loop = trainer.fit_loop.epoch_loop
-        self._budget.begin_training(trainer, self._probing)
+        # a fresh fit without a length of its own is planned from its step rate under max_time
+        self._budget.begin_training(trainer, not self._resuming and self.total_steps is None)
         view = self._view
         view.begin_training(trainer, self._lr_find_curve, self._resuming)
         self.engine.on_loss = view.loss if view.watches_losses else None
@@ -522,7 +491,8 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         if isinstance(loss, Tensor):
             engine.add_loss(loss)
         elif not self._warned_no_loss:
-            self._warn_no_loss()
+            self._warned_no_loss = True
+            self._view.warn_no_loss(self._manual)
         counter = self._step_counter  # trainer.global_step, without its chain of properties
         global_step = counter.completed if counter is not None else trainer.global_step
         if global_step == self._last_global_step:
@@ -534,18 +504,6 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             self._manual_planner.follow(global_step)
         if engine.step >= self._next_check:
             self._on_check()
-
-    def _warn_no_loss(self) -> None:
-        self._warned_no_loss = True
-        counted = (
-            "are counted, but no spike, plateau or stabilization can be seen in them"
-            if self._manual
-            else "are not counted (Lightning skips their optimizer step)"
-        )
-        log.warning(
-            "ScheduleSurgeon found no loss in a training_step output; steps without a loss "
-            f"{counted}: return the loss, or a dict with 'loss'"
-        )
 
     def _on_check(self) -> None:
         """A ``max_time`` check is due, or the planned steps have run (the progress bar and

@@ -12,6 +12,7 @@ Only rank zero logs and writes files; ``callback_metrics`` are kept on every ran
 """
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from surgeon.recorder import (
     run_settings,
 )
 
+log = logging.getLogger("surgeon")
+"""Warnings (events and notices go through Lightning's rank-zero info channel)."""
 SURGEON_LOGS = "surgeon_logs"
 """Without a logger or ``log_dir``, run files go to ``default_root_dir/surgeon_logs/version_N``."""
 NEVER = 2**62
@@ -207,6 +210,18 @@ class Reporter:
         """A one-off line through Lightning's rank-zero info channel (``verbose``)."""
         if self.verbose:
             rank_zero_info(f"ScheduleSurgeon: {message}")
+
+    def warn_no_loss(self, manual: bool) -> None:
+        """Say (once: the caller's) that a ``training_step`` output had no loss."""
+        counted = (
+            "are counted, but no spike, plateau or stabilization can be seen in them"
+            if manual
+            else "are not counted (Lightning skips their optimizer step)"
+        )
+        log.warning(
+            "ScheduleSurgeon found no loss in a training_step output; steps without a loss "
+            f"{counted}: return the loss, or a dict with 'loss'"
+        )
 
     def report(self, event: Event) -> None:
         """``event`` where users look: a line through Lightning's rank-zero info channel

@@ -15,9 +15,10 @@ import torch.distributed as dist
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
-from surgeon.engine import distributed_max, distributed_mean
+from surgeon.engine import StepEngine, distributed_max, distributed_mean
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
 from surgeon.loss_feed import Reduce
+from surgeon.planning import ManualStepPlanner
 
 try:  # one class that both Trainers accept: `lightning.pytorch` and `pytorch_lightning`
     import lightning.pytorch as _lightning_pytorch
@@ -170,15 +171,18 @@ def plan_source(trainer: pl.Trainer, total_steps: int | None, plan_cap: int | No
     )
 
 
-def manual_limits(trainer: pl.Trainer, total_steps: int | None) -> tuple[int | None, float]:
-    """Under manual optimization without ``total_steps``: the Trainer's ``max_steps`` (``None``:
-    none) and the batches ``max_epochs`` allows, to follow the steps per batch with."""
+def manual_planner(
+    engine: StepEngine, trainer: pl.Trainer, total_steps: int | None
+) -> ManualStepPlanner | None:
+    """Under manual optimization without ``total_steps``, where ``max_steps`` counts every
+    ``opt.step()``: the planner that follows the steps per batch (with the batches
+    ``max_epochs`` allows); else ``None``."""
     manual = not trainer.lightning_module.automatic_optimization
     if not manual or total_steps is not None or trainer.max_steps in (None, -1):
-        return None, math.inf
+        return None
     batches, epochs = trainer.num_training_batches, trainer.max_epochs
     bounded = epochs not in (None, -1) and math.isfinite(batches)
-    return trainer.max_steps, batches * epochs if bounded else math.inf
+    return ManualStepPlanner(engine, trainer.max_steps, batches * epochs if bounded else math.inf)
 
 
 def _peak_under_scheduler(scheduler: Any, group: dict[str, Any], index: int) -> float:
@@ -193,7 +197,23 @@ def _peak_under_scheduler(scheduler: Any, group: dict[str, Any], index: int) -> 
     return group.get("initial_lr", group["lr"])
 
 
-def take_over_schedulers(
+def driven_optimizers(
+    trainer: pl.Trainer, *, leave: bool, replace: bool, notice: Callable[[str], None]
+) -> list[Optimizer]:
+    """The optimizers whose LR the surgeon writes: all, but those left to their LR schedulers
+    (``leave``); see :func:`_take_over_schedulers`."""
+    scheduled = _take_over_schedulers(trainer, leave=leave, replace=replace, notice=notice)
+    driven = [opt for opt in trainer.optimizers if id(opt) not in scheduled]
+    if not driven:
+        raise SurgeonMisconfigurationException(
+            "ScheduleSurgeon has no optimizer to drive: all have LR schedulers and "
+            "leave_scheduled_optimizers=True leaves them to those; pass "
+            "leave_scheduled_optimizers=False to take them over"
+        )
+    return driven
+
+
+def _take_over_schedulers(
     trainer: pl.Trainer, *, leave: bool, replace: bool, notice: Callable[[str], None]
 ) -> set[int]:
     """The ids of the optimizers left to their LR schedulers (``leave``). The others'
