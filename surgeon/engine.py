@@ -194,6 +194,7 @@ class StepEngine:
         checkpoint's: the same means the saved plan goes on, however it was adjusted)."""
         self.feed = LossFeed(readback_every)
         self.guard = NonFiniteGuard("off")
+        self._guarded = False  # the guard acts (its mode is not "off"): read once per step
         self.module: nn.Module | None = None
         self.optimizers: list[Optimizer] = []
         """Every optimizer of the fit (snapshots and rollbacks cover them all)."""
@@ -260,6 +261,7 @@ class StepEngine:
         self.module = module
         self.manual = manual
         self.guard = guard if guard is not None else NonFiniteGuard("off")
+        self._guarded = self.guard.mode != "off"
         self.feed = LossFeed(
             self.readback_every, reduce, accumulate=accumulate, device=device, loss_scale=loss_scale
         )
@@ -316,10 +318,10 @@ class StepEngine:
         dropped the snapshot of that step when it saved).
 
         Returns the LR scale written, ``None`` when this step's LR was already in place."""
-        controller = self.controller
-        if controller is None or self.written_step == self.step:
+        step, controller = self.step, self.controller
+        if self.written_step == step or controller is None:
             return None
-        scale = controller.lr_scale(self.step)
+        scale = controller.lr_scale(step)
         try:
             for optimizer in self.driven:
                 for group in optimizer.param_groups:
@@ -331,14 +333,14 @@ class StepEngine:
             controller.forget_snapshots()
             self._snapshots = [Snapshot(s.location) for s in self._snapshots]
             return self.begin_step(snapshot=snapshot)
-        self.written_step, self.written_scale = self.step, scale
-        if snapshot and self._snapshots and controller.snapshot_due(self.step):
+        self.written_step, self.written_scale = step, scale
+        if snapshot and self._snapshots and controller.snapshot_due(step):
             self._take_snapshot()
         return scale
 
     def watch_loss(self, loss: Tensor) -> None:
         """A micro-batch loss, before its backward: the guard checks it with the gradients."""
-        if self.guard.mode != "off":
+        if self._guarded:
             self.guard.add_loss(loss)
 
     def add_loss(self, loss: Tensor) -> None:
@@ -348,20 +350,25 @@ class StepEngine:
     def before_optimizer_step(self, optimizer: Optimizer) -> None:
         """Flag the update ``optimizer`` is about to apply when a loss or gradient is
         non-finite, and arrange for it to be skipped (see :mod:`surgeon.guard`)."""
-        if self.guard.mode == "off":
+        if not self._guarded:
             return
         flag = self.guard.check(optimizer)
         if flag is not None:  # several optimizers in one step: any one skipped flags the step
             self._step_flag = flag if self._step_flag is None else self._step_flag.maximum(flag)
 
     def end_step(self, loss_scale: Tensor | None = None) -> None:
-        """Close the current optimizer step (``loss_scale``: GradScaler's scale after it) and
-        act on the losses whose readback is now due."""
+        """Close the current optimizer step (``loss_scale``: GradScaler's scale after it) and,
+        once per block, act on the losses whose readback is now due."""
         self.step += 1
-        flag, self._step_flag = self._step_flag, None
-        self.guard.release()
+        flag = self._step_flag
+        if flag is not None:
+            self._step_flag = None
+        if self._guarded:
+            self.guard.release()
         buffers_flag = self._check_buffers() if self._buffers else None
-        self._consume(self.feed.close_step(loss_scale, flag, buffers_flag))
+        due = self.feed.close_step(loss_scale, flag, buffers_flag)
+        if due:
+            self._consume(due)
 
     def _check_buffers(self) -> Tensor:
         """A 0-d flag on the device, 1.0 when a checked buffer holds a NaN/inf. One kernel per

@@ -45,7 +45,7 @@ class StepLoss(NamedTuple):
     whether it had no loss (on some rank); whether the buffers held a NaN/inf after it (on
     some rank).
 
-    A named tuple: one is made per step, and a tuple is the cheapest to make."""
+    A named tuple: one is made per step, once per block, and a tuple is the cheapest to make."""
 
     loss: float
     skipped: bool = False
@@ -54,15 +54,10 @@ class StepLoss(NamedTuple):
     buffers_nonfinite: bool = False
 
 
-class _Row(NamedTuple):
-    """One closed step, on its device, 0-d each: its loss, its loss scale (``None``: no
-    GradScaler), its guard flag (``None``: not guarded) and its buffer flag (``None``: not
-    checked)."""
-
-    loss: Tensor
-    scale: Tensor | None
-    flag: Tensor | None
-    buffers: Tensor | None = None
+_Row = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]
+"""One closed step, on its device, 0-d each: its loss, its loss scale (``None``: no
+GradScaler), its guard flag (``None``: not guarded) and its buffer flag (``None``: not
+checked). A plain tuple: one is kept per step."""
 
 
 class _Block:
@@ -87,19 +82,31 @@ class _Block:
         else:
             self.host, self.done = values, None
 
-    def read(self) -> list[tuple[float, float, float, float]]:
-        """``(loss, scale, flag, buffers)`` per step; scale 1.0 without a GradScaler, flags 0.0
-        where not checked."""
+    def read(
+        self,
+    ) -> tuple[list[float], list[float] | None, list[float] | None, list[float] | None]:
+        """The columns as floats: losses, then scales, guard flags and buffer flags (``None``
+        where the block has none)."""
         if self.done is not None:
             self.done.synchronize()
         values = self.host.tolist()
+        if not (self.scaled or self.flagged or self.buffered):
+            return values, None, None, None
         n = len(values) // (1 + self.scaled + self.flagged + self.buffered)
         columns = iter(values[i : i + n] for i in range(0, len(values), n))
         losses = next(columns)
-        scales = next(columns) if self.scaled else [1.0] * n
-        flags = next(columns) if self.flagged else [0.0] * n
-        buffers = next(columns) if self.buffered else [0.0] * n
-        return list(zip(losses, scales, flags, buffers, strict=True))
+        scales = next(columns) if self.scaled else None
+        flags = next(columns) if self.flagged else None
+        return losses, scales, flags, next(columns) if self.buffered else None
+
+    def rows(self) -> list[tuple[float, float, float, float]]:
+        """``(loss, scale, flag, buffers)`` per step; scale 1.0 without a GradScaler, flags 0.0
+        where not checked."""
+        losses, scales, flags, buffers = self.read()
+        n = len(losses)
+        return list(
+            zip(losses, scales or [1.0] * n, flags or [0.0] * n, buffers or [0.0] * n, strict=True)
+        )
 
     @classmethod
     def from_rows(cls, rows: list[list[float]]) -> "_Block":
@@ -144,6 +151,7 @@ class LossFeed:
         self._micro_count = 0
         self._last_loss: Tensor | None = None  # its device is where a loss-less step's NaN goes
         self._rows: list[_Row] = []
+        self._plain = True  # the open rows are losses alone (no scale, guard or buffer flags)
         self._closed = 0  # steps closed so far: blocks end at its multiples, also after a flush
         self._mixed_devices = False  # rows may sit on several devices (see _stack)
         self._restored_rows = 0  # the first open rows came from a checkpoint, averaged already
@@ -185,8 +193,11 @@ class LossFeed:
         elif self._micro_count != self.accumulate:  # the mean over the step's micro-batches
             loss = loss * (self.accumulate / self._micro_count)
         self._micro, self._micro_count = None, 0
-        scale = None if loss_scale is None else loss_scale.reshape(()).clone()
-        self._rows.append(_Row(loss, scale, update_skipped, buffers_nonfinite))
+        if loss_scale is not None or update_skipped is not None or buffers_nonfinite is not None:
+            self._plain = False
+            if loss_scale is not None:  # GradScaler updates it in place
+                loss_scale = loss_scale.reshape(()).clone()
+        self._rows.append((loss, loss_scale, update_skipped, buffers_nonfinite))
         self._closed += 1
         if self._closed % self.readback_every:
             return []
@@ -209,10 +220,12 @@ class LossFeed:
 
     def _send_block(self) -> None:
         """Stack the open rows, reduce them across ranks and start their copy to the host."""
-        values, *kinds = self._reduced(*self._stack())
-        self._rows = []
+        stacked = self._stack()
+        if self.reduce is not None:
+            stacked = self._reduced(*stacked)
+        self._rows, self._plain = [], True
         self._restored_rows = 0
-        self._in_flight.append(_Block(values, *kinds))
+        self._in_flight.append(_Block(*stacked))
 
     def _reduced(self, values: Tensor, *kinds: bool) -> tuple[Tensor, bool, bool, bool]:
         """``values`` averaged across ranks, except the rows restored from a checkpoint: those
@@ -235,22 +248,30 @@ class LossFeed:
         """The open rows as one flat float32 tensor on one device (see :class:`_Block`)."""
         rows = self._rows
         if self._mixed_devices:  # restored from a checkpoint, or NaN rows before any loss
-            device = self.device if self.device is not None else rows[-1].loss.device
-            rows = [_Row(*(None if t is None else t.to(device) for t in row)) for row in rows]
+            device = self.device if self.device is not None else rows[-1][0].device
+            rows = [tuple(None if t is None else t.to(device) for t in row) for row in rows]  # type: ignore[misc]
             self._rows = rows
             self._mixed_devices = self.device is None  # later rows may come from elsewhere
-        columns = [row.loss for row in rows]
-        scaled = flagged = buffered = False
-        if any(row.scale is not None for row in rows):
-            scaled = True
-            columns += [self._or_constant(row.scale, row.loss, 1.0) for row in rows]
-        if any(row.flag is not None for row in rows):
-            flagged = True
-            columns += [self._or_constant(row.flag, row.loss, 0.0) for row in rows]
-        if any(row.buffers is not None for row in rows):
-            buffered = True
-            columns += [self._or_constant(row.buffers, row.loss, 0.0) for row in rows]
-        return torch.stack(columns).float(), scaled, flagged, buffered
+        if self._plain:
+            values = torch.stack([row[0] for row in rows])
+            return (
+                (values if values.dtype == torch.float32 else values.float()),
+                False,
+                False,
+                False,
+            )
+        losses, *others = zip(*rows, strict=True)
+        columns, kinds = list(losses), []
+        for column, default in zip(others, (1.0, 0.0, 0.0), strict=True):  # scale, flags
+            present = any(t is not None for t in column)
+            if present:
+                pairs = zip(column, losses, strict=True)
+                columns += [self._or_constant(t, loss, default) for t, loss in pairs]
+            kinds.append(present)
+        values = torch.stack(columns)
+        if values.dtype != torch.float32:
+            values = values.float()
+        return values, kinds[0], kinds[1], kinds[2]
 
     def _or_constant(self, value: Tensor | None, beside: Tensor, default: float) -> Tensor:
         """``value``, or a cached 0-d ``default`` on ``beside``'s device when it is ``None``."""
@@ -262,18 +283,31 @@ class LossFeed:
         return self._constants[key]
 
     def _read(self, block: _Block) -> list[StepLoss]:
+        losses, scales, flags, buffers = block.read()
+        n = len(losses)
+        if scales is None and self._last_scale <= 1.0:  # no GradScaler, no loss-less step
+            self._last_scale = 1.0 if n else self._last_scale
+            if flags is None and buffers is None:
+                return [StepLoss(loss) for loss in losses]
+            pairs = zip(losses, flags or [0.0] * n, buffers or [0.0] * n, strict=True)
+            return [StepLoss(loss, False, flag > 0, False, b > 0) for loss, flag, b in pairs]
         out = []
-        for loss, scale, flag, buffers in block.read():
+        rows = zip(
+            losses, scales or [1.0] * n, flags or [0.0] * n, buffers or [0.0] * n, strict=True
+        )
+        for loss, scale, flag, buffers_flag in rows:
             if math.isnan(scale):  # a step without a loss (on some rank): not counted
-                out.append(StepLoss(loss, True, False, True, buffers > 0))
+                out.append(StepLoss(loss, True, False, True, buffers_flag > 0))
                 continue
             dropped = scale < self._last_scale  # GradScaler skipped the update
             # a NaN/inf loss, or gradients that overflow even unscaled (the scale was at most
             # 1 already): not calibration but a non-finite step, counted and skipped as guarded
             if dropped and (not math.isfinite(loss) or self._last_scale <= 1.0):
-                out.append(StepLoss(loss, False, True, False, buffers > 0))
+                out.append(StepLoss(loss, False, True, False, buffers_flag > 0))
             else:
-                out.append(StepLoss(loss, dropped, flag > 0 and not dropped, False, buffers > 0))
+                out.append(
+                    StepLoss(loss, dropped, flag > 0 and not dropped, False, buffers_flag > 0)
+                )
             self._last_scale = scale
         return out
 
@@ -283,9 +317,9 @@ class LossFeed:
         The open rows are saved averaged across ranks, as every rank would read them, so this
         runs the feed's collective: call it on every rank (Lightning's ``save_checkpoint``
         does, and must be called on every rank anyway)."""
-        rows = _Block(*self._reduced(*self._stack())).read() if self._rows else []
+        rows = _Block(*self._reduced(*self._stack())).rows() if self._rows else []
         return {
-            "in_flight": [[list(row) for row in block.read()] for block in self._in_flight],
+            "in_flight": [[list(row) for row in block.rows()] for block in self._in_flight],
             "rows": [list(row) for row in rows],
             "last_scale": self._last_scale,
             "closed": self._closed,
@@ -295,7 +329,8 @@ class LossFeed:
         """Restore what :meth:`state_dict` returned (as CPU tensors; moved on next use)."""
         self._micro, self._micro_count = None, 0
         self._in_flight = deque(_Block.from_rows(rows) for rows in state["in_flight"])
-        self._rows = [_Row(*(torch.tensor(v) for v in _padded(row))) for row in state["rows"]]
+        self._rows = [tuple(torch.tensor(v) for v in _padded(row)) for row in state["rows"]]  # type: ignore[misc]
+        self._plain = not self._rows
         self._mixed_devices = bool(self._rows)
         self._restored_rows = len(self._rows)
         self._last_scale = state["last_scale"]

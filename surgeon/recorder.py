@@ -37,6 +37,8 @@ EVENT_CODES = {kind: float(code) for code, kind in enumerate(EventKind)}
 """Numeric event kind (its place in :class:`~surgeon.controller.EventKind`), logged as
 ``surgeon/event`` and kept as ``surgeon/last_event`` in ``trainer.callback_metrics``."""
 LOSSES_HEADER = "step,loss,update_skipped\n"
+LOSS_ROWS_PER_WRITE = 256
+"""Loss rows are formatted and written this many at a time (and at every flush)."""
 
 
 def event_record(event: Event, lr_before: float, lr_after: float) -> dict[str, Any]:
@@ -63,6 +65,7 @@ class RunRecorder:
     def __init__(self, *directories: Path) -> None:
         self.directories = [Path(d) for d in directories]
         self._losses: list[IO[str]] = []
+        self._pending: list[tuple[int, float, bool]] = []
 
     def start(
         self,
@@ -107,19 +110,32 @@ class RunRecorder:
                 f.write(line)
 
     def losses(self, rows: list[tuple[int, float, bool]]) -> None:
-        """Append the losses the controller consumed, ``(step, loss, update_skipped)`` each (a
-        block at a time: one string and one write per file)."""
-        text = "".join([f"{step},{loss!r},{int(skipped)}\n" for step, loss, skipped in rows])
+        """Append the losses the controller consumed, ``(step, loss, update_skipped)`` each
+        (kept, then formatted and written :data:`LOSS_ROWS_PER_WRITE` at a time)."""
+        pending = self._pending
+        pending += rows
+        if len(pending) >= LOSS_ROWS_PER_WRITE:
+            self._write_losses()
+
+    def _write_losses(self) -> None:
+        if not self._pending:
+            return
+        text = "".join(
+            [f"{step},{loss!r},{int(skipped)}\n" for step, loss, skipped in self._pending]
+        )
+        self._pending = []
         for losses in self._losses:
             losses.write(text)
 
     def flush(self) -> None:
-        """Push buffered loss rows to disk (at checkpoints, at the end)."""
+        """Push the loss rows so far to disk (at checkpoints, at the end)."""
+        self._write_losses()
         for losses in self._losses:
             losses.flush()
 
     def close(self) -> None:
-        """Flush and close the loss files."""
+        """Write what is kept, and close the loss files."""
+        self._write_losses()
         for losses in self._losses:
             losses.close()
         self._losses = []
