@@ -151,7 +151,7 @@ class LossFeed:
         self._micro_count = 0
         self._last_loss: Tensor | None = None  # its device is where a loss-less step's NaN goes
         self._rows: list[_Row] = []
-        self._plain = True  # the open rows are losses alone (no scale, guard or buffer flags)
+        self._kept = [0, 0, 0]  # scales, guard flags, buffer flags among the open rows
         self._closed = 0  # steps closed so far: blocks end at its multiples, also after a flush
         self._mixed_devices = False  # rows may sit on several devices (see _stack)
         self._restored_rows = 0  # the first open rows came from a checkpoint, averaged already
@@ -194,9 +194,14 @@ class LossFeed:
             loss = loss * (self.accumulate / self._micro_count)
         self._micro, self._micro_count = None, 0
         if loss_scale is not None or update_skipped is not None or buffers_nonfinite is not None:
-            self._plain = False
+            kept = self._kept
             if loss_scale is not None:  # GradScaler updates it in place
                 loss_scale = loss_scale.reshape(()).clone()
+                kept[0] += 1
+            if update_skipped is not None:
+                kept[1] += 1
+            if buffers_nonfinite is not None:
+                kept[2] += 1
         self._rows.append((loss, loss_scale, update_skipped, buffers_nonfinite))
         self._closed += 1
         if self._closed % self.readback_every:
@@ -223,7 +228,7 @@ class LossFeed:
         stacked = self._stack()
         if self.reduce is not None:
             stacked = self._reduced(*stacked)
-        self._rows, self._plain = [], True
+        self._rows, self._kept = [], [0, 0, 0]
         self._restored_rows = 0
         self._in_flight.append(_Block(*stacked))
 
@@ -252,34 +257,25 @@ class LossFeed:
             rows = [tuple(None if t is None else t.to(device) for t in row) for row in rows]  # type: ignore[misc]
             self._rows = rows
             self._mixed_devices = self.device is None  # later rows may come from elsewhere
-        if self._plain:
-            values = torch.stack([row[0] for row in rows])
-            return (
-                (values if values.dtype == torch.float32 else values.float()),
-                False,
-                False,
-                False,
-            )
         losses, *others = zip(*rows, strict=True)
-        columns, kinds = list(losses), []
-        for column, default in zip(others, (1.0, 0.0, 0.0), strict=True):  # scale, flags
-            present = any(t is not None for t in column)
-            if present:
-                pairs = zip(column, losses, strict=True)
-                columns += [self._or_constant(t, loss, default) for t, loss in pairs]
-            kinds.append(present)
+        columns, n = list(losses), len(losses)
+        for column, count, default in zip(others, self._kept, (1.0, 0.0, 0.0), strict=True):
+            if count == n:  # in every row (the usual case: a kind is kept every step or never)
+                columns += column
+            elif count:
+                constant = self._constant(losses[0].device, default)
+                columns += [constant if t is None else t for t in column]
         values = torch.stack(columns)
         if values.dtype != torch.float32:
             values = values.float()
-        return values, kinds[0], kinds[1], kinds[2]
+        kept = self._kept
+        return values, kept[0] > 0, kept[1] > 0, kept[2] > 0
 
-    def _or_constant(self, value: Tensor | None, beside: Tensor, default: float) -> Tensor:
-        """``value``, or a cached 0-d ``default`` on ``beside``'s device when it is ``None``."""
-        if value is not None:
-            return value
-        key = (beside.device, default)
+    def _constant(self, device: torch.device, value: float) -> Tensor:
+        """A cached 0-d ``value`` on ``device`` (never written to)."""
+        key = (device, value)
         if key not in self._constants:
-            self._constants[key] = torch.full((), default, device=beside.device)
+            self._constants[key] = torch.full((), value, device=device)
         return self._constants[key]
 
     def _read(self, block: _Block) -> list[StepLoss]:
@@ -330,7 +326,7 @@ class LossFeed:
         self._micro, self._micro_count = None, 0
         self._in_flight = deque(_Block.from_rows(rows) for rows in state["in_flight"])
         self._rows = [tuple(torch.tensor(v) for v in _padded(row)) for row in state["rows"]]  # type: ignore[misc]
-        self._plain = not self._rows
+        self._kept = [len(self._rows)] * 3
         self._mixed_devices = bool(self._rows)
         self._restored_rows = len(self._rows)
         self._last_scale = state["last_scale"]
