@@ -42,7 +42,9 @@ Columns, per variant (medians over the rounds):
 
 Below the table, the targets of issue 17 against this run: the surgeon's hook cost against
 ``LambdaLR``'s, and its fit-time ratio against 1.05 (with the empty callback's beside it, the
-floor of any callback).
+floor of any callback). Beside each surgeon variant's hook cost, the share of it that is the
+decisions themselves (``Controller.update`` and ``Controller.lr_scale``, timed in one extra fit
+of that variant with those two wrapped, so the measured fits stay unwrapped).
 
 Every variant gets the same no-op logger (``DummyLogger``): ``LearningRateMonitor`` refuses
 to run without one. Progress bar, model summary, checkpointing and sanity checks are off;
@@ -104,6 +106,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 import surgeon
 from surgeon import ScheduleSurgeon
+from surgeon.controller import Controller
 
 VARIANTS = ("none", "empty", "lambdalr", "monitor+spike", "surgeon", "surgeon-unguarded")
 LABELS = {
@@ -267,6 +270,7 @@ class Fit:
     per_hook_s: dict[str, float]
     syncs: int | None = None  # whole fit, when counted
     hook_syncs: int | None = None
+    controller_s: float | None = None  # in Controller.update and lr_scale, when timed
 
 
 def make_callbacks(variant: str) -> list[pl.Callback]:
@@ -289,10 +293,17 @@ def run_fit(
     root: Path,
     count_syncs: bool = False,
     clock: str = "wall",
+    time_controller: bool = False,
 ) -> Fit:
-    """One fit; with ``clock="cpu"`` its "wall" time is the process's CPU time."""
+    """One fit; with ``clock="cpu"`` its "wall" time is the process's CPU time.
+    ``time_controller``: also time the controller's per-step calls (wrapped for this fit)."""
     step_clock, fit_clock = CLOCKS[clock]
     timer = HookTimer(step_clock)
+    decisions = HookTimer(step_clock)
+    methods = {name: getattr(Controller, name) for name in ("update", "lr_scale")}
+    if time_controller:
+        for name, method in methods.items():
+            setattr(Controller, name, decisions.wrap(method, f"Controller.{name}"))
     callbacks = make_callbacks(variant)
     time_hooks(callbacks, timer)
     model = Tiny(steps, width, timer if variant == "lambdalr" else None)
@@ -328,6 +339,8 @@ def run_fit(
             trainer.fit(model, batches)
         finally:
             pl_call._call_callback_hooks = dispatch
+            for name, method in methods.items():
+                setattr(Controller, name, method)
             if count_syncs:
                 torch.cuda.set_sync_debug_mode("default")
                 syncs = sum("synchronizing" in str(w.message) for w in caught)
@@ -340,7 +353,10 @@ def run_fit(
     step = statistics.median(b - a for a, b in itertools.pairwise(model.stamps)) / 1e9
     hook_syncs = timer.syncs if count_syncs else None
     lightning = sum(machinery.ns.values()) / 1e9 - in_steps - in_setup
-    return Fit(wall, step, cpu, in_steps, in_setup, lightning, per_hook, syncs, hook_syncs)
+    controller = sum(decisions.ns.values()) / 1e9 if time_controller else None
+    return Fit(
+        wall, step, cpu, in_steps, in_setup, lightning, per_hook, syncs, hook_syncs, controller
+    )
 
 
 # ---------------------------------------------------------------------------- a table
@@ -368,6 +384,7 @@ class Row:
     steps_per_s_ratio: float = 1.0
     syncs_per_step: float | None = None
     hook_syncs_per_step: float | None = None
+    controller_us_per_step: float | None = None  # of the hook time: the decisions (extra fit)
 
 
 def measure(
@@ -420,6 +437,9 @@ def measure(
         row.estimated_ratio = 1.0 + added / statistics.median(base.step_us)
     for (variant, name), values in per_hook.items():
         rows[variant].per_hook_us_per_step[name] = statistics.median(values)
+    for variant in (v for v in variants if v.startswith("surgeon")):
+        fit = run_fit(variant, steps, width, device, root, clock=clock, time_controller=True)
+        rows[variant].controller_us_per_step = (fit.controller_s or 0.0) / steps * 1e6
     if device == "cuda":
         for variant, row in rows.items():
             fit = run_fit(variant, steps, width, device, root, count_syncs=True)
@@ -481,9 +501,11 @@ def targets(rows: list[Row]) -> list[str]:
                 by["lambdalr"].median_hook_us_per_step,
             )
             verdict = "met" if mine <= times * theirs else "missed"
+            decisions = by[variant].controller_us_per_step
+            share = "" if decisions is None else f"; the controller's calls {decisions:.1f} of it"
             lines.append(
                 f"  {LABELS[variant].strip()}: hook {mine:.1f} µs/step, x{mine / theirs:.1f} "
-                f"LambdaLR's {theirs:.1f} (target <= x{times:g}): {verdict}"
+                f"LambdaLR's {theirs:.1f} (target <= x{times:g}): {verdict}{share}"
             )
     floor = f" (an empty Callback: {by['empty'].estimated_ratio:.3f})" if "empty" in by else ""
     met = "met" if max(surgeon.ratio, surgeon.estimated_ratio) <= RATIO_TARGET else "missed"
