@@ -179,7 +179,8 @@ class StepEngine:
         on_loss: LossSink | None = None,
     ) -> None:
         """``on_event``: each decision; ``on_losses``: the losses consumed, once per block;
-        ``on_loss``: each loss right after it was consumed (``None``: not needed, no call)."""
+        ``on_loss``: a loss right after it was consumed (``None``: none; see
+        :attr:`on_loss_from`)."""
         check_snapshot_mode(snapshot)
         check_positive_int("readback_every", readback_every)
         self.config = config
@@ -188,6 +189,9 @@ class StepEngine:
         self.on_event = on_event
         self.on_losses = on_losses
         self.on_loss = on_loss
+        self.on_loss_from = 0
+        """``on_loss`` is called for the losses of the steps tried (``step + skipped_steps``)
+        from this one on: a view that needs only some moves it ahead, the others cost no call."""
         self.controller: Controller | None = None
         self.planned = 0
         """The planned length this run was started with (a resume compares it with the
@@ -274,6 +278,7 @@ class StepEngine:
         self.step = self.skipped_steps = self.restores = 0
         self.written_step = -1
         self.written_scale = 1.0
+        self.on_loss_from = 0
         self.adopt_new_param_groups()
 
     def event_record(self, event: Event) -> dict[str, Any]:
@@ -422,7 +427,7 @@ class StepEngine:
             if controller.rollback_to is not None:
                 self._roll_back()
             rows.append((loss_step, loss, update_skipped))
-            if on_loss is not None:
+            if on_loss is not None and loss_step + self.skipped_steps >= self.on_loss_from:
                 on_loss(loss_step, loss, update_skipped)
             if events:
                 stalled = next((e for e in events if e.kind is EventKind.STALLED), None)

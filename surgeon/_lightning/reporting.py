@@ -177,10 +177,12 @@ class Reporter:
     def loss(self, step: int, loss: float, update_skipped: bool) -> None:
         """A loss the controller has just consumed: into the loggers at its own step when
         Lightning logs that step, with its smoothed value and the phase (rank zero, with
-        loggers: see :meth:`watches_losses`)."""
-        at = step + self.engine.skipped_steps + (self.step_offset or 0)  # Lightning's step
-        if (at + 1) % self.log_every == 0:
-            controller = self.engine.controller
+        loggers: see :meth:`watches_losses`). The engine calls it again at the next such step."""
+        engine, every, offset = self.engine, self.log_every, self.step_offset or 0
+        at = step + engine.skipped_steps + offset  # Lightning's step
+        engine.on_loss_from = ((at + 1) // every + 1) * every - 1 - offset
+        if (at + 1) % every == 0:
+            controller = engine.controller
             assert controller is not None
             metrics = {
                 "surgeon/loss": loss,
