@@ -72,6 +72,10 @@ class EventKind(str, Enum):
     """What the controller decided."""
 
     WARMUP_END = "warmup_end"
+    RAMP_PAUSE = "ramp_pause"
+    """The loss rose during the warmup ramp: the LR holds where it is."""
+    RAMP_RESUME = "ramp_resume"
+    """The loss stopped rising: the warmup ramp goes on."""
     PLATEAU = "plateau"
     RESTART = "restart"
     SPIKE = "spike"
@@ -227,6 +231,9 @@ class Controller:
         self.events: list[Event] = []
         self.restarts = 0
         self.paused = False
+        self.peak = 1.0
+        self.awaiting_descent = False
+        self.watch_until = 0
         self.nonfinite_streak = 0
         self.ignore_until = 0
         self.intervention = _Intervention()
@@ -237,12 +244,8 @@ class Controller:
             self._set_plan(self._decay_plan(0, 1.0))
             self.phase = self._plan_phase(0)
         else:
-            ramp = self.min_warmup
-            self._set_plan(
-                self._decay_plan(
-                    0, 1.0, v0=1.0 / (ramp + 1), ramp=ramp, decay_start=self.max_warmup
-                )
-            )
+            ramp = self.max_warmup
+            self._set_plan(self._decay_plan(0, 1.0, v0=1.0 / (ramp + 1), ramp=ramp))
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, statistics, phase, plan, intervention and events (not the configuration,
@@ -254,6 +257,9 @@ class Controller:
             "plan": asdict(self._plan),
             "intervention": asdict(self.intervention),
             "paused": self.paused,
+            "peak": self.peak,
+            "awaiting_descent": self.awaiting_descent,
+            "watch_until": self.watch_until,
             "restarts": self.restarts,
             "nonfinite_streak": self.nonfinite_streak,
             "ignore_until": self.ignore_until,
@@ -274,6 +280,9 @@ class Controller:
         self._set_plan(_Plan(**state["plan"]))
         self.intervention = _Intervention(**state["intervention"])
         self.paused = state["paused"]
+        self.peak = state.get("peak", 1.0)
+        self.awaiting_descent = state.get("awaiting_descent", False)
+        self.watch_until = state.get("watch_until", 0)
         self.restarts = state["restarts"]
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
         self.ignore_until = state.get("ignore_until", 0)
@@ -299,17 +308,16 @@ class Controller:
         elif plan.hold is None:  # a warmup paused by a spike: its recovery plans the rest
             how = "the paused warmup plans the rest when it resumes"
         elif self.phase is Phase.WARMUP:
-            # the new max_warmup may be behind: the decay then starts here, not in the past
-            ends = max(self.max_warmup, step)
-            self._set_plan(
-                self._decay_plan(plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp, decay_start=ends)
-            )
-            how = f"warmup now ends by step {ends}, the decay follows"
+            # the ramp goes on; a new max_warmup already behind ends the warmup at the next step
+            self._set_plan(self._decay_plan(plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp))
+            how = f"the warmup ramp goes on (max_warmup {self.max_warmup} steps), the decay follows"
         else:
             if step < plan.start + plan.ramp:  # a restart's ramp in progress: let it finish
                 self._set_plan(self._decay_plan(plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp))
             else:
-                self._set_plan(self._decay_plan(step, self._base(step - plan.start)))
+                latest = self._latest_decay_start(step) if self.awaiting_descent else None
+                level = self._base(step - plan.start)
+                self._set_plan(self._decay_plan(step, level, decay_start=latest))
             self.phase = self._plan_phase(step)
             how = f"{self.config.decay} decay from the current LR scale over the remaining steps"
         why = (
@@ -346,7 +354,7 @@ class Controller:
         new_events: list[Event] = []
         self._expire_recovery(step)
 
-        mean, var = self.spike.mean, self.spike.var  # before this loss, for a spike's reason
+        mean, std = self.spike.mean, self.spike.std  # before this loss, for a spike's reason
         if update_skipped and math.isfinite(loss):
             signal, bad = Signal.NONFINITE, f"gradients are non-finite (loss {loss:.4g}); "
         else:
@@ -367,7 +375,7 @@ class Controller:
             self.nonfinite_streak = 0
             why = (
                 f"loss {loss:.4g} is {self.spike.last_zscore:.1f} sigma above its running mean "
-                f"{mean:.4g} (std {math.sqrt(var):.3g}; thresholds {self.spike.zscore:g} sigma and "
+                f"{mean:.4g} (noise {std:.3g}; thresholds {self.spike.zscore:g} sigma and "
                 f"{self.spike.ratio:g}x the mean); "
             )
             new_events.append(self._cut_for_spike(step, EventKind.SPIKE, why))
@@ -385,6 +393,8 @@ class Controller:
                 new_events += self._maybe_recover(step, loss)
             if self.phase is Phase.WARMUP:
                 new_events += self._warmup_update(step, loss)
+            elif self.awaiting_descent:
+                new_events += self._saddle_update(step, loss)
             elif self.phase in (Phase.STABLE, Phase.DECAY) and self.intervention.mode == "normal":
                 new_events += self._plateau_update(step, loss)
         return self._close_step(step, new_events)
@@ -401,6 +411,8 @@ class Controller:
     def _expire_recovery(self, step: int) -> None:
         if self.intervention.mode == "recover" and self.intervention.at(step + 1) >= 1.0:
             self.intervention = _Intervention()
+            # a spike this soon after the LR is back is the same instability again
+            self.watch_until = step + 1 + self.spike_cooldown + self.spike_recovery
 
     def _close_step(self, step: int, new_events: list[Event]) -> list[Event]:
         """What every step ends with: a snapshot of this step that did not settle is no good,
@@ -408,8 +420,8 @@ class Controller:
         pending = self._pending_snapshot
         if pending is not None and pending[0] == step:  # its loss was not normal (or unknown)
             self._pending_snapshot = None
-        if self.phase is Phase.WARMUP and step + 1 >= self.max_warmup:
-            new_events.append(self._end_warmup(step, self._warmup_deadline_reason()))
+        if self.phase is Phase.WARMUP:
+            new_events += self._warmup_clock(step)
         self._follow_plan(step, new_events)
         if new_events:  # each says the phase the step's decisions left the run in
             new_events = [replace(event, phase=self.phase) for event in new_events]
@@ -518,48 +530,146 @@ class Controller:
         return event
 
     def _warmup_update(self, step: int, loss: float) -> list[Event]:
+        """The automatic warmup's decisions on a normal loss: pause the ramp while the loss rises,
+        resume it once it stops rising, end the warmup once the loss has stabilized."""
         signal = self.stabilizer.update(loss)
-        ready = (
-            self.config.warmup == "auto"
-            and signal is Signal.STABILIZED
-            and step + 1 >= self.min_warmup
-            and not self.paused
-            and self.intervention.mode == "normal"
-            and self._base(step + 1 - self._plan.start) >= 1.0
-        )
-        if not ready:
-            return []
+        if self.config.warmup != "auto" or self.intervention.mode != "normal":
+            return []  # a fixed ramp, or one a spike holds (its recovery resumes it)
         det = self.stabilizer
-        why = (
-            f"loss stabilized: its EMA fell {det.last_drop:.2%} over the last {det.window} steps "
-            f"(threshold {det.threshold:.2%}) for {det.patience} steps in a row"
+        trend = (
+            f"its EMA changed by {-(det.last_drop or 0.0):+.2%} over the last {det.window} steps "
+            f"(noise {det.last_noise:.2%}, threshold {det.threshold:.2%})"
         )
+        if signal is Signal.RISING:
+            if self.paused:
+                return []
+            before = self.lr_scale(step + 1)
+            level = self._base(step + 1 - self._plan.start)
+            self.paused = True
+            self._set_plan(_Plan(step + 1, level, level, 0, None, 0, "linear"))
+            why = f"the loss is rising: {trend}; the warmup ramp holds at LR scale {level:.3g}"
+            return [self._event(step, EventKind.RAMP_PAUSE, why, before)]
+        if self.paused:
+            before = self.lr_scale(step + 1)
+            level = self._base(step + 1 - self._plan.start)
+            self.paused = False
+            ramp = self._ramp_steps(level, self.max_warmup)
+            self._set_plan(self._decay_plan(step + 1, self.peak, v0=level, ramp=ramp))
+            why = (
+                f"the loss stopped rising: {trend}; the ramp goes on from LR scale {level:.3g} "
+                f"to {self.peak:.3g} over {ramp} steps"
+            )
+            return [self._event(step, EventKind.RAMP_RESUME, why, before)]
+        if signal is Signal.STABILIZED and step + 1 >= self.min_warmup:
+            why = (
+                f"the loss stabilized after its initial descent: {trend}, not steeper and not "
+                f"rising for {det.patience} steps in a row"
+            )
+            return [self._end_warmup(step, why)]
+        return []
+
+    def _ramp_steps(self, level: float, pace: int) -> int:
+        """Steps from ``level`` to the peak at the pace of a 0-to-peak ramp of ``pace`` steps."""
+        return math.ceil(max(0.0, self.peak - level) * pace)
+
+    def _warmup_clock(self, step: int) -> list[Event]:
+        """At the end of step ``step`` in warmup: the ramp reached the peak (the warmup is over),
+        or ``max_warmup`` is reached (it ends here)."""
+        plan, det = self._plan, self.stabilizer
+        if plan.hold is not None and step + 1 - plan.start >= plan.ramp:
+            if self.config.warmup != "auto":
+                why = f"fixed warmup of {self.max_warmup} steps finished"
+            else:
+                drop = "none measured yet" if det.last_drop is None else f"{det.last_drop:.2%}"
+                why = (
+                    f"the ramp reached the peak at the pace of a {self.max_warmup}-step ramp "
+                    f"(max_warmup) before the loss stabilized (last EMA drop {drop} per "
+                    f"{det.window} steps, noise {det.last_noise:.2%})"
+                )
+            return [self._end_warmup(step, why)]
+        if step + 1 < self.max_warmup:
+            return []
+        level = self._base(step + 1 - plan.start)
+        if self.paused and self.intervention.mode == "normal":  # held by a rising loss
+            self.peak = min(self.peak, level)
+            why = (
+                f"max_warmup={self.max_warmup} steps reached while the loss was rising: the peak "
+                f"is lowered to LR scale {self.peak:.3g}, the highest the loss took"
+            )
+        else:
+            why = (
+                f"max_warmup={self.max_warmup} steps reached at LR scale {level:.3g} (the ramp was "
+                f"held on the way); it finishes at the pace of a {self.min_warmup}-step ramp"
+            )
         return [self._end_warmup(step, why)]
 
-    def _warmup_deadline_reason(self) -> str:
-        if self.config.warmup != "auto":
-            return f"fixed warmup of {self.max_warmup} steps finished"
-        det = self.stabilizer
-        if det.last_drop is None:
-            seen = f"no drop measured yet: the window is {det.window} steps"
-        else:
-            seen = (
-                f"last drop {det.last_drop:.2%} per {det.window} steps, threshold "
-                f"{det.threshold:.2%}; below it {det.streak} steps in a row of the "
-                f"{det.patience} needed"
-            )
-        return f"max_warmup={self.max_warmup} steps reached before the loss stabilized ({seen})"
-
     def _end_warmup(self, step: int, why: str) -> Event:
+        """Warmup is over: from the current level the LR goes to the peak at the ``min_warmup``
+        pace (at once if it is there), then decays."""
         before = self.lr_scale(step + 1)
+        level = self._base(step + 1 - self._plan.start)
         self.paused = False
-        self._set_plan(self._decay_plan(step + 1, self._base(step + 1 - self._plan.start)))
+        ramp = self._ramp_steps(level, self.min_warmup)
+        # a loss that never fell steeply sits where it started (a saddle): hold the peak, the
+        # decay waits for the descent (at the latest, a wsd tail)
+        self.awaiting_descent = (
+            self.config.warmup == "auto"
+            and self.config.decay != "wsd"  # wsd holds the peak anyway
+            and not self.stabilizer.steep_seen
+        )
+        latest = self._latest_decay_start(step + 1) if self.awaiting_descent else None
+        if ramp:
+            plan = self._decay_plan(step + 1, self.peak, v0=level, ramp=ramp, decay_start=latest)
+            why += f"; the LR goes from scale {level:.3g} to the peak over {ramp} steps"
+        else:
+            plan = self._decay_plan(step + 1, min(level, self.peak), decay_start=latest)
+        self._set_plan(plan)
+        if self.awaiting_descent:
+            why += (
+                "; the loss has not fallen steeply yet: the peak is held until it does (a saddle), "
+                f"at the latest until step {latest}"
+            )
         self.phase = self._plan_phase(step + 1)
         self.plateau.reset()
         return self._event(step, EventKind.WARMUP_END, why, before)
 
+    def _latest_decay_start(self, start: int) -> int:
+        """Where a hold that began at ``start`` gives way to the decay at the latest: the last
+        ``wsd_decay_fraction`` of the steps from ``start`` are left for the decay."""
+        return self.total_steps - round(self.config.wsd_decay_fraction * (self.total_steps - start))
+
+    def _saddle_update(self, step: int, loss: float) -> list[Event]:
+        """The peak is held while the loss sits where it started and while it then falls
+        steeply; the decay begins once that descent has stabilized, as a warmup ends (Barak et
+        al. 2022: a lower LR only delays the escape from such a plateau)."""
+        signal = self.stabilizer.update(loss)
+        det = self.stabilizer
+        if self.phase is not Phase.STABLE:  # the latest decay start came first
+            self.awaiting_descent = False
+            return []
+        if signal is not Signal.STABILIZED:
+            return []
+        before = self.lr_scale(step + 1)
+        self.awaiting_descent = False
+        level = self._base(step + 1 - self._plan.start)
+        self._set_plan(self._decay_plan(step + 1, level))
+        self.phase = self._plan_phase(step + 1)
+        self.plateau.reset()
+        why = (
+            f"the loss left its initial plateau and its descent stabilized: its EMA changed by "
+            f"{-(det.last_drop or 0.0):+.2%} over the last {det.window} steps (noise "
+            f"{det.last_noise:.2%}, threshold {det.threshold:.2%}) for {det.patience} steps; "
+            f"{self._plan.shape} decay from LR scale {level:.3g} to the floor ({self.floor:g}) "
+            f"over the remaining {self._plan.decay} steps"
+        )
+        return [self._event(step, EventKind.DECAY_START, why, before)]
+
     def _plateau_update(self, step: int, loss: float) -> list[Event]:
+        """A stalled loss: cut the LR of a hold at its level (a decay already lowers it: a cut
+        late in a healthy decay only costs), or restart (``plateau_action="restart"``)."""
         if self.plateau.update(loss) is not Signal.PLATEAU:
+            return []
+        if self.config.plateau_action == "cut" and self.phase is not Phase.STABLE:
             return []
         cfg, det = self.config, self.plateau
         before = self.lr_scale(step + 1)
@@ -570,12 +680,11 @@ class Controller:
         )
         if cfg.plateau_action == "restart" and self.restarts < cfg.max_restarts:
             self.restarts += 1
-            self._set_plan(
-                self._decay_plan(step + 1, cfg.restart_peak, v0=current, ramp=self.restart_warmup)
-            )
+            target = cfg.restart_peak * self.peak
+            self._set_plan(self._decay_plan(step + 1, target, v0=current, ramp=self.restart_warmup))
             why = (
                 f"{stalled}restart {self.restarts}/{cfg.max_restarts}: re-warm from "
-                f"{current:.3g} to {cfg.restart_peak:g} of the peak "
+                f"{current:.3g} to {target:.3g} ({cfg.restart_peak:g} of the peak) "
                 f"over {self.restart_warmup} steps"
             )
             return [self._event(step, EventKind.RESTART, why, before)]
@@ -593,12 +702,14 @@ class Controller:
             self.intervention.hold_until = hold_until
             why += f"already cut, cooldown extended to step {hold_until}"
             return self._event(step, kind, why, before)
+        if self.intervention.mode == "recover" or step < self.watch_until:
+            why += self._lower_peak(step, before)
         current = self.intervention.at(step + 1)
         value = max(self.floor, current * self.config.spike_factor)
         self.intervention = _Intervention(mode="hold", value=value, hold_until=hold_until)
         if self.phase is Phase.WARMUP and not self.paused:
             self.paused = True
-            frozen = self._base(step + 1 - self._plan.start)
+            frozen = min(self.peak, self._base(step + 1 - self._plan.start))
             self._set_plan(_Plan(step + 1, frozen, frozen, 0, None, 0, "linear"))
             why += "warmup ramp paused; "
         why += (
@@ -606,6 +717,32 @@ class Controller:
             f"held for {self.spike_cooldown} steps"
         )
         return self._event(step, kind, why, before)
+
+    def _lower_peak(self, step: int, scale: float) -> str:
+        """The loss spiked again while the LR was coming back from the last cut, or soon after:
+        the LR it is at is too high for this run. The peak becomes ``spike_factor x`` that
+        LR for the rest of the run (a ceiling), the plan is re-planned under it; returns the
+        reason's clause."""
+        self.peak = max(self.floor, min(self.peak, scale * self.config.spike_factor), 1e-12)
+        plan = self._plan
+        level = self._base(step + 1 - plan.start)
+        if self.phase is Phase.WARMUP:
+            if level > self.peak or plan.hold is None:
+                held = min(level, self.peak)
+                self._set_plan(_Plan(step + 1, held, held, 0, None, 0, "linear"))
+                self.paused = True
+            else:  # the ramp goes on, to the lower peak
+                ramp = self._ramp_steps(level, self.max_warmup)
+                self._set_plan(self._decay_plan(step + 1, self.peak, v0=level, ramp=ramp))
+        elif self.phase is not Phase.DONE and level > self.peak:
+            latest = self._latest_decay_start(step + 1) if self.awaiting_descent else None
+            self._set_plan(self._decay_plan(step + 1, self.peak, decay_start=latest))
+            self.phase = self._plan_phase(step + 1)
+        return (
+            f"the loss spiked again at LR scale {scale:.3g} within "
+            f"{self.spike_cooldown + self.spike_recovery} steps of the last cut: the peak is "
+            f"lowered to {self.peak:.3g} for the rest of the run; "
+        )
 
     def _maybe_recover(self, step: int, loss: float) -> list[Event]:
         """While the LR is held cut: start its recovery once the cooldown is over and the loss
@@ -631,10 +768,8 @@ class Controller:
         if self.paused:
             self.paused = False
             current = self._base(step + 1 - self._plan.start)
-            ramp = math.ceil((1.0 - current) * self.min_warmup)
-            self._set_plan(
-                self._decay_plan(step + 1, 1.0, v0=current, ramp=ramp, decay_start=self.max_warmup)
-            )
+            ramp = self._ramp_steps(current, self.max_warmup)
+            self._set_plan(self._decay_plan(step + 1, self.peak, v0=current, ramp=ramp))
             why += "; warmup ramp resumed"
         return [self._event(step, EventKind.RECOVERED, why, before)]
 
