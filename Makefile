@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # would download a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup test test-fast lint demo bench quality quality-quick clean
+.PHONY: setup browser test test-fast lint demo bench quality quality-quick clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,plot,cli,bench]"
 	touch $(STAMP)
 
+# Headless Chromium and its WebDriver (Debian's packages) for tests/test_web_page.py. A no-op
+# when both are there; elsewhere apt-get installs them when it can (root), and when it cannot
+# the browser tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium and chromium-driver (apt-get) for the browser tests"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			chromium chromium-driver >/dev/null) \
+		|| echo "apt-get could not install chromium: the browser tests will be skipped"; \
+	else echo "no apt-get as root here: install chromium and chromedriver to run the browser tests"; \
+	fi
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
+test: lint browser
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

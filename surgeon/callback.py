@@ -1,6 +1,8 @@
-"""``ScheduleSurgeon``: the Lightning adapter around :class:`surgeon.controller.Controller`.
+"""``ScheduleSurgeon``: the Lightning adapter around :class:`surgeon.engine.StepEngine`.
 
-What it does each optimizer step:
+The engine holds the per-step logic every front door shares (feed, controller, guard,
+snapshots); this module maps Lightning's hooks onto it, plans the run from the Trainer, and
+sends events and metrics to Lightning's loggers. What happens each optimizer step:
 
 1. ``on_train_batch_start`` writes ``peak_lr x lr_scale(step)`` into every param
    group of every optimizer, where ``peak_lr`` is the LR that group was configured
@@ -37,24 +39,43 @@ decisions because the feed averages the losses across ranks before reading them.
 """
 
 import csv
-import json
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import torch.distributed as dist
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from surgeon._validate import check_positive_int
 from surgeon.config import DecayName, PeakLR, PlateauAction, Steps, SurgeonConfig, WarmupMode
 from surgeon.controller import Controller, Event, EventKind, Phase
+from surgeon.engine import (
+    PEAK_LR_KEY,
+    SnapshotMode,
+    StepEngine,
+    check_lr,
+    check_snapshot_mode,
+    distributed_max,
+    distributed_mean,
+    starting_scale,
+)
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
-from surgeon.loss_feed import LossFeed, Reduce, StepLoss
-from surgeon.snapshot import SNAPSHOT_LOCATIONS, Snapshot, SnapshotLocation
+from surgeon.loss_feed import Reduce
+from surgeon.lr_find import MIN_DROP, MIN_POINTS, suggest_lr
+from surgeon.recorder import (
+    EVENTS_FILE,
+    LR_FIND_FILE,
+    PHASE_CODES,
+    RunRecorder,
+    event_record,
+)
 
 log = logging.getLogger("surgeon")
 
@@ -65,13 +86,10 @@ try:  # one class that both Trainers accept: `lightning.pytorch` and `pytorch_li
 except ImportError:  # pragma: no cover - `lightning` is optional
     _CALLBACK_BASES = (pl.Callback,)
 
-PEAK_LR_KEY = "surgeon_peak_lr"
-"""Param-group key holding the group's configured (peak) LR; saved with the optimizer."""
-PHASE_CODES = {Phase.WARMUP: 0.0, Phase.STABLE: 1.0, Phase.DECAY: 2.0, Phase.DONE: 3.0}
-"""Numeric phase logged as ``surgeon/phase`` (loggers take numbers)."""
-EVENTS_FILE = "events.jsonl"
-LR_FIND_FILE = "lr_find.csv"
-"""The range test's ``lr,loss`` curve (``peak_lr="find"``), beside ``events.jsonl``."""
+__all__ = ["EVENTS_FILE", "LR_FIND_FILE", "PEAK_LR_KEY", "PHASE_CODES", "ScheduleSurgeon"]
+
+FAR_FROM_CONFIGURED = 30.0
+"""A range-test suggestion this many times above or below the configured LR is warned about."""
 
 
 def lr_metric_names(optimizers: list[Optimizer]) -> list[list[str]]:
@@ -100,31 +118,40 @@ def _lr_find(trainer: pl.Trainer) -> Any:
     return lr_finder._lr_find
 
 
-def _check_lr(lr: Any) -> float:
-    """``lr`` if it is a finite number > 0 (a param group's peak), else ``ValueError``."""
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"param group lr must be a finite number > 0, got lr={lr!r}")
-    return lr
+@contextmanager
+def _range_test_losses(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[list[float]]:
+    """The loss of each step of Lightning's range test, as its ``_LRCallback`` reads it
+    (``outputs["loss"]`` at the last micro-batch of a step; NaN for a step without one), one per
+    entry of ``finder.results["lr"]``. The finder replaces the Trainer's callbacks while it runs,
+    so the module's own ``on_train_batch_end`` is wrapped for the duration instead."""
+    losses: list[float] = []
+    own = vars(pl_module).get("on_train_batch_end")
+    hook = pl_module.on_train_batch_end
+
+    def record(outputs: Any, batch: Any, batch_idx: int) -> Any:
+        if (trainer.fit_loop.batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            losses.append(float(loss) if isinstance(loss, Tensor) else math.nan)
+        return hook(outputs, batch, batch_idx)
+
+    pl_module.on_train_batch_end = record
+    try:
+        yield losses
+    finally:
+        if own is None:
+            del pl_module.on_train_batch_end  # the class's hook again
+        else:
+            pl_module.on_train_batch_end = own
 
 
 def _mean_across_ranks(trainer: pl.Trainer) -> Reduce | None:
-    """The feed's ``reduce``: the mean over ranks in one all-reduce (``None`` on one process).
-
-    Not ``trainer.strategy.reduce``: Lightning's DDP reduce runs a ``barrier`` before its
-    all-reduce, a second collective, and on NCCL a barrier blocks the host until the GPU has
-    caught up (``cudaStreamSynchronize``), once per block: the stall the feed exists to avoid.
-    """
+    """The feed's ``reduce``: the mean over ranks in one all-reduce (``None`` on one process);
+    through the strategy where it runs without ``torch.distributed``."""
     if trainer.world_size <= 1:
         return None
     if not (dist.is_available() and dist.is_initialized()):  # a strategy of its own kind
         return lambda block: trainer.strategy.reduce(block, reduce_op="mean")
-    world_size = dist.get_world_size()
-
-    def reduce(block: Tensor) -> Tensor:
-        dist.all_reduce(block, op=dist.ReduceOp.SUM)  # gloo has no AVG; same bits on all ranks
-        return block / world_size
-
-    return reduce
+    return distributed_mean()
 
 
 def _make_guard(trainer: pl.Trainer, mode: SkipNonfinite, scaled: bool) -> NonFiniteGuard:
@@ -141,7 +168,7 @@ def _make_guard(trainer: pl.Trainer, mode: SkipNonfinite, scaled: bool) -> NonFi
             f"ScheduleSurgeon(skip_nonfinite={mode!r}) under {type(trainer.strategy).__name__} "
             "needs torch.distributed to agree on skipped steps; pass skip_nonfinite='off'"
         )
-    return NonFiniteGuard(mode, lambda flag: dist.all_reduce(flag, op=dist.ReduceOp.MAX))
+    return NonFiniteGuard(mode, distributed_max())
 
 
 def _optimizer_step_counter(trainer: pl.Trainer) -> Any:
@@ -162,13 +189,6 @@ def _optimizer_step_counter(trainer: pl.Trainer) -> Any:
         return counter if counter.completed == trainer.global_step else None
     except AttributeError:
         return None
-
-
-def _starting_scale(scaler: Any) -> float | None:
-    """GradScaler's scale before its first step (``None``: no scaler, or it already stepped)."""
-    if scaler is None or getattr(scaler, "_scale", None) is not None:
-        return None  # a scale tensor exists: reading it would be a host sync; the feed has it
-    return float(scaler.get_scale())  # the initial scale, a Python float: no sync
 
 
 def _grad_scaler(trainer: pl.Trainer) -> Any:
@@ -231,7 +251,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         rollback_threshold: float = 4.0,
         rollback_nonfinite: int = 3,
         skip_nonfinite: SkipNonfinite = "auto",
-        snapshot: SnapshotLocation | Literal["off"] = "cpu",
+        snapshot: SnapshotMode = "cpu",
         readback_every: int = 4,
         leave_scheduled_optimizers: bool = False,
         peak_lr: PeakLR = "optimizer",
@@ -273,10 +293,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             find_max_lr=find_max_lr,
             find_steps=find_steps,
         )
-        if snapshot != "off" and snapshot not in SNAPSHOT_LOCATIONS:
-            raise ValueError(
-                f"snapshot must be one of {(*SNAPSHOT_LOCATIONS, 'off')}, got snapshot={snapshot!r}"
-            )
+        check_snapshot_mode(snapshot)
         if total_steps is not None:
             Controller(total_steps, self.config)  # warmup lengths against the run: fail now
         if not isinstance(leave_scheduled_optimizers, bool):
@@ -286,18 +303,15 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             )
         self.total_steps = total_steps
         self.leave_scheduled_optimizers = leave_scheduled_optimizers
-        self.snapshot = snapshot
         self.skip_nonfinite = skip_nonfinite
-        self.guard = NonFiniteGuard(skip_nonfinite)  # validates; rebuilt for each fit
-        self.feed = LossFeed(readback_every)
-        self._snapshots: list[Snapshot] = []
-        self._step_flag: Tensor | None = None
-        self.controller: Controller | None = None
-        self.step = 0
-        """Optimizer steps applied so far (GradScaler-skipped steps excluded once known)."""
-        self.skipped_steps = 0
-        self._written_step = -1
-        self._written_scale = 1.0  # the LR scale of that write
+        NonFiniteGuard(skip_nonfinite)  # validates the mode; the fit's guard is made at its start
+        self.engine = StepEngine(
+            self.config,
+            snapshot=snapshot,
+            readback_every=readback_every,
+            on_event=self._report,
+            on_loss=self._on_loss,
+        )
         self._last_global_step = 0
         # fixed for a fit, read once (on_fit_start / on_train_start) rather than per step through
         # Lightning's chains of properties
@@ -306,9 +320,10 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self._log_every = 1
         self._is_global_zero = True
         self._manual = False
-        self._optimizers: list[Optimizer] = []
         self._lr_names: list[list[str]] = []
-        self._events_path: Path | None = None
+        self._recorder: RunRecorder | None = None
+        self._log_dir: Path | None = None
+        self._loggers: list[Any] = []
         self._pending_state: dict[str, Any] | None = None
         self._warned_no_loss = False
 
@@ -316,12 +331,32 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     @property
     def phase(self) -> Phase:
         """The controller's current phase (``Phase.WARMUP`` before the fit starts)."""
-        return self.controller.phase if self.controller is not None else Phase.WARMUP
+        return self.engine.phase
 
     @property
     def events(self) -> list[Event]:
         """Every decision so far, oldest first."""
-        return self.controller.events if self.controller is not None else []
+        return self.engine.events
+
+    @property
+    def controller(self) -> Controller | None:
+        """The decisions' phase machine (``None`` before the first fit starts)."""
+        return self.engine.controller
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps applied so far (GradScaler-skipped steps excluded once known)."""
+        return self.engine.step
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps GradScaler skipped for a scale overflow (not counted)."""
+        return self.engine.skipped_steps
+
+    @property
+    def guard(self) -> NonFiniteGuard:
+        """This fit's non-finite guard."""
+        return self.engine.guard
 
     @property
     def state_key(self) -> str:
@@ -329,103 +364,120 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ fit lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._events_path = None  # opened below, once the log directory is known
+        self._recorder = None  # opened in on_train_start, once a checkpoint is restored
         total = self._planned_steps(trainer)
-        self.controller = Controller(total, self.config)
         scheduled = self._scheduled_optimizers(trainer)
-        self._optimizers = [opt for opt in trainer.optimizers if id(opt) not in scheduled]
-        if not self._optimizers:
+        driven = [opt for opt in trainer.optimizers if id(opt) not in scheduled]
+        if not driven:
             raise ValueError("ScheduleSurgeon has no optimizer to drive: all have LR schedulers")
+        self._manual = not pl_module.automatic_optimization
+        self._scaler = _grad_scaler(trainer)
+        self.engine.start(
+            total,
+            trainer.optimizers,
+            module=pl_module,
+            driven=driven,
+            guard=_make_guard(trainer, self.skip_nonfinite, self._scaler is not None),
+            reduce=_mean_across_ranks(trainer),
+            # Lightning divides the loss by it under automatic optimization only
+            accumulate=1 if self._manual else trainer.accumulate_grad_batches,
+            device=trainer.strategy.root_device,
+            loss_scale=starting_scale(self._scaler),
+            manual=self._manual,
+        )
         # a resumed fit takes its peaks from the checkpoint's param groups: no second range test
         resuming = trainer.ckpt_path is not None or self._pending_state is not None
         curve = None
         if self.config.peak_lr == "find" and not resuming:
             curve = self._find_peak_lr(trainer, pl_module)
-        self._adopt_new_param_groups()
-        self._manual = not pl_module.automatic_optimization
-        self._scaler = _grad_scaler(trainer)
-        self.feed = LossFeed(
-            self.feed.readback_every,
-            _mean_across_ranks(trainer),
-            # Lightning divides the loss by it under automatic optimization only
-            accumulate=1 if self._manual else trainer.accumulate_grad_batches,
-            device=trainer.strategy.root_device,
-            loss_scale=_starting_scale(self._scaler),
-        )
+        self._lr_names = lr_metric_names(driven)
         self._log_every = max(1, trainer.log_every_n_steps)
         self._is_global_zero = trainer.is_global_zero
-        self.guard = _make_guard(trainer, self.skip_nonfinite, self._scaler is not None)
-        self._step_flag = None
-        self._snapshots = [] if self.snapshot == "off" else [Snapshot(self.snapshot) for _ in "ab"]
-        self.step = self.skipped_steps = 0
-        self._written_step = -1
+        self._loggers = list(trainer.loggers)
         if self._pending_state is not None:
-            self._apply_state(self._pending_state)
+            self.engine.load_state_dict(self._pending_state)
             self._pending_state = None
         # on every rank: `trainer.log_dir` broadcasts from rank 0 (a collective)
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        if trainer.is_global_zero:
-            self._events_path = Path(log_dir) / EVENTS_FILE
-            self._events_path.parent.mkdir(parents=True, exist_ok=True)
-            if not resuming:  # a reused log directory keeps no older run's curve
-                self._write_lr_find(self._events_path.parent / LR_FIND_FILE, curve)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self._log_dir = log_dir if trainer.is_global_zero else None
+        if self._log_dir is not None and not resuming:  # a reused directory keeps no old curve
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self._write_lr_find(log_dir / LR_FIND_FILE, curve)
         self._show_phase_in_progress_bar(trainer)
-
-    def _adopt_new_param_groups(self, scale: float = 1.0) -> None:
-        """Give each param group without a peak LR one, and name every group's LR metric.
-
-        At the start a group's configured LR is its peak. A group added during the fit (e.g. by
-        ``BaseFinetuning``) was given the LR it should have now, beside LRs written with the
-        scale ``scale``: its peak is that LR / ``scale``, so it follows the schedule from there.
-        """
-        for optimizer in self._optimizers:
-            for group in optimizer.param_groups:
-                if PEAK_LR_KEY not in group:
-                    group[PEAK_LR_KEY] = _check_lr(group["lr"]) / scale
-        self._lr_names = lr_metric_names(self._optimizers)
 
     def _find_peak_lr(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> list[tuple[float, float]] | None:
-        """Run Lightning's LR range test; set each group's peak to ``suggestion x`` its ratio
-        to the first group; record a ``peak_lr`` event. Returns the ``(lr, loss)`` curve."""
+        """Run Lightning's LR range test and :func:`surgeon.lr_find.suggest_lr` on its losses;
+        set each group's peak to ``suggestion x`` its ratio to the first group; record a
+        ``peak_lr`` event. Returns the ``(lr, loss)`` curve (``None``: no test was run).
+
+        Skipped, with a warning, when the fit is planned for fewer steps than ``find_steps``: a
+        test longer than the fit costs more than the fit, and suggests an LR for more steps."""
         assert self.controller is not None
         cfg = self.config
         if len(trainer.optimizers) != 1:
             raise ValueError(
                 "ScheduleSurgeon(peak_lr='find') needs exactly one optimizer (Lightning's LR "
-                f"finder drives one), got {len(trainer.optimizers)}"
+                f"finder drives one), got {len(trainer.optimizers)}: pass peak_lr='optimizer' "
+                "and set each optimizer's LR"
             )
+        total = self.controller.total_steps
+        if total < cfg.find_steps:
+            rank_zero_warn(
+                f"ScheduleSurgeon(peak_lr='find') skipped the LR range test: the fit is planned "
+                f"for {total} steps, fewer than find_steps={cfg.find_steps}; keeping the "
+                f"optimizer's configured LRs. Pass find_steps <= {total} to run it anyway."
+            )
+            return None
         optimizer = trainer.optimizers[0]
         configured = [group["lr"] for group in optimizer.param_groups]
-        first = _check_lr(configured[0])
-        finder = _lr_find(trainer)(
-            trainer,
-            pl_module,
-            min_lr=cfg.find_min_lr,
-            max_lr=cfg.find_max_lr,
-            num_training=cfg.find_steps,
-        )
+        first = check_lr(configured[0])
+        with _range_test_losses(trainer, pl_module) as losses:
+            finder = _lr_find(trainer)(
+                trainer,
+                pl_module,
+                min_lr=cfg.find_min_lr,
+                max_lr=cfg.find_max_lr,
+                num_training=cfg.find_steps,
+            )
         # the finder restored the model, optimizers and callbacks from a checkpoint it took
         # first: our own (fresh) state among them, which is not a resume
         self._pending_state = None
-        suggestion = finder.suggestion() if finder is not None else None
-        if suggestion is None or not (math.isfinite(suggestion) and suggestion > 0):
-            log.warning(
-                "ScheduleSurgeon(peak_lr='find'): the LR range test gave no suggestion (too few "
-                "steps or a diverging loss); keeping the optimizer's configured LRs"
-            )
+        if finder is None:  # Lightning skips it under fast_dev_run (and says so)
             return None
+        lrs = [float(lr) for lr in finder.results["lr"]]
+        losses = trainer.strategy.broadcast(losses)[: len(lrs)]  # rank 0's, like the finder's
+        curve = list(zip(lrs, losses, strict=False))
+        found = suggest_lr(lrs[: len(losses)], losses)
+        steps = f"LRs {lrs[0]:.3g} to {lrs[-1]:.3g} over {len(curve)} steps" if curve else "no step"
+        tested = (
+            f"tested {steps} (find_min_lr={cfg.find_min_lr:g}, find_max_lr={cfg.find_max_lr:g}, "
+            f"find_steps={cfg.find_steps})"
+        )
+        if found is None:
+            rank_zero_warn(
+                "ScheduleSurgeon(peak_lr='find'): the LR range test gave no suggestion (its loss "
+                f"neither fell by {MIN_DROP:.0%} nor diverged, had fewer than {MIN_POINTS} finite "
+                f"values, or was <= 0; {tested}); keeping the optimizer's configured LRs. Widen "
+                "find_min_lr..find_max_lr or raise find_steps."
+            )
+            return curve
+        suggestion = found.lr
+        if max(suggestion / first, first / suggestion) > FAR_FROM_CONFIGURED:
+            rank_zero_warn(
+                f"ScheduleSurgeon(peak_lr='find') sets the peak LR to {suggestion:.3g}, "
+                f"{max(suggestion / first, first / suggestion):.0f}x from the configured "
+                f"{first:.3g} (first param group): check the LR range test's curve "
+                f"({LR_FIND_FILE}, drawn by surgeon plot), or pass peak_lr='optimizer' to keep "
+                "the configured LRs"
+            )
         # load_state_dict replaced the param group dicts: read them again
         for group, lr in zip(optimizer.param_groups, configured, strict=True):
             group[PEAK_LR_KEY] = suggestion * lr / first
-        lrs, losses = finder.results["lr"], finder.results["loss"]
-        curve = list(zip(map(float, lrs), map(float, losses), strict=True))
         why = (
             f"LR range test suggests peak LR {suggestion:.4g} (first param group; others keep "
-            f"their configured ratios, first was {first:.4g}): tested LRs {lrs[0]:.3g} to "
-            f"{lrs[-1]:.3g} over {len(curve)} steps (find_min_lr={cfg.find_min_lr:g}, "
-            f"find_max_lr={cfg.find_max_lr:g}, find_steps={cfg.find_steps})"
+            f"their configured ratios, first was {first:.4g}): {found.reason}; {tested}"
         )
         # the scale is untouched (only the peak changed): both sides are the next step's
         scale = self.controller.lr_scale(1)
@@ -447,25 +499,41 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # a state that validate/test/predict(ckpt_path=...) loaded is not for a later fit
         self._pending_state = None
-        self._snapshots = []  # free their memory
-        self.guard.release()
+        self.engine.release()  # snapshot memory
+        if self._recorder is not None:
+            self._recorder.close()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
         self._step_counter = _optimizer_step_counter(trainer)
-        if self._events_path is not None:
-            # after a checkpoint is restored: the file holds this run's events, none when it
-            # starts fresh (a reused log directory keeps no older run's), the restored ones when
-            # it resumes (none twice after a crash)
-            self._events_path.write_text("".join(map(self._event_line, self.events)))
+        controller = self.controller
+        if self._log_dir is not None and controller is not None:
+            # after a checkpoint is restored: the files hold this run's events and losses, none
+            # when it starts fresh (a reused log directory keeps no older run's), the restored
+            # ones when it resumes (none twice after a crash)
+            self._recorder = RunRecorder(self._log_dir)
+            self._recorder.start(
+                config=self.config,
+                total_steps=controller.total_steps,
+                readback_every=self.engine.readback_every,
+                snapshot=self.engine.snapshot_mode,
+                events=[self._event_record(event) for event in self.events],
+                next_loss_step=controller.step,
+            )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Read the losses still in flight (of the last ``readback_every`` to
-        ``2 x readback_every - 1`` steps):
-        a spike or NaN at the very end is decided on and recorded like any other (a rollback
-        included: the fit then ends with the last good weights)."""
-        if self.controller is not None:
-            self._consume(trainer, self.feed.flush())
+        """Read the losses still in flight: a spike or NaN at the very end is decided on and
+        recorded like any other (a rollback included: the fit then ends with the last good
+        weights)."""
+        self.engine.finish()
+        if self._recorder is not None:
+            self._recorder.flush()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if self._recorder is not None:  # what was decided before the fault stays on disk
+            self._recorder.close()
 
     def _planned_steps(self, trainer: pl.Trainer) -> int:
         """``total_steps``, else what ends the fit first: ``max_steps`` or ``max_epochs``
@@ -517,40 +585,19 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.controller is None or self._written_step == self.step:
-            return
-        scale = self.controller.lr_scale(self.step)
-        try:
-            for optimizer in self._optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] = group[PEAK_LR_KEY] * scale
-        except KeyError:  # a param group added during the fit (e.g. by BaseFinetuning)
-            # its LR was chosen beside the LRs of the last write: relative to that write's scale
-            self._adopt_new_param_groups(self._written_scale)
-            # snapshots taken with fewer groups cannot be restored into these optimizers
-            self.controller.forget_snapshots()
-            self._snapshots = [Snapshot(s.location) for s in self._snapshots]
-            return self.on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self._written_step, self._written_scale = self.step, scale
-        if self._snapshots and self.controller.snapshot_due(self.step):
-            self._take_snapshot(trainer)
-        if self.step % self._log_every == 0 and self._is_global_zero:
-            self._log_lrs(trainer, scale)
+        scale = self.engine.begin_step()
+        if scale is not None and self.step % self._log_every == 0 and self._is_global_zero:
+            self._log_lrs(scale)
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
-        if self.guard.mode != "off":
-            self.guard.add_loss(loss)
+        self.engine.watch_loss(loss)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        if self.guard.mode == "off":
-            return
-        flag = self.guard.check(optimizer)
-        if flag is not None:  # several optimizers in one step: any one skipped flags the step
-            self._step_flag = flag if self._step_flag is None else self._step_flag.maximum(flag)
+        self.engine.before_optimizer_step(optimizer)
 
     def on_train_batch_end(
         self,
@@ -562,7 +609,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, Tensor):
-            self.feed.add(loss)
+            self.engine.add_loss(loss)
         elif not self._warned_no_loss:
             self._warned_no_loss = True
             counted = (
@@ -579,69 +626,34 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         if global_step == self._last_global_step:
             return  # accumulating: the optimizer step has not happened yet
         self._last_global_step = global_step
-        self.step += 1
-        flag, self._step_flag = self._step_flag, None
-        self.guard.release()
-        scale = getattr(self._scaler, "_scale", None)  # GradScaler makes it at its first step
-        self._consume(trainer, self.feed.close_step(scale, flag))
-
-    def _consume(self, trainer: pl.Trainer, due: list[StepLoss]) -> None:
-        assert self.controller is not None
-        for item in due:
-            if item.no_loss and self._manual:  # the user stepped anyway: count it, unwatched
-                for event in self.controller.pass_step():
-                    self._report(event)
-                continue
-            if item.skipped:
-                self.skipped_steps += 1
-                self.step -= 1
-                continue
-            loss_step = self.controller.step
-            for event in self.controller.update(item.loss, update_skipped=item.update_skipped):
-                self._report(event)
-            if self.controller.rollback_to is not None:
-                self._roll_back(trainer)
-            if loss_step % self._log_every == 0 and self._is_global_zero:
-                self._log_loss(trainer, loss_step, item.loss)
-
-    # ------------------------------------------------------------------ snapshots
-    def _take_snapshot(self, trainer: pl.Trainer) -> None:
-        """Copy the weights as they are at the start of ``self.step`` into the spare slot (the
-        one not holding the rollback target)."""
-        assert self.controller is not None
-        good = self.controller.good_snapshot_step
-        spare = next(s for s in self._snapshots if s.step is None or s.step != good)
-        if spare.capture(trainer.lightning_module, trainer.optimizers, self.step):
-            self.controller.snapshot_taken(self.step, spare.nbytes)
-
-    def _roll_back(self, trainer: pl.Trainer) -> None:
-        """Restore the snapshot the controller asked for; the next step starts from it."""
-        assert self.controller is not None
-        target = self.controller.rollback_to
-        snapshot = next(s for s in self._snapshots if s.step == target)
-        # optimizers left to their own LR schedulers keep their settings: their scheduler is
-        # not rolled back, so it still owns their LR
-        scheduled = [o for o in trainer.optimizers if not any(o is d for d in self._optimizers)]
-        snapshot.restore(trainer.lightning_module, trainer.optimizers, keep_settings_of=scheduled)
-        self._report(self.controller.rolled_back(self.step))
-        self._written_step = -1  # the restored param groups hold an old LR: write it again
+        # GradScaler makes its scale tensor at its first step
+        self.engine.end_step(getattr(self._scaler, "_scale", None))
 
     # ------------------------------------------------------------------ observability
-    def _log_lrs(self, trainer: pl.Trainer, scale: float) -> None:
+    def _log_lrs(self, scale: float) -> None:
         """The LRs written for the current step, named as ``LearningRateMonitor`` names them."""
         metrics = {"surgeon/lr_scale": scale}
-        pairs = zip(self._optimizers, self._lr_names, strict=True)
+        driven = self.engine.driven
+        pairs = zip(driven, self._lr_names, strict=True)
         if any(len(optimizer.param_groups) != len(names) for optimizer, names in pairs):
             # groups restored after on_fit_start (a resumed BaseFinetuning), or added with a
             # copied peak: name them now
-            self._lr_names = lr_metric_names(self._optimizers)
-        for optimizer, names in zip(self._optimizers, self._lr_names, strict=True):
+            self._lr_names = lr_metric_names(driven)
+        for optimizer, names in zip(driven, self._lr_names, strict=True):
             for group, name in zip(optimizer.param_groups, names, strict=True):
                 metrics[name] = group["lr"]
-        for logger in trainer.loggers:
+        for logger in self._loggers:
             logger.log_metrics(metrics, step=self.step)
 
-    def _log_loss(self, trainer: pl.Trainer, step: int, loss: float) -> None:
+    def _on_loss(self, step: int, loss: float, update_skipped: bool) -> None:
+        """A loss the controller consumed: into ``losses.csv``, and into the loggers at
+        Lightning's logging cadence (with its smoothed value and the phase)."""
+        if self._recorder is not None:
+            self._recorder.loss(step, loss, update_skipped)
+        if step % self._log_every == 0 and self._is_global_zero:
+            self._log_loss(step, loss)
+
+    def _log_loss(self, step: int, loss: float) -> None:
         """The loss of ``step`` as the controller saw it, its smoothed value, and the phase."""
         assert self.controller is not None
         metrics = {
@@ -649,12 +661,12 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             "surgeon/loss_smooth": self.controller.spike.mean,
             "surgeon/phase": PHASE_CODES[self.controller.phase],
         }
-        for logger in trainer.loggers:
+        for logger in self._loggers:
             logger.log_metrics(metrics, step=step)
 
     def _event_lrs(self, event: Event) -> tuple[float, float]:
         """The first param group's LR before and after ``event``."""
-        peak = self._optimizers[0].param_groups[0][PEAK_LR_KEY]
+        peak = self.engine.driven[0].param_groups[0][PEAK_LR_KEY]
         return peak * event.scale_before, peak * event.scale_after
 
     def _report(self, event: Event) -> None:
@@ -668,42 +680,26 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             lr_before,
             lr_after,
         )
-        if self._events_path is not None:
-            with self._events_path.open("a") as f:
-                f.write(self._event_line(event))
+        if self._recorder is not None:
+            self._recorder.event(self._event_record(event))
 
-    def _event_line(self, event: Event) -> str:
-        """``event`` as a line of ``events.jsonl``, with the LRs of the first param group."""
-        lr_before, lr_after = self._event_lrs(event)
-        record = {**event.to_dict(), "lr_before": lr_before, "lr_after": lr_after}
-        return json.dumps(record) + "\n"
+    def _event_record(self, event: Event) -> dict[str, Any]:
+        """``event`` as a record of ``events.jsonl``, with the LRs of the first param group."""
+        return event_record(event, *self._event_lrs(event))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         if self.controller is None:
             return self._pending_state or {}
-        return {
-            "controller": self.controller.state_dict(),
-            "step": self.step,
-            "skipped_steps": self.skipped_steps,
-            "feed": self.feed.state_dict(),
-        }
+        if self._recorder is not None:
+            self._recorder.flush()  # the loss rows up to this checkpoint are on disk
+        return self.engine.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        # kept for on_fit_start, which builds a fresh controller: a callback reused for a resumed
+        # kept for on_fit_start, which starts the engine afresh: a callback reused for a resumed
         # fit would otherwise restore into the previous fit's controller and lose the state
         self._pending_state = state_dict
         if self.controller is not None:
-            self._apply_state(state_dict)
-
-    def _apply_state(self, state: dict[str, Any]) -> None:
-        assert self.controller is not None
-        self.controller.load_state_dict(state["controller"], next_step=state["step"])
-        for event in self.controller.events[len(state["controller"]["events"]) :]:
-            self._report(event)  # made by the load itself: a replan for another planned length
-        self.step = state["step"]
-        self.skipped_steps = state.get("skipped_steps", 0)
-        self.feed.load_state_dict(state["feed"])
-        self._written_step = -1
+            self.engine.load_state_dict(state_dict)

@@ -12,8 +12,18 @@ Parsers raise :class:`UsageError` instead of exiting; handlers do the same for b
 ``--warmup_steps`` both accepted. It prints a table of step -> lr and, with ``--out``,
 writes a PNG of the curve (needs matplotlib: ``pip install 'schedule-surgeon[plot]'``).
 
+``surgeon preview --html FILE [NAME ...]`` writes the interactive schedule page and
+``surgeon replay RUN_OR_CSV [--<SurgeonConfig field> value ...]`` re-runs the surgeon's
+decisions on a logged loss stream (:mod:`surgeon.replay`; its options are derived from the
+``SurgeonConfig`` fields), with ``--html`` the interactive replay page (:mod:`surgeon.web`).
+
 Usage errors (unknown schedule or option, bad value, a ValueError from a factory) print
 ``surgeon <command>: error: <message>`` to stderr and return exit code 2, no traceback.
+
+``surgeon --version`` prints ``surgeon.__version__``. Torch, Lightning and matplotlib are
+imported only by the handlers that need them (``surgeon plot`` reads the run before it imports
+matplotlib), so ``--help``, ``--version`` and usage errors answer at once
+(``tests/test_cli_startup.py``, ``benchmarks/cli_startup.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+from surgeon import __version__
 from surgeon.schedules import SCHEDULES, Schedule
 
 __all__ = ["SUBCOMMANDS", "UsageError", "build_parser", "main"]
@@ -132,11 +143,19 @@ def _add_preview(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     preview = subparsers.add_parser(
         "preview",
         help="print (and optionally plot) a learning-rate schedule",
-        description="Print a table of step -> lr for a schedule, optionally plot it.",
+        description="Print a table of step -> lr for a schedule, optionally plot it; or write an "
+        "interactive page of a warmup + decay schedule (--html).",
     )
     preview.set_defaults(handler=_run_preview, usage_prog=preview.prog)
+    preview.add_argument(
+        "--html",
+        type=Path,
+        metavar="FILE",
+        help="write an interactive page (sliders for the warmup, length, peak, floor and decay "
+        "shape; starts from NAME's values when given): one self-contained HTML file",
+    )
     names = preview.add_subparsers(
-        dest="schedule", metavar="NAME", required=True, parser_class=_Parser
+        dest="schedule", metavar="NAME", required=False, parser_class=_Parser
     )
     for name, factory in SCHEDULES.items():
         doc = inspect.getdoc(factory) or name
@@ -205,9 +224,15 @@ def _plot(schedule: Schedule, horizon: int, warmup: int | None, title: str, path
 
 
 def _run_preview(args: argparse.Namespace) -> int:
-    name: str = args.schedule
+    name: str | None = args.schedule
     prog: str = args.usage_prog
+    if name is None:
+        if args.html is None:
+            raise UsageError(prog, "name a schedule (see --help), or write a page with --html FILE")
+        return _write_preview_page(prog, args.html, None, {})
     kwargs = {param: getattr(args, _KW + param) for param in args.factory_params}
+    if args.html is not None:
+        _write_preview_page(prog, args.html, name, kwargs)
     try:
         schedule = SCHEDULES[name](**kwargs)
     except ValueError as err:
@@ -237,6 +262,52 @@ def _run_preview(args: argparse.Namespace) -> int:
             raise UsageError(prog, f"cannot write {str(args.out)!r}: {err.strerror}") from None
         print(f"wrote {args.out}")
     return 0
+
+
+# The preview page's starting point, and the schedules whose arguments it can start from
+# (a warmup, then a decay to a floor): name -> the page's decay shape.
+_PAGE_START: dict[str, Any] = {
+    "total_steps": 1000,
+    "warmup_steps": 50,
+    "peak": 1e-3,
+    "floor": 0.1,
+    "shape": "wsd",
+    "decay_fraction": 0.2,
+}
+_PAGE_SHAPES = {"warmup_cosine": "cosine", "cosine": "cosine", "wsd": "wsd"}
+
+
+def _write_preview_page(prog: str, path: Path, name: str | None, kwargs: dict[str, Any]) -> int:
+    """The interactive schedule page, starting from ``name``'s arguments when given."""
+    from surgeon import web
+
+    start = dict(_PAGE_START)
+    if name is not None:
+        if name not in _PAGE_SHAPES or kwargs.get("decay_shape", "linear") != "linear":
+            raise UsageError(
+                prog,
+                f"--html draws a warmup then a decay to a floor: start it from one of "
+                f"{', '.join(_PAGE_SHAPES)} (wsd with its linear decay), or give no NAME; "
+                f"got {name}",
+            )
+        start["shape"] = _PAGE_SHAPES[name]
+        start["peak"] = kwargs["lr"]
+        start["floor"] = kwargs.get("min_lr", 0.0) / kwargs["lr"] if kwargs["lr"] else 0.0
+        for key in ("total_steps", "warmup_steps", "decay_fraction"):
+            start[key] = kwargs.get(key, start[key] if key != "warmup_steps" else 0)
+    start["marker"] = start["warmup_steps"]
+    title = "surgeon preview: " + (name or "a warmup + decay schedule")
+    _write_text(prog, path, web.page(title, {"mode": "preview", "start": start}))
+    print(f"wrote {path}")
+    return 0
+
+
+def _write_text(prog: str, path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise UsageError(prog, f"cannot write {str(path)!r}: {err.strerror}") from None
 
 
 # -------------------------------------------------------------------------------- demo
@@ -282,6 +353,10 @@ def _add_plot(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     plot = subparsers.add_parser(
         "plot",
         help="plot loss and LR of a logged run with the surgeon's events marked",
+        description=(
+            "Write a PNG of a run trained with ScheduleSurgeon: loss (smoothed, and the run's own "
+            "val/train losses), LR per param group, phases shaded, every event marked."
+        ),
     )
     plot.add_argument(
         "run_dir",
@@ -289,26 +364,274 @@ def _add_plot(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="directory holding the run's metrics.csv (CSVLogger) or TensorBoard event file",
     )
     plot.add_argument("--out", type=Path, default=None, help="PNG path (default: in the run)")
+    plot.add_argument(
+        "--log-lr",
+        action="store_true",
+        help="LR on a log axis (param groups whose LRs are decades apart)",
+    )
     plot.set_defaults(handler=_run_plot, usage_prog=plot.prog)
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    return _write_plot(args.usage_prog, args.run_dir, args.out)
+    return _write_plot(args.usage_prog, args.run_dir, args.out, log_lr=args.log_lr)
 
 
-def _write_plot(prog: str, run_dir: Path, out: Path | None) -> int:
+def _write_plot(prog: str, run_dir: Path, out: Path | None, *, log_lr: bool = False) -> int:
+    from surgeon.plot import RunError, draw, load_run  # no matplotlib yet: errors come fast
+
+    try:
+        run = load_run(run_dir)
+    except RunError as err:
+        raise UsageError(prog, str(err)) from None
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UsageError(prog, f"plotting needs matplotlib: pip install '{PLOT_EXTRA}'") from None
-    from surgeon.plot import plot_run
-
-    try:
-        path = plot_run(run_dir, out)
-    except FileNotFoundError as err:
-        raise UsageError(prog, str(err)) from None
-    print(f"wrote {path}")
+    print(f"wrote {draw(run, out, log_lr=log_lr)}")
     return 0
+
+
+# ------------------------------------------------------------------------------ replay
+
+# Kinds a replay cannot make: the callback records them (an LR range test, a resume's re-plan).
+_NOT_REPLAYED = ("peak_lr", "replan")
+
+
+def _config_type(name: str, annotation: Any) -> Callable[[str], Any]:
+    """The argparse type of a SurgeonConfig field: Literal choices, int, float, or a length
+    (an int counts steps, a number with a point is a fraction of the run)."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) else (annotation,)
+    choices = [
+        c
+        for option in options
+        if typing.get_origin(option) is Literal
+        for c in typing.get_args(option)
+    ]
+    if typing.get_origin(annotation) is Literal:
+        choices = list(options)
+    kinds = [option for option in options if option in (int, float)]
+
+    def convert(text: str) -> Any:
+        if text in choices:
+            return text
+        if int in kinds:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        if float in kinds:
+            return float(text)
+        raise ValueError(text)
+
+    described = [*(repr(c) for c in choices), *(kind.__name__ for kind in kinds)]
+    convert.__name__ = " or ".join(described)  # argparse names it in "invalid ... value"
+    return convert
+
+
+def _add_replay(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from surgeon.config import SurgeonConfig
+
+    replay = subparsers.add_parser(
+        "replay",
+        help="re-run the surgeon's decisions on a logged loss stream with chosen settings",
+        description=(
+            "Feed a logged loss stream through the controller as the callback would (losses read "
+            "in blocks, a few steps late; snapshots and rollbacks as in a run), print the "
+            "decisions with their reasons and plot the LR it would have set. RUN_OR_CSV is a "
+            "surgeon run directory (losses.csv, settings.json), a Lightning metrics.csv or "
+            "TensorBoard event file, or a step,loss CSV. Settings default to the run's "
+            "settings.json, else to SurgeonConfig's defaults."
+        ),
+    )
+    replay.add_argument("run", type=Path, metavar="RUN_OR_CSV", help="what to replay")
+    replay.add_argument("--metric", help="the series to replay (default: a training loss)")
+    replay.add_argument(
+        "--out", type=Path, metavar="PNG", help="plot (default: replay.png beside the stream)"
+    )
+    replay.add_argument(
+        "--html",
+        type=Path,
+        metavar="FILE",
+        help="write an interactive page: sliders re-run the decisions",
+    )
+    run = replay.add_argument_group("run settings (default: the run's settings.json)")
+    run.add_argument(
+        "--total-steps",
+        "--total_steps",
+        type=_positive_int,
+        metavar="N",
+        help="planned length (default: the run's, else the stream's length)",
+    )
+    run.add_argument(
+        "--readback-every",
+        "--readback_every",
+        type=_positive_int,
+        metavar="N",
+        help="losses read back per block (default: the run's, else 4)",
+    )
+    run.add_argument(
+        "--snapshot",
+        choices=("on", "off"),
+        help="whether snapshots were kept, so rollbacks happen (default: on)",
+    )
+    config = replay.add_argument_group(
+        "SurgeonConfig fields (default: the run's settings.json, else SurgeonConfig's)"
+    )
+    defaults = SurgeonConfig()
+    for name, annotation in typing.get_type_hints(SurgeonConfig).items():
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        config.add_argument(
+            *flags,
+            dest=_KW + name,
+            type=_config_type(name, annotation),
+            metavar=name.upper(),
+            help=f"default: {getattr(defaults, name)!r}",
+        )
+    replay.set_defaults(handler=_run_replay, usage_prog=replay.prog)
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from surgeon.config import SurgeonConfig
+    from surgeon.replay import RunSettings, read_stream, replay
+
+    prog: str = args.usage_prog
+    if args.out is not None:
+        _need_matplotlib(prog, "--out")
+    try:
+        stream = read_stream(args.run, args.metric)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(prog, str(err)) from None
+    base = stream.settings or RunSettings(len(stream.losses))
+    overrides = {
+        name: getattr(args, _KW + name)
+        for name in (f.name for f in dataclasses.fields(SurgeonConfig))
+        if getattr(args, _KW + name) is not None
+    }
+    try:
+        settings = RunSettings(
+            total_steps=args.total_steps or base.total_steps,
+            config=dataclasses.replace(base.config, **overrides),
+            readback_every=args.readback_every or base.readback_every,
+            snapshots=base.snapshots if args.snapshot is None else args.snapshot == "on",
+        )
+        result = replay(
+            stream.losses, settings, update_skipped=stream.update_skipped, steps=stream.steps
+        )
+    except ValueError as err:
+        raise UsageError(prog, str(err)) from None
+
+    changed = [f"{key}={value!r}" for key, value in overrides.items()]
+    print(
+        f"replaying {stream.source}: {len(stream.losses)} losses, steps {stream.steps[0]} to "
+        f"{stream.steps[-1]}"
+    )
+    if stream.stride > 1:
+        print(
+            f"  logged every {stream.stride} steps: one point is one step of the replay, so "
+            "--total-steps and lengths in steps count points (fractions keep their meaning)"
+        )
+    origin = "the run's settings.json" if stream.settings else "SurgeonConfig defaults"
+    print(
+        f"  settings: {origin}"
+        f"{' with ' + ', '.join(changed) if changed else ''}; total_steps="
+        f"{settings.total_steps}, readback_every={settings.readback_every}, snapshots "
+        f"{'on' if settings.snapshots else 'off'}"
+    )
+    width = max(len(str(stream.steps[-1])), 4)
+    print(f"{'step':>{width}}  {'event':<12}  reason")
+    for event in result.events:
+        print(
+            f"{event.step:>{width}}  {event.kind.value:<12}  {event.reason} (LR scale "
+            f"{event.scale_before:.3g} -> {event.scale_after:.3g})"
+        )
+    if stream.logged_events is not None:
+        print(_compare_with_log(result.events, stream.logged_events))
+
+    if args.html is not None:
+        _write_text(prog, args.html, _replay_page(stream, settings))
+        print(f"wrote {args.html}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"(no plot: it needs matplotlib: pip install '{PLOT_EXTRA}')")
+        return 0
+    from surgeon.plot import plot_replay
+
+    out = args.out or stream.path.parent / "replay.png"
+    try:
+        plot_replay(result, out, stream.source)
+    except OSError as err:
+        raise UsageError(prog, f"cannot write {str(out)!r}: {err.strerror}") from None
+    print(f"wrote {out}")
+    return 0
+
+
+def _compare_with_log(events: list[Any], logged: list[dict[str, Any]]) -> str:
+    """A line saying whether the replayed (step, kind) pairs are those the run logged."""
+    theirs = [(r["step"], r["kind"]) for r in logged if r["kind"] not in _NOT_REPLAYED]
+    mine = [(e.step, e.kind.value) for e in events]
+    if mine == theirs:
+        return f"the replay reproduces the {len(theirs)} logged events"
+    pairs = zip(mine, theirs, strict=False)
+    at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(mine), len(theirs)))
+    first = (
+        f"logged {theirs[at][1]} at step {theirs[at][0]}"
+        if at < len(theirs)
+        else "nothing more logged"
+    )
+    then = (
+        f"replayed {mine[at][1]} at step {mine[at][0]}"
+        if at < len(mine)
+        else "nothing more replayed"
+    )
+    return (
+        f"the replay differs from the logged events ({len(theirs)} logged, {len(mine)} "
+        f"replayed); first difference, event {at + 1}: {first}, {then}"
+    )
+
+
+def _replay_page(stream: Any, settings: Any) -> str:
+    """The interactive replay page of ``stream`` (its data, the run settings, the colors)."""
+    from surgeon import web
+    from surgeon.plot import EVENT_COLORS, PHASE_COLORS
+
+    logged = None
+    if stream.logged_events is not None:
+        logged = [
+            [r["step"], r["kind"]] for r in stream.logged_events if r["kind"] not in _NOT_REPLAYED
+        ]
+    peaks = [
+        r["lr_after"] / r["scale_after"]
+        for r in stream.logged_events or []
+        if r.get("scale_after") and r.get("lr_after") is not None
+    ]
+    data = {
+        "mode": "replay",
+        "source": stream.source,
+        "steps": stream.steps,
+        "losses": stream.losses,
+        "update_skipped": stream.update_skipped,
+        "stride": stream.stride,
+        "settings": {
+            "total_steps": settings.total_steps,
+            "readback_every": settings.readback_every,
+            "snapshots": settings.snapshots,
+            "config": web.js_config(settings.config, settings.total_steps),
+        },
+        "logged_events": logged,
+        "peak_lr": peaks[0] if peaks else None,
+        "colors": {"events": EVENT_COLORS, "phases": PHASE_COLORS},
+    }
+    return web.page(f"surgeon replay: {stream.source}", data)
+
+
+def _need_matplotlib(prog: str, option: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(prog, f"{option} needs matplotlib: pip install '{PLOT_EXTRA}'") from None
 
 
 # -------------------------------------------------------------------------------- main
@@ -317,6 +640,7 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction[argparse.ArgumentPar
     "preview": _add_preview,
     "demo": _add_demo,
     "plot": _add_plot,
+    "replay": _add_replay,
 }
 """Subcommand name -> function adding its parser (and ``handler``) to the subparsers."""
 
@@ -327,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="surgeon",
         description="schedule-surgeon: an adaptive learning-rate controller for Lightning.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=_Parser
     )

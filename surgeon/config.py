@@ -10,9 +10,10 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 from surgeon._validate import check_in_range, check_positive_int
+from surgeon.schedules import WSD_DECAY_FRACTION
 
 Steps = int | float
-WarmupMode = Literal["auto"] | int
+WarmupMode = Literal["auto"] | int | float
 DecayName = Literal["cosine", "linear", "sqrt", "wsd"]
 PlateauAction = Literal["cut", "restart"]
 PeakLR = Literal["optimizer", "find"]
@@ -50,7 +51,8 @@ class SurgeonConfig:
 
     warmup: WarmupMode = "auto"
     """``"auto"``: ramp over ``min_warmup`` steps, hold the peak until the loss stabilizes
-    (never past ``max_warmup``); an int: a fixed linear warmup of that many steps."""
+    (never past ``max_warmup``); a length (an int of steps or a float fraction of the run): a
+    fixed linear warmup that long."""
     min_warmup: Steps = 0.02
     """Shortest automatic warmup, also the length of its linear ramp."""
     max_warmup: Steps = 0.1
@@ -60,8 +62,9 @@ class SurgeonConfig:
     decay: DecayName = "wsd"
     """Shape from the peak to the floor; ``"wsd"`` holds the peak, then decays linearly over
     the last ``wsd_decay_fraction`` of the steps that remain."""
-    wsd_decay_fraction: float = 0.2
-    """Share of the remaining steps that the ``"wsd"`` tail spends decaying."""
+    wsd_decay_fraction: float = WSD_DECAY_FRACTION
+    """Share of the steps after warmup that the ``"wsd"`` tail spends decaying (``surgeon
+    preview wsd`` takes the same default, as a share of all steps)."""
 
     stabilize_window: Steps = 0.01
     """Window (at least 10 steps) over which the loss EMA's relative drop is measured."""
@@ -120,11 +123,12 @@ class SurgeonConfig:
 
     def __post_init__(self) -> None:
         if self.warmup != "auto":
-            if isinstance(self.warmup, bool) or not isinstance(self.warmup, int):
+            if isinstance(self.warmup, bool) or not isinstance(self.warmup, int | float):
                 raise ValueError(
-                    f"warmup must be 'auto' or an int number of steps, got warmup={self.warmup!r}"
+                    "warmup must be 'auto', an int (steps) or a float in (0, 1] (a fraction of "
+                    f"the run), got warmup={self.warmup!r}"
                 )
-            check_positive_int("warmup", self.warmup, allow_zero=True)
+            check_steps("warmup", self.warmup)
         for name in (
             "min_warmup",
             "max_warmup",

@@ -189,7 +189,7 @@ class Controller:
             self.min_warmup = resolve_steps("min_warmup", cfg.min_warmup, total_steps)
             self.max_warmup = resolve_steps("max_warmup", cfg.max_warmup, total_steps)
         else:
-            self.min_warmup = self.max_warmup = cfg.warmup
+            self.min_warmup = self.max_warmup = resolve_steps("warmup", cfg.warmup, total_steps)
         names = ("min_warmup", "max_warmup") if cfg.warmup == "auto" else ("warmup", "warmup")
         for name, value in zip(names, (self.min_warmup, self.max_warmup), strict=True):
             if value > total_steps:

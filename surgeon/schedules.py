@@ -355,11 +355,18 @@ def cosine_restarts(
     return schedule
 
 
+WSD_DECAY_FRACTION = 0.2
+"""The default share of a warmup-stable-decay run spent decaying, for :func:`wsd` (``surgeon
+preview wsd``) and the callback's ``wsd_decay_fraction`` alike: a 20% cooldown matches cosine
+(Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training
+Durations")."""
+
+
 def wsd(
     lr: float,
     warmup_steps: int,
     total_steps: int,
-    decay_fraction: float = 0.1,
+    decay_fraction: float = WSD_DECAY_FRACTION,
     min_lr: float = 0.0,
     decay_shape: DecayShape = "linear",
 ) -> Schedule:

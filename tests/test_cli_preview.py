@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -11,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from surgeon.cli import main
-from surgeon.schedules import SCHEDULES, cosine, exponential, warmup_cosine, wsd
+from surgeon.config import SurgeonConfig
+from surgeon.schedules import (
+    SCHEDULES,
+    WSD_DECAY_FRACTION,
+    cosine,
+    exponential,
+    warmup_cosine,
+    wsd,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^\s*(\d+)\s+(\S+)\s*(.*)$")
@@ -68,6 +77,18 @@ class TestTable:
         assert main([*argv, "--decay-shape", "sqrt", "--decay_fraction", "0.4"]) == 0
         schedule = wsd(1e-3, 5, 50, decay_fraction=0.4, decay_shape="sqrt")
         assert_rows_match(table(capsys.readouterr().out), schedule)
+
+    def test_wsd_decays_over_the_callbacks_share_by_default(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """One default for the WSD tail: ``preview wsd`` decays over the last 20% of the run,
+        as ``ScheduleSurgeon(decay="wsd")`` does after its warmup."""
+        argv = ["preview", "wsd", "--lr", "1", "--warmup-steps", "0", "--total-steps", "100"]
+        assert main([*argv, "--points", "10"]) == 0
+        rows = table(capsys.readouterr().out)
+        assert [rows[step][0] for step in (70, 80, 90, 100)] == pytest.approx([1.0, 1.0, 0.5, 0.0])
+        assert SurgeonConfig().wsd_decay_fraction == WSD_DECAY_FRACTION == 0.2
+        assert inspect.signature(wsd).parameters["decay_fraction"].default == WSD_DECAY_FRACTION
 
     @pytest.mark.parametrize("name", sorted(SCHEDULES))
     def test_every_schedule_has_a_subcommand(

@@ -36,8 +36,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_worker(out_dir: Path, *args: str) -> list[dict[str, Any]]:
-    """Run the worker (both ranks) and return the two ranks' records, rank 0 first."""
+def run_worker(out_dir: Path, *args: str, script: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the worker (both ranks) and return the two ranks' records (``rank<r>.json`` in
+    ``out_dir``), rank 0 first; ``script``: another program and its arguments than
+    ``ddp_worker.py OUT_DIR``."""
     env = {k: v for k, v in os.environ.items() if k not in _JOB_VARS and not k.startswith("SLURM")}
     env.update(
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
@@ -48,7 +50,7 @@ def run_worker(out_dir: Path, *args: str) -> list[dict[str, Any]]:
     )
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only: no network needed
-    cmd = [sys.executable, str(WORKER), str(out_dir), *args]
+    cmd = [sys.executable, *(script or [str(WORKER), str(out_dir)]), *args]
     # own session, so a timeout kills rank 1 (a child of rank 0) too
     proc = subprocess.Popen(
         cmd,

@@ -161,3 +161,19 @@ def test_cli_runs_a_config_with_a_preset_layered_over_it(tmp_path: Path) -> None
     assert records and records[0]["kind"] == "warmup_end"
     assert printed_events(result.stdout) == [(r["step"], r["kind"]) for r in records]
     assert column(metric_rows(log_dir), "lr-SGD")[-1][0] >= 35
+
+
+def test_plain_loop_learns_recovers_and_leaves_run_files(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run_example(
+        "plain_loop.py",
+        *("--steps", "400", "--spike-at", "200", "--nan-at", "300", "--out", str(out)),
+        cwd=tmp_path,
+    )
+    accuracy = float(re.search(r"validation accuracy after 400 steps: ([\d.]+)", result.stdout)[1])
+    assert accuracy > 0.9
+    kinds = [(e["step"], e["kind"]) for e in events(out)]
+    assert (200, "spike") in kinds and (200, "rollback") in kinds
+    assert (300, "nonfinite") in kinds and (300, "skipped_step") in kinds
+    assert "surgeon: step 200: rollback:" in result.stdout  # decisions are printed
+    assert (out / "losses.csv").read_text().count("\n") == 401  # header + every step

@@ -1,9 +1,11 @@
-"""``surgeon plot`` on a real logged run, and the ``events.jsonl`` it reads.
+"""``surgeon plot``: what it derives from a run (phases, loss, smoothing, LR lines, event styles)
+and the figure it draws from a real logged run.
 
-A short ``Trainer.fit`` of the tiny MLP of ``conftest`` with ``CSVLogger`` and an injected
-spike leaves ``metrics.csv`` and ``events.jsonl``; ``surgeon plot`` must turn them into a
-PNG whose legend counts exactly the events of the file. The figure is caught on its way to
-``plt.close`` (``surgeon/plot.py`` needs no hook for that).
+The derived pieces are checked on hand-written runs where the right answer is known (phase
+boundaries one step after their events, a smoothed loss that does not lag, param groups that
+share a line); a short ``Trainer.fit`` of the tiny MLP of ``conftest`` with an injected spike
+checks them against what the callback decided and logged, and the figure (caught on its way to
+``plt.close``) for its legend, lines and shading.
 
 The file and the callback's events must agree across reruns and resumes too: a rerun in
 the same directory, a resume after a crash, a callback object reused for a resumed fit, and
@@ -11,6 +13,7 @@ a state loaded by ``validate(ckpt_path=...)`` that must not leak into a later fr
 """
 
 import json
+import math
 import re
 import struct
 from collections import Counter
@@ -26,8 +29,24 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
 
-from surgeon.callback import EVENTS_FILE, ScheduleSurgeon
+from surgeon.callback import ScheduleSurgeon
 from surgeon.cli import main
+from surgeon.controller import EventKind, Phase
+from surgeon.plot import (
+    EVENT_COLORS,
+    PHASE_COLORS,
+    UNKNOWN_EVENT_COLOR,
+    Run,
+    event_dashes,
+    event_style,
+    load_run,
+    loss_source,
+    lr_lines,
+    own_losses,
+    phase_spans,
+    smooth,
+)
+from surgeon.recorder import EVENTS_FILE, LOSSES_FILE, PHASE_CODES, SETTINGS_FILE
 
 matplotlib.use("Agg")
 
@@ -53,6 +72,7 @@ def fit(
     steps: int = STEPS,
     surgeon: ScheduleSurgeon | None = None,
     logger_class: type = CSVLogger,
+    model_class: type = TinyRegressor,
     **kwargs: Any,
 ) -> ScheduleSurgeon:
     """A logged run with warmup and a spike at ``SPIKE_AT``, in ``log_root`` (no version dir)."""
@@ -64,9 +84,22 @@ def fit(
         logger=logger_class(log_root, name="", version=""),
         **kwargs,
     )
-    trainer.fit(TinyRegressor(loss_hook=spike_at(SPIKE_AT)), make_loader(), **fit_kwargs)
+    trainer.fit(model_class(loss_hook=spike_at(SPIKE_AT)), make_loader(), **fit_kwargs)
     assert Path(trainer.log_dir) == log_root
     return surgeon
+
+
+class LoggingRegressor(TinyRegressor):  # type: ignore[misc, valid-type]
+    """Logs its own ``train_loss`` every step and ``val_loss`` at each validation."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
 
 
 def events_file(log_dir: Path) -> list[dict[str, Any]]:
@@ -103,6 +136,153 @@ def caught_figures(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
         close(figure)
 
 
+def run_of(
+    events: list[dict[str, Any]] | None = None,
+    series: dict[str, list[tuple[int, float]]] | None = None,
+    **kwargs: Any,
+) -> Run:
+    """A run as :func:`surgeon.plot.load_run` returns it, written by hand."""
+    return Run(Path("run"), Path("run/metrics.csv"), series or {}, events or [], **kwargs)
+
+
+def event(step: int, kind: str, phase: str | None = None) -> dict[str, Any]:
+    record: dict[str, Any] = {"step": step, "kind": kind, "reason": "", "lr_after": 0.1}
+    if phase is not None:
+        record["phase"] = phase
+    return record
+
+
+# ------------------------------------------------------------------------------ phases
+
+
+def test_phases_come_from_the_events_one_step_after_each() -> None:
+    """The phase an event records holds from the next step: ``warmup_end`` at step 9 starts
+    ``stable`` at 10, however sparsely the metrics were logged."""
+    events = [
+        event(9, "warmup_end", "stable"),
+        event(30, "spike", "stable"),  # no phase change
+        event(47, "decay_start", "decay"),
+        event(70, "plateau", "stable"),  # a restart re-plans: a new hold
+        event(80, "decay_start", "decay"),
+        event(99, "done", "done"),
+    ]
+    rows = {"surgeon/phase": [(0, 0.0), (50, 2.0)]}  # sparse rows: not used
+    spans = phase_spans(run_of(events, rows, losses=[(s, 1.0) for s in range(120)]))
+    assert spans == [
+        ("warmup", 0, 10),
+        ("stable", 10, 48),
+        ("decay", 48, 71),
+        ("stable", 71, 81),
+        ("decay", 81, 100),
+        ("done", 100, 119),
+    ]
+
+
+def test_phases_of_older_event_files_come_from_the_logged_rows() -> None:
+    codes = {phase.value: code for phase, code in PHASE_CODES.items()}
+    rows = [(0, 0.0), (5, 0.0), (10, codes["stable"]), (15, codes["decay"]), (20, codes["done"])]
+    spans = phase_spans(run_of([event(8, "warmup_end")], {"surgeon/phase": rows}))
+    assert spans == [("warmup", 0, 11), ("stable", 11, 16), ("decay", 16, 20)]  # done: past the end
+
+
+def test_a_run_that_never_left_warmup_is_one_span() -> None:
+    assert phase_spans(run_of([], {"lr-SGD": [(0, 0.1), (7, 0.1)]})) == [("warmup", 0, 7)]
+
+
+# ------------------------------------------------------------------------------ loss
+
+
+def test_the_loss_comes_from_losses_csv_then_the_logged_surgeon_loss_then_the_runs_own() -> None:
+    every_step = [(0, 2.0), (1, math.nan), (2, 1.5)]
+    logged = {"surgeon/loss": [(0, 2.0)], "train_loss": [(0, 2.1), (1, 1.9)]}
+    assert loss_source(run_of(series=logged, losses=every_step)) == (
+        LOSSES_FILE,
+        [(0, 2.0), (2, 1.5)],  # the NaN step is marked by its event, not drawn
+    )
+    assert loss_source(run_of(series=logged)) == ("surgeon/loss", [(0, 2.0)])
+    del logged["surgeon/loss"]
+    assert loss_source(run_of(series=logged)) == ("train_loss", [(0, 2.1), (1, 1.9)])
+    assert loss_source(run_of(series={"val_loss": [(0, 1.0)]})) == ("", [])
+
+
+def test_the_smoothed_loss_does_not_lag() -> None:
+    """On a loss falling geometrically (linear in log) from 10, a centred mean of the logs is
+    the curve itself; an EMA like the spike detector's sits 7x above it at step 99."""
+    points = [(step, 10.0 * math.exp(-step / 25)) for step in range(200)]
+    smoothed = smooth(points)
+    assert [step for step, _ in smoothed] == list(range(200))
+    for (_, loss), (_, value) in zip(points, smoothed, strict=True):
+        assert value == pytest.approx(loss, rel=1e-9)
+    ema = points[0][1]
+    for _, loss in points[:100]:
+        ema += 0.03 * (loss - ema)
+    assert ema > 7 * points[99][1]  # what the old plot drew as "loss_smooth"
+
+
+def test_the_smoothed_loss_averages_the_noise_over_two_percent_of_the_run() -> None:
+    noisy = [(step, 1.0 * (1.5 if step % 2 else 1 / 1.5)) for step in range(1000)]
+    smoothed = smooth(noisy)
+    middle = [value for step, value in smoothed if 20 <= step < 980]
+    # a 21-point window (2% of 1000) of alternating 1.5 and 1/1.5: geometric mean 1.5**(+-1/21)
+    assert all(1.5 ** (-1 / 21) - 1e-9 <= value <= 1.5 ** (1 / 21) + 1e-9 for value in middle)
+    assert smoothed[0][1] == noisy[0][1]  # the ends are not pulled towards later values
+    assert smooth([(0, -1.0), (1, 1.0), (2, -1.0)])[1] == (1, pytest.approx(-1 / 3))  # linear
+
+
+def test_the_runs_own_losses_are_found_and_epoch_means_only_without_step_values() -> None:
+    series = {
+        key: [(0, 1.0)]
+        for key in (
+            "loss",
+            "train_loss_step",
+            "train_loss_epoch",
+            "val_loss",
+            "valid/loss",
+            "val_acc",
+            "surgeon/loss",
+            "surgeon/loss_smooth",
+            "lr-SGD",
+            "epoch",
+        )
+    }
+    assert own_losses(series) == ["loss", "train_loss_step", "val_loss", "valid/loss"]
+    del series["train_loss_step"]
+    assert "train_loss_epoch" in own_losses(series)
+
+
+# ------------------------------------------------------------------------------ LR and events
+
+
+def test_param_groups_with_the_same_lr_share_a_line_and_the_highest_comes_first() -> None:
+    low = [(0, 1e-4), (5, 2e-4)]
+    high = [(0, 1e-2), (5, 2e-2)]
+    series = {"lr-AdamW/backbone": low, "lr-AdamW/head": high, "lr-AdamW/no_decay": high}
+    assert lr_lines(series) == [("AdamW/head, AdamW/no_decay", high), ("AdamW/backbone", low)]
+
+
+def test_every_event_kind_has_a_colour_of_its_own() -> None:
+    kinds = [kind.value for kind in EventKind]
+    assert set(EVENT_COLORS) == set(kinds)
+    colors = [event_style(kind)[0] for kind in kinds]
+    assert len(set(colors)) == len(colors), "two kinds look the same"
+    assert not set(colors) & {*PHASE_COLORS.values(), UNKNOWN_EVENT_COLOR}
+    assert set(PHASE_COLORS) == {phase.value for phase in Phase}
+    assert event_style("a_kind_from_the_future") == (UNKNOWN_EVENT_COLOR, False)
+
+
+def test_events_at_one_step_take_turns_along_their_line() -> None:
+    events = [event(3, "spike"), event(7, "spike"), event(7, "rollback"), event(7, "skipped_step")]
+    assert event_dashes(events) == [
+        (0.0, (4.0, 4.0)),  # alone: a plain dashed line
+        (0.0, (4.0, 8.0)),  # three at step 7: each dash of a period of 12 points in turn
+        (4.0, (4.0, 8.0)),
+        (8.0, (4.0, 8.0)),
+    ]
+
+
+# ------------------------------------------------------------------------------ real runs
+
+
 @pytest.mark.parametrize("logger_class", [CSVLogger, TensorBoardLogger])
 def test_plot_of_a_real_run_marks_every_event(
     make_trainer: Any,
@@ -111,10 +291,18 @@ def test_plot_of_a_real_run_marks_every_event(
     capsys: pytest.CaptureFixture[str],
     logger_class: type,
 ) -> None:
-    surgeon = fit(make_trainer, tmp_path, logger_class=logger_class)
+    surgeon = fit(
+        make_trainer,
+        tmp_path,
+        logger_class=logger_class,
+        model_class=LoggingRegressor,
+        val_check_interval=20,
+        check_val_every_n_epoch=None,
+        fit={"val_dataloaders": make_loader(batches=2)},
+    )
     records = events_file(tmp_path)
     kinds = [record["kind"] for record in records]
-    assert len(records) >= 2 and {"warmup_end", "spike"} <= set(kinds)
+    assert {"warmup_end", "spike", "decay_start"} <= set(kinds)
     assert [(r["step"], r["kind"]) for r in records] == [
         (e.step, e.kind.value) for e in surgeon.events
     ]
@@ -123,7 +311,6 @@ def test_plot_of_a_real_run_marks_every_event(
     out = tmp_path / "surgeon.png"
     assert f"wrote {out}" in capsys.readouterr().out
     assert png_size(out) == (11 * 110, 7 * 110)  # figsize x dpi of plot_run
-    assert out.stat().st_size > 20_000  # two panels of curves, not an empty canvas
 
     (figure,) = caught_figures
     ax_loss, ax_lr = figure.axes[:2]
@@ -135,39 +322,118 @@ def test_plot_of_a_real_run_marks_every_event(
         if (match := re.fullmatch(r"(\w+) \((\d+)\)", label))
     }
     assert counted == Counter(kinds)
-    assert sum(counted.values()) == len(records)
-    assert {"lr-SGD", "phase: warmup", "phase: decay"} <= set(labels)
-    # and each panel has one dashed vertical line per event, at its step
+    assert {"SGD", "phase: warmup", "phase: stable", "phase: decay"} <= set(labels)
+    # each panel has one line per event at its step, in its kind's colour
     for ax in (ax_loss, ax_lr):
         marks = sorted(
-            line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"
+            (line.get_xdata()[0], line.get_color())
+            for line in ax.get_lines()
+            if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1]
         )
-        assert marks == sorted(record["step"] for record in records)
+        assert marks == sorted((r["step"], EVENT_COLORS[r["kind"]]) for r in records)
+    # the shading is the phase spans, which match the phase the callback logged at every step
+    run = load_run(tmp_path)
+    spans = phase_spans(run)
+    shaded = sorted(
+        (round(patch.get_x()), round(patch.get_x() + patch.get_width()))
+        for patch in ax_lr.patches
+    )
+    assert shaded == [(start, end) for _, start, end in spans]
+    names = {code: phase.value for phase, code in PHASE_CODES.items()}
+    for step, code in run.series["surgeon/phase"]:
+        inside = [name for name, start, end in spans if start <= step + 1 < end]
+        assert inside in ([names[code]], []), step  # [] past the last step
+    # the loss panel: every step's loss from losses.csv, its smoothed curve, the module's own
+    drawn = {line.get_label(): line for line in ax_loss.get_lines()}
+    assert {LOSSES_FILE, f"{LOSSES_FILE}, smoothed", "train_loss", "val_loss"} <= set(drawn)
+    assert list(drawn[LOSSES_FILE].get_xdata()) == list(range(STEPS))
+    assert list(drawn["val_loss"].get_xdata()) == [19, 39, 59]
+    assert ax_loss.get_yscale() == "log" and ax_lr.get_yscale() == "linear"
     assert figure._suptitle.get_text().startswith(f"ScheduleSurgeon: {len(records)} events")
 
 
-def test_plot_out_option_writes_there(make_trainer: Any, tmp_path: Path) -> None:
-    fit(make_trainer, tmp_path / "run", steps=20)
+def test_phase_boundaries_are_exact_to_the_step_when_metrics_are_logged_sparsely(
+    make_trainer: Any, tmp_path: Path
+) -> None:
+    surgeon = fit(make_trainer, tmp_path, log_every_n_steps=10)
+    run = load_run(tmp_path)
+    assert all(step % 10 == 0 for step, _ in run.series["surgeon/phase"])
+    changes = [e for e in surgeon.events if e.kind.value in ("warmup_end", "decay_start")]
+    assert [start for _, start, _ in phase_spans(run)[1:]] == [e.step + 1 for e in changes]
+    assert any((e.step + 1) % 10 for e in changes)  # the old row-based spans were off here
+
+
+def test_plot_log_lr_and_the_run_files_beside_the_metrics(
+    make_trainer: Any, tmp_path: Path, caught_figures: list[Any]
+) -> None:
+    """``--log-lr``; with ``losses.csv`` and ``settings.json`` (as newer callbacks write them)
+    the loss comes from the first and the planned end from the second."""
+    fit(make_trainer, tmp_path, steps=20)
+    with (tmp_path / LOSSES_FILE).open("w") as f:
+        f.write("step,loss,update_skipped\n" + "".join(f"{s},{1 / (s + 1)},0\n" for s in range(20)))
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({"total_steps": 30, "config": {}}))
     out = tmp_path / "figures" / "run.png"
-    assert main(["plot", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert main(["plot", str(tmp_path), "--out", str(out), "--log-lr"]) == 0
     assert png_size(out)[0] > 0
+    (figure,) = caught_figures
+    ax_loss, ax_lr = figure.axes[:2]
+    assert ax_lr.get_yscale() == "log"
+    (raw,) = [line for line in ax_loss.get_lines() if line.get_label() == LOSSES_FILE]
+    assert list(raw.get_ydata()) == [1 / (s + 1) for s in range(20)]
+    assert any(list(line.get_xdata()) == [30, 30] for line in ax_lr.get_lines())  # planned end
 
 
-@pytest.mark.parametrize("what", ["empty", "missing"])
-def test_plot_without_metrics_csv_exits_2_with_a_clear_message(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str
+def test_an_event_kind_this_version_does_not_know_is_drawn_neutral(
+    make_trainer: Any, tmp_path: Path, caught_figures: list[Any]
+) -> None:
+    fit(make_trainer, tmp_path, steps=20)
+    with (tmp_path / EVENTS_FILE).open("a") as f:
+        f.write(json.dumps({**event(12, "a_kind_from_the_future", "stable")}) + "\n")
+    assert main(["plot", str(tmp_path)]) == 0
+    (figure,) = caught_figures
+    (mark,) = [line for line in figure.axes[1].get_lines() if list(line.get_xdata()) == [12, 12]]
+    assert mark.get_color() == UNKNOWN_EVENT_COLOR
+    assert "a_kind_from_the_future (1)" in [
+        text.get_text() for text in figure.axes[1].get_legend().get_texts()
+    ]
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("missing", "{run_dir} is not a directory: pass the log directory of a run"),
+        (
+            "empty",
+            "no metrics.csv or TensorBoard event file under {run_dir} "
+            "(log the run with CSVLogger or TensorBoardLogger)",
+        ),
+        (
+            "events only",
+            "no metrics.csv or TensorBoard event file under {run_dir} "
+            "(log the run with CSVLogger or TensorBoardLogger)",
+        ),
+        (
+            "no surgeon",
+            "{run_dir} holds a run logged without ScheduleSurgeon (no events.jsonl beside "
+            "metrics.csv): train with Trainer(callbacks=[ScheduleSurgeon()]) and plot that "
+            "run's log directory",
+        ),
+    ],
+)
+def test_a_directory_without_a_surgeon_run_exits_2_with_a_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str, message: str
 ) -> None:
     run_dir = tmp_path / "run"
-    if what == "empty":
+    if what != "missing":
         run_dir.mkdir()
+    if what == "events only":
         (run_dir / EVENTS_FILE).write_text("")  # events alone are not enough
+    if what == "no surgeon":
+        (run_dir / "metrics.csv").write_text("epoch,step,train_loss\n0,0,1.0\n")
     assert main(["plot", str(run_dir)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == (
-        f"surgeon plot: error: no metrics.csv or TensorBoard event file under {run_dir} "
-        "(log the run with CSVLogger or TensorBoardLogger)\n"
-    )
+    assert captured.err == f"surgeon plot: error: {message.format(run_dir=run_dir)}\n"
     assert not (run_dir / "surgeon.png").exists()
 
 

@@ -1,0 +1,261 @@
+"""``Surgeon``: the surgeon for a plain PyTorch (or Lightning Fabric) training loop.
+
+A scheduler-like front door over the same :class:`~surgeon.engine.StepEngine` the Lightning
+callback drives, so the same losses give the same LRs and the same decisions::
+
+    surgeon = Surgeon(optimizer, total_steps=1000, model=model)  # writes step 0's LR
+    for x, y in loader:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        surgeon.guard(loss)        # optional: a NaN/inf loss or gradient skips this update
+        optimizer.step()
+        optimizer.zero_grad()
+        surgeon.step(loss)         # once per optimizer step: the loss, and the next step's LR
+
+What the loop must call: :meth:`Surgeon.step` after every optimizer step, with that step's
+loss (a tensor stays on its device: it is read back a few steps later, in blocks, so a GPU
+loop never waits). :meth:`Surgeon.guard` between ``backward`` and ``optimizer.step``, if
+non-finite updates are to be skipped. ``model=`` enables last-good snapshots and rollbacks
+(weights, buffers and optimizer state are restored in place). Under ``torch.distributed``
+(plain DDP or Fabric) losses are averaged across ranks before anything reads them, so every
+rank makes the same decisions; call ``step`` and ``guard`` on every rank.
+"""
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from surgeon._validate import check_positive_int
+from surgeon.config import CONFIG_FIELDS, SurgeonConfig
+from surgeon.controller import Controller, Event, Phase
+from surgeon.engine import (
+    PEAK_LR_KEY,
+    SnapshotMode,
+    StepEngine,
+    distributed_max,
+    distributed_mean,
+    starting_scale,
+)
+from surgeon.guard import NonFiniteGuard, SkipNonfinite
+from surgeon.recorder import RunRecorder, event_record
+
+
+def _grads_synchronized(model: nn.Module | None) -> bool:
+    """Whether ``model`` averages its gradients across ranks in ``backward`` (DDP, also inside
+    Fabric's wrapper): then every rank sees the same gradients and the guard needs no
+    collective of its own."""
+    inner = getattr(model, "_forward_module", model)  # Fabric's _FabricModule wraps the DDP one
+    return isinstance(inner, DistributedDataParallel)
+
+
+def _is_rank_zero() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class Surgeon:
+    """Adaptive warmup, decay and recovery for a plain loop, with a scheduler's interface."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer | Sequence[Optimizer],
+        total_steps: int,
+        *,
+        model: nn.Module | None = None,
+        config: SurgeonConfig | None = None,
+        skip_nonfinite: SkipNonfinite = "auto",
+        snapshot: SnapshotMode = "cpu",
+        readback_every: int = 4,
+        scaler: Any = None,
+        log_dir: str | Path | None = None,
+        verbose: bool = True,
+        **settings: Any,
+    ) -> None:
+        """Drive ``optimizer`` (or several) for ``total_steps`` optimizer steps.
+
+        Args:
+            optimizer: the optimizer(s) whose every param group's LR the surgeon writes; each
+                group's configured ``lr`` is its peak.
+            total_steps: the planned number of optimizer steps (calls of :meth:`step`).
+            model: the module whose weights and buffers snapshots copy (with the optimizers'
+                state); ``None``: no snapshots and no rollbacks.
+            config: every decision knob at once; or pass the fields as keywords
+                (``**settings``, e.g. ``decay="cosine"``), not both.
+            skip_nonfinite: ``"auto"``, ``"always"`` or ``"off"``, as for ``ScheduleSurgeon``
+                (acts only where the loop calls :meth:`guard`).
+            snapshot: ``"cpu"``, ``"device"`` or ``"off"``: where last-good copies live.
+            readback_every: losses are read back in blocks of this many steps.
+            scaler: the loop's ``torch.amp.GradScaler``, if any: steps it skips for a scale
+                overflow are not counted, NaN/inf-loss steps it skips are recorded.
+            log_dir: where to write ``events.jsonl``, ``settings.json`` and ``losses.csv``
+                (rank zero), for ``surgeon plot`` and ``surgeon replay``; ``None``: nowhere.
+            verbose: print each decision on rank zero as it is made.
+        """
+        if config is not None and settings:
+            raise ValueError(
+                f"Surgeon takes config=... or the settings as keywords, not both: got config "
+                f"and {sorted(settings)}"
+            )
+        unknown = sorted(set(settings) - set(CONFIG_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"Surgeon got unknown setting(s) {unknown}; the settings are the fields of "
+                f"surgeon.SurgeonConfig: {', '.join(CONFIG_FIELDS)}"
+            )
+        if not isinstance(verbose, bool):
+            raise ValueError(f"verbose must be True or False, got verbose={verbose!r}")
+        check_positive_int("total_steps", total_steps)
+        config = config if config is not None else SurgeonConfig(**settings)
+        if config.peak_lr != "optimizer":
+            raise ValueError(
+                f"Surgeon takes each param group's lr as its peak; peak_lr={config.peak_lr!r} "
+                "(an LR range test) is a ScheduleSurgeon feature: run a range test first and "
+                "set the optimizer's lr"
+            )
+        optimizers = [optimizer] if isinstance(optimizer, Optimizer) else list(optimizer)
+        if not optimizers or not all(hasattr(o, "param_groups") for o in optimizers):
+            raise ValueError(f"optimizer must be an optimizer or a list of them, got {optimizer!r}")
+        self.verbose = verbose
+        self.scaler = scaler
+        self._rank_zero = _is_rank_zero()
+        self._recorder: RunRecorder | None = None
+        self.engine = StepEngine(
+            config,
+            snapshot=snapshot,
+            readback_every=readback_every,
+            on_event=self._report,
+            on_loss=self._on_loss,
+        )
+        if _grads_synchronized(model):
+            guard = NonFiniteGuard(skip_nonfinite, check_losses=False)
+        else:
+            guard = NonFiniteGuard(skip_nonfinite, distributed_max())
+        device = None
+        if model is not None:
+            device = next((p.device for p in model.parameters()), None)
+        self.engine.start(
+            total_steps,
+            optimizers,
+            module=model,
+            guard=guard,
+            reduce=distributed_mean(),
+            device=device,
+            loss_scale=starting_scale(scaler),
+        )
+        if log_dir is not None and self._rank_zero:
+            self._recorder = RunRecorder(Path(log_dir))
+            self._open_recorder()
+        self.engine.begin_step()  # step 0's LR, as a torch scheduler sets it when made
+
+    # ------------------------------------------------------------------ the loop's calls
+    def guard(self, loss: Tensor | None = None) -> None:
+        """Before ``optimizer.step()``: flag the update when ``loss`` or a gradient is
+        NaN/inf and make each optimizer skip it (free on CPU and for ``fused=True``
+        optimizers; see :mod:`surgeon.guard`)."""
+        if loss is not None:
+            self.engine.watch_loss(loss)
+        for optimizer in self.engine.optimizers:
+            self.engine.before_optimizer_step(optimizer)
+
+    def step(self, loss: Tensor | float) -> None:
+        """After ``optimizer.step()``: this step's loss (a tensor is not read now), then the
+        LR of the next step into every param group (and a snapshot, when one is due)."""
+        if not isinstance(loss, Tensor):
+            loss = torch.tensor(float(loss))
+        self.engine.add_loss(loss.detach())
+        self.engine.end_step(getattr(self.scaler, "_scale", None))
+        self.engine.begin_step()
+
+    def finish(self) -> None:
+        """After the last step: read the losses still in flight and decide on them (a spike
+        or NaN in the last steps is recorded, a rollback leaves the last good weights)."""
+        self.engine.finish()
+        if self._recorder is not None:
+            self._recorder.close()
+
+    # ------------------------------------------------------------------ scheduler interface
+    @property
+    def controller(self) -> Controller:
+        """The decisions' phase machine."""
+        assert self.engine.controller is not None
+        return self.engine.controller
+
+    @property
+    def events(self) -> list[Event]:
+        """Every decision so far, oldest first."""
+        return self.engine.events
+
+    @property
+    def phase(self) -> Phase:
+        return self.engine.phase
+
+    @property
+    def last_step(self) -> int:
+        """Optimizer steps taken so far (the step whose LR is now in the param groups)."""
+        return self.engine.step
+
+    def get_last_lr(self) -> list[float]:
+        """The LR now in each driven param group, optimizer by optimizer (as torch's
+        ``LRScheduler.get_last_lr``)."""
+        return [g["lr"] for o in self.engine.driven for g in o.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, the controller's state and the losses not yet read (the peaks live in the
+        optimizers' param groups: save the optimizers' state dicts too). Under
+        ``torch.distributed`` call it on every rank (it averages the open losses)."""
+        if self._recorder is not None:
+            self._recorder.flush()
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: the next LRs are those of the uninterrupted run."""
+        self.engine.load_state_dict(state)
+        if self._recorder is not None:
+            self._open_recorder()
+        self.engine.begin_step()
+
+    # ------------------------------------------------------------------ reporting
+    def _open_recorder(self) -> None:
+        assert self._recorder is not None
+        controller = self.controller
+        self._recorder.start(
+            config=self.engine.config,
+            total_steps=controller.total_steps,
+            readback_every=self.engine.readback_every,
+            snapshot=self.engine.snapshot_mode,
+            events=[self._record(e) for e in self.events],
+            next_loss_step=controller.step,
+        )
+
+    def _record(self, event: Event) -> dict[str, Any]:
+        peak = self.engine.driven[0].param_groups[0][PEAK_LR_KEY]
+        return event_record(event, peak * event.scale_before, peak * event.scale_after)
+
+    def _report(self, event: Event) -> None:
+        if self._recorder is not None:
+            self._recorder.event(self._record(event))
+        if self.verbose and self._rank_zero:
+            print(f"surgeon: step {event.step}: {event.kind.value}: {event.reason}", flush=True)
+
+    def _on_loss(self, step: int, loss: float, update_skipped: bool) -> None:
+        if self._recorder is not None:
+            self._recorder.loss(step, loss, update_skipped)
+
+    def __repr__(self) -> str:
+        settings = {
+            f.name: getattr(self.engine.config, f.name)
+            for f in dataclasses.fields(self.engine.config)
+            if getattr(self.engine.config, f.name) != f.default
+        }
+        lr = self.get_last_lr()[0] if self.get_last_lr() else math.nan
+        return (
+            f"Surgeon(step={self.last_step}, phase={self.phase.value}, lr={lr:.4g}, "
+            f"settings={settings})"
+        )

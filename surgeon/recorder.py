@@ -1,0 +1,104 @@
+"""The files a run leaves in its log directory, for plots, replays and people.
+
+* ``events.jsonl``: one JSON record per decision (:meth:`surgeon.controller.Event.to_dict`
+  plus the first driven param group's LR before and after);
+* ``settings.json``: what the decisions depend on: the planned length, the read-back block,
+  where snapshots were kept (``"off"``: no rollbacks) and every
+  :class:`~surgeon.config.SurgeonConfig` field, so ``surgeon replay`` can re-run them;
+* ``losses.csv``: ``step,loss,update_skipped``, every loss as the controller consumed it, in
+  step order (a logger only keeps one row per ``log_every_n_steps``);
+* ``lr_find.csv`` (written by the callback when ``peak_lr="find"`` ran a range test): ``lr,loss``,
+  each step of the test.
+
+These names and the logged phase codes live here, with no torch or Lightning import, so that
+``surgeon plot`` and the command line read a run without them.
+
+Written by rank zero only. Lines are appended as they come (the loss file is buffered and
+flushed at checkpoints and at the end); a resumed run first rewrites both files to what its
+checkpoint had seen, so a crash leaves no step twice.
+"""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO, Any
+
+from surgeon.config import SurgeonConfig
+from surgeon.controller import Event, Phase
+
+EVENTS_FILE = "events.jsonl"
+SETTINGS_FILE = "settings.json"
+LOSSES_FILE = "losses.csv"
+LR_FIND_FILE = "lr_find.csv"
+PHASE_CODES = {Phase.WARMUP: 0.0, Phase.STABLE: 1.0, Phase.DECAY: 2.0, Phase.DONE: 3.0}
+"""Numeric phase logged as ``surgeon/phase`` (loggers take numbers)."""
+LOSSES_HEADER = "step,loss,update_skipped\n"
+
+
+def event_record(event: Event, lr_before: float, lr_after: float) -> dict[str, Any]:
+    """``event`` as the JSON record of ``events.jsonl``."""
+    return {**event.to_dict(), "lr_before": lr_before, "lr_after": lr_after}
+
+
+class RunRecorder:
+    """Writes ``events.jsonl``, ``settings.json`` and ``losses.csv`` into one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._losses: IO[str] | None = None
+
+    def start(
+        self,
+        *,
+        config: SurgeonConfig,
+        total_steps: int,
+        readback_every: int,
+        snapshot: str,
+        events: list[dict[str, Any]],
+        next_loss_step: int,
+    ) -> None:
+        """Open the run: the settings, the events so far (none when fresh, the restored ones on
+        a resume) and the losses of steps before ``next_loss_step`` kept from an earlier run in
+        this directory (a resume; a fresh run keeps none)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        settings = {
+            "total_steps": total_steps,
+            "readback_every": readback_every,
+            "snapshot": snapshot,
+            "config": asdict(config),
+        }
+        (self.directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        (self.directory / EVENTS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
+        kept = self._kept_losses(next_loss_step)
+        self.close()
+        self._losses = (self.directory / LOSSES_FILE).open("w")
+        self._losses.write(LOSSES_HEADER + "".join(kept))
+
+    def _kept_losses(self, before: int) -> list[str]:
+        path = self.directory / LOSSES_FILE
+        if before <= 0 or not path.exists():
+            return []
+        rows = path.read_text().splitlines(keepends=True)[1:]
+        steps = [row.split(",", 1)[0] for row in rows]
+        return [row for row, step in zip(rows, steps, strict=True) if int(step) < before]
+
+    def event(self, record: dict[str, Any]) -> None:
+        """Append one event record."""
+        with (self.directory / EVENTS_FILE).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def loss(self, step: int, loss: float, update_skipped: bool) -> None:
+        """Append the loss the controller consumed for ``step``."""
+        if self._losses is not None:
+            self._losses.write(f"{step},{loss!r},{int(update_skipped)}\n")
+
+    def flush(self) -> None:
+        """Push buffered loss rows to disk (at checkpoints, at the end)."""
+        if self._losses is not None:
+            self._losses.flush()
+
+    def close(self) -> None:
+        """Flush and close the loss file."""
+        if self._losses is not None:
+            self._losses.close()
+            self._losses = None

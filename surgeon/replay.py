@@ -1,0 +1,334 @@
+"""Replay: a logged loss stream fed through a fresh controller the way the callback feeds it.
+
+Time, as in :class:`surgeon.callback.ScheduleSurgeon`: the LR of step ``s`` is
+``lr_scale(s)`` asked when step ``s`` starts; losses reach the controller in blocks of
+``readback_every`` steps, each block when the next one closes (``readback_every`` to
+``2 x readback_every - 1`` steps late), and the last ones when the stream ends. The LRs
+depend on that lag, and so do the snapshots (below), hence the rollbacks: replay
+reproduces it step for step.
+
+Snapshots and rollbacks: at the start of every step where the controller says a snapshot is
+due, the callback copies the weights; replay tells the controller it did
+(``snapshot_taken(step, 0)``: there are no weights, so a rollback's reason says 0 bytes).
+When a loss makes the controller ask for a rollback, replay does what the callback does
+after restoring the snapshot: ``rolled_back(now)``, ``now`` the next step to start, so the
+losses of the undone steps still in flight are ignored as in the real run. The stream goes
+on with the losses that were logged: for a surgeon run those are the losses after its
+rollback; for a run logged without the surgeon they are the losses of weights that were
+never rolled back (replay says what the surgeon would have decided, not what the run would
+have become).
+
+Inputs (:func:`read_stream`): a surgeon run directory (``losses.csv``: every loss as the
+controller saw it, with ``settings.json`` and ``events.jsonl`` beside it), a Lightning
+``CSVLogger`` ``metrics.csv`` or TensorBoard event file (a ``loss``-like series, or the one
+named), or a two-column ``step,loss`` CSV from any framework. A stream logged every ``k``
+steps (Lightning's ``log_every_n_steps``) is replayed as it is: one logged point is one
+controller step, so ``total_steps`` and every length in steps count logged points (lengths
+given as fractions of the run mean the same as on the full stream); events and LRs are
+placed back at the logged steps. Without an ``update_skipped`` column a non-finite loss
+counts as a skipped update (what the surgeon's guard does with it). Steps that GradScaler
+skipped (fp16) and steps without a loss under manual optimization are not in these streams,
+so a run with them replays with a lag shifted by their count.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from surgeon._validate import check_positive_int
+from surgeon.config import SurgeonConfig
+from surgeon.controller import Controller, Event
+from surgeon.recorder import EVENTS_FILE, LOSSES_FILE, SETTINGS_FILE
+
+__all__ = [
+    "LossStream",
+    "Replay",
+    "RunSettings",
+    "feed",
+    "read_stream",
+    "replay",
+]
+
+LOSS_METRICS = ("surgeon/loss", "train_loss_step", "train_loss", "train/loss", "loss")
+"""Series taken from a metrics file without ``--metric``, first found first."""
+_NOT_TRAINING = ("val", "test", "epoch", "smooth", "lr")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a replay needs besides the losses: the run's plan, its read-back lag, its config,
+    and whether it kept snapshots (``snapshot="off"``: no rollbacks)."""
+
+    total_steps: int
+    config: SurgeonConfig = field(default_factory=SurgeonConfig)
+    readback_every: int = 4
+    snapshots: bool = True
+
+    def __post_init__(self) -> None:
+        check_positive_int("total_steps", self.total_steps)
+        check_positive_int("readback_every", self.readback_every)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSettings:
+        """Settings from a ``settings.json`` object (an absent ``snapshot`` means on)."""
+        known = {f.name for f in fields(SurgeonConfig)}
+        config = data.get("config", {})
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(
+                f"settings config has fields SurgeonConfig does not know: {unknown}; "
+                "replay it with a surgeon version that has them"
+            )
+        return cls(
+            total_steps=data["total_steps"],
+            config=SurgeonConfig(**config),
+            readback_every=data.get("readback_every", 4),
+            snapshots=data.get("snapshot", "cpu") != "off",
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``settings.json`` form (inverse of :meth:`from_json`)."""
+        return {
+            "total_steps": self.total_steps,
+            "readback_every": self.readback_every,
+            "snapshot": "cpu" if self.snapshots else "off",
+            "config": asdict(self.config),
+        }
+
+
+@dataclass(frozen=True)
+class LossStream:
+    """A logged loss stream: the step of each point, its loss, whether its update was skipped;
+    the file it came from and a description (file and series), and the run's settings and
+    events when they were logged beside it."""
+
+    steps: list[int]
+    losses: list[float]
+    update_skipped: list[bool]
+    path: Path
+    source: str
+    settings: RunSettings | None = None
+    logged_events: list[dict[str, Any]] | None = None
+
+    @property
+    def stride(self) -> int:
+        """The smallest gap between logged steps (1: every step was logged)."""
+        gaps = [b - a for a, b in zip(self.steps, self.steps[1:], strict=False)]
+        return min(gaps, default=1)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What the controller decided on a stream: per point its step, loss, the LR scale of its
+    step, the smoothed loss and phase after it; the events (at logged steps)."""
+
+    steps: list[int]
+    losses: list[float]
+    lr_scales: list[float]
+    smooth: list[float]
+    phases: list[str]
+    events: list[Event]
+
+
+def feed(
+    controller: Controller,
+    losses: Sequence[float],
+    update_skipped: Sequence[bool],
+    *,
+    readback_every: int = 4,
+    snapshots: bool = True,
+) -> tuple[list[float], list[float], list[str]]:
+    """Run ``controller`` over ``losses`` with the callback's timing (see the module doc);
+    returns the LR scale of each step, and the smoothed loss and phase after each loss."""
+    n = len(losses)
+    scales: list[float] = []
+    smooth = [math.nan] * n
+    phases = [""] * n
+    in_flight: list[range] = []
+
+    def consume(block: range, now: int) -> None:
+        for i in block:
+            controller.update(losses[i], update_skipped=update_skipped[i])
+            if controller.rollback_to is not None:
+                controller.rolled_back(now)
+            smooth[i], phases[i] = controller.spike.mean, controller.phase.value
+
+    for step in range(n):  # on_train_batch_start, then on_train_batch_end of step `step`
+        scales.append(controller.lr_scale(step))
+        if snapshots and controller.snapshot_due(step):
+            controller.snapshot_taken(step, 0)
+        if (step + 1) % readback_every == 0:  # a block closes; the one before it is read
+            in_flight.append(range(step + 1 - readback_every, step + 1))
+            if len(in_flight) > 1:
+                consume(in_flight.pop(0), step + 1)
+    if n % readback_every:  # on_train_end: the open block and those in flight
+        in_flight.append(range(n - n % readback_every, n))
+    for block in in_flight:
+        consume(block, n)
+    return scales, smooth, phases
+
+
+def replay(
+    losses: Sequence[float],
+    settings: RunSettings,
+    *,
+    update_skipped: Sequence[bool] | None = None,
+    steps: Sequence[int] | None = None,
+) -> Replay:
+    """Feed ``losses`` through a fresh ``Controller`` as the callback would; ``update_skipped``
+    defaults to "the loss is non-finite", ``steps`` (the logged step of each loss) to 0..n-1."""
+    losses = [float(x) for x in losses]
+    skipped = (
+        [not math.isfinite(x) for x in losses] if update_skipped is None else list(update_skipped)
+    )
+    at = list(range(len(losses))) if steps is None else list(steps)
+    if not len(skipped) == len(at) == len(losses):
+        raise ValueError(
+            "losses, update_skipped and steps must have one entry per step, got "
+            f"{len(losses)}, {len(skipped)} and {len(at)}"
+        )
+    controller = Controller(settings.total_steps, settings.config)
+    scales, smooth, phases = feed(
+        controller,
+        losses,
+        skipped,
+        readback_every=settings.readback_every,
+        snapshots=settings.snapshots,
+    )
+    events = [replace(e, step=at[e.step]) if e.step < len(at) else e for e in controller.events]
+    return Replay(at, losses, scales, smooth, phases, events)
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def read_stream(path: Path, metric: str | None = None) -> LossStream:
+    """The loss stream at ``path``: a run directory, a ``losses.csv``, a ``metrics.csv`` or
+    any ``step,loss`` CSV, or a TensorBoard event file (``metric``: the series to take)."""
+    path = Path(path)
+    if path.is_dir():
+        runs = sorted(path.rglob(LOSSES_FILE), key=lambda p: p.stat().st_mtime)
+        if runs and metric is None:
+            path = runs[-1]
+        else:
+            from surgeon.plot import find_run_files
+
+            path = find_run_files(path)[0]
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if path.name.startswith("events.out.tfevents."):
+        steps, losses, source = _pick_series(path, _read_metrics(path), metric)
+        skipped = None
+    else:
+        steps, losses, skipped, source = _read_csv(path, metric)
+    if not losses:
+        raise ValueError(f"{source} holds no loss values")
+    order = sorted(range(len(steps)), key=steps.__getitem__)
+    if any(steps[a] == steps[b] for a, b in itertools.pairwise(order)):
+        raise ValueError(f"{source} logs a step more than once; pass one value per step")
+    settings, events = _run_files(path) if path.name == LOSSES_FILE else (None, None)
+    flags = [not math.isfinite(x) for x in losses] if skipped is None else skipped
+    return LossStream(
+        steps=[steps[i] for i in order],
+        losses=[losses[i] for i in order],
+        update_skipped=[flags[i] for i in order],
+        path=path,
+        source=source,
+        settings=settings,
+        logged_events=events,
+    )
+
+
+def _run_files(losses: Path) -> tuple[RunSettings | None, list[dict[str, Any]] | None]:
+    """The settings and events a surgeon run wrote beside its ``losses.csv`` (they describe
+    that stream: a metrics file beside them may be logged every k steps, and is read alone)."""
+    settings_path, events_path = losses.parent / SETTINGS_FILE, losses.parent / EVENTS_FILE
+    settings = events = None
+    if settings_path.exists():
+        try:
+            settings = RunSettings.from_json(json.loads(settings_path.read_text()))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{settings_path}: {err}") from None
+    if events_path.exists():
+        lines = events_path.read_text().splitlines()
+        events = [json.loads(line) for line in lines if line.strip()]
+    return settings, events
+
+
+def _read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    from surgeon.plot import read_metrics  # lazily: it brings Lightning in
+
+    return read_metrics(path)
+
+
+def _read_csv(
+    path: Path, metric: str | None
+) -> tuple[list[int], list[float], list[bool] | None, str]:
+    """A ``step,loss[,update_skipped]`` CSV (with or without a header) or a metrics CSV."""
+    with path.open(newline="") as f:
+        rows = [row for row in csv.reader(f) if row]
+    if not rows:
+        raise ValueError(f"{path} is empty")
+    header = [name.strip() for name in rows[0]]
+    if len(header) == 2 and _is_number(header[0]) and metric is None:  # no header: step,loss
+        return [int(float(r[0])) for r in rows], [float(r[1]) for r in rows], None, str(path)
+    if "step" not in header:
+        raise ValueError(f"{path} has no 'step' column (columns: {', '.join(header)})")
+    if header[:2] == ["step", "loss"] and len(header) <= 3 and metric in (None, "loss"):
+        flags = None
+        if header[2:] == ["update_skipped"]:
+            flags = [r[2].strip().lower() in ("1", "true", "1.0") for r in rows[1:]]
+        steps = [int(float(r[0])) for r in rows[1:]]
+        return steps, [float(r[1]) for r in rows[1:]], flags, f"{path} (loss)"
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows[1:]:
+        values = dict(zip(header, row, strict=False))
+        for key, value in values.items():
+            if key != "step" and value.strip():
+                series.setdefault(key, []).append((int(float(values["step"])), float(value)))
+    steps, losses, source = _pick_series(path, series, metric)
+    return steps, losses, None, source
+
+
+def _pick_series(
+    path: Path, series: dict[str, list[tuple[int, float]]], metric: str | None
+) -> tuple[list[int], list[float], str]:
+    """The series ``metric``, else the first of :data:`LOSS_METRICS`, else the only
+    training-loss-like one."""
+    if metric is None:
+        found = [name for name in LOSS_METRICS if name in series]
+        if not found:
+            found = [
+                name
+                for name in series
+                if "loss" in name.lower() and not any(w in name.lower() for w in _NOT_TRAINING)
+            ]
+            if len(found) != 1:
+                raise ValueError(
+                    f"{path}: cannot tell which series is the training loss "
+                    f"(candidates: {', '.join(found) or 'none'}; all: {', '.join(series)}); "
+                    "name it with --metric"
+                )
+        metric = found[0]
+    if metric not in series:
+        raise ValueError(
+            f"{path} has no series {metric!r} (it has: {', '.join(series) or 'none'}); "
+            "pick one with --metric"
+        )
+    points = series[metric]
+    return [s for s, _ in points], [v for _, v in points], f"{path} ({metric})"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,54 @@
+// Port of surgeon/replay.py's feed and replay: a loss stream through a fresh controller with
+// the callback's timing (LR asked when a step starts, losses read in blocks one block late,
+// snapshots when due, rollbacks acknowledged at the next step). Reading files is Python's job.
+(function (S) {
+  "use strict";
+  const { Controller } = S.controller;
+
+  function feed(controller, losses, update_skipped, { readback_every = 4, snapshots = true } = {}) {
+    const n = losses.length;
+    const scales = [];
+    const smooth = new Array(n).fill(NaN);
+    const phases = new Array(n).fill("");
+    const in_flight = [];
+
+    function consume(block, now) {
+      for (const i of block) {
+        controller.update(losses[i], { update_skipped: update_skipped[i] });
+        if (controller.rollback_to !== null) controller.rolled_back(now);
+        smooth[i] = controller.spike.mean;
+        phases[i] = controller.phase;
+      }
+    }
+
+    const range = (start, stop) => Array.from({ length: stop - start }, (_, k) => start + k);
+    for (let step = 0; step < n; step++) {
+      scales.push(controller.lr_scale(step));
+      if (snapshots && controller.snapshot_due(step)) controller.snapshot_taken(step, 0);
+      if ((step + 1) % readback_every === 0) {
+        in_flight.push(range(step + 1 - readback_every, step + 1));
+        if (in_flight.length > 1) consume(in_flight.shift(), step + 1);
+      }
+    }
+    if (n % readback_every) in_flight.push(range(n - (n % readback_every), n));
+    for (const block of in_flight) consume(block, n);
+    return [scales, smooth, phases];
+  }
+
+  function replay(losses, settings, { update_skipped = null, steps = null } = {}) {
+    const skipped = update_skipped === null ? losses.map((x) => !Number.isFinite(x))
+                                            : update_skipped;
+    const at = steps === null ? losses.map((_, i) => i) : steps;
+    const controller = new Controller(settings.total_steps, settings.config);
+    const [scales, smooth, phases] = feed(controller, losses, skipped, {
+      readback_every: settings.readback_every,
+      snapshots: settings.snapshots,
+    });
+    const events = controller.events.map((e) =>
+      e.step < at.length ? { ...e, step: at[e.step] } : e,
+    );
+    return { steps: at, losses, lr_scales: scales, smooth, phases, events };
+  }
+
+  S.replay = { feed, replay };
+})((globalThis.surgeon ||= {}));

@@ -1,0 +1,47 @@
+"""The README and the changelog say what the code does: every knob of ``ScheduleSurgeon`` in the
+README's table with its real default, the install line with the real distribution name, a
+changelog entry for the current version."""
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import tomllib
+
+import surgeon
+from surgeon.callback import ScheduleSurgeon
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+
+def section(title: str) -> str:
+    """The README text under ``## title`` up to the next ``## ``."""
+    return README.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_every_keyword_of_schedule_surgeon_is_in_the_readme_table_with_its_default() -> None:
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]+)` \| (.+) \|$", section("Every knob"), re.M)
+    params = [p for p in inspect.signature(ScheduleSurgeon.__init__).parameters.values()]
+    params = [p for p in params if p.name != "self"]
+    assert [name for name, _, _ in rows] == [p.name for p in params]
+    for (name, default, meaning), param in zip(rows, params, strict=True):
+        assert ast.literal_eval(default) == param.default, name
+        assert type(ast.literal_eval(default)) is type(param.default), name
+        assert len(meaning) > 20, name
+
+
+def test_the_install_line_names_the_distribution() -> None:
+    name = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["name"]
+    assert name == "schedule-surgeon"
+    install = section("Install")
+    assert f'pip install "{name}[plot]"' in install
+    assert "imported as **`surgeon`**" in install
+
+
+def test_the_changelog_has_the_current_version_and_an_unreleased_section() -> None:
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    headings = re.findall(r"^## \[([^\]]+)\]", changelog, re.M)
+    assert headings[0] == "Unreleased"
+    assert surgeon.__version__ in headings

@@ -1,0 +1,229 @@
+"""``surgeon.Surgeon``: the same engine behind a scheduler-like object for plain loops.
+
+The contract with the Lightning callback: the same loss stream gives the same LRs and the same
+decisions, step for step (both drive one :class:`surgeon.engine.StepEngine`). Fabric: two CPU
+processes (gloo) running ``examples/fabric_loop.py`` make identical decisions.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TinyRegressor, make_loader
+from test_ddp import run_worker
+from torch import Tensor, nn
+
+from surgeon import ScheduleSurgeon, Surgeon, SurgeonConfig
+from surgeon.controller import EventKind
+from surgeon.recorder import LOSSES_FILE
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS: dict[str, Any] = {"min_warmup": 10, "max_warmup": 20, "plateau_patience": 40}
+
+
+def scripted(steps: int) -> list[float]:
+    """Falling, then flat (a plateau), with a x1000 spike (a rollback) and a NaN."""
+    losses = [1.0 / (1.0 + 0.05 * t) if t < 120 else 0.1428 for t in range(steps)]
+    losses[90] *= 1000.0
+    losses[150] = math.nan
+    return losses
+
+
+def plain_run(
+    losses: list[float] | None, steps: int, **kwargs: Any
+) -> tuple[Surgeon, list[float], nn.Module]:
+    """A plain loop over the tests' regression data with :class:`TinyRegressor`'s net and
+    optimizer; ``losses`` replaces each step's loss value (its gradient stays the real one's
+    times zero, as in the Lightning runs below), ``None`` keeps the real losses."""
+    model = TinyRegressor()
+    optimizer = model.configure_optimizers()[0]
+    surgeon = Surgeon(optimizer, steps, model=model.net, verbose=False, **SETTINGS, **kwargs)
+    batches = list(make_loader())
+    lrs = []
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        lrs.append(optimizer.param_groups[0]["lr"])
+        loss = nn.functional.mse_loss(model.net(x), y)
+        if losses is not None:
+            loss = loss * 0.0 + losses[step]
+        loss.backward()
+        surgeon.guard(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        surgeon.step(loss)
+    surgeon.finish()
+    return surgeon, lrs, model.net
+
+
+def lightning_run(
+    make_trainer: Any, losses: list[float] | None, steps: int
+) -> tuple[ScheduleSurgeon, list[float], nn.Module]:
+    def replace(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        return loss * 0.0 + losses[step] if losses is not None else loss
+
+    cb = ScheduleSurgeon(**SETTINGS)
+    model = TinyRegressor(loss_hook=replace)
+    make_trainer([cb], max_steps=steps).fit(model, make_loader())
+    return cb, [r["lrs"][0][0] for r in model.records], model.net
+
+
+def decisions(events: list[Any]) -> list[tuple[int, EventKind, str]]:
+    return [(e.step, e.kind, e.reason) for e in events]
+
+
+def test_the_same_loss_stream_gives_the_callbacks_lrs_and_decisions(make_trainer: Any) -> None:
+    steps = 240
+    losses = scripted(steps)
+    cb, cb_lrs, _ = lightning_run(make_trainer, losses, steps)
+    surgeon, lrs, _ = plain_run(losses, steps)
+    kinds = {e.kind for e in surgeon.events}
+    assert {EventKind.ROLLBACK, EventKind.NONFINITE, EventKind.SKIPPED_STEP} <= kinds
+    assert EventKind.PLATEAU in kinds and EventKind.WARMUP_END in kinds
+    assert lrs == cb_lrs
+    assert decisions(surgeon.events) == decisions(cb.events)
+    assert surgeon.controller.state_dict() == cb.controller.state_dict()
+
+
+def test_real_training_matches_the_callback_weight_for_weight(make_trainer: Any) -> None:
+    """Same model, data and optimizer: the plain loop and the Trainer apply identical updates,
+    so the surgeon sees identical losses and writes identical LRs."""
+    steps = 120
+    cb, cb_lrs, cb_net = lightning_run(make_trainer, None, steps)
+    surgeon, lrs, net = plain_run(None, steps)
+    assert lrs == cb_lrs
+    assert decisions(surgeon.events) == decisions(cb.events)
+    for p, q in zip(net.parameters(), cb_net.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_lr_interface_and_step_zero() -> None:
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(
+        [{"params": [model.weight], "lr": 1e-3}, {"params": [model.bias], "lr": 1e-2}]
+    )
+    surgeon = Surgeon(optimizer, 100, warmup=10, verbose=False)
+    first = surgeon.get_last_lr()
+    assert first == pytest.approx([1e-3 / 11, 1e-2 / 11])  # step 0 of a 10-step ramp
+    for _ in range(10):
+        surgeon.step(torch.tensor(1.0))
+    assert surgeon.get_last_lr() == pytest.approx([1e-3, 1e-2])  # ratios kept, at the peak
+    assert surgeon.last_step == 10
+    assert "step=10" in repr(surgeon)
+
+
+def test_resume_continues_with_the_uninterrupted_lrs() -> None:
+    """Save the surgeon, model and optimizer at step 70 (a partial read-back block, inside a
+    plateau's watch), restore into fresh objects: the LRs and events from there are the same."""
+    steps, at = 200, 70
+    losses = scripted(steps)
+
+    def loop(surgeon: Surgeon, model: nn.Module, optimizer: Any, start: int, stop: int) -> list:
+        lrs = []
+        for step in range(start, stop):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            x = torch.full((2, 8), float(step % 7))
+            loss = model(x).mean() * 0.0 + losses[step]
+            loss.backward()
+            surgeon.guard(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            surgeon.step(loss)
+        return lrs
+
+    def fresh() -> tuple[nn.Module, Any]:
+        torch.manual_seed(0)
+        model = nn.Linear(8, 1)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    model, optimizer = fresh()
+    surgeon = Surgeon(optimizer, steps, model=model, verbose=False, **SETTINGS)
+    lrs = loop(surgeon, model, optimizer, 0, at)
+    saved = copy.deepcopy(
+        {
+            "surgeon": surgeon.state_dict(),
+            "model": model.state_dict(),
+            "opt": optimizer.state_dict(),
+        }
+    )
+    lrs += loop(surgeon, model, optimizer, at, steps)
+    surgeon.finish()
+
+    model2, optimizer2 = fresh()
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["opt"])
+    resumed = Surgeon(optimizer2, steps, model=model2, verbose=False, **SETTINGS)
+    resumed.load_state_dict(saved["surgeon"])
+    lrs2 = loop(resumed, model2, optimizer2, at, steps)
+    resumed.finish()
+    assert lrs2 == lrs[at:]
+    assert decisions(resumed.events) == decisions(surgeon.events)
+
+
+def test_guard_skips_a_nan_gradient_with_a_finite_loss() -> None:
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    surgeon = Surgeon(optimizer, 50, model=model, verbose=False, warmup=2)
+    for step in range(12):
+        loss = model(torch.ones(4, 3)).square().mean()
+        loss.backward()
+        if step == 5:
+            model.weight.grad[0, 0] = math.inf  # the loss is finite, one gradient is not
+            before = [p.detach().clone() for p in model.parameters()]
+        surgeon.guard(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == 5:
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+        surgeon.step(loss)
+    surgeon.finish()
+    skipped = [e for e in surgeon.events if e.kind is EventKind.SKIPPED_STEP]
+    assert [e.step for e in skipped] == [5] and "gradients are non-finite" in skipped[0].reason
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_run_files_for_plot_and_replay(tmp_path: Path) -> None:
+    surgeon, _, _ = plain_run(scripted(160), 160, log_dir=tmp_path)
+    rows = (tmp_path / LOSSES_FILE).read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(160))
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["kind"]) for e in events] == [
+        (e.step, e.kind.value) for e in surgeon.events
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"spike_zscroe": 3.0}, "spike_zscroe"),
+        ({"config": SurgeonConfig(), "decay": "cosine"}, "not both"),
+        ({"peak_lr": "find"}, "peak_lr"),
+        ({"verbose": "yes"}, "verbose"),
+        ({"decay": "exponential"}, "decay"),
+    ],
+)
+def test_bad_settings_name_the_field(kwargs: dict[str, Any], field: str) -> None:
+    optimizer = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=field):
+        Surgeon(optimizer, 100, **kwargs)
+
+
+@pytest.mark.slow
+def test_fabric_two_ranks_make_identical_decisions(tmp_path: Path) -> None:
+    """``examples/fabric_loop.py`` on two CPU processes, a NaN on rank 1 only at step 200 and
+    a x20 spike at 300: every LR, event, controller state and final weight is equal on both."""
+    worker = [str(ROOT / "examples" / "fabric_loop.py"), "--devices", "2", "--steps", "400"]
+    args = ["--nan-at", "200", "--spike-at", "300", "--record", str(tmp_path)]
+    ranks = run_worker(tmp_path, *args, script=worker)
+    zero, one = ranks
+    assert zero["lrs"] == one["lrs"] and len(zero["lrs"]) == 400
+    assert zero["events"] == one["events"]
+    assert zero["controller"] == one["controller"]
+    assert zero["weights"] == one["weights"]
+    kinds = [tuple(e) for e in zero["events"]]
+    assert (200, "skipped_step") in kinds and (300, "spike") in kinds

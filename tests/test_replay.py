@@ -1,0 +1,392 @@
+"""Replay (``surgeon/replay.py``, ``surgeon replay``): a logged loss stream through a fresh
+controller, fed the way the callback feeds it.
+
+The acceptance test is a real ``Trainer.fit`` with spikes, a severe spike (rollback) and a
+run of NaN losses (skipped steps, rollback): its own loss stream (``surgeon/loss`` logged at
+every step, as the controller saw it) replayed with its own settings gives exactly its events
+(step, kind, reason; a rollback's snapshot size is unknown to a replay) and exactly the LR
+scale of every step it logged. The same run is also read back as a run directory
+(``losses.csv`` + ``settings.json``), a TensorBoard event file, and a plain ``step,loss``
+CSV. The read-back lag itself is checked on scripted streams: a decision on the loss of step
+``s`` changes the LR from the step after the block that holds ``s`` is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TinyRegressor, make_loader
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from torch import Tensor
+
+from surgeon.callback import EVENTS_FILE, ScheduleSurgeon
+from surgeon.cli import main
+from surgeon.config import SurgeonConfig
+from surgeon.controller import Controller, EventKind
+from surgeon.plot import read_metrics
+from surgeon.recorder import LOSSES_FILE, SETTINGS_FILE
+from surgeon.replay import RunSettings, feed, read_stream, replay
+
+STEPS = 240
+SURGEON_KW: dict[str, Any] = {
+    "min_warmup": 10,
+    "max_warmup": 30,
+    "spike_cooldown": 4,
+    "spike_recovery": 8,
+    "snapshot_every": 10,
+    "plateau_patience": 40,
+    "plateau_cooldown": 20,
+}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def troubled(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+    """A 2.5x spike (cut only), a 30x spike (rollback), three NaN steps (rollback)."""
+    if step == 90:
+        return loss * 2.5
+    if step == 130:
+        return loss * 30.0
+    if step in (180, 181, 182):
+        return loss * math.nan
+    return loss
+
+
+def settings_of(surgeon: ScheduleSurgeon, total_steps: int) -> RunSettings:
+    return RunSettings(total_steps, surgeon.config, surgeon.engine.readback_every)
+
+
+def real_run(make_trainer: Callable[..., Any], root: Path, logger_class: type = CSVLogger) -> Any:
+    """A logged fit of the tiny MLP with every kind of trouble; returns the surgeon."""
+    surgeon = ScheduleSurgeon(**SURGEON_KW)
+    trainer = make_trainer(
+        [surgeon],
+        max_steps=STEPS,
+        logger=logger_class(root, name="", version=""),
+    )
+    trainer.fit(TinyRegressor(loss_hook=troubled), make_loader())
+    return surgeon
+
+
+def without_sizes(reason: str) -> str:
+    """A rollback's reason without the snapshot size (a replay has no weights to measure)."""
+    return re.sub(r"snapshot of step (\d+) \([^)]*\)", r"snapshot of step \1", reason)
+
+
+def comparable(events: list[Any]) -> list[tuple[int, str, str]]:
+    return [(e.step, e.kind.value, without_sizes(e.reason)) for e in events]
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[ScheduleSurgeon, Path]:
+    """One real run for the tests of this module (CSVLogger, log_every_n_steps=1)."""
+    import pytorch_lightning as pl
+
+    root = tmp_path_factory.mktemp("run")
+    surgeon = ScheduleSurgeon(**SURGEON_KW)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=STEPS,
+        callbacks=[surgeon],
+        logger=CSVLogger(root, name="", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(TinyRegressor(loss_hook=troubled), make_loader())
+    return surgeon, root
+
+
+def test_the_run_has_every_kind_of_trouble(logged_run: tuple[ScheduleSurgeon, Path]) -> None:
+    surgeon, _ = logged_run
+    kinds = {e.kind for e in surgeon.events}
+    assert {
+        EventKind.WARMUP_END,
+        EventKind.SPIKE,
+        EventKind.ROLLBACK,
+        EventKind.NONFINITE,
+        EventKind.SKIPPED_STEP,
+        EventKind.RECOVERED,
+    } <= kinds
+    assert sum(e.kind is EventKind.ROLLBACK for e in surgeon.events) == 2
+
+
+def test_replaying_a_real_run_with_its_settings_reproduces_its_events_and_lrs(
+    logged_run: tuple[ScheduleSurgeon, Path],
+) -> None:
+    surgeon, root = logged_run
+    stream = read_stream(root / "metrics.csv", metric="surgeon/loss")
+    assert stream.steps == list(range(STEPS))  # every update the controller saw
+    result = replay(stream.losses, settings_of(surgeon, STEPS), steps=stream.steps)
+
+    assert comparable(result.events) == comparable(surgeon.events)
+    logged = [json.loads(line) for line in (root / EVENTS_FILE).read_text().splitlines()]
+    assert [(e.step, e.kind.value) for e in result.events] == [
+        (r["step"], r["kind"]) for r in logged
+    ]
+    for mine, theirs in zip(result.events, surgeon.events, strict=True):
+        assert (mine.scale_before, mine.scale_after) == (theirs.scale_before, theirs.scale_after)
+    # the LR scale the callback wrote at the start of each step, bit for bit
+    written = dict(read_metrics(root / "metrics.csv")["surgeon/lr_scale"])
+    assert sorted(written) == list(range(STEPS))
+    assert result.lr_scales == [written[s] for s in range(STEPS)]
+    smooth = dict(read_metrics(root / "metrics.csv")["surgeon/loss_smooth"])
+    assert result.smooth == [smooth[s] for s in range(STEPS)]
+
+
+def test_other_settings_change_the_decisions(logged_run: tuple[ScheduleSurgeon, Path]) -> None:
+    surgeon, root = logged_run
+    stream = read_stream(root / "metrics.csv", metric="surgeon/loss")
+    lenient = replace(surgeon.config, spike_ratio=40.0, rollback_nonfinite=5)
+    result = replay(stream.losses, RunSettings(STEPS, lenient))
+    kinds = [e.kind for e in result.events]
+    assert EventKind.SPIKE not in kinds and EventKind.ROLLBACK not in kinds
+    assert kinds.count(EventKind.NONFINITE) == 3  # NaNs are still seen, not rolled back
+    no_snapshots = replay(stream.losses, RunSettings(STEPS, surgeon.config, snapshots=False))
+    assert EventKind.ROLLBACK not in {e.kind for e in no_snapshots.events}
+    assert EventKind.SPIKE in {e.kind for e in no_snapshots.events}
+
+
+def test_the_run_directory_replays_with_its_own_settings_by_default(
+    logged_run: tuple[ScheduleSurgeon, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``surgeon replay LOG_DIR``: the callback's own ``losses.csv`` and ``settings.json``."""
+    surgeon, root = logged_run
+    assert (root / LOSSES_FILE).exists() and (root / SETTINGS_FILE).exists()
+    stream = read_stream(root)
+    assert stream.source.startswith(str(root / LOSSES_FILE))
+    assert stream.settings == settings_of(surgeon, STEPS)
+    assert stream.steps == list(range(STEPS))
+    assert sum(stream.update_skipped) == 3  # the NaN steps, as the guard flagged them
+
+    out = tmp_path / "replay.png"
+    assert main(["replay", str(root), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for event in surgeon.events:
+        assert re.search(rf"^\s*{event.step}\s+{event.kind.value}\s", printed, re.M), event
+    assert f"reproduces the {len(surgeon.events)} logged events" in printed
+    assert out.read_bytes().startswith(PNG_SIGNATURE) and out.stat().st_size > 20_000
+
+    # a setting on the command line overrides the run's own
+    assert main(["replay", str(root), "--spike-ratio", "40", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert not re.search(r"^\s*\d+\s+spike\s", printed, re.M)
+    assert "differs from the logged events" in printed
+
+
+@pytest.mark.parametrize("logger_class", [TensorBoardLogger])
+def test_a_tensorboard_run_replays_like_its_csv(
+    make_trainer: Callable[..., Any], tmp_path: Path, logger_class: type
+) -> None:
+    surgeon = real_run(make_trainer, tmp_path, logger_class)
+    (event_file,) = tmp_path.rglob("events.out.tfevents.*")
+    stream = read_stream(event_file, metric="surgeon/loss")
+    result = replay(stream.losses, settings_of(surgeon, STEPS))
+    assert comparable(result.events) == comparable(surgeon.events)
+
+
+def test_a_plain_step_loss_csv_without_a_header(tmp_path: Path) -> None:
+    path = tmp_path / "losses.txt"
+    losses = [1.0 + 0.01 * (i % 3) for i in range(100)]
+    losses[60] = 9.0
+    path.write_text("".join(f"{i},{x!r}\n" for i, x in enumerate(losses)))
+    stream = read_stream(path)
+    assert stream.losses == losses and stream.steps == list(range(100))
+    assert stream.settings is None
+    kinds = [(e.step, e.kind) for e in replay(stream.losses, RunSettings(100)).events]
+    assert (60, EventKind.SPIKE) in kinds
+
+
+def test_a_lightning_metrics_csv_picks_the_training_loss(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    rows = ["epoch,step,train_loss_step,val_loss,train_loss_epoch"]
+    rows += [f"0,{s},{1.0 / (s + 1)!r},," for s in range(49, 1000, 50)]
+    rows += ["0,999,,0.5,0.7"]
+    path.write_text("\n".join(rows) + "\n")
+    stream = read_stream(path)
+    assert stream.source.endswith("(train_loss_step)")
+    assert stream.steps == list(range(49, 1000, 50)) and stream.stride == 50
+    assert stream.losses[0] == 1.0 / 50
+    with pytest.raises(ValueError, match=r"no series 'nope'.*--metric"):
+        read_stream(path, metric="nope")
+    path.write_text("step,loss_a,loss_b\n0,1,2\n")
+    with pytest.raises(ValueError, match=r"cannot tell which.*loss_a, loss_b.*--metric"):
+        read_stream(path)
+
+
+def test_a_subsampled_stream_counts_logged_points_and_places_events_at_logged_steps() -> None:
+    losses = [1.0 + 0.01 * (i % 2) for i in range(200)]
+    losses[150] = 10.0
+    steps = [50 * i + 49 for i in range(200)]
+    result = replay(losses, RunSettings(200), steps=steps)
+    spikes = [e.step for e in result.events if e.kind is EventKind.SPIKE]
+    assert spikes == [steps[150]]
+    assert result.steps == steps and len(result.lr_scales) == 200
+
+
+# -------------------------------------------------------------- the read-back lag, scripted
+
+
+@pytest.mark.parametrize("readback_every", [1, 3, 4, 7])
+def test_a_decision_changes_the_lr_once_its_block_is_read(readback_every: int) -> None:
+    """The loss of step s is read at the end of step (b + 2) x R - 1, b = s // R: the LR of
+    steps up to there is the old plan's, from the next step on the decision's."""
+    total, spike = 400, 201
+    losses = [1.0 + 0.001 * (i % 5) for i in range(total)]
+    losses[spike] = 5.0  # a spike (and a rollback request without a snapshot: none taken)
+    config = SurgeonConfig(min_warmup=0, max_warmup=0, spike_cooldown=50)
+    settings = RunSettings(total, config, readback_every, snapshots=False)
+    result = replay(losses, settings)
+    calm = replay([min(x, 1.01) for x in losses], settings)
+    read_at = (spike // readback_every + 2) * readback_every - 1
+    assert result.lr_scales[: read_at + 1] == calm.lr_scales[: read_at + 1]
+    assert result.lr_scales[read_at + 1] == calm.lr_scales[read_at + 1] * 0.5
+
+
+def test_losses_in_flight_at_the_end_are_decided_on() -> None:
+    losses = [1.0] * 50 + [1.0 + 0.001 * (i % 3) for i in range(47)] + [math.nan]
+    result = replay(losses, RunSettings(100))
+    assert [e.kind for e in result.events if e.step == 97] == [
+        EventKind.NONFINITE,
+        EventKind.SKIPPED_STEP,
+    ]
+
+
+def test_feed_matches_a_controller_fed_without_lag_on_the_events() -> None:
+    """Events depend on the losses only (no rollback): lag or not, the same decisions."""
+    losses = [2.0 / (1 + i / 50) + 0.01 * ((i * 7) % 5) for i in range(600)]
+    losses[300] = 4.0
+    direct = Controller(600)
+    for x in losses:
+        direct.update(x)
+    lagged = Controller(600)
+    feed(lagged, losses, [False] * 600, readback_every=4, snapshots=False)
+    assert [(e.step, e.kind) for e in lagged.events] == [(e.step, e.kind) for e in direct.events]
+
+
+def test_settings_round_trip_and_reject_unknown_fields() -> None:
+    settings = RunSettings(500, SurgeonConfig(max_warmup=1.0, min_warmup=1), 3, snapshots=False)
+    assert RunSettings.from_json(json.loads(json.dumps(settings.to_json()))) == settings
+    data = settings.to_json()
+    data["config"]["spike_sigma"] = 3.0
+    with pytest.raises(ValueError, match=r"\['spike_sigma'\]"):
+        RunSettings.from_json(data)
+    with pytest.raises(ValueError, match="total_steps must be an integer >= 1"):
+        RunSettings(0)
+
+
+# ------------------------------------------------------------------------ the command line
+
+
+def plain_csv(path: Path, n: int = 100, spike_at: int | None = None) -> Path:
+    losses = [1.0 + 0.01 * (i % 3) for i in range(n)]
+    if spike_at is not None:
+        losses[spike_at] = 9.0
+    path.write_text("step,loss\n" + "".join(f"{i},{x!r}\n" for i, x in enumerate(losses)))
+    return path
+
+
+def replayed(capsys: pytest.CaptureFixture[str], *argv: str) -> list[tuple[int, str, str]]:
+    """``surgeon replay ARGV``'s printed events as (step, kind, reason)."""
+    assert main(["replay", *argv]) == 0
+    rows = re.findall(r"^\s*(\d+)  (\w+)\s+(.*)$", capsys.readouterr().out, re.M)
+    return [(int(step), kind, reason) for step, kind, reason in rows]
+
+
+def test_config_options_parse_lengths_as_steps_or_fractions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv_path = plain_csv(tmp_path / "l.csv")
+    png = ["--out", str(tmp_path / "r.png")]
+    (end, *_) = replayed(capsys, str(csv_path), "--warmup", "7", *png)
+    assert end[:2] == (6, "warmup_end") and "fixed warmup of 7 steps" in end[2]
+    (end, *_) = replayed(capsys, str(csv_path), "--min-warmup", "0.5", "--max-warmup", "0.5", *png)
+    assert end[:2] == (49, "warmup_end")  # half of the 100 steps
+    (end, *_) = replayed(capsys, str(csv_path), "--min_warmup", "3", "--max-warmup", "3", *png)
+    assert end[:2] == (2, "warmup_end")
+    events = replayed(capsys, str(csv_path), "--total-steps", "60", *png)
+    assert events[-1][:2] == (59, "done")
+
+
+def test_snapshot_off_replays_a_run_without_rollbacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv_path = plain_csv(tmp_path / "l.csv", n=300, spike_at=200)
+    png = ["--out", str(tmp_path / "r.png")]
+    kinds = [kind for _, kind, _ in replayed(capsys, str(csv_path), *png)]
+    assert "spike" in kinds and "rollback" in kinds
+    kinds = [kind for _, kind, _ in replayed(capsys, str(csv_path), "--snapshot", "off", *png)]
+    assert "spike" in kinds and "rollback" not in kinds
+
+
+def test_a_subsampled_stream_says_how_it_is_replayed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,train_loss\n" + "".join(f"{50 * i + 49},1.0\n" for i in range(40)))
+    assert main(["replay", str(path), "--out", str(tmp_path / "r.png")]) == 0
+    out = capsys.readouterr().out
+    assert "logged every 50 steps: one point is one step of the replay" in out
+    assert "(train_loss): 40 losses, steps 49 to 1999" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--spike-zscore", "-1"], "spike_zscore must be a finite number in (0.0, inf)"),
+        (["--decay", "nope"], "invalid 'cosine' or 'linear' or 'sqrt' or 'wsd' value: 'nope'"),
+        (["--min-warmup", "5", "--max-warmup", "1"], "min_warmup must be <= max_warmup"),
+        (["--max-warmup", "500"], "max_warmup must be <= total_steps"),
+        (["--metric", "val_loss"], "has no series 'val_loss'"),
+    ],
+)
+def test_bad_settings_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    csv_path = plain_csv(tmp_path / "l.csv")
+    assert main(["replay", str(csv_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("surgeon replay: error: ") and message in err
+
+
+def test_a_missing_stream_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["replay", str(tmp_path / "nothing.csv")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_preview_needs_a_schedule_or_a_page(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["preview"]) == 2
+    assert "name a schedule (see --help), or write a page with --html FILE" in (
+        capsys.readouterr().err
+    )
+    page = tmp_path / "page.html"
+    assert main(["preview", "--html", str(page), "one_cycle", "--total-steps", "100"]) == 2
+    assert "start it from one of warmup_cosine, cosine, wsd" in capsys.readouterr().err
+    assert not page.exists()
+
+
+def test_a_run_without_snapshots_replays_without_rollbacks_from_its_settings(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """``settings.json`` says the run kept no snapshots: replaying its directory with no
+    options makes no rollback (its 30x spike and NaN streak only cut) and reproduces it."""
+    surgeon = ScheduleSurgeon(**SURGEON_KW, snapshot="off")
+    trainer = make_trainer([surgeon], max_steps=STEPS)
+    trainer.fit(TinyRegressor(loss_hook=troubled), make_loader())
+    kinds = {e.kind.value for e in surgeon.events}
+    assert "rollback" not in kinds and "spike" in kinds
+    stream = read_stream(tmp_path)
+    assert not stream.settings.snapshots
+    replayed = replay(stream.losses, stream.settings, update_skipped=stream.update_skipped)
+    assert comparable(replayed.events) == comparable(surgeon.events)

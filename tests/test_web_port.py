@@ -1,0 +1,373 @@
+"""The JavaScript port (``surgeon/web/*.js``) against the Python it ports, under ``node``.
+
+The interactive replay page re-runs the decisions in the browser with a port of the
+controller, its detectors, the schedule shapes and the replay's feed. Here both run on the
+same streams, scripted (warmup that stabilizes, spikes, severe spikes, NaN/inf streaks,
+skipped updates with finite losses, plateaus, a spike during the warmup ramp) and recorded
+(a real ``Trainer.fit``), under several configs, read-back blocks and with snapshots on and
+off: the events must be identical (step, kind, reason, phase), the LR scales, the event
+scales and the smoothed loss equal to 1e-12 relative. The schedule shapes, the preview
+page's curve and the port of Python's float formatting (the reasons' numbers) are checked
+the same way.
+
+When the controller changes, the port follows it file for file (same names); these tests
+say where it no longer does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TinyRegressor, make_loader
+from pytorch_lightning.loggers import CSVLogger
+
+from surgeon import schedules
+from surgeon.callback import ScheduleSurgeon
+from surgeon.config import SurgeonConfig
+from surgeon.controller import EventKind
+from surgeon.replay import Replay, RunSettings, read_stream, replay
+from surgeon.web import PAGE_MODULES, js_config, js_value
+
+NODE = shutil.which("node")
+pytestmark = pytest.mark.skipif(
+    NODE is None,
+    reason="node is not installed (the JS port is run under node: apt-get install nodejs)",
+)
+WEB = Path(__file__).resolve().parents[1] / "surgeon" / "web"
+HARNESS = Path(__file__).resolve().parent / "js" / "run_port.js"
+REL = 1e-12
+
+
+def run_port(cases: list[dict[str, Any]]) -> list[Any]:
+    """The port's answers to ``cases`` (see ``tests/js/run_port.js``)."""
+    request = {"modules": [str(WEB / name) for name in PAGE_MODULES], "cases": js_value(cases)}
+    done = subprocess.run(
+        [NODE, str(HARNESS)],  # type: ignore[list-item]
+        input=json.dumps(request, allow_nan=False),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(
+        done.stdout,
+        object_hook=lambda d: {k: _number(v) for k, v in d.items()},
+    )
+
+
+def _number(value: Any) -> Any:
+    if value in ("NaN", "Infinity", "-Infinity"):
+        return float(value.replace("Infinity", "inf"))
+    if isinstance(value, list):
+        return [_number(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------ streams
+
+
+def _noisy(values: list[float], sigma: float, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    return [v * (1.0 + sigma * rng.gauss(0.0, 1.0)) for v in values]
+
+
+def _stabilizing(n: int = 1500) -> list[float]:
+    return _noisy([1.5 * math.exp(-i / 60) + 0.4 for i in range(n)], 0.01, 1)
+
+
+def _spiky(n: int = 1500) -> list[float]:
+    losses = _noisy([2.0 / (1 + i / 100) + 0.3 for i in range(n)], 0.02, 2)
+    for step, factor in ((300, 2.5), (700, 8.0), (712, 3.0), (1100, 2.0), (1101, 2.2)):
+        losses[step] *= factor
+    return losses
+
+
+def _nonfinite(n: int = 1500) -> tuple[list[float], list[bool]]:
+    losses = _noisy([1.0 / (1 + i / 200) + 0.2 for i in range(n)], 0.02, 3)
+    for step in (400, 402, 800, 1200, 1201, 1202, 1203):
+        losses[step] = math.nan
+    losses[401] = math.inf
+    skipped = [not math.isfinite(x) for x in losses]
+    skipped[600] = skipped[1000] = True  # finite losses whose gradients were not
+    return losses, skipped
+
+
+def _plateau(n: int = 2000) -> list[float]:
+    return _noisy([1.0 + 0.5 * math.exp(-i / 30) for i in range(n)], 0.02, 4)
+
+
+def _warmup_spike(n: int = 800) -> list[float]:
+    losses = _noisy([3.0 / (1 + i / 20) + 0.5 for i in range(n)], 0.01, 5)
+    losses[40] *= 6.0  # during the ramp: the ramp pauses, then resumes
+    return losses
+
+
+STREAMS: dict[str, Any] = {
+    "stabilizing": _stabilizing,
+    "spiky": _spiky,
+    "nonfinite": _nonfinite,
+    "plateau": _plateau,
+    "warmup_spike": _warmup_spike,
+}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "cosine-restart": {
+        "decay": "cosine",
+        "plateau_action": "restart",
+        "plateau_patience": 0.05,
+        "plateau_cooldown": 0.05,
+        "min_warmup": 0.1,
+        "max_warmup": 0.2,
+    },
+    "fixed-warmup-sqrt": {"warmup": 50, "decay": "sqrt", "spike_zscore": 3.0, "spike_ratio": 1.2},
+    "no-warmup-linear": {
+        "min_warmup": 0,
+        "max_warmup": 0,
+        "decay": "linear",
+        "rollback_threshold": 2.0,
+        "rollback_nonfinite": 1,
+        "spike_cooldown": 25,
+        "spike_recovery": 1,
+    },
+    "quick-wsd-to-zero": {
+        "min_warmup": 0.05,
+        "max_warmup": 0.3,
+        "stabilize_threshold": 0.05,
+        "stabilize_patience": 3,
+        "stabilize_window": 15,
+        "wsd_decay_fraction": 0.5,
+        "min_lr_ratio": 0.0,
+        "restart_peak": 0.5,
+        "plateau_patience": 100,
+        "plateau_cooldown": 0,
+        "snapshot_every": 1.0,
+    },
+}
+RUNS = [  # (readback_every, snapshots): cycled through the cases
+    (4, True),
+    (1, True),
+    (7, True),
+    (4, False),
+    (3, True),
+]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[float], list[bool]]:
+    """The loss stream of a real fit (a spike and a NaN in it), as its run directory has it."""
+    import pytorch_lightning as pl
+
+    def hook(step: int, batch_idx: int, loss: Any) -> Any:
+        return loss * 30.0 if step == 70 else loss * math.nan if step == 120 else loss
+
+    root = tmp_path_factory.mktemp("recorded")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=200,
+        callbacks=[ScheduleSurgeon(min_warmup=10, max_warmup=40, snapshot_every=10)],
+        logger=CSVLogger(root, name="", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(TinyRegressor(loss_hook=hook), make_loader())
+    stream = read_stream(root)
+    return stream.losses, stream.update_skipped
+
+
+def _cases(recorded: tuple[list[float], list[bool]]) -> dict[str, dict[str, Any]]:
+    streams = {name: make() for name, make in STREAMS.items()}
+    streams["recorded"] = recorded
+    cases = {}
+    for index, (stream, config) in enumerate(
+        (stream, config) for stream in streams for config in CONFIGS
+    ):
+        data = streams[stream]
+        losses, skipped = data if isinstance(data, tuple) else (data, None)
+        readback_every, snapshots = RUNS[index % len(RUNS)]
+        cfg = SurgeonConfig(**CONFIGS[config])
+        settings = RunSettings(len(losses), cfg, readback_every, snapshots)
+        cases[f"{stream}/{config}"] = {
+            "losses": losses,
+            "update_skipped": skipped,
+            "settings": settings,
+        }
+    return cases
+
+
+@pytest.fixture(scope="module")
+def both(recorded: tuple[list[float], list[bool]]) -> dict[str, tuple[Replay, dict[str, Any]]]:
+    """Every case, replayed by Python and by the port (one node process for all)."""
+    cases = _cases(recorded)
+    requests = []
+    for case in cases.values():
+        settings: RunSettings = case["settings"]
+        requests.append(
+            {
+                "kind": "replay",
+                "losses": case["losses"],
+                "update_skipped": case["update_skipped"],
+                "steps": None,
+                "settings": {
+                    "total_steps": settings.total_steps,
+                    "readback_every": settings.readback_every,
+                    "snapshots": settings.snapshots,
+                    "config": js_config(settings.config, settings.total_steps),
+                },
+            }
+        )
+    answers = run_port(requests)
+    return {
+        name: (replay(c["losses"], c["settings"], update_skipped=c["update_skipped"]), answer)
+        for (name, c), answer in zip(cases.items(), answers, strict=True)
+    }
+
+
+CASE_NAMES = [f"{s}/{c}" for s in [*STREAMS, "recorded"] for c in CONFIGS]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_the_port_makes_the_same_decisions(
+    name: str, both: dict[str, tuple[Replay, dict[str, Any]]]
+) -> None:
+    py, js = both[name]
+    assert [(e["step"], e["kind"]) for e in js["events"]] == [
+        (e.step, e.kind.value) for e in py.events
+    ]
+    assert [(e["reason"], e["phase"]) for e in js["events"]] == [
+        (e.reason, e.phase.value if e.phase else None) for e in py.events
+    ]
+    for mine, theirs in zip(py.events, js["events"], strict=True):
+        assert theirs["scale_before"] == pytest.approx(mine.scale_before, rel=REL, abs=0)
+        assert theirs["scale_after"] == pytest.approx(mine.scale_after, rel=REL, abs=0)
+    assert js["lr_scales"] == pytest.approx(py.lr_scales, rel=REL, abs=0)
+    assert js["smooth"] == pytest.approx(py.smooth, rel=REL, abs=0)
+    assert js["phases"] == py.phases
+
+
+def test_the_cases_exercise_every_decision(
+    both: dict[str, tuple[Replay, dict[str, Any]]],
+) -> None:
+    """A parity test is only as good as what its streams make the controller do."""
+    seen = {e.kind for py, _ in both.values() for e in py.events}
+    expected = set(EventKind) - {EventKind.PEAK_LR, EventKind.REPLAN}  # callback-only kinds
+    assert seen == expected
+    stabilized = [
+        e for py, _ in both.values() for e in py.events if e.reason.startswith("loss stabilized")
+    ]
+    assert stabilized and any(
+        "warmup ramp resumed" in e.reason for py, _ in both.values() for e in py.events
+    )
+
+
+def test_logged_steps_place_the_events() -> None:
+    losses = _spiky()[:400]
+    steps = [10 * i + 9 for i in range(400)]
+    settings = RunSettings(400)
+    py = replay(losses, settings, steps=steps)
+    (js,) = run_port(
+        [
+            {
+                "kind": "replay",
+                "losses": losses,
+                "update_skipped": None,
+                "steps": steps,
+                "settings": {
+                    "total_steps": 400,
+                    "readback_every": 4,
+                    "snapshots": True,
+                    "config": js_config(settings.config, 400),
+                },
+            }
+        ]
+    )
+    assert [(e["step"], e["kind"]) for e in js["events"]] == [
+        (e.step, e.kind.value) for e in py.events
+    ]
+    assert js["steps"] == steps
+
+
+# ------------------------------------------------------------------- shapes and formats
+
+STEPS = [0, 1, 2, 5, 9, 10, 11, 50, 99, 100, 101, 333, 500, 899, 900, 901, 999, 1000, 1001]
+SCHEDULE_CASES: list[tuple[str, list[Any], Any]] = [
+    ("constant", [0.3], schedules.constant(0.3)),
+    ("linear", [0.0, 1.0, 100], schedules.linear(0.0, 1.0, 100)),
+    ("cosine", [3e-4, 1000, 3e-5], schedules.cosine(3e-4, 1000, 3e-5)),
+    ("decay_shape", ["sqrt", 1.0, 0.1, 900], schedules.decay_shape("sqrt", 1.0, 0.1, 900)),
+    ("decay_shape", ["cosine", 0.7, 0.0, 333], schedules.decay_shape("cosine", 0.7, 0.0, 333)),
+    ("warmup_cosine", [1e-3, 10, 1000, 1e-5], schedules.warmup_cosine(1e-3, 10, 1000, 1e-5)),
+    ("warmup_cosine", [1e-3, 0, 1000, 0.0], schedules.warmup_cosine(1e-3, 0, 1000)),
+    ("wsd", [0.1, 100, 1000, 0.25, 0.01], schedules.wsd(0.1, 100, 1000, 0.25, 0.01)),
+    ("wsd", [0.1, 0, 1000, 0.1, 0.0, "sqrt"], schedules.wsd(0.1, 0, 1000, 0.1, 0.0, "sqrt")),
+    ("wsd", [1.0, 5, 25, 0.1, 0.0, "cosine"], schedules.wsd(1.0, 5, 25, 0.1, 0.0, "cosine")),
+]
+
+
+def test_schedule_shapes_match() -> None:
+    cases = [
+        {"kind": "schedule", "name": n, "args": a, "steps": STEPS} for n, a, _ in SCHEDULE_CASES
+    ]
+    for (name, args, schedule), values in zip(SCHEDULE_CASES, run_port(cases), strict=True):
+        assert values == pytest.approx([schedule(s) for s in STEPS], rel=REL, abs=0), (name, args)
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (
+            {
+                "shape": "cosine",
+                "warmup_steps": 50,
+                "total_steps": 1000,
+                "peak": 3e-4,
+                "floor": 0.1,
+            },
+            schedules.warmup_cosine(3e-4, 50, 1000, 3e-5),
+        ),
+        (
+            {
+                "shape": "wsd",
+                "warmup_steps": 10,
+                "total_steps": 1000,
+                "peak": 1e-3,
+                "floor": 0.2,
+                "decay_fraction": 0.3,
+            },
+            schedules.wsd(1e-3, 10, 1000, 0.3, 2e-4),
+        ),
+        (
+            {"shape": "sqrt", "warmup_steps": 0, "total_steps": 900, "peak": 1.0, "floor": 0.0},
+            schedules.join(
+                [schedules.linear(0.0, 1.0, 0), schedules.decay_shape("sqrt", 1.0, 0.0, 900)], [0]
+            ),
+        ),
+    ],
+)
+def test_the_preview_curve_is_the_python_schedule(params: dict[str, Any], expected: Any) -> None:
+    (values,) = run_port([{"kind": "preview", "params": params, "steps": STEPS}])
+    assert values == pytest.approx([expected(s) for s in STEPS], rel=REL, abs=0)
+
+
+def test_python_float_formatting_is_ported() -> None:
+    rng = random.Random(7)
+    values = [0.0, -0.0, 1.0, 0.125, 1.0625, 2.5, 0.5, 9.9996, 1e-5, 1e16, 1.5e300, 5e-324]
+    values += [math.nan, math.inf, -math.inf, -3.25, 123456789.0, 0.1, 0.30000000000000004]
+    values += [rng.lognormvariate(0.0, 4.0) * rng.choice((1, -1)) for _ in range(300)]
+    values += [round(rng.uniform(0, 10), rng.randint(1, 5)) for _ in range(100)]  # short decimals
+    specs = ["g", ".4g", ".3g", ".1g", ".1f", ".2f", ".2%", "str"]
+    pairs = [(x, spec) for x in values for spec in specs]
+    (answers,) = run_port([{"kind": "format", "values": [[x, s] for x, s in pairs]}])
+    expected = [str(x) if spec == "str" else format(x, spec) for x, spec in pairs]
+    mismatches = [
+        (x, s, a, e) for (x, s), a, e in zip(pairs, answers, expected, strict=True) if a != e
+    ]
+    assert not mismatches
