@@ -44,6 +44,7 @@ NORMAL_BAND_ZSCORE = 3.0
 """A loss within this many running standard deviations of the running mean is 'normal'."""
 
 _MIN_STABILIZE_WINDOW = 10
+_MIN_PEAK = 1e-12  # a lowered peak stays positive even with a floor of 0
 _MIN_SNAPSHOT_EVERY = 10
 
 
@@ -76,6 +77,8 @@ class EventKind(str, Enum):
     """The loss rose during the warmup ramp: the LR holds where it is."""
     RAMP_RESUME = "ramp_resume"
     """The loss stopped rising: the warmup ramp goes on."""
+    CLIMB = "climb"
+    """After warmup the loss kept rising: the peak (and the LR) is lowered for good."""
     PLATEAU = "plateau"
     RESTART = "restart"
     SPIKE = "spike"
@@ -396,7 +399,7 @@ class Controller:
             elif self.awaiting_descent:
                 new_events += self._saddle_update(step, loss)
             elif self.phase in (Phase.STABLE, Phase.DECAY) and self.intervention.mode == "normal":
-                new_events += self._plateau_update(step, loss)
+                new_events += self._climb_update(step, loss) or self._plateau_update(step, loss)
         return self._close_step(step, new_events)
 
     def pass_step(self) -> list[Event]:
@@ -664,6 +667,31 @@ class Controller:
         )
         return [self._event(step, EventKind.DECAY_START, why, before)]
 
+    def _climb_update(self, step: int, loss: float) -> list[Event]:
+        """After warmup: a loss that rises for ``stabilize_patience`` updates in a row beyond
+        its noise is climbing away (the LR is past what the run can take now, e.g. at the edge
+        of stability; a catapult that does not come back): the peak is lowered to
+        ``spike_factor x`` the current LR scale for the rest of the run."""
+        det = self.stabilizer
+        if det.update(loss) is not Signal.RISING or det.rise_run < det.patience:
+            return []
+        ratio = self.config.spike_ratio
+        assert det.ema is not None
+        if det.ema - det.rise_base <= (ratio - 1.0) * abs(det.rise_base):
+            return []  # rising, but not yet by the spike ratio: a slow spike, or noise
+        run, det.rise_run = det.rise_run, 0
+        before = self.lr_scale(step + 1)
+        self._lower_peak(step, self._base(step + 1 - self._plan.start) * self.config.spike_factor)
+        self.plateau.reset()
+        why = (
+            f"the loss kept rising: its EMA went from {det.rise_base:.4g} to {det.ema:.4g} "
+            f"(more than {ratio:g}x), rising beyond its noise ({det.last_noise:.2%} per "
+            f"{det.window} steps) for {run} steps in a row; "
+            f"the peak is lowered x"
+            f"{self.config.spike_factor:g} to LR scale {self.peak:.3g} for the rest of the run"
+        )
+        return [self._event(step, EventKind.CLIMB, why, before)]
+
     def _plateau_update(self, step: int, loss: float) -> list[Event]:
         """A stalled loss: cut the LR of a hold at its level (a decay already lowers it: a cut
         late in a healthy decay only costs), or restart (``plateau_action="restart"``)."""
@@ -703,7 +731,12 @@ class Controller:
             why += f"already cut, cooldown extended to step {hold_until}"
             return self._event(step, kind, why, before)
         if self.intervention.mode == "recover" or step < self.watch_until:
-            why += self._lower_peak(step, before)
+            self._lower_peak(step, before * self.config.spike_factor)
+            why += (
+                f"the loss spiked again at LR scale {before:.3g} within "
+                f"{self.spike_cooldown + self.spike_recovery} steps of the last cut: the peak is "
+                f"lowered to {self.peak:.3g} for the rest of the run; "
+            )
         current = self.intervention.at(step + 1)
         value = max(self.floor, current * self.config.spike_factor)
         self.intervention = _Intervention(mode="hold", value=value, hold_until=hold_until)
@@ -718,16 +751,14 @@ class Controller:
         )
         return self._event(step, kind, why, before)
 
-    def _lower_peak(self, step: int, scale: float) -> str:
-        """The loss spiked again while the LR was coming back from the last cut, or soon after:
-        the LR it is at is too high for this run. The peak becomes ``spike_factor x`` that
-        LR for the rest of the run (a ceiling), the plan is re-planned under it; returns the
-        reason's clause."""
-        self.peak = max(self.floor, min(self.peak, scale * self.config.spike_factor), 1e-12)
-        plan = self._plan
-        level = self._base(step + 1 - plan.start)
+    def _lower_peak(self, step: int, peak: float) -> None:
+        """The LR went past what this run can take: the peak becomes ``peak`` (never below the
+        floor) for the rest of the run, a ceiling, and the plan is re-planned under it from
+        step ``step + 1``."""
+        self.peak = max(self.floor, min(self.peak, peak), _MIN_PEAK)
+        level = self._base(step + 1 - self._plan.start)
         if self.phase is Phase.WARMUP:
-            if level > self.peak or plan.hold is None:
+            if self.paused or level >= self.peak:  # held, or past the new peak: hold there
                 held = min(level, self.peak)
                 self._set_plan(_Plan(step + 1, held, held, 0, None, 0, "linear"))
                 self.paused = True
@@ -738,11 +769,6 @@ class Controller:
             latest = self._latest_decay_start(step + 1) if self.awaiting_descent else None
             self._set_plan(self._decay_plan(step + 1, self.peak, decay_start=latest))
             self.phase = self._plan_phase(step + 1)
-        return (
-            f"the loss spiked again at LR scale {scale:.3g} within "
-            f"{self.spike_cooldown + self.spike_recovery} steps of the last cut: the peak is "
-            f"lowered to {self.peak:.3g} for the rest of the run; "
-        )
 
     def _maybe_recover(self, step: int, loss: float) -> list[Event]:
         """While the LR is held cut: start its recovery once the cooldown is over and the loss

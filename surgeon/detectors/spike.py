@@ -99,7 +99,10 @@ class SpikeDetector:
             and (std > 0 or level != 0)  # an all-zero stream has no scale to measure by
         )
         diff = loss - self.recent[-1]
-        limit = self.zscore * math.sqrt(self.var) if self.var > 0 else (self.ratio - 1.0) * abs(level)
+        if self.var > 0:
+            limit = self.zscore * math.sqrt(self.var)
+        else:  # no spread seen yet (a constant stream): clip at the ratio threshold
+            limit = (self.ratio - 1.0) * abs(level)
         if limit > 0:
             diff = max(-limit, min(limit, diff))
         weight = max(self.alpha, 1.0 / self.count)  # a running mean until 1 / alpha differences

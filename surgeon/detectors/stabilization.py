@@ -72,6 +72,8 @@ class StabilizationDetector:
         self.last_noise = 0.0
         self.steep_seen = False
         self.steep_run = 0
+        self.rise_run = 0
+        self.rise_base = 0.0
         self.count = 0
         self.prev = 0.0
         self.diff_var = 0.0
@@ -96,7 +98,11 @@ class StabilizationDetector:
         margin = SIGNIFICANCE * self.last_noise
         if -self.last_drop > max(self.threshold, margin):
             self.streak = self.steep_run = 0
+            if self.rise_run == 0:  # where this rise started: the EMA a window ago
+                self.rise_base = self.history[0]
+            self.rise_run += 1
             return Signal.RISING
+        self.rise_run = 0
         if self.last_drop - margin > self.threshold:
             self.steep_run += 1
             self.steep_seen = self.steep_seen or self.steep_run >= self.patience
@@ -116,6 +122,8 @@ class StabilizationDetector:
             "last_noise": self.last_noise,
             "steep_seen": self.steep_seen,
             "steep_run": self.steep_run,
+            "rise_run": self.rise_run,
+            "rise_base": self.rise_base,
             "count": self.count,
             "prev": self.prev,
             "diff_var": self.diff_var,
@@ -130,6 +138,8 @@ class StabilizationDetector:
         self.last_noise = state.get("last_noise", 0.0)
         self.steep_seen = state.get("steep_seen", False)
         self.steep_run = state.get("steep_run", 0)
+        self.rise_run = state.get("rise_run", 0)
+        self.rise_base = state.get("rise_base", 0.0)
         self.count = state.get("count", len(self.history))
         self.prev = state.get("prev", self.ema if self.ema is not None else 0.0)
         self.diff_var = state.get("diff_var", 0.0)
