@@ -40,8 +40,8 @@ Columns, per variant (medians over the rounds):
   shared, noisy one (where a 3 % difference drowns in the fit-to-fit spread) it is the
   number to trust. The CPU-time (``time.process_time``) ratio is in the JSON output.
 
-Below the table, the targets of issue 4 against this run: the surgeon's hook cost against
-``LambdaLR``'s, and its fit-time ratio against 1.03 (with the empty callback's beside it, the
+Below the table, the targets of issue 17 against this run: the surgeon's hook cost against
+``LambdaLR``'s, and its fit-time ratio against 1.05 (with the empty callback's beside it, the
 floor of any callback).
 
 Every variant gets the same no-op logger (``DummyLogger``): ``LearningRateMonitor`` refuses
@@ -53,23 +53,36 @@ steps/s relative to ``none`` (from the median step times) and host syncs per ste
 in one extra fit per variant under ``torch.cuda.set_sync_debug_mode("warn")`` (whole fit,
 and inside the LR work alone).
 
+``--clock cpu`` times everything on the CPU in CPU time (the fit: ``time.process_time``; steps
+and hooks: ``time.thread_time``, the clock's own cost per reading subtracted), so that other
+load on a shared host, which preempts the fits, does not count; its ratios are then CPU-time
+ratios.
+
+``--profile`` replaces the table by one fit of each surgeon variant under ``cProfile``: the
+surgeon's functions by cumulative and own time per step (the profiler adds its own cost to
+every call, about doubling these small figures: read them as shares).
+
 Usage::
 
     python benchmarks/overhead.py                 # full run (a minute or two on CPU)
     python benchmarks/overhead.py --quick         # smoke run, < 30 s
     python benchmarks/overhead.py --width 1024    # a 7 ms step instead of 0.8 ms
     python benchmarks/overhead.py --json out.json # also write the numbers
+    python benchmarks/overhead.py --profile --steps 2000 --variants surgeon
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import functools
 import gc
 import itertools
 import json
 import logging
 import math
 import platform
+import pstats
 import statistics
 import sys
 import tempfile
@@ -89,6 +102,7 @@ from pytorch_lightning.trainer import call as pl_call
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+import surgeon
 from surgeon import ScheduleSurgeon
 
 VARIANTS = ("none", "empty", "lambdalr", "monitor+spike", "surgeon", "surgeon-unguarded")
@@ -109,24 +123,48 @@ PER_STEP = ("batch", "optimizer", "backward", "step")
 """A timed callable whose name contains one of these runs every step (else once per fit)."""
 
 
-class HookTimer:
-    """Accumulates the time (and, on CUDA, host syncs) spent inside wrapped callables."""
+CLOCKS: dict[str, tuple[Callable[[], int], Callable[[], float]]] = {
+    "wall": (time.perf_counter_ns, time.perf_counter),
+    "cpu": (time.thread_time_ns, time.process_time),
+}
+"""``--clock``: (the steps' and hooks' clock in ns, the whole fit's clock in s). ``cpu`` counts
+only the CPU time of this process (its training thread for steps and hooks), so that other
+load on a shared host, which preempts the fits, does not count."""
 
-    def __init__(self) -> None:
+
+@functools.cache
+def clock_cost_ns(clock: Callable[[], int]) -> int:
+    """What one reading of ``clock`` adds to an interval it closes (the median of back-to-back
+    readings): subtracted from every timed call."""
+    samples = []
+    for _ in range(2000):
+        start = clock()
+        samples.append(clock() - start)
+    return int(statistics.median(samples))
+
+
+class HookTimer:
+    """Accumulates the time (and, on CUDA, host syncs) spent inside wrapped callables, by
+    ``clock`` (ns), less the clock's own cost per call."""
+
+    def __init__(self, clock: Callable[[], int] = time.perf_counter_ns) -> None:
+        self.clock = clock
+        self.cost = clock_cost_ns(clock)
         self.ns: dict[str, int] = {}
         self.sync_log: list[Any] | None = None  # the recorded-warnings list, when counting
         self.syncs = 0
 
     def wrap(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         self.ns.setdefault(name, 0)
+        clock, cost = self.clock, self.cost
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             before = len(self.sync_log) if self.sync_log is not None else 0
-            start = time.perf_counter_ns()
+            start = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.ns[name] += time.perf_counter_ns() - start
+                self.ns[name] += clock() - start - cost
                 if self.sync_log is not None:
                     self.syncs += len(self.sync_log) - before
 
@@ -176,10 +214,11 @@ class Tiny(pl.LightningModule):
         self.net = nn.Linear(width, width)
         self.total_steps = total_steps
         self.scheduler_timer = scheduler_timer
+        self.clock: Callable[[], int] = time.perf_counter_ns  # run_fit sets the one it uses
         self.stamps: list[int] = []
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        self.stamps.append(time.perf_counter_ns())  # step to step: a whole loop iteration
+        self.stamps.append(self.clock())  # step to step: a whole loop iteration
         x, y = batch
         return nn.functional.mse_loss(self.net(x), y)
 
@@ -243,12 +282,21 @@ def make_callbacks(variant: str) -> list[pl.Callback]:
 
 
 def run_fit(
-    variant: str, steps: int, width: int, device: str, root: Path, count_syncs: bool = False
+    variant: str,
+    steps: int,
+    width: int,
+    device: str,
+    root: Path,
+    count_syncs: bool = False,
+    clock: str = "wall",
 ) -> Fit:
-    timer = HookTimer()
+    """One fit; with ``clock="cpu"`` its "wall" time is the process's CPU time."""
+    step_clock, fit_clock = CLOCKS[clock]
+    timer = HookTimer(step_clock)
     callbacks = make_callbacks(variant)
     time_hooks(callbacks, timer)
     model = Tiny(steps, width, timer if variant == "lambdalr" else None)
+    model.clock = step_clock
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,
@@ -263,7 +311,7 @@ def run_fit(
     )
     batches = FixedBatches(steps, width)
     # Lightning's own machinery around the LR work: callback dispatch and scheduler updates
-    machinery = HookTimer()
+    machinery = HookTimer(step_clock)
     dispatch = pl_call._call_callback_hooks
     pl_call._call_callback_hooks = machinery.wrap(dispatch, "callback dispatch")
     loop = trainer.fit_loop.epoch_loop
@@ -276,7 +324,7 @@ def run_fit(
             timer.sync_log = caught
             torch.cuda.set_sync_debug_mode("warn")
         try:
-            wall, cpu = time.perf_counter(), time.process_time()
+            wall, cpu = fit_clock(), time.process_time()
             trainer.fit(model, batches)
         finally:
             pl_call._call_callback_hooks = dispatch
@@ -285,7 +333,7 @@ def run_fit(
                 syncs = sum("synchronizing" in str(w.message) for w in caught)
         if device == "cuda":
             torch.cuda.synchronize()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        wall, cpu = fit_clock() - wall, time.process_time() - cpu
     assert trainer.global_step == steps, (variant, trainer.global_step)
     per_hook = {name: ns / 1e9 for name, ns in timer.ns.items()}
     in_steps, in_setup = timer.seconds(per_step=True), timer.seconds(per_step=False)
@@ -330,15 +378,16 @@ def measure(
     repeats: int,
     warmup_steps: int,
     root: Path,
+    clock: str = "wall",
 ) -> list[Row]:
     rows = {v: Row(v) for v in variants}
     per_hook: dict[tuple[str, str], list[float]] = {}
     for variant in variants:  # warm-up: imports, allocator, first-call paths
-        run_fit(variant, warmup_steps, width, device, root)
+        run_fit(variant, warmup_steps, width, device, root, clock=clock)
     for r in range(repeats):
         order = variants[r % len(variants) :] + variants[: r % len(variants)]
         for variant in order:
-            fit = run_fit(variant, steps, width, device, root)
+            fit = run_fit(variant, steps, width, device, root, clock=clock)
             row = rows[variant]
             row.wall_s.append(fit.wall_s)
             row.step_us.append(fit.step_s * 1e6)
@@ -411,31 +460,60 @@ def format_table(title: str, rows: list[Row], cuda: bool) -> str:
     return "\n".join(lines)
 
 
+HOOK_TARGETS = {"surgeon": 2.0, "surgeon-unguarded": 1.0}
+"""Issue 17: the surgeon's per-step hook cost at most this many times ``LambdaLR``'s."""
+RATIO_TARGET = 1.05
+"""Issue 17: the fit-time ratio with the defaults."""
+
+
 def targets(rows: list[Row]) -> list[str]:
-    """The issue's targets against this table: hook cost at or below ``LambdaLR``'s, fit-time
-    ratio <= 1.03 (with the floor any callback pays, the empty one's, beside it)."""
+    """The issue's targets against this table: hook cost against ``LambdaLR``'s (at most as
+    much without the guard and snapshots, twice with the defaults), fit-time ratio <= 1.05
+    (with the floor any callback pays, the empty one's, beside it)."""
     by = {row.variant: row for row in rows}
     if "surgeon" not in by:
         return []
     surgeon, lines = by["surgeon"], ["targets:"]
-    for variant in ("surgeon", "surgeon-unguarded"):
+    for variant, times in HOOK_TARGETS.items():
         if variant in by and "lambdalr" in by:
             mine, theirs = (
                 by[variant].median_hook_us_per_step,
                 by["lambdalr"].median_hook_us_per_step,
             )
-            verdict = "met" if mine <= theirs else f"missed, x{mine / theirs:.1f}"
+            verdict = "met" if mine <= times * theirs else "missed"
             lines.append(
-                f"  {LABELS[variant].strip()}: hook {mine:.1f} µs/step vs LambdaLR's {theirs:.1f}: "
-                f"{verdict}"
+                f"  {LABELS[variant].strip()}: hook {mine:.1f} µs/step, x{mine / theirs:.1f} "
+                f"LambdaLR's {theirs:.1f} (target <= x{times:g}): {verdict}"
             )
     floor = f" (an empty Callback: {by['empty'].estimated_ratio:.3f})" if "empty" in by else ""
-    met = "met" if max(surgeon.ratio, surgeon.estimated_ratio) <= 1.03 else "missed"
+    met = "met" if max(surgeon.ratio, surgeon.estimated_ratio) <= RATIO_TARGET else "missed"
     lines.append(
-        f"  fit-time ratio <= 1.03: {met}: measured {surgeon.ratio:.3f}, est. "
+        f"  fit-time ratio <= {RATIO_TARGET}: {met}: measured {surgeon.ratio:.3f}, est. "
         f"{surgeon.estimated_ratio:.3f}{floor}"
     )
     return lines
+
+
+def profile(variant: str, steps: int, width: int, root: Path, top: int = 30) -> str:
+    """One fit of ``variant`` under ``cProfile``: the surgeon's functions, per step."""
+    run_fit(variant, min(steps, 50), width, "cpu", root)  # warm-up
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run_fit(variant, steps, width, "cpu", root)
+    profiler.disable()
+    package = str(Path(surgeon.__file__).parent)
+    rows = [
+        (cumulative / steps * 1e6, own / steps * 1e6, calls / steps, f"{Path(file).name}:{func}")
+        for (file, _, func), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items()
+        if file.startswith(package)
+    ]
+    lines = [
+        f"{variant}: cProfile of one {steps}-step fit, the surgeon's functions per step",
+        f"{'cumulative µs':>13} {'own µs':>7} {'calls':>6}  function",
+    ]
+    for cumulative, own, calls, name in sorted(rows, reverse=True)[:top]:
+        lines.append(f"{cumulative:>13.2f} {own:>7.2f} {calls:>6.2f}  {name}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -453,6 +531,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="cpu: CPU time only (a shared, loaded host); CUDA is always timed by the wall clock",
+    )
+    parser.add_argument(
         "--width",
         type=int,
         default=WIDTH,
@@ -466,6 +550,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="which variants (the first is the baseline of the ratios)",
     )
     parser.add_argument("--json", type=Path, help="write the numbers to this file")
+    parser.add_argument(
+        "--profile", action="store_true", help="instead: cProfile one fit of each surgeon variant"
+    )
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 100 if args.quick else 500
@@ -485,11 +572,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": args.repeats,
         "threads": args.threads,
         "width": args.width,
+        "clock": args.clock,
         "torch": torch.__version__,
         "pytorch_lightning": pl.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
+    if args.profile:
+        with tempfile.TemporaryDirectory() as tmp:
+            for variant in (v for v in args.variants if v.startswith("surgeon")):
+                print(profile(variant, args.steps, args.width, Path(tmp)), end="\n\n")
+        return result
     with tempfile.TemporaryDirectory() as tmp:
         for device in devices:
             rows = measure(
@@ -500,6 +593,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 args.repeats,
                 warmup_steps,
                 Path(tmp),
+                clock="wall" if device == "cuda" else args.clock,
             )
             where = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
             title = (
@@ -507,6 +601,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{args.width}), {args.steps} steps/fit, "
                 f"median of {args.repeats}, torch {torch.__version__}, "
                 f"pytorch_lightning {pl.__version__}, {args.threads} thread(s)"
+                + (", CPU time" if device == "cpu" and args.clock == "cpu" else "")
             )
             print(format_table(title, rows, cuda=device == "cuda"), flush=True)
             print()

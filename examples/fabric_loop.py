@@ -12,6 +12,7 @@ on every rank: DDP averages the gradients, so the NaN reaches them all).
 """
 
 import argparse
+import gc
 import json
 from pathlib import Path
 
@@ -76,10 +77,18 @@ def main(argv: list[str] | None = None) -> Surgeon:
         }
         (args.record / f"rank{fabric.global_rank}.json").write_text(json.dumps(record))
     fabric.print(f"{len(surgeon.events)} events, final phase {surgeon.phase.value}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # a clean exit for both processes
     return surgeon
+
+
+def close_process_group() -> None:
+    """A clean exit under DDP: free the model's reducer and its pending work first, wait for
+    both ranks, then close the group (gloo aborts at interpreter exit otherwise, now and then)."""
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    close_process_group()

@@ -90,6 +90,10 @@ __all__ = ["EVENTS_FILE", "LR_FIND_FILE", "PEAK_LR_KEY", "PHASE_CODES", "Schedul
 
 FAR_FROM_CONFIGURED = 30.0
 """A range-test suggestion this many times above or below the configured LR is warned about."""
+_MANUAL_SAMPLE = 10
+"""Steps before the steps per batch of a manual optimization are trusted to project its length."""
+_MANUAL_TOLERANCE = 0.05
+"""A projected length off the plan by more than this share of it is re-planned."""
 
 
 def lr_metric_names(optimizers: list[Optimizer]) -> list[list[str]]:
@@ -154,13 +158,15 @@ def _mean_across_ranks(trainer: pl.Trainer) -> Reduce | None:
     return distributed_mean()
 
 
-def _make_guard(trainer: pl.Trainer, mode: SkipNonfinite, scaled: bool) -> NonFiniteGuard:
+def _make_guard(
+    trainer: pl.Trainer, mode: SkipNonfinite, scaled: bool, grad_check_every: int
+) -> NonFiniteGuard:
     """The guard for this fit: off under a GradScaler (which skips non-finite steps itself);
     under DDP on the already-averaged gradients alone; elsewhere with a max across ranks."""
     if scaled or mode == "off":
         return NonFiniteGuard("off")
     if trainer.world_size <= 1:
-        return NonFiniteGuard(mode)
+        return NonFiniteGuard(mode, grad_check_every=grad_check_every)
     if any(cls.__name__ == "DDPStrategy" for cls in type(trainer.strategy).__mro__):
         return NonFiniteGuard(mode, check_losses=False)  # no collective needed (see guard)
     if not (dist.is_available() and dist.is_initialized()):
@@ -217,7 +223,10 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     ``skip_nonfinite``: ``"auto"`` skips the update of a step with a non-finite loss or
     gradient wherever that costs no host sync (CPU, ``fused=True`` optimizers; under a
     GradScaler, GradScaler does it); ``"always"`` also on CUDA with other optimizers (one
-    sync per step); ``"off"``. ``snapshot``: where last-good copies of the weights and
+    sync per step); ``"off"``. ``grad_check_every``: 1 (default) checks every step's gradients;
+    n > 1, on the CPU, checks the losses every step and the gradients every n-th only, cheaper
+    but weaker (see :mod:`surgeon.guard`; every step without snapshots).
+    ``snapshot``: where last-good copies of the weights and
     optimizer state live for rollbacks (``"cpu"``, ``"device"``, ``"off"``: no rollback).
     """
 
@@ -251,6 +260,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         rollback_threshold: float = 4.0,
         rollback_nonfinite: int = 3,
         skip_nonfinite: SkipNonfinite = "auto",
+        grad_check_every: int = 1,
         snapshot: SnapshotMode = "cpu",
         readback_every: int = 4,
         leave_scheduled_optimizers: bool = False,
@@ -304,7 +314,8 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self.total_steps = total_steps
         self.leave_scheduled_optimizers = leave_scheduled_optimizers
         self.skip_nonfinite = skip_nonfinite
-        NonFiniteGuard(skip_nonfinite)  # validates the mode; the fit's guard is made at its start
+        NonFiniteGuard(skip_nonfinite, grad_check_every=grad_check_every)  # validates; see start
+        self.grad_check_every = grad_check_every
         self.engine = StepEngine(
             self.config,
             snapshot=snapshot,
@@ -325,6 +336,9 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self._log_dir: Path | None = None
         self._loggers: list[Any] = []
         self._pending_state: dict[str, Any] | None = None
+        self._state_loaded = False  # this fit restored the surgeon's state from a checkpoint
+        self._max_steps: int | None = None  # manual optimization ended by max_steps: see below
+        self._batch_limit = math.inf
         self._warned_no_loss = False
 
     # ------------------------------------------------------------------ public surface
@@ -377,14 +391,23 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
             trainer.optimizers,
             module=pl_module,
             driven=driven,
-            guard=_make_guard(trainer, self.skip_nonfinite, self._scaler is not None),
+            guard=_make_guard(
+                trainer,
+                self.skip_nonfinite,
+                self._scaler is not None,
+                # without snapshots no rollback repairs a step whose gradients went unchecked
+                self.grad_check_every if self.engine.snapshot != "off" else 1,
+            ),
             reduce=_mean_across_ranks(trainer),
             # Lightning divides the loss by it under automatic optimization only
             accumulate=1 if self._manual else trainer.accumulate_grad_batches,
             device=trainer.strategy.root_device,
             loss_scale=starting_scale(self._scaler),
             manual=self._manual,
+            scaler=self._scaler,
         )
+        self._state_loaded = False
+        self._max_steps, self._batch_limit = self._manual_limits(trainer)
         # a resumed fit takes its peaks from the checkpoint's param groups: no second range test
         resuming = trainer.ckpt_path is not None or self._pending_state is not None
         curve = None
@@ -397,6 +420,7 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         if self._pending_state is not None:
             self.engine.load_state_dict(self._pending_state)
             self._pending_state = None
+            self._state_loaded = True
         # on every rank: `trainer.log_dir` broadcasts from rank 0 (a collective)
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         self._log_dir = log_dir if trainer.is_global_zero else None
@@ -506,6 +530,10 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
         self._step_counter = _optimizer_step_counter(trainer)
+        if trainer.global_step > 0 and not self._state_loaded and self.controller is not None:
+            # resumed from a checkpoint saved without the surgeon: the steps done count
+            per_batch = len(trainer.optimizers) if self._manual else 1
+            self.engine.start_at(math.ceil(trainer.global_step / per_batch))
         controller = self.controller
         if self._log_dir is not None and controller is not None:
             # after a checkpoint is restored: the files hold this run's events and losses, none
@@ -534,6 +562,40 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     ) -> None:
         if self._recorder is not None:  # what was decided before the fault stays on disk
             self._recorder.close()
+
+    def _manual_limits(self, trainer: pl.Trainer) -> tuple[int | None, float]:
+        """Under manual optimization without ``total_steps``: Trainer's ``max_steps`` (``None``:
+        none) and the batches ``max_epochs`` allows, to follow the steps per batch with."""
+        if not self._manual or self.total_steps is not None or trainer.max_steps in (None, -1):
+            return None, math.inf
+        batches, epochs = trainer.num_training_batches, trainer.max_epochs
+        bounded = epochs not in (None, -1) and math.isfinite(batches)
+        return trainer.max_steps, batches * epochs if bounded else math.inf
+
+    def _follow_manual_steps(self, global_step: int) -> None:
+        """Under manual optimization ``max_steps`` counts every ``opt.step()``, and the plan
+        assumed every optimizer steps every batch. Once 10 steps are in, project the run's
+        length from the optimizer steps per batch so far; off the plan by more than 5% (and by
+        more than an unfinished cycle of the stepping pattern can skew it: up to one step per
+        optimizer), re-plan (a ``replan`` event). The same counters on every rank and after a
+        resume: the same decisions."""
+        engine, controller = self.engine, self.controller
+        assert self._max_steps is not None and controller is not None
+        done = engine.step + engine.skipped_steps  # the batches that stepped an optimizer
+        if done < _MANUAL_SAMPLE:
+            return
+        per_batch = global_step / done
+        left = max(0, self._max_steps - global_step)
+        projected = int(min(done + math.ceil(left / per_batch), self._batch_limit))
+        tolerance = max(_MANUAL_TOLERANCE, len(engine.optimizers) / done)
+        if abs(projected - controller.total_steps) <= tolerance * controller.total_steps:
+            return
+        engine.replan(
+            projected,
+            f"under manual optimization max_steps={self._max_steps} counts every opt.step(), "
+            f"{per_batch:.3g} per batch so far: the run ends after about {projected} steps, not "
+            f"{controller.total_steps}",
+        )
 
     def _planned_steps(self, trainer: pl.Trainer) -> int:
         """``total_steps``, else what ends the fit first: ``max_steps`` or ``max_epochs``
@@ -628,6 +690,8 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self._last_global_step = global_step
         # GradScaler makes its scale tensor at its first step
         self.engine.end_step(getattr(self._scaler, "_scale", None))
+        if self._max_steps is not None:
+            self._follow_manual_steps(global_step)
 
     # ------------------------------------------------------------------ observability
     def _log_lrs(self, scale: float) -> None:
@@ -689,11 +753,23 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """The engine's state; first it reads and decides on the losses in flight, so a spike or
+        NaN among them is rolled back before the checkpoint's weights are written."""
         if self.controller is None:
             return self._pending_state or {}
+        state = self.engine.state_dict()
         if self._recorder is not None:
             self._recorder.flush()  # the loss rows up to this checkpoint are on disk
-        return self.engine.state_dict()
+        return state
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning took the weights before the callbacks' state: a rollback or buffer repair
+        # made while reading the last losses (in place, so the tensors usually are the same)
+        # goes into the checkpoint for sure
+        if self.controller is not None and self.engine.changed_at_checkpoint:
+            checkpoint["state_dict"] = trainer.strategy.lightning_module_state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -703,3 +779,4 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         self._pending_state = state_dict
         if self.controller is not None:
             self.engine.load_state_dict(state_dict)
+            self._state_loaded = True

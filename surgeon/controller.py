@@ -14,13 +14,19 @@ The multiplier is ``base(step) x intervention(step)``:
   ``spike_recovery`` steps once the loss is back in its normal band.
 
 Rollback: the caller keeps last-good snapshots of the weights and tells the
-controller when it took one (:meth:`Controller.snapshot_due`,
-:meth:`Controller.snapshot_taken`); a snapshot becomes the rollback target once
+controller when it took one (:meth:`Controller.snapshot_due`, every ``snapshot_every``
+steps, :meth:`Controller.snapshot_taken`); a snapshot becomes the rollback target once
 the loss of its step is read and is in the normal band. A spike of at least
 ``rollback_threshold x`` the running mean, or ``rollback_nonfinite`` non-finite
 steps in a row, sets :attr:`Controller.rollback_to`; the caller restores that
 snapshot and calls :meth:`Controller.rolled_back`, which records the event and
-ignores the losses of the undone steps that are still on their way.
+ignores the losses of the undone steps that are still on their way. Never further back
+than two snapshot intervals before the bad step (at most :attr:`Controller.max_undone_steps`
+steps undone, the read-back lag included), and never twice in a row to the same snapshot:
+until a loss in the normal band has been read after a rollback, further trouble skips and
+cuts, and a spike then is a lasting level shift (the good weights give it too), not damage:
+the running mean moves to it. A run of non-finite steps that lasts two snapshot intervals with
+nothing to roll back to stops the run (a ``stalled`` event, :attr:`Controller.stalled`).
 
 Time: the loss passed to the ``n``-th call of ``update`` belongs to step ``n``
 (counting from 0); a decision made on it takes effect from step ``n + 1`` and is
@@ -42,6 +48,11 @@ from surgeon.detectors import PlateauDetector, Signal, SpikeDetector, Stabilizat
 
 NORMAL_BAND_ZSCORE = 3.0
 """A loss within this many running standard deviations of the running mean is 'normal'."""
+
+_PLAN_SETTINGS = frozenset(
+    {"decay", "wsd_decay_fraction", "min_lr_ratio", "warmup", "min_warmup", "max_warmup"}
+)
+"""Settings the plan is built from: changed on a resume, the rest is re-planned over them."""
 
 _MIN_STABILIZE_WINDOW = 10
 _MIN_PEAK = 1e-12  # a lowered peak stays positive even with a floor of 0
@@ -96,6 +107,12 @@ class EventKind(str, Enum):
     """A resumed run plans another length: the rest of the schedule was re-planned over it."""
     PEAK_LR = "peak_lr"
     """Recorded by the callback: an LR range test set the peak before step 0."""
+    BUFFERS_RESTORED = "buffers_restored"
+    """Non-finite values in the module's buffers (e.g. BatchNorm running statistics) were
+    replaced by those of the last good snapshot."""
+    STALLED = "stalled"
+    """Every step was non-finite for two snapshot intervals and nothing was left to roll back
+    to: the run cannot make progress and is stopped."""
 
 
 @dataclass(frozen=True)
@@ -183,8 +200,14 @@ class _Intervention:
 class Controller:
     """Warmup -> decay -> done, with plateau and spike interventions, driven by loss floats."""
 
-    def __init__(self, total_steps: int, config: SurgeonConfig | None = None) -> None:
+    def __init__(
+        self, total_steps: int, config: SurgeonConfig | None = None, *, lag: int = 0
+    ) -> None:
+        """``lag``: how many steps after its step's LR was written a loss may arrive at the
+        latest (the loss feed's ``2 x readback_every``); snapshots are at least that far apart
+        (so each is judged before the next is due), and it is part of the rollback bound."""
         check_positive_int("total_steps", total_steps)
+        check_positive_int("lag", lag, allow_zero=True)
         self.config = cfg = config if config is not None else SurgeonConfig()
         self.total_steps = total_steps
         self.floor = cfg.min_lr_ratio
@@ -222,8 +245,11 @@ class Controller:
         )
         self.spike = SpikeDetector(zscore=cfg.spike_zscore, ratio=cfg.spike_ratio)
         self.snapshot_every = resolve_steps(
-            "snapshot_every", cfg.snapshot_every, total_steps, _MIN_SNAPSHOT_EVERY
+            "snapshot_every", cfg.snapshot_every, total_steps, max(_MIN_SNAPSHOT_EVERY, lag)
         )
+        self.max_undone_steps = 2 * self.snapshot_every + lag
+        """The most steps a rollback undoes: its target is at most two snapshot intervals before
+        the step whose loss asked for it, which is read at most ``lag`` steps later."""
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -238,7 +264,14 @@ class Controller:
         self.awaiting_descent = False
         self.watch_until = 0
         self.nonfinite_streak = 0
+        self.nonfinite_applied = False
+        """Some step of the current non-finite streak had its update applied (unguarded)."""
         self.ignore_until = 0
+        self.rolled_back_to: int | None = None
+        """The target of the last rollback, until a loss in the normal band is read after it."""
+        self.stalled = False
+        """Set by a ``stalled`` event: the run cannot make progress; the caller stops it."""
+        self._no_rollback = ""
         self.intervention = _Intervention()
         self.forget_snapshots()
         for detector in (self.stabilizer, self.plateau, self.spike):
@@ -265,22 +298,33 @@ class Controller:
             "watch_until": self.watch_until,
             "restarts": self.restarts,
             "nonfinite_streak": self.nonfinite_streak,
+            "nonfinite_applied": self.nonfinite_applied,
             "ignore_until": self.ignore_until,
+            "rolled_back_to": self.rolled_back_to,
             "events": [event.to_dict() for event in self.events],
             "stabilizer": self.stabilizer.state_dict(),
             "plateau": self.plateau.state_dict(),
             "spike": self.spike.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any], *, next_step: int | None = None) -> None:
+    def load_state_dict(
+        self,
+        state: dict[str, Any],
+        *,
+        next_step: int | None = None,
+        total_steps: int | None = None,
+        saved_settings: dict[str, Any] | None = None,
+    ) -> None:
         """Restore what :meth:`state_dict` returned; the next LRs match the original's exactly.
 
-        Saved by a run planned for another length: the rest is re-planned over this one's
-        ``total_steps`` from ``next_step``, the first step whose LR the caller has not written
-        yet (default: the step of the next loss; a caller that reads losses late is ahead)."""
+        ``total_steps``: the length to plan for from here (default: this controller's);
+        ``saved_settings``: the :class:`SurgeonConfig` fields the state was saved with (``None``:
+        unknown, taken as this config's). Another length or other settings take full effect
+        from ``next_step``, the first step whose LR the caller has not written yet (default:
+        the step of the next loss; a caller that reads losses late is ahead), with a ``replan``
+        event that says what changed and what was done about it."""
         self.step = state["step"]
         self.phase = Phase(state["phase"])
-        self._set_plan(_Plan(**state["plan"]))
         self.intervention = _Intervention(**state["intervention"])
         self.paused = state["paused"]
         self.peak = state.get("peak", 1.0)
@@ -288,47 +332,138 @@ class Controller:
         self.watch_until = state.get("watch_until", 0)
         self.restarts = state["restarts"]
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        self.nonfinite_applied = state.get("nonfinite_applied", False)
         self.ignore_until = state.get("ignore_until", 0)
+        self.rolled_back_to = state.get("rolled_back_to")
         self.forget_snapshots()  # snapshots are not checkpointed: the next one is due at once
         self.events = [Event.from_dict(event) for event in state["events"]]
         self.stabilizer.load_state_dict(state["stabilizer"])
         self.plateau.load_state_dict(state["plateau"])
         self.spike.load_state_dict(state["spike"])
+        if total_steps is not None:
+            check_positive_int("total_steps", total_steps)
+            self.total_steps = total_steps
+        current = asdict(self.config)
+        changed = {
+            name: (old, current[name])
+            for name, old in (saved_settings or {}).items()
+            if name in current and current[name] != old
+        }
+        plan = _Plan(**state["plan"])
         saved_total = state.get("total_steps", self.total_steps)
+        if saved_total == self.total_steps and not changed:
+            self._set_plan(plan)
+            return
+        step = self.step if next_step is None else next_step
+        changes = [f"{name}={new!r} instead of {old!r}" for name, (old, new) in changed.items()]
         if saved_total != self.total_steps:
-            self._replan(saved_total, self.step if next_step is None else next_step)
+            length = f"a planned length of {self.total_steps} steps instead of {saved_total}"
+            changes.insert(0, length)
+        cause = f"resumed at step {step} with {', '.join(changes)}"
+        self._replan(step, plan, cause, saved_total != self.total_steps, changed)
 
-    def _replan(self, saved_total: int, step: int) -> None:
-        """The state was saved by a run planned for ``saved_total`` steps, this one plans
-        ``total_steps``: keep the LR where it is and spread what is left of the plan over the
-        new length from ``step`` (a ramp in progress finishes; the decay restarts from the
-        current level)."""
-        before = self.lr_scale(step)
-        plan = self._plan
+    def replan(self, total_steps: int, step: int, cause: str) -> Event:
+        """Plan for ``total_steps`` from ``step`` on (the caller learned that the run has another
+        length than planned, ``cause`` saying how): the LR goes on from where it is; returns the
+        ``replan`` event (recorded)."""
+        check_positive_int("total_steps", total_steps)
+        self.total_steps = total_steps
+        return self._replan(step, self._plan, cause, True, {})
+
+    def _replan(
+        self,
+        step: int,
+        plan: _Plan,
+        cause: str,
+        new_length: bool,
+        changed: dict[str, tuple[Any, Any]],
+    ) -> Event:
+        """Re-plan from ``step`` after ``plan`` (built with the floor it had) for another length
+        or other settings (``changed``: name -> (old, new)): keep the LR where it is; a ramp in
+        progress finishes; the decay goes from the current level to the (new) floor over the
+        steps left, in the (new) shape (a decay under way goes on without a new hold)."""
+        floor = self.floor
+        self.floor = changed.get("min_lr_ratio", (floor, floor))[0]
+        self._set_plan(plan)
+        before, level = self.lr_scale(step), self._base(max(0, step - plan.start))
+        decaying = self._plan_phase(step) is Phase.DECAY
+        self.floor = floor
+        self._set_plan(plan)
+        new_shape = new_length or "decay" in changed or "wsd_decay_fraction" in changed
+        in_warmup = self.phase is Phase.WARMUP
+        warmup_changed = bool({"warmup", "min_warmup", "max_warmup"} & set(changed))
+        how = "the plan is unchanged"
         if step >= self.total_steps:
             self.phase = Phase.DONE
-            how = "nothing is left to plan"
+            how = "nothing is left to plan: the LR stays at the floor"
         elif plan.hold is None:  # a warmup paused by a spike: its recovery plans the rest
             how = "the paused warmup plans the rest when it resumes"
-        elif self.phase is Phase.WARMUP:
-            # the ramp goes on; a new max_warmup already behind ends the warmup at the next step
+        elif in_warmup and (new_shape or warmup_changed):
+            # the ramp goes on at its pace; a new max_warmup already behind ends the warmup at
+            # the next step (from the LR it is at), and the decay after it is re-planned
             self._set_plan(self._decay_plan(plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp))
-            how = f"the warmup ramp goes on (max_warmup {self.max_warmup} steps), the decay follows"
-        else:
+            how = (
+                f"the warmup ramp goes on (warmup ends by step {max(self.max_warmup, step)} at "
+                "the latest), the decay follows"
+            )
+        elif not in_warmup and (new_shape or ("min_lr_ratio" in changed and decaying)):
             if step < plan.start + plan.ramp:  # a restart's ramp in progress: let it finish
                 self._set_plan(self._decay_plan(plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp))
-            else:
-                latest = self._latest_decay_start(step) if self.awaiting_descent else None
-                level = self._base(step - plan.start)
+            elif self.awaiting_descent:  # the hold on a saddle goes on
+                latest = self._latest_decay_start(step)
                 self._set_plan(self._decay_plan(step, level, decay_start=latest))
+            else:
+                self._set_plan(self._decay_plan(step, level, tail_only=decaying))
             self.phase = self._plan_phase(step)
-            how = f"{self.config.decay} decay from the current LR scale over the remaining steps"
-        why = (
-            f"resumed at step {step} with a planned length of {self.total_steps} steps instead of "
-            f"{saved_total}: {how}"
-        )
+            how = (
+                f"{self.config.decay} decay from the current LR scale {level:.3g} to the floor "
+                f"{self.floor:g} over the remaining {self.total_steps - step} steps"
+            )
+        elif "min_lr_ratio" in changed:
+            how = f"the plan's decay now ends at the floor {self.floor:g}"
+        if warmup_changed and not in_warmup:
+            how += "; warmup is over, so its settings have nothing left to change"
+        others = [n for n in changed if n not in _PLAN_SETTINGS]
+        if others:
+            how += f"; {', '.join(others)} in effect from here"
         after = self.lr_scale(step)
-        self.events.append(Event(step, EventKind.REPLAN, why, before, after, self.phase))
+        event = Event(step, EventKind.REPLAN, f"{cause}: {how}", before, after, self.phase)
+        self.events.append(event)
+        return event
+
+    def start_at(self, step: int) -> Event:
+        """Begin at ``step`` instead of 0: the run trained ``step`` steps before without a
+        controller, at its configured LR, which is the peak. No ramp again: within
+        ``max_warmup`` the peak holds until the loss stabilizes, past it the decay plan runs
+        to ``total_steps``. Returns the ``replan`` event that says so (recorded)."""
+        if self.step or self.events:
+            raise ValueError(f"start_at() on a controller that has run (step {self.step})")
+        check_positive_int("step", step, allow_zero=True)
+        self.step = step
+        if step >= self.total_steps:
+            self._set_plan(self._decay_plan(step, 1.0))
+            self.phase = Phase.DONE
+            how = "nothing is left to plan: the LR is at the floor"
+        elif step >= self.max_warmup:
+            self._set_plan(self._decay_plan(step, 1.0))
+            self.phase = self._plan_phase(step)
+            how = (
+                f"warmup counts as done; {self.config.decay} decay to the floor "
+                f"({self.floor:g} of the peak) by step {self.total_steps}"
+            )
+        else:
+            self._set_plan(self._decay_plan(step, 1.0, decay_start=self.max_warmup))
+            how = (
+                "no ramp: the peak holds until the loss stabilizes (warmup ends by step "
+                f"{self.max_warmup} at the latest), then the decay"
+            )
+        why = (
+            f"started at step {step} from a checkpoint without surgeon state: the {step} steps "
+            f"already done count, and each param group's configured LR is its peak; {how}"
+        )
+        event = Event(step, EventKind.REPLAN, why, 1.0, self.lr_scale(step), self.phase)
+        self.events.append(event)
+        return event
 
     # ------------------------------------------------------------------ LR
     def lr_scale(self, step: int) -> float:
@@ -364,33 +499,43 @@ class Controller:
             signal, bad = self.spike.update(loss), f"loss is {loss}; "
         if signal is Signal.NONFINITE:
             self.nonfinite_streak += 1
+            self.nonfinite_applied = self.nonfinite_applied or not update_skipped
+            streak, needed = self.nonfinite_streak, self.config.rollback_nonfinite
+            if streak == needed:
+                why = f"{streak} non-finite steps in a row (rollback_nonfinite={needed})"
+                bad += self._request_rollback(step, why)
             new_events.append(self._cut_for_spike(step, EventKind.NONFINITE, bad))
             if update_skipped:
-                why = f"the optimizer update of step {step} was not applied: {bad.rstrip('; ')}"
+                why = f"the optimizer update of step {step} was not applied: {bad.split(';')[0]}"
                 new_events.append(self._event(step, EventKind.SKIPPED_STEP, why, None))
-            if self.nonfinite_streak >= self.config.rollback_nonfinite:
-                self._request_rollback(
-                    step,
-                    f"{self.nonfinite_streak} non-finite steps in a row (rollback_nonfinite="
-                    f"{self.config.rollback_nonfinite})",
-                )
+            if streak >= 2 * self.snapshot_every and not self.stalled and self.rollback_to is None:
+                new_events.append(self._stall(step, loss, update_skipped))
         elif signal is Signal.SPIKE:
-            self.nonfinite_streak = 0
+            self.nonfinite_streak, self.nonfinite_applied = 0, False
             why = (
                 f"loss {loss:.4g} is {self.spike.last_zscore:.1f} sigma above its running mean "
                 f"{mean:.4g} (noise {std:.3g}; thresholds {self.spike.zscore:g} sigma and "
                 f"{self.spike.ratio:g}x the mean); "
             )
-            new_events.append(self._cut_for_spike(step, EventKind.SPIKE, why))
             threshold = self.config.rollback_threshold
-            if loss - mean >= (threshold - 1.0) * abs(mean):
-                self._request_rollback(
+            if self.rolled_back_to is not None:  # the good weights give it too: not damage
+                self.spike.rebase(loss)
+                why += (
+                    f"the loss has stayed up since the rollback to step {self.rolled_back_to}: a "
+                    f"lasting level shift, not damage; {loss:.4g} is the new running mean (no "
+                    "further rollback); "
+                )
+            elif loss - mean >= (threshold - 1.0) * abs(mean):
+                why += self._request_rollback(
                     step,
                     f"loss {loss:.4g} is at least {threshold:g}x its running mean {mean:.4g} "
                     f"(rollback_threshold={threshold:g})",
                 )
+            new_events.append(self._cut_for_spike(step, EventKind.SPIKE, why))
         else:
-            self.nonfinite_streak = 0
+            self.nonfinite_streak, self.nonfinite_applied = 0, False
+            if self.spike.last_zscore <= NORMAL_BAND_ZSCORE:
+                self.rolled_back_to = None  # normal again: the next trouble may roll back
             self._settle_snapshot(step)
             if self.intervention.mode == "hold":
                 new_events += self._maybe_recover(step, loss)
@@ -479,15 +624,15 @@ class Controller:
 
     def snapshot_due(self, step: int) -> bool:
         """Whether the caller should snapshot the weights as they are at the start of ``step``:
-        ``snapshot_every`` steps after the last one, none waiting for its loss, and the loss
-        stream normal as far as it has been read (no cut LR, no non-finite step)."""
+        ``snapshot_every`` steps after the last one, none waiting for its loss, no rollback on
+        its way. Also while the LR is cut or after a non-finite step: a snapshot only becomes
+        the target if the loss of its own step is normal, so a regular grid of them keeps the
+        target recent through any trouble the run lives through."""
         return (
             self._pending_snapshot is None
             and self.rollback_to is None
             and step - self._last_snapshot_step >= self.snapshot_every
             and step >= self.ignore_until
-            and self.intervention.mode == "normal"
-            and self.nonfinite_streak == 0
         )
 
     def snapshot_taken(self, step: int, nbytes: int) -> None:
@@ -495,6 +640,29 @@ class Controller:
         It becomes the rollback target once the loss of ``step`` is read and normal."""
         self._pending_snapshot = (step, nbytes)
         self._last_snapshot_step = step
+
+    def before_checkpoint(self) -> None:
+        """Every loss so far has been read and a checkpoint is next. If the last were non-finite
+        with their updates applied (unguarded), the weights are suspect: ask for a rollback now
+        rather than have them saved (when a recent good snapshot exists)."""
+        if self.nonfinite_streak and self.nonfinite_applied:
+            streak = self.nonfinite_streak
+            self._request_rollback(
+                self.step - 1,
+                f"{streak} non-finite step(s) with their updates applied just before a checkpoint",
+            )
+
+    def buffers_nonfinite(self, step: int, how: str) -> Event:
+        """Record that the module's buffers held non-finite values after step ``step`` and were
+        repaired (``how``: a clause saying with what); a snapshot taken after it may hold them,
+        so it will not become the target."""
+        pending = self._pending_snapshot
+        if pending is not None and pending[0] <= step + 1:
+            self._pending_snapshot = None
+        why = f"non-finite values in the module's buffers after step {step}: {how}"
+        event = replace(self._event(step, EventKind.BUFFERS_RESTORED, why, None), phase=self.phase)
+        self.events.append(event)
+        return event
 
     def _settle_snapshot(self, step: int) -> None:
         """Promote the pending snapshot once the (normal) loss of its step is read."""
@@ -506,11 +674,43 @@ class Controller:
         ):
             self._good_snapshot, self._pending_snapshot = pending, None
 
-    def _request_rollback(self, step: int, cause: str) -> None:
-        if self._good_snapshot is None or self.rollback_to is not None:
-            return  # nothing to go back to (yet), or already going back
-        self.rollback_to = self._good_snapshot[0]
-        self._rollback_cause = (step, cause)
+    def _request_rollback(self, step: int, cause: str) -> str:
+        """Ask the caller to restore the good snapshot for the trouble at ``step``, unless that
+        would travel too far back or repeat the last rollback; returns why not (``""``: asked,
+        or already going back), a clause for the event's reason."""
+        if self.rollback_to is not None:
+            return ""
+        good = self._good_snapshot
+        if self.rolled_back_to is not None:
+            why = (
+                f"the loss has not been normal since the rollback to step {self.rolled_back_to}, "
+                "so going back again would repeat it"
+            )
+        elif good is None:
+            why = "no good snapshot yet"
+        elif step - good[0] > 2 * self.snapshot_every:
+            why = (
+                f"the last good snapshot (step {good[0]}) is {step - good[0]} steps back, more "
+                f"than two snapshot intervals ({2 * self.snapshot_every} steps)"
+            )
+        else:
+            self.rollback_to = good[0]
+            self._rollback_cause = (step, cause)
+            return ""
+        self._no_rollback = why
+        return f"{cause}, but no rollback: {why}; "
+
+    def _stall(self, step: int, loss: float, update_skipped: bool) -> Event:
+        """The ``stalled`` event: non-finite for two snapshot intervals, nothing to go back to."""
+        self.stalled = True
+        streak = self.nonfinite_streak
+        what = "updates skipped" if update_skipped else "updates applied"
+        why = (
+            f"{streak} non-finite steps in a row (steps {step - streak + 1} to {step}, last loss "
+            f"{loss}, {what}) and nothing to roll back to ({self._no_rollback or 'no snapshot'}): "
+            "the run cannot make progress; stopping it"
+        )
+        return self._event(step, EventKind.STALLED, why, None)
 
     def rolled_back(self, now: int) -> Event:
         """Record that the caller restored the snapshot of step :attr:`rollback_to` and resumes
@@ -522,7 +722,8 @@ class Controller:
         self.rollback_to = None
         self._pending_snapshot = None  # may hold weights taken after the trouble began
         self.ignore_until = max(self.ignore_until, now)
-        self.nonfinite_streak = 0
+        self.nonfinite_streak, self.nonfinite_applied = 0, False
+        self.rolled_back_to = target
         why = (
             f"{cause}: restored the snapshot of step {target} ({_format_bytes(nbytes)}), "
             f"undoing the updates of steps {target} to {now - 1} ({now - target} steps)"
@@ -808,15 +1009,18 @@ class Controller:
         v0: float | None = None,
         ramp: int = 0,
         decay_start: int | None = None,
+        tail_only: bool = False,
     ) -> _Plan:
         """Ramp ``v0 -> v1`` from ``start``, hold until ``decay_start``, then decay to the floor
-        by ``total_steps`` in the configured shape (for ``wsd``: hold, then a linear tail)."""
+        by ``total_steps`` in the configured shape (for ``wsd``: hold, then a linear tail;
+        ``tail_only``: the tail alone, for a decay already under way)."""
         ramp_end = start + ramp
         decay_start = ramp_end if decay_start is None else max(decay_start, ramp_end)
         remaining = max(0, self.total_steps - decay_start)
         shape, stable = self.config.decay, 0
         if shape == "wsd":
-            stable = round(remaining * (1.0 - self.config.wsd_decay_fraction))
+            if not tail_only:
+                stable = round(remaining * (1.0 - self.config.wsd_decay_fraction))
             shape = "linear"
         hold = decay_start - ramp_end + stable
         return _Plan(start, v1 if v0 is None else v0, v1, ramp, hold, remaining - stable, shape)

@@ -10,10 +10,16 @@ all drive one :class:`StepEngine` the same way, once per optimizer step:
    (before backward) and :meth:`StepEngine.add_loss` to the loss feed;
 3. :meth:`StepEngine.before_optimizer_step` flags the coming update on the device when a loss
    or gradient is non-finite, and makes the optimizer skip it;
-4. :meth:`StepEngine.end_step` closes the step: the feed hands back the losses whose readback
-   is due (a few steps late, no host sync), the controller decides on them, and a rollback it
-   asks for is carried out here, in place;
-5. :meth:`StepEngine.finish` reads the losses still in flight when training ends.
+4. :meth:`StepEngine.end_step` closes the step: the module's buffers are checked for NaN/inf on
+   the device (one kernel, the flag travels with the loss), the feed hands back the losses whose
+   readback is due (a few steps late, no host sync), the controller decides on them, and a
+   rollback it asks for (or a repair of non-finite buffers) is carried out here, in place;
+5. :meth:`StepEngine.finish` reads the losses still in flight when training ends;
+   :meth:`StepEngine.state_dict` does the same before a checkpoint, so no checkpoint holds
+   weights whose losses are unread.
+
+A run whose every step is non-finite for two snapshot intervals, with nothing to roll back to,
+cannot make progress: :class:`TrainingStalled` is raised (after the ``stalled`` event).
 
 What an adapter adds: where the settings, the planned length, the optimizers, the cross-rank
 mean and the guard's mode come from (:meth:`StepEngine.start`), and where the events and the
@@ -22,21 +28,27 @@ losses go (``on_event`` / ``on_loss``). Nothing here imports Lightning.
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from typing import Any, Literal
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from surgeon._validate import check_positive_int
 from surgeon.config import SurgeonConfig
-from surgeon.controller import Controller, Event, Phase
+from surgeon.controller import Controller, Event, EventKind, Phase
 from surgeon.guard import NonFiniteGuard
 from surgeon.loss_feed import LossFeed, Reduce, StepLoss
 from surgeon.snapshot import SNAPSHOT_LOCATIONS, Snapshot, SnapshotLocation
 
 PEAK_LR_KEY = "surgeon_peak_lr"
 """Param-group key holding the group's configured (peak) LR; saved with the optimizer."""
+
+_UNCOMPARED_SETTINGS = ("find_min_lr", "find_max_lr", "find_steps")
+"""Settings of the LR range test, which a resumed fit does not run: free to differ."""
 
 SnapshotMode = SnapshotLocation | Literal["off"]
 EventSink = Callable[[Event], None]
@@ -96,6 +108,53 @@ def _ignore(*_: Any) -> None:
     """A sink that drops what it is given."""
 
 
+_UNITS: dict[torch.device, Tensor] = {}
+
+
+def _unit(device: torch.device) -> Tensor:
+    """A cached 0-d 1.0 on ``device`` (the check's unscale factor; never written to)."""
+    if device not in _UNITS:
+        _UNITS[device] = torch.ones((), device=device)
+    return _UNITS[device]
+
+
+class TrainingStalled(RuntimeError):
+    """Every step was non-finite for two snapshot intervals and nothing was left to roll back
+    to: the run cannot make progress (the message says from which step and why)."""
+
+
+def _checked_buffers(module: nn.Module | None) -> list[Tensor]:
+    """The buffers whose NaN/inf the engine looks for: floating-point and persistent (running
+    statistics and the like; not caches such as masks), once materialized, and outside autograd
+    (the check writes them back unchanged, in place)."""
+    if module is None:
+        return []
+    found: dict[int, Tensor] = {}
+    for sub in module.modules():
+        for name, buffer in sub._buffers.items():
+            if (
+                buffer is not None
+                and name not in sub._non_persistent_buffers_set
+                and buffer.is_floating_point()
+                and not buffer.requires_grad
+                and not is_lazy(buffer)
+            ):
+                found.setdefault(id(buffer), buffer)
+    return list(found.values())
+
+
+def _reset_nonfinite_statistics(module: nn.Module) -> None:
+    """Without a snapshot: reset the running statistics of every module with a NaN/inf buffer
+    that has ``reset_running_stats`` (BatchNorm, InstanceNorm; a rare path: host reads are
+    fine)."""
+    for sub in module.modules():
+        if callable(getattr(sub, "reset_running_stats", None)) and any(
+            b is not None and b.is_floating_point() and not bool(torch.isfinite(b).all())
+            for b in sub._buffers.values()
+        ):
+            sub.reset_running_stats()
+
+
 class StepEngine:
     """Loss feed, controller, non-finite guard and snapshots, driven once per optimizer step."""
 
@@ -116,6 +175,9 @@ class StepEngine:
         self.on_event = on_event
         self.on_loss = on_loss
         self.controller: Controller | None = None
+        self.planned = 0
+        """The planned length this run was started with (a resume compares it with the
+        checkpoint's: the same means the saved plan goes on, however it was adjusted)."""
         self.feed = LossFeed(readback_every)
         self.guard = NonFiniteGuard("off")
         self.module: nn.Module | None = None
@@ -124,7 +186,14 @@ class StepEngine:
         self.driven: list[Optimizer] = []
         """The optimizers whose LR the engine writes (not those left to their own scheduler)."""
         self.manual = False
+        self.restores = 0
+        """Rollbacks and buffer repairs so far (each changed the weights or buffers in place)."""
+        self.changed_at_checkpoint = False
+        """The last :meth:`state_dict` rolled back or repaired buffers before returning."""
         self._snapshots: list[Snapshot] = []
+        self._scaler: Any = None
+        self._buffers: list[Tensor] = []
+        self._buffers_checked_from = 0  # flags of earlier steps were raised before a repair
         self._step_flag: Tensor | None = None
         self.step = 0
         """Optimizer steps applied so far (GradScaler-skipped steps excluded once known)."""
@@ -158,16 +227,20 @@ class StepEngine:
         device: Any = None,
         loss_scale: float | None = None,
         manual: bool = False,
+        scaler: Any = None,
     ) -> None:
         """Begin a run of ``total_steps`` planned optimizer steps from step 0.
 
         ``driven``: the optimizers whose LR to write (default: all); ``module``: what snapshots
-        copy besides the optimizers (``None``: no snapshots, no rollbacks); ``reduce``: the
-        mean across ranks for the loss feed; ``accumulate``: what each micro-batch loss was
-        divided by; ``loss_scale``: GradScaler's scale before its first step; ``manual``: a
-        step without a loss still counts (the user stepped the optimizer anyway).
+        copy besides the optimizers, and whose buffers are checked for NaN/inf (``None``: no
+        snapshots, no rollbacks); ``reduce``: the mean across ranks for the loss feed;
+        ``accumulate``: what each micro-batch loss was divided by; ``loss_scale``: GradScaler's
+        scale before its first step; ``manual``: a step without a loss still counts (the user
+        stepped the optimizer anyway); ``scaler``: the GradScaler, whose scale snapshots keep
+        (a rollback puts back the scale a collapse had driven towards 0).
         """
-        self.controller = Controller(total_steps, self.config)
+        self.controller = Controller(total_steps, self.config, lag=2 * self.readback_every)
+        self.planned = total_steps
         self.optimizers = list(optimizers)
         self.driven = self.optimizers if driven is None else list(driven)
         self.module = module
@@ -179,7 +252,10 @@ class StepEngine:
         self._step_flag = None
         keep = self.snapshot != "off" and module is not None
         self._snapshots = [Snapshot(self.snapshot) for _ in "ab"] if keep else []  # type: ignore[arg-type]
-        self.step = self.skipped_steps = 0
+        self._scaler = scaler
+        self._buffers = _checked_buffers(module)
+        self._buffers_checked_from = 0
+        self.step = self.skipped_steps = self.restores = 0
         self.written_step = -1
         self.written_scale = 1.0
         self.adopt_new_param_groups()
@@ -194,17 +270,24 @@ class StepEngine:
         self._snapshots = []
         self.guard.release()
 
-    def adopt_new_param_groups(self, scale: float = 1.0) -> None:
+    def adopt_new_param_groups(self, scale: float | None = None) -> None:
         """Give each driven param group without a peak LR one.
 
-        At the start a group's configured LR is its peak. A group added during the run (e.g. by
-        ``BaseFinetuning``) was given the LR it should have now, beside LRs written with the
-        scale ``scale``: its peak is that LR / ``scale``, so it follows the schedule from there.
+        At the start (``scale=None``) a group's configured LR is its peak, a finite number > 0.
+        A group added during the run (e.g. by ``BaseFinetuning``) was given the LR it should
+        have now, beside LRs written with the scale ``scale``: its peak is that LR / ``scale``,
+        so it follows the schedule from there. Added with LR 0 it stays at 0; added while the
+        scale is 0 (past the plan with ``min_lr_ratio=0``) its LR is taken as its peak: a
+        running fit never fails here.
         """
         for optimizer in self.driven:
             for group in optimizer.param_groups:
-                if PEAK_LR_KEY not in group:
-                    group[PEAK_LR_KEY] = check_lr(group["lr"]) / scale
+                if PEAK_LR_KEY in group:
+                    continue
+                if scale is None:
+                    group[PEAK_LR_KEY] = check_lr(group["lr"])
+                else:
+                    group[PEAK_LR_KEY] = group["lr"] / scale if scale > 0 else group["lr"]
 
     # ------------------------------------------------------------------ per step
     def begin_step(self) -> float | None:
@@ -255,7 +338,25 @@ class StepEngine:
         self.step += 1
         flag, self._step_flag = self._step_flag, None
         self.guard.release()
-        self._consume(self.feed.close_step(loss_scale, flag))
+        buffers_flag = self._check_buffers() if self._buffers else None
+        self._consume(self.feed.close_step(loss_scale, flag, buffers_flag))
+
+    def _check_buffers(self) -> Tensor:
+        """A 0-d flag on the device, 1.0 when a checked buffer holds a NaN/inf. One kernel per
+        device (the one the guard uses, values unchanged); not read here: it travels with the
+        loss."""
+        buffers = self._buffers
+        device = buffers[0].device
+        flag = torch.zeros((), device=device)
+        if all(b.device == device for b in buffers):
+            torch._amp_foreach_non_finite_check_and_unscale_(buffers, flag, _unit(device))
+            return flag
+        for where in {b.device for b in buffers}:
+            local = torch.zeros((), device=where)
+            group = [b for b in buffers if b.device == where]
+            torch._amp_foreach_non_finite_check_and_unscale_(group, local, _unit(where))
+            torch.maximum(flag, local.to(device, non_blocking=True), out=flag)
+        return flag
 
     def finish(self) -> None:
         """Read the losses still in flight (the last ``readback_every`` to
@@ -268,6 +369,10 @@ class StepEngine:
         controller = self.controller
         assert controller is not None
         for item in due:
+            if item.buffers_nonfinite and controller.step >= max(
+                controller.ignore_until, self._buffers_checked_from
+            ):  # (flags of steps before a rollback or a repair were raised before it)
+                self._repair_buffers(controller.step)
             if item.no_loss and self.manual:  # the user stepped anyway: count it, unwatched
                 for event in controller.pass_step():
                     self.on_event(event)
@@ -277,11 +382,37 @@ class StepEngine:
                 self.step -= 1
                 continue
             loss_step = controller.step
-            for event in controller.update(item.loss, update_skipped=item.update_skipped):
+            events = controller.update(item.loss, update_skipped=item.update_skipped)
+            for event in events:
                 self.on_event(event)
             if controller.rollback_to is not None:
                 self._roll_back()
             self.on_loss(loss_step, item.loss, item.update_skipped)
+            stalled = next((e for e in events if e.kind is EventKind.STALLED), None)
+            if stalled is not None:
+                raise TrainingStalled(f"step {stalled.step}: {stalled.reason}")
+
+    def _repair_buffers(self, step: int) -> None:
+        """Replace the NaN/inf in the module's buffers after ``step``: with the values of the
+        good snapshot, else (none yet, or ``snapshot="off"``) by resetting the running
+        statistics of the modules that hold them; recorded as a ``buffers_restored`` event.
+        Every rank repairs its own buffers (they may differ); the event says nothing
+        rank-specific, so every rank records the same."""
+        assert self.controller is not None and self.module is not None
+        good = self.controller.good_snapshot_step
+        snapshot = next((s for s in self._snapshots if s.step == good), None)
+        if good is not None and snapshot is not None:
+            snapshot.repair_buffers(self.module)
+            how = f"the NaN/inf entries restored from the snapshot of step {good}"
+        else:
+            _reset_nonfinite_statistics(self.module)
+            how = (
+                "no snapshot to restore them from: the running statistics of the modules "
+                "holding them reset (others have no reset_running_stats and stay as they are)"
+            )
+        self.on_event(self.controller.buffers_nonfinite(step, how))
+        self.restores += 1
+        self._buffers_checked_from = self.step
 
     # ------------------------------------------------------------------ snapshots
     def _take_snapshot(self) -> None:
@@ -290,8 +421,15 @@ class StepEngine:
         assert self.controller is not None and self.module is not None
         good = self.controller.good_snapshot_step
         spare = next(s for s in self._snapshots if s.step is None or s.step != good)
-        if spare.capture(self.module, self.optimizers, self.step):
+        if spare.capture(self.module, self.optimizers, self.step, extra=self._scaler_state()):
             self.controller.snapshot_taken(self.step, spare.nbytes)
+        self._buffers = _checked_buffers(self.module)  # lazy modules materialize later
+
+    def _scaler_state(self) -> list[Tensor]:
+        """GradScaler's scale and growth tracker, once it has made them (its first step)."""
+        scaler = self._scaler
+        tensors = [getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None)]
+        return [t for t in tensors if isinstance(t, Tensor)]
 
     def _roll_back(self) -> None:
         """Restore the snapshot the controller asked for; the next step starts from it."""
@@ -301,31 +439,94 @@ class StepEngine:
         # optimizers left to their own LR schedulers keep their settings: their scheduler is
         # not rolled back, so it still owns their LR
         scheduled = [o for o in self.optimizers if not any(o is d for d in self.driven)]
-        snapshot.restore(self.module, self.optimizers, keep_settings_of=scheduled)
+        snapshot.restore(
+            self.module, self.optimizers, keep_settings_of=scheduled, extra=self._scaler_state()
+        )
         self.on_event(self.controller.rolled_back(self.step))
+        self.restores += 1
         self.written_step = -1  # the restored param groups hold an old LR: write it again
+
+    # ------------------------------------------------------------------ plans
+    def replan(self, total_steps: int, cause: str) -> None:
+        """Plan for ``total_steps`` from the next step on: the run turned out to have another
+        length than planned (``cause`` says how); a ``replan`` event, the LR goes on from where
+        it is."""
+        assert self.controller is not None
+        self.on_event(self.controller.replan(total_steps, self.step, cause))
+        self.written_step = -1
+
+    def start_at(self, step: int) -> None:
+        """Begin at ``step`` instead of 0: a resumed run whose checkpoint has no surgeon state
+        (saved without it). The steps already done count; each driven group's configured LR
+        (``initial_lr`` where a torch scheduler left one, else ``lr``) is its peak."""
+        assert self.controller is not None
+        for optimizer in self.driven:
+            for group in optimizer.param_groups:
+                group[PEAK_LR_KEY] = check_lr(group.get("initial_lr", group["lr"]))
+        self.step = step
+        self.on_event(self.controller.start_at(step))
+        self.written_step = -1
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The controller's state, the step counters and the losses not yet read (the feed's
-        collective runs here: call it on every rank)."""
-        assert self.controller is not None
+        """What a checkpoint needs to go on exactly: the controller's state, the step counters,
+        and the settings and planned length the run was started with (a resume compares them).
+
+        No checkpoint holds weights whose losses are unread: first every loss in flight is read
+        and decided on (a spike or NaN among them rolls back now, non-finite buffers are
+        repaired; non-finite steps whose updates were applied roll back too), then the snapshots
+        are forgotten, since the resumed run has none, so both go on alike. This runs the
+        feed's collective: call it on every rank, before the weights and the optimizers' state
+        are saved; :attr:`changed_at_checkpoint` says whether it changed them."""
+        controller = self.controller
+        assert controller is not None
+        restores = self.restores
+        self._consume(self.feed.flush())
+        controller.before_checkpoint()
+        if controller.rollback_to is not None:
+            self._roll_back()
+        controller.forget_snapshots()
+        self.changed_at_checkpoint = self.restores != restores
         return {
-            "controller": self.controller.state_dict(),
+            "controller": controller.state_dict(),
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "feed": self.feed.state_dict(),
+            "settings": asdict(self.config),
+            "planned": self.planned,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned into a started engine; events the load
-        itself made (a ``replan`` for another planned length) go to ``on_event``."""
+        """Restore what :meth:`state_dict` returned into a started engine. Started with the
+        checkpoint's planned length, the checkpoint's plan goes on (however the run adjusted
+        it); with another length or other settings, the rest is re-planned over them (a
+        ``replan`` event, to ``on_event``). ``ValueError`` for a ``peak_lr`` other than the
+        checkpoint's: a resumed fit keeps its peaks and runs no range test."""
         controller = self.controller
         assert controller is not None
-        controller.load_state_dict(state["controller"], next_step=state["step"])
+        saved = state.get("settings")
+        if saved is not None and saved.get("peak_lr", self.config.peak_lr) != self.config.peak_lr:
+            raise ValueError(
+                f"peak_lr={self.config.peak_lr!r} differs from the checkpoint's "
+                f"peak_lr={saved['peak_lr']!r}: a resumed fit keeps the checkpoint's peak LRs and "
+                f"runs no LR range test; resume with peak_lr={saved['peak_lr']!r}, or start a "
+                "fresh fit"
+            )
+        compared = None
+        if saved is not None:
+            compared = {k: v for k, v in saved.items() if k not in _UNCOMPARED_SETTINGS}
+        saved_total = state["controller"].get("total_steps", self.planned)
+        planned = state.get("planned", saved_total)
+        controller.load_state_dict(
+            state["controller"],
+            next_step=state["step"],
+            total_steps=saved_total if planned == self.planned else self.planned,
+            saved_settings=compared,
+        )
         for event in controller.events[len(state["controller"]["events"]) :]:
             self.on_event(event)
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.feed.load_state_dict(state["feed"])
+        self._buffers_checked_from = 0
         self.written_step = -1

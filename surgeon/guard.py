@@ -22,6 +22,16 @@ weight, moment or step counter changes. Two ways, chosen per optimizer:
   otherwise leaves such optimizers unguarded (the rollback still undoes the damage,
   a few steps later) and says so once.
 
+Where reading the flag is free (the ``"host"`` way on the CPU, one process, losses checked),
+the gradients may be checked every ``grad_check_every``-th step only: a full check reads every
+gradient (on the CPU about as long as writing them, see ``benchmarks/scaling.py``), while the
+step's losses are read on the host every step, which costs a few µs whatever the model's size.
+What that leaves out is a non-finite gradient with a finite loss on a step whose gradients are
+not checked: its update is applied. When the damaged weights make the next losses non-finite,
+those steps are skipped and after ``rollback_nonfinite`` of them the surgeon restores its last
+good snapshot; when they do not (an inf weight behind a saturating tanh), nothing notices. So
+the surgeon's default is 1 (every step); without snapshots it checks every step regardless.
+
 ``torch.optim.LBFGS`` is not guarded: it evaluates its closure (where this check runs)
 several times inside one step, after moving the weights, too late to skip anything; a
 rollback undoes a bad LBFGS step instead.
@@ -36,6 +46,7 @@ collective per step that does not block the host on NCCL.
 """
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -43,6 +54,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from surgeon._validate import check_positive_int
 
 log = logging.getLogger("surgeon")
 
@@ -113,6 +126,9 @@ class _Watched:
     first_step_risk: list[Tensor]
     """Parameters whose skipped first step would leave garbage state (see
     :func:`_first_step_risk`)."""
+    sampled: bool = False
+    """Its gradients are checked every ``grad_check_every``-th step only, its losses every step
+    (the ``"host"`` way, on the CPU)."""
     convert: bool = False
     """Some gradients are sparse or complex, which the kernel does not take: check their
     (real) values."""
@@ -126,15 +142,22 @@ class NonFiniteGuard:
         mode: SkipNonfinite = "auto",
         reduce_max: Callable[[Tensor], None] | None = None,
         check_losses: bool = True,
+        grad_check_every: int = 1,
     ) -> None:
         if mode not in SKIP_NONFINITE_MODES:
             raise ValueError(
                 f"skip_nonfinite must be one of {SKIP_NONFINITE_MODES}, got skip_nonfinite={mode!r}"
             )
+        check_positive_int("grad_check_every", grad_check_every)
         self.mode = mode
         self.reduce_max = reduce_max
         """In-place max across ranks (``None``: one process, or gradients synchronized)."""
         self.check_losses = check_losses
+        self.grad_check_every = grad_check_every
+        """Check the gradients of every n-th step only, where the losses are read on the host
+        (the ``"host"`` way on the CPU, one process, ``check_losses``); elsewhere every step."""
+        self._steps = 0  # steps released so far: the gradients are checked when it divides
+        self._in_step = False  # an optimizer was checked since the last release
         self._losses: list[Tensor] = []
         self._watched: dict[int, _Watched] = {}
         self._armed: list[Optimizer] = []
@@ -157,7 +180,16 @@ class NonFiniteGuard:
         devices = {p.device for p in params}
         device = next(iter(devices)) if len(devices) == 1 else None
         risk = _first_step_risk(optimizer) if found == "found_inf" else []
-        self._watched[id(optimizer)] = watched = _Watched(found, len(groups), params, device, risk)
+        sampled = (
+            self.grad_check_every > 1
+            and self.check_losses
+            and self.reduce_max is None
+            and found == "host"
+            and device is not None
+            and device.type == "cpu"
+        )
+        watched = _Watched(found, len(groups), params, device, risk, sampled)
+        self._watched[id(optimizer)] = watched
         return watched
 
     def add_loss(self, loss: Tensor) -> None:
@@ -171,10 +203,15 @@ class NonFiniteGuard:
 
         The flag must not be written to: on the host path it is a shared constant.
         """
-        watched = self._watch(optimizer)
+        watched = self._watched.get(id(optimizer))
+        if watched is None or watched.groups != len(optimizer.param_groups):
+            watched = self._watch(optimizer)
         losses = self._losses  # kept until release(): every optimizer of the step sees them
         if watched.mechanism == "none":
             return None
+        self._in_step = True
+        if watched.sampled and self._steps % self.grad_check_every:
+            return self._check_losses_on_host(watched)
         tensors = [p.grad for p in watched.params if p.grad is not None]
         tensors += losses
         if not tensors:
@@ -210,6 +247,18 @@ class NonFiniteGuard:
             p.grad = None
         return self._constant(device, 1.0)
 
+    def _check_losses_on_host(self, watched: _Watched) -> Tensor:
+        """A step whose gradients are not checked: its losses, read on the host (free on the
+        CPU); the gradients are taken away when one is non-finite."""
+        device = watched.device
+        assert device is not None  # sampled: all on the CPU
+        for loss in self._losses:
+            if not math.isfinite(loss.item()):
+                for p in watched.params:
+                    p.grad = None
+                return self._constant(device, 1.0)
+        return self._constant(device, 0.0)
+
     def _find_nonfinite(
         self, tensors: list[Tensor], flag: Tensor, one_device: bool, convert: bool
     ) -> None:
@@ -244,12 +293,16 @@ class NonFiniteGuard:
         """A cached 0-d ``value`` on ``device`` (1.0 is also the check's unscale factor); never
         written to."""
         key = (device, value)
-        if key not in self._constants:
-            self._constants[key] = torch.full((), value, device=device)
-        return self._constants[key]
+        constant = self._constants.get(key)
+        if constant is None:
+            constant = self._constants[key] = torch.full((), value, device=device)
+        return constant
 
     def release(self) -> None:
         """After the step: take ``found_inf`` back off the optimizers it was put on."""
+        if self._in_step:
+            self._steps += 1
+            self._in_step = False
         if self._armed:
             for optimizer in self._armed:
                 if hasattr(optimizer, "found_inf"):

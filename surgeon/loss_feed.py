@@ -12,14 +12,18 @@ CPU and GPU runs make identical decisions.
 
 The same block carries the AMP loss scale of each step (when a GradScaler is
 in use): a scale lower than the step before means GradScaler skipped that
-optimizer step. When the loss itself is finite, that was an overflow of the scaled
-gradients (GradScaler calibrating its scale) and the caller does not count the step;
-when the loss is NaN/inf it is handed out like a step the guard skipped (counted,
-``update_skipped``), so the controller records it and reacts. A step that produced no loss
+optimizer step. When the loss itself is finite and the scale was above 1, that was an
+overflow of the scaled gradients (GradScaler calibrating its scale) and the caller does not
+count the step; when the loss is NaN/inf, or the scale was already at most 1 (the gradients
+overflow unscaled: they are non-finite, and the scale would collapse towards 0), it is
+handed out like a step the guard skipped (counted, ``update_skipped``), so the controller
+records it and reacts. A step that produced no loss
 (``training_step`` returned ``None``, Lightning's way to skip a batch) carries a
 NaN scale and is not counted either. It also carries the
 :class:`~surgeon.guard.NonFiniteGuard`'s flag of each step (when the guard acts):
-the update of that step was not applied.
+the update of that step was not applied; and a flag per step set when the module's buffers
+hold a NaN/inf after it (``buffers_nonfinite``: averaged across ranks like the rest, so a
+non-zero value on any rank is seen by all).
 """
 
 import math
@@ -38,7 +42,8 @@ Reduce = Callable[[Tensor], Tensor]
 class StepLoss(NamedTuple):
     """The mean loss of one optimizer step; whether the step is not to be counted (GradScaler
     skipped it, or it had no loss); whether the guard kept its update from being applied;
-    whether it had no loss (on some rank).
+    whether it had no loss (on some rank); whether the buffers held a NaN/inf after it (on
+    some rank).
 
     A named tuple: one is made per step, and a tuple is the cheapest to make."""
 
@@ -46,28 +51,34 @@ class StepLoss(NamedTuple):
     skipped: bool = False
     update_skipped: bool = False
     no_loss: bool = False
+    buffers_nonfinite: bool = False
 
 
 class _Row(NamedTuple):
     """One closed step, on its device, 0-d each: its loss, its loss scale (``None``: no
-    GradScaler) and its guard flag (``None``: not guarded)."""
+    GradScaler), its guard flag (``None``: not guarded) and its buffer flag (``None``: not
+    checked)."""
 
     loss: Tensor
     scale: Tensor | None
     flag: Tensor | None
+    buffers: Tensor | None = None
 
 
 class _Block:
     """One block of steps in flight from device to host.
 
     ``values`` is 1-D: the ``n`` losses, then their ``n`` loss scales when ``scaled``, then
-    their ``n`` guard flags when ``flagged`` (one flat tensor: the cheapest to stack, reduce
-    and copy).
+    their ``n`` guard flags when ``flagged``, then their ``n`` buffer flags when ``buffered``
+    (one flat tensor: the cheapest to stack, reduce and copy).
     """
 
-    def __init__(self, values: Tensor, scaled: bool, flagged: bool = False) -> None:
+    def __init__(
+        self, values: Tensor, scaled: bool, flagged: bool = False, buffered: bool = False
+    ) -> None:
         self.scaled = scaled
         self.flagged = flagged
+        self.buffered = buffered
         if values.is_cuda:
             self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self.host.copy_(values, non_blocking=True)
@@ -76,24 +87,32 @@ class _Block:
         else:
             self.host, self.done = values, None
 
-    def read(self) -> list[tuple[float, float, float]]:
-        """``(loss, scale, flag)`` per step; scale 1.0 without a GradScaler, flag 0.0 unguarded."""
+    def read(self) -> list[tuple[float, float, float, float]]:
+        """``(loss, scale, flag, buffers)`` per step; scale 1.0 without a GradScaler, flags 0.0
+        where not checked."""
         if self.done is not None:
             self.done.synchronize()
         values = self.host.tolist()
-        n = len(values) // (1 + self.scaled + self.flagged)
-        losses = values[:n]
-        scales = values[n : 2 * n] if self.scaled else [1.0] * n
-        flags = values[len(values) - n :] if self.flagged else [0.0] * n
-        return list(zip(losses, scales, flags, strict=True))
+        n = len(values) // (1 + self.scaled + self.flagged + self.buffered)
+        columns = iter(values[i : i + n] for i in range(0, len(values), n))
+        losses = next(columns)
+        scales = next(columns) if self.scaled else [1.0] * n
+        flags = next(columns) if self.flagged else [0.0] * n
+        buffers = next(columns) if self.buffered else [0.0] * n
+        return list(zip(losses, scales, flags, buffers, strict=True))
 
     @classmethod
     def from_rows(cls, rows: list[list[float]]) -> "_Block":
-        """A block on the CPU from ``[[loss, scale, flag], ...]`` (a checkpoint's form; rows of
-        older checkpoints have no flag)."""
-        rows = [[*row, 0.0][:3] for row in rows]
+        """A block on the CPU from ``[[loss, scale, flag, buffers], ...]`` (a checkpoint's
+        form; rows of older checkpoints lack the last values)."""
+        rows = [_padded(row) for row in rows]
         columns = [v for column in zip(*rows, strict=True) for v in column]
-        return cls(torch.tensor(columns), scaled=True, flagged=True)
+        return cls(torch.tensor(columns), scaled=True, flagged=True, buffered=True)
+
+
+def _padded(row: list[float]) -> list[float]:
+    """A saved ``[loss, scale, flag, buffers]`` row, zeros for what older versions lack."""
+    return [*row, 0.0, 0.0][:4]
 
 
 class LossFeed:
@@ -125,6 +144,7 @@ class LossFeed:
         self._micro_count = 0
         self._last_loss: Tensor | None = None  # its device is where a loss-less step's NaN goes
         self._rows: list[_Row] = []
+        self._closed = 0  # steps closed so far: blocks end at its multiples, also after a flush
         self._mixed_devices = False  # rows may sit on several devices (see _stack)
         self._restored_rows = 0  # the first open rows came from a checkpoint, averaged already
         self._constants: dict[tuple[torch.device, float], Tensor] = {}
@@ -143,12 +163,16 @@ class LossFeed:
         self._micro_count += 1
 
     def close_step(
-        self, loss_scale: Tensor | None = None, update_skipped: Tensor | None = None
+        self,
+        loss_scale: Tensor | None = None,
+        update_skipped: Tensor | None = None,
+        buffers_nonfinite: Tensor | None = None,
     ) -> list[StepLoss]:
         """End the current optimizer step; return the steps whose readback is now due.
 
         ``update_skipped``: the guard's flag for this step (a 0-d tensor, 1.0: the
-        update was not applied). Per step this only keeps references (and copies the scale,
+        update was not applied); ``buffers_nonfinite``: likewise, 1.0 when a buffer holds a
+        NaN/inf after the step. Per step this only keeps references (and copies the scale,
         which GradScaler updates in place); the tensor work happens once per block, in
         :meth:`_stack`.
         """
@@ -162,16 +186,19 @@ class LossFeed:
             loss = loss * (self.accumulate / self._micro_count)
         self._micro, self._micro_count = None, 0
         scale = None if loss_scale is None else loss_scale.reshape(()).clone()
-        self._rows.append(_Row(loss, scale, update_skipped))
-        if len(self._rows) < self.readback_every:
+        self._rows.append(_Row(loss, scale, update_skipped, buffers_nonfinite))
+        self._closed += 1
+        if self._closed % self.readback_every:
             return []
         self._send_block()
         return self._read(self._in_flight.popleft()) if len(self._in_flight) > 1 else []
 
     def flush(self) -> list[StepLoss]:
         """Everything not yet handed out, oldest first: the blocks in flight and the closed
-        steps of the open block (at the end of training, when nothing is left to wait for).
-        The open block goes through ``reduce`` like any other, so every rank must flush."""
+        steps of the open block (at the end of training or before a checkpoint). The open block
+        goes through ``reduce`` like any other, so every rank must flush. Blocks go on ending
+        where they would have (every ``readback_every`` closed steps), so a flush changes when
+        the flushed losses are read, and nothing after them."""
         self._micro, self._micro_count = None, 0  # of a step that never reached its update
         if self._rows:
             self._send_block()
@@ -182,26 +209,29 @@ class LossFeed:
 
     def _send_block(self) -> None:
         """Stack the open rows, reduce them across ranks and start their copy to the host."""
-        values, scaled, flagged = self._reduced(*self._stack())
+        values, *kinds = self._reduced(*self._stack())
         self._rows = []
         self._restored_rows = 0
-        self._in_flight.append(_Block(values, scaled, flagged))
+        self._in_flight.append(_Block(values, *kinds))
 
-    def _reduced(self, values: Tensor, scaled: bool, flagged: bool) -> tuple[Tensor, bool, bool]:
+    def _reduced(self, values: Tensor, *kinds: bool) -> tuple[Tensor, bool, bool, bool]:
         """``values`` averaged across ranks, except the rows restored from a checkpoint: those
-        were saved averaged already (a second mean could differ in the last bit)."""
+        were saved averaged already (a second mean could differ in the last bit). ``kinds``:
+        which columns besides the losses there are (scaled, flagged, buffered)."""
+        scaled, flagged, buffered = kinds
         if self.reduce is None:
-            return values, scaled, flagged
+            return values, scaled, flagged, buffered
         if not self._restored_rows:
-            return self.reduce(values), scaled, flagged
+            return self.reduce(values), scaled, flagged, buffered
         reduced = self.reduce(values.clone())  # a reduce may work in place
-        n = len(values) // (1 + scaled + flagged)
+        columns = 1 + scaled + flagged + buffered
+        n = len(values) // columns
         keep = torch.zeros(len(values), dtype=torch.bool)
-        for column in range(1 + scaled + flagged):
+        for column in range(columns):
             keep[column * n : column * n + self._restored_rows] = True
-        return torch.where(keep.to(values.device), values, reduced), scaled, flagged
+        return torch.where(keep.to(values.device), values, reduced), scaled, flagged, buffered
 
-    def _stack(self) -> tuple[Tensor, bool, bool]:
+    def _stack(self) -> tuple[Tensor, bool, bool, bool]:
         """The open rows as one flat float32 tensor on one device (see :class:`_Block`)."""
         rows = self._rows
         if self._mixed_devices:  # restored from a checkpoint, or NaN rows before any loss
@@ -210,14 +240,17 @@ class LossFeed:
             self._rows = rows
             self._mixed_devices = self.device is None  # later rows may come from elsewhere
         columns = [row.loss for row in rows]
-        scaled = flagged = False
+        scaled = flagged = buffered = False
         if any(row.scale is not None for row in rows):
             scaled = True
             columns += [self._or_constant(row.scale, row.loss, 1.0) for row in rows]
         if any(row.flag is not None for row in rows):
             flagged = True
             columns += [self._or_constant(row.flag, row.loss, 0.0) for row in rows]
-        return torch.stack(columns).float(), scaled, flagged
+        if any(row.buffers is not None for row in rows):
+            buffered = True
+            columns += [self._or_constant(row.buffers, row.loss, 0.0) for row in rows]
+        return torch.stack(columns).float(), scaled, flagged, buffered
 
     def _or_constant(self, value: Tensor | None, beside: Tensor, default: float) -> Tensor:
         """``value``, or a cached 0-d ``default`` on ``beside``'s device when it is ``None``."""
@@ -230,15 +263,17 @@ class LossFeed:
 
     def _read(self, block: _Block) -> list[StepLoss]:
         out = []
-        for loss, scale, flag in block.read():
+        for loss, scale, flag, buffers in block.read():
             if math.isnan(scale):  # a step without a loss (on some rank): not counted
-                out.append(StepLoss(loss, True, False, True))
+                out.append(StepLoss(loss, True, False, True, buffers > 0))
                 continue
             dropped = scale < self._last_scale  # GradScaler skipped the update
-            if dropped and not math.isfinite(loss):  # a NaN/inf loss, not a scale overflow:
-                out.append(StepLoss(loss, False, True))  # a counted, skipped step, as guarded
+            # a NaN/inf loss, or gradients that overflow even unscaled (the scale was at most
+            # 1 already): not calibration but a non-finite step, counted and skipped as guarded
+            if dropped and (not math.isfinite(loss) or self._last_scale <= 1.0):
+                out.append(StepLoss(loss, False, True, False, buffers > 0))
             else:
-                out.append(StepLoss(loss, dropped, flag > 0 and not dropped))
+                out.append(StepLoss(loss, dropped, flag > 0 and not dropped, False, buffers > 0))
             self._last_scale = scale
         return out
 
@@ -253,13 +288,15 @@ class LossFeed:
             "in_flight": [[list(row) for row in block.read()] for block in self._in_flight],
             "rows": [list(row) for row in rows],
             "last_scale": self._last_scale,
+            "closed": self._closed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (as CPU tensors; moved on next use)."""
         self._micro, self._micro_count = None, 0
         self._in_flight = deque(_Block.from_rows(rows) for rows in state["in_flight"])
-        self._rows = [_Row(*(torch.tensor(v) for v in [*row, 0.0][:3])) for row in state["rows"]]
+        self._rows = [_Row(*(torch.tensor(v) for v in _padded(row))) for row in state["rows"]]
         self._mixed_devices = bool(self._rows)
         self._restored_rows = len(self._rows)
         self._last_scale = state["last_scale"]
+        self._closed = state.get("closed", len(self._rows))

@@ -6,7 +6,8 @@ allocated on the first capture and reused after that. ``location="cpu"`` keeps
 them in host memory (pinned when the source is on CUDA, so the copy does not
 block the host); ``"device"`` keeps them beside the source (fast, costs device
 memory). :meth:`Snapshot.restore` copies back *in place*, so optimizers keep
-referring to the same parameter tensors.
+referring to the same parameter tensors; ``extra`` tensors (GradScaler's scale) travel along.
+:meth:`Snapshot.repair_buffers` puts back only the NaN/inf entries of the module's buffers.
 
 Memory: one extra copy of the weights, the buffers and the optimizer state (for
 Adam about three times the weights) per snapshot; :attr:`Snapshot.nbytes` says
@@ -15,7 +16,7 @@ FSDP), never with ``state_dict()``, which may gather across ranks.
 """
 
 import copy
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -66,31 +67,47 @@ class Snapshot:
         self._buffers: list[Tensor] = []
         self._layout: list[tuple[torch.Size, torch.dtype, torch.device]] = []
         """Of the sources the buffers were made for: reused while it matches."""
+        self._nbytes = 0  # of the buffers, counted when they are made
+        self._on_cuda = False  # some source is on CUDA: the copy is waited for before a restore
         self._module_count = 0
+        self._param_count = 0
+        self._extra_count = 0
         self._optimizers: list[_SavedOptimizer] = []
         self._copied: torch.cuda.Event | None = None
 
     @property
     def nbytes(self) -> int:
         """Memory the copy holds, in bytes."""
-        return sum(b.numel() * b.element_size() for b in self._buffers)
+        return self._nbytes
 
     @torch.no_grad()
-    def capture(self, module: nn.Module, optimizers: list[Optimizer], step: int) -> bool:
-        """Copy ``module``'s parameters and buffers and ``optimizers``' state, reusing buffers.
-        ``False`` (nothing copied) while a lazy module has not materialized its tensors yet."""
+    def capture(
+        self,
+        module: nn.Module,
+        optimizers: list[Optimizer],
+        step: int,
+        extra: Sequence[Tensor] = (),
+    ) -> bool:
+        """Copy ``module``'s parameters and buffers, ``extra`` and ``optimizers``' state, reusing
+        buffers. ``False`` (nothing copied) while a lazy module has not materialized its tensors
+        yet."""
         sources = _module_tensors(module)
         if any(is_lazy(t) for t in sources):
             return False
         self._module_count = len(sources)
+        self._param_count = len(list(module.parameters()))
+        sources += extra
+        self._extra_count = len(extra)
         self._optimizers = [_save_optimizer(opt, sources) for opt in optimizers]
         layout = [(t.shape, t.dtype, t.device) for t in sources]
         if layout != self._layout:
             self._buffers = [self._new_buffer(t) for t in sources]
             self._layout = layout
+            self._nbytes = sum(b.numel() * b.element_size() for b in self._buffers)
+            self._on_cuda = any(device.type == "cuda" for _, _, device in layout)
         if sources:
             torch._foreach_copy_(self._buffers, sources, non_blocking=True)
-        if any(device.type == "cuda" for _, _, device in layout):
+        if self._on_cuda:
             self._copied = torch.cuda.Event()
             self._copied.record()
         self.step = step
@@ -102,10 +119,12 @@ class Snapshot:
         module: nn.Module,
         optimizers: list[Optimizer],
         keep_settings_of: Collection[Optimizer] = (),
+        extra: Sequence[Tensor] = (),
     ) -> None:
-        """Put the copied values back into the same module and optimizers; the param-group
-        settings (LR, momentum, ...) of ``keep_settings_of`` stay as they are (an LR scheduler
-        that is not rolled back owns them)."""
+        """Put the copied values back into the same module, ``extra`` tensors (when as many were
+        captured) and optimizers; the param-group settings (LR, momentum, ...) of
+        ``keep_settings_of`` stay as they are (an LR scheduler that is not rolled back owns
+        them)."""
         if self.step is None:
             raise ValueError("restore() of an empty snapshot: capture() first")
         tensors = _module_tensors(module)
@@ -113,6 +132,8 @@ class Snapshot:
             raise ValueError("restore() into a module or optimizers other than the captured ones")
         if self._copied is not None:
             self._copied.synchronize()  # rare (a rollback): the host copy must be complete
+        if len(extra) == self._extra_count:
+            tensors += extra
         for live, buffer in zip(tensors, self._buffers, strict=False):
             live.copy_(buffer, non_blocking=True)
         for optimizer, saved_opt in zip(optimizers, self._optimizers, strict=True):
@@ -128,6 +149,28 @@ class Snapshot:
                 optimizer.state[param] = {
                     key: self._put_back(live_state.get(key), value) for key, value in state.items()
                 }
+
+    @torch.no_grad()
+    def repair_buffers(self, module: nn.Module) -> int:
+        """Replace the NaN/inf entries of ``module``'s floating-point buffers with the copied
+        values (a rare path: reads on the host); returns how many buffers had any."""
+        if self.step is None:
+            raise ValueError("repair_buffers() of an empty snapshot: capture() first")
+        buffers = list(module.buffers())
+        if self._param_count + len(buffers) != self._module_count:
+            raise ValueError("repair_buffers() into a module other than the captured one")
+        if self._copied is not None:
+            self._copied.synchronize()
+        saved = self._buffers[self._param_count : self._module_count]
+        repaired = 0
+        for live, copy_ in zip(buffers, saved, strict=True):
+            if not live.is_floating_point():
+                continue
+            bad = ~torch.isfinite(live)
+            if bool(bad.any()):
+                live.copy_(torch.where(bad, copy_.to(live.device), live))
+                repaired += 1
+        return repaired
 
     # ------------------------------------------------------------------ internals
     def _new_buffer(self, source: Tensor) -> Tensor:

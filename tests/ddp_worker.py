@@ -1,25 +1,31 @@
 """A two-process DDP fit on CPU (gloo) with the surgeon; run by ``tests/test_ddp.py``.
 
 Usage: ``python tests/ddp_worker.py OUT_DIR [--steps N] [--spike-step S] [--spike-rank R]
-[--nan-step S]``.
+[--nan-step S] [--batchnorm] [--nan-input-step S]``.
 Needs ``MASTER_ADDR``/``MASTER_PORT`` in the environment and ``surgeon`` importable.
 
 Lightning's ``ddp`` strategy re-runs this script for rank 1 (``_SubprocessScriptLauncher``),
 so both ranks execute everything below. Each rank sees its own half of the data
 (``DistributedSampler``), so the local losses differ; at ``--spike-step`` the loss of
 ``--spike-rank`` alone is multiplied by ``--spike-factor``, and at ``--nan-step`` the loss
-of that rank alone is multiplied by NaN. Each rank writes ``OUT_DIR/rank{r}.json``:
+of that rank alone is multiplied by NaN; with ``--batchnorm`` the model has a BatchNorm layer,
+and at ``--nan-input-step`` one input value of that rank alone is NaN (its running statistics
+go NaN in the forward pass). Each rank writes ``OUT_DIR/rank{r}.json``:
 
 * ``lrs``: ``[step, lr]`` per ``training_step``, the LR read inside ``training_step``;
 * ``losses``: ``[step, loss]``, the rank's *local* loss (before DDP averaging);
 * ``events``: ``[step, kind]`` of every surgeon decision, in order;
 * ``controller``: the controller's ``state_dict()`` at the end, as JSON text
   (``sort_keys``; compared as text so NaN and the float repr are compared exactly);
-* ``collectives``: ``[hook, global_step, [names]]`` for every per-step hook call of the
-  surgeon that called a ``torch.distributed`` collective (see :class:`CountingSurgeon`);
+* ``collectives``: ``[hook, global_step, [[name, numel], ...]]`` for every per-step hook call
+  of the surgeon that called a ``torch.distributed`` collective (see :class:`CountingSurgeon`;
+  ``numel``: the size of the tensor it was given);
 * ``weights``: the final parameters, flattened; ``nan_step_changed_weights``: whether the
   parameters at the start of ``--nan-step + 1`` differ from those at the start of
-  ``--nan-step`` (the guard must have skipped that update).
+  ``--nan-step`` (the guard must have skipped that update);
+* ``buffers_finite``: whether every floating-point buffer is finite at the end;
+  ``eval_loss``: the mean squared error of the final model over the whole data set, in eval
+  mode.
 """
 
 import argparse
@@ -54,15 +60,17 @@ COLLECTIVES = (
 
 
 @contextmanager
-def count_collectives() -> Iterator[list[str]]:
-    """Yield a list that fills with the name of each ``torch.distributed`` collective called."""
-    seen: list[str] = []
+def count_collectives() -> Iterator[list[list[Any]]]:
+    """Yield a list that fills with ``[name, numel]`` for each ``torch.distributed`` collective
+    called (``numel``: of its tensor argument, ``None`` without one)."""
+    seen: list[list[Any]] = []
     originals = {name: getattr(dist, name) for name in COLLECTIVES}
 
     def counted(name: str, fn: Any) -> Any:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            seen.append(name)
+            tensor = args[0] if args and isinstance(args[0], Tensor) else None
+            seen.append([name, None if tensor is None else tensor.numel()])
             return fn(*args, **kwargs)
 
         return wrapper
@@ -112,13 +120,21 @@ class Regressor(pl.LightningModule):
     """A two-layer MLP on a fixed linear-regression task, recording the LR it trains with."""
 
     def __init__(
-        self, spike_step: int, spike_rank: int, spike_factor: float, nan_step: int
+        self,
+        spike_step: int,
+        spike_rank: int,
+        spike_factor: float,
+        nan_step: int,
+        batchnorm: bool = False,
+        nan_input_step: int = -1,
     ) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, 1))
+        norm = [nn.BatchNorm1d(16)] if batchnorm else []
+        self.net = nn.Sequential(nn.Linear(FEATURES, 16), *norm, nn.Tanh(), nn.Linear(16, 1))
         self.spike_step, self.spike_rank, self.spike_factor = spike_step, spike_rank, spike_factor
         self.nan_step = nan_step
+        self.nan_input_step = nan_input_step
         self.around_nan: list[Tensor] = []  # weights at the start of nan_step and the step after
         self.lrs: list[list[float]] = []
         self.losses: list[Tensor] = []
@@ -133,6 +149,9 @@ class Regressor(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         self.lrs.append([self.global_step, self.optimizers().param_groups[0]["lr"]])
         x, y = batch
+        if self.global_step == self.nan_input_step and self.global_rank == self.spike_rank:
+            x = x.clone()
+            x[0, 0] = float("nan")
         loss = nn.functional.mse_loss(self.net(x), y)
         if self.global_step == self.spike_step and self.global_rank == self.spike_rank:
             loss = loss * self.spike_factor
@@ -159,10 +178,19 @@ def main() -> None:
     parser.add_argument("--spike-factor", type=float, default=20.0)
     parser.add_argument("--nan-step", type=int, default=-1)
     parser.add_argument("--readback-every", type=int, default=4)
+    parser.add_argument("--batchnorm", action="store_true")
+    parser.add_argument("--nan-input-step", type=int, default=-1)
     args = parser.parse_args()
 
     surgeon = CountingSurgeon(readback_every=args.readback_every)
-    model = Regressor(args.spike_step, args.spike_rank, args.spike_factor, args.nan_step)
+    model = Regressor(
+        args.spike_step,
+        args.spike_rank,
+        args.spike_factor,
+        args.nan_step,
+        args.batchnorm,
+        args.nan_input_step,
+    )
     trainer = pl.Trainer(
         strategy="ddp",
         accelerator="cpu",
@@ -178,6 +206,11 @@ def main() -> None:
         log_every_n_steps=1,
     )
     trainer.fit(model, make_loader(batches=32))
+    data = make_loader(batches=32)
+    model.eval()
+    with torch.no_grad():
+        x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+        eval_loss = nn.functional.mse_loss(model.net(x), y).item()
 
     assert surgeon.controller is not None
     record = {
@@ -195,6 +228,10 @@ def main() -> None:
             len(model.around_nan) == 2 and not torch.equal(*model.around_nan)
         ),
         "controller": json.dumps(surgeon.controller.state_dict(), sort_keys=True),
+        "buffers_finite": all(
+            bool(torch.isfinite(b).all()) for b in model.buffers() if b.is_floating_point()
+        ),
+        "eval_loss": eval_loss,
     }
     path = args.out_dir / f"rank{trainer.global_rank}.json"
     path.write_text(json.dumps(record))

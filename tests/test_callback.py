@@ -393,8 +393,8 @@ def test_resume_with_a_longer_run_replans_the_rest_from_where_it_is(
 ) -> None:
     """A run planned for 60 steps, resumed from its step-30 checkpoint with ``max_steps=120``:
     a ``replan`` event, the LR carries on from the checkpoint's (no jump), and the decay now
-    ends at step 120."""
-    surgeon_args = {"min_warmup": 4, "max_warmup": 8}
+    ends at step 120 (no plateau cuts: ``plateau_patience`` is the whole run)."""
+    surgeon_args = {"min_warmup": 4, "max_warmup": 8, "plateau_patience": 1.0}
     ckpt = ModelCheckpoint(tmp_path / "a", "{step}", every_n_train_steps=30, save_top_k=-1)
     cb_a, model_a = ScheduleSurgeon(**surgeon_args), TinyRegressor()
     trainer = make_trainer([cb_a, ckpt], max_steps=60, enable_checkpointing=True)
@@ -571,6 +571,7 @@ def test_constructor_defaults_match_the_config_defaults() -> None:
         "readback_every",
         "leave_scheduled_optimizers",
         "skip_nonfinite",
+        "grad_check_every",
         "snapshot",
     }
     assert set(params) - own == set(config_fields)

@@ -10,13 +10,14 @@ run. ``Trace.lrs[n]`` is the multiplier step ``n`` trained with.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from streams import ema_drops, noisy, settled
 
+from surgeon import schedules
 from surgeon.config import SurgeonConfig
 from surgeon.controller import Controller, Event, EventKind, Phase
 
@@ -487,12 +489,15 @@ class TestEvents:
         total = 2000
         controller = Controller(total, BUSY_CONFIG)
         trace = drive(controller, busy_stream(total, seed=9))  # drive() checks the scales
-        # the others need the callback (peak_lr) or its guard and snapshots (TestRollback)
+        # the others need the callback (peak_lr) or its guard and snapshots (TestRollback),
+        # or a long non-finite stretch (stalled: TestRollback)
         caller_driven = {
             EventKind.PEAK_LR,
             EventKind.SKIPPED_STEP,
             EventKind.ROLLBACK,
             EventKind.REPLAN,
+            EventKind.BUFFERS_RESTORED,
+            EventKind.STALLED,
         }
         assert set(trace.all_kinds()) == set(EventKind) - caller_driven
         assert controller.events == trace.events
@@ -881,6 +886,64 @@ class TestReplan:
         resumed.load_state_dict(self.saved_at(200, 100), next_step=106)  # 6 losses in flight
         assert resumed.events[-1].step == 106 and resumed.step == 100
 
+    WSD = SurgeonConfig(warmup=10, plateau_patience=10_000)  # hold to 838, decay to 1000
+
+    def resumed_with(self, at: int, **changes: Any) -> tuple[Controller, Controller]:
+        """The run saved at ``at`` and resumed with ``changes``, and the original going on."""
+        original = Controller(1000, self.WSD)
+        drive(original, [1.0] * at)
+        resumed = Controller(1000, dataclasses.replace(self.WSD, **changes))
+        resumed.load_state_dict(original.state_dict(), saved_settings=asdict(self.WSD))
+        return original, resumed
+
+    def test_a_new_floor_keeps_the_plan_before_its_decay_and_ends_there(self) -> None:
+        original, resumed = self.resumed_with(500, min_lr_ratio=0.01)
+        (replan,) = resumed.events[-1:]
+        assert "min_lr_ratio=0.01 instead of 0.1" in replan.reason
+        assert replan.scale_before == replan.scale_after == 1.0
+        for step in (500, 837, 838, 900, 999):  # the same hold and decay steps, a new floor
+            expected = 0.01 + (original.lr_scale(step) - 0.1) * 0.99 / 0.9
+            assert resumed.lr_scale(step) == pytest.approx(expected, rel=1e-12)
+
+    def test_a_new_floor_during_the_decay_goes_on_from_the_current_lr(self) -> None:
+        original, resumed = self.resumed_with(900, min_lr_ratio=0.01)
+        assert resumed.lr_scale(900) == pytest.approx(original.lr_scale(900), rel=1e-12)
+        lrs = [resumed.lr_scale(t) for t in range(900, 1001)]
+        assert non_increasing(lrs) and lrs[-1] == pytest.approx(0.01)
+
+    @pytest.mark.parametrize("at", [500, 900])
+    def test_a_new_shape_is_re_planned_from_the_current_lr(self, at: int) -> None:
+        original, resumed = self.resumed_with(at, decay="cosine")
+        assert "decay='cosine' instead of 'wsd'" in resumed.events[-1].reason
+        level = original.lr_scale(at)
+        curve = schedules.decay_shape("cosine", level, 0.1, 1000 - at)
+        for step in range(at, 1001, 25):
+            assert resumed.lr_scale(step) == pytest.approx(curve(step - at), rel=1e-9)
+
+    def test_other_settings_take_effect_without_a_new_plan(self) -> None:
+        original, resumed = self.resumed_with(500, spike_zscore=4.0, max_warmup=20)
+        reason = resumed.events[-1].reason
+        assert "spike_zscore in effect from here" in reason
+        assert "warmup is over" in reason
+        assert resumed.spike.zscore == 4.0
+        assert [resumed.lr_scale(t) for t in range(500, 1001, 50)] == [
+            original.lr_scale(t) for t in range(500, 1001, 50)
+        ]
+
+    @pytest.mark.parametrize("at", [0, 20, 400, 1200])
+    def test_start_at_counts_the_steps_done(self, at: int) -> None:
+        controller = Controller(1000, SurgeonConfig(max_warmup=50, plateau_patience=10_000))
+        (event,) = controller.start_at(at), *()
+        assert event.kind is EventKind.REPLAN and f"the {at} steps already done count" in (
+            event.reason
+        )
+        assert controller.step == at and controller.lr_scale(at) == (1.0 if at < 1000 else 0.1)
+        trace = drive(controller, [1.0] * max(0, 1000 - at))
+        assert controller.phase is Phase.DONE
+        assert not trace.lrs or (trace.lrs[0] == 1.0 and non_increasing(trace.lrs))
+        with pytest.raises(ValueError, match="has run"):
+            controller.start_at(5)
+
 
 class TestProperties:
     @PROPERTY_SETTINGS
@@ -1069,3 +1132,69 @@ class TestRollback:
         for loss in [losses[at + 1] * 100, *losses[at + 2 : at + 8]]:  # in flight, then normal
             assert restored.update(loss) == original.update(loss)
         assert restored.events == original.events
+
+    def test_a_rollback_never_goes_back_more_than_two_snapshot_intervals(self) -> None:
+        """The only good snapshot is old (the caller took no other): a NaN streak skips and
+        cuts instead of travelling back, and says why."""
+        controller = Controller(1000, SurgeonConfig(warmup=50), lag=8)
+        assert controller.max_undone_steps == 2 * 10 + 8
+        losses = calm(1000, seed=9)
+        controller.snapshot_taken(0, SNAPSHOT_BYTES)
+        drive(controller, losses[:300])
+        assert controller.good_snapshot_step == 0
+        events = drive(controller, [math.nan] * 3).events
+        assert controller.rollback_to is None
+        assert "no rollback: the last good snapshot (step 0) is 302 steps back" in (
+            events[-1].reason
+        )
+
+    def test_no_second_rollback_to_a_snapshot_before_the_loss_was_normal_again(self) -> None:
+        controller = Controller(1000, SurgeonConfig(warmup=50))
+        losses = calm(1000, seed=10)
+        losses[400:406] = [math.nan] * 6  # the second three arrive after the rollback
+        losses[500:503] = [math.nan] * 3  # later, after normal losses: rolls back again
+        assert drive_with_snapshots(controller, losses) == [(403, 390), (503, 490)]
+        refused = [e for e in controller.events if "would repeat it" in e.reason]
+        assert [e.step for e in refused] == [405]
+        assert controller.rolled_back_to is None  # normal again by the end
+
+    def test_a_spike_that_stays_after_a_rollback_is_a_new_baseline(self) -> None:
+        """+10 on the loss (~1.9) from step 300 on: one rollback, then the level it stays at is
+        the running mean: no second rollback, the LR recovers."""
+        controller = Controller(1000, SurgeonConfig(warmup=50))
+        losses = [x + (10.0 if t >= 300 else 0.0) for t, x in enumerate(calm(1000, seed=11))]
+        assert drive_with_snapshots(controller, losses, lag=5) == [(306, 290)]
+        spikes = [e for e in controller.events if e.kind is EventKind.SPIKE]
+        assert len(spikes) == 2 and "a lasting level shift, not damage" in spikes[1].reason
+        assert spikes[1].step == 306  # the first loss of the restored weights
+        assert controller.spike.mean == pytest.approx(losses[-1], rel=0.05)
+        assert EventKind.RECOVERED in [e.kind for e in controller.events if e.step > 306]
+
+    def test_a_long_non_finite_stretch_with_nothing_to_go_back_to_stalls(self) -> None:
+        controller = Controller(1000, SurgeonConfig(warmup=50))
+        drive(controller, [math.nan] * 25)
+        (stalled,) = [e for e in controller.events if e.kind is EventKind.STALLED]
+        assert stalled.step == 2 * controller.snapshot_every - 1 and controller.stalled
+        assert "20 non-finite steps in a row (steps 0 to 19" in stalled.reason
+        assert "no good snapshot yet" in stalled.reason
+
+    def test_snapshots_go_on_while_the_lr_is_cut(self) -> None:
+        controller = Controller(1000, SurgeonConfig(warmup=50))
+        losses = calm(1000, seed=12)
+        for t in range(100, 1000, 25):  # the LR is held or recovering nearly all the time
+            losses[t] = math.nan
+        drive_with_snapshots(controller, losses)
+        assert controller.good_snapshot_step is not None and controller.good_snapshot_step >= 980
+
+    def test_a_checkpoint_after_applied_non_finite_updates_rolls_back_first(self) -> None:
+        controller = Controller(1000, SurgeonConfig(warmup=50))
+        losses = calm(1000, seed=13)
+        drive_with_snapshots(controller, losses[:300])
+        controller.update(math.nan)  # applied (unguarded): the weights are suspect
+        controller.before_checkpoint()
+        assert controller.rollback_to == 290
+        skipped = Controller(1000, SurgeonConfig(warmup=50))
+        drive_with_snapshots(skipped, losses[:300])
+        skipped.update(math.nan, update_skipped=True)  # skipped: the weights are fine
+        skipped.before_checkpoint()
+        assert skipped.rollback_to is None

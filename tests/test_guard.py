@@ -13,8 +13,11 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TinyRegressor, make_loader
 from torch import Tensor, nn
 
+from surgeon import ScheduleSurgeon
+from surgeon.controller import EventKind
 from surgeon.guard import NonFiniteGuard, mechanism_for
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
@@ -283,3 +286,103 @@ def test_fused_sgd_without_momentum_stays_on_the_sync_free_path() -> None:
         assert hasattr(optimizer, "found_inf")  # armed: nothing read on the host
         optimizer.step()
         guard.release()
+
+
+# ---------------------------------------------------------------------------- sampled gradients
+def test_on_the_cpu_gradients_are_checked_every_nth_step_and_losses_every_step() -> None:
+    """``grad_check_every=4``: steps 0, 4, 8 read every gradient; the others read the loss
+    alone. A NaN loss is skipped on any step, a NaN gradient with a finite loss only on a
+    checked one (elsewhere it is applied: the gap a rollback closes, tested below)."""
+    guard = NonFiniteGuard("auto", grad_check_every=4)
+    plan = {1: "loss-nan", 2: "grad-nan", 4: "grad-nan", 6: "grad-inf", 8: "grad-inf"}
+    skipped, changed, optimizers = [], [], []
+    for step in range(9):
+        torch.manual_seed(0)  # finite weights again each step: the steps are independent
+        model = nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        optimizers.append(optimizer)  # alive: a new one each step, the same guard's count goes on
+        assert guard.mechanism(optimizer) == "host"
+        before = snapshot(model, optimizer)
+        if guarded_step(model, optimizer, guard, plan.get(step)).item() == 1.0:
+            skipped.append(step)
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            changed.append(step)
+        assert not same(snapshot(model, optimizer), before) or step in skipped
+    assert skipped == [1, 4, 8]
+    assert changed == [2, 6]  # applied: the weights went non-finite
+
+
+@pytest.mark.parametrize("where", ["fused", "no-losses", "reduced"])
+def test_the_gradients_are_checked_every_step_where_the_loss_is_not_read_on_the_host(
+    where: str,
+) -> None:
+    """Sampling needs the loss read on the host every step: a fused optimizer (``found_inf``,
+    no read), DDP (``check_losses=False``: the gradients carry every rank's loss) and a flag
+    reduced across ranks get every gradient checked on every step."""
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=where == "fused")
+    guard = NonFiniteGuard(
+        "auto",
+        reduce_max=(lambda flag: None) if where == "reduced" else None,
+        check_losses=where != "no-losses",
+        grad_check_every=8,
+    )
+    guarded_step(model, optimizer, guard)  # step 0 (state exists from here)
+    before = snapshot(model, optimizer)
+    assert guarded_step(model, optimizer, guard, "grad-nan").item() == 1.0  # step 1: checked
+    assert same(snapshot(model, optimizer), before)
+
+
+def test_bad_grad_check_every_names_the_field() -> None:
+    with pytest.raises(ValueError, match=r"grad_check_every must be an integer >= 1.*=0"):
+        NonFiniteGuard("auto", grad_check_every=0)
+
+
+class GradPoisoner(TinyRegressor):
+    """Plants a NaN in one gradient at ``bad_step`` while the loss stays finite."""
+
+    def __init__(self, bad_step: int) -> None:
+        super().__init__()
+        self.bad_step = bad_step
+
+    def on_after_backward(self) -> None:
+        if self.global_step == self.bad_step:
+            self.net[0].weight.grad[0, 0] = math.nan
+
+
+def events_at(surgeon: ScheduleSurgeon, step: int) -> list[EventKind]:
+    return [e.kind for e in surgeon.events if e.step == step]
+
+
+def test_a_nan_gradient_on_an_unchecked_step_is_rolled_back(make_trainer: Callable) -> None:
+    """``grad_check_every=8`` (gradients every 8th step on the CPU): a NaN gradient with a
+    finite loss at step 30 is applied; the three NaN losses after it are skipped, then the last
+    good snapshot is restored. The fit ends with finite weights that kept training."""
+    surgeon = ScheduleSurgeon(grad_check_every=8)
+    model = GradPoisoner(bad_step=30)
+    make_trainer([surgeon], max_steps=80).fit(model, make_loader())
+    assert events_at(surgeon, 30) == []  # not seen: its update was applied
+    for step in (31, 32, 33):
+        assert events_at(surgeon, step)[:2] == [EventKind.NONFINITE, EventKind.SKIPPED_STEP]
+    rollback = next(e for e in surgeon.events if e.kind is EventKind.ROLLBACK)
+    assert rollback.step == 33 and "3 non-finite steps in a row" in rollback.reason
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert math.isfinite(model.records[-1]["loss"]) and model.records[-1]["loss"] < 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "bad_step"),
+    [({}, 32), ({"snapshot": "off"}, 30)],
+    ids=["checked-step", "no-snapshots-every-step"],
+)
+def test_a_nan_gradient_on_a_checked_step_is_skipped(
+    make_trainer: Callable, kwargs: dict[str, Any], bad_step: int
+) -> None:
+    """Step 32 is a checked step; without snapshots (no rollback to repair a miss) every step
+    is, step 30 included: the update is skipped, nothing is rolled back."""
+    surgeon = ScheduleSurgeon(**kwargs)
+    model = GradPoisoner(bad_step=bad_step)
+    make_trainer([surgeon], max_steps=60).fit(model, make_loader())
+    assert events_at(surgeon, bad_step) == [EventKind.NONFINITE, EventKind.SKIPPED_STEP]
+    assert EventKind.ROLLBACK not in [e.kind for e in surgeon.events]
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -63,7 +63,7 @@ from surgeon import ScheduleSurgeon
 from surgeon.loss_feed import LossFeed
 
 FLAG_READ = ["Tensor.item", "aten._local_scalar_dense"]
-"""The guard's one read of its flag (``flag.item()``)."""
+"""The guard's one read of its flag, or of the loss (``.item()``)."""
 
 MAX_SYNCS_PER_READBACK = 2
 """Host reads allowed in a readback step's hooks: the block's ``tolist`` (plus slack for one)."""
@@ -244,8 +244,9 @@ def test_hooks_make_no_host_sync_off_readback_steps(
 
 
 def test_the_guard_reads_its_flag_only_where_that_is_free(make_trainer: Callable) -> None:
-    """With a non-fused optimizer on CPU the guard reads its flag once per optimizer step
-    (free on CPU); on CUDA, mode ``auto`` leaves such optimizers unguarded instead."""
+    """With a non-fused optimizer on CPU the guard reads one value per optimizer step (free
+    on CPU): its flag on the steps whose gradients it checks, the loss on the others; on CUDA,
+    mode ``auto`` leaves such optimizers unguarded instead."""
     surgeon = run_counted(make_trainer, readback_every=4, steps=12, fused=False)
     checks = [c for c in surgeon.calls if c.hook == "before_optimizer_step"]
     assert len(checks) == 12

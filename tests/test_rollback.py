@@ -73,6 +73,7 @@ def same(a: list[Tensor], b: list[Tensor]) -> bool:
 def test_a_non_finite_step_is_skipped_and_changes_nothing(
     make_trainer: Callable[..., Any], poison: str, fused: bool
 ) -> None:
+    # every step's gradients (by default every 8th on the CPU: tests/test_guard.py, the others)
     surgeon, recorder = ScheduleSurgeon(), StateRecorder()
     model = poisoned_model(poison, fused)
     trainer = make_trainer([surgeon, recorder], max_steps=60)

@@ -162,3 +162,39 @@ def test_restore_can_leave_an_optimizers_settings_to_its_scheduler() -> None:
     assert optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0] == 0.1 * 0.5**3
     snap.restore(model, [optimizer])  # without: the captured LR comes back
     assert optimizer.param_groups[0]["lr"] == 0.1
+
+
+def test_extra_tensors_travel_with_the_snapshot() -> None:
+    """GradScaler's scale (an extra tensor) comes back with the weights; a restore given another
+    number of extras than were captured leaves them alone."""
+    model = make_model()
+    optimizers = two_optimizers(model)
+    scale = torch.tensor(65536.0)
+    snapshot = Snapshot()
+    snapshot.capture(model, optimizers, step=3, extra=[scale])
+    scale.fill_(0.0625)
+    snapshot.restore(model, optimizers, extra=[])
+    assert scale.item() == 0.0625
+    snapshot.restore(model, optimizers, extra=[scale])
+    assert scale.item() == 65536.0
+
+
+def test_repair_buffers_puts_back_only_the_non_finite_entries() -> None:
+    model = make_model()
+    optimizers = two_optimizers(model)
+    train(model, optimizers, 2)
+    snapshot = Snapshot()
+    snapshot.capture(model, optimizers, step=2)
+    saved_mean = model[1].running_mean.clone()
+    train(model, optimizers, 3)
+    weights = [p.detach().clone() for p in model.parameters()]
+    live_var = model[1].running_var.clone()
+    model[1].running_mean[[0, 5]] = torch.tensor([float("nan"), float("inf")])
+    expected_mean = model[1].running_mean.clone()
+    expected_mean[[0, 5]] = saved_mean[[0, 5]]
+    assert snapshot.repair_buffers(model) == 1  # one buffer had any
+    assert torch.equal(model[1].running_mean, expected_mean)
+    assert torch.equal(model[1].running_var, live_var)  # finite: untouched
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    with pytest.raises(ValueError, match="other than the captured"):
+        snapshot.repair_buffers(nn.Sequential(nn.Linear(4, 8)))

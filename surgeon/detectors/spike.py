@@ -114,6 +114,13 @@ class SpikeDetector:
         self.count += 1
         return Signal.SPIKE if is_spike else None
 
+    def rebase(self, level: float) -> None:
+        """A lasting level shift: the level moves to ``level`` (the window is filled with it; the
+        noise estimate stays), so the losses at the new level are normal from the next one on."""
+        self.recent = deque([level] * max(1, len(self.recent)), maxlen=self.window)
+        self.mean = level
+        self.last_zscore = 0.0
+
     def state_dict(self) -> dict[str, Any]:
         """The changing statistics (not the configuration)."""
         return {

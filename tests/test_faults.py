@@ -1,0 +1,643 @@
+"""Faults a long, expensive run relies on the surgeon to live through: real ``Trainer.fit`` runs
+on CPU (the tiny models of ``conftest``), each fault planted at a known step.
+
+The first part is one test per fault that lost training or corrupted state before (issue 14):
+a lasting level shift, a stale rollback target, non-finite BatchNorm buffers, a checkpoint
+written before the last losses were read, a resume inside a spike's read-back window, a resume
+from a checkpoint saved without the surgeon, param groups added with LR 0 or at scale 0, a
+collapsing GradScaler scale, manual optimization with unequal optimizer steps, a run that can
+make no progress, and settings changed on resume.
+
+The second part is the fault matrix: every fault, old and new, against the same checks on the
+finished run: weights and buffers finite, no rollback undoing more than
+:attr:`Controller.max_undone_steps`, the final loss (on the whole data set, in eval mode) within
+5% of the same configuration's clean run, and under DDP the same decisions on every rank.
+"""
+
+import csv
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import IN_FEATURES, TinyRegressor, make_loader
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from torch import Tensor, nn
+
+from surgeon import ScheduleSurgeon, schedules
+from surgeon.controller import Controller, Event, EventKind
+from surgeon.engine import TrainingStalled
+
+PEAK = 0.05
+"""The tiny model's default LR."""
+
+FaultHook = Callable[[int, int, Tensor], Tensor]
+
+
+# ---------------------------------------------------------------------------- helpers
+def undone_steps(event: Event) -> int:
+    """How many steps a ``rollback`` event says it undid."""
+    match = re.search(r"\((\d+) steps\)$", event.reason)
+    assert match, event.reason
+    return int(match.group(1))
+
+
+def rollback_target(event: Event) -> int:
+    match = re.search(r"restored the snapshot of step (\d+)", event.reason)
+    assert match, event.reason
+    return int(match.group(1))
+
+
+def of_kind(surgeon: ScheduleSurgeon, kind: EventKind) -> list[Event]:
+    return [e for e in surgeon.events if e.kind is kind]
+
+
+def assert_within_bound(surgeon: ScheduleSurgeon) -> None:
+    """No rollback undid more steps than the documented bound."""
+    assert surgeon.controller is not None
+    bound = surgeon.controller.max_undone_steps
+    for event in of_kind(surgeon, EventKind.ROLLBACK):
+        assert undone_steps(event) <= bound, (event.reason, bound)
+
+
+def assert_finite(model: nn.Module) -> None:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            assert torch.isfinite(tensor).all(), f"{name} is not finite"
+
+
+def eval_loss(model: nn.Module, loader: Any = None) -> float:
+    """Mean squared error over the whole data set, in eval mode (BatchNorm's running stats)."""
+    loader = loader if loader is not None else make_loader()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        x = torch.cat([b[0] for b in loader])
+        y = torch.cat([b[1] for b in loader])
+        loss = nn.functional.mse_loss(model.net(x), y).item()
+    model.train(was_training)
+    return loss
+
+
+def at(steps: set[int], fault: Callable[[Tensor], Tensor]) -> FaultHook:
+    """A ``loss_hook`` applying ``fault`` to the loss of the optimizer steps in ``steps``."""
+
+    def hook(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        return fault(loss) if step in steps else loss
+
+    return hook
+
+
+def nan(loss: Tensor) -> Tensor:
+    return loss * math.nan
+
+
+class Net(TinyRegressor):
+    """The tiny MLP with knobs: an optimizer (``sgd``, ``fused-sgd``, ``fused-adam``,
+    ``fused-adagrad``, ``lbfgs``), three param groups, a BatchNorm layer, NaN planted in one
+    input value of given steps, an inf planted in a gradient at given steps."""
+
+    def __init__(
+        self,
+        *,
+        optimizer: str = "sgd",
+        groups: int = 1,
+        batchnorm: bool = False,
+        nan_input_at: frozenset[int] = frozenset(),
+        inf_grad_at: frozenset[int] = frozenset(),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if batchnorm:
+            torch.manual_seed(0)
+            self.net = nn.Sequential(
+                nn.Linear(IN_FEATURES, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1)
+            )
+        self.optimizer_name = optimizer
+        self.groups = groups
+        self.nan_input_at = nan_input_at
+        self.inf_grad_at = inf_grad_at
+
+    def configure_optimizers(self) -> Any:
+        params = list(self.net.parameters())
+        if self.groups == 3:
+            param_groups = [
+                {"params": params[:1], "lr": PEAK},
+                {"params": params[1:2], "lr": PEAK / 2},
+                {"params": params[2:], "lr": PEAK / 5},
+            ]
+        else:
+            param_groups = [{"params": params, "lr": PEAK}]
+        name = self.optimizer_name
+        if name == "sgd":
+            return torch.optim.SGD(param_groups, lr=PEAK, momentum=0.9)
+        if name == "fused-sgd":
+            return torch.optim.SGD(param_groups, lr=PEAK, momentum=0.9, fused=True)
+        if name == "fused-adam":
+            return torch.optim.Adam(param_groups, lr=PEAK / 10, fused=True)
+        if name == "fused-adagrad":
+            return torch.optim.Adagrad(param_groups, lr=PEAK, fused=True)
+        assert name == "lbfgs"
+        return torch.optim.LBFGS(params, lr=0.5, max_iter=2)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if self.global_step in self.nan_input_at:
+            x, y = batch
+            x = x.clone()
+            x[0, 0] = math.nan
+            batch = (x, y)
+        return super().training_step(batch, batch_idx)
+
+    def on_after_backward(self) -> None:
+        if self.global_step in self.inf_grad_at:
+            self.net[0].weight.grad[0, 0] = math.inf
+
+
+# ---------------------------------------------------------------------------- 1. level shift
+@pytest.mark.parametrize("shift", [2.0, 10.0, 100.0])
+def test_a_lasting_level_shift_is_rolled_back_once_then_taken_as_the_new_baseline(
+    make_trainer: Callable[..., Any], shift: float
+) -> None:
+    """+shift on the loss from step 150 of 600 (gradients unchanged, weights never damaged):
+    the first read of it rolls back (it looks like damage); the good weights then give the
+    same level, which becomes the new baseline: no second rollback, and the cut LR recovers
+    within a few cooldowns instead of rolling back to step 140 again and again."""
+    surgeon = ScheduleSurgeon()
+    model = TinyRegressor(loss_hook=lambda s, b, loss: loss + shift if s >= 150 else loss)
+    make_trainer([surgeon], max_steps=600).fit(model, make_loader())
+
+    (rollback,) = of_kind(surgeon, EventKind.ROLLBACK)
+    assert rollback.step == 150 and rollback_target(rollback) == 140
+    assert_within_bound(surgeon)
+    spikes = of_kind(surgeon, EventKind.SPIKE)
+    assert "a lasting level shift, not damage" in spikes[1].reason
+    assert len(spikes) == 2  # the shift, then its confirmation by the good weights: no storm
+    recovered = of_kind(surgeon, EventKind.RECOVERED)
+    assert recovered and recovered[0].step < 150 + 3 * surgeon.controller.spike_cooldown + 20
+    assert_finite(model)
+
+
+def test_a_repeated_rollback_to_the_same_snapshot_is_refused(
+    make_trainer: Callable[..., Any],
+) -> None:
+    """NaN losses from step 100 to 140 (unguarded: they reach the weights): three in a row roll
+    back to a snapshot before 100; the NaN goes on, and no loss was normal since, so it is not
+    rolled back to that snapshot again: the run cuts and carries on until the stretch has lasted
+    two snapshot intervals, then stops (nothing left to go back to)."""
+    surgeon = ScheduleSurgeon(skip_nonfinite="off")
+    model = TinyRegressor(loss_hook=at(set(range(100, 141)), nan))
+    with pytest.raises(TrainingStalled, match=r"non-finite steps in a row"):
+        make_trainer([surgeon], max_steps=300).fit(model, make_loader())
+    (rollback,) = of_kind(surgeon, EventKind.ROLLBACK)
+    assert rollback_target(rollback) < 100
+    refused = [e for e in of_kind(surgeon, EventKind.NONFINITE) if "no rollback" in e.reason]
+    assert refused and "would repeat it" in refused[0].reason
+    assert of_kind(surgeon, EventKind.STALLED)
+
+
+# ---------------------------------------------------------------------------- 2. stale target
+@pytest.mark.slow
+def test_harmless_nans_do_not_make_the_rollback_target_stale(
+    make_trainer: Callable[..., Any],
+) -> None:
+    """A skipped NaN every 50 steps of a 2000-step run keeps the LR cut or recovering most of
+    the time; snapshots go on being taken all the same, so a NaN burst at step 1500 rolls back
+    a few steps, not to step 0, and once."""
+    steps = {s for s in range(2000) if s % 50 == 25} | set(range(1500, 1505))
+    surgeon = ScheduleSurgeon()
+    model = TinyRegressor(loss_hook=at(steps, nan))
+    make_trainer([surgeon], max_steps=2000).fit(model, make_loader())
+    (rollback,) = of_kind(surgeon, EventKind.ROLLBACK)
+    assert 1500 - 2 * surgeon.controller.snapshot_every <= rollback_target(rollback) < 1500
+    assert_within_bound(surgeon)
+    assert surgeon.controller.good_snapshot_step >= 1900  # still taken at the end
+    assert_finite(model)
+
+
+# ---------------------------------------------------------------------------- 3. buffers
+@pytest.mark.parametrize("snapshot", ["cpu", "off"])
+def test_nan_in_one_input_leaves_batchnorm_statistics_finite(
+    make_trainer: Callable[..., Any], snapshot: str
+) -> None:
+    """One NaN input value at step 40: the update is skipped, but BatchNorm wrote NaN into its
+    running mean and variance during the forward pass. They are found (a device flag read with
+    the loss) and repaired from the good snapshot, or reset without one, with an event; the
+    model evaluates finite after the fit."""
+    surgeon = ScheduleSurgeon(snapshot=snapshot)
+    model = Net(batchnorm=True, nan_input_at=frozenset({40}))
+    make_trainer([surgeon], max_steps=100).fit(model, make_loader())
+    (repair,) = of_kind(surgeon, EventKind.BUFFERS_RESTORED)
+    assert repair.step == 40
+    assert (
+        "snapshot of step" if snapshot == "cpu" else "the running statistics of the modules"
+    ) in (repair.reason)
+    assert [e.kind for e in surgeon.events if e.step == 40][:2] == [
+        EventKind.BUFFERS_RESTORED,
+        EventKind.NONFINITE,
+    ]
+    assert_finite(model)
+    assert math.isfinite(eval_loss(model))
+
+
+def test_the_buffer_check_makes_no_host_sync(make_trainer: Callable[..., Any]) -> None:
+    """The per-step buffer check is a device flag that travels with the loss: the hooks read
+    nothing off read-back steps (the rules of ``test_host_sync``), with BatchNorm buffers to
+    check and a fused optimizer (the guard reads nothing either)."""
+    from test_host_sync import CountingSurgeon, check_hook_syncs
+
+    surgeon = CountingSurgeon(readback_every=4, snapshot_every=10)
+    model = Net(batchnorm=True, optimizer="fused-sgd")
+    make_trainer([surgeon], max_steps=24).fit(model, make_loader(batches=8))
+    assert len(surgeon.engine._buffers) == 2  # running mean and variance: checked every step
+    check_hook_syncs(surgeon.calls, 4)
+
+
+# ---------------------------------------------------------------------------- 4. checkpoints
+def test_the_last_checkpoint_holds_no_unread_damage(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A x50 spike at step 296 of 300 is still in flight when ModelCheckpoint saves step 300:
+    the checkpoint reads it first, rolls back, and saves the good weights, the same as the
+    model holds after the fit."""
+    surgeon = ScheduleSurgeon()
+    model = TinyRegressor(loss_hook=at({296}, lambda loss: loss * 50))
+    ckpt = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=300, save_last=True)
+    make_trainer([surgeon, ckpt], max_steps=300, enable_checkpointing=True).fit(
+        model, make_loader()
+    )
+    (rollback,) = of_kind(surgeon, EventKind.ROLLBACK)
+    assert rollback.step == 296
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(saved[name], tensor), name
+    restored = TinyRegressor()
+    restored.load_state_dict(saved)
+    assert eval_loss(restored) == eval_loss(model)
+
+
+def test_a_weights_only_checkpoint_is_not_read_first(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Not guaranteed: ``save_weights_only`` checkpoints skip the callbacks' state, so the
+    losses in flight are not read before them; the spike of step 296 is rolled back only at
+    the end of the fit, after last.ckpt was written with the damaged weights."""
+    surgeon = ScheduleSurgeon()
+    model = TinyRegressor(loss_hook=at({296}, lambda loss: loss * 50))
+    ckpt = ModelCheckpoint(
+        tmp_path, every_n_train_steps=300, save_last=True, save_weights_only=True
+    )
+    make_trainer([surgeon, ckpt], max_steps=300, enable_checkpointing=True).fit(
+        model, make_loader()
+    )
+    assert [e.step for e in of_kind(surgeon, EventKind.ROLLBACK)] == [296]
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    assert not all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------- 5. resume
+def test_a_resume_inside_a_spikes_read_back_window_is_exact(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Spike at 198, checkpoint at 200 (a crash later): the checkpoint decided on the spike
+    before saving (rolled back to 190), so the resumed run goes on with the same LRs, losses
+    and decisions as the uninterrupted one, rollbacks included."""
+
+    def run(ckpt_path: Path | None, root: str) -> tuple[ScheduleSurgeon, TinyRegressor]:
+        surgeon = ScheduleSurgeon()
+        model = TinyRegressor(loss_hook=at({198}, lambda loss: loss * 50))
+        ckpt = ModelCheckpoint(tmp_path / "ck", "{step}", every_n_train_steps=100, save_top_k=-1)
+        trainer = make_trainer(
+            [surgeon, ckpt],
+            max_steps=300,
+            enable_checkpointing=True,
+            default_root_dir=tmp_path / root,
+        )
+        trainer.fit(model, make_loader(), ckpt_path=ckpt_path)
+        return surgeon, model
+
+    surgeon_a, model_a = run(None, "a")
+    rollbacks = of_kind(surgeon_a, EventKind.ROLLBACK)
+    assert [(e.step, rollback_target(e)) for e in rollbacks] == [(198, 190)]
+    surgeon_b, model_b = run(tmp_path / "ck" / "step=200.ckpt", "b")
+    assert [r["step"] for r in model_b.records] == list(range(200, 300))
+    assert [r["lrs"] for r in model_b.records] == [r["lrs"] for r in model_a.records[200:]]
+    assert [r["loss"] for r in model_b.records] == [r["loss"] for r in model_a.records[200:]]
+    assert surgeon_b.events == surgeon_a.events
+    assert surgeon_b.state_dict() == surgeon_a.state_dict()
+
+
+def test_a_resume_from_a_checkpoint_without_the_surgeon_plans_from_its_step(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A constant-LR run checkpointed at step 150 of 300, resumed with the surgeon: the 150
+    steps done count (no re-warm from ~0), the configured LR is the peak, the decay reaches
+    the floor at step 300, metrics go out on Lightning's steps, and a ``replan`` says so."""
+    ckpt = ModelCheckpoint(tmp_path / "ck", "{step}", every_n_train_steps=150, save_top_k=-1)
+    make_trainer([ckpt], max_steps=150, enable_checkpointing=True).fit(
+        TinyRegressor(), make_loader()
+    )
+    surgeon, model = ScheduleSurgeon(), TinyRegressor()
+    trainer = make_trainer([surgeon], max_steps=300, logger=CSVLogger(tmp_path, name="b"))
+    trainer.fit(model, make_loader(), ckpt_path=tmp_path / "ck" / "step=150.ckpt")
+
+    (replan,) = of_kind(surgeon, EventKind.REPLAN)
+    assert replan.step == 150 and "the 150 steps already done count" in replan.reason
+    assert [e.kind for e in surgeon.events] == [
+        EventKind.REPLAN,
+        EventKind.DECAY_START,
+        EventKind.DONE,
+    ]
+    plan = Controller(300, surgeon.config)  # the plan from step 150, no loss changing it
+    plan.start_at(150)
+    lrs = [r["lrs"][0][0] for r in model.records]
+    assert lrs == [PEAK * plan.lr_scale(t) for t in range(150, 300)]
+    assert lrs[0] == PEAK and lrs[-1] < 0.15 * PEAK  # the configured LR, no ramp; the decay
+    assert surgeon.step == 300
+    with (Path(trainer.log_dir) / "metrics.csv").open() as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row["lr-SGD"]]
+    assert steps[0] == 150 and steps[-1] == 299
+
+
+# ---------------------------------------------------------------------------- 7. param groups
+class AddsGroup(pl.Callback):
+    """Adds ``model.extra`` as a param group with ``lr`` at the start of step ``step``."""
+
+    def __init__(self, step: int, lr: float) -> None:
+        self.step, self.lr = step, lr
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.optimizers[0].add_param_group({"params": [pl_module.extra], "lr": self.lr})
+
+
+class WithExtra(TinyRegressor):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.extra = nn.Parameter(torch.zeros(3))  # not in the optimizer until added
+
+
+@pytest.mark.parametrize(
+    ("surgeon_kw", "max_steps", "add_at", "lr"),
+    [({}, 60, 20, 0.0), ({"total_steps": 30, "min_lr_ratio": 0.0}, 50, 40, 0.01)],
+    ids=["lr-zero", "scale-zero"],
+)
+def test_a_param_group_added_mid_fit_never_crashes_it(
+    make_trainer: Callable[..., Any], surgeon_kw: dict, max_steps: int, add_at: int, lr: float
+) -> None:
+    """A group added with LR 0 stays at 0; one added while the LR scale is 0 (past the plan
+    with ``min_lr_ratio=0``) takes its LR as its peak (and so stays at 0 with the rest)."""
+    surgeon, model = ScheduleSurgeon(**surgeon_kw), WithExtra()
+    make_trainer([surgeon, AddsGroup(add_at, lr)], max_steps=max_steps).fit(model, make_loader())
+    assert surgeon.step == max_steps
+    added = [r["lrs"][0][1] for r in model.records if r["step"] > add_at]
+    assert added and all(value == 0.0 for value in added)
+
+
+# ---------------------------------------------------------------------------- 8. GradScaler
+def test_a_collapsing_gradscaler_scale_is_a_fault(make_trainer: Callable[..., Any]) -> None:
+    """fp16 with a real inf gradient (finite loss) 20 steps in a row: GradScaler skips each
+    and halves its scale. Once the scale is down to 1 the gradients overflow unscaled: those
+    are non-finite steps, counted and recorded; three in a row roll back, which also puts back
+    the scale of the snapshot."""
+    from pytorch_lightning.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu")
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    surgeon = ScheduleSurgeon()
+    model = Net(inf_grad_at=frozenset(range(100, 120)))
+    make_trainer([surgeon], max_steps=300, plugins=[plugin]).fit(model, make_loader())
+
+    skipped = of_kind(surgeon, EventKind.SKIPPED_STEP)
+    assert len(skipped) >= 3 and "gradients are non-finite" in skipped[0].reason
+    (rollback,) = of_kind(surgeon, EventKind.ROLLBACK)
+    assert "3 non-finite steps in a row" in rollback.reason
+    assert_within_bound(surgeon)
+    assert surgeon.step + surgeon.skipped_steps == 300
+    assert surgeon.skipped_steps <= 16  # calibration: the drops from 2**16 down to 1
+    assert scaler.get_scale() >= 1.0  # the snapshot's scale came back
+    assert_finite(model)
+
+
+# ---------------------------------------------------------------------------- 9. manual
+class UnequalSteps(TinyRegressor):
+    """Manual optimization, one optimizer per layer; the second steps every 5th batch."""
+
+    def __init__(self) -> None:
+        super().__init__((PEAK, PEAK / 5), manual=True)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        first, second = self.optimizers()
+        lrs = [[g["lr"] for g in opt.param_groups] for opt in (first, second)]
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.records.append({"step": self.global_step, "lrs": lrs, "loss": loss.item()})
+        self.manual_backward(loss)
+        first.step()
+        if batch_idx % 5 == 0:
+            second.step()
+        first.zero_grad()
+        second.zero_grad()
+        return loss
+
+
+def test_manual_optimization_with_unequal_optimizer_steps_replans(
+    make_trainer: Callable[..., Any],
+) -> None:
+    """``max_steps=600`` counts every ``opt.step()``: 1.2 per batch here, so 500 batches, not
+    the 300 planned for two optimizers stepping every batch. The surgeon sees it from the
+    steps per batch, re-plans early (an event) and reaches the floor at the last batch."""
+    surgeon, model = ScheduleSurgeon(), UnequalSteps()
+    make_trainer([surgeon], max_steps=600).fit(model, make_loader())
+    assert len(model.records) == 500
+    (replan,) = of_kind(surgeon, EventKind.REPLAN)
+    assert replan.step <= 20 and "about 500 steps, not 300" in replan.reason
+    lrs = [r["lrs"][0][0] for r in model.records]
+    assert lrs[300] == PEAK  # still at the peak at 60% (wsd)
+    assert [e.step for e in of_kind(surgeon, EventKind.DONE)] == [499]  # the plan ends with it
+    assert lrs[-1] < 0.12 * PEAK
+
+
+# ---------------------------------------------------------------------------- 10. no progress
+@pytest.mark.parametrize("setup", ["unguarded", "guarded", "lbfgs"])
+def test_a_run_that_cannot_make_progress_stops_with_an_error(
+    make_trainer: Callable[..., Any], setup: str
+) -> None:
+    """NaN from step 0 on: no snapshot is ever good, every step is non-finite. After two
+    snapshot intervals the fit stops with an error naming the steps and the cause, instead of
+    finishing with NaN (unguarded, LBFGS) or unchanged (guarded) weights."""
+    surgeon = ScheduleSurgeon(skip_nonfinite="off" if setup == "unguarded" else "auto")
+    model = Net(optimizer="lbfgs" if setup == "lbfgs" else "sgd", loss_hook=lambda s, b, x: nan(x))
+    trainer = make_trainer([surgeon], max_steps=300)
+    with pytest.raises(TrainingStalled) as raised:
+        trainer.fit(model, make_loader())
+    stall = 2 * surgeon.controller.snapshot_every
+    message = str(raised.value)
+    assert f"step {stall - 1}: {stall} non-finite steps in a row (steps 0 to {stall - 1}" in message
+    assert "nothing to roll back to (no good snapshot yet)" in message
+    assert trainer.global_step < 300
+
+
+# ---------------------------------------------------------------------------- settings on resume
+def _saved_at_150(make_trainer: Callable[..., Any], tmp_path: Path) -> tuple[Path, list[float]]:
+    """A 300-step run's step-150 checkpoint and its LRs (no plateau cuts: patience = the run)."""
+    ckpt = ModelCheckpoint(tmp_path / "ck", "{step}", every_n_train_steps=150, save_top_k=-1)
+    surgeon, model = ScheduleSurgeon(plateau_patience=1.0), TinyRegressor()
+    make_trainer([surgeon, ckpt], max_steps=300, enable_checkpointing=True).fit(
+        model, make_loader()
+    )
+    return tmp_path / "ck" / "step=150.ckpt", [r["lrs"][0][0] for r in model.records]
+
+
+def test_another_decay_shape_on_resume_replans_the_rest(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Saved with ``wsd`` (holding the peak at step 150), resumed with ``decay="cosine"``: a
+    ``replan`` naming the setting, then a cosine decay from the current LR to the floor over
+    the 150 steps left."""
+    path, _ = _saved_at_150(make_trainer, tmp_path)
+    surgeon, model = ScheduleSurgeon(plateau_patience=1.0, decay="cosine"), TinyRegressor()
+    make_trainer([surgeon], max_steps=300).fit(model, make_loader(), ckpt_path=path)
+    (replan,) = of_kind(surgeon, EventKind.REPLAN)
+    assert replan.step == 150 and "decay='cosine' instead of 'wsd'" in replan.reason
+    assert replan.scale_before == replan.scale_after == 1.0  # no jump
+    curve = schedules.decay_shape("cosine", 1.0, 0.1, 150)
+    lrs = [r["lrs"][0][0] for r in model.records]
+    assert lrs == pytest.approx([PEAK * curve(t) for t in range(150)], rel=1e-9)
+
+
+def test_another_floor_on_resume_takes_full_effect(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Resumed with ``min_lr_ratio=0.01`` instead of 0.1 while holding the peak: the same plan
+    (the same hold, the same decay steps), now decaying to the new floor, with a ``replan``
+    event that names the setting."""
+    path, lrs_a = _saved_at_150(make_trainer, tmp_path)
+    surgeon, model = ScheduleSurgeon(plateau_patience=1.0, min_lr_ratio=0.01), TinyRegressor()
+    make_trainer([surgeon], max_steps=300).fit(model, make_loader(), ckpt_path=path)
+    (replan,) = of_kind(surgeon, EventKind.REPLAN)
+    assert "min_lr_ratio=0.01 instead of 0.1" in replan.reason
+    lrs = [r["lrs"][0][0] for r in model.records]
+    # each LR is as far between the peak and the new floor as the saved run's between the
+    # peak and its floor
+    expected = [PEAK * 0.01 + (lr - PEAK * 0.1) * 0.99 / 0.9 for lr in lrs_a[150:]]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert lrs[-1] < lrs_a[-1]
+
+
+def test_another_peak_lr_mode_on_resume_is_refused(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """``peak_lr`` cannot take effect on a resume (the peaks come from the checkpoint and no
+    range test runs): refused with a message saying how to go on."""
+    path, _ = _saved_at_150(make_trainer, tmp_path)
+    surgeon = ScheduleSurgeon(plateau_patience=1.0, peak_lr="find")
+    trainer = make_trainer([surgeon], max_steps=300)
+    with pytest.raises(ValueError, match=r"peak_lr='find' differs .* resume with peak_lr="):
+        trainer.fit(TinyRegressor(), make_loader(), ckpt_path=path)
+
+
+# ---------------------------------------------------------------------------- the fault matrix
+FAULT_STEP, MATRIX_STEPS, MATRIX_BATCHES = 100, 500, 50
+"""Long enough on enough data (800 samples, no overfitting) for the loss to settle at its noise
+floor, where a step lost or a while at a cut LR costs little: what "nothing lost" promises."""
+MATRIX: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # name: (the configuration, shared with its clean run; the fault)
+    "nan-x1": ({}, {"loss_hook": at({FAULT_STEP}, nan)}),
+    "nan-x5": ({}, {"loss_hook": at(set(range(FAULT_STEP, FAULT_STEP + 5)), nan)}),
+    "inf-grad": ({}, {"inf_grad_at": frozenset({FAULT_STEP})}),
+    "nan-last-steps": ({}, {"loss_hook": at(set(range(MATRIX_STEPS - 4, MATRIX_STEPS)), nan)}),
+    "nan-steps-0-1": ({}, {"loss_hook": at({0, 1}, nan)}),
+    "spike-x1000": ({}, {"loss_hook": at({FAULT_STEP}, lambda loss: loss * 1000)}),
+    "spike-x1e30": ({}, {"loss_hook": at({FAULT_STEP}, lambda loss: loss * 1e30)}),
+    "level-shift": ({}, {"loss_hook": lambda s, b, loss: loss + 10.0 if s >= 150 else loss}),
+    "bf16-mixed": ({"precision": "bf16-mixed"}, {"loss_hook": at({FAULT_STEP}, nan)}),
+    "accumulation-nan-micro-batch": (
+        {"accumulate_grad_batches": 2},
+        {"loss_hook": lambda s, b, loss: nan(loss) if s == FAULT_STEP and b % 2 else loss},
+    ),
+    "fused-sgd": ({"optimizer": "fused-sgd"}, {"loss_hook": at({FAULT_STEP}, nan)}),
+    "fused-adam": ({"optimizer": "fused-adam"}, {"loss_hook": at({FAULT_STEP}, nan)}),
+    "fused-adagrad": ({"optimizer": "fused-adagrad"}, {"loss_hook": at({FAULT_STEP}, nan)}),
+    "3-param-groups": ({"groups": 3}, {"loss_hook": at({FAULT_STEP}, nan)}),
+    "batchnorm-nan-input": ({"batchnorm": True}, {"nan_input_at": frozenset({FAULT_STEP})}),
+    "stale-target": (
+        {},
+        {"loss_hook": at(set(range(25, MATRIX_STEPS, 50)) | {400, 401, 402, 403}, nan)},
+    ),
+    "fp16-scale-collapse": (
+        {"precision": "16-mixed"},
+        {"inf_grad_at": frozenset(range(FAULT_STEP, FAULT_STEP + 20))},
+    ),
+}
+TRAINER_KEYS = ("precision", "accumulate_grad_batches")
+_CLEAN_LOSS: dict[str, float] = {}
+
+
+def _fit(make_trainer: Callable[..., Any], surgeon: ScheduleSurgeon, kwargs: dict) -> Net:
+    """Fit ``Net(**kwargs)`` (trainer settings taken out of ``kwargs``) for MATRIX_STEPS."""
+    trainer_kw = {k: kwargs.pop(k) for k in TRAINER_KEYS if k in kwargs}
+    if trainer_kw.get("precision") == "16-mixed":  # on CPU: torch's CPU GradScaler
+        from pytorch_lightning.plugins import MixedPrecision
+
+        scaler = torch.amp.GradScaler("cpu")
+        trainer_kw = {"plugins": [MixedPrecision(trainer_kw.pop("precision"), "cpu", scaler)]}
+    model = Net(**kwargs)
+    loader = make_loader(batches=MATRIX_BATCHES)
+    make_trainer([surgeon], max_steps=MATRIX_STEPS, **trainer_kw).fit(model, loader)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_fault_matrix(make_trainer: Callable[..., Any], name: str) -> None:
+    """Every fault: the fit finishes with finite weights and buffers, no rollback undoes more
+    than the bound, and the final loss is within 5% of the same configuration's clean run."""
+    config, fault = MATRIX[name]
+    key = json.dumps(config, sort_keys=True)
+    data = make_loader(batches=MATRIX_BATCHES)
+    if key not in _CLEAN_LOSS:
+        _CLEAN_LOSS[key] = eval_loss(_fit(make_trainer, ScheduleSurgeon(), dict(config)), data)
+    surgeon = ScheduleSurgeon()
+    model = _fit(make_trainer, surgeon, {**config, **fault})
+    assert_finite(model)
+    assert_within_bound(surgeon)
+    assert eval_loss(model, data) == pytest.approx(_CLEAN_LOSS[key], rel=0.05)
+
+
+@pytest.mark.slow
+def test_fault_matrix_ddp_nan_on_one_rank(tmp_path: Path) -> None:
+    """Two ranks (gloo) with a BatchNorm layer: a NaN loss on rank 1 alone at step 30, a NaN
+    input on rank 1 alone at step 50 (its running statistics go NaN, rank 0's do not). Both
+    ranks skip both steps and decide the same (events and controller state equal, the buffer
+    repair included), the weights stay finite and equal, buffers finite, no rollback undoes
+    more than the bound, and the final loss is within 5% of a clean two-rank run."""
+    from test_ddp import run_worker
+
+    common = ["--steps=80", "--spike-step=-1", "--batchnorm"]
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "nan").mkdir()
+    clean = run_worker(tmp_path / "clean", *common)
+    faulty = run_worker(
+        tmp_path / "nan", *common, "--nan-step=30", "--nan-input-step=50", "--spike-rank=1"
+    )
+    for records in (clean, faulty):
+        assert records[0]["events"] == records[1]["events"]
+        assert records[0]["controller"] == records[1]["controller"]
+        assert records[0]["weights"] == records[1]["weights"]
+        assert all(math.isfinite(w) for w in records[0]["weights"])
+        assert all(r["buffers_finite"] for r in records)
+    events = faulty[0]["events"]
+    assert [30, "skipped_step"] in events and [50, "skipped_step"] in events
+    assert [50, "buffers_restored"] in events
+    state = json.loads(faulty[0]["controller"])
+    bound = 2 * 10 + 2 * 4  # 2 x snapshot_every (at least 10) + 2 x readback_every
+    for event in state["events"]:
+        if event["kind"] == "rollback":
+            assert int(re.search(r"\((\d+) steps\)$", event["reason"]).group(1)) <= bound
+    assert faulty[0]["eval_loss"] == pytest.approx(clean[0]["eval_loss"], rel=0.05)
