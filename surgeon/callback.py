@@ -209,10 +209,10 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
     """Runs the learning rate of every optimizer as an adaptive warmup/decay controller.
 
     With no arguments: each group's configured LR is its peak, warmup is automatic
-    (ramp over ``min_warmup``, hold until the loss stabilizes, at most ``max_warmup``),
-    warmup-stable-decay (hold the peak, then linear to ``min_lr_ratio x peak`` over the
-    last ``wsd_decay_fraction`` of the run; ``decay`` picks another shape), and
-    plateau/spike/NaN interventions. See :class:`surgeon.config.SurgeonConfig` for every
+    (a ramp paced by the loss: slow while it falls steeply, paused while it rises, finished
+    once it stabilizes; between ``min_warmup`` and ``max_warmup``), then a linear decay to
+    ``min_lr_ratio x peak`` (0; ``decay`` picks another shape), and plateau/spike/NaN
+    interventions. See :class:`surgeon.config.SurgeonConfig` for every
     knob; ``total_steps`` defaults to what ends the fit first: ``max_steps`` (divided by
     the number of optimizers under manual optimization, where Lightning counts each
     ``opt.step()``) or ``max_epochs`` (``trainer.estimated_stepping_batches``). With
@@ -237,8 +237,8 @@ class ScheduleSurgeon(*_CALLBACK_BASES):  # type: ignore[misc]
         warmup: WarmupMode = "auto",
         min_warmup: Steps = 0.02,
         max_warmup: Steps = 0.1,
-        min_lr_ratio: float = 0.1,
-        decay: DecayName = "wsd",
+        min_lr_ratio: float = 0.0,
+        decay: DecayName = "linear",
         wsd_decay_fraction: float = 0.2,
         stabilize_window: Steps = 0.01,
         stabilize_threshold: float = 0.02,

@@ -7,11 +7,30 @@ param group gets is ``its own base LR x lr_scale(step)``, so group ratios hold.
 The multiplier is ``base(step) x intervention(step)``:
 
 * ``base`` is a *plan*, a ramp-hold-decay curve built from :mod:`surgeon.schedules`
-  and re-planned only by decisions: warmup end, a plateau cut or restart, and a
-  spike during warmup (which pauses the ramp);
+  and re-planned only by decisions, each an event whose reason quotes its numbers:
+
+  - **warmup** (``warmup="auto"``): a linear ramp from ~0 at the pace of a ``max_warmup``-step
+    ramp, *paused* while the loss rises (``ramp_pause``/``ramp_resume``: a catapult, the LR
+    passed the stability edge; Kalra & Barkeshli 2024), *finished* at the pace of a
+    ``min_warmup``-step ramp once the loss has stabilized after its initial descent
+    (``warmup_end``; AutoWU, Kim et al. 2021). A loss that is still falling steeply keeps the
+    slow ramp to its end; one still rising at ``max_warmup`` makes the LR it reached the peak.
+    The stabilization detector tells steep, settled and rising apart against the loss's own
+    noise;
+  - **decay** from the peak to the floor (``linear`` to 0 by default), right after warmup,
+    unless the loss never fell steeply (a saddle, Barak et al. 2022): then the peak holds
+    until the descent comes and stabilizes (``decay_start``), at the latest until the last
+    ``wsd_decay_fraction`` of the run;
+  - **ceilings**: the peak is lowered for the rest of the run when the LR proves too high for
+    the run: a spike while the LR is coming back from the last cut (or soon after), a loss that
+    keeps rising after warmup by more than ``spike_ratio`` (``climb``), a loss still rising at
+    ``max_warmup``;
+  - **plateau**: a stall during a hold at the peak (``wsd``) cuts the LR; a decay is left alone
+    (it lowers the LR already); ``plateau_action="restart"`` re-warms;
 * ``intervention`` is 1 except after a spike or a non-finite loss: cut by
   ``spike_factor``, held for ``spike_cooldown`` steps, and ramped back to 1 over
-  ``spike_recovery`` steps once the loss is back in its normal band.
+  ``spike_recovery`` steps once the loss is back in its normal band (a spike during the warmup
+  ramp also pauses it).
 
 Rollback: the caller keeps last-good snapshots of the weights and tells the
 controller when it took one (:meth:`Controller.snapshot_due`, every ``snapshot_every``
@@ -433,29 +452,22 @@ class Controller:
 
     def start_at(self, step: int) -> Event:
         """Begin at ``step`` instead of 0: the run trained ``step`` steps before without a
-        controller, at its configured LR, which is the peak. No ramp again: within
-        ``max_warmup`` the peak holds until the loss stabilizes, past it the decay plan runs
-        to ``total_steps``. Returns the ``replan`` event that says so (recorded)."""
+        controller, at its configured LR, which is the peak. No ramp again: warmup counts as
+        done and the decay plan runs from the peak to ``total_steps``. Returns the ``replan``
+        event that says so (recorded)."""
         if self.step or self.events:
             raise ValueError(f"start_at() on a controller that has run (step {self.step})")
         check_positive_int("step", step, allow_zero=True)
         self.step = step
+        self._set_plan(self._decay_plan(step, 1.0))
         if step >= self.total_steps:
-            self._set_plan(self._decay_plan(step, 1.0))
             self.phase = Phase.DONE
             how = "nothing is left to plan: the LR is at the floor"
-        elif step >= self.max_warmup:
-            self._set_plan(self._decay_plan(step, 1.0))
+        else:
             self.phase = self._plan_phase(step)
             how = (
                 f"warmup counts as done; {self.config.decay} decay to the floor "
                 f"({self.floor:g} of the peak) by step {self.total_steps}"
-            )
-        else:
-            self._set_plan(self._decay_plan(step, 1.0, decay_start=self.max_warmup))
-            how = (
-                "no ramp: the peak holds until the loss stabilizes (warmup ends by step "
-                f"{self.max_warmup} at the latest), then the decay"
             )
         why = (
             f"started at step {step} from a checkpoint without surgeon state: the {step} steps "

@@ -26,7 +26,8 @@ median, and each first difference enters ``v`` clipped to ``zscore * sqrt(v)`` (
 moves ``v`` no more than a ``zscore``-sigma step would). A lasting level shift is a new
 baseline within ``window / 2 + 1`` losses (the median has moved), and it leaves ``sigma`` as it
 was (one clipped difference). Before any spread is seen (``v = 0``, a constant stream) the
-difference is clipped to the ratio threshold ``(ratio - 1) * |level|``.
+difference is clipped to the ratio threshold ``(ratio - 1) * |level|`` (an all-zero stream
+has no scale: nothing is "x times" its level, and a jump from it teaches no spread).
 
 Why both tests: a z-score alone fires on tiny bumps of very smooth streams (full-batch training
 has a noise near 0); a ratio alone fires on ordinary noise of small, noisy losses. Anchors:
@@ -103,8 +104,7 @@ class SpikeDetector:
             limit = self.zscore * math.sqrt(self.var)
         else:  # no spread seen yet (a constant stream): clip at the ratio threshold
             limit = (self.ratio - 1.0) * abs(level)
-        if limit > 0:
-            diff = max(-limit, min(limit, diff))
+        diff = max(-limit, min(limit, diff))
         weight = max(self.alpha, 1.0 / self.count)  # a running mean until 1 / alpha differences
         var = self.var + weight * (diff * diff - self.var)
         if math.isfinite(var):  # else a loss so far out (~1e154) that its square overflows
