@@ -892,7 +892,8 @@ class Controller:
         assert det.ema is not None
         if det.ema - det.rise_base <= (ratio - 1.0) * abs(det.rise_base):
             return []  # rising, but not yet by the spike ratio: a slow spike, or noise
-        run, det.rise_run = det.rise_run, 0
+        run = det.rise_run
+        det.restart_rise()  # a further climb is measured from here
         before = self.lr_scale(step + 1)
         self._lower_peak(step, self._base(step + 1 - self._plan.start) * self.config.spike_factor)
         self.plateau.reset()
@@ -910,16 +911,17 @@ class Controller:
         late in a healthy decay only costs), or restart (``plateau_action="restart"``)."""
         if self.plateau.update(loss) is not Signal.PLATEAU:
             return []
-        if self.config.plateau_action == "cut" and self.phase is not Phase.STABLE:
-            return []
         cfg, det = self.config, self.plateau
+        restart = cfg.plateau_action == "restart" and self.restarts < cfg.max_restarts
+        if not restart and self.phase is not Phase.STABLE:
+            return []
         before = self.lr_scale(step + 1)
         current = self._base(step + 1 - self._plan.start)
         stalled = (
             f"the smoothed loss (EMA {det.ema:.4g}) has not improved by {det.min_delta:.2%} on "
             f"its best {det.best:.4g} for {det.patience} steps; "
         )
-        if cfg.plateau_action == "restart" and self.restarts < cfg.max_restarts:
+        if restart:
             self.restarts += 1
             target = cfg.restart_peak * self.peak
             self._set_plan(self._decay_plan(step + 1, target, v0=current, ramp=self.restart_warmup))
@@ -943,14 +945,16 @@ class Controller:
             self.intervention.hold_until = hold_until
             why += f"already cut, cooldown extended to step {hold_until}"
             return self._event(step, kind, why, before)
+        current = self.intervention.at(step + 1)
         if self.intervention.mode == "recover" or step < self.watch_until:
+            # the plan now carries the LR it spiked at x factor; the cut starts from there
             self._lower_peak(step, before * self.config.spike_factor)
+            current = 1.0
             why += (
                 f"the loss spiked again at LR scale {before:.3g} within "
                 f"{self.spike_cooldown + self.spike_recovery} steps of the last cut: the peak is "
                 f"lowered to {self.peak:.3g} for the rest of the run; "
             )
-        current = self.intervention.at(step + 1)
         value = max(self.floor, current * self.config.spike_factor)
         self.intervention = _Intervention(mode="hold", value=value, hold_until=hold_until)
         if self.phase is Phase.WARMUP and not self.paused:

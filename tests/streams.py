@@ -42,13 +42,14 @@ def trend_states(
 ) -> list[tuple[str, bool, bool]]:
     """StabilizationDetector's classification from its definition, per update: ``(state,
     steep_seen, stabilized)`` with ``state`` one of ``"none"`` (too few updates), ``"steep"``,
-    ``"rising"``, ``"settled"``.
+    ``"rising"``, ``"creeping"``, ``"settled"``.
 
     EMA of span ``window``; ``drop_t = (ema_{t-window} - ema_t) / |ema_{t-window}|``; the noise
     ``sigma^2`` is half the EMA (``alpha``, a running mean for the first ``1 / alpha``
     differences) of squared first differences, and the drop's noise
     ``sigma * sqrt(2 alpha / (2 - alpha)) / |ema_{t-window}|``; steep when ``drop - 2 noise >
-    threshold``, rising when ``-drop > max(threshold, 2 noise)``; ``steep_seen`` after
+    threshold``, rising when ``-drop > max(threshold, 2 noise)``, creeping when ``-drop > 2
+    noise`` (and not rising), else settled; ``steep_seen`` after
     ``patience`` steep updates in a row, stabilized after ``patience`` settled ones once a
     descent was seen."""
     alpha = 2.0 / (window + 1)
@@ -73,6 +74,8 @@ def trend_states(
             state, settled_run = "steep", 0
             steep_run += 1
             steep_seen = steep_seen or steep_run >= patience
+        elif -drop > 2.0 * noise:
+            state, steep_run, settled_run = "creeping", 0, 0
         else:
             state, steep_run = "settled", 0
             settled_run += 1

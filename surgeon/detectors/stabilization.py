@@ -22,11 +22,12 @@ Each update is one of
   beyond doubt (``Z = 2``);
 * **rising**: ``-drop_t > max(threshold, Z * noise_t)``: the EMA rose by more than
   ``threshold`` per window, and by more than its noise (returns ``RISING``);
-* **settled**: neither. ``STABILIZED`` fires once ``patience`` settled updates came in a row
+* **creeping up**: rising beyond its noise, but by less than ``threshold``: not settled;
+* **settled**: none of these. ``STABILIZED`` fires once ``patience`` settled updates came in a row
   *after* a descent was seen (``steep_seen``: ``patience`` steep updates in a row, not the few
   steps a loss takes to settle from its initial value): the descent that starts a run (or
-  follows a plateau) has ended. A rising update resets the count, so the loss never counts as
-  settled while it rises.
+  follows a plateau) has ended. A rising or creeping update resets the count, so the loss
+  never counts as settled while it measurably rises.
 
 Why: AutoWU (Kim et al., 2021) ends warmup when the smoothed loss stops decreasing; early in
 training the loss falls by a large fraction per window, later it creeps. A fixed threshold on
@@ -109,8 +110,15 @@ class StabilizationDetector:
             self.streak = 0
             return None
         self.steep_run = 0
+        if -self.last_drop > margin:  # creeping up: less than the threshold, beyond the noise
+            self.streak = 0
+            return None
         self.streak += 1
         return Signal.STABILIZED if self.steep_seen and self.streak >= self.patience else None
+
+    def restart_rise(self) -> None:
+        """Measure any further rise from the current EMA (the caller acted on this one)."""
+        self.rise_run, self.rise_base = 1, self.ema if self.ema is not None else 0.0
 
     def state_dict(self) -> dict[str, Any]:
         """The changing counters and statistics (not the configuration)."""
