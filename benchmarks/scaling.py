@@ -251,10 +251,10 @@ class _Parts:
             finally:
                 self.guard_ns += CLOCK() - start
 
-        def timed_capture(snapshot: Snapshot, *args: Any) -> Any:
+        def timed_capture(snapshot: Snapshot, *args: Any, **kwargs: Any) -> Any:
             start = CLOCK()
             try:
-                return capture(snapshot, *args)
+                return capture(snapshot, *args, **kwargs)
             finally:
                 self.captures_ns.append(CLOCK() - start)
 

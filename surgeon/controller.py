@@ -123,7 +123,14 @@ class EventKind(str, Enum):
     DONE = "done"
     """The planned length is over; the LR stays at the floor (phase ``done``)."""
     REPLAN = "replan"
-    """A resumed run plans another length: the rest of the schedule was re-planned over it."""
+    """The planned length changed (a resumed run planned for another length, or a ``max_time``
+    fit planned from its measured step rate): the rest of the schedule was re-planned over it."""
+    COOLDOWN = "cooldown"
+    """The run's end was brought forward (a time budget, an ``EarlyStopping`` about to stop the
+    fit, or a request): decay from the current level to the floor, and the plan ends there."""
+    STOPPED = "stopped"
+    """Recorded by the callback: the fit ended before its plan did (the LR never reached the
+    end of its schedule)."""
     PEAK_LR = "peak_lr"
     """Recorded by the callback: an LR range test set the peak before step 0."""
     BUFFERS_RESTORED = "buffers_restored"
@@ -567,6 +574,43 @@ class Controller:
         self.step += 1
         self._expire_recovery(step)
         return self._close_step(step, [])
+
+    def cool_down(self, start: int, steps: int, why: str) -> Event:
+        """Bring the end of the run forward (or move it): from step ``start`` decay from the
+        current level to the floor over ``steps`` steps; ``total_steps`` becomes
+        ``start + steps``. Returns the ``cooldown`` event, recorded at ``start - 1`` (it takes
+        effect from ``start``) with ``why`` and the new plan.
+
+        ``start``: the first step whose LR the caller has not written yet (a caller that reads
+        losses late is ahead of :attr:`step`). The LR at ``start`` is unchanged (the curve stays
+        continuous) and the decay has the configured shape (``wsd``: its linear tail), continued
+        so that it passes through that level at ``start``: the plan begins at the next loss's
+        step, so the decisions still to come on the losses before ``start`` see the phase
+        ``decay`` already. The plateau detector starts afresh (the level is a new baseline).
+        """
+        check_positive_int("steps", steps)
+        start = max(start, self.step)
+        before = self.lr_scale(start)
+        level = self._base(max(0, start - self._plan.start))
+        shape = "linear" if self.config.decay == "wsd" else self.config.decay
+        lag, length = start - self.step, start - self.step + steps
+        top = level
+        if level > self.floor:  # the curve through `level` at `start` and the floor at the end
+            left = schedules.decay_shape(shape, 1.0, 0.0, length)(lag)
+            top = self.floor + (level - self.floor) / left
+        self.total_steps = start + steps
+        self.paused = False
+        self._set_plan(_Plan(self.step, top, top, 0, 0, length, shape))
+        self.phase = Phase.DECAY
+        self.plateau.reset()
+        why += (
+            f": {shape} decay from LR scale {level:.3g} to the floor ({self.floor:g}) over "
+            f"{steps} steps; the plan now ends at step {self.total_steps}"
+        )
+        after = self.lr_scale(start)
+        event = Event(max(0, start - 1), EventKind.COOLDOWN, why, before, after, self.phase)
+        self.events.append(event)
+        return event
 
     def _expire_recovery(self, step: int) -> None:
         if self.intervention.mode == "recover" and self.intervention.at(step + 1) >= 1.0:

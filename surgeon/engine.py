@@ -290,8 +290,10 @@ class StepEngine:
                     group[PEAK_LR_KEY] = group["lr"] / scale if scale > 0 else group["lr"]
 
     # ------------------------------------------------------------------ per step
-    def begin_step(self) -> float | None:
-        """Write the LR of the current step (once) and take a snapshot if one is due.
+    def begin_step(self, *, snapshot: bool = True) -> float | None:
+        """Write the LR of the current step (once) and take a snapshot if one is due (and
+        ``snapshot``: a resumed loop writes its first LR without one, as the saving run had
+        dropped the snapshot of that step when it saved).
 
         Returns the LR scale written, ``None`` when this step's LR was already in place."""
         controller = self.controller
@@ -308,9 +310,9 @@ class StepEngine:
             # snapshots taken with fewer groups cannot be restored into these optimizers
             controller.forget_snapshots()
             self._snapshots = [Snapshot(s.location) for s in self._snapshots]
-            return self.begin_step()
+            return self.begin_step(snapshot=snapshot)
         self.written_step, self.written_scale = self.step, scale
-        if self._snapshots and controller.snapshot_due(self.step):
+        if snapshot and self._snapshots and controller.snapshot_due(self.step):
             self._take_snapshot()
         return scale
 
@@ -388,9 +390,10 @@ class StepEngine:
             if controller.rollback_to is not None:
                 self._roll_back()
             self.on_loss(loss_step, item.loss, item.update_skipped)
-            stalled = next((e for e in events if e.kind is EventKind.STALLED), None)
-            if stalled is not None:
-                raise TrainingStalled(f"step {stalled.step}: {stalled.reason}")
+            if events:
+                stalled = next((e for e in events if e.kind is EventKind.STALLED), None)
+                if stalled is not None:
+                    raise TrainingStalled(f"step {stalled.step}: {stalled.reason}")
 
     def _repair_buffers(self, step: int) -> None:
         """Replace the NaN/inf in the module's buffers after ``step``: with the values of the
@@ -447,6 +450,19 @@ class StepEngine:
         self.written_step = -1  # the restored param groups hold an old LR: write it again
 
     # ------------------------------------------------------------------ plans
+    def cool_down(self, steps: int, why: str) -> Event | None:
+        """End the run early: from the current step decay from the current LR to the floor
+        over ``steps`` steps (a ``cooldown`` event, also sent to ``on_event``); ``None`` when
+        the plan already ends by then."""
+        controller = self.controller
+        assert controller is not None
+        start = self.step
+        if controller.phase is Phase.DONE or start + steps >= controller.total_steps:
+            return None
+        event = controller.cool_down(start, steps, why)
+        self.on_event(event)
+        return event
+
     def replan(self, total_steps: int, cause: str) -> None:
         """Plan for ``total_steps`` from the next step on: the run turned out to have another
         length than planned (``cause`` says how); a ``replan`` event, the LR goes on from where

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from surgeon._validate import check_positive_int
-from surgeon.config import CONFIG_FIELDS, SurgeonConfig
+from surgeon.config import CONFIG_FIELDS, SurgeonConfig, resolve_steps
 from surgeon.controller import Controller, Event, Phase
 from surgeon.engine import (
     PEAK_LR_KEY,
@@ -71,6 +71,7 @@ class Surgeon:
         model: nn.Module | None = None,
         config: SurgeonConfig | None = None,
         skip_nonfinite: SkipNonfinite = "auto",
+        grad_check_every: int = 1,
         snapshot: SnapshotMode = "cpu",
         readback_every: int = 4,
         scaler: Any = None,
@@ -90,6 +91,8 @@ class Surgeon:
                 (``**settings``, e.g. ``decay="cosine"``), not both.
             skip_nonfinite: ``"auto"``, ``"always"`` or ``"off"``, as for ``ScheduleSurgeon``
                 (acts only where the loop calls :meth:`guard`).
+            grad_check_every: check the gradients every n-th step only (and the losses every
+                step): cheaper on the CPU, weaker (see :mod:`surgeon.guard`).
             snapshot: ``"cpu"``, ``"device"`` or ``"off"``: where last-good copies live.
             readback_every: losses are read back in blocks of this many steps.
             scaler: the loop's ``torch.amp.GradScaler``, if any: steps it skips for a scale
@@ -136,7 +139,8 @@ class Surgeon:
         if _grads_synchronized(model):
             guard = NonFiniteGuard(skip_nonfinite, check_losses=False)
         else:
-            guard = NonFiniteGuard(skip_nonfinite, distributed_max())
+            every = grad_check_every if snapshot != "off" and model is not None else 1
+            guard = NonFiniteGuard(skip_nonfinite, distributed_max(), grad_check_every=every)
         device = None
         if model is not None:
             device = next((p.device for p in model.parameters()), None)
@@ -148,6 +152,7 @@ class Surgeon:
             reduce=distributed_mean(),
             device=device,
             loss_scale=starting_scale(scaler),
+            scaler=scaler,
         )
         if log_dir is not None and self._rank_zero:
             self._recorder = RunRecorder(Path(log_dir))
@@ -166,7 +171,10 @@ class Surgeon:
 
     def step(self, loss: Tensor | float) -> None:
         """After ``optimizer.step()``: this step's loss (a tensor is not read now), then the
-        LR of the next step into every param group (and a snapshot, when one is due)."""
+        LR of the next step into every param group (and a snapshot, when one is due).
+
+        Raises :class:`surgeon.engine.TrainingStalled` when the run can make no progress (every
+        step non-finite for two snapshot intervals with nothing to roll back to)."""
         if not isinstance(loss, Tensor):
             loss = torch.tensor(float(loss))
         self.engine.add_loss(loss.detach())
@@ -179,6 +187,17 @@ class Surgeon:
         self.engine.finish()
         if self._recorder is not None:
             self._recorder.close()
+
+    def cool_down_now(self, steps: int | float | None = None) -> Event | None:
+        """Bring the end of the run forward: from the current step, decay from the current LR
+        to the floor over ``steps`` (an int, or a fraction of the planned run; default
+        ``wsd_decay_fraction`` of it) and end the plan there (e.g. when a time budget or an
+        early-stopping rule is about to end the loop). Under ``torch.distributed`` call it on
+        every rank. Returns the ``cooldown`` event, ``None`` when the plan ends by then anyway."""
+        length = self.engine.config.wsd_decay_fraction if steps is None else steps
+        n = resolve_steps("steps", length, self.controller.total_steps, 1)
+        why = f"cool_down_now(steps={steps!r}) was called"
+        return self.engine.cool_down(n, why)  # the LR already written is on the new curve
 
     # ------------------------------------------------------------------ scheduler interface
     @property
@@ -207,19 +226,22 @@ class Surgeon:
         return [g["lr"] for o in self.engine.driven for g in o.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, the controller's state and the losses not yet read (the peaks live in the
-        optimizers' param groups: save the optimizers' state dicts too). Under
-        ``torch.distributed`` call it on every rank (it averages the open losses)."""
+        """Counters and the controller's state. It first reads the losses still in flight and
+        decides on them (a spike among them is rolled back now), so call it *before* taking the
+        model's and optimizers' state dicts (save those too: the peaks live in the optimizers'
+        param groups). Under ``torch.distributed`` call it on every rank."""
+        state = self.engine.state_dict()
         if self._recorder is not None:
             self._recorder.flush()
-        return self.engine.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: the next LRs are those of the uninterrupted run."""
         self.engine.load_state_dict(state)
         if self._recorder is not None:
             self._open_recorder()
-        self.engine.begin_step()
+        # the saving run had already written this LR (and dropped its snapshots on saving)
+        self.engine.begin_step(snapshot=False)
 
     # ------------------------------------------------------------------ reporting
     def _open_recorder(self) -> None:

@@ -87,8 +87,12 @@ EVENT_COLORS = {
     "recovered": "#bcbd22",
     "skipped_step": "#8c564b",
     "rollback": "#393b79",
+    "cooldown": "#e6550d",
+    "stopped": "#843c39",
+    "buffers_restored": "#637939",
+    "stalled": "#e7298a",
 }
-"""A colour per event kind, all distinct (matplotlib's tab10 and two more)."""
+"""A colour per event kind, all distinct (matplotlib's tab10 and six more)."""
 UNKNOWN_EVENT_COLOR = "#555555"
 """Kinds written by a later version: a neutral grey, dotted."""
 SMOOTH_FRACTION = 0.02

@@ -10,12 +10,13 @@
 * ``lr_find.csv`` (written by the callback when ``peak_lr="find"`` ran a range test): ``lr,loss``,
   each step of the test.
 
-These names and the logged phase codes live here, with no torch or Lightning import, so that
-``surgeon plot`` and the command line read a run without them.
+These names and the logged phase and event codes live here, with no torch or Lightning
+import, so that ``surgeon plot`` and the command line read a run without them.
 
-Written by rank zero only. Lines are appended as they come (the loss file is buffered and
-flushed at checkpoints and at the end); a resumed run first rewrites both files to what its
-checkpoint had seen, so a crash leaves no step twice.
+Written by rank zero only, into every directory the run logs to (each logger's, so a plot of
+either finds them beside its metrics). Lines are appended as they come (the loss files are
+buffered and flushed at checkpoints and at the end); a resumed run first rewrites the files of
+each directory to what its checkpoint had seen, so a crash leaves no step twice.
 """
 
 import json
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from surgeon.config import SurgeonConfig
-from surgeon.controller import Event, Phase
+from surgeon.controller import Event, EventKind, Phase
 
 EVENTS_FILE = "events.jsonl"
 SETTINGS_FILE = "settings.json"
@@ -32,6 +33,9 @@ LOSSES_FILE = "losses.csv"
 LR_FIND_FILE = "lr_find.csv"
 PHASE_CODES = {Phase.WARMUP: 0.0, Phase.STABLE: 1.0, Phase.DECAY: 2.0, Phase.DONE: 3.0}
 """Numeric phase logged as ``surgeon/phase`` (loggers take numbers)."""
+EVENT_CODES = {kind: float(code) for code, kind in enumerate(EventKind)}
+"""Numeric event kind (its place in :class:`~surgeon.controller.EventKind`), logged as
+``surgeon/event`` and kept as ``surgeon/last_event`` in ``trainer.callback_metrics``."""
 LOSSES_HEADER = "step,loss,update_skipped\n"
 
 
@@ -40,12 +44,25 @@ def event_record(event: Event, lr_before: float, lr_after: float) -> dict[str, A
     return {**event.to_dict(), "lr_before": lr_before, "lr_after": lr_after}
 
 
-class RunRecorder:
-    """Writes ``events.jsonl``, ``settings.json`` and ``losses.csv`` into one directory."""
+def run_settings(
+    config: SurgeonConfig, total_steps: int, readback_every: int, snapshot: str
+) -> dict[str, Any]:
+    """What the decisions depend on (``settings.json``; the loggers' hyperparameters)."""
+    return {
+        "total_steps": total_steps,
+        "readback_every": readback_every,
+        "snapshot": snapshot,
+        "config": asdict(config),
+    }
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        self._losses: IO[str] | None = None
+
+class RunRecorder:
+    """Writes ``events.jsonl``, ``settings.json`` and ``losses.csv`` into each of its
+    directories (the same lines in each)."""
+
+    def __init__(self, *directories: Path) -> None:
+        self.directories = [Path(d) for d in directories]
+        self._losses: list[IO[str]] = []
 
     def start(
         self,
@@ -59,23 +76,23 @@ class RunRecorder:
     ) -> None:
         """Open the run: the settings, the events so far (none when fresh, the restored ones on
         a resume) and the losses of steps before ``next_loss_step`` kept from an earlier run in
-        this directory (a resume; a fresh run keeps none)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        settings = {
-            "total_steps": total_steps,
-            "readback_every": readback_every,
-            "snapshot": snapshot,
-            "config": asdict(config),
-        }
-        (self.directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-        (self.directory / EVENTS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
-        kept = self._kept_losses(next_loss_step)
+        each directory (a resume; a fresh run keeps none)."""
         self.close()
-        self._losses = (self.directory / LOSSES_FILE).open("w")
-        self._losses.write(LOSSES_HEADER + "".join(kept))
+        settings = run_settings(config, total_steps, readback_every, snapshot)
+        text = json.dumps(settings, indent=2) + "\n"
+        lines = "".join(json.dumps(e) + "\n" for e in events)
+        for directory in self.directories:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / SETTINGS_FILE).write_text(text)
+            (directory / EVENTS_FILE).write_text(lines)
+            kept = self._kept_losses(directory, next_loss_step)
+            losses = (directory / LOSSES_FILE).open("w")
+            losses.write(LOSSES_HEADER + "".join(kept))
+            self._losses.append(losses)
 
-    def _kept_losses(self, before: int) -> list[str]:
-        path = self.directory / LOSSES_FILE
+    @staticmethod
+    def _kept_losses(directory: Path, before: int) -> list[str]:
+        path = directory / LOSSES_FILE
         if before <= 0 or not path.exists():
             return []
         rows = path.read_text().splitlines(keepends=True)[1:]
@@ -84,21 +101,24 @@ class RunRecorder:
 
     def event(self, record: dict[str, Any]) -> None:
         """Append one event record."""
-        with (self.directory / EVENTS_FILE).open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        for directory in self.directories:
+            with (directory / EVENTS_FILE).open("a") as f:
+                f.write(line)
 
     def loss(self, step: int, loss: float, update_skipped: bool) -> None:
         """Append the loss the controller consumed for ``step``."""
-        if self._losses is not None:
-            self._losses.write(f"{step},{loss!r},{int(update_skipped)}\n")
+        row = f"{step},{loss!r},{int(update_skipped)}\n"
+        for losses in self._losses:
+            losses.write(row)
 
     def flush(self) -> None:
         """Push buffered loss rows to disk (at checkpoints, at the end)."""
-        if self._losses is not None:
-            self._losses.flush()
+        for losses in self._losses:
+            losses.flush()
 
     def close(self) -> None:
-        """Flush and close the loss file."""
-        if self._losses is not None:
-            self._losses.close()
-            self._losses = None
+        """Flush and close the loss files."""
+        for losses in self._losses:
+            losses.close()
+        self._losses = []

@@ -8,9 +8,12 @@
   values). With ``manual=True`` it drives one optimizer per layer itself.
 * :data:`TinyRegressor`: that class for ``pytorch_lightning``.
 * the ``make_trainer`` fixture: a quiet ``Trainer`` rooted in ``tmp_path``.
+* the ``info_lines`` fixture: the messages sent through Lightning's rank-zero info channel
+  (``rank_zero_info``), as a user's console shows them.
 """
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -138,3 +141,23 @@ def make_trainer(tmp_path: Any) -> Callable[..., Any]:
         return namespace.Trainer(callbacks=callbacks, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def info_lines() -> Iterator[list[str]]:
+    """Every ``rank_zero_info`` message while the test runs (Lightning logs them on the logger
+    ``lightning_utilities`` was last pointed at by either namespace: read it at call time)."""
+    from lightning_utilities.core import rank_zero
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger, handler = rank_zero.log, Collect(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)

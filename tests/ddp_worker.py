@@ -1,7 +1,8 @@
 """A two-process DDP fit on CPU (gloo) with the surgeon; run by ``tests/test_ddp.py``.
 
 Usage: ``python tests/ddp_worker.py OUT_DIR [--steps N] [--spike-step S] [--spike-rank R]
-[--nan-step S] [--batchnorm] [--nan-input-step S]``.
+[--nan-step S] [--batchnorm] [--nan-input-step S] [--max-time SECONDS]`` (``--max-time``:
+the fit ends by time, not steps).
 Needs ``MASTER_ADDR``/``MASTER_PORT`` in the environment and ``surgeon`` importable.
 
 Lightning's ``ddp`` strategy re-runs this script for rank 1 (``_SubprocessScriptLauncher``),
@@ -180,9 +181,10 @@ def main() -> None:
     parser.add_argument("--readback-every", type=int, default=4)
     parser.add_argument("--batchnorm", action="store_true")
     parser.add_argument("--nan-input-step", type=int, default=-1)
+    parser.add_argument("--max-time", type=float, default=0.0)
     args = parser.parse_args()
 
-    surgeon = CountingSurgeon(readback_every=args.readback_every)
+    surgeon = CountingSurgeon(readback_every=args.readback_every, log_dir=args.out_dir)
     model = Regressor(
         args.spike_step,
         args.spike_rank,
@@ -195,7 +197,8 @@ def main() -> None:
         strategy="ddp",
         accelerator="cpu",
         devices=2,
-        max_steps=args.steps,
+        max_steps=-1 if args.max_time else args.steps,
+        max_time={"seconds": args.max_time} if args.max_time else None,
         callbacks=[surgeon],
         default_root_dir=args.out_dir,
         logger=False,

@@ -23,6 +23,7 @@ import torch
 from conftest import TinyRegressor, make_loader, regressor_class
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -382,7 +383,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(make_trainer: Any, tmp_
         assert first_lrs(model) == first_lrs(model_a)[start:]
         assert cb.events == cb_a.events
         # the resumed run's events.jsonl holds the restored events and the new ones, once each
-        lines = (tmp_path / f"r{start}" / "events.jsonl").read_text().splitlines()
+        lines = (cb.log_dirs[0] / "events.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in lines] == [e.step for e in cb_a.events]
         assert cb.step == cb_a.step == steps
         assert cb.state_dict() == cb_a.state_dict()
@@ -414,16 +415,16 @@ def test_resume_with_a_longer_run_replans_the_rest_from_where_it_is(
     assert lrs_a[59] < 0.3 * lrs_a[30]  # the 60-step plan had decayed by its end ...
     assert lrs[59 - 30] == lrs[0]  # ... the 120-step one still holds there (wsd)
     assert lrs[-1] < 0.3 * lrs[0] and cb.phase is Phase.DONE  # and decays by step 120
-    events = (tmp_path / "b" / "events.jsonl").read_text()
+    events = (cb.log_dirs[0] / "events.jsonl").read_text()
     assert '"kind": "replan"' in events
 
 
 # ---------------------------------------------------------------------------- schedulers
 
 
-def test_configured_lr_scheduler_is_refused(make_trainer: Any) -> None:
-    trainer = make_trainer([ScheduleSurgeon()], max_steps=10)
-    with pytest.raises(ValueError, match="StepLR") as err:
+def test_configured_lr_scheduler_is_refused_on_request(make_trainer: Any) -> None:
+    trainer = make_trainer([ScheduleSurgeon(replace_lr_schedulers=False)], max_steps=10)
+    with pytest.raises(MisconfigurationException, match="StepLR") as err:
         trainer.fit(TinyRegressor(scheduled=True), make_loader())
     assert "return only the optimizer(s) from configure_optimizers" in str(err.value)
     assert "leave_scheduled_optimizers=True" in str(err.value)
@@ -570,6 +571,10 @@ def test_constructor_defaults_match_the_config_defaults() -> None:
         "total_steps",
         "readback_every",
         "leave_scheduled_optimizers",
+        "replace_lr_schedulers",
+        "cooldown_on_stop",
+        "verbose",
+        "log_dir",
         "skip_nonfinite",
         "grad_check_every",
         "snapshot",
@@ -602,9 +607,8 @@ def test_works_with_both_lightning_namespaces(make_trainer: Any, namespace: str)
 
 
 def test_csv_metrics_events_file_and_log_lines(
-    make_trainer: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    make_trainer: Any, tmp_path: Path, info_lines: list[str]
 ) -> None:
-    caplog.set_level(logging.INFO, logger="surgeon")
     steps = 80
     cb = ScheduleSurgeon(warmup=10, spike_cooldown=4)
     model = TinyRegressor((0.05, 0.005), loss_hook=spike_at(60))
@@ -636,13 +640,19 @@ def test_csv_metrics_events_file_and_log_lines(
     ]
     assert all(math.isclose(r["lr_after"], 0.05 * r["scale_after"]) for r in records)
 
-    surgeon_logs = [r for r in caplog.records if r.name == "surgeon"]
-    assert len(surgeon_logs) == len(cb.events)
-    for record, event in zip(surgeon_logs, cb.events, strict=True):
-        assert record.levelno == logging.INFO
-        message = record.getMessage()
-        assert message.startswith(f"step {event.step}: {event.kind.value}: ")
-        assert event.reason in message
+    # each event is a line through Lightning's rank-zero info channel
+    surgeon_lines = [line for line in info_lines if line.startswith("ScheduleSurgeon: step ")]
+    assert len(surgeon_lines) == len(cb.events)
+    for line, event in zip(surgeon_lines, cb.events, strict=True):
+        assert line.startswith(f"ScheduleSurgeon: step {event.step}: {event.kind.value}: ")
+        assert event.reason in line
+
+
+def test_verbose_false_prints_no_events(make_trainer: Any, info_lines: list[str]) -> None:
+    cb = ScheduleSurgeon(warmup=4, verbose=False)
+    make_trainer([cb], max_steps=20).fit(TinyRegressor(), make_loader())
+    assert len(cb.events) >= 3  # warmup_end, decay_start, done
+    assert not [line for line in info_lines if "ScheduleSurgeon" in line]
 
 
 def test_steps_without_a_loss_are_not_counted(make_trainer: Any) -> None:
@@ -709,8 +719,8 @@ def test_progress_bar_shows_the_phase(make_trainer: Any) -> None:
     cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="cosine")
     trainer = make_trainer([cb, ReadBar()], max_steps=30, enable_progress_bar=True)
     trainer.fit(TinyRegressor(), make_loader())
-    switch = seen.index("decay")  # once, and never back
-    assert seen == ["warmup"] * switch + ["decay"] * (len(seen) - switch)
+    switch = seen.index("decay")  # once, and never back; `done` as the planned steps end
+    assert seen == ["warmup"] * switch + ["decay"] * (len(seen) - switch - 1) + ["done"]
     assert switch > cb.events[0].step  # shown once the controller has decided it
     assert cb.phase.value == "done"  # the last losses, read when training ended, finish the plan
 

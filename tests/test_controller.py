@@ -674,6 +674,8 @@ class TestEvents:
             EventKind.REPLAN,
             EventKind.BUFFERS_RESTORED,
             EventKind.STALLED,
+            EventKind.COOLDOWN,  # a budget's (tests/test_cooldown.py)
+            EventKind.STOPPED,
         }
         assert set(trace.all_kinds()) == set(EventKind) - caller_driven
         assert controller.events == trace.events

@@ -227,3 +227,25 @@ def test_fabric_two_ranks_make_identical_decisions(tmp_path: Path) -> None:
     assert zero["weights"] == one["weights"]
     kinds = [tuple(e) for e in zero["events"]]
     assert (200, "skipped_step") in kinds and (300, "spike") in kinds
+
+
+def test_cool_down_now_reaches_the_floor_by_then() -> None:
+    """Called after step 60 of a 300-step run: the LR goes on from where it is (no jump) and
+    is at the floor 40 steps later; a ``cooldown`` event says why."""
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    surgeon = Surgeon(optimizer, 300, warmup=10, verbose=False)
+    lrs = []
+    for step in range(120):
+        if step == 60:
+            event = surgeon.cool_down_now(40)
+            assert event is not None and event.kind is EventKind.COOLDOWN
+            assert "cool_down_now(steps=40)" in event.reason
+        lrs.append(surgeon.get_last_lr()[0])
+        surgeon.step(1.0 / (1 + step))
+    assert lrs[60] == lrs[59] == pytest.approx(0.1)  # the hold's level, continuous
+    assert lrs[61] < lrs[60]
+    floor = 0.1 * surgeon.engine.config.min_lr_ratio
+    assert lrs[99] > floor and lrs[100] == pytest.approx(floor) == lrs[119]
+    assert surgeon.controller.total_steps == 100
+    assert surgeon.cool_down_now(500) is None  # the plan ends before that anyway

@@ -36,7 +36,9 @@ def test_losses_and_settings_of_a_fit(make_trainer: Any, tmp_path: Path) -> None
     model = TinyRegressor(loss_hook=hook)
     make_trainer([cb], max_steps=steps).fit(model, make_loader())
 
-    rows = read_losses(tmp_path)
+    (run_dir,) = cb.log_dirs  # no logger: default_root_dir/surgeon_logs/version_0
+    assert run_dir == tmp_path / "surgeon_logs" / "version_0"
+    rows = read_losses(run_dir)
     assert [r[0] for r in rows] == list(range(steps))  # every step once, the last ones too
     seen = {r["step"]: r["loss"] for r in model.records}
     for step, loss, skipped in rows:
@@ -44,7 +46,7 @@ def test_losses_and_settings_of_a_fit(make_trainer: Any, tmp_path: Path) -> None
             assert loss != loss and skipped == 1  # NaN, and the guard skipped the update
         else:
             assert loss == pytest.approx(seen[step], rel=1e-6) and skipped == 0
-    settings = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    settings = json.loads((run_dir / SETTINGS_FILE).read_text())
     config = asdict(cb.config)
     assert settings == {
         "total_steps": steps,
@@ -56,8 +58,8 @@ def test_losses_and_settings_of_a_fit(make_trainer: Any, tmp_path: Path) -> None
 
 def test_a_resume_after_a_crash_keeps_each_step_once(make_trainer: Any, tmp_path: Path) -> None:
     """Run A checkpoints at step 20 and crashes at step 33 (its losses.csv then has rows past
-    20); run B resumes from step 20 in the same directory: the file holds 0..59 once each,
-    the rows of steps 20-32 being run B's."""
+    20); run B resumes from step 20 in the same directory (``log_dir``): the file holds 0..59
+    once each, the rows of steps 20-32 being run B's."""
     steps = 60
 
     class Crash(RuntimeError):
@@ -69,16 +71,28 @@ def test_a_resume_after_a_crash_keeps_each_step_once(make_trainer: Any, tmp_path
         return loss
 
     ckpt = ModelCheckpoint(tmp_path / "ckpt", "{step}", every_n_train_steps=20, save_top_k=-1)
-    cb_a = ScheduleSurgeon(min_warmup=4, max_warmup=8)
+    cb_a = ScheduleSurgeon(min_warmup=4, max_warmup=8, log_dir=tmp_path)
     trainer = make_trainer([cb_a, ckpt], max_steps=steps, enable_checkpointing=True)
     with pytest.raises(Crash):
         trainer.fit(TinyRegressor(loss_hook=crash), make_loader())
     assert max(r[0] for r in read_losses(tmp_path)) > 20
 
-    cb_b, model_b = ScheduleSurgeon(min_warmup=4, max_warmup=8), TinyRegressor()
+    cb_b, model_b = ScheduleSurgeon(min_warmup=4, max_warmup=8, log_dir=tmp_path), TinyRegressor()
     trainer = make_trainer([cb_b], max_steps=steps)
     trainer.fit(model_b, make_loader(), ckpt_path=tmp_path / "ckpt" / "step=20.ckpt")
     rows = read_losses(tmp_path)
     assert [r[0] for r in rows] == list(range(steps))
     resumed = {r["step"]: r["loss"] for r in model_b.records}
     assert all(loss == pytest.approx(resumed[step], rel=1e-6) for step, loss, _ in rows[20:])
+
+
+def test_fits_without_a_logger_do_not_overwrite_each_other(
+    make_trainer: Any, tmp_path: Path
+) -> None:
+    """``logger=False``: each fit gets its own ``default_root_dir/surgeon_logs/version_N``."""
+    surgeons = [ScheduleSurgeon(min_warmup=4, max_warmup=8) for _ in range(2)]
+    for steps, cb in zip((20, 30), surgeons, strict=True):
+        make_trainer([cb], max_steps=steps).fit(TinyRegressor(), make_loader())
+    dirs = [cb.log_dirs for cb in surgeons]
+    assert dirs == [[tmp_path / "surgeon_logs" / f"version_{n}"] for n in (0, 1)]
+    assert [len(read_losses(d[0])) for d in dirs] == [20, 30]
