@@ -103,12 +103,6 @@ class EventKind(str, Enum):
     """What the controller decided."""
 
     WARMUP_END = "warmup_end"
-    RAMP_PAUSE = "ramp_pause"
-    """The loss rose during the warmup ramp: the LR holds where it is."""
-    RAMP_RESUME = "ramp_resume"
-    """The loss stopped rising: the warmup ramp goes on."""
-    CLIMB = "climb"
-    """After warmup the loss kept rising: the peak (and the LR) is lowered for good."""
     PLATEAU = "plateau"
     RESTART = "restart"
     SPIKE = "spike"
@@ -139,6 +133,13 @@ class EventKind(str, Enum):
     STALLED = "stalled"
     """Every step was non-finite for two snapshot intervals and nothing was left to roll back
     to: the run cannot make progress and is stopped."""
+    RAMP_PAUSE = "ramp_pause"
+    """The loss rose during the warmup ramp: the LR holds where it is."""
+    RAMP_RESUME = "ramp_resume"
+    """The loss is back down (its EMA no higher than a window before): the warmup ramp goes
+    on."""
+    CLIMB = "climb"
+    """After warmup the loss kept rising: the peak (and the LR) is lowered for good."""
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,7 @@ class Controller:
         (so each is judged before the next is due), and it is part of the rollback bound."""
         check_positive_int("total_steps", total_steps)
         check_positive_int("lag", lag, allow_zero=True)
+        self.lag = lag
         self.config = cfg = config if config is not None else SurgeonConfig()
         self.total_steps = total_steps
         self.floor = cfg.min_lr_ratio
@@ -307,7 +309,7 @@ class Controller:
             self.phase = self._plan_phase(0)
         else:
             ramp = self.max_warmup
-            self._set_plan(self._decay_plan(0, 1.0, v0=1.0 / (ramp + 1), ramp=ramp))
+            self._set_plan(self._warmup_plan(0, 1.0 / (ramp + 1), ramp))
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, statistics, phase, plan, intervention and events (not the configuration,
@@ -427,7 +429,7 @@ class Controller:
         elif in_warmup and (new_shape or warmup_changed):
             # the ramp goes on at its pace; a new max_warmup already behind ends the warmup at
             # the next step (from the LR it is at), and the decay after it is re-planned
-            self._set_plan(self._decay_plan(plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp))
+            self._set_plan(self._warmup_plan(plan.start, plan.v0, plan.ramp))
             how = (
                 f"the warmup ramp goes on (warmup ends by step {max(self.max_warmup, step)} at "
                 "the latest), the decay follows"
@@ -599,7 +601,7 @@ class Controller:
             left = schedules.decay_shape(shape, 1.0, 0.0, length)(lag)
             top = self.floor + (level - self.floor) / left
         self.total_steps = start + steps
-        self.paused = False
+        self.paused = self.awaiting_descent = False
         self._set_plan(_Plan(self.step, top, top, 0, 0, length, shape))
         self.phase = Phase.DECAY
         self.plateau.reset()
@@ -791,7 +793,8 @@ class Controller:
 
     def _warmup_update(self, step: int, loss: float) -> list[Event]:
         """The automatic warmup's decisions on a normal loss: pause the ramp while the loss rises,
-        resume it once it stops rising, end the warmup once the loss has stabilized."""
+        resume it once it is back down (the EMA no higher than a window before: no flapping on
+        a noisy rise), end the warmup once the loss has stabilized."""
         signal = self.stabilizer.update(loss)
         if self.config.warmup != "auto" or self.intervention.mode != "normal":
             return []  # a fixed ramp, or one a spike holds (its recovery resumes it)
@@ -810,13 +813,15 @@ class Controller:
             why = f"the loss is rising: {trend}; the warmup ramp holds at LR scale {level:.3g}"
             return [self._event(step, EventKind.RAMP_PAUSE, why, before)]
         if self.paused:
+            if (det.last_drop or 0.0) < 0.0:
+                return []  # not back down yet: the EMA is above where it was a window ago
             before = self.lr_scale(step + 1)
             level = self._base(step + 1 - self._plan.start)
             self.paused = False
             ramp = self._ramp_steps(level, self.max_warmup)
-            self._set_plan(self._decay_plan(step + 1, self.peak, v0=level, ramp=ramp))
+            self._set_plan(self._warmup_plan(step + 1, level, ramp))
             why = (
-                f"the loss stopped rising: {trend}; the ramp goes on from LR scale {level:.3g} "
+                f"the loss is back down: {trend}; the ramp goes on from LR scale {level:.3g} "
                 f"to {self.peak:.3g} over {ramp} steps"
             )
             return [self._event(step, EventKind.RAMP_RESUME, why, before)]
@@ -867,7 +872,12 @@ class Controller:
         """Warmup is over: from the current level the LR goes to the peak at the ``min_warmup``
         pace (at once if it is there), then decays."""
         before = self.lr_scale(step + 1)
-        level = self._base(step + 1 - self._plan.start)
+        plan, start = self._plan, step + 1
+        if plan.hold is not None and plan.ramp > start - plan.start:
+            # the caller may have written the slow ramp's LRs up to `lag` steps ahead: the
+            # faster ramp goes on from where the slow one is by then (no jump up)
+            start = min(step + 1 + self.lag, plan.start + plan.ramp)
+        level = self._base(start - plan.start)
         self.paused = False
         ramp = self._ramp_steps(level, self.min_warmup)
         # a loss that never fell steeply sits where it started (a saddle): hold the peak, the
@@ -877,13 +887,14 @@ class Controller:
             and self.config.decay != "wsd"  # wsd holds the peak anyway
             and not self.stabilizer.steep_seen
         )
-        latest = self._latest_decay_start(step + 1) if self.awaiting_descent else None
+        latest = self._latest_decay_start(start) if self.awaiting_descent else None
         if ramp:
-            plan = self._decay_plan(step + 1, self.peak, v0=level, ramp=ramp, decay_start=latest)
+            self._set_plan(
+                self._decay_plan(start, self.peak, v0=level, ramp=ramp, decay_start=latest)
+            )
             why += f"; the LR goes from scale {level:.3g} to the peak over {ramp} steps"
         else:
-            plan = self._decay_plan(step + 1, min(level, self.peak), decay_start=latest)
-        self._set_plan(plan)
+            self._set_plan(self._decay_plan(start, min(level, self.peak), decay_start=latest))
         if self.awaiting_descent:
             why += (
                 "; the loss has not fallen steeply yet: the peak is held until it does (a saddle), "
@@ -892,6 +903,16 @@ class Controller:
         self.phase = self._plan_phase(step + 1)
         self.plateau.reset()
         return self._event(step, EventKind.WARMUP_END, why, before)
+
+    def _warmup_plan(self, start: int, v0: float, ramp: int) -> _Plan:
+        """The warmup ramp from ``v0`` to the peak over ``ramp`` steps from ``start``; after it
+        the plan of a warmup whose loss never fell (an automatic warmup, a decay other than
+        wsd): the peak holds until the latest decay start. A warmup that ends with a loss
+        that fell moves the decay forward: an LR written ahead of that decision is the peak,
+        never an early step of a decay that the hold then undoes."""
+        holds = self.config.warmup == "auto" and self.config.decay != "wsd"
+        latest = self._latest_decay_start(start + ramp) if holds else None
+        return self._decay_plan(start, self.peak, v0=v0, ramp=ramp, decay_start=latest)
 
     def _latest_decay_start(self, start: int) -> int:
         """Where a hold that began at ``start`` gives way to the decay at the latest: the last
@@ -1025,7 +1046,7 @@ class Controller:
                 self.paused = True
             else:  # the ramp goes on, to the lower peak
                 ramp = self._ramp_steps(level, self.max_warmup)
-                self._set_plan(self._decay_plan(step + 1, self.peak, v0=level, ramp=ramp))
+                self._set_plan(self._warmup_plan(step + 1, level, ramp))
         elif self.phase is not Phase.DONE and level > self.peak:
             latest = self._latest_decay_start(step + 1) if self.awaiting_descent else None
             self._set_plan(self._decay_plan(step + 1, self.peak, decay_start=latest))
@@ -1056,7 +1077,7 @@ class Controller:
             self.paused = False
             current = self._base(step + 1 - self._plan.start)
             ramp = self._ramp_steps(current, self.max_warmup)
-            self._set_plan(self._decay_plan(step + 1, self.peak, v0=current, ramp=ramp))
+            self._set_plan(self._warmup_plan(step + 1, current, ramp))
             why += "; warmup ramp resumed"
         return [self._event(step, EventKind.RECOVERED, why, before)]
 

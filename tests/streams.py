@@ -27,16 +27,6 @@ def ema_drops(losses: Sequence[float], window: int) -> list[float | None]:
     ]
 
 
-def settled(drops: Sequence[float | None], threshold: float, patience: int) -> list[int]:
-    """Indices at which the last ``patience`` drops were all below ``threshold``."""
-    found, streak = [], 0
-    for t, drop in enumerate(drops):
-        streak = streak + 1 if drop is not None and drop < threshold else 0
-        if streak >= patience:
-            found.append(t)
-    return found
-
-
 def trend_states(
     losses: Sequence[float], window: int, threshold: float, patience: int
 ) -> list[tuple[str, bool, bool]]:
