@@ -658,8 +658,9 @@ class Controller:
         if phase is Phase.DECAY and self.phase is Phase.STABLE:
             plan = self._plan
             level = self._base(step + 1 - plan.start)
+            what = "the hold ends" if plan.hold else "the ramp reached its top"
             why = (
-                f"the hold at LR scale {level:.3g} ends: {plan.shape} decay to the floor "
+                f"{what}: {plan.shape} decay from LR scale {level:.3g} to the floor "
                 f"({self.floor:g}) over the last {plan.decay} steps"
             )
             new_events.append(self._event(step, EventKind.DECAY_START, why, None))

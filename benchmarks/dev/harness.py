@@ -237,7 +237,7 @@ def fit(task: str, lr: float, schedule: str | dict[str, Any], seed: int, steps: 
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=spec.weight_decay)
     ctrl = None
     if isinstance(schedule, dict):
-        ctrl = Controller(steps, SurgeonConfig(**schedule))
+        ctrl = Controller(steps, SurgeonConfig(**schedule), lag=2 * READBACK)
         scale_of = ctrl.lr_scale
     else:
         decay, warm = schedule.split(":")
