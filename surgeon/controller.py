@@ -958,13 +958,13 @@ class Controller:
         assert det.ema is not None
         if det.ema - det.rise_base <= (ratio - 1.0) * abs(det.rise_base):
             return []  # rising, but not yet by the spike ratio: a slow spike, or noise
-        run = det.rise_run
+        run, base = det.rise_run, det.rise_base
         det.restart_rise()  # a further climb is measured from here
         before = self.lr_scale(step + 1)
         self._lower_peak(step, self._base(step + 1 - self._plan.start) * self.config.spike_factor)
         self.plateau.reset()
         why = (
-            f"the loss kept rising: its EMA went from {det.rise_base:.4g} to {det.ema:.4g} "
+            f"the loss kept rising: its EMA went from {base:.4g} to {det.ema:.4g} "
             f"(more than {ratio:g}x), rising beyond its noise ({det.last_noise:.2%} per "
             f"{det.window} steps) for {run} steps in a row; "
             f"the peak is lowered x"
