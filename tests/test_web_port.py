@@ -288,7 +288,10 @@ def test_the_cases_exercise_every_decision(
     expected = set(EventKind) - callback_only
     assert seen == expected
     stabilized = [
-        e for py, _ in both.values() for e in py.events if e.reason.startswith("the loss stabilized")
+        e
+        for py, _ in both.values()
+        for e in py.events
+        if e.reason.startswith("the loss stabilized")
     ]
     assert stabilized and any(
         "warmup ramp resumed" in e.reason for py, _ in both.values() for e in py.events

@@ -1,9 +1,11 @@
 """Dev harness for the controller's decisions: small tasks in plain torch loops, no Lightning.
 
 The surgeon runs as :class:`surgeon.controller.Controller` fed the way the callback feeds it
-(losses handed over in blocks of 4, 4-7 steps after their step), so a fit costs only the
-model's own compute. Fixed schedules: linear warmup from 0 over ``w`` of the run, then
-``cosine`` or ``linear`` to 0, or ``wsd`` (hold, linear to 0 over the last 20%).
+(losses handed over in blocks of 4, 4-7 steps after their step; snapshots and rollbacks as the
+caller makes them), so a fit costs only the model's own compute. Fixed schedules: linear
+warmup from 0 over ``w`` of the run, then ``cosine`` or ``linear`` to 0, ``wsd`` (hold, linear
+to 0 over the last 20%; ``wsd0.5``: the last 50%; ``wsq``: a 1-sqrt tail) or ``constant``.
+Results go to ``runs/dev/``; ``compare.py`` scores surgeon variants against the grids.
 
 These tasks are the *dev* set (the design was chosen on them); the outcome benchmark's tasks
 (``benchmarks/quality_tasks.py``) are the held-out check.
@@ -156,7 +158,11 @@ def build_teacher(seed: int, dim: int = 20, hidden: int = 64, train: int = 50_00
     vy = teach(vx)
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+        nn.Linear(dim, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, 1),
     )
     return Built(model, _batches(x, y, 64, seed), _mse, (vx, vy))
 
@@ -234,7 +240,9 @@ def fit(task: str, lr: float, schedule: str | dict[str, Any], seed: int, steps: 
     if spec.optimizer == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=spec.weight_decay)
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=spec.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=0.9, weight_decay=spec.weight_decay
+        )
     ctrl = None
     if isinstance(schedule, dict):
         ctrl = Controller(steps, SurgeonConfig(**schedule), lag=2 * READBACK)
@@ -313,7 +321,10 @@ def summarize(results: list[dict], key: Callable[[dict], str]) -> dict[str, tupl
     for r in results:
         groups.setdefault(key(r), []).append(r["final"])
     return {
-        k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 and all(map(math.isfinite, v)) else 0.0)
+        k: (
+            statistics.fmean(v),
+            statistics.stdev(v) if len(v) > 1 and all(map(math.isfinite, v)) else 0.0,
+        )
         for k, v in groups.items()
     }
 
@@ -343,7 +354,9 @@ def main() -> None:
     a = p.parse_args()
     seeds = range(a.seeds)
     if a.mode == "sweep":
-        jobs = [(a.task, float(lr), "cosine:0.05", s, a.steps) for lr in a.lrs.split(",") for s in seeds]
+        jobs = [
+            (a.task, float(lr), "cosine:0.05", s, a.steps) for lr in a.lrs.split(",") for s in seeds
+        ]
         key = lambda r: f"lr={r['lr']:g}"  # noqa: E731
     elif a.mode == "grid":
         scheds = [f"{d}:{w}" for d in a.decays.split(",") for w in a.warmups.split(",")]
