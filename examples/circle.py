@@ -3,8 +3,8 @@
 The small problem of the classic learning-rate-schedule lesson: points uniform in
 [-2, 2]^2 (or standard normal, ``--distribution gaussian``), a two-layer network
 (2 -> 16 -> 1, ReLU), SGD with momentum. The surgeon takes the optimizer's LR as its peak,
-warms up until the loss settles, holds and then decays it (warmup-stable-decay, the
-default) and reacts to plateaus;
+ramps it up until the loss settles after its first descent, then decays it linearly to 0
+(the defaults);
 ``--spike-at N`` makes the batch of step N 20x worse to show a spike and its recovery.
 
     python examples/circle.py                        # 1000 steps, under a minute on a CPU

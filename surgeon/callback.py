@@ -92,10 +92,10 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
     """Runs the learning rate of every optimizer as an adaptive warmup/decay controller.
 
     With no arguments: each group's configured LR is its peak, warmup is automatic
-    (ramp over ``min_warmup``, hold until the loss stabilizes, at most ``max_warmup``),
-    warmup-stable-decay (hold the peak, then linear to ``min_lr_ratio x peak`` over the
-    last ``wsd_decay_fraction`` of the run; ``decay`` picks another shape), and
-    plateau/spike/NaN interventions. Lengths (``Steps``) are an int of optimizer steps or a
+    (a ramp paced by the loss: slow while it falls steeply, paused while it rises, finished
+    once it stabilizes; between ``min_warmup`` and ``max_warmup``), then a linear decay to
+    ``min_lr_ratio x peak`` (0; ``decay`` picks another shape), and plateau/spike/NaN
+    interventions. Lengths (``Steps``) are an int of optimizer steps or a
     float fraction of the planned run. An LR scheduler returned by ``configure_optimizers``
     is dropped (the surgeon owns the LR), a run that will end sooner than planned
     (``max_time``, an ``EarlyStopping`` about to stop it, :meth:`cool_down_now`) cools down
@@ -109,27 +109,31 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             where Lightning counts each ``opt.step()``) or ``max_epochs``
             (``trainer.estimated_stepping_batches``); with only ``max_time``, planned from
             the step rate of the first steps.
-        warmup: ``"auto"``: ramp over ``min_warmup`` steps, hold the peak until the loss
-            stabilizes (never past ``max_warmup``); a length (an int of steps or a float
-            fraction of the run): a fixed linear warmup that long.
-        min_warmup: Shortest automatic warmup, also the length of its linear ramp.
-        max_warmup: Longest automatic warmup: the plan goes on from here if the loss never
-            stabilized.
+        warmup: ``"auto"``: a linear ramp at the pace of a ``max_warmup``-step ramp, paused
+            while the loss rises, finished at the pace of a ``min_warmup``-step ramp once the
+            loss has stabilized after its initial descent; a length (an int of steps or a
+            float fraction of the run): a fixed linear warmup that long.
+        min_warmup: Shortest automatic warmup: the pace at which the ramp finishes once the
+            loss has stabilized.
+        max_warmup: Longest automatic warmup: the pace of the ramp while the loss still falls
+            steeply; the warmup ends here at the latest.
         min_lr_ratio: The floor: decay ends at ``min_lr_ratio x`` each group's peak LR; cuts
             never go lower.
-        decay: Shape from the peak to the floor (``"wsd"``, ``"cosine"``, ``"linear"``,
-            ``"sqrt"``); ``"wsd"`` holds the peak (phase ``stable``), then decays linearly
-            over the last ``wsd_decay_fraction`` of the steps that remain.
+        decay: Shape from the peak to the floor (``"linear"``, ``"cosine"``, ``"sqrt"``,
+            ``"wsd"``); ``"wsd"`` holds the peak (phase ``stable``), then decays linearly
+            over the last ``wsd_decay_fraction`` of the steps that remain. A loss that never
+            fell steeply (a saddle) holds the peak until its descent comes and stabilizes.
         wsd_decay_fraction: Share of the steps after warmup that the ``"wsd"`` tail spends
             decaying; also the default length of :meth:`cool_down_now` and the share of a
             ``max_time`` run that its cooldown takes.
         stabilize_window: Window (at least 10 steps) over which the loss EMA's relative drop
             is measured.
-        stabilize_threshold: The loss counts as stabilized when its EMA falls less than this
-            fraction per window.
-        stabilize_patience: Consecutive steps the drop must stay under the threshold.
+        stabilize_threshold: Drop per window that tells a steep loss (falling faster, beyond
+            twice its noise) from a settled one; a rise by more is a rise.
+        stabilize_patience: Consecutive updates a state must hold (settled, steep, rising
+            after warmup).
         plateau_patience: Steps without a ``plateau_min_delta`` improvement of the smoothed
-            loss before acting.
+            loss before acting (a cut acts only in a hold at the peak).
         plateau_min_delta: Relative improvement of the loss EMA that counts as progress.
         plateau_cooldown: Steps after a plateau response during which the plateau detector
             stays quiet.
@@ -140,10 +144,12 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         max_restarts: Restarts allowed before a plateau falls back to a cut.
         restart_peak: LR a restart re-warms to, as a fraction of the peak.
         restart_warmup: Length of a restart's re-warm ramp.
-        spike_zscore: A loss this many running standard deviations above the running mean
-            may be a spike.
-        spike_ratio: ...and it must also exceed this multiple of the running mean.
-        spike_factor: A spike or a non-finite loss multiplies the LR by this factor.
+        spike_zscore: A loss this many noise standard deviations (from first differences)
+            above the running level (the median of the last 16 losses) may be a spike.
+        spike_ratio: ...and it must also exceed this multiple of the running level; a loss
+            that climbs this far after warmup lowers the peak.
+        spike_factor: A spike or a non-finite loss multiplies the LR by this factor; a spike
+            while the LR comes back from a cut lowers the peak to this factor x its LR.
         spike_cooldown: Steps (at least 1) the cut LR is held before recovery may start.
         spike_recovery: Steps (at least 1) over which the LR ramps back once the loss is in
             its normal band.
@@ -196,8 +202,8 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         warmup: WarmupMode = "auto",
         min_warmup: Steps = 0.02,
         max_warmup: Steps = 0.1,
-        min_lr_ratio: float = 0.1,
-        decay: DecayName = "wsd",
+        min_lr_ratio: float = 0.0,
+        decay: DecayName = "linear",
         wsd_decay_fraction: float = 0.2,
         stabilize_window: Steps = 0.01,
         stabilize_threshold: float = 0.02,

@@ -50,31 +50,40 @@ class SurgeonConfig:
     """Every knob of the controller, validated on construction."""
 
     warmup: WarmupMode = "auto"
-    """``"auto"``: ramp over ``min_warmup`` steps, hold the peak until the loss stabilizes
-    (never past ``max_warmup``); a length (an int of steps or a float fraction of the run): a
+    """``"auto"``: a linear ramp at the pace of a ``max_warmup``-step ramp, paused while the loss
+    rises, finished at the pace of a ``min_warmup``-step ramp once the loss has stabilized
+    after its initial descent; a length (an int of steps or a float fraction of the run): a
     fixed linear warmup that long."""
     min_warmup: Steps = 0.02
-    """Shortest automatic warmup, also the length of its linear ramp."""
+    """Shortest automatic warmup: the pace (a 0-to-peak ramp of this many steps) at which the
+    ramp finishes once the loss has stabilized."""
     max_warmup: Steps = 0.1
-    """Longest automatic warmup: decay starts here if the loss never stabilized."""
-    min_lr_ratio: float = 0.1
-    """The floor: decay ends at ``min_lr_ratio x`` each group's peak LR; cuts never go lower."""
-    decay: DecayName = "wsd"
-    """Shape from the peak to the floor; ``"wsd"`` holds the peak, then decays linearly over
-    the last ``wsd_decay_fraction`` of the steps that remain."""
+    """Longest automatic warmup: the pace of the ramp while the loss still falls steeply (it
+    reaches the peak here unless held); the warmup ends here at the latest."""
+    min_lr_ratio: float = 0.0
+    """The floor: decay ends at ``min_lr_ratio x`` each group's peak LR; cuts never go lower.
+    0 (decay to zero): Bergsma et al. 2025, "Straight to zero"."""
+    decay: DecayName = "linear"
+    """Shape from the peak to the floor; ``"linear"`` (Defazio et al. 2023, Bergsma et al.
+    2025); ``"wsd"`` holds the peak, then decays linearly over the last ``wsd_decay_fraction``
+    of the steps that remain."""
     wsd_decay_fraction: float = WSD_DECAY_FRACTION
     """Share of the steps after warmup that the ``"wsd"`` tail spends decaying (``surgeon
-    preview wsd`` takes the same default, as a share of all steps)."""
+    preview wsd`` takes the same default, as a share of all steps); also the share a hold on
+    a saddle leaves for the decay at the least."""
 
     stabilize_window: Steps = 0.01
     """Window (at least 10 steps) over which the loss EMA's relative drop is measured."""
     stabilize_threshold: float = 0.02
-    """The loss counts as stabilized when its EMA falls less than this fraction per window."""
+    """Drop per window that tells steep from settled: steep when the EMA falls faster than this
+    beyond twice its noise; rising when it rises more than this and than twice its noise."""
     stabilize_patience: int = 10
-    """Consecutive steps the drop must stay under the threshold."""
+    """Consecutive updates a state must hold: settled (stabilized), steep (a descent seen),
+    rising after warmup (a climb)."""
 
     plateau_patience: Steps = 0.1
-    """Steps without a ``plateau_min_delta`` improvement of the smoothed loss before acting."""
+    """Steps without a ``plateau_min_delta`` improvement of the smoothed loss before acting;
+    a cut acts only in a hold at the peak (``wsd``), never in a decay."""
     plateau_min_delta: float = 1e-3
     """Relative improvement of the loss EMA that counts as progress."""
     plateau_cooldown: Steps = 0.1
@@ -92,11 +101,14 @@ class SurgeonConfig:
     """Length of a restart's re-warm ramp."""
 
     spike_zscore: float = 6.0
-    """A loss this many running standard deviations above the running mean may be a spike."""
+    """A loss this many noise standard deviations (from first differences) above the running
+    level (the median of the last 16 losses) may be a spike."""
     spike_ratio: float = 1.5
-    """...and it must also exceed this multiple of the running mean."""
+    """...and it must also exceed this multiple of the running level; a loss that climbs this
+    far over its level after warmup lowers the peak."""
     spike_factor: float = 0.5
-    """A spike or a non-finite loss multiplies the LR by this factor."""
+    """A spike or a non-finite loss multiplies the LR by this factor; a spike while the LR
+    comes back from a cut (or a climb) lowers the peak to this factor x the LR it happened at."""
     spike_cooldown: Steps = 0.01
     """Steps (at least 1) the cut LR is held before recovery may start."""
     spike_recovery: Steps = 0.02

@@ -7,11 +7,30 @@ param group gets is ``its own base LR x lr_scale(step)``, so group ratios hold.
 The multiplier is ``base(step) x intervention(step)``:
 
 * ``base`` is a *plan*, a ramp-hold-decay curve built from :mod:`surgeon.schedules`
-  and re-planned only by decisions: warmup end, a plateau cut or restart, and a
-  spike during warmup (which pauses the ramp);
+  and re-planned only by decisions, each an event whose reason quotes its numbers:
+
+  - **warmup** (``warmup="auto"``): a linear ramp from ~0 at the pace of a ``max_warmup``-step
+    ramp, *paused* while the loss rises (``ramp_pause``/``ramp_resume``: a catapult, the LR
+    passed the stability edge; Kalra & Barkeshli 2024), *finished* at the pace of a
+    ``min_warmup``-step ramp once the loss has stabilized after its initial descent
+    (``warmup_end``; AutoWU, Kim et al. 2021). A loss that is still falling steeply keeps the
+    slow ramp to its end; one still rising at ``max_warmup`` makes the LR it reached the peak.
+    The stabilization detector tells steep, settled and rising apart against the loss's own
+    noise;
+  - **decay** from the peak to the floor (``linear`` to 0 by default), right after warmup,
+    unless the loss never fell steeply (a saddle, Barak et al. 2022): then the peak holds
+    until the descent comes and stabilizes (``decay_start``), at the latest until the last
+    ``wsd_decay_fraction`` of the run;
+  - **ceilings**: the peak is lowered for the rest of the run when the LR proves too high for
+    the run: a spike while the LR is coming back from the last cut (or soon after), a loss that
+    keeps rising after warmup by more than ``spike_ratio`` (``climb``), a loss still rising at
+    ``max_warmup``;
+  - **plateau**: a stall during a hold at the peak (``wsd``) cuts the LR; a decay is left alone
+    (it lowers the LR already); ``plateau_action="restart"`` re-warms;
 * ``intervention`` is 1 except after a spike or a non-finite loss: cut by
   ``spike_factor``, held for ``spike_cooldown`` steps, and ramped back to 1 over
-  ``spike_recovery`` steps once the loss is back in its normal band.
+  ``spike_recovery`` steps once the loss is back in its normal band (a spike during the warmup
+  ramp also pauses it).
 
 Rollback: the caller keeps last-good snapshots of the weights and tells the
 controller when it took one (:meth:`Controller.snapshot_due`, every ``snapshot_every``
@@ -55,6 +74,7 @@ _PLAN_SETTINGS = frozenset(
 """Settings the plan is built from: changed on a resume, the rest is re-planned over them."""
 
 _MIN_STABILIZE_WINDOW = 10
+_MIN_PEAK = 1e-12  # a lowered peak stays positive even with a floor of 0
 _MIN_SNAPSHOT_EVERY = 10
 
 
@@ -113,6 +133,13 @@ class EventKind(str, Enum):
     STALLED = "stalled"
     """Every step was non-finite for two snapshot intervals and nothing was left to roll back
     to: the run cannot make progress and is stopped."""
+    RAMP_PAUSE = "ramp_pause"
+    """The loss rose during the warmup ramp: the LR holds where it is."""
+    RAMP_RESUME = "ramp_resume"
+    """The loss is back down (its EMA no higher than a window before): the warmup ramp goes
+    on."""
+    CLIMB = "climb"
+    """After warmup the loss kept rising: the peak (and the LR) is lowered for good."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +235,7 @@ class Controller:
         (so each is judged before the next is due), and it is part of the rollback bound."""
         check_positive_int("total_steps", total_steps)
         check_positive_int("lag", lag, allow_zero=True)
+        self.lag = lag
         self.config = cfg = config if config is not None else SurgeonConfig()
         self.total_steps = total_steps
         self.floor = cfg.min_lr_ratio
@@ -260,6 +288,9 @@ class Controller:
         self.events: list[Event] = []
         self.restarts = 0
         self.paused = False
+        self.peak = 1.0
+        self.awaiting_descent = False
+        self.watch_until = 0
         self.nonfinite_streak = 0
         self.nonfinite_applied = False
         """Some step of the current non-finite streak had its update applied (unguarded)."""
@@ -277,12 +308,8 @@ class Controller:
             self._set_plan(self._decay_plan(0, 1.0))
             self.phase = self._plan_phase(0)
         else:
-            ramp = self.min_warmup
-            self._set_plan(
-                self._decay_plan(
-                    0, 1.0, v0=1.0 / (ramp + 1), ramp=ramp, decay_start=self.max_warmup
-                )
-            )
+            ramp = self.max_warmup
+            self._set_plan(self._warmup_plan(0, 1.0 / (ramp + 1), ramp))
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, statistics, phase, plan, intervention and events (not the configuration,
@@ -294,6 +321,9 @@ class Controller:
             "plan": asdict(self._plan),
             "intervention": asdict(self.intervention),
             "paused": self.paused,
+            "peak": self.peak,
+            "awaiting_descent": self.awaiting_descent,
+            "watch_until": self.watch_until,
             "restarts": self.restarts,
             "nonfinite_streak": self.nonfinite_streak,
             "nonfinite_applied": self.nonfinite_applied,
@@ -325,6 +355,9 @@ class Controller:
         self.phase = Phase(state["phase"])
         self.intervention = _Intervention(**state["intervention"])
         self.paused = state["paused"]
+        self.peak = state.get("peak", 1.0)
+        self.awaiting_descent = state.get("awaiting_descent", False)
+        self.watch_until = state.get("watch_until", 0)
         self.restarts = state["restarts"]
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
         self.nonfinite_applied = state.get("nonfinite_applied", False)
@@ -394,15 +427,19 @@ class Controller:
         elif plan.hold is None:  # a warmup paused by a spike: its recovery plans the rest
             how = "the paused warmup plans the rest when it resumes"
         elif in_warmup and (new_shape or warmup_changed):
-            # the new max_warmup may be behind: the decay then starts here, not in the past
-            ends = max(self.max_warmup, step)
-            self._set_plan(
-                self._decay_plan(plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp, decay_start=ends)
+            # the ramp goes on at its pace; a new max_warmup already behind ends the warmup at
+            # the next step (from the LR it is at), and the decay after it is re-planned
+            self._set_plan(self._warmup_plan(plan.start, plan.v0, plan.ramp))
+            how = (
+                f"the warmup ramp goes on (warmup ends by step {max(self.max_warmup, step)} at "
+                "the latest), the decay follows"
             )
-            how = f"warmup now ends by step {ends}, the decay follows"
         elif not in_warmup and (new_shape or ("min_lr_ratio" in changed and decaying)):
             if step < plan.start + plan.ramp:  # a restart's ramp in progress: let it finish
                 self._set_plan(self._decay_plan(plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp))
+            elif self.awaiting_descent:  # the hold on a saddle goes on
+                latest = self._latest_decay_start(step)
+                self._set_plan(self._decay_plan(step, level, decay_start=latest))
             else:
                 self._set_plan(self._decay_plan(step, level, tail_only=decaying))
             self.phase = self._plan_phase(step)
@@ -424,29 +461,22 @@ class Controller:
 
     def start_at(self, step: int) -> Event:
         """Begin at ``step`` instead of 0: the run trained ``step`` steps before without a
-        controller, at its configured LR, which is the peak. No ramp again: within
-        ``max_warmup`` the peak holds until the loss stabilizes, past it the decay plan runs
-        to ``total_steps``. Returns the ``replan`` event that says so (recorded)."""
+        controller, at its configured LR, which is the peak. No ramp again: warmup counts as
+        done and the decay plan runs from the peak to ``total_steps``. Returns the ``replan``
+        event that says so (recorded)."""
         if self.step or self.events:
             raise ValueError(f"start_at() on a controller that has run (step {self.step})")
         check_positive_int("step", step, allow_zero=True)
         self.step = step
+        self._set_plan(self._decay_plan(step, 1.0))
         if step >= self.total_steps:
-            self._set_plan(self._decay_plan(step, 1.0))
             self.phase = Phase.DONE
             how = "nothing is left to plan: the LR is at the floor"
-        elif step >= self.max_warmup:
-            self._set_plan(self._decay_plan(step, 1.0))
+        else:
             self.phase = self._plan_phase(step)
             how = (
                 f"warmup counts as done; {self.config.decay} decay to the floor "
                 f"({self.floor:g} of the peak) by step {self.total_steps}"
-            )
-        else:
-            self._set_plan(self._decay_plan(step, 1.0, decay_start=self.max_warmup))
-            how = (
-                "no ramp: the peak holds until the loss stabilizes (warmup ends by step "
-                f"{self.max_warmup} at the latest), then the decay"
             )
         why = (
             f"started at step {step} from a checkpoint without surgeon state: the {step} steps "
@@ -483,7 +513,7 @@ class Controller:
         new_events: list[Event] = []
         self._expire_recovery(step)
 
-        mean, var = self.spike.mean, self.spike.var  # before this loss, for a spike's reason
+        mean, std = self.spike.mean, self.spike.std  # before this loss, for a spike's reason
         if update_skipped and math.isfinite(loss):
             signal, bad = Signal.NONFINITE, f"gradients are non-finite (loss {loss:.4g}); "
         else:
@@ -505,7 +535,7 @@ class Controller:
             self.nonfinite_streak, self.nonfinite_applied = 0, False
             why = (
                 f"loss {loss:.4g} is {self.spike.last_zscore:.1f} sigma above its running mean "
-                f"{mean:.4g} (std {math.sqrt(var):.3g}; thresholds {self.spike.zscore:g} sigma and "
+                f"{mean:.4g} (noise {std:.3g}; thresholds {self.spike.zscore:g} sigma and "
                 f"{self.spike.ratio:g}x the mean); "
             )
             threshold = self.config.rollback_threshold
@@ -532,8 +562,10 @@ class Controller:
                 new_events += self._maybe_recover(step, loss)
             if self.phase is Phase.WARMUP:
                 new_events += self._warmup_update(step, loss)
+            elif self.awaiting_descent:
+                new_events += self._saddle_update(step, loss)
             elif self.phase in (Phase.STABLE, Phase.DECAY) and self.intervention.mode == "normal":
-                new_events += self._plateau_update(step, loss)
+                new_events += self._climb_update(step, loss) or self._plateau_update(step, loss)
         return self._close_step(step, new_events)
 
     def pass_step(self) -> list[Event]:
@@ -569,7 +601,7 @@ class Controller:
             left = schedules.decay_shape(shape, 1.0, 0.0, length)(lag)
             top = self.floor + (level - self.floor) / left
         self.total_steps = start + steps
-        self.paused = False
+        self.paused = self.awaiting_descent = False
         self._set_plan(_Plan(self.step, top, top, 0, 0, length, shape))
         self.phase = Phase.DECAY
         self.plateau.reset()
@@ -585,6 +617,8 @@ class Controller:
     def _expire_recovery(self, step: int) -> None:
         if self.intervention.mode == "recover" and self.intervention.at(step + 1) >= 1.0:
             self.intervention = _Intervention()
+            # a spike this soon after the LR is back is the same instability again
+            self.watch_until = step + 1 + self.spike_cooldown + self.spike_recovery
 
     def _close_step(self, step: int, new_events: list[Event]) -> list[Event]:
         """What every step ends with: a snapshot of this step that did not settle is no good,
@@ -592,8 +626,8 @@ class Controller:
         pending = self._pending_snapshot
         if pending is not None and pending[0] == step:  # its loss was not normal (or unknown)
             self._pending_snapshot = None
-        if self.phase is Phase.WARMUP and step + 1 >= self.max_warmup:
-            new_events.append(self._end_warmup(step, self._warmup_deadline_reason()))
+        if self.phase is Phase.WARMUP:
+            new_events += self._warmup_clock(step)
         self._follow_plan(step, new_events)
         if new_events:  # each says the phase the step's decisions left the run in
             new_events = [replace(event, phase=self.phase) for event in new_events]
@@ -624,8 +658,9 @@ class Controller:
         if phase is Phase.DECAY and self.phase is Phase.STABLE:
             plan = self._plan
             level = self._base(step + 1 - plan.start)
+            what = "the hold ends" if plan.hold else "the ramp reached its top"
             why = (
-                f"the hold at LR scale {level:.3g} ends: {plan.shape} decay to the floor "
+                f"{what}: {plan.shape} decay from LR scale {level:.3g} to the floor "
                 f"({self.floor:g}) over the last {plan.decay} steps"
             )
             new_events.append(self._event(step, EventKind.DECAY_START, why, None))
@@ -758,64 +793,207 @@ class Controller:
         return event
 
     def _warmup_update(self, step: int, loss: float) -> list[Event]:
+        """The automatic warmup's decisions on a normal loss: pause the ramp while the loss rises,
+        resume it once it is back down (the EMA no higher than a window before: no flapping on
+        a noisy rise), end the warmup once the loss has stabilized."""
         signal = self.stabilizer.update(loss)
-        ready = (
-            self.config.warmup == "auto"
-            and signal is Signal.STABILIZED
-            and step + 1 >= self.min_warmup
-            and not self.paused
-            and self.intervention.mode == "normal"
-            and self._base(step + 1 - self._plan.start) >= 1.0
-        )
-        if not ready:
-            return []
+        if self.config.warmup != "auto" or self.intervention.mode != "normal":
+            return []  # a fixed ramp, or one a spike holds (its recovery resumes it)
         det = self.stabilizer
-        why = (
-            f"loss stabilized: its EMA fell {det.last_drop:.2%} over the last {det.window} steps "
-            f"(threshold {det.threshold:.2%}) for {det.patience} steps in a row"
+        trend = (
+            f"its EMA changed by {-(det.last_drop or 0.0):+.2%} over the last {det.window} steps "
+            f"(noise {det.last_noise:.2%}, threshold {det.threshold:.2%})"
         )
+        if signal is Signal.RISING:
+            if self.paused:
+                return []
+            before = self.lr_scale(step + 1)
+            level = self._base(step + 1 - self._plan.start)
+            self.paused = True
+            self._set_plan(_Plan(step + 1, level, level, 0, None, 0, "linear"))
+            why = f"the loss is rising: {trend}; the warmup ramp holds at LR scale {level:.3g}"
+            return [self._event(step, EventKind.RAMP_PAUSE, why, before)]
+        if self.paused:
+            if (det.last_drop or 0.0) < 0.0:
+                return []  # not back down yet: the EMA is above where it was a window ago
+            before = self.lr_scale(step + 1)
+            level = self._base(step + 1 - self._plan.start)
+            self.paused = False
+            ramp = self._ramp_steps(level, self.max_warmup)
+            self._set_plan(self._warmup_plan(step + 1, level, ramp))
+            why = (
+                f"the loss is back down: {trend}; the ramp goes on from LR scale {level:.3g} "
+                f"to {self.peak:.3g} over {ramp} steps"
+            )
+            return [self._event(step, EventKind.RAMP_RESUME, why, before)]
+        if signal is Signal.STABILIZED and step + 1 >= self.min_warmup:
+            why = (
+                f"the loss stabilized after its initial descent: {trend}, not steeper and not "
+                f"rising for {det.patience} steps in a row"
+            )
+            return [self._end_warmup(step, why)]
+        return []
+
+    def _ramp_steps(self, level: float, pace: int) -> int:
+        """Steps from ``level`` to the peak at the pace of a 0-to-peak ramp of ``pace`` steps."""
+        return math.ceil(max(0.0, self.peak - level) * pace)
+
+    def _warmup_clock(self, step: int) -> list[Event]:
+        """At the end of step ``step`` in warmup: the ramp reached the peak (the warmup is over),
+        or ``max_warmup`` is reached (it ends here)."""
+        plan, det = self._plan, self.stabilizer
+        if plan.hold is not None and step + 1 - plan.start >= plan.ramp:
+            if self.config.warmup != "auto":
+                why = f"fixed warmup of {self.max_warmup} steps finished"
+            else:
+                drop = "none measured yet" if det.last_drop is None else f"{det.last_drop:.2%}"
+                why = (
+                    f"the ramp reached the peak at the pace of a {self.max_warmup}-step ramp "
+                    f"(max_warmup) before the loss stabilized (last EMA drop {drop} per "
+                    f"{det.window} steps, noise {det.last_noise:.2%})"
+                )
+            return [self._end_warmup(step, why)]
+        if step + 1 < self.max_warmup:
+            return []
+        level = self._base(step + 1 - plan.start)
+        if self.paused and self.intervention.mode == "normal":  # held by a rising loss
+            self.peak = min(self.peak, level)
+            why = (
+                f"max_warmup={self.max_warmup} steps reached while the loss was rising: the peak "
+                f"is lowered to LR scale {self.peak:.3g}, the highest the loss took"
+            )
+        else:
+            why = (
+                f"max_warmup={self.max_warmup} steps reached at LR scale {level:.3g} (the ramp was "
+                f"held on the way); it finishes at the pace of a {self.min_warmup}-step ramp"
+            )
         return [self._end_warmup(step, why)]
 
-    def _warmup_deadline_reason(self) -> str:
-        if self.config.warmup != "auto":
-            return f"fixed warmup of {self.max_warmup} steps finished"
-        det = self.stabilizer
-        if det.last_drop is None:
-            seen = f"no drop measured yet: the window is {det.window} steps"
-        else:
-            seen = (
-                f"last drop {det.last_drop:.2%} per {det.window} steps, threshold "
-                f"{det.threshold:.2%}; below it {det.streak} steps in a row of the "
-                f"{det.patience} needed"
-            )
-        return f"max_warmup={self.max_warmup} steps reached before the loss stabilized ({seen})"
-
     def _end_warmup(self, step: int, why: str) -> Event:
+        """Warmup is over: from the current level the LR goes to the peak at the ``min_warmup``
+        pace (at once if it is there), then decays."""
         before = self.lr_scale(step + 1)
+        plan, start = self._plan, step + 1
+        if plan.hold is not None and plan.ramp > start - plan.start:
+            # the caller may have written the slow ramp's LRs up to `lag` steps ahead: the
+            # faster ramp goes on from where the slow one is by then (no jump up)
+            start = min(step + 1 + self.lag, plan.start + plan.ramp)
+        level = self._base(start - plan.start)
         self.paused = False
-        self._set_plan(self._decay_plan(step + 1, self._base(step + 1 - self._plan.start)))
+        ramp = self._ramp_steps(level, self.min_warmup)
+        # a loss that never fell steeply sits where it started (a saddle): hold the peak, the
+        # decay waits for the descent (at the latest, a wsd tail)
+        self.awaiting_descent = (
+            self.config.warmup == "auto"
+            and self.config.decay != "wsd"  # wsd holds the peak anyway
+            and not self.stabilizer.steep_seen
+        )
+        latest = self._latest_decay_start(start) if self.awaiting_descent else None
+        if ramp:
+            self._set_plan(
+                self._decay_plan(start, self.peak, v0=level, ramp=ramp, decay_start=latest)
+            )
+            why += f"; the LR goes from scale {level:.3g} to the peak over {ramp} steps"
+        else:
+            self._set_plan(self._decay_plan(start, min(level, self.peak), decay_start=latest))
+        if self.awaiting_descent:
+            why += (
+                "; the loss has not fallen steeply yet: the peak is held until it does (a saddle), "
+                f"at the latest until step {latest}"
+            )
         self.phase = self._plan_phase(step + 1)
         self.plateau.reset()
         return self._event(step, EventKind.WARMUP_END, why, before)
 
+    def _warmup_plan(self, start: int, v0: float, ramp: int) -> _Plan:
+        """The warmup ramp from ``v0`` to the peak over ``ramp`` steps from ``start``; after it
+        the plan of a warmup whose loss never fell (an automatic warmup, a decay other than
+        wsd): the peak holds until the latest decay start. A warmup that ends with a loss
+        that fell moves the decay forward: an LR written ahead of that decision is the peak,
+        never an early step of a decay that the hold then undoes."""
+        holds = self.config.warmup == "auto" and self.config.decay != "wsd"
+        latest = self._latest_decay_start(start + ramp) if holds else None
+        return self._decay_plan(start, self.peak, v0=v0, ramp=ramp, decay_start=latest)
+
+    def _latest_decay_start(self, start: int) -> int:
+        """Where a hold that began at ``start`` gives way to the decay at the latest: the last
+        ``wsd_decay_fraction`` of the steps from ``start`` are left for the decay."""
+        return self.total_steps - round(self.config.wsd_decay_fraction * (self.total_steps - start))
+
+    def _saddle_update(self, step: int, loss: float) -> list[Event]:
+        """The peak is held while the loss sits where it started and while it then falls
+        steeply; the decay begins once that descent has stabilized, as a warmup ends (Barak et
+        al. 2022: a lower LR only delays the escape from such a plateau)."""
+        signal = self.stabilizer.update(loss)
+        det = self.stabilizer
+        if self.phase is not Phase.STABLE:  # the latest decay start came first
+            self.awaiting_descent = False
+            return []
+        if signal is not Signal.STABILIZED:
+            return []
+        before = self.lr_scale(step + 1)
+        self.awaiting_descent = False
+        level = self._base(step + 1 - self._plan.start)
+        self._set_plan(self._decay_plan(step + 1, level))
+        self.phase = self._plan_phase(step + 1)
+        self.plateau.reset()
+        why = (
+            f"the loss left its initial plateau and its descent stabilized: its EMA changed by "
+            f"{-(det.last_drop or 0.0):+.2%} over the last {det.window} steps (noise "
+            f"{det.last_noise:.2%}, threshold {det.threshold:.2%}) for {det.patience} steps; "
+            f"{self._plan.shape} decay from LR scale {level:.3g} to the floor ({self.floor:g}) "
+            f"over the remaining {self._plan.decay} steps"
+        )
+        return [self._event(step, EventKind.DECAY_START, why, before)]
+
+    def _climb_update(self, step: int, loss: float) -> list[Event]:
+        """After warmup: a loss that rises for ``stabilize_patience`` updates in a row beyond
+        its noise is climbing away (the LR is past what the run can take now, e.g. at the edge
+        of stability; a catapult that does not come back): the peak is lowered to
+        ``spike_factor x`` the current LR scale for the rest of the run."""
+        det = self.stabilizer
+        if det.update(loss) is not Signal.RISING or det.rise_run < det.patience:
+            return []
+        ratio = self.config.spike_ratio
+        assert det.ema is not None
+        if det.ema - det.rise_base <= (ratio - 1.0) * abs(det.rise_base):
+            return []  # rising, but not yet by the spike ratio: a slow spike, or noise
+        run, base = det.rise_run, det.rise_base
+        det.restart_rise()  # a further climb is measured from here
+        before = self.lr_scale(step + 1)
+        self._lower_peak(step, self._base(step + 1 - self._plan.start) * self.config.spike_factor)
+        self.plateau.reset()
+        why = (
+            f"the loss kept rising: its EMA went from {base:.4g} to {det.ema:.4g} "
+            f"(more than {ratio:g}x), rising beyond its noise ({det.last_noise:.2%} per "
+            f"{det.window} steps) for {run} steps in a row; "
+            f"the peak is lowered x"
+            f"{self.config.spike_factor:g} to LR scale {self.peak:.3g} for the rest of the run"
+        )
+        return [self._event(step, EventKind.CLIMB, why, before)]
+
     def _plateau_update(self, step: int, loss: float) -> list[Event]:
+        """A stalled loss: cut the LR of a hold at its level (a decay already lowers it: a cut
+        late in a healthy decay only costs), or restart (``plateau_action="restart"``)."""
         if self.plateau.update(loss) is not Signal.PLATEAU:
             return []
         cfg, det = self.config, self.plateau
+        restart = cfg.plateau_action == "restart" and self.restarts < cfg.max_restarts
+        if not restart and self.phase is not Phase.STABLE:
+            return []
         before = self.lr_scale(step + 1)
         current = self._base(step + 1 - self._plan.start)
         stalled = (
             f"the smoothed loss (EMA {det.ema:.4g}) has not improved by {det.min_delta:.2%} on "
             f"its best {det.best:.4g} for {det.patience} steps; "
         )
-        if cfg.plateau_action == "restart" and self.restarts < cfg.max_restarts:
+        if restart:
             self.restarts += 1
-            self._set_plan(
-                self._decay_plan(step + 1, cfg.restart_peak, v0=current, ramp=self.restart_warmup)
-            )
+            target = cfg.restart_peak * self.peak
+            self._set_plan(self._decay_plan(step + 1, target, v0=current, ramp=self.restart_warmup))
             why = (
                 f"{stalled}restart {self.restarts}/{cfg.max_restarts}: re-warm from "
-                f"{current:.3g} to {cfg.restart_peak:g} of the peak "
+                f"{current:.3g} to {target:.3g} ({cfg.restart_peak:g} of the peak) "
                 f"over {self.restart_warmup} steps"
             )
             return [self._event(step, EventKind.RESTART, why, before)]
@@ -834,11 +1012,20 @@ class Controller:
             why += f"already cut, cooldown extended to step {hold_until}"
             return self._event(step, kind, why, before)
         current = self.intervention.at(step + 1)
+        if self.intervention.mode == "recover" or step < self.watch_until:
+            # the plan now carries the LR it spiked at x factor; the cut starts from there
+            self._lower_peak(step, before * self.config.spike_factor)
+            current = 1.0
+            why += (
+                f"the loss spiked again at LR scale {before:.3g} within "
+                f"{self.spike_cooldown + self.spike_recovery} steps of the last cut: the peak is "
+                f"lowered to {self.peak:.3g} for the rest of the run; "
+            )
         value = max(self.floor, current * self.config.spike_factor)
         self.intervention = _Intervention(mode="hold", value=value, hold_until=hold_until)
         if self.phase is Phase.WARMUP and not self.paused:
             self.paused = True
-            frozen = self._base(step + 1 - self._plan.start)
+            frozen = min(self.peak, self._base(step + 1 - self._plan.start))
             self._set_plan(_Plan(step + 1, frozen, frozen, 0, None, 0, "linear"))
             why += "warmup ramp paused; "
         why += (
@@ -846,6 +1033,25 @@ class Controller:
             f"held for {self.spike_cooldown} steps"
         )
         return self._event(step, kind, why, before)
+
+    def _lower_peak(self, step: int, peak: float) -> None:
+        """The LR went past what this run can take: the peak becomes ``peak`` (never below the
+        floor) for the rest of the run, a ceiling, and the plan is re-planned under it from
+        step ``step + 1``."""
+        self.peak = max(self.floor, min(self.peak, peak), _MIN_PEAK)
+        level = self._base(step + 1 - self._plan.start)
+        if self.phase is Phase.WARMUP:
+            if self.paused or level >= self.peak:  # held, or past the new peak: hold there
+                held = min(level, self.peak)
+                self._set_plan(_Plan(step + 1, held, held, 0, None, 0, "linear"))
+                self.paused = True
+            else:  # the ramp goes on, to the lower peak
+                ramp = self._ramp_steps(level, self.max_warmup)
+                self._set_plan(self._warmup_plan(step + 1, level, ramp))
+        elif self.phase is not Phase.DONE and level > self.peak:
+            latest = self._latest_decay_start(step + 1) if self.awaiting_descent else None
+            self._set_plan(self._decay_plan(step + 1, self.peak, decay_start=latest))
+            self.phase = self._plan_phase(step + 1)
 
     def _maybe_recover(self, step: int, loss: float) -> list[Event]:
         """While the LR is held cut: start its recovery once the cooldown is over and the loss
@@ -871,10 +1077,8 @@ class Controller:
         if self.paused:
             self.paused = False
             current = self._base(step + 1 - self._plan.start)
-            ramp = math.ceil((1.0 - current) * self.min_warmup)
-            self._set_plan(
-                self._decay_plan(step + 1, 1.0, v0=current, ramp=ramp, decay_start=self.max_warmup)
-            )
+            ramp = self._ramp_steps(current, self.max_warmup)
+            self._set_plan(self._warmup_plan(step + 1, current, ramp))
             why += "; warmup ramp resumed"
         return [self._event(step, EventKind.RECOVERED, why, before)]
 

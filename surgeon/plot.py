@@ -91,8 +91,11 @@ EVENT_COLORS = {
     "stopped": "#843c39",
     "buffers_restored": "#637939",
     "stalled": "#e7298a",
+    "ramp_pause": "#fdae6b",
+    "ramp_resume": "#74c476",
+    "climb": "#a50f15",
 }
-"""A colour per event kind, all distinct (matplotlib's tab10 and six more)."""
+"""A colour per event kind, all distinct (matplotlib's tab10 and nine more)."""
 UNKNOWN_EVENT_COLOR = "#555555"
 """Kinds written by a later version: a neutral grey, dotted."""
 SMOOTH_FRACTION = 0.02

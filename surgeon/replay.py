@@ -194,7 +194,8 @@ def replay(
             "losses, update_skipped and steps must have one entry per step, got "
             f"{len(losses)}, {len(skipped)} and {len(at)}"
         )
-    controller = Controller(settings.total_steps, settings.config)
+    # as the callback's engine plans: losses arrive up to 2 blocks after their step's LR
+    controller = Controller(settings.total_steps, settings.config, lag=2 * settings.readback_every)
     scales, smooth, phases = feed(
         controller,
         losses,

@@ -78,7 +78,7 @@ def spike_at(step: int, factor: float = 20.0) -> Callable[[int, int, Tensor], Te
 
 def test_lr_in_training_step_is_peak_times_controller_scale(make_trainer: Any) -> None:
     steps, ramp = 100, 10
-    cb = ScheduleSurgeon(min_warmup=ramp, max_warmup=30, decay="cosine")
+    cb = ScheduleSurgeon(warmup=ramp, decay="cosine", min_lr_ratio=0.1)
     scales_seen: list[float] = []
     phases_seen: list[str] = []
 
@@ -192,7 +192,7 @@ def test_a_param_group_added_mid_fit_is_driven_from_its_own_lr(make_trainer: Any
     logged under a metric name of its own)."""
     from pytorch_lightning.callbacks import BackboneFinetuning
 
-    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="cosine")
+    cb = ScheduleSurgeon(warmup=8, decay="cosine")
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)
     model = WithBackbone()
     make_trainer([finetuning, cb], max_steps=40).fit(model, make_loader())  # 10 steps/epoch
@@ -260,7 +260,7 @@ def test_manual_optimization_two_optimizers(make_trainer: Any) -> None:
     """Works: each optimizer gets its own peak x the same scale, one surgeon step per batch, and
     the plan spans the batches (Lightning counts every ``opt.step()`` in ``max_steps``)."""
     batches = 24
-    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="cosine")
+    cb = ScheduleSurgeon(warmup=8, decay="cosine", min_lr_ratio=0.1)
     model = TinyRegressor((0.05, 0.01), manual=True)
     trainer = make_trainer([cb], max_steps=2 * batches)
     trainer.fit(model, make_loader())
@@ -274,8 +274,8 @@ def test_manual_optimization_two_optimizers(make_trainer: Any) -> None:
     replay = replay_scales(losses_of(model), batches, cb.config)
     assert [r["lrs"][0][0] for r in model.records] == [0.05 * s for s in replay]
     assert [r["lrs"][1][0] for r in model.records] == [0.01 * s for s in replay]
-    last0 = model.records[-1]["lrs"][0][0]
-    assert math.isclose(last0, 0.05 * cb.config.min_lr_ratio, rel_tol=0.05)
+    last0 = model.records[-1]["lrs"][0][0]  # the last step of a cosine to the floor 0.1
+    assert 0.05 * 0.1 < last0 < 0.05 * 0.12
 
 
 def test_manual_optimization_one_optimizer(make_trainer: Any) -> None:
@@ -289,7 +289,8 @@ def test_manual_optimization_one_optimizer(make_trainer: Any) -> None:
     assert cb.controller is not None and cb.controller.total_steps == steps
     replay = replay_scales(losses_of(model), steps, cb.config)
     assert first_lrs(model) == [PEAK * s for s in replay]
-    assert first_lrs(model)[0] == pytest.approx(PEAK / 6, rel=1e-12)
+    # the automatic ramp starts at 1 / (max_warmup + 1) of the peak
+    assert first_lrs(model)[0] == pytest.approx(PEAK / 11, rel=1e-12)
 
 
 # ---------------------------------------------------------------------------- spike
@@ -332,9 +333,14 @@ def test_injected_spike_cuts_the_lr_after_the_readback_delay(make_trainer: Any) 
     lrs = first_lrs(model)
     applied = (k // R + 2) * R  # first step whose LR is written after step k's loss was read
     assert lrs[:applied] == [PEAK * s for s in no_spike[:applied]]
+    # from there the plan known before step k's loss, cut (the damaged weights' next losses
+    # may be spikes of their own: the cut is extended, not deepened)
+    plan = Controller(steps, cb.config)
+    for loss in losses[:k]:
+        plan.update(loss)
     for t in range(applied, applied + R):
-        assert lrs[t] < PEAK * no_spike[t]
-        assert lrs[t] == pytest.approx(PEAK * no_spike[t] * cb.config.spike_factor)
+        assert lrs[t] < PEAK * plan.lr_scale(t)
+        assert lrs[t] == pytest.approx(PEAK * plan.lr_scale(t) * cb.config.spike_factor)
     assert trainer.global_step == steps
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -600,7 +606,8 @@ def test_works_with_both_lightning_namespaces(make_trainer: Any, namespace: str)
     assert cb.step == 20
     replay = replay_scales(losses_of(model), 20, cb.config)
     assert first_lrs(model) == [PEAK * s for s in replay]
-    assert first_lrs(model)[0] == pytest.approx(PEAK / 5, rel=1e-12)
+    # the automatic ramp starts at 1 / (max_warmup + 1) of the peak
+    assert first_lrs(model)[0] == pytest.approx(PEAK / 9, rel=1e-12)
 
 
 # ---------------------------------------------------------------------------- observability
@@ -649,7 +656,7 @@ def test_csv_metrics_events_file_and_log_lines(
 
 
 def test_verbose_false_prints_no_events(make_trainer: Any, info_lines: list[str]) -> None:
-    cb = ScheduleSurgeon(warmup=4, verbose=False)
+    cb = ScheduleSurgeon(warmup=4, decay="wsd", verbose=False)
     make_trainer([cb], max_steps=20).fit(TinyRegressor(), make_loader())
     assert len(cb.events) >= 3  # warmup_end, decay_start, done
     assert not [line for line in info_lines if "ScheduleSurgeon" in line]
@@ -705,7 +712,10 @@ def test_manual_steps_without_a_loss_are_counted_and_follow_the_plan(
         expected.append(0.05 * plan.lr_scale(t))
         plan.pass_step()
     assert [r["lrs"][0][0] for r in model.records] == pytest.approx(expected, rel=1e-12)
-    assert expected[7] == pytest.approx(0.05) and expected[-1] < 0.05 * 0.3  # ramp .. decay
+    # the slow ramp (the pace of max_warmup) reaches the peak at step 8; no loss was seen, so
+    # nothing fell steeply: the peak holds (a saddle) until the last 20%, then the decay
+    assert expected[8] == pytest.approx(0.05) and expected[-1] < 0.05 * 0.3
+    print([(e.step, e.kind.value, e.reason) for e in cb.events])
     assert len([r for r in caplog.records if "found no loss" in r.getMessage()]) == 1
 
 
@@ -716,7 +726,7 @@ def test_progress_bar_shows_the_phase(make_trainer: Any) -> None:
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
             seen.append(trainer.progress_bar_callback.get_metrics(trainer, pl_module)["phase"])
 
-    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="cosine")
+    cb = ScheduleSurgeon(warmup=8, decay="cosine")
     trainer = make_trainer([cb, ReadBar()], max_steps=30, enable_progress_bar=True)
     trainer.fit(TinyRegressor(), make_loader())
     switch = seen.index("decay")  # once, and never back; `done` as the planned steps end

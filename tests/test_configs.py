@@ -41,8 +41,6 @@ EXPECTED_PRESETS: dict[str, dict[str, Any]] = {
         "max_warmup": 0.06,
         "decay": "linear",
         "min_lr_ratio": 0.0,
-        "plateau_patience": 0.05,
-        "plateau_cooldown": 0.05,
     },
     "vision_from_scratch": {
         "warmup": "auto",

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from streams import ema_drops, noisy, settled
+from streams import ema_drops, noisy, trend_states
 
 from surgeon import schedules
 from surgeon.config import SurgeonConfig
@@ -122,64 +122,156 @@ def non_decreasing(values: Sequence[float]) -> bool:
 class TestWarmup:
     TOTAL = 2000  # with the default fractions: min_warmup 40, max_warmup 200, window 20
 
+    def states(
+        self, controller: Controller, losses: Sequence[float]
+    ) -> list[tuple[str, bool, bool]]:
+        det = controller.stabilizer
+        return trend_states(losses, det.window, det.threshold, det.patience)
+
+    def slow_ramp(self, controller: Controller, step: int) -> float:
+        """The ramp's value at ``step`` at the pace of a max_warmup-step ramp from 1/(n+1)."""
+        n = controller.max_warmup
+        return 1.0 / (n + 1) + (1.0 - 1.0 / (n + 1)) * step / n
+
     @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-    def test_noisy_decay_stabilizes_inside_the_window(self, seed: int) -> None:
+    def test_a_descent_that_stabilizes_ends_the_warmup_and_the_ramp_finishes_fast(
+        self, seed: int
+    ) -> None:
         losses = noisy(exp_decay(self.TOTAL, tau=20.0), 0.01, seed)
         controller = Controller(self.TOTAL, SurgeonConfig())
         trace = drive(controller, losses)
         lo, hi = controller.min_warmup, controller.max_warmup
-        defaults = SurgeonConfig()
-        assert (lo, hi) == (
-            round(defaults.min_warmup * self.TOTAL),
-            round(defaults.max_warmup * self.TOTAL),
-        )
+        assert (lo, hi) == (40, 200)
         (end,) = trace.of(EventKind.WARMUP_END)
-        assert "stabilized" in end.reason
-        assert lo <= end.step + 1 < hi
-        # exactly the first step, at or after min_warmup, where the detector's definition holds
-        det = controller.stabilizer
-        ready = settled(ema_drops(losses, det.window), det.threshold, det.patience)
-        assert end.step == next(t for t in ready if t + 1 >= lo)
-        assert f"{det.window} steps" in end.reason
-        # decay starts at the peak on the next step
+        # exactly the first step, at or after min_warmup, where the definition says stabilized
+        stabilized = [t for t, (_, _, ok) in enumerate(self.states(controller, losses)) if ok]
+        assert end.step == next(t for t in stabilized if t + 1 >= lo) < hi - 1
+        assert "stabilized" in end.reason and f"{controller.stabilizer.window} steps" in end.reason
+        # up to there the slow ramp (the pace of max_warmup), then the min_warmup pace to 1
+        for t in range(end.step + 1):
+            assert trace.lrs[t] == pytest.approx(self.slow_ramp(controller, t), rel=1e-12)
+        level = self.slow_ramp(controller, end.step + 1)
+        steps = math.ceil((1.0 - level) * lo)
+        for k in range(steps + 1):
+            assert trace.lrs[end.step + 1 + k] == pytest.approx(level + (1 - level) * k / steps)
+        assert f"from scale {level:.3g} to the peak over {steps} steps" in end.reason
+        # then the linear decay to 0 (the default): a short stable stretch, then decay
+        top = end.step + 1 + steps
+        assert trace.lrs[top] == 1.0 and non_increasing(trace.lrs[top:])
         assert trace.phases[end.step] is Phase.WARMUP
-        assert trace.phases[end.step + 1] is Phase.STABLE  # wsd: the hold at the peak
-        assert trace.lrs[end.step + 1] == 1.0
+        assert set(trace.phases[end.step + 1 : top]) == {Phase.STABLE}
+        assert trace.phases[top + 1] is Phase.DECAY
+        assert controller.lr_scale(self.TOTAL) == 0.0
 
-    def test_flat_loss_ends_warmup_as_soon_as_min_warmup_allows(self) -> None:
-        controller = Controller(self.TOTAL, SurgeonConfig())
-        trace = drive(controller, noisy([2.0] * 300, 0.001, seed=4))
-        det = controller.stabilizer
-        assert det.window + det.patience - 1 < controller.min_warmup - 1  # settled long before
-        (end,) = trace.of(EventKind.WARMUP_END)
-        assert end.step == controller.min_warmup - 1
-        assert "stabilized" in end.reason
+    @pytest.mark.parametrize("seed", [0, 1])
+    def test_read_late_the_written_lr_never_jumps_up(self, seed: int) -> None:
+        """As the callback reads losses, in blocks of 4, 4 to 7 steps late (``lag=8``): every
+        LR written is asked for before the decisions on the last few losses are known. The
+        warmup then never raises the LR faster than its fast pace, and never lowers it."""
+        losses = noisy(exp_decay(self.TOTAL, tau=20.0), 0.01, seed)
+        controller = Controller(self.TOTAL, SurgeonConfig(), lag=8)
+        written = []
+        for t in range(300):
+            written.append(controller.lr_scale(t))
+            if (t + 1) % 4 == 0 and t >= 7:
+                for loss in losses[t - 7 : t - 3]:
+                    controller.update(loss)
+        (end,) = [e for e in controller.events if e.kind is EventKind.WARMUP_END]
+        top = written.index(1.0)
+        assert top > end.step and non_decreasing(written[: top + 1])
+        steps = [b - a for a, b in itertools.pairwise(written[: top + 1])]
+        assert max(steps) <= 1.0 / controller.min_warmup + 1e-12
 
-    def test_auto_ramp_reaches_the_peak_at_min_warmup_and_holds(self) -> None:
+    def test_never_ends_on_a_rising_loss_and_pauses_the_ramp_while_it_rises(self) -> None:
+        """A descent, then a rise (a catapult) just when the loss would stabilize: the ramp holds
+        while the definition says rising, goes on when it stops, and warmup ends later, on a
+        settled loss."""
+        base = exp_decay(self.TOTAL, tau=15.0)
+        bump = [1.0 + 0.6 * math.exp(-(((t - 110) / 20.0) ** 2)) for t in range(self.TOTAL)]
+        losses = noisy([b * k for b, k in zip(base, bump, strict=True)], 0.005, seed=5)
         controller = Controller(self.TOTAL, SurgeonConfig())
-        losses = [5.0 * 0.99**t for t in range(300)]  # never stabilizes
         trace = drive(controller, losses)
-        ramp = controller.min_warmup
-        assert 0 < trace.lrs[0] < trace.lrs[1]
-        assert all(trace.lrs[s] < trace.lrs[s + 1] for s in range(ramp))
-        for s in range(ramp):  # linear: equal increments
-            assert trace.lrs[s + 1] - trace.lrs[s] == pytest.approx(trace.lrs[1] - trace.lrs[0])
-        assert trace.lrs[ramp : controller.max_warmup] == [1.0] * (controller.max_warmup - ramp)
+        states = self.states(controller, losses)
+        rising = [t for t, (state, _, _) in enumerate(states) if state == "rising"]
+        pause, resume = trace.of(EventKind.RAMP_PAUSE)[0], trace.of(EventKind.RAMP_RESUME)[0]
+        assert pause.step == rising[0] and "rising" in pause.reason
+        # resumed once the EMA is back down to where it was a window before
+        drops = ema_drops(losses, controller.stabilizer.window)
+        assert resume.step == next(t for t in range(pause.step, len(drops)) if drops[t] >= 0)
+        held = trace.lrs[pause.step + 1 : resume.step + 1]
+        assert held == [held[0]] * len(held)  # the LR does not rise while the loss does
+        (end,) = trace.of(EventKind.WARMUP_END)
+        assert end.step > resume.step and states[end.step][0] == "settled"
+        assert all(states[t][0] != "rising" for t in range(end.step - 9, end.step + 1))
+        warm = [lr for lr, ph in zip(trace.lrs, trace.phases, strict=True) if ph is Phase.WARMUP]
+        assert non_decreasing(warm)
 
-    def test_never_stabilizing_ends_at_max_warmup(self) -> None:
+    def test_a_steep_descent_all_along_ends_when_the_slow_ramp_reaches_the_peak(self) -> None:
         controller = Controller(self.TOTAL, SurgeonConfig())
         rate = 0.99  # 18% per 20-step window, nine times the threshold
         trace = drive(controller, noisy([5.0 * rate**t for t in range(400)], 0.002, seed=5))
         (end,) = trace.of(EventKind.WARMUP_END)
         assert end.step == controller.max_warmup - 1
-        assert f"max_warmup={controller.max_warmup}" in end.reason
-        assert "stabilized" in end.reason  # "... before the loss stabilized"
-        assert re.search(r"last drop \d+\.\d+%", end.reason)
-        # why not stabilized: how many steps in a row were below the threshold, of how many
-        det = controller.stabilizer
-        assert f"below it {det.streak} steps in a row of the {det.patience} needed" in end.reason
-        assert trace.phases[controller.max_warmup - 1] is Phase.WARMUP
-        assert trace.phases[controller.max_warmup] is Phase.STABLE
+        assert f"{controller.max_warmup}-step ramp (max_warmup)" in end.reason
+        assert re.search(r"last EMA drop \d+\.\d+% per 20 steps", end.reason)
+        for t in range(controller.max_warmup):
+            assert trace.lrs[t] == pytest.approx(self.slow_ramp(controller, t), rel=1e-12)
+        assert trace.lrs[controller.max_warmup] == 1.0
+        assert trace.phases[controller.max_warmup] is Phase.DECAY  # it fell: no hold
+
+    def test_a_loss_still_rising_at_max_warmup_makes_the_level_reached_the_peak(self) -> None:
+        """The loss falls, then climbs from step 80 to 280 (by 40%, less than the spike ratio):
+        the ramp holds, and at max_warmup the LR it holds at becomes the peak for the rest of
+        the run."""
+        losses = [
+            (1.0 + 4.0 * math.exp(-t / 10.0)) * (1.0 + 0.002 * min(200, max(0, t - 80)))
+            for t in range(self.TOTAL)
+        ]
+        controller = Controller(self.TOTAL, SurgeonConfig())
+        trace = drive(controller, losses)
+        (pause,) = trace.of(EventKind.RAMP_PAUSE)
+        (end,) = trace.of(EventKind.WARMUP_END)
+        assert end.step == controller.max_warmup - 1 and "while the loss was rising" in end.reason
+        held = trace.lrs[pause.step + 1]
+        assert controller.peak == held < 1.0
+        assert f"lowered to LR scale {held:.3g}" in end.reason
+        assert max(trace.lrs[pause.step + 1 :]) == held
+
+    def test_a_loss_that_never_falls_holds_the_peak_until_its_descent_stabilizes(self) -> None:
+        """A saddle (sparse parity): flat at ln 2 until step 700, then a descent. The ramp runs
+        its full length (nothing stabilized), the peak holds through the plateau and the
+        descent, and the decay starts once the descent has stabilized."""
+        trend = [
+            0.693 if t < 700 else 0.05 + 0.643 * math.exp(-(t - 700) / 30.0)
+            for t in range(self.TOTAL)
+        ]
+        losses = noisy(trend, 0.005, seed=6)
+        controller = Controller(self.TOTAL, SurgeonConfig())
+        trace = drive(controller, losses)
+        (end,) = trace.of(EventKind.WARMUP_END)
+        assert end.step == controller.max_warmup - 1 and "held until it does" in end.reason
+        (start,) = trace.of(EventKind.DECAY_START)
+        # the definition, fed the losses after warmup: stabilized after a descent
+        states = self.states(controller, losses)
+        assert start.step == next(t for t in range(700, self.TOTAL) if states[t][2])
+        assert "left its initial plateau" in start.reason
+        assert trace.lrs[controller.max_warmup : start.step + 1] == [1.0] * (
+            start.step + 1 - controller.max_warmup
+        )
+        assert set(trace.phases[controller.max_warmup : start.step + 1]) == {Phase.STABLE}
+        assert trace.phases[start.step + 1] is Phase.DECAY
+        assert non_increasing(trace.lrs[start.step :]) and trace.lrs[-1] < 0.01
+        assert EventKind.PLATEAU not in trace.kinds()  # a saddle is no stall to cut
+
+    def test_a_loss_that_never_falls_decays_in_the_last_wsd_fraction_at_the_latest(self) -> None:
+        controller = Controller(self.TOTAL, SurgeonConfig())
+        trace = drive(controller, noisy([2.0] * self.TOTAL, 0.01, seed=4))
+        assert trace.kinds() == [EventKind.WARMUP_END]
+        hi = controller.max_warmup
+        tail = round(controller.config.wsd_decay_fraction * (self.TOTAL - hi))
+        assert trace.lrs[hi : self.TOTAL - tail + 1] == [1.0] * (self.TOTAL - tail + 1 - hi)
+        (start,) = trace.of(EventKind.DECAY_START)
+        assert start.step == self.TOTAL - tail - 1
 
     @pytest.mark.parametrize("warmup", [1, 7, 50])
     def test_fixed_warmup_ends_exactly_there(self, warmup: int) -> None:
@@ -188,7 +280,7 @@ class TestWarmup:
         (end,) = trace.of(EventKind.WARMUP_END)
         assert end.step == warmup - 1
         assert f"fixed warmup of {warmup} steps" in end.reason
-        assert trace.phases[: warmup + 1] == [Phase.WARMUP] * warmup + [Phase.STABLE]
+        assert trace.phases[: warmup + 1] == [Phase.WARMUP] * warmup + [Phase.DECAY]
         for s in range(warmup):
             assert trace.lrs[s] == pytest.approx((s + 1) / (warmup + 1))
         assert trace.lrs[warmup] == 1.0
@@ -213,7 +305,10 @@ class TestPlateau:
             "warmup": self.WARMUP,
             "plateau_patience": self.PATIENCE,
             "plateau_cooldown": self.COOLDOWN,
-            "decay": "cosine",  # these tests follow the cosine's shape after each response
+            # a hold at the peak until the last 10%: cuts act only in a hold
+            "decay": "wsd",
+            "wsd_decay_fraction": 0.1,
+            "min_lr_ratio": 0.1,
         }
         return SurgeonConfig(**{**kwargs, **overrides})
 
@@ -226,7 +321,7 @@ class TestPlateau:
 
     def expected_plateaus(self, controller: Controller, losses: Sequence[float]) -> list[int]:
         """Steps of the first two firings from the EMA definition (the detector sees the losses
-        from the first decay step on)."""
+        from the first step after warmup on)."""
         det = controller.plateau
         fed = losses[self.WARMUP :]
         improved = plateau_improvements(fed, det.alpha, det.min_delta)
@@ -254,9 +349,8 @@ class TestPlateau:
         assert all(b - a == self.COOLDOWN + self.PATIENCE for a, b in itertools.pairwise(steps))
         assert trace.kinds().count(EventKind.SPIKE) == 0
 
-    @pytest.mark.parametrize("decay", ["cosine", "linear", "sqrt", "wsd"])
-    def test_cut_is_factor_times_before_then_monotone_to_the_floor(self, decay: str) -> None:
-        controller = Controller(self.TOTAL, self.config(decay=decay))
+    def test_each_cut_is_factor_times_before_then_holds_and_ends_at_the_floor(self) -> None:
+        controller = Controller(self.TOTAL, self.config())
         trace = drive(controller, self.stream(seed=0))
         cuts = trace.of(EventKind.PLATEAU)
         assert cuts
@@ -265,10 +359,20 @@ class TestPlateau:
             assert cut.scale_after == pytest.approx(max(floor, factor * cut.scale_before))
             assert trace.lrs[cut.step + 1] == cut.scale_after
             assert f"x{factor:g}" in cut.reason and f"for {self.PATIENCE} steps" in cut.reason
+            assert trace.phases[cut.step] is Phase.STABLE
         # from the end of warmup on, the LR never goes back up, and ends at the floor
         assert non_increasing(trace.lrs[self.WARMUP :])
-        assert trace.lrs[-1] >= floor
         assert controller.lr_scale(self.TOTAL) == floor
+
+    @pytest.mark.parametrize("decay", ["cosine", "linear", "sqrt"])
+    def test_a_healthy_decay_gets_no_cut(self, decay: str) -> None:
+        """The same stall during a decay: the decay lowers the LR already, a cut on top only
+        costs (it fired late in a healthy decay on a user's task)."""
+        controller = Controller(self.TOTAL, self.config(decay=decay))
+        trace = drive(controller, self.stream(seed=0))
+        assert trace.kinds() == [EventKind.WARMUP_END]
+        reference = drive(Controller(self.TOTAL, self.config(decay=decay)), [1.0] * self.TOTAL)
+        assert trace.lrs == reference.lrs  # the plan alone
 
     def test_cut_stops_at_the_floor(self) -> None:
         controller = Controller(self.TOTAL, self.config(plateau_factor=0.1, min_lr_ratio=0.2))
@@ -279,21 +383,24 @@ class TestPlateau:
         assert len(cuts) == 1
         assert min(trace.lrs[self.WARMUP :]) == 0.2
 
-    def test_restart_rewarms_then_decays_and_falls_back_to_cuts(self) -> None:
+    def test_restart_rewarms_then_decays_and_stops_after_max_restarts(self) -> None:
         peak, ramp = 0.8, 50
         config = self.config(
-            plateau_action="restart", restart_peak=peak, restart_warmup=ramp, max_restarts=2
+            decay="cosine",
+            plateau_action="restart",
+            restart_peak=peak,
+            restart_warmup=ramp,
+            max_restarts=2,
         )
         controller = Controller(self.TOTAL, config)
         losses = self.stream(seed=0)
         trace = drive(controller, losses)
         responses = [e for e in trace.events if e.kind in (EventKind.RESTART, EventKind.PLATEAU)]
-        kinds = [e.kind for e in responses]
-        assert kinds[:3] == [EventKind.RESTART, EventKind.RESTART, EventKind.PLATEAU]
-        assert set(kinds[3:]) <= {EventKind.PLATEAU}
+        # two restarts; after them a stall in the decay is left alone (a cut acts in a hold)
+        assert [e.kind for e in responses] == [EventKind.RESTART, EventKind.RESTART]
         # the detector is not reset by a restart: same timing as a cut run
-        assert [e.step for e in responses[:2]] == self.expected_plateaus(controller, losses)
-        for index, restart in enumerate(responses[:2], start=1):
+        assert [e.step for e in responses] == self.expected_plateaus(controller, losses)
+        for index, restart in enumerate(responses, start=1):
             start, v0 = restart.step + 1, restart.scale_before
             assert v0 < peak
             assert f"restart {index}/2" in restart.reason
@@ -304,10 +411,6 @@ class TestPlateau:
             following = responses[index].step + 1 if index < len(responses) else self.TOTAL
             assert non_increasing(trace.lrs[start + ramp : following])
             assert trace.lrs[following - 1] < peak
-        fallback = responses[2]
-        assert fallback.scale_after == pytest.approx(
-            max(controller.floor, config.plateau_factor * fallback.scale_before)
-        )
         assert controller.restarts == 2
         assert controller.lr_scale(self.TOTAL) == controller.floor
 
@@ -400,17 +503,17 @@ class TestSpike:
         assert spike.step == at and "warmup ramp paused" in spike.reason
         held = trace.lrs[at + 1 : at + cooldown + 1]
         assert held == [held[0]] * cooldown  # the LR does not rise while held
-        ramp_value = (at + 2) / (controller.min_warmup + 1)  # the ramp's value at step at + 1
+        ramp_value = (at + 2) / (controller.max_warmup + 1)  # the slow ramp's value at at + 1
         assert held[0] == pytest.approx(ramp_value * config.spike_factor)
         assert trace.phases[at + 1 : at + cooldown + 1] == [Phase.WARMUP] * cooldown
         recovered = trace.of(EventKind.RECOVERED)[0]
         assert recovered.step == at + cooldown and "warmup ramp resumed" in recovered.reason
         end = trace.of(EventKind.WARMUP_END)[0]
         assert end.step > recovered.step
-        # after the pause the warmup rises again, without a drop, to the peak
+        # after the pause the warmup rises again, without a drop, and then to the peak
         warm = [lr for lr, ph in zip(trace.lrs, trace.phases, strict=True) if ph is Phase.WARMUP]
         assert non_decreasing(warm[at + 1 :])
-        assert trace.lrs[end.step + 1] == 1.0
+        assert max(trace.lrs) == 1.0 and controller.peak == 1.0  # one spike: no ceiling
 
     def test_spike_while_waiting_to_stabilize_does_not_end_warmup(self) -> None:
         total, cooldown, recovery = 2000, 10, 20
@@ -428,8 +531,40 @@ class TestSpike:
         assert end.step >= at + cooldown + recovery
         assert "stabilized" in end.reason
         held = trace.lrs[at + 1 : at + cooldown + 1]
-        assert held == [config.spike_factor] * cooldown  # peak x factor, flat
-        assert trace.lrs[end.step + 1] == 1.0
+        level = (at + 2) / (controller.max_warmup + 1)
+        assert held == pytest.approx([level * config.spike_factor] * cooldown)  # flat
+        assert max(trace.lrs) == 1.0
+
+    def test_a_spike_again_while_the_lr_comes_back_lowers_the_peak(self) -> None:
+        """The second spike comes while the LR ramps back from the first cut: the LR it came
+        at is too high for the run, and the peak is lowered to spike_factor x it for good."""
+        losses = self.stream(seed=4)
+        first = 1000
+        second = first + self.COOLDOWN + self.RECOVERY // 2  # half way back
+        losses[first] *= 10.0
+        losses[second] *= 10.0
+        controller = Controller(self.TOTAL, self.config())
+        trace = drive(controller, losses)
+        spikes = trace.of(EventKind.SPIKE)
+        assert [e.step for e in spikes] == [first, second]
+        factor = controller.config.spike_factor
+        assert "lowered" not in spikes[0].reason
+        assert controller.peak == pytest.approx(spikes[1].scale_before * factor)
+        assert f"lowered to {controller.peak:.3g}" in spikes[1].reason
+        # held at peak x factor x factor, then back to (at most) the new peak, decaying
+        assert max(trace.lrs[second + 1 :]) <= controller.peak
+        assert trace.lrs[second + 1] == pytest.approx(controller.peak * factor)
+
+    def test_a_spike_long_after_the_last_one_does_not(self) -> None:
+        losses = self.stream(seed=4)
+        window = self.COOLDOWN + self.RECOVERY  # the watch after a recovery
+        first, second = 1000, 1000 + self.COOLDOWN + self.RECOVERY + window + 5
+        losses[first] *= 10.0
+        losses[second] *= 10.0
+        controller = Controller(self.TOTAL, self.config())
+        trace = drive(controller, losses)
+        assert [e.step for e in trace.of(EventKind.SPIKE)] == [first, second]
+        assert controller.peak == 1.0
 
 
 class TestNonFinite:
@@ -450,7 +585,7 @@ class TestNonFinite:
         assert [d.state_dict() for d in detectors] == states  # statistics untouched
         # cut like a spike (in warmup the ramp is frozen where it was, and not floored)
         floor = 0.0 if controller.phase is Phase.WARMUP else controller.floor
-        assert controller.phase is (Phase.WARMUP if at < 100 else Phase.STABLE)  # wsd hold
+        assert controller.phase is (Phase.WARMUP if at < 100 else Phase.DECAY)  # linear
         expected = max(floor, before * controller.config.spike_factor)
         assert controller.lr_scale(at + 1) == pytest.approx(expected)
         controller.update(bad)  # a second one in a row
@@ -460,14 +595,75 @@ class TestNonFinite:
         assert [e.kind for e in controller.events].count(EventKind.NONFINITE) == 2
 
 
+class TestClimb:
+    TOTAL, WARMUP = 2000, 100
+
+    def stream(self, factor: float, seed: int = 0) -> list[float]:
+        """Falling to 1 by the end of warmup, flat, then from step 800 rising to ``factor`` x
+        its level over 100 steps, and staying there."""
+        trend = [
+            (1.0 + 4.0 * math.exp(-t / 15.0))
+            * (1.0 + (factor - 1.0) * min(1.0, max(0.0, (t - 800) / 100)))
+            for t in range(self.TOTAL)
+        ]
+        return noisy(trend, 0.005, seed)
+
+    def test_a_loss_that_climbs_past_the_spike_ratio_lowers_the_peak(self) -> None:
+        losses = self.stream(2.0)
+        controller = Controller(self.TOTAL, SurgeonConfig(warmup=self.WARMUP))
+        trace = drive(controller, losses)
+        climb = trace.of(EventKind.CLIMB)[0]
+        # the definition: rising for patience updates in a row, the EMA 1.5x where the rise began
+        det = controller.stabilizer
+        states = trend_states(losses[self.WARMUP :], det.window, det.threshold, det.patience)
+        alpha = 2.0 / (det.window + 1)
+        emas = [losses[self.WARMUP]]
+        for x in losses[self.WARMUP + 1 :]:
+            emas.append(emas[-1] + alpha * (x - emas[-1]))
+        run, start = 0, 0.0
+        for i, (state, _, _) in enumerate(states):
+            if state == "rising":
+                start = emas[i - det.window] if run == 0 else start
+                run += 1
+                if run >= det.patience and emas[i] - start > 0.5 * abs(start):
+                    break
+            else:
+                run = 0
+        assert climb.step == self.WARMUP + i
+        level = climb.scale_before
+        assert len(trace.of(EventKind.CLIMB)) == 1  # 2x is not 1.5x again from the climb on
+        assert controller.peak == pytest.approx(0.5 * level)
+        assert climb.scale_after == pytest.approx(controller.peak)
+        assert (
+            "more than 1.5x" in climb.reason
+            and f"to LR scale {controller.peak:.3g}" in climb.reason
+        )
+        assert max(trace.lrs[climb.step + 1 :]) <= controller.peak and trace.lrs[-1] < 0.01
+
+    def test_a_rise_below_the_spike_ratio_is_left_to_the_decay(self) -> None:
+        trace = drive(Controller(self.TOTAL, SurgeonConfig(warmup=self.WARMUP)), self.stream(1.3))
+        assert EventKind.CLIMB not in trace.kinds()
+        plan = drive(Controller(self.TOTAL, SurgeonConfig(warmup=self.WARMUP)), [1.0] * self.TOTAL)
+        assert trace.lrs == plan.lrs
+
+
 # ------------------------------------------------------------------- events and lr_for
 
 
 def busy_stream(total: int, seed: int) -> list[float]:
-    """Decay, a long flat stretch, a spike, a NaN and an inf: every kind of event."""
-    trend = exp_decay(total, tau=total / 12)
-    flat_from = total // 2
-    losses = noisy([trend[min(t, flat_from)] for t in range(total)], 0.005, seed)
+    """Every kind of event: a descent with a bump in it (the warmup ramp pauses), a long flat
+    stretch (plateaus), a spike, a NaN, a climb to twice the level, an inf."""
+    trend = exp_decay(total, tau=total / 60)
+    flat_from, climb_at = total // 5, total // 2
+
+    def bump(t: int) -> float:  # a catapult during warmup: the loss doubles for a while
+        return 1.0 + math.exp(-(((t - 0.06 * total) / (0.01 * total)) ** 2))
+
+    def climb(t: int) -> float:  # from half way, the loss climbs to twice its level for good
+        return 1.0 + min(1.0, max(0.0, (t - climb_at) / (0.05 * total)))
+
+    losses = [trend[min(t, flat_from)] * bump(t) * climb(t) for t in range(total)]
+    losses = noisy(losses, 0.005, seed)
     losses[total // 3] *= 10.0
     losses[total // 3 + 50] = math.nan
     losses[4 * total // 5] = math.inf
@@ -475,6 +671,7 @@ def busy_stream(total: int, seed: int) -> list[float]:
 
 
 BUSY_CONFIG = SurgeonConfig(
+    decay="wsd",  # a hold at the peak, where plateaus cut
     plateau_patience=60,
     plateau_cooldown=40,
     spike_cooldown=10,
@@ -521,7 +718,9 @@ class TestEvents:
     @pytest.mark.parametrize("fraction", [0.2, 0.5])
     def test_wsd_phases_follow_the_plan_with_an_event_at_each_change(self, fraction: float) -> None:
         total, warmup = 200, 10
-        config = SurgeonConfig(warmup=warmup, wsd_decay_fraction=fraction, plateau_patience=1.0)
+        config = SurgeonConfig(
+            warmup=warmup, decay="wsd", wsd_decay_fraction=fraction, plateau_patience=1.0
+        )
         trace = drive(Controller(total, config), [1.0] * total)
         assert trace.all_kinds() == [EventKind.WARMUP_END, EventKind.DECAY_START, EventKind.DONE]
         tail = round((total - warmup) * fraction)
@@ -734,7 +933,10 @@ class TestValidation:
 
 
 class TestStateDict:
-    @pytest.mark.parametrize("cut", [0, 1, 150, 667, 700, 717, 1100, 1601, 1999, 2000])
+    # in the ramp's pause (120), after a ceiling (720), between two climbs (1080), ...
+    @pytest.mark.parametrize(
+        "cut", [0, 1, 120, 150, 667, 700, 717, 720, 1080, 1100, 1601, 1999, 2000]
+    )
     def test_round_trip_continues_identically(self, cut: int) -> None:
         total = 2000
         losses = busy_stream(total, seed=12) + [1.0] * 10
@@ -748,6 +950,25 @@ class TestStateDict:
         tail_restored = drive(restored, losses[cut:])
         assert tail_restored.lrs == tail_original.lrs
         assert tail_restored.events == tail_original.events
+        assert restored.events == original.events
+
+    @pytest.mark.parametrize("cut", [150, 400, 720, 900])
+    def test_round_trip_in_a_saddle_hold(self, cut: int) -> None:
+        """Cut in warmup (150), while the peak holds on a saddle (400), in its descent (720)
+        and after the decay began (900)."""
+        total = 2000
+        trend = [
+            0.693 if t < 700 else 0.05 + 0.643 * math.exp(-(t - 700) / 30.0) for t in range(total)
+        ]
+        losses = noisy(trend, 0.005, seed=6)
+        original = Controller(total, SurgeonConfig())
+        drive(original, losses[:cut])
+        restored = Controller(total, SurgeonConfig())
+        restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
+        plan = drive(Controller(total, SurgeonConfig()), losses)
+        held = (original.max_warmup, plan.of(EventKind.DECAY_START)[0].step)
+        assert restored.awaiting_descent == original.awaiting_descent == (held[0] <= cut <= held[1])
+        assert drive(restored, losses[cut:]).lrs == drive(original, losses[cut:]).lrs
         assert restored.events == original.events
 
     def test_state_dict_is_a_snapshot(self) -> None:
@@ -856,7 +1077,8 @@ class TestReplan:
 
     def test_a_shorter_run_resumed_in_warmup_past_its_new_deadline_keeps_the_lr(self) -> None:
         """Saved mid-warmup of a long run; the new, shorter run's max_warmup is already behind:
-        the decay starts from here at the current level, not from a step in the past."""
+        the warmup ends at the next step, from the current level (no drop, nothing from a step
+        in the past), and the LR reaches the floor at the new end."""
         config = SurgeonConfig(decay="cosine")
         long = Controller(1000, config)
         drive(long, [1.0 / (t + 1) for t in range(30)])  # still falling: still in warmup
@@ -865,8 +1087,13 @@ class TestReplan:
         short.load_state_dict(long.state_dict(), next_step=34)
         assert short.max_warmup < 34
         assert short.lr_scale(34) == pytest.approx(long.lr_scale(34), rel=1e-12)
+        trace = drive(short, [0.03] * 30)
+        (end,) = trace.of(EventKind.WARMUP_END)
+        assert end.step == 30 and f"max_warmup={short.max_warmup} steps reached" in end.reason
         lrs = [short.lr_scale(t) for t in range(34, 61)]
-        assert all(a >= b for a, b in itertools.pairwise(lrs)) and lrs[-1] == pytest.approx(0.1)
+        top = lrs.index(max(lrs))
+        assert non_decreasing(lrs[: top + 1]) and non_increasing(lrs[top:])
+        assert lrs[-1] == pytest.approx(0.0)
 
     def test_a_finished_run_resumed_longer_stays_at_its_floor_and_says_so(self) -> None:
         resumed = Controller(600, self.CONFIG)
@@ -888,7 +1115,9 @@ class TestReplan:
         resumed.load_state_dict(self.saved_at(200, 100), next_step=106)  # 6 losses in flight
         assert resumed.events[-1].step == 106 and resumed.step == 100
 
-    WSD = SurgeonConfig(warmup=10, plateau_patience=10_000)  # hold to 838, decay to 1000
+    WSD = SurgeonConfig(  # hold to 838, decay to 1000
+        warmup=10, decay="wsd", min_lr_ratio=0.1, plateau_patience=10_000
+    )
 
     def resumed_with(self, at: int, **changes: Any) -> tuple[Controller, Controller]:
         """The run saved at ``at`` and resumed with ``changes``, and the original going on."""
@@ -939,7 +1168,8 @@ class TestReplan:
         assert event.kind is EventKind.REPLAN and f"the {at} steps already done count" in (
             event.reason
         )
-        assert controller.step == at and controller.lr_scale(at) == (1.0 if at < 1000 else 0.1)
+        assert controller.step == at
+        assert controller.lr_scale(at) == (1.0 if at < 1000 else controller.floor)
         trace = drive(controller, [1.0] * max(0, 1000 - at))
         assert controller.phase is Phase.DONE
         assert not trace.lrs or (trace.lrs[0] == 1.0 and non_increasing(trace.lrs))

@@ -35,7 +35,8 @@ def run(controller: Controller, losses: list[float]) -> list[float]:
 
 @pytest.mark.parametrize("decay", ["wsd", "cosine", "linear", "sqrt"])
 def test_the_lr_goes_on_from_where_it_is_to_the_floor_at_the_new_end(decay: str) -> None:
-    c = Controller(1000, SurgeonConfig(warmup=20, decay=decay, plateau_patience=1.0))
+    config = SurgeonConfig(warmup=20, decay=decay, min_lr_ratio=0.1, plateau_patience=1.0)
+    c = Controller(1000, config)
     for loss in flat(300):
         c.update(loss)
     start, steps = c.step + LAG, 50
@@ -75,7 +76,7 @@ def test_the_losses_still_to_come_keep_the_phase_and_end_the_plan() -> None:
 def test_a_cooldown_in_warmup_ends_it() -> None:
     """No ``warmup_end`` follows (at ``max_warmup`` or on stabilization): the decay goes on from
     the ramp's level, which the floor bounds from below."""
-    c = Controller(10_000, SurgeonConfig(min_warmup=1000, max_warmup=2000))
+    c = Controller(10_000, SurgeonConfig(min_warmup=1000, max_warmup=2000, min_lr_ratio=0.1))
     for loss in flat(60):
         c.update(loss)
     start = c.step + LAG

@@ -348,11 +348,8 @@ def test_a_resume_from_a_checkpoint_without_the_surgeon_plans_from_its_step(
 
     (replan,) = of_kind(surgeon, EventKind.REPLAN)
     assert replan.step == 150 and "the 150 steps already done count" in replan.reason
-    assert [e.kind for e in surgeon.events] == [
-        EventKind.REPLAN,
-        EventKind.DECAY_START,
-        EventKind.DONE,
-    ]
+    # the default linear decay starts at once: no hold, so no decay_start
+    assert [e.kind for e in surgeon.events] == [EventKind.REPLAN, EventKind.DONE]
     plan = Controller(300, surgeon.config)  # the plan from step 150, no loss changing it
     plan.start_at(150)
     lrs = [r["lrs"][0][0] for r in model.records]
@@ -452,7 +449,7 @@ def test_manual_optimization_with_unequal_optimizer_steps_replans(
     """``max_steps=600`` counts every ``opt.step()``: 1.2 per batch here, so 500 batches, not
     the 300 planned for two optimizers stepping every batch. The surgeon sees it from the
     steps per batch, re-plans early (an event) and reaches the floor at the last batch."""
-    surgeon, model = ScheduleSurgeon(), UnequalSteps()
+    surgeon, model = ScheduleSurgeon(decay="wsd", min_lr_ratio=0.1), UnequalSteps()
     make_trainer([surgeon], max_steps=600).fit(model, make_loader())
     assert len(model.records) == 500
     (replan,) = of_kind(surgeon, EventKind.REPLAN)
@@ -487,7 +484,8 @@ def test_a_run_that_cannot_make_progress_stops_with_an_error(
 def _saved_at_150(make_trainer: Callable[..., Any], tmp_path: Path) -> tuple[Path, list[float]]:
     """A 300-step run's step-150 checkpoint and its LRs (no plateau cuts: patience = the run)."""
     ckpt = ModelCheckpoint(tmp_path / "ck", "{step}", every_n_train_steps=150, save_top_k=-1)
-    surgeon, model = ScheduleSurgeon(plateau_patience=1.0), TinyRegressor()
+    surgeon = ScheduleSurgeon(plateau_patience=1.0, decay="wsd", min_lr_ratio=0.1)
+    model = TinyRegressor()
     make_trainer([surgeon, ckpt], max_steps=300, enable_checkpointing=True).fit(
         model, make_loader()
     )
@@ -501,7 +499,8 @@ def test_another_decay_shape_on_resume_replans_the_rest(
     ``replan`` naming the setting, then a cosine decay from the current LR to the floor over
     the 150 steps left."""
     path, _ = _saved_at_150(make_trainer, tmp_path)
-    surgeon, model = ScheduleSurgeon(plateau_patience=1.0, decay="cosine"), TinyRegressor()
+    surgeon = ScheduleSurgeon(plateau_patience=1.0, decay="cosine", min_lr_ratio=0.1)
+    model = TinyRegressor()
     make_trainer([surgeon], max_steps=300).fit(model, make_loader(), ckpt_path=path)
     (replan,) = of_kind(surgeon, EventKind.REPLAN)
     assert replan.step == 150 and "decay='cosine' instead of 'wsd'" in replan.reason
@@ -518,7 +517,8 @@ def test_another_floor_on_resume_takes_full_effect(
     (the same hold, the same decay steps), now decaying to the new floor, with a ``replan``
     event that names the setting."""
     path, lrs_a = _saved_at_150(make_trainer, tmp_path)
-    surgeon, model = ScheduleSurgeon(plateau_patience=1.0, min_lr_ratio=0.01), TinyRegressor()
+    surgeon = ScheduleSurgeon(plateau_patience=1.0, decay="wsd", min_lr_ratio=0.01)
+    model = TinyRegressor()
     make_trainer([surgeon], max_steps=300).fit(model, make_loader(), ckpt_path=path)
     (replan,) = of_kind(surgeon, EventKind.REPLAN)
     assert "min_lr_ratio=0.01 instead of 0.1" in replan.reason

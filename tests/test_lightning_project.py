@@ -181,7 +181,9 @@ def test_a_typical_project_sees_what_the_surgeon_does(
     trainer.callbacks.append(ReadBar())
     fit(trainer, model)
     events = cb.events
-    assert [e.kind for e in events][-2:] == [EventKind.DECAY_START, EventKind.DONE]
+    kinds = [e.kind for e in events]  # the short noisy run: a saddle hold, then its decay
+    assert kinds[0] is EventKind.WARMUP_END and kinds[-1] is EventKind.DONE
+    assert EventKind.DECAY_START in kinds
 
     # 4. the OneCycleLR was dropped, with a line naming it; its max_lr is the peak
     (dropped,) = [line for line in info_lines if "replacing the LR scheduler" in line]
@@ -242,7 +244,7 @@ def test_a_typical_project_sees_what_the_surgeon_does(
     assert hparams["surgeon/total_steps"].number_value == 4 * BATCHES
     # CSV: hparams.yaml
     saved = yaml.safe_load((csv_dir / "hparams.yaml").read_text())
-    assert saved["surgeon"]["decay"] == "wsd" and saved["surgeon"]["total_steps"] == 4 * BATCHES
+    assert saved["surgeon"]["decay"] == "linear" and saved["surgeon"]["total_steps"] == 4 * BATCHES
 
     # 3. callback_metrics, the progress bar and the checkpoints' names
     metrics = trainer.callback_metrics
@@ -407,7 +409,7 @@ def test_a_max_time_plan_under_ddp_is_rank_zeros_on_both_ranks(tmp_path: Path) -
     assert ranks[0]["events"] == ranks[1]["events"]
     kinds = [kind for _, kind in ranks[0]["events"]]
     assert kinds[0] == "replan" and "cooldown" in kinds and kinds[-1] == "done"
-    assert lrs[0][-1] == pytest.approx(0.1 * 0.05)  # the worker's SGD(lr=0.05), at the floor
+    assert lrs[0][-1] == pytest.approx(0.0)  # the worker's SGD(lr=0.05), at the floor 0
 
 
 @pytest.mark.parametrize("on_epoch_end", [None, False], ids=["epoch-end", "validation-end"])

@@ -24,7 +24,14 @@ from surgeon.controller import EventKind
 from surgeon.recorder import LOSSES_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS: dict[str, Any] = {"min_warmup": 10, "max_warmup": 20, "plateau_patience": 40}
+# wsd: a hold at the peak, where a plateau cuts
+SETTINGS: dict[str, Any] = {
+    "min_warmup": 10,
+    "max_warmup": 20,
+    "plateau_patience": 30,
+    "decay": "wsd",
+    "wsd_decay_fraction": 0.1,
+}
 
 
 def scripted(steps: int) -> list[float]:
@@ -234,7 +241,7 @@ def test_cool_down_now_reaches_the_floor_by_then() -> None:
     is at the floor 40 steps later; a ``cooldown`` event says why."""
     model = nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    surgeon = Surgeon(optimizer, 300, warmup=10, verbose=False)
+    surgeon = Surgeon(optimizer, 300, warmup=10, decay="wsd", min_lr_ratio=0.1, verbose=False)
     lrs = []
     for step in range(120):
         if step == 60:

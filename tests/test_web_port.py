@@ -110,12 +110,31 @@ def _warmup_spike(n: int = 800) -> list[float]:
     return losses
 
 
+def _catapult(n: int = 1500) -> list[float]:
+    """A descent with a bump in it during warmup (the ramp pauses and resumes), then from step
+    900 a climb to twice the level (the peak is lowered)."""
+    trend = [
+        (2.0 * math.exp(-i / 25) + 0.5)
+        * (1.0 + math.exp(-(((i - 90) / 15) ** 2)))
+        * (1.0 + min(1.0, max(0.0, (i - 900) / 80)))
+        for i in range(n)
+    ]
+    return _noisy(trend, 0.005, 6)
+
+
+def _stalling(n: int = 200) -> list[float]:
+    """Non-finite from the first step on: nothing is ever good to roll back to."""
+    return [math.nan] * n
+
+
 STREAMS: dict[str, Any] = {
     "stabilizing": _stabilizing,
     "spiky": _spiky,
     "nonfinite": _nonfinite,
     "plateau": _plateau,
     "warmup_spike": _warmup_spike,
+    "catapult": _catapult,
+    "stalling": _stalling,
 }
 CONFIGS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -138,6 +157,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "spike_recovery": 1,
     },
     "quick-wsd-to-zero": {
+        "decay": "wsd",
         "min_warmup": 0.05,
         "max_warmup": 0.3,
         "stabilize_threshold": 0.05,
@@ -258,11 +278,20 @@ def test_the_cases_exercise_every_decision(
 ) -> None:
     """A parity test is only as good as what its streams make the controller do."""
     seen = {e.kind for py, _ in both.values() for e in py.events}
-    callback_only = {EventKind.PEAK_LR, EventKind.REPLAN, EventKind.COOLDOWN, EventKind.STOPPED}
+    callback_only = {
+        EventKind.PEAK_LR,
+        EventKind.REPLAN,
+        EventKind.COOLDOWN,
+        EventKind.STOPPED,
+        EventKind.BUFFERS_RESTORED,
+    }
     expected = set(EventKind) - callback_only
     assert seen == expected
     stabilized = [
-        e for py, _ in both.values() for e in py.events if e.reason.startswith("loss stabilized")
+        e
+        for py, _ in both.values()
+        for e in py.events
+        if e.reason.startswith("the loss stabilized")
     ]
     assert stabilized and any(
         "warmup ramp resumed" in e.reason for py, _ in both.values() for e in py.events

@@ -12,6 +12,7 @@ class Signal(str, Enum):
     """What a detector reports about the loss it was just fed."""
 
     STABILIZED = "stabilized"
+    RISING = "rising"
     PLATEAU = "plateau"
     SPIKE = "spike"
     NONFINITE = "nonfinite"

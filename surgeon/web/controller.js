@@ -12,6 +12,12 @@
   const NORMAL_BAND_ZSCORE = 3.0;
   const _MIN_STABILIZE_WINDOW = 10;
   const _MIN_SNAPSHOT_EVERY = 10;
+  const _MIN_PEAK = 1e-12;
+
+  // format(x, "+.2%"): the sign always shown
+  function signed_percent(x) {
+    return (x < 0 || Object.is(x, -0) ? "" : "+") + percent(x, 2);
+  }
 
   function _format_bytes(nbytes) {
     for (const [unit, size] of [["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]]) {
@@ -39,7 +45,14 @@
     DECAY_START: "decay_start",
     DONE: "done",
     REPLAN: "replan",
+    COOLDOWN: "cooldown",
+    STOPPED: "stopped",
     PEAK_LR: "peak_lr",
+    BUFFERS_RESTORED: "buffers_restored",
+    STALLED: "stalled",
+    RAMP_PAUSE: "ramp_pause",
+    RAMP_RESUME: "ramp_resume",
+    CLIMB: "climb",
   });
 
   function Event(step, kind, reason, scale_before, scale_after, phase = null) {
@@ -87,15 +100,16 @@
   }
 
   class Controller {
-    constructor(total_steps, config) {
+    constructor(total_steps, config, lag = 0) {
       const cfg = (this.config = config);
       this.total_steps = total_steps;
+      this.lag = lag;
       this.floor = cfg.min_lr_ratio;
       if (cfg.warmup === "auto") {
         this.min_warmup = resolve_steps("min_warmup", cfg.min_warmup, total_steps);
         this.max_warmup = resolve_steps("max_warmup", cfg.max_warmup, total_steps);
       } else {
-        this.min_warmup = this.max_warmup = cfg.warmup;
+        this.min_warmup = this.max_warmup = resolve_steps("warmup", cfg.warmup, total_steps);
       }
       const names = cfg.warmup === "auto" ? ["min_warmup", "max_warmup"] : ["warmup", "warmup"];
       for (const [name, value] of [[names[0], this.min_warmup], [names[1], this.max_warmup]]) {
@@ -127,8 +141,9 @@
       );
       this.spike = new SpikeDetector(cfg.spike_zscore, cfg.spike_ratio);
       this.snapshot_every = resolve_steps(
-        "snapshot_every", cfg.snapshot_every, total_steps, _MIN_SNAPSHOT_EVERY,
+        "snapshot_every", cfg.snapshot_every, total_steps, Math.max(_MIN_SNAPSHOT_EVERY, lag),
       );
+      this.max_undone_steps = 2 * this.snapshot_every + lag;
       this.reset();
     }
 
@@ -139,8 +154,15 @@
       this.events = [];
       this.restarts = 0;
       this.paused = false;
+      this.peak = 1.0;
+      this.awaiting_descent = false;
+      this.watch_until = 0;
       this.nonfinite_streak = 0;
+      this.nonfinite_applied = false;
       this.ignore_until = 0;
+      this.rolled_back_to = null;
+      this.stalled = false;
+      this._no_rollback = "";
       this.intervention = new _Intervention();
       this.forget_snapshots();
       for (const detector of [this.stabilizer, this.plateau, this.spike]) detector.reset();
@@ -148,10 +170,8 @@
         this._set_plan(this._decay_plan(0, 1.0));
         this.phase = this._plan_phase(0);
       } else {
-        const ramp = this.min_warmup;
-        this._set_plan(
-          this._decay_plan(0, 1.0, { v0: 1.0 / (ramp + 1), ramp, decay_start: this.max_warmup }),
-        );
+        const ramp = this.max_warmup;
+        this._set_plan(this._warmup_plan(0, 1.0 / (ramp + 1), ramp));
       }
     }
 
@@ -171,7 +191,7 @@
       this._expire_recovery(step);
 
       const mean = this.spike.mean;
-      const variance = this.spike.var;
+      const std = this.spike.std;
       let signal;
       let bad;
       if (update_skipped && Number.isFinite(loss)) {
@@ -183,47 +203,61 @@
       }
       if (signal === Signal.NONFINITE) {
         this.nonfinite_streak += 1;
+        this.nonfinite_applied = this.nonfinite_applied || !update_skipped;
+        const streak = this.nonfinite_streak;
+        const needed = this.config.rollback_nonfinite;
+        if (streak === needed) {
+          const why = `${streak} non-finite steps in a row (rollback_nonfinite=${needed})`;
+          bad += this._request_rollback(step, why);
+        }
         new_events.push(this._cut_for_spike(step, EventKind.NONFINITE, bad));
         if (update_skipped) {
-          const why = `the optimizer update of step ${step} was not applied: ` +
-            bad.replace(/[; ]+$/, "");
+          const why = `the optimizer update of step ${step} was not applied: ${bad.split(";")[0]}`;
           new_events.push(this._event(step, EventKind.SKIPPED_STEP, why, null));
         }
-        if (this.nonfinite_streak >= this.config.rollback_nonfinite) {
-          this._request_rollback(
-            step,
-            `${this.nonfinite_streak} non-finite steps in a row (rollback_nonfinite=` +
-              `${this.config.rollback_nonfinite})`,
-          );
+        if (streak >= 2 * this.snapshot_every && !this.stalled && this.rollback_to === null) {
+          new_events.push(this._stall(step, loss, update_skipped));
         }
       } else if (signal === Signal.SPIKE) {
         this.nonfinite_streak = 0;
-        const why =
+        this.nonfinite_applied = false;
+        let why =
           `loss ${g(loss, 4)} is ${f(this.spike.last_zscore, 1)} sigma above its running mean ` +
-          `${g(mean, 4)} (std ${g(Math.sqrt(variance), 3)}; thresholds ${g(this.spike.zscore)} ` +
+          `${g(mean, 4)} (noise ${g(std, 3)}; thresholds ${g(this.spike.zscore)} ` +
           `sigma and ${g(this.spike.ratio)}x the mean); `;
-        new_events.push(this._cut_for_spike(step, EventKind.SPIKE, why));
         const threshold = this.config.rollback_threshold;
-        if (loss - mean >= (threshold - 1.0) * Math.abs(mean)) {
-          this._request_rollback(
+        if (this.rolled_back_to !== null) {
+          this.spike.rebase(loss);
+          why +=
+            `the loss has stayed up since the rollback to step ${this.rolled_back_to}: a ` +
+            `lasting level shift, not damage; ${g(loss, 4)} is the new running mean (no ` +
+            "further rollback); ";
+        } else if (loss - mean >= (threshold - 1.0) * Math.abs(mean)) {
+          why += this._request_rollback(
             step,
             `loss ${g(loss, 4)} is at least ${g(threshold)}x its running mean ${g(mean, 4)} ` +
               `(rollback_threshold=${g(threshold)})`,
           );
         }
+        new_events.push(this._cut_for_spike(step, EventKind.SPIKE, why));
       } else {
         this.nonfinite_streak = 0;
+        this.nonfinite_applied = false;
+        if (this.spike.last_zscore <= NORMAL_BAND_ZSCORE) this.rolled_back_to = null;
         this._settle_snapshot(step);
         if (this.intervention.mode === "hold") {
           new_events = new_events.concat(this._maybe_recover(step, loss));
         }
         if (this.phase === Phase.WARMUP) {
           new_events = new_events.concat(this._warmup_update(step, loss));
+        } else if (this.awaiting_descent) {
+          new_events = new_events.concat(this._saddle_update(step, loss));
         } else if (
           (this.phase === Phase.STABLE || this.phase === Phase.DECAY) &&
           this.intervention.mode === "normal"
         ) {
-          new_events = new_events.concat(this._plateau_update(step, loss));
+          const climb = this._climb_update(step, loss);
+          new_events = new_events.concat(climb.length ? climb : this._plateau_update(step, loss));
         }
       }
       return this._close_step(step, new_events);
@@ -239,15 +273,14 @@
     _expire_recovery(step) {
       if (this.intervention.mode === "recover" && this.intervention.at(step + 1) >= 1.0) {
         this.intervention = new _Intervention();
+        this.watch_until = step + 1 + this.spike_cooldown + this.spike_recovery;
       }
     }
 
     _close_step(step, new_events) {
       const pending = this._pending_snapshot;
       if (pending !== null && pending[0] === step) this._pending_snapshot = null;
-      if (this.phase === Phase.WARMUP && step + 1 >= this.max_warmup) {
-        new_events.push(this._end_warmup(step, this._warmup_deadline_reason()));
-      }
+      if (this.phase === Phase.WARMUP) new_events = new_events.concat(this._warmup_clock(step));
       this._follow_plan(step, new_events);
       if (new_events.length) {
         new_events = new_events.map((event) => ({ ...event, phase: this.phase }));
@@ -276,8 +309,9 @@
       if (phase === Phase.DECAY && this.phase === Phase.STABLE) {
         const plan = this._plan;
         const level = this._base(step + 1 - plan.start);
+        const what = plan.hold ? "the hold ends" : "the ramp reached its top";
         const why =
-          `the hold at LR scale ${g(level, 3)} ends: ${plan.shape} decay to the floor ` +
+          `${what}: ${plan.shape} decay from LR scale ${g(level, 3)} to the floor ` +
           `(${g(this.floor)}) over the last ${plan.decay} steps`;
         new_events.push(this._event(step, EventKind.DECAY_START, why, null));
       }
@@ -302,9 +336,7 @@
         this._pending_snapshot === null &&
         this.rollback_to === null &&
         step - this._last_snapshot_step >= this.snapshot_every &&
-        step >= this.ignore_until &&
-        this.intervention.mode === "normal" &&
-        this.nonfinite_streak === 0
+        step >= this.ignore_until
       );
     }
 
@@ -323,9 +355,37 @@
     }
 
     _request_rollback(step, cause) {
-      if (this._good_snapshot === null || this.rollback_to !== null) return;
-      this.rollback_to = this._good_snapshot[0];
-      this._rollback_cause = [step, cause];
+      if (this.rollback_to !== null) return "";
+      const good = this._good_snapshot;
+      let why;
+      if (this.rolled_back_to !== null) {
+        why =
+          `the loss has not been normal since the rollback to step ${this.rolled_back_to}, ` +
+          "so going back again would repeat it";
+      } else if (good === null) {
+        why = "no good snapshot yet";
+      } else if (step - good[0] > 2 * this.snapshot_every) {
+        why =
+          `the last good snapshot (step ${good[0]}) is ${step - good[0]} steps back, more ` +
+          `than two snapshot intervals (${2 * this.snapshot_every} steps)`;
+      } else {
+        this.rollback_to = good[0];
+        this._rollback_cause = [step, cause];
+        return "";
+      }
+      this._no_rollback = why;
+      return `${cause}, but no rollback: ${why}; `;
+    }
+
+    _stall(step, loss, update_skipped) {
+      this.stalled = true;
+      const streak = this.nonfinite_streak;
+      const what = update_skipped ? "updates skipped" : "updates applied";
+      const why =
+        `${streak} non-finite steps in a row (steps ${step - streak + 1} to ${step}, last loss ` +
+        `${str(loss)}, ${what}) and nothing to roll back to ` +
+        `(${this._no_rollback || "no snapshot"}): the run cannot make progress; stopping it`;
+      return this._event(step, EventKind.STALLED, why, null);
     }
 
     rolled_back(now) {
@@ -338,6 +398,8 @@
       this._pending_snapshot = null;
       this.ignore_until = Math.max(this.ignore_until, now);
       this.nonfinite_streak = 0;
+      this.nonfinite_applied = false;
+      this.rolled_back_to = target;
       const why =
         `${cause}: restored the snapshot of step ${target} (${_format_bytes(nbytes)}), ` +
         `undoing the updates of steps ${target} to ${now - 1} (${now - target} steps)`;
@@ -347,67 +409,190 @@
       return event;
     }
 
+    // ---------------------------------------------------------------- warmup
     _warmup_update(step, loss) {
       const signal = this.stabilizer.update(loss);
-      const ready =
-        this.config.warmup === "auto" &&
-        signal === Signal.STABILIZED &&
-        step + 1 >= this.min_warmup &&
-        !this.paused &&
-        this.intervention.mode === "normal" &&
-        this._base(step + 1 - this._plan.start) >= 1.0;
-      if (!ready) return [];
+      if (this.config.warmup !== "auto" || this.intervention.mode !== "normal") return [];
       const det = this.stabilizer;
-      const why =
-        `loss stabilized: its EMA fell ${percent(det.last_drop, 2)} over the last ` +
-        `${det.window} steps (threshold ${percent(det.threshold, 2)}) for ${det.patience} ` +
-        "steps in a row";
-      return [this._end_warmup(step, why)];
+      const trend =
+        `its EMA changed by ${signed_percent(-(det.last_drop || 0.0))} over the last ` +
+        `${det.window} steps (noise ${percent(det.last_noise, 2)}, threshold ` +
+        `${percent(det.threshold, 2)})`;
+      if (signal === Signal.RISING) {
+        if (this.paused) return [];
+        const before = this.lr_scale(step + 1);
+        const level = this._base(step + 1 - this._plan.start);
+        this.paused = true;
+        this._set_plan(new _Plan(step + 1, level, level, 0, null, 0, "linear"));
+        const why = `the loss is rising: ${trend}; the warmup ramp holds at LR scale ${g(level, 3)}`;
+        return [this._event(step, EventKind.RAMP_PAUSE, why, before)];
+      }
+      if (this.paused) {
+        if ((det.last_drop || 0.0) < 0.0) return [];
+        const before = this.lr_scale(step + 1);
+        const level = this._base(step + 1 - this._plan.start);
+        this.paused = false;
+        const ramp = this._ramp_steps(level, this.max_warmup);
+        this._set_plan(this._warmup_plan(step + 1, level, ramp));
+        const why =
+          `the loss is back down: ${trend}; the ramp goes on from LR scale ${g(level, 3)} ` +
+          `to ${g(this.peak, 3)} over ${ramp} steps`;
+        return [this._event(step, EventKind.RAMP_RESUME, why, before)];
+      }
+      if (signal === Signal.STABILIZED && step + 1 >= this.min_warmup) {
+        const why =
+          `the loss stabilized after its initial descent: ${trend}, not steeper and not ` +
+          `rising for ${det.patience} steps in a row`;
+        return [this._end_warmup(step, why)];
+      }
+      return [];
     }
 
-    _warmup_deadline_reason() {
-      if (this.config.warmup !== "auto") {
-        return `fixed warmup of ${this.max_warmup} steps finished`;
-      }
+    _ramp_steps(level, pace) {
+      return Math.ceil(Math.max(0.0, this.peak - level) * pace);
+    }
+
+    _warmup_clock(step) {
+      const plan = this._plan;
       const det = this.stabilizer;
-      let seen;
-      if (det.last_drop === null) {
-        seen = `no drop measured yet: the window is ${det.window} steps`;
-      } else {
-        seen =
-          `last drop ${percent(det.last_drop, 2)} per ${det.window} steps, threshold ` +
-          `${percent(det.threshold, 2)}; below it ${det.streak} steps in a row of the ` +
-          `${det.patience} needed`;
+      let why;
+      if (plan.hold !== null && step + 1 - plan.start >= plan.ramp) {
+        if (this.config.warmup !== "auto") {
+          why = `fixed warmup of ${this.max_warmup} steps finished`;
+        } else {
+          const drop = det.last_drop === null ? "none measured yet" : percent(det.last_drop, 2);
+          why =
+            `the ramp reached the peak at the pace of a ${this.max_warmup}-step ramp ` +
+            `(max_warmup) before the loss stabilized (last EMA drop ${drop} per ` +
+            `${det.window} steps, noise ${percent(det.last_noise, 2)})`;
+        }
+        return [this._end_warmup(step, why)];
       }
-      return `max_warmup=${this.max_warmup} steps reached before the loss stabilized (${seen})`;
+      if (step + 1 < this.max_warmup) return [];
+      const level = this._base(step + 1 - plan.start);
+      if (this.paused && this.intervention.mode === "normal") {
+        this.peak = Math.min(this.peak, level);
+        why =
+          `max_warmup=${this.max_warmup} steps reached while the loss was rising: the peak ` +
+          `is lowered to LR scale ${g(this.peak, 3)}, the highest the loss took`;
+      } else {
+        why =
+          `max_warmup=${this.max_warmup} steps reached at LR scale ${g(level, 3)} (the ramp was ` +
+          `held on the way); it finishes at the pace of a ${this.min_warmup}-step ramp`;
+      }
+      return [this._end_warmup(step, why)];
     }
 
     _end_warmup(step, why) {
       const before = this.lr_scale(step + 1);
+      const plan = this._plan;
+      let start = step + 1;
+      if (plan.hold !== null && plan.ramp > start - plan.start) {
+        start = Math.min(step + 1 + this.lag, plan.start + plan.ramp);
+      }
+      const level = this._base(start - plan.start);
       this.paused = false;
-      this._set_plan(this._decay_plan(step + 1, this._base(step + 1 - this._plan.start)));
+      const ramp = this._ramp_steps(level, this.min_warmup);
+      this.awaiting_descent =
+        this.config.warmup === "auto" && this.config.decay !== "wsd" &&
+        !this.stabilizer.steep_seen;
+      const latest = this.awaiting_descent ? this._latest_decay_start(start) : null;
+      if (ramp) {
+        this._set_plan(
+          this._decay_plan(start, this.peak, { v0: level, ramp, decay_start: latest }),
+        );
+        why += `; the LR goes from scale ${g(level, 3)} to the peak over ${ramp} steps`;
+      } else {
+        this._set_plan(
+          this._decay_plan(start, Math.min(level, this.peak), { decay_start: latest }),
+        );
+      }
+      if (this.awaiting_descent) {
+        why +=
+          "; the loss has not fallen steeply yet: the peak is held until it does (a saddle), " +
+          `at the latest until step ${latest}`;
+      }
       this.phase = this._plan_phase(step + 1);
       this.plateau.reset();
       return this._event(step, EventKind.WARMUP_END, why, before);
+    }
+
+    _warmup_plan(start, v0, ramp) {
+      const holds = this.config.warmup === "auto" && this.config.decay !== "wsd";
+      const latest = holds ? this._latest_decay_start(start + ramp) : null;
+      return this._decay_plan(start, this.peak, { v0, ramp, decay_start: latest });
+    }
+
+    _latest_decay_start(start) {
+      return this.total_steps -
+        S.config.py_round(this.config.wsd_decay_fraction * (this.total_steps - start));
+    }
+
+    // ---------------------------------------------------------------- after warmup
+    _saddle_update(step, loss) {
+      const signal = this.stabilizer.update(loss);
+      const det = this.stabilizer;
+      if (this.phase !== Phase.STABLE) {
+        this.awaiting_descent = false;
+        return [];
+      }
+      if (signal !== Signal.STABILIZED) return [];
+      const before = this.lr_scale(step + 1);
+      this.awaiting_descent = false;
+      const level = this._base(step + 1 - this._plan.start);
+      this._set_plan(this._decay_plan(step + 1, level));
+      this.phase = this._plan_phase(step + 1);
+      this.plateau.reset();
+      const why =
+        "the loss left its initial plateau and its descent stabilized: its EMA changed by " +
+        `${signed_percent(-(det.last_drop || 0.0))} over the last ${det.window} steps (noise ` +
+        `${percent(det.last_noise, 2)}, threshold ${percent(det.threshold, 2)}) for ` +
+        `${det.patience} steps; ${this._plan.shape} decay from LR scale ${g(level, 3)} to the ` +
+        `floor (${g(this.floor)}) over the remaining ${this._plan.decay} steps`;
+      return [this._event(step, EventKind.DECAY_START, why, before)];
+    }
+
+    _climb_update(step, loss) {
+      const det = this.stabilizer;
+      if (det.update(loss) !== Signal.RISING || det.rise_run < det.patience) return [];
+      const ratio = this.config.spike_ratio;
+      if (det.ema - det.rise_base <= (ratio - 1.0) * Math.abs(det.rise_base)) return [];
+      const run = det.rise_run;
+      const base = det.rise_base;
+      det.restart_rise();
+      const before = this.lr_scale(step + 1);
+      this._lower_peak(
+        step, this._base(step + 1 - this._plan.start) * this.config.spike_factor,
+      );
+      this.plateau.reset();
+      const why =
+        `the loss kept rising: its EMA went from ${g(base, 4)} to ${g(det.ema, 4)} ` +
+        `(more than ${g(ratio)}x), rising beyond its noise (${percent(det.last_noise, 2)} per ` +
+        `${det.window} steps) for ${run} steps in a row; the peak is lowered x` +
+        `${g(this.config.spike_factor)} to LR scale ${g(this.peak, 3)} for the rest of the run`;
+      return [this._event(step, EventKind.CLIMB, why, before)];
     }
 
     _plateau_update(step, loss) {
       if (this.plateau.update(loss) !== Signal.PLATEAU) return [];
       const cfg = this.config;
       const det = this.plateau;
+      const restart = cfg.plateau_action === "restart" && this.restarts < cfg.max_restarts;
+      if (!restart && this.phase !== Phase.STABLE) return [];
       const before = this.lr_scale(step + 1);
       const current = this._base(step + 1 - this._plan.start);
       const stalled =
         `the smoothed loss (EMA ${g(det.ema, 4)}) has not improved by ` +
         `${percent(det.min_delta, 2)} on its best ${g(det.best, 4)} for ${det.patience} steps; `;
-      if (cfg.plateau_action === "restart" && this.restarts < cfg.max_restarts) {
+      if (restart) {
         this.restarts += 1;
+        const target = cfg.restart_peak * this.peak;
         this._set_plan(
-          this._decay_plan(step + 1, cfg.restart_peak, { v0: current, ramp: this.restart_warmup }),
+          this._decay_plan(step + 1, target, { v0: current, ramp: this.restart_warmup }),
         );
         const why =
           `${stalled}restart ${this.restarts}/${cfg.max_restarts}: re-warm from ` +
-          `${g(current, 3)} to ${g(cfg.restart_peak)} of the peak ` +
+          `${g(current, 3)} to ${g(target, 3)} (${g(cfg.restart_peak)} of the peak) ` +
           `over ${this.restart_warmup} steps`;
         return [this._event(step, EventKind.RESTART, why, before)];
       }
@@ -419,6 +604,7 @@
       return [this._event(step, EventKind.PLATEAU, why, before)];
     }
 
+    // ---------------------------------------------------------------- interventions
     _cut_for_spike(step, kind, why) {
       const before = this.lr_scale(step + 1);
       const hold_until = step + 1 + this.spike_cooldown;
@@ -427,12 +613,20 @@
         why += `already cut, cooldown extended to step ${hold_until}`;
         return this._event(step, kind, why, before);
       }
-      const current = this.intervention.at(step + 1);
+      let current = this.intervention.at(step + 1);
+      if (this.intervention.mode === "recover" || step < this.watch_until) {
+        this._lower_peak(step, before * this.config.spike_factor);
+        current = 1.0;
+        why +=
+          `the loss spiked again at LR scale ${g(before, 3)} within ` +
+          `${this.spike_cooldown + this.spike_recovery} steps of the last cut: the peak is ` +
+          `lowered to ${g(this.peak, 3)} for the rest of the run; `;
+      }
       const value = Math.max(this.floor, current * this.config.spike_factor);
       this.intervention = new _Intervention({ mode: "hold", value, hold_until });
       if (this.phase === Phase.WARMUP && !this.paused) {
         this.paused = true;
-        const frozen = this._base(step + 1 - this._plan.start);
+        const frozen = Math.min(this.peak, this._base(step + 1 - this._plan.start));
         this._set_plan(new _Plan(step + 1, frozen, frozen, 0, null, 0, "linear"));
         why += "warmup ramp paused; ";
       }
@@ -440,6 +634,25 @@
         `LR multiplier cut x${g(this.config.spike_factor)} to ${g(value, 3)}, ` +
         `held for ${this.spike_cooldown} steps`;
       return this._event(step, kind, why, before);
+    }
+
+    _lower_peak(step, peak) {
+      this.peak = Math.max(this.floor, Math.min(this.peak, peak), _MIN_PEAK);
+      const level = this._base(step + 1 - this._plan.start);
+      if (this.phase === Phase.WARMUP) {
+        if (this.paused || level >= this.peak) {
+          const held = Math.min(level, this.peak);
+          this._set_plan(new _Plan(step + 1, held, held, 0, null, 0, "linear"));
+          this.paused = true;
+        } else {
+          const ramp = this._ramp_steps(level, this.max_warmup);
+          this._set_plan(this._warmup_plan(step + 1, level, ramp));
+        }
+      } else if (this.phase !== Phase.DONE && level > this.peak) {
+        const latest = this.awaiting_descent ? this._latest_decay_start(step + 1) : null;
+        this._set_plan(this._decay_plan(step + 1, this.peak, { decay_start: latest }));
+        this.phase = this._plan_phase(step + 1);
+      }
     }
 
     _maybe_recover(step, loss) {
@@ -461,10 +674,8 @@
       if (this.paused) {
         this.paused = false;
         const current = this._base(step + 1 - this._plan.start);
-        const ramp = Math.ceil((1.0 - current) * this.min_warmup);
-        this._set_plan(
-          this._decay_plan(step + 1, 1.0, { v0: current, ramp, decay_start: this.max_warmup }),
-        );
+        const ramp = this._ramp_steps(current, this.max_warmup);
+        this._set_plan(this._warmup_plan(step + 1, current, ramp));
         why += "; warmup ramp resumed";
       }
       return [this._event(step, EventKind.RECOVERED, why, before)];

@@ -39,7 +39,8 @@
     const skipped = update_skipped === null ? losses.map((x) => !Number.isFinite(x))
                                             : update_skipped;
     const at = steps === null ? losses.map((_, i) => i) : steps;
-    const controller = new Controller(settings.total_steps, settings.config);
+    const lag = 2 * settings.readback_every; // as the callback's engine plans
+    const controller = new Controller(settings.total_steps, settings.config, lag);
     const [scales, smooth, phases] = feed(controller, losses, skipped, {
       readback_every: settings.readback_every,
       snapshots: settings.snapshots,

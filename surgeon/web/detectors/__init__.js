@@ -4,6 +4,7 @@
 
   const Signal = Object.freeze({
     STABILIZED: "stabilized",
+    RISING: "rising",
     PLATEAU: "plateau",
     SPIKE: "spike",
     NONFINITE: "nonfinite",
