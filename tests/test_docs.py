@@ -45,3 +45,15 @@ def test_the_changelog_has_the_current_version_and_an_unreleased_section() -> No
     headings = re.findall(r"^## \[([^\]]+)\]", changelog, re.M)
     assert headings[0] == "Unreleased"
     assert surgeon.__version__ in headings
+
+
+def test_every_test_the_readme_names_exists() -> None:
+    """The README backs its guarantees with named tests: each name must be a test function (or
+    class) somewhere in tests/, so a renamed or deleted test cannot leave a claim unbacked."""
+    readme = (REPO / "README.md").read_text()
+    named = set(re.findall(r"\b(test_[a-z0-9_]+|Test[A-Z][A-Za-z]+)\b", readme))
+    sources = "\n".join(p.read_text() for p in (REPO / "tests").glob("*.py"))
+    defined = set(re.findall(r"^\s*(?:def|class) ((?:test_|Test)\w*)", sources, re.MULTILINE))
+    files = {p.stem for p in (REPO / "tests").glob("test_*.py")}
+    assert named - defined - files == set()
+    assert len(named & defined) >= 20  # the Guarantees section alone names more
