@@ -881,12 +881,14 @@ class Controller:
         level = self._base(start - plan.start)
         self.paused = False
         ramp = self._ramp_steps(level, self.min_warmup)
-        # a loss that never fell steeply sits where it started (a saddle): hold the peak, the
-        # decay waits for the descent (at the latest, a wsd tail)
+        # a loss that never fell steeply and still sits where it started (a saddle): hold the
+        # peak, the decay waits for the descent (at the latest, a wsd tail); a loss that fell
+        # slowly (a fine-tune) is no saddle and decays
         self.awaiting_descent = (
             self.config.warmup == "auto"
             and self.config.decay != "wsd"  # wsd holds the peak anyway
             and not self.stabilizer.steep_seen
+            and not self.stabilizer.fell_from_start()
         )
         latest = self._latest_decay_start(start) if self.awaiting_descent else None
         if ramp:
@@ -898,8 +900,8 @@ class Controller:
             self._set_plan(self._decay_plan(start, min(level, self.peak), decay_start=latest))
         if self.awaiting_descent:
             why += (
-                "; the loss has not fallen steeply yet: the peak is held until it does (a saddle), "
-                f"at the latest until step {latest}"
+                "; the loss has not left its start yet: the peak is held until it falls "
+                f"(a saddle), at the latest until step {latest}"
             )
         self.phase = self._plan_phase(step + 1)
         self.plateau.reset()

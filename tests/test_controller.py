@@ -249,7 +249,7 @@ class TestWarmup:
         controller = Controller(self.TOTAL, SurgeonConfig())
         trace = drive(controller, losses)
         (end,) = trace.of(EventKind.WARMUP_END)
-        assert end.step == controller.max_warmup - 1 and "held until it does" in end.reason
+        assert end.step == controller.max_warmup - 1 and "held until it falls" in end.reason
         (start,) = trace.of(EventKind.DECAY_START)
         # the definition, fed the losses after warmup: stabilized after a descent
         states = self.states(controller, losses)
@@ -262,6 +262,19 @@ class TestWarmup:
         assert trace.phases[start.step + 1] is Phase.DECAY
         assert non_increasing(trace.lrs[start.step :]) and trace.lrs[-1] < 0.01
         assert EventKind.PLATEAU not in trace.kinds()  # a saddle is no stall to cut
+
+    def test_a_loss_that_falls_slowly_is_no_saddle_and_decays_after_warmup(self) -> None:
+        """A fine-tune on shifted data: the loss falls by ~0.1% a step from its start, never
+        steeply. It has left its start, so the decay begins when warmup ends; no hold."""
+        losses = noisy([2.0 * (1.0 - 0.3 * t / self.TOTAL) for t in range(self.TOTAL)], 0.03, 7)
+        controller = Controller(self.TOTAL, SurgeonConfig())
+        trace = drive(controller, losses)
+        assert not controller.stabilizer.steep_seen
+        (end,) = trace.of(EventKind.WARMUP_END)
+        assert "saddle" not in end.reason and not controller.awaiting_descent
+        assert trace.phases[end.step + 1] is Phase.DECAY
+        assert non_increasing(trace.lrs[end.step + 1 :]) and trace.lrs[-1] < 0.01
+        assert trace.lrs[end.step + 2] < 1.0 and trace.lrs[self.TOTAL * 3 // 4] < 0.4
 
     def test_a_loss_that_never_falls_decays_in_the_last_wsd_fraction_at_the_latest(self) -> None:
         controller = Controller(self.TOTAL, SurgeonConfig())

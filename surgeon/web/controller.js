@@ -495,7 +495,7 @@
       const ramp = this._ramp_steps(level, this.min_warmup);
       this.awaiting_descent =
         this.config.warmup === "auto" && this.config.decay !== "wsd" &&
-        !this.stabilizer.steep_seen;
+        !this.stabilizer.steep_seen && !this.stabilizer.fell_from_start();
       const latest = this.awaiting_descent ? this._latest_decay_start(start) : null;
       if (ramp) {
         this._set_plan(
@@ -509,8 +509,8 @@
       }
       if (this.awaiting_descent) {
         why +=
-          "; the loss has not fallen steeply yet: the peak is held until it does (a saddle), " +
-          `at the latest until step ${latest}`;
+          "; the loss has not left its start yet: the peak is held until it falls " +
+          `(a saddle), at the latest until step ${latest}`;
       }
       this.phase = this._plan_phase(step + 1);
       this.plateau.reset();
