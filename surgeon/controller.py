@@ -17,10 +17,8 @@ The multiplier is ``base(step) x intervention(step)``:
     slow ramp to its end; one still rising at ``max_warmup`` makes the LR it reached the peak.
     The stabilization detector tells steep, settled and rising apart against the loss's own
     noise;
-  - **decay** from the peak to the floor (``linear`` to 0 by default), right after warmup,
-    unless the loss never fell steeply (a saddle, Barak et al. 2022): then the peak holds
-    until the descent comes and stabilizes (``decay_start``), at the latest until the last
-    ``wsd_decay_fraction`` of the run;
+  - **decay** from the peak to the floor (``linear`` to 0 by default), right after warmup
+    (``wsd``: a hold at the peak first, then the last ``wsd_decay_fraction`` of the run);
   - **ceilings**: the peak is lowered for the rest of the run when the LR proves too high for
     the run: a spike while the LR is coming back from the last cut (or soon after), a loss that
     keeps rising after warmup by more than ``spike_ratio`` (``climb``), a loss still rising at
@@ -289,7 +287,6 @@ class Controller:
         self.restarts = 0
         self.paused = False
         self.peak = 1.0
-        self.awaiting_descent = False
         self.watch_until = 0
         self.nonfinite_streak = 0
         self.nonfinite_applied = False
@@ -322,7 +319,6 @@ class Controller:
             "intervention": asdict(self.intervention),
             "paused": self.paused,
             "peak": self.peak,
-            "awaiting_descent": self.awaiting_descent,
             "watch_until": self.watch_until,
             "restarts": self.restarts,
             "nonfinite_streak": self.nonfinite_streak,
@@ -356,7 +352,6 @@ class Controller:
         self.intervention = _Intervention(**state["intervention"])
         self.paused = state["paused"]
         self.peak = state.get("peak", 1.0)
-        self.awaiting_descent = state.get("awaiting_descent", False)
         self.watch_until = state.get("watch_until", 0)
         self.restarts = state["restarts"]
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
@@ -437,9 +432,6 @@ class Controller:
         elif not in_warmup and (new_shape or ("min_lr_ratio" in changed and decaying)):
             if step < plan.start + plan.ramp:  # a restart's ramp in progress: let it finish
                 self._set_plan(self._decay_plan(plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp))
-            elif self.awaiting_descent:  # the hold on a saddle goes on
-                latest = self._latest_decay_start(step)
-                self._set_plan(self._decay_plan(step, level, decay_start=latest))
             else:
                 self._set_plan(self._decay_plan(step, level, tail_only=decaying))
             self.phase = self._plan_phase(step)
@@ -562,8 +554,6 @@ class Controller:
                 new_events += self._maybe_recover(step, loss)
             if self.phase is Phase.WARMUP:
                 new_events += self._warmup_update(step, loss)
-            elif self.awaiting_descent:
-                new_events += self._saddle_update(step, loss)
             elif self.phase in (Phase.STABLE, Phase.DECAY) and self.intervention.mode == "normal":
                 new_events += self._climb_update(step, loss) or self._plateau_update(step, loss)
         return self._close_step(step, new_events)
@@ -601,7 +591,7 @@ class Controller:
             left = schedules.decay_shape(shape, 1.0, 0.0, length)(lag)
             top = self.floor + (level - self.floor) / left
         self.total_steps = start + steps
-        self.paused = self.awaiting_descent = False
+        self.paused = False
         self._set_plan(_Plan(self.step, top, top, 0, 0, length, shape))
         self.phase = Phase.DECAY
         self.plateau.reset()
@@ -881,38 +871,20 @@ class Controller:
         level = self._base(start - plan.start)
         self.paused = False
         ramp = self._ramp_steps(level, self.min_warmup)
-        # a loss that never fell steeply and still sits where it started (a saddle): hold the
-        # peak, the decay waits for the descent (at the latest, a wsd tail); a loss that fell
-        # slowly (a fine-tune) is no saddle and decays
-        self.awaiting_descent = (
-            self.config.warmup == "auto"
-            and self.config.decay != "wsd"  # wsd holds the peak anyway
-            and not self.stabilizer.steep_seen
-            and not self.stabilizer.fell_from_start()
-        )
-        latest = self._latest_decay_start(start) if self.awaiting_descent else None
         if ramp:
-            self._set_plan(
-                self._decay_plan(start, self.peak, v0=level, ramp=ramp, decay_start=latest)
-            )
+            self._set_plan(self._decay_plan(start, self.peak, v0=level, ramp=ramp))
             why += f"; the LR goes from scale {level:.3g} to the peak over {ramp} steps"
         else:
-            self._set_plan(self._decay_plan(start, min(level, self.peak), decay_start=latest))
-        if self.awaiting_descent:
-            why += (
-                "; the loss has not left its start yet: the peak is held until it falls "
-                f"(a saddle), at the latest until step {latest}"
-            )
+            self._set_plan(self._decay_plan(start, min(level, self.peak)))
         self.phase = self._plan_phase(step + 1)
         self.plateau.reset()
         return self._event(step, EventKind.WARMUP_END, why, before)
 
     def _warmup_plan(self, start: int, v0: float, ramp: int) -> _Plan:
         """The warmup ramp from ``v0`` to the peak over ``ramp`` steps from ``start``; after it
-        the plan of a warmup whose loss never fell (an automatic warmup, a decay other than
-        wsd): the peak holds until the latest decay start. A warmup that ends with a loss
-        that fell moves the decay forward: an LR written ahead of that decision is the peak,
-        never an early step of a decay that the hold then undoes."""
+        (an automatic warmup, a decay other than wsd) the peak holds until the warmup ends, a
+        decision on losses read late: an LR written ahead of it is the peak, never an early
+        step of a decay that the decision would then move (at the latest, the wsd tail)."""
         holds = self.config.warmup == "auto" and self.config.decay != "wsd"
         latest = self._latest_decay_start(start + ramp) if holds else None
         return self._decay_plan(start, self.peak, v0=v0, ramp=ramp, decay_start=latest)
@@ -921,32 +893,6 @@ class Controller:
         """Where a hold that began at ``start`` gives way to the decay at the latest: the last
         ``wsd_decay_fraction`` of the steps from ``start`` are left for the decay."""
         return self.total_steps - round(self.config.wsd_decay_fraction * (self.total_steps - start))
-
-    def _saddle_update(self, step: int, loss: float) -> list[Event]:
-        """The peak is held while the loss sits where it started and while it then falls
-        steeply; the decay begins once that descent has stabilized, as a warmup ends (Barak et
-        al. 2022: a lower LR only delays the escape from such a plateau)."""
-        signal = self.stabilizer.update(loss)
-        det = self.stabilizer
-        if self.phase is not Phase.STABLE:  # the latest decay start came first
-            self.awaiting_descent = False
-            return []
-        if signal is not Signal.STABILIZED:
-            return []
-        before = self.lr_scale(step + 1)
-        self.awaiting_descent = False
-        level = self._base(step + 1 - self._plan.start)
-        self._set_plan(self._decay_plan(step + 1, level))
-        self.phase = self._plan_phase(step + 1)
-        self.plateau.reset()
-        why = (
-            f"the loss left its initial plateau and its descent stabilized: its EMA changed by "
-            f"{-(det.last_drop or 0.0):+.2%} over the last {det.window} steps (noise "
-            f"{det.last_noise:.2%}, threshold {det.threshold:.2%}) for {det.patience} steps; "
-            f"{self._plan.shape} decay from LR scale {level:.3g} to the floor ({self.floor:g}) "
-            f"over the remaining {self._plan.decay} steps"
-        )
-        return [self._event(step, EventKind.DECAY_START, why, before)]
 
     def _climb_update(self, step: int, loss: float) -> list[Event]:
         """After warmup: a loss that rises for ``stabilize_patience`` updates in a row beyond
@@ -1051,8 +997,7 @@ class Controller:
                 ramp = self._ramp_steps(level, self.max_warmup)
                 self._set_plan(self._warmup_plan(step + 1, level, ramp))
         elif self.phase is not Phase.DONE and level > self.peak:
-            latest = self._latest_decay_start(step + 1) if self.awaiting_descent else None
-            self._set_plan(self._decay_plan(step + 1, self.peak, decay_start=latest))
+            self._set_plan(self._decay_plan(step + 1, self.peak))
             self.phase = self._plan_phase(step + 1)
 
     def _maybe_recover(self, step: int, loss: float) -> list[Event]:

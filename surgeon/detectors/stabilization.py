@@ -29,12 +29,6 @@ Each update is one of
   follows a plateau) has ended. A rising or creeping update resets the count, so the loss
   never counts as settled while it measurably rises.
 
-Whether the loss has left its start at all (:meth:`fell_from_start`) compares the EMA with the
-mean of the first ``window`` losses: a fall beyond ``Z`` times the noise of that difference,
-``sigma * sqrt(1 / window + alpha / (2 - alpha))``. A loss that falls slowly (a fine-tune on
-shifted data) has left its start without ever falling steeply; a saddle (sparse parity at
-ln 2) has not.
-
 Why: AutoWU (Kim et al., 2021) ends warmup when the smoothed loss stops decreasing; early in
 training the loss falls by a large fraction per window, later it creeps. A fixed threshold on
 the raw drop cannot tell a creeping loss from a noisy one (a 32-window char-LM batch has ~8%
@@ -84,8 +78,6 @@ class StabilizationDetector:
         self.count = 0
         self.prev = 0.0
         self.diff_var = 0.0
-        self.start_sum = 0.0
-        self.start_level: float | None = None
 
     def update(self, loss: float) -> Signal | None:
         """Feed one finite loss; return ``RISING``, ``STABILIZED`` or ``None``."""
@@ -97,10 +89,6 @@ class StabilizationDetector:
             if math.isfinite(var):
                 self.diff_var = var
         self.prev = loss
-        if self.start_level is None:
-            self.start_sum += loss
-            if self.count == self.window:
-                self.start_level = self.start_sum / self.window
         self.ema = loss if self.ema is None else self.ema + self.alpha * (loss - self.ema)
         self.history.append(self.ema)
         if len(self.history) <= self.window:
@@ -128,15 +116,6 @@ class StabilizationDetector:
         self.streak += 1
         return Signal.STABILIZED if self.steep_seen and self.streak >= self.patience else None
 
-    def fell_from_start(self) -> bool:
-        """Whether the EMA lies below the mean of the first ``window`` losses by more than
-        ``Z`` times the noise of that difference (False before ``window`` losses)."""
-        if self.start_level is None or self.ema is None:
-            return False
-        sigma = math.sqrt(self.diff_var / 2.0)
-        noise = sigma * math.sqrt(1.0 / self.window + self.alpha / (2.0 - self.alpha))
-        return self.start_level - self.ema > SIGNIFICANCE * noise
-
     def restart_rise(self) -> None:
         """Measure any further rise from the current EMA (the caller acted on this one)."""
         self.rise_run, self.rise_base = 1, self.ema if self.ema is not None else 0.0
@@ -156,8 +135,6 @@ class StabilizationDetector:
             "count": self.count,
             "prev": self.prev,
             "diff_var": self.diff_var,
-            "start_sum": self.start_sum,
-            "start_level": self.start_level,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -174,5 +151,3 @@ class StabilizationDetector:
         self.count = state.get("count", len(self.history))
         self.prev = state.get("prev", self.ema if self.ema is not None else 0.0)
         self.diff_var = state.get("diff_var", 0.0)
-        self.start_sum = state.get("start_sum", 0.0)
-        self.start_level = state.get("start_level")

@@ -155,7 +155,6 @@
       this.restarts = 0;
       this.paused = false;
       this.peak = 1.0;
-      this.awaiting_descent = false;
       this.watch_until = 0;
       this.nonfinite_streak = 0;
       this.nonfinite_applied = false;
@@ -250,8 +249,6 @@
         }
         if (this.phase === Phase.WARMUP) {
           new_events = new_events.concat(this._warmup_update(step, loss));
-        } else if (this.awaiting_descent) {
-          new_events = new_events.concat(this._saddle_update(step, loss));
         } else if (
           (this.phase === Phase.STABLE || this.phase === Phase.DECAY) &&
           this.intervention.mode === "normal"
@@ -493,24 +490,11 @@
       const level = this._base(start - plan.start);
       this.paused = false;
       const ramp = this._ramp_steps(level, this.min_warmup);
-      this.awaiting_descent =
-        this.config.warmup === "auto" && this.config.decay !== "wsd" &&
-        !this.stabilizer.steep_seen && !this.stabilizer.fell_from_start();
-      const latest = this.awaiting_descent ? this._latest_decay_start(start) : null;
       if (ramp) {
-        this._set_plan(
-          this._decay_plan(start, this.peak, { v0: level, ramp, decay_start: latest }),
-        );
+        this._set_plan(this._decay_plan(start, this.peak, { v0: level, ramp }));
         why += `; the LR goes from scale ${g(level, 3)} to the peak over ${ramp} steps`;
       } else {
-        this._set_plan(
-          this._decay_plan(start, Math.min(level, this.peak), { decay_start: latest }),
-        );
-      }
-      if (this.awaiting_descent) {
-        why +=
-          "; the loss has not left its start yet: the peak is held until it falls " +
-          `(a saddle), at the latest until step ${latest}`;
+        this._set_plan(this._decay_plan(start, Math.min(level, this.peak), {}));
       }
       this.phase = this._plan_phase(step + 1);
       this.plateau.reset();
@@ -529,29 +513,6 @@
     }
 
     // ---------------------------------------------------------------- after warmup
-    _saddle_update(step, loss) {
-      const signal = this.stabilizer.update(loss);
-      const det = this.stabilizer;
-      if (this.phase !== Phase.STABLE) {
-        this.awaiting_descent = false;
-        return [];
-      }
-      if (signal !== Signal.STABILIZED) return [];
-      const before = this.lr_scale(step + 1);
-      this.awaiting_descent = false;
-      const level = this._base(step + 1 - this._plan.start);
-      this._set_plan(this._decay_plan(step + 1, level));
-      this.phase = this._plan_phase(step + 1);
-      this.plateau.reset();
-      const why =
-        "the loss left its initial plateau and its descent stabilized: its EMA changed by " +
-        `${signed_percent(-(det.last_drop || 0.0))} over the last ${det.window} steps (noise ` +
-        `${percent(det.last_noise, 2)}, threshold ${percent(det.threshold, 2)}) for ` +
-        `${det.patience} steps; ${this._plan.shape} decay from LR scale ${g(level, 3)} to the ` +
-        `floor (${g(this.floor)}) over the remaining ${this._plan.decay} steps`;
-      return [this._event(step, EventKind.DECAY_START, why, before)];
-    }
-
     _climb_update(step, loss) {
       const det = this.stabilizer;
       if (det.update(loss) !== Signal.RISING || det.rise_run < det.patience) return [];
@@ -649,8 +610,7 @@
           this._set_plan(this._warmup_plan(step + 1, level, ramp));
         }
       } else if (this.phase !== Phase.DONE && level > this.peak) {
-        const latest = this.awaiting_descent ? this._latest_decay_start(step + 1) : null;
-        this._set_plan(this._decay_plan(step + 1, this.peak, { decay_start: latest }));
+        this._set_plan(this._decay_plan(step + 1, this.peak, {}));
         this.phase = this._plan_phase(step + 1);
       }
     }

@@ -28,8 +28,6 @@
       this.count = 0;
       this.prev = 0.0;
       this.diff_var = 0.0;
-      this.start_sum = 0.0;
-      this.start_level = null;
     }
 
     update(loss) {
@@ -41,10 +39,6 @@
         if (Number.isFinite(variance)) this.diff_var = variance;
       }
       this.prev = loss;
-      if (this.start_level === null) {
-        this.start_sum += loss;
-        if (this.count === this.window) this.start_level = this.start_sum / this.window;
-      }
       this.ema = this.ema === null ? loss : this.ema + this.alpha * (loss - this.ema);
       this.history.push(this.ema);
       if (this.history.length > this.window + 1) this.history.shift();
@@ -73,13 +67,6 @@
       }
       this.streak += 1;
       return this.steep_seen && this.streak >= this.patience ? Signal.STABILIZED : null;
-    }
-
-    fell_from_start() {
-      if (this.start_level === null || this.ema === null) return false;
-      const sigma = Math.sqrt(this.diff_var / 2.0);
-      const noise = sigma * Math.sqrt(1.0 / this.window + this.alpha / (2.0 - this.alpha));
-      return this.start_level - this.ema > SIGNIFICANCE * noise;
     }
 
     restart_rise() {
