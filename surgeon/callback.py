@@ -121,9 +121,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             never go lower.
         decay: Shape from the peak to the floor (``"linear"``, ``"cosine"``, ``"sqrt"``,
             ``"wsd"``); ``"wsd"`` holds the peak (phase ``stable``), then decays linearly
-            over the last ``wsd_decay_fraction`` of the steps that remain. A loss that never
-            fell steeply and sits where it started (a saddle) holds the peak until its descent
-            comes and stabilizes.
+            over the last ``wsd_decay_fraction`` of the steps that remain.
         wsd_decay_fraction: Share of the steps after warmup that the ``"wsd"`` tail spends
             decaying; also the default length of :meth:`cool_down_now` and the share of a
             ``max_time`` run that its cooldown takes.

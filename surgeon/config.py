@@ -69,8 +69,7 @@ class SurgeonConfig:
     of the steps that remain."""
     wsd_decay_fraction: float = WSD_DECAY_FRACTION
     """Share of the steps after warmup that the ``"wsd"`` tail spends decaying (``surgeon
-    preview wsd`` takes the same default, as a share of all steps); also the share a hold on
-    a saddle leaves for the decay at the least."""
+    preview wsd`` takes the same default, as a share of all steps)."""
 
     stabilize_window: Steps = 0.01
     """Window (at least 10 steps) over which the loss EMA's relative drop is measured."""

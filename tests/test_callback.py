@@ -419,7 +419,7 @@ def test_resume_with_a_longer_run_replans_the_rest_from_where_it_is(
     lrs, lrs_a = first_lrs(model), first_lrs(model_a)
     assert lrs[0] == lrs_a[30]  # carries on where the checkpoint was
     assert lrs_a[59] < 0.3 * lrs_a[30]  # the 60-step plan had decayed by its end ...
-    assert lrs[59 - 30] == lrs[0]  # ... the 120-step one still holds there (wsd)
+    assert lrs[59 - 30] > 0.6 * lrs[0]  # ... the 120-step one decays over 90 steps from 30
     assert lrs[-1] < 0.3 * lrs[0] and cb.phase is Phase.DONE  # and decays by step 120
     events = (cb.log_dirs[0] / "events.jsonl").read_text()
     assert '"kind": "replan"' in events
@@ -701,21 +701,20 @@ def test_manual_steps_without_a_loss_are_counted_and_follow_the_plan(
     assert cb.step == cb.controller.step == batches and cb.skipped_steps == 0
     assert cb.phase.value == "done"
     # at max_warmup: no losses; then the plan's own phase changes
-    assert [e.kind for e in cb.events] == [
-        EventKind.WARMUP_END,
-        EventKind.DECAY_START,
-        EventKind.DONE,
-    ]
+    assert [e.kind for e in cb.events] == [EventKind.WARMUP_END, EventKind.DONE]
     plan = Controller(batches, cb.config)  # the plan with no loss seen, step by step
     expected = []
     for t in range(batches):
         expected.append(0.05 * plan.lr_scale(t))
         plan.pass_step()
+    # steps are passed a block at a time (readback_every=4): the LRs of steps 9-11 were written
+    # (the peak, after the ramp) before the block that ends the warmup at step 7 was passed
+    expected[9:12] = [0.05] * 3
     assert [r["lrs"][0][0] for r in model.records] == pytest.approx(expected, rel=1e-12)
-    # the slow ramp (the pace of max_warmup) reaches the peak at step 8; no loss was seen, so
-    # nothing fell steeply: the peak holds (a saddle) until the last 20%, then the decay
-    assert expected[8] == pytest.approx(0.05) and expected[-1] < 0.05 * 0.3
-    print([(e.step, e.kind.value, e.reason) for e in cb.events])
+    # the slow ramp (the pace of max_warmup) reaches the peak at step 8 and ends the warmup
+    # (no loss was seen); the decay follows
+    assert expected[8] == pytest.approx(0.05) and expected[-1] < 0.05 * 0.1
+    assert expected[8:] == sorted(expected[8:], reverse=True)
     assert len([r for r in caplog.records if "found no loss" in r.getMessage()]) == 1
 
 

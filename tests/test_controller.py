@@ -237,10 +237,11 @@ class TestWarmup:
         assert f"lowered to LR scale {held:.3g}" in end.reason
         assert max(trace.lrs[pause.step + 1 :]) == held
 
-    def test_a_loss_that_never_falls_holds_the_peak_until_its_descent_stabilizes(self) -> None:
+    def test_a_saddle_decays_after_warmup_without_a_plateau_cut(self) -> None:
         """A saddle (sparse parity): flat at ln 2 until step 700, then a descent. The ramp runs
-        its full length (nothing stabilized), the peak holds through the plateau and the
-        descent, and the decay starts once the descent has stabilized."""
+        its full length (nothing stabilized), then the decay begins: no hold at the peak (on
+        the benchmark's plateau task a hold until the descent cost 2.4%, see the README), and
+        the flat stretch in the decay is no stall to cut."""
         trend = [
             0.693 if t < 700 else 0.05 + 0.643 * math.exp(-(t - 700) / 30.0)
             for t in range(self.TOTAL)
@@ -248,43 +249,27 @@ class TestWarmup:
         losses = noisy(trend, 0.005, seed=6)
         controller = Controller(self.TOTAL, SurgeonConfig())
         trace = drive(controller, losses)
+        assert trace.kinds() == [EventKind.WARMUP_END]
         (end,) = trace.of(EventKind.WARMUP_END)
-        assert end.step == controller.max_warmup - 1 and "held until it falls" in end.reason
-        (start,) = trace.of(EventKind.DECAY_START)
-        # the definition, fed the losses after warmup: stabilized after a descent
-        states = self.states(controller, losses)
-        assert start.step == next(t for t in range(700, self.TOTAL) if states[t][2])
-        assert "left its initial plateau" in start.reason
-        assert trace.lrs[controller.max_warmup : start.step + 1] == [1.0] * (
-            start.step + 1 - controller.max_warmup
-        )
-        assert set(trace.phases[controller.max_warmup : start.step + 1]) == {Phase.STABLE}
-        assert trace.phases[start.step + 1] is Phase.DECAY
-        assert non_increasing(trace.lrs[start.step :]) and trace.lrs[-1] < 0.01
-        assert EventKind.PLATEAU not in trace.kinds()  # a saddle is no stall to cut
+        assert end.step == controller.max_warmup - 1 and "before the loss stabilized" in end.reason
+        assert set(trace.phases[controller.max_warmup + 1 : -1]) == {Phase.DECAY}
+        assert non_increasing(trace.lrs[controller.max_warmup :]) and trace.lrs[-1] < 0.01
+        expected = schedules.linear(1.0, 0.0, self.TOTAL - controller.max_warmup)
+        for s in (controller.max_warmup, 700, 1000, self.TOTAL - 1):
+            assert trace.lrs[s] == pytest.approx(expected(s - controller.max_warmup))
 
-    def test_a_loss_that_falls_slowly_is_no_saddle_and_decays_after_warmup(self) -> None:
+    def test_a_loss_that_falls_slowly_decays_after_warmup(self) -> None:
         """A fine-tune on shifted data: the loss falls by ~0.1% a step from its start, never
-        steeply. It has left its start, so the decay begins when warmup ends; no hold."""
+        steeply: the ramp runs to max_warmup, and the decay begins there."""
         losses = noisy([2.0 * (1.0 - 0.3 * t / self.TOTAL) for t in range(self.TOTAL)], 0.03, 7)
         controller = Controller(self.TOTAL, SurgeonConfig())
         trace = drive(controller, losses)
         assert not controller.stabilizer.steep_seen
         (end,) = trace.of(EventKind.WARMUP_END)
-        assert "saddle" not in end.reason and not controller.awaiting_descent
+        assert end.step == controller.max_warmup - 1
         assert trace.phases[end.step + 1] is Phase.DECAY
         assert non_increasing(trace.lrs[end.step + 1 :]) and trace.lrs[-1] < 0.01
         assert trace.lrs[end.step + 2] < 1.0 and trace.lrs[self.TOTAL * 3 // 4] < 0.4
-
-    def test_a_loss_that_never_falls_decays_in_the_last_wsd_fraction_at_the_latest(self) -> None:
-        controller = Controller(self.TOTAL, SurgeonConfig())
-        trace = drive(controller, noisy([2.0] * self.TOTAL, 0.01, seed=4))
-        assert trace.kinds() == [EventKind.WARMUP_END]
-        hi = controller.max_warmup
-        tail = round(controller.config.wsd_decay_fraction * (self.TOTAL - hi))
-        assert trace.lrs[hi : self.TOTAL - tail + 1] == [1.0] * (self.TOTAL - tail + 1 - hi)
-        (start,) = trace.of(EventKind.DECAY_START)
-        assert start.step == self.TOTAL - tail - 1
 
     @pytest.mark.parametrize("warmup", [1, 7, 50])
     def test_fixed_warmup_ends_exactly_there(self, warmup: int) -> None:
@@ -963,25 +948,6 @@ class TestStateDict:
         tail_restored = drive(restored, losses[cut:])
         assert tail_restored.lrs == tail_original.lrs
         assert tail_restored.events == tail_original.events
-        assert restored.events == original.events
-
-    @pytest.mark.parametrize("cut", [150, 400, 720, 900])
-    def test_round_trip_in_a_saddle_hold(self, cut: int) -> None:
-        """Cut in warmup (150), while the peak holds on a saddle (400), in its descent (720)
-        and after the decay began (900)."""
-        total = 2000
-        trend = [
-            0.693 if t < 700 else 0.05 + 0.643 * math.exp(-(t - 700) / 30.0) for t in range(total)
-        ]
-        losses = noisy(trend, 0.005, seed=6)
-        original = Controller(total, SurgeonConfig())
-        drive(original, losses[:cut])
-        restored = Controller(total, SurgeonConfig())
-        restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
-        plan = drive(Controller(total, SurgeonConfig()), losses)
-        held = (original.max_warmup, plan.of(EventKind.DECAY_START)[0].step)
-        assert restored.awaiting_descent == original.awaiting_descent == (held[0] <= cut <= held[1])
-        assert drive(restored, losses[cut:]).lrs == drive(original, losses[cut:]).lrs
         assert restored.events == original.events
 
     def test_state_dict_is_a_snapshot(self) -> None:

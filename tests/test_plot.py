@@ -62,8 +62,9 @@ def spike_at(step: int) -> Any:
     return hook
 
 
-def new_surgeon() -> ScheduleSurgeon:
-    return ScheduleSurgeon(min_warmup=5, max_warmup=10, spike_cooldown=3, spike_recovery=5)
+def new_surgeon(**overrides: Any) -> ScheduleSurgeon:
+    settings = {"min_warmup": 5, "max_warmup": 10, "spike_cooldown": 3, "spike_recovery": 5}
+    return ScheduleSurgeon(**{**settings, **overrides})
 
 
 def fit(
@@ -294,6 +295,7 @@ def test_plot_of_a_real_run_marks_every_event(
     surgeon = fit(
         make_trainer,
         tmp_path,
+        surgeon=new_surgeon(decay="wsd"),  # every phase: warmup, the stable hold, the decay
         logger_class=logger_class,
         model_class=LoggingRegressor,
         val_check_interval=20,
