@@ -479,9 +479,14 @@ class Controller:
         return event
 
     # ------------------------------------------------------------------ LR
+    def _level(self, step: int) -> float:
+        """The plan's base curve at ``step``; a plan that starts later (the caller wrote LRs
+        ahead of the decision that made it) is at its start until then."""
+        return self._base(max(0, step - self._plan.start))
+
     def lr_scale(self, step: int) -> float:
         """Multiplier for each param group's base LR at optimizer ``step`` (>= the last loss's)."""
-        scale = self._base(max(0, step - self._plan.start))
+        scale = self._base(max(0, step - self._plan.start))  # _level, inlined: every step
         if self.intervention.mode != "normal":  # else it is 1: no call (this runs every step)
             scale *= self.intervention.at(step)
         return scale if self.phase is Phase.WARMUP else max(self.floor, scale)
@@ -583,7 +588,7 @@ class Controller:
         check_positive_int("steps", steps)
         start = max(start, self.step)
         before = self.lr_scale(start)
-        level = self._base(max(0, start - self._plan.start))
+        level = self._level(start)
         shape = "linear" if self.config.decay == "wsd" else self.config.decay
         lag, length = start - self.step, start - self.step + steps
         top = level
@@ -647,7 +652,7 @@ class Controller:
         phase = self._plan_phase(step + 1)
         if phase is Phase.DECAY and self.phase is Phase.STABLE:
             plan = self._plan
-            level = self._base(step + 1 - plan.start)
+            level = self._base(max(0, step + 1 - plan.start))
             what = "the hold ends" if plan.hold else "the ramp reached its top"
             why = (
                 f"{what}: {plan.shape} decay from LR scale {level:.3g} to the floor "
@@ -798,7 +803,7 @@ class Controller:
             if self.paused:
                 return []
             before = self.lr_scale(step + 1)
-            level = self._base(step + 1 - self._plan.start)
+            level = self._level(step + 1)
             self.paused = True
             self._set_plan(_Plan(step + 1, level, level, 0, None, 0, "linear"))
             why = f"the loss is rising: {trend}; the warmup ramp holds at LR scale {level:.3g}"
@@ -807,7 +812,7 @@ class Controller:
             if (det.last_drop or 0.0) < 0.0:
                 return []  # not back down yet: the EMA is above where it was a window ago
             before = self.lr_scale(step + 1)
-            level = self._base(step + 1 - self._plan.start)
+            level = self._level(step + 1)
             self.paused = False
             ramp = self._ramp_steps(level, self.max_warmup)
             self._set_plan(self._warmup_plan(step + 1, level, ramp))
@@ -845,7 +850,7 @@ class Controller:
             return [self._end_warmup(step, why)]
         if step + 1 < self.max_warmup:
             return []
-        level = self._base(step + 1 - plan.start)
+        level = self._base(max(0, step + 1 - plan.start))
         if self.paused and self.intervention.mode == "normal":  # held by a rising loss
             self.peak = min(self.peak, level)
             why = (
@@ -868,7 +873,7 @@ class Controller:
             # the caller may have written the slow ramp's LRs up to `lag` steps ahead: the
             # faster ramp goes on from where the slow one is by then (no jump up)
             start = min(step + 1 + self.lag, plan.start + plan.ramp)
-        level = self._base(start - plan.start)
+        level = self._base(max(0, start - plan.start))
         self.paused = False
         ramp = self._ramp_steps(level, self.min_warmup)
         if ramp:
@@ -909,7 +914,7 @@ class Controller:
         run, base = det.rise_run, det.rise_base
         det.restart_rise()  # a further climb is measured from here
         before = self.lr_scale(step + 1)
-        self._lower_peak(step, self._base(step + 1 - self._plan.start) * self.config.spike_factor)
+        self._lower_peak(step, self._level(step + 1) * self.config.spike_factor)
         self.plateau.reset()
         why = (
             f"the loss kept rising: its EMA went from {base:.4g} to {det.ema:.4g} "
@@ -930,7 +935,7 @@ class Controller:
         if not restart and self.phase is not Phase.STABLE:
             return []
         before = self.lr_scale(step + 1)
-        current = self._base(step + 1 - self._plan.start)
+        current = self._level(step + 1)
         stalled = (
             f"the smoothed loss (EMA {det.ema:.4g}) has not improved by {det.min_delta:.2%} on "
             f"its best {det.best:.4g} for {det.patience} steps; "
@@ -973,7 +978,7 @@ class Controller:
         self.intervention = _Intervention(mode="hold", value=value, hold_until=hold_until)
         if self.phase is Phase.WARMUP and not self.paused:
             self.paused = True
-            frozen = min(self.peak, self._base(step + 1 - self._plan.start))
+            frozen = min(self.peak, self._level(step + 1))
             self._set_plan(_Plan(step + 1, frozen, frozen, 0, None, 0, "linear"))
             why += "warmup ramp paused; "
         why += (
@@ -987,7 +992,7 @@ class Controller:
         floor) for the rest of the run, a ceiling, and the plan is re-planned under it from
         step ``step + 1``."""
         self.peak = max(self.floor, min(self.peak, peak), _MIN_PEAK)
-        level = self._base(step + 1 - self._plan.start)
+        level = self._level(step + 1)
         if self.phase is Phase.WARMUP:
             if self.paused or level >= self.peak:  # held, or past the new peak: hold there
                 held = min(level, self.peak)
@@ -1023,7 +1028,7 @@ class Controller:
         )
         if self.paused:
             self.paused = False
-            current = self._base(step + 1 - self._plan.start)
+            current = self._level(step + 1)
             ramp = self._ramp_steps(current, self.max_warmup)
             self._set_plan(self._warmup_plan(step + 1, current, ramp))
             why += "; warmup ramp resumed"

@@ -477,6 +477,30 @@ class TestSpike:
             expected = max(floor, clean.lrs[s] * self.multiplier(s, at, factor))
             assert trace.lrs[s] == pytest.approx(expected, rel=1e-12), s
 
+    @pytest.mark.parametrize("after", [1, 3, 6])
+    def test_a_spike_again_just_after_warmup_ends_mid_ramp_lowers_the_peak(
+        self, after: int
+    ) -> None:
+        """Losses read ``lag`` steps late: a warmup that ends while its ramp is under way plans
+        the rest from ``lag`` steps ahead (the LRs already written). A spike at 170 is still
+        recovering when max_warmup (200) ends the warmup; a spike again right after it lowers
+        the peak from that plan (it asked the plan for a step before its start: a ValueError
+        that killed the fit, parity seed 4 of the benchmark)."""
+        total, lag = 2000, 8
+        losses = noisy(exp_decay(total, tau=400.0), 0.01, seed=7)  # steep to the end of warmup
+        losses[170] *= 10.0
+        clean = drive(Controller(total, SurgeonConfig(), lag=lag), losses)
+        end = clean.of(EventKind.WARMUP_END)[0]
+        assert end.step == 199 and "max_warmup" in end.reason
+        losses[end.step + after] *= 10.0
+        controller = Controller(total, SurgeonConfig(), lag=lag)
+        trace = drive(controller, losses)
+        first, again = trace.of(EventKind.SPIKE)[:2]
+        assert (first.step, again.step) == (170, end.step + after)
+        assert "the peak is lowered" in again.reason and controller.peak < 1.0
+        assert max(trace.lrs[again.step + 1 :]) <= controller.peak
+        assert all(math.isfinite(lr) and lr >= 0 for lr in trace.lrs)
+
     def test_a_second_spike_while_held_extends_the_cooldown(self) -> None:
         losses = self.stream(seed=3)
         at = 1000
