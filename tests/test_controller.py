@@ -1182,12 +1182,14 @@ class TestReplan:
 
 class TestProperties:
     @PROPERTY_SETTINGS
-    @given(scenarios())
+    @given(scenarios(), st.sampled_from([0, 4, 8]))
     def test_scale_is_finite_bounded_floored_and_warmup_monotone(
-        self, scenario: tuple[int, SurgeonConfig, list[float]]
+        self, scenario: tuple[int, SurgeonConfig, list[float]], lag: int
     ) -> None:
+        """Also with losses read ``lag`` steps late, as the callback reads them (plans that
+        start ahead of the last loss)."""
         total, config, losses = scenario
-        controller = Controller(total, config)
+        controller = Controller(total, config, lag=lag)
         trace = Trace()
         disturbed = False  # a spike or non-finite loss during warmup
         for loss in losses:
