@@ -414,8 +414,11 @@ def test_a_max_time_plan_under_ddp_is_rank_zeros_on_both_ranks(tmp_path: Path) -
     assert lrs[0] == lrs[1] and len(lrs[0]) > 100
     assert ranks[0]["events"] == ranks[1]["events"]
     kinds = [kind for _, kind in ranks[0]["events"]]
-    assert kinds[0] == "replan" and "cooldown" in kinds and kinds[-1] == "done"
-    assert lrs[0][-1] == pytest.approx(0.0)  # the worker's SGD(lr=0.05), at the floor 0
+    assert kinds[0] == "replan" and "cooldown" in kinds
+    if kinds[-1] == "done":
+        assert lrs[0][-1] == pytest.approx(0.0)  # the worker's SGD(lr=0.05), at the floor 0
+    else:  # the time ran out in the cooldown's last steps (a host that slowed at the end)
+        assert kinds[-1] == "stopped" and lrs[0][-1] <= 0.1 * 0.05
 
 
 @pytest.mark.parametrize("on_epoch_end", [None, False], ids=["epoch-end", "validation-end"])
