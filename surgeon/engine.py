@@ -515,12 +515,15 @@ class StepEngine:
 
     def start_at(self, step: int) -> None:
         """Begin at ``step`` instead of 0: a resumed run whose checkpoint has no surgeon state
-        (saved without it). The steps already done count; each driven group's configured LR
-        (``initial_lr`` where a torch scheduler left one, else ``lr``) is its peak."""
+        (saved without it). The steps already done count; each driven group's configured peak
+        is its peak: ``max_lr`` where ``OneCycleLR`` left one (its ``initial_lr`` is
+        ``max_lr / div_factor``), else ``initial_lr`` where a torch scheduler left one, else
+        ``lr``."""
         assert self.controller is not None
         for optimizer in self.driven:
             for group in optimizer.param_groups:
-                group[PEAK_LR_KEY] = check_lr(group.get("initial_lr", group["lr"]))
+                peak = group.get("max_lr", group.get("initial_lr", group["lr"]))
+                group[PEAK_LR_KEY] = check_lr(peak)
         self.step = step
         self.on_event(self.controller.start_at(step))
         self.written_step = -1

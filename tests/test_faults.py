@@ -361,6 +361,38 @@ def test_a_resume_from_a_checkpoint_without_the_surgeon_plans_from_its_step(
     assert steps[0] == 150 and steps[-1] == 299
 
 
+class OneCycle(TinyRegressor):
+    """SGD + ``OneCycleLR(max_lr=PEAK)`` stepped every step (``scheduled=False``: none)."""
+
+    def __init__(self, scheduled: bool = True) -> None:
+        super().__init__()
+        self.with_scheduler = scheduled
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=PEAK, momentum=0.9)
+        if not self.with_scheduler:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=PEAK, total_steps=300)
+        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+
+
+@pytest.mark.parametrize("scheduled", [True, False], ids=["onecycle-returned", "none-returned"])
+def test_a_resume_from_a_one_cycle_run_without_the_surgeon_peaks_at_its_max_lr(
+    make_trainer: Callable[..., Any], tmp_path: Path, scheduled: bool
+) -> None:
+    """A ``OneCycleLR`` run checkpointed at step 150 without the surgeon leaves ``initial_lr =
+    max_lr / 25`` in its param groups; resumed with the surgeon (the module still returning the
+    scheduler, or no longer), the peak is ``max_lr``, not 1/25 of it."""
+    ckpt = ModelCheckpoint(tmp_path / "ck", "{step}", every_n_train_steps=150, save_top_k=-1)
+    make_trainer([ckpt], max_steps=150, enable_checkpointing=True).fit(OneCycle(), make_loader())
+    surgeon, model = ScheduleSurgeon(), OneCycle(scheduled)
+    trainer = make_trainer([surgeon], max_steps=300)
+    trainer.fit(model, make_loader(), ckpt_path=tmp_path / "ck" / "step=150.ckpt")
+    lrs = [r["lrs"][0][0] for r in model.records]
+    assert lrs[0] == pytest.approx(PEAK) and max(lrs) == pytest.approx(PEAK)
+    assert lrs[-1] < 0.15 * PEAK  # and it decays from there
+
+
 # ---------------------------------------------------------------------------- 7. param groups
 class AddsGroup(pl.Callback):
     """Adds ``model.extra`` as a param group with ``lr`` at the start of step ``step``."""
