@@ -36,7 +36,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ for _path in (REPO, REPO / "benchmarks", REPO / "examples"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-import quality  # noqa: E402
+import quality_contenders  # noqa: E402
 import quality_tasks  # noqa: E402
 from toy_tasks import CircleData, CircleNet, DigitsData, DigitsFinetuner  # noqa: E402
 
@@ -93,9 +93,10 @@ def bench_case(name: str, grid: tuple[float, ...]) -> Case:
     task = quality_tasks.TASKS[name]
 
     def build(seed: int, lr: float) -> tuple[pl.LightningModule, Any]:
-        at_lr = replace(task, lr=lr)
         model, data = task.build(seed, task.steps)
-        model.bench_configure = lambda module: quality.make_optimizer(at_lr, module.parameters())
+        model.bench_configure = lambda module: quality_contenders.make_optimizer(
+            task, module.parameters(), lr, schedule_free=False
+        )
         return model, data
 
     return Case(name, task.lr, task.steps, grid, build)
