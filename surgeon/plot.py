@@ -217,7 +217,13 @@ def read_losses(path: Path) -> Points:
 
 def load_run(run_dir: Path) -> Run:
     """Read the run under ``run_dir``; :class:`RunError` when there is none the plot can draw."""
-    metrics_path, events_path = find_run_files(run_dir)
+    try:
+        metrics_path, events_path = find_run_files(run_dir)
+    except RunError:
+        run = _load_surgeon_files(Path(run_dir))
+        if run is None:
+            raise
+        return run
     directory = metrics_path.parent
     if events_path is None:
         raise RunError(
@@ -234,6 +240,48 @@ def load_run(run_dir: Path) -> Run:
         events=read_events(events_path),
         settings=json.loads(settings_path.read_text()) if settings_path.exists() else {},
         losses=read_losses(losses_path) if losses_path.exists() else None,
+        lr_find=read_lr_find(lr_find_path) if lr_find_path.exists() else [],
+    )
+
+
+def _load_surgeon_files(run_dir: Path) -> Run | None:
+    """The newest run under ``run_dir`` that only the surgeon logged (a plain loop's
+    ``log_dir``, a fit without a logger): ``losses.csv``, ``events.jsonl`` and
+    ``settings.json``. Its LR is replayed from the losses with the run's settings (the
+    decisions are a function of them; ``surgeon replay`` reproduces a run's own events), in
+    LRs where an event gives the peak, else as the scale of the peak."""
+    if not run_dir.is_dir():
+        return None
+    for losses_path in sorted(run_dir.rglob(LOSSES_FILE), key=lambda p: -p.stat().st_mtime):
+        directory = losses_path.parent
+        if (directory / EVENTS_FILE).exists() and (directory / SETTINGS_FILE).exists():
+            break
+    else:
+        return None
+    from surgeon.replay import read_stream, replay
+
+    stream = read_stream(losses_path)
+    if stream.settings is None:
+        return None
+    replayed = replay(
+        stream.losses, stream.settings, update_skipped=stream.update_skipped, steps=stream.steps
+    )
+    events = read_events(directory / EVENTS_FILE)
+    peaks = [
+        e["lr_after"] / e["scale_after"] for e in events if e.get("scale_after") and "lr_after" in e
+    ]
+    name = "lr-replayed" if peaks else "lr-replayed scale of the peak"
+    peak = peaks[0] if peaks else 1.0
+    lr_find_path = directory / LR_FIND_FILE
+    return Run(
+        directory=directory,
+        metrics_path=losses_path,
+        series={
+            name: [(s, peak * x) for s, x in zip(replayed.steps, replayed.lr_scales, strict=True)]
+        },
+        events=events,
+        settings=json.loads((directory / SETTINGS_FILE).read_text()),
+        losses=read_losses(losses_path),
         lr_find=read_lr_find(lr_find_path) if lr_find_path.exists() else [],
     )
 

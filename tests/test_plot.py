@@ -509,3 +509,38 @@ def test_a_state_loaded_by_validate_is_not_applied_to_a_later_fresh_fit(
     fit(make_trainer, tmp_path / "b", surgeon=surgeon)  # fresh: no ckpt_path
     assert surgeon.step == STEPS
     assert surgeon.events == original  # the same run from scratch, not one resumed at step 30
+
+
+def test_a_run_only_the_surgeon_logged_is_plotted_with_its_replayed_lr(
+    tmp_path: Path, caught_figures: list[Any]
+) -> None:
+    """A plain loop's ``log_dir`` holds no logger's metrics, only the surgeon's files: the plot
+    draws ``losses.csv`` and the LR replayed from it with ``settings.json``, which is the LR
+    the loop ran at, and marks every event."""
+    from surgeon import Surgeon
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    surgeon = Surgeon(optimizer, total_steps=120, log_dir=tmp_path, verbose=False)
+    ran = []
+    for step in range(120):
+        x = torch.randn(16, 4)
+        y = x.sum(dim=1, keepdim=True) + 0.5 * torch.randn(16, 1)  # noise: a loss floor
+        loss = (model(x) - y).pow(2).mean()
+        loss = loss * 20.0 if step == 70 else loss  # a spike: the replay must follow its cut
+        ran.append(optimizer.param_groups[0]["lr"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        surgeon.step(loss)
+    surgeon.finish()
+    assert not list(tmp_path.rglob("metrics.csv"))
+    run = load_run(tmp_path)
+    assert main(["plot", str(tmp_path)]) == 0
+    ((name, points),) = run.series.items()
+    assert name == "lr-replayed" and [s for s, _ in points] == list(range(120))
+    assert [lr for _, lr in points] == pytest.approx(ran, rel=1e-9)
+    assert [e["kind"] for e in run.events] == [e.kind.value for e in surgeon.events]
+    assert EventKind.SPIKE in [e.kind for e in surgeon.events]
+    assert len(caught_figures) == 1
