@@ -454,6 +454,27 @@ def test_early_stopping_about_to_stop_the_fit_cools_down_to_the_floor_first(
     assert cb.phase is Phase.DONE and EventKind.STOPPED not in [e.kind for e in cb.events]
 
 
+def test_a_cooldown_that_improves_the_check_it_anticipated_stops_the_fit_at_lr_zero(
+    tmp_path: Path, info_lines: list[str]
+) -> None:
+    """The anneal for EarlyStopping's last check improves val_loss (epoch 5: 0.5), so that check
+    does not stop the fit; the plan is done at LR 0, where the 3 checks EarlyStopping would
+    wait train nothing: the fit stops after that epoch, with a ``stopped`` event."""
+    script = [3.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5]
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="wsd")
+    model = Project(scheduler=None, val_script=script)
+    trainer = project_trainer(pl, tmp_path, cb, max_epochs=len(script), enable_progress_bar=False)
+    fit(trainer, model)
+    kinds = [e.kind for e in cb.events]
+    assert kinds[-3:] == [EventKind.COOLDOWN, EventKind.DONE, EventKind.STOPPED]
+    stopped = cb.events[-1]
+    assert "ended the plan at LR 0 and its check did not stop the fit" in stopped.reason
+    # epoch 6 runs one step at LR 0 (the stop is decided before its first step's LR), then ends
+    assert len(model.records) == 6 * BATCHES + 1  # not 10 epochs
+    assert [r["lr"] for r in model.records][6 * BATCHES - 1 :] == [0.0, 0.0]
+    assert any("stopped: the cooldown for EarlyStopping" in line for line in info_lines)
+
+
 def test_a_fit_that_ends_before_its_plan_says_so(tmp_path: Path, info_lines: list[str]) -> None:
     """EarlyStopping with patience=1 gives no warning to cool down on: the fit stops at the
     peak, and a ``stopped`` event says how far the plan got and why."""

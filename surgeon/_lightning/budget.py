@@ -8,6 +8,9 @@ and the record of an early end.
 * ``EarlyStopping``: after its check (at the validation's end or the epoch's, where it
   checks), when one more check without improvement would stop the fit, the LR decays to the
   floor by that check; rank zero decides;
+  If that check improves after all (the anneal itself often improves the monitored metric) and
+  the plan has reached a floor of 0, the fit is stopped: the LR is 0, so the up to
+  ``patience`` checks EarlyStopping would wait train nothing;
 * a fit that ends before its plan gets a ``stopped`` event saying what ended it.
 """
 
@@ -55,6 +58,8 @@ class FitBudget:
         self._watch_early_stopping = False
         self._es_on_epoch_end = False
         self._last_es_step = 0
+        self._es_cooled = False
+        """A cooldown for an ``EarlyStopping`` check has run."""
 
     @property
     def next_check(self) -> int:
@@ -134,6 +139,11 @@ class FitBudget:
         self.pending = False
         step = self.engine.step
         interval, self._last_es_step = step - self._last_es_step, step
+        controller = self.engine.controller
+        if self._es_cooled and controller is not None and controller.phase is Phase.DONE:
+            if controller.floor == 0.0 and not trainer.should_stop:
+                self._stop_at_zero(trainer)
+            return
         near = [
             es
             for es in self._early_stoppers
@@ -145,12 +155,33 @@ class FitBudget:
         if not steps:
             return
         es = near[0] if near else self._early_stoppers[0]
-        self.cool_down(
-            steps,
-            f"EarlyStopping(monitor={es.monitor!r}, patience={es.patience}) has seen "
-            f"{es.wait_count} checks in a row without improvement: the next one without "
-            f"improvement stops the fit, about {interval} steps from here",
+        self._es_cooled = (
+            self.cool_down(
+                steps,
+                f"EarlyStopping(monitor={es.monitor!r}, patience={es.patience}) has seen "
+                f"{es.wait_count} checks in a row without improvement: the next one without "
+                f"improvement stops the fit, about {interval} steps from here",
+            )
+            is not None
+            or self._es_cooled
         )
+
+    def _stop_at_zero(self, trainer: pl.Trainer) -> None:
+        """The cooldown for an ``EarlyStopping`` check ended the plan at LR 0 and that check
+        improved: stop the fit (a ``stopped`` event) instead of running on at LR 0."""
+        controller = self.engine.controller
+        assert controller is not None
+        step = max(0, self.engine.step - 1)
+        names = ", ".join(f"EarlyStopping(monitor={es.monitor!r})" for es in self._early_stoppers)
+        why = (
+            f"the cooldown for {names} has ended the plan at LR 0 and its check did not stop the "
+            "fit (the anneal improved the metric): it would wait more checks while nothing "
+            "trains, so the fit stops here"
+        )
+        event = Event(step, EventKind.STOPPED, why, 0.0, 0.0, controller.phase)
+        controller.events.append(event)
+        self.engine.on_event(event)
+        trainer.should_stop = True
 
     def cool_down(self, steps: int, why: str) -> Event | None:
         """Cool down from the current step over ``steps`` steps, unless the plan ends by then
