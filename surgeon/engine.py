@@ -168,6 +168,12 @@ def _reset_nonfinite_statistics(module: nn.Module) -> None:
 class StepEngine:
     """Loss feed, controller, non-finite guard and snapshots, driven once per optimizer step."""
 
+    _NO_SNAPSHOTS = (
+        "this run keeps no snapshots: snapshot='off', or a Surgeon without model=; with "
+        "snapshots a non-finite streak rolls back, and with the guard (skip_nonfinite, or "
+        "Surgeon.guard() before optimizer.step()) non-finite updates are skipped"
+    )
+
     def __init__(
         self,
         config: SurgeonConfig,
@@ -433,7 +439,8 @@ class StepEngine:
                 stalled = next((e for e in events if e.kind is EventKind.STALLED), None)
                 if stalled is not None:
                     self.on_losses(rows)
-                    raise TrainingStalled(f"step {stalled.step}: {stalled.reason}")
+                    hint = "" if self._snapshots else f" ({self._NO_SNAPSHOTS})"
+                    raise TrainingStalled(f"step {stalled.step}: {stalled.reason}{hint}")
         if rows:
             self.on_losses(rows)
 

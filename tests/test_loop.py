@@ -256,3 +256,31 @@ def test_cool_down_now_reaches_the_floor_by_then() -> None:
     assert lrs[99] > floor and lrs[100] == pytest.approx(floor) == lrs[119]
     assert surgeon.controller.total_steps == 100
     assert surgeon.cool_down_now(500) is None  # the plan ends before that anyway
+
+
+@pytest.mark.parametrize("with_model", [False, True])
+def test_a_stalled_loop_without_snapshots_says_how_to_get_them(with_model: bool) -> None:
+    """NaN from step 100 on in an unguarded loop: without ``model=`` there is never a snapshot,
+    and the error says so and how to have one; with ``model=`` a rollback comes first and the
+    run goes on (the NaN input is the loop's, so it stalls later, with no such hint)."""
+    from surgeon.engine import TrainingStalled
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    surgeon = Surgeon(optimizer, 400, model=model if with_model else None, verbose=False)
+    with pytest.raises(TrainingStalled) as raised:
+        for step in range(400):
+            x = torch.randn(8, 4) * (math.nan if step >= 100 else 1.0)
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            surgeon.step(loss)
+        surgeon.finish()
+    message = str(raised.value)
+    assert ("keeps no snapshots: snapshot='off', or a Surgeon without model=" in message) is (
+        not with_model
+    )
+    if with_model:
+        assert EventKind.ROLLBACK in [e.kind for e in surgeon.events]
