@@ -3,8 +3,8 @@
 Fabric handles devices, precision and processes; the surgeon handles the LR. Nothing is
 Fabric-specific in the surgeon: under DDP (``--devices 2``) it averages the losses across
 ranks before reading them, so every rank writes the same LRs and makes the same decisions.
-``--nan-at N`` makes the loss of step N NaN on rank ``--nan-rank`` only (the update is skipped
-on every rank: DDP averages the gradients, so the NaN reaches them all).
+``--nan-at N`` makes the loss of step N NaN on rank ``--nan-rank`` only (default: the last;
+the update is skipped on every rank: DDP averages the gradients, so the NaN reaches them all).
 
     python examples/fabric_loop.py                          # one process
     python examples/fabric_loop.py --devices 2              # two CPU processes (gloo)
@@ -32,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--spike-at", type=int, default=None, help="a 20x loss at this step")
     parser.add_argument("--nan-at", type=int, default=None, help="a NaN loss at this step")
-    parser.add_argument("--nan-rank", type=int, default=1, help="the rank whose loss is NaN")
+    parser.add_argument(
+        "--nan-rank", type=int, default=-1, help="the rank whose loss is NaN (-1: the last)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--record", type=Path, default=None, help="write rank<r>.json here")
     return parser.parse_args(argv)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> Surgeon:
         loss = loss_fn(model(x[batch]).squeeze(-1), y[batch])
         if step == args.spike_at:
             loss = loss * 20.0
-        if step == args.nan_at and fabric.global_rank == args.nan_rank:
+        if step == args.nan_at and fabric.global_rank == args.nan_rank % fabric.world_size:
             loss = loss * float("nan")
         fabric.backward(loss)
         surgeon.guard(loss)

@@ -841,11 +841,16 @@ class Controller:
             if self.config.warmup != "auto":
                 why = f"fixed warmup of {self.max_warmup} steps finished"
             else:
-                drop = "none measured yet" if det.last_drop is None else f"{det.last_drop:.2%}"
+                if det.last_drop is None:
+                    measured = f"fewer than {det.window + 1} losses to measure its trend by"
+                else:
+                    measured = (
+                        f"last EMA drop {det.last_drop:.2%} per {det.window} steps, noise "
+                        f"{det.last_noise:.2%}"
+                    )
                 why = (
                     f"the ramp reached the peak at the pace of a {self.max_warmup}-step ramp "
-                    f"(max_warmup) before the loss stabilized (last EMA drop {drop} per "
-                    f"{det.window} steps, noise {det.last_noise:.2%})"
+                    f"(max_warmup) before the loss stabilized ({measured})"
                 )
             return [self._end_warmup(step, why)]
         if step + 1 < self.max_warmup:

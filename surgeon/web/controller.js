@@ -457,11 +457,14 @@
         if (this.config.warmup !== "auto") {
           why = `fixed warmup of ${this.max_warmup} steps finished`;
         } else {
-          const drop = det.last_drop === null ? "none measured yet" : percent(det.last_drop, 2);
+          const measured =
+            det.last_drop === null
+              ? `fewer than ${det.window + 1} losses to measure its trend by`
+              : `last EMA drop ${percent(det.last_drop, 2)} per ${det.window} steps, noise ` +
+                `${percent(det.last_noise, 2)}`;
           why =
             `the ramp reached the peak at the pace of a ${this.max_warmup}-step ramp ` +
-            `(max_warmup) before the loss stabilized (last EMA drop ${drop} per ` +
-            `${det.window} steps, noise ${percent(det.last_noise, 2)})`;
+            `(max_warmup) before the loss stabilized (${measured})`;
         }
         return [this._end_warmup(step, why)];
       }
