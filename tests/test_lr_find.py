@@ -2,7 +2,7 @@
 
 On recorded curves (``tests/data/lr_find_curves.json``, written by
 ``benchmarks/lr_find_curves.py``: Lightning's range test exactly as ``peak_lr="find"`` runs it,
-3 seeds, on every task of the outcome benchmark and on the circle and finetune examples, with a
+3 seeds, on the outcome benchmark's tasks of 9402cc6 and the circle and finetune examples, with a
 sweep of the peak LR under ``ScheduleSurgeon()`` for each): the suggestion trains to a final
 validation loss close to the best of the sweep, where Lightning's own ``suggestion()`` on the
 same runs is more than 100x too low on the circle tasks. On made-up curves: the failure that started
