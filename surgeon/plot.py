@@ -216,15 +216,20 @@ def read_losses(path: Path) -> Points:
 
 
 def load_run(run_dir: Path) -> Run:
-    """Read the run under ``run_dir``; :class:`RunError` when there is none the plot can draw."""
+    """Read the newest run under ``run_dir`` the plot can draw: a logger's metrics file with the
+    surgeon's files beside it, or the surgeon's files alone (:func:`_load_surgeon_files`);
+    :class:`RunError` when there is none."""
+    run_dir = Path(run_dir)
+    own = _surgeon_only_runs(run_dir) if run_dir.is_dir() else []
     try:
         metrics_path, events_path = find_run_files(run_dir)
     except RunError:
-        run = _load_surgeon_files(Path(run_dir))
-        if run is None:
+        if not own:
             raise
-        return run
+        return _load_surgeon_files(own[0])
     directory = metrics_path.parent
+    if own and (events_path is None or own[0].stat().st_mtime > metrics_path.stat().st_mtime):
+        return _load_surgeon_files(own[0])
     if events_path is None:
         raise RunError(
             f"{directory} holds a run logged without ScheduleSurgeon (no {EVENTS_FILE} beside "
@@ -244,43 +249,67 @@ def load_run(run_dir: Path) -> Run:
     )
 
 
-def _load_surgeon_files(run_dir: Path) -> Run | None:
-    """The newest run under ``run_dir`` that only the surgeon logged (a plain loop's
-    ``log_dir``, a fit without a logger): ``losses.csv``, ``events.jsonl`` and
-    ``settings.json``. Its LR is replayed from the losses with the run's settings (the
-    decisions are a function of them; ``surgeon replay`` reproduces a run's own events), in
-    LRs where an event gives the peak, else as the scale of the peak."""
-    if not run_dir.is_dir():
-        return None
-    for losses_path in sorted(run_dir.rglob(LOSSES_FILE), key=lambda p: -p.stat().st_mtime):
-        directory = losses_path.parent
-        if (directory / EVENTS_FILE).exists() and (directory / SETTINGS_FILE).exists():
-            break
-    else:
-        return None
+_NOT_REPLAYED = ("cooldown", "replan", "stopped")
+"""Event kinds that come from outside the loss stream (a budget, a request, a resume): a replay
+of the losses does not make them, so the replayed LR ends there."""
+
+
+def _surgeon_only_runs(run_dir: Path) -> list[Path]:
+    """The ``losses.csv`` of runs under ``run_dir`` that only the surgeon logged (its three
+    files, no logger's metrics beside them), newest first."""
+    found = [
+        losses
+        for losses in run_dir.rglob(LOSSES_FILE)
+        if (losses.parent / EVENTS_FILE).exists()
+        and (losses.parent / SETTINGS_FILE).exists()
+        and not (losses.parent / "metrics.csv").exists()
+        and not any(losses.parent.glob("events.out.tfevents.*"))
+    ]
+    return sorted(found, key=lambda p: -p.stat().st_mtime)
+
+
+def _load_surgeon_files(losses_path: Path) -> Run:
+    """A run only the surgeon logged (a plain loop's ``log_dir``, a fit without a logger):
+    ``losses.csv``, ``events.jsonl`` and ``settings.json``. Its LR is replayed from the losses
+    with the run's settings (``surgeon replay`` reproduces a run's own events), in LRs where an
+    event gives the peak, else as the scale of the peak; up to the first decision the losses
+    did not make (a cooldown, a replan, a stop), which a replay cannot follow."""
     from surgeon.replay import read_stream, replay
 
-    stream = read_stream(losses_path)
-    if stream.settings is None:
-        return None
-    replayed = replay(
-        stream.losses, stream.settings, update_skipped=stream.update_skipped, steps=stream.steps
-    )
+    directory = losses_path.parent
+    try:
+        stream = read_stream(losses_path)
+        if stream.settings is None:
+            raise ValueError(f"{directory / SETTINGS_FILE} could not be read")
+        replayed = replay(
+            stream.losses, stream.settings, update_skipped=stream.update_skipped, steps=stream.steps
+        )
+        settings = json.loads((directory / SETTINGS_FILE).read_text())
+    except ValueError as err:
+        raise RunError(f"{directory}: the surgeon's files cannot be replayed: {err}") from None
     events = read_events(directory / EVENTS_FILE)
     peaks = [
         e["lr_after"] / e["scale_after"] for e in events if e.get("scale_after") and "lr_after" in e
     ]
     name = "lr-replayed" if peaks else "lr-replayed scale of the peak"
     peak = peaks[0] if peaks else 1.0
+    first = min(
+        ((e["step"], e["kind"]) for e in events if e["kind"] in _NOT_REPLAYED), default=None
+    )
+    if first is not None:
+        name += f" (to step {first[0]}: a {first[1]} is not in the losses)"
+    points = [
+        (step, peak * scale)
+        for step, scale in zip(replayed.steps, replayed.lr_scales, strict=True)
+        if first is None or step <= first[0]
+    ]
     lr_find_path = directory / LR_FIND_FILE
     return Run(
         directory=directory,
         metrics_path=losses_path,
-        series={
-            name: [(s, peak * x) for s, x in zip(replayed.steps, replayed.lr_scales, strict=True)]
-        },
+        series={name: points},
         events=events,
-        settings=json.loads((directory / SETTINGS_FILE).read_text()),
+        settings=settings,
         losses=read_losses(losses_path),
         lr_find=read_lr_find(lr_find_path) if lr_find_path.exists() else [],
     )

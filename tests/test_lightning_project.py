@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from conftest import make_loader
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
@@ -138,8 +139,8 @@ def project_trainer(
     return ns.Trainer(**kwargs)
 
 
-def fit(trainer: Any, model: Any) -> None:
-    trainer.fit(model, make_loader(BATCHES), make_loader(4, seed=1))
+def fit(trainer: Any, model: Any, ckpt_path: Path | None = None) -> None:
+    trainer.fit(model, make_loader(BATCHES), make_loader(4, seed=1), ckpt_path=ckpt_path)
 
 
 def csv_rows(trainer: Any) -> list[dict[str, str]]:
@@ -454,16 +455,20 @@ def test_early_stopping_about_to_stop_the_fit_cools_down_to_the_floor_first(
     assert cb.phase is Phase.DONE and EventKind.STOPPED not in [e.kind for e in cb.events]
 
 
+@pytest.mark.parametrize("checkpoints", [True, False], ids=["checkpointed", "no-checkpoints"])
 def test_a_cooldown_that_improves_the_check_it_anticipated_stops_the_fit_at_lr_zero(
-    tmp_path: Path, info_lines: list[str]
+    tmp_path: Path, info_lines: list[str], checkpoints: bool
 ) -> None:
     """The anneal for EarlyStopping's last check improves val_loss (epoch 5: 0.5), so that check
     does not stop the fit; the plan is done at LR 0, where the 3 checks EarlyStopping would
-    wait train nothing: the fit stops after that epoch, with a ``stopped`` event."""
+    wait train nothing: the fit stops after that epoch, with a ``stopped`` event. The plan's
+    last losses are read first, checkpoint or not (a checkpoint reads them anyway)."""
     script = [3.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5]
     cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="wsd")
     model = Project(scheduler=None, val_script=script)
     trainer = project_trainer(pl, tmp_path, cb, max_epochs=len(script), enable_progress_bar=False)
+    if not checkpoints:
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
     fit(trainer, model)
     kinds = [e.kind for e in cb.events]
     assert kinds[-3:] == [EventKind.COOLDOWN, EventKind.DONE, EventKind.STOPPED]
@@ -473,6 +478,30 @@ def test_a_cooldown_that_improves_the_check_it_anticipated_stops_the_fit_at_lr_z
     assert len(model.records) == 6 * BATCHES + 1  # not 10 epochs
     assert [r["lr"] for r in model.records][6 * BATCHES - 1 :] == [0.0, 0.0]
     assert any("stopped: the cooldown for EarlyStopping" in line for line in info_lines)
+
+
+def test_a_resumed_fit_knows_its_cooldown_was_for_early_stopping(tmp_path: Path) -> None:
+    """Checkpointed inside the EarlyStopping cooldown and resumed: the resumed fit, too, stops
+    once that cooldown has ended the plan at LR 0 (the cooldown is in the checkpoint's events),
+    after as many steps as the uninterrupted fit."""
+    script = [3.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5]
+
+    def run(root: Path, ckpt_path: Path | None = None) -> tuple[ScheduleSurgeon, Any]:
+        cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="wsd")
+        model = Project(scheduler=None, val_script=script)
+        trainer = project_trainer(pl, root, cb, max_epochs=len(script), enable_progress_bar=False)
+        trainer.callbacks.append(
+            ModelCheckpoint(root / "mid", "{step}", every_n_train_steps=5 * BATCHES + 5)
+        )
+        fit(trainer, model, ckpt_path=ckpt_path)
+        return cb, model
+
+    whole, _ = run(tmp_path / "a")
+    (mid,) = (tmp_path / "a" / "mid").glob("step=*.ckpt")
+    resumed, model = run(tmp_path / "b", mid)
+    assert [e.kind for e in resumed.events][-1] is EventKind.STOPPED
+    assert resumed.events[-1].step == whole.events[-1].step
+    assert model.records[-1]["step"] == 6 * BATCHES
 
 
 def test_a_fit_that_ends_before_its_plan_says_so(tmp_path: Path, info_lines: list[str]) -> None:

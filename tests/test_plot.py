@@ -337,8 +337,7 @@ def test_plot_of_a_real_run_marks_every_event(
     run = load_run(tmp_path)
     spans = phase_spans(run)
     shaded = sorted(
-        (round(patch.get_x()), round(patch.get_x() + patch.get_width()))
-        for patch in ax_lr.patches
+        (round(patch.get_x()), round(patch.get_x() + patch.get_width())) for patch in ax_lr.patches
     )
     assert shaded == [(start, end) for _, start, end in spans]
     names = {code: phase.value for phase, code in PHASE_CODES.items()}
@@ -511,20 +510,19 @@ def test_a_state_loaded_by_validate_is_not_applied_to_a_later_fresh_fit(
     assert surgeon.events == original  # the same run from scratch, not one resumed at step 30
 
 
-def test_a_run_only_the_surgeon_logged_is_plotted_with_its_replayed_lr(
-    tmp_path: Path, caught_figures: list[Any]
-) -> None:
-    """A plain loop's ``log_dir`` holds no logger's metrics, only the surgeon's files: the plot
-    draws ``losses.csv`` and the LR replayed from it with ``settings.json``, which is the LR
-    the loop ran at, and marks every event."""
+def plain_loop_run(log_dir: Path, cool_down_at: int | None = None) -> tuple[list[float], list[Any]]:
+    """A 120-step plain loop with ``Surgeon(log_dir=...)`` and a spike at step 70 (and
+    ``cool_down_now(20)`` at ``cool_down_at``): the LRs it ran at, and its events."""
     from surgeon import Surgeon
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    surgeon = Surgeon(optimizer, total_steps=120, log_dir=tmp_path, verbose=False)
+    surgeon = Surgeon(optimizer, total_steps=120, log_dir=log_dir, verbose=False)
     ran = []
     for step in range(120):
+        if step == cool_down_at:
+            surgeon.cool_down_now(20)
         x = torch.randn(16, 4)
         y = x.sum(dim=1, keepdim=True) + 0.5 * torch.randn(16, 1)  # noise: a loss floor
         loss = (model(x) - y).pow(2).mean()
@@ -535,12 +533,55 @@ def test_a_run_only_the_surgeon_logged_is_plotted_with_its_replayed_lr(
         optimizer.zero_grad()
         surgeon.step(loss)
     surgeon.finish()
+    return ran, surgeon.events
+
+
+def test_a_run_only_the_surgeon_logged_is_plotted_with_its_replayed_lr(
+    tmp_path: Path, caught_figures: list[Any]
+) -> None:
+    """A plain loop's ``log_dir`` holds no logger's metrics, only the surgeon's files: the plot
+    draws ``losses.csv`` and the LR replayed from it with ``settings.json``, which is the LR
+    the loop ran at, and marks every event."""
+    ran, events = plain_loop_run(tmp_path)
     assert not list(tmp_path.rglob("metrics.csv"))
     run = load_run(tmp_path)
     assert main(["plot", str(tmp_path)]) == 0
     ((name, points),) = run.series.items()
     assert name == "lr-replayed" and [s for s, _ in points] == list(range(120))
     assert [lr for _, lr in points] == pytest.approx(ran, rel=1e-9)
-    assert [e["kind"] for e in run.events] == [e.kind.value for e in surgeon.events]
-    assert EventKind.SPIKE in [e.kind for e in surgeon.events]
+    assert [e["kind"] for e in run.events] == [e.kind.value for e in events]
+    assert EventKind.SPIKE in [e.kind for e in events]
     assert len(caught_figures) == 1
+
+
+def test_the_replayed_lr_ends_at_a_decision_the_losses_did_not_make(tmp_path: Path) -> None:
+    """``cool_down_now`` at step 90 is no decision of the losses: the replayed line ends there
+    (and says why) instead of drawing an LR the run never ran at."""
+    ran, _ = plain_loop_run(tmp_path, cool_down_at=90)
+    ((name, points),) = load_run(tmp_path).series.items()
+    assert name == "lr-replayed (to step 89: a cooldown is not in the losses)"
+    assert [lr for _, lr in points] == pytest.approx(ran[:90], rel=1e-9)
+
+
+def test_surgeon_files_that_cannot_be_replayed_are_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain_loop_run(tmp_path)
+    settings = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    del settings["total_steps"]
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps(settings))
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "the surgeon's files cannot be replayed" in capsys.readouterr().err
+
+
+def test_the_newest_run_is_drawn_whichever_kind_it_is(
+    make_trainer: Any, tmp_path: Path, caught_figures: list[Any]
+) -> None:
+    """An older Lightning run (logged with the surgeon) beside a newer plain loop's files: the
+    plain loop is the newest run, and it is drawn; touched, the Lightning run is."""
+    fit(make_trainer, tmp_path / "lightning")
+    plain_loop_run(tmp_path / "plain")
+    assert load_run(tmp_path).directory == tmp_path / "plain"
+    (metrics,) = (tmp_path / "lightning").rglob("metrics.csv")
+    metrics.touch()
+    assert load_run(tmp_path).directory == metrics.parent

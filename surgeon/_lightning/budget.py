@@ -26,6 +26,8 @@ from surgeon.controller import Event, EventKind, Phase
 from surgeon.engine import StepEngine
 from surgeon.planning import OPEN_ENDED, TimePlanner, lengths_for
 
+_ES_COOLDOWN = "EarlyStopping("
+"""How the reason of a cooldown for an ``EarlyStopping`` check begins."""
 DDP_BUDGET_EVERY = 32
 """Steps between ``max_time`` checks under DDP (each is a broadcast of rank zero's estimate)."""
 
@@ -58,8 +60,6 @@ class FitBudget:
         self._watch_early_stopping = False
         self._es_on_epoch_end = False
         self._last_es_step = 0
-        self._es_cooled = False
-        """A cooldown for an ``EarlyStopping`` check has run."""
 
     @property
     def next_check(self) -> int:
@@ -140,8 +140,9 @@ class FitBudget:
         step = self.engine.step
         interval, self._last_es_step = step - self._last_es_step, step
         controller = self.engine.controller
-        if self._es_cooled and controller is not None and controller.phase is Phase.DONE:
+        if controller is not None and step >= controller.total_steps and self._es_cooled():
             if controller.floor == 0.0 and not trainer.should_stop:
+                self.engine.finish()  # read the plan's last losses (every rank runs this)
                 self._stop_at_zero(trainer)
             return
         near = [
@@ -155,15 +156,20 @@ class FitBudget:
         if not steps:
             return
         es = near[0] if near else self._early_stoppers[0]
-        self._es_cooled = (
-            self.cool_down(
-                steps,
-                f"EarlyStopping(monitor={es.monitor!r}, patience={es.patience}) has seen "
-                f"{es.wait_count} checks in a row without improvement: the next one without "
-                f"improvement stops the fit, about {interval} steps from here",
-            )
-            is not None
-            or self._es_cooled
+        self.cool_down(
+            steps,
+            f"{_ES_COOLDOWN}monitor={es.monitor!r}, patience={es.patience}) has seen "
+            f"{es.wait_count} checks in a row without improvement: the next one without "
+            f"improvement stops the fit, about {interval} steps from here",
+        )
+
+    def _es_cooled(self) -> bool:
+        """Whether a cooldown for an ``EarlyStopping`` check planned this run's end (from the
+        events, so a resumed fit knows it too)."""
+        controller = self.engine.controller
+        return controller is not None and any(
+            e.kind is EventKind.COOLDOWN and e.reason.startswith(_ES_COOLDOWN)
+            for e in controller.events
         )
 
     def _stop_at_zero(self, trainer: pl.Trainer) -> None:
