@@ -15,6 +15,8 @@ exponentially, and records each step's loss. :func:`suggest_lr` reads that curve
    (10): the minimum is where the loss stops improving and starts to blow up, and a tenth of
    that is the classic safe peak (fastai's ``minimum`` suggestion; Smith 2017 takes the maximum
    LR a little below where the loss climbs);
+   A minimum at the range's end with no divergence means the test stopped before the loss
+   turned up: the suggestion says so (``at_end``), and may be low;
 5. a curve whose smoothed minimum is less than ``MIN_DROP`` (10%) below where it started
    learned nothing in the test (e.g. a loss plateau, as sparse parity sits at ln 2): its
    minimum is noise, so the LR where it diverged, divided by ``FACTOR``, is the suggestion, and
@@ -71,6 +73,9 @@ class Suggestion(NamedTuple):
 
     lr: float
     reason: str
+    at_end: bool = False
+    """The loss was lowest at the end of the range, with no divergence: the test stopped before
+    the loss turned up, so the suggestion may be low (a wider range would tell)."""
 
 
 def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion | None:
@@ -106,10 +111,13 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> Suggestion | No
     # smoothed points: the lowest of many noisy points is always somewhat below the start
     noise = NOISE_Z * scatter * math.sqrt(2.0 / (2 * half + 1))
     if start - before[best] >= max(-math.log(1.0 - MIN_DROP), noise):
+        at_end = diverged is None and best >= finite - 1 - half
         return Suggestion(
             lrs[best] / FACTOR,
             f"the smoothed loss was lowest ({math.exp(before[best]):.4g}, from "
-            f"{math.exp(start):.4g}) at LR {lrs[best]:.3g}; a {FACTOR:g}th of that",
+            f"{math.exp(start):.4g}) at LR {lrs[best]:.3g}; a {FACTOR:g}th of that"
+            + ("; it was still falling where the range ended" if at_end else ""),
+            at_end,
         )
     if diverged is None:
         return None

@@ -179,3 +179,18 @@ def test_every_recorded_case_builds_its_model_with_the_swept_lr(name: str) -> No
     optimizers = configure(model) if configure else model.configure_optimizers()
     optimizer = optimizers if isinstance(optimizers, torch.optim.Optimizer) else optimizers[0]
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.123)
+
+
+def test_a_loss_still_falling_at_the_end_of_the_range_says_so() -> None:
+    """The circle tasks' range tests end at find_max_lr=1.0 with the loss still falling (their
+    best peak is 2.0): the suggestion says the test stopped first; a curve that turns up
+    before its end does not."""
+    lrs = geometric(1e-7, 1.0, 100)
+    falling = [1.0 / (1.0 + 50.0 * lr) for lr in lrs]
+    found = suggest_lr(lrs, falling)
+    assert found is not None and found.at_end and "still falling" in found.reason
+    turning = [1.0 / (1.0 + 50.0 * lr) + 20.0 * max(0.0, lr - 0.05) for lr in lrs]
+    found = suggest_lr(lrs, turning)
+    assert found is not None and not found.at_end and "still falling" not in found.reason
+    recorded = RECORDED["circle"]["curves"][0]
+    assert suggest_lr(recorded["lr"], recorded["loss"]).at_end  # type: ignore[union-attr]

@@ -119,6 +119,12 @@ def find_peak_lr(
         )
         return curve
     suggestion = found.lr
+    if found.at_end:
+        rank_zero_warn(
+            f"ScheduleSurgeon(peak_lr='find'): the loss was still falling at the end of the LR "
+            f"range test ({tested}), so the suggestion {suggestion:.3g} may be low; raise "
+            "find_max_lr to find where the loss turns up"
+        )
     if max(suggestion / first, first / suggestion) > FAR_FROM_CONFIGURED:
         rank_zero_warn(
             f"ScheduleSurgeon(peak_lr='find') sets the peak LR to {suggestion:.3g}, "
