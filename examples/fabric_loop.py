@@ -14,6 +14,8 @@ the update is skipped on every rank: DDP averages the gradients, so the NaN reac
 import argparse
 import gc
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -84,11 +86,15 @@ def main(argv: list[str] | None = None) -> Surgeon:
 
 def close_process_group() -> None:
     """A clean exit under DDP: free the model's reducer and its pending work first, wait for
-    both ranks, then close the group (gloo aborts at interpreter exit otherwise, now and then)."""
+    both ranks, then close the group and leave without the interpreter's teardown (gloo's
+    threads abort the process there now and then, after a run that went well)."""
     gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
