@@ -408,7 +408,7 @@ class Controller:
         floor = self.floor
         self.floor = changed.get("min_lr_ratio", (floor, floor))[0]
         self._set_plan(plan)
-        before, level = self.lr_scale(step), self._base(max(0, step - plan.start))
+        before, level = self.lr_scale(step), self._level(step)
         decaying = self._plan_phase(step) is Phase.DECAY
         self.floor = floor
         self._set_plan(plan)
@@ -652,7 +652,7 @@ class Controller:
         phase = self._plan_phase(step + 1)
         if phase is Phase.DECAY and self.phase is Phase.STABLE:
             plan = self._plan
-            level = self._base(max(0, step + 1 - plan.start))
+            level = self._level(step + 1)
             what = "the hold ends" if plan.hold else "the ramp reached its top"
             why = (
                 f"{what}: {plan.shape} decay from LR scale {level:.3g} to the floor "
@@ -855,7 +855,7 @@ class Controller:
             return [self._end_warmup(step, why)]
         if step + 1 < self.max_warmup:
             return []
-        level = self._base(max(0, step + 1 - plan.start))
+        level = self._level(step + 1)
         if self.paused and self.intervention.mode == "normal":  # held by a rising loss
             self.peak = min(self.peak, level)
             why = (
@@ -878,7 +878,7 @@ class Controller:
             # the caller may have written the slow ramp's LRs up to `lag` steps ahead: the
             # faster ramp goes on from where the slow one is by then (no jump up)
             start = min(step + 1 + self.lag, plan.start + plan.ramp)
-        level = self._base(max(0, start - plan.start))
+        level = self._level(start)
         self.paused = False
         ramp = self._ramp_steps(level, self.min_warmup)
         if ramp:

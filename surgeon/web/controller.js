@@ -175,8 +175,13 @@
     }
 
     // ---------------------------------------------------------------- LR
+    _level(step) {
+      // the plan's base curve at `step`; a plan that starts later is at its start until then
+      return this._base(Math.max(0, step - this._plan.start));
+    }
+
     lr_scale(step) {
-      let scale = this._base(Math.max(0, step - this._plan.start));
+      let scale = this._level(step);
       if (this.intervention.mode !== "normal") scale *= this.intervention.at(step);
       return this.phase === Phase.WARMUP ? scale : Math.max(this.floor, scale);
     }
@@ -305,7 +310,7 @@
       const phase = this._plan_phase(step + 1);
       if (phase === Phase.DECAY && this.phase === Phase.STABLE) {
         const plan = this._plan;
-        const level = this._base(Math.max(0, step + 1 - plan.start));
+        const level = this._level(step + 1);
         const what = plan.hold ? "the hold ends" : "the ramp reached its top";
         const why =
           `${what}: ${plan.shape} decay from LR scale ${g(level, 3)} to the floor ` +
@@ -418,7 +423,7 @@
       if (signal === Signal.RISING) {
         if (this.paused) return [];
         const before = this.lr_scale(step + 1);
-        const level = this._base(Math.max(0, step + 1 - this._plan.start));
+        const level = this._level(step + 1);
         this.paused = true;
         this._set_plan(new _Plan(step + 1, level, level, 0, null, 0, "linear"));
         const why = `the loss is rising: ${trend}; the warmup ramp holds at LR scale ${g(level, 3)}`;
@@ -427,7 +432,7 @@
       if (this.paused) {
         if ((det.last_drop || 0.0) < 0.0) return [];
         const before = this.lr_scale(step + 1);
-        const level = this._base(Math.max(0, step + 1 - this._plan.start));
+        const level = this._level(step + 1);
         this.paused = false;
         const ramp = this._ramp_steps(level, this.max_warmup);
         this._set_plan(this._warmup_plan(step + 1, level, ramp));
@@ -469,7 +474,7 @@
         return [this._end_warmup(step, why)];
       }
       if (step + 1 < this.max_warmup) return [];
-      const level = this._base(Math.max(0, step + 1 - plan.start));
+      const level = this._level(step + 1);
       if (this.paused && this.intervention.mode === "normal") {
         this.peak = Math.min(this.peak, level);
         why =
@@ -490,7 +495,7 @@
       if (plan.hold !== null && plan.ramp > start - plan.start) {
         start = Math.min(step + 1 + this.lag, plan.start + plan.ramp);
       }
-      const level = this._base(Math.max(0, start - plan.start));
+      const level = this._level(start);
       this.paused = false;
       const ramp = this._ramp_steps(level, this.min_warmup);
       if (ramp) {
@@ -525,9 +530,7 @@
       const base = det.rise_base;
       det.restart_rise();
       const before = this.lr_scale(step + 1);
-      this._lower_peak(
-        step, this._base(Math.max(0, step + 1 - this._plan.start)) * this.config.spike_factor,
-      );
+      this._lower_peak(step, this._level(step + 1) * this.config.spike_factor);
       this.plateau.reset();
       const why =
         `the loss kept rising: its EMA went from ${g(base, 4)} to ${g(det.ema, 4)} ` +
@@ -544,7 +547,7 @@
       const restart = cfg.plateau_action === "restart" && this.restarts < cfg.max_restarts;
       if (!restart && this.phase !== Phase.STABLE) return [];
       const before = this.lr_scale(step + 1);
-      const current = this._base(Math.max(0, step + 1 - this._plan.start));
+      const current = this._level(step + 1);
       const stalled =
         `the smoothed loss (EMA ${g(det.ema, 4)}) has not improved by ` +
         `${percent(det.min_delta, 2)} on its best ${g(det.best, 4)} for ${det.patience} steps; `;
@@ -590,7 +593,7 @@
       this.intervention = new _Intervention({ mode: "hold", value, hold_until });
       if (this.phase === Phase.WARMUP && !this.paused) {
         this.paused = true;
-        const frozen = Math.min(this.peak, this._base(Math.max(0, step + 1 - this._plan.start)));
+        const frozen = Math.min(this.peak, this._level(step + 1));
         this._set_plan(new _Plan(step + 1, frozen, frozen, 0, null, 0, "linear"));
         why += "warmup ramp paused; ";
       }
@@ -602,7 +605,7 @@
 
     _lower_peak(step, peak) {
       this.peak = Math.max(this.floor, Math.min(this.peak, peak), _MIN_PEAK);
-      const level = this._base(Math.max(0, step + 1 - this._plan.start));
+      const level = this._level(step + 1);
       if (this.phase === Phase.WARMUP) {
         if (this.paused || level >= this.peak) {
           const held = Math.min(level, this.peak);
@@ -636,7 +639,7 @@
         `${this.spike_recovery} steps`;
       if (this.paused) {
         this.paused = false;
-        const current = this._base(Math.max(0, step + 1 - this._plan.start));
+        const current = this._level(step + 1);
         const ramp = this._ramp_steps(current, this.max_warmup);
         this._set_plan(this._warmup_plan(step + 1, current, ramp));
         why += "; warmup ramp resumed";
