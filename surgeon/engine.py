@@ -73,6 +73,13 @@ def check_lr(lr: Any) -> float:
     return lr
 
 
+def configured_peak(group: dict[str, Any]) -> Any:
+    """A param group's configured peak as torch's schedulers leave it: ``OneCycleLR``'s
+    ``max_lr`` (its ``initial_lr`` is ``max_lr / div_factor``), else ``initial_lr`` (the LR
+    before any scheduler changed it), else ``lr``."""
+    return group.get("max_lr", group.get("initial_lr", group["lr"]))
+
+
 def check_snapshot_mode(snapshot: Any) -> None:
     """``ValueError`` unless ``snapshot`` is a snapshot location or ``"off"``."""
     if snapshot != "off" and snapshot not in SNAPSHOT_LOCATIONS:
@@ -522,15 +529,12 @@ class StepEngine:
 
     def start_at(self, step: int) -> None:
         """Begin at ``step`` instead of 0: a resumed run whose checkpoint has no surgeon state
-        (saved without it). The steps already done count; each driven group's configured peak
-        is its peak: ``max_lr`` where ``OneCycleLR`` left one (its ``initial_lr`` is
-        ``max_lr / div_factor``), else ``initial_lr`` where a torch scheduler left one, else
-        ``lr``."""
+        (saved without it). The steps already done count; each driven group's
+        :func:`configured_peak` is its peak."""
         assert self.controller is not None
         for optimizer in self.driven:
             for group in optimizer.param_groups:
-                peak = group.get("max_lr", group.get("initial_lr", group["lr"]))
-                group[PEAK_LR_KEY] = check_lr(peak)
+                group[PEAK_LR_KEY] = check_lr(configured_peak(group))
         self.step = step
         self.on_event(self.controller.start_at(step))
         self.written_step = -1

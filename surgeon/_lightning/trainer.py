@@ -15,7 +15,7 @@ import torch.distributed as dist
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
-from surgeon.engine import StepEngine, distributed_max, distributed_mean
+from surgeon.engine import StepEngine, configured_peak, distributed_max, distributed_mean
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
 from surgeon.loss_feed import Reduce
 from surgeon.planning import ManualStepPlanner
@@ -189,12 +189,10 @@ def _peak_under_scheduler(scheduler: Any, group: dict[str, Any], index: int) -> 
     """The LR a group had before ``scheduler`` took it over: ``OneCycleLR``'s ``max_lr`` and
     ``CyclicLR``'s ``max_lr`` (their peaks; both overwrite the configured LR), else the LR the
     optimizer was configured with (torch schedulers keep it as ``initial_lr``)."""
-    if "max_lr" in group:  # OneCycleLR
-        return group["max_lr"]
     max_lrs = getattr(scheduler, "max_lrs", None)  # CyclicLR
-    if max_lrs is not None:
+    if max_lrs is not None and "max_lr" not in group:
         return max_lrs[index]
-    return group.get("initial_lr", group["lr"])
+    return configured_peak(group)  # OneCycleLR's max_lr, else the LR before the scheduler
 
 
 def driven_optimizers(
