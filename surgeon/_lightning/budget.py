@@ -173,20 +173,15 @@ class FitBudget:
         )
 
     def _stop_at_zero(self, trainer: pl.Trainer) -> None:
-        """The cooldown for an ``EarlyStopping`` check ended the plan at LR 0 and that check
-        improved: stop the fit (a ``stopped`` event) instead of running on at LR 0."""
-        controller = self.engine.controller
-        assert controller is not None
-        step = max(0, self.engine.step - 1)
+        """The cooldown for an ``EarlyStopping`` check ended the plan at LR 0 and that check did
+        not stop the fit: stop it (a ``stopped`` event) instead of running on at LR 0."""
         names = ", ".join(f"EarlyStopping(monitor={es.monitor!r})" for es in self._early_stoppers)
         why = (
             f"the cooldown for {names} has ended the plan at LR 0 and its check did not stop the "
             "fit (the anneal improved the metric): it would wait more checks while nothing "
             "trains, so the fit stops here"
         )
-        event = Event(step, EventKind.STOPPED, why, 0.0, 0.0, controller.phase)
-        controller.events.append(event)
-        self.engine.on_event(event)
+        self._record_stopped(max(0, self.engine.step - 1), 0.0, why)
         trainer.should_stop = True
 
     def cool_down(self, steps: int, why: str) -> Event | None:
@@ -210,7 +205,14 @@ class FitBudget:
             f"{controller.phase.value} at LR scale {scale:.3g} (the floor is "
             f"{controller.floor:g}): {self._stop_cause(trainer)}"
         )
-        event = Event(max(0, done - 1), EventKind.STOPPED, why, scale, scale, controller.phase)
+        self._record_stopped(max(0, done - 1), scale, why)
+
+    def _record_stopped(self, step: int, scale: float, why: str) -> None:
+        """A ``stopped`` event at ``step`` (the LR scale is ``scale`` on both sides), recorded
+        and reported."""
+        controller = self.engine.controller
+        assert controller is not None
+        event = Event(step, EventKind.STOPPED, why, scale, scale, controller.phase)
         controller.events.append(event)
         self.engine.on_event(event)
 
