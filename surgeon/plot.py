@@ -249,9 +249,10 @@ def load_run(run_dir: Path) -> Run:
     )
 
 
-_NOT_REPLAYED = ("cooldown", "replan", "stopped")
-"""Event kinds that come from outside the loss stream (a budget, a request, a resume): a replay
-of the losses does not make them, so the replayed LR ends there."""
+_UNREPLAYED_CHANGES = ("cooldown", "replan", "stopped")
+"""Event kinds that change the plan from outside the loss stream (a budget, a request, a
+resume, an early end): a replay of the losses does not make them, so the replayed LR ends
+there. (``peak_lr`` is not one: it sets the peak before step 0, which the events carry.)"""
 
 
 def _surgeon_only_runs(run_dir: Path) -> list[Path]:
@@ -294,7 +295,8 @@ def _load_surgeon_files(losses_path: Path) -> Run:
     name = "lr-replayed" if peaks else "lr-replayed scale of the peak"
     peak = peaks[0] if peaks else 1.0
     first = min(
-        ((e["step"], e["kind"]) for e in events if e["kind"] in _NOT_REPLAYED), default=None
+        ((e["step"], e["kind"]) for e in events if e["kind"] in _UNREPLAYED_CHANGES),
+        default=None,
     )
     if first is not None:
         name += f" (to step {first[0]}: a {first[1]} is not in the losses)"
@@ -310,7 +312,7 @@ def _load_surgeon_files(losses_path: Path) -> Run:
         series={name: points},
         events=events,
         settings=settings,
-        losses=read_losses(losses_path),
+        losses=sorted(zip(stream.steps, stream.losses, strict=True)),
         lr_find=read_lr_find(lr_find_path) if lr_find_path.exists() else [],
     )
 
