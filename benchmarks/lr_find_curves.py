@@ -252,6 +252,8 @@ def report(tasks: dict[str, Any]) -> None:
                 cells.append(f"{lr:.2g} (x{factor:.2g}, x{ratio:.2f})")
             print(f"{head}  {rule:<10}  " + " | ".join(cells))
             head = " " * len(head)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", choices=CASE_NAMES, default=list(CASE_NAMES))

@@ -4,7 +4,7 @@ The model and the corpus are ``surgeon.demo``'s (a 2-layer causal transformer, 6
 over the characters of a few standard-library modules; nothing is downloaded). The
 surgeon is ``configs/presets/llm_pretrain.yaml``: the AdamW LR is the peak, automatic
 warmup between 0.5% and 5% of the run, cosine to 10% of the peak. ``--spike-at N`` makes
-the batch of step N 20x worse to show a spike and its recovery. At the end the model
+the batches of steps N and N + 1 20x worse to show a spike and its recovery. At the end the model
 writes a few lines of "Python".
 
     python examples/char_gpt.py                      # 600 steps, a minute or two on a CPU

@@ -5,7 +5,7 @@ The small problem of the classic learning-rate-schedule lesson: points uniform i
 (2 -> 16 -> 1, ReLU), SGD with momentum. The surgeon takes the optimizer's LR as its peak,
 ramps it up until the loss settles after its first descent, then decays it linearly to 0
 (the defaults);
-``--spike-at N`` makes the batch of step N 20x worse to show a spike and its recovery.
+``--spike-at N`` makes the batches of steps N and N + 1 20x worse: a spike and its recovery.
 
     python examples/circle.py                        # 1000 steps, under a minute on a CPU
     python examples/circle.py --steps 300 --spike-at 150 --preset vision_from_scratch

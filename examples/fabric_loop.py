@@ -24,6 +24,7 @@ from torch import nn
 from toy_tasks import circle_points
 
 from surgeon import Surgeon
+from surgeon.demo import spiked
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.1, help="peak LR (0.1)")
     parser.add_argument("--devices", type=int, default=1, help="CPU processes (1)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--spike-at", type=int, default=None, help="a 20x loss at this step")
+    parser.add_argument("--spike-at", type=int, default=None, help="20x losses here and next")
     parser.add_argument("--nan-at", type=int, default=None, help="a NaN loss at this step")
     parser.add_argument(
         "--nan-rank", type=int, default=-1, help="the rank whose loss is NaN (-1: the last)"
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> Surgeon:
         lrs.append(optimizer.param_groups[0]["lr"])
         batch = torch.randint(len(x), (args.batch_size,))
         loss = loss_fn(model(x[batch]).squeeze(-1), y[batch])
-        if step == args.spike_at:
+        if spiked(step, args.spike_at):
             loss = loss * 20.0
         if step == args.nan_at and fabric.global_rank == args.nan_rank % fabric.world_size:
             loss = loss * float("nan")

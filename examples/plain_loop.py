@@ -3,7 +3,7 @@
 The same controller, feed, guard and snapshots as ``ScheduleSurgeon``, behind a scheduler-like
 object: ``surgeon.step(loss)`` once per optimizer step (it writes the next step's LR),
 ``surgeon.guard(loss)`` before ``optimizer.step()`` to skip NaN/inf updates, ``model=`` for
-rollbacks. ``--spike-at N`` makes the loss of step N 20x worse, ``--nan-at N`` NaN.
+rollbacks. ``--spike-at N`` makes the losses of steps N and N + 1 20x worse, ``--nan-at N`` NaN.
 
     python examples/plain_loop.py                      # 1000 steps, a few seconds on a CPU
     python examples/plain_loop.py --spike-at 300 --nan-at 500 --out runs/plain
@@ -18,6 +18,7 @@ from torch import nn
 from toy_tasks import circle_points
 
 from surgeon import Surgeon
+from surgeon.demo import spiked
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (1000)")
     parser.add_argument("--lr", type=float, default=0.1, help="peak LR (0.1)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--spike-at", type=int, default=None, help="a 20x loss at this step")
+    parser.add_argument("--spike-at", type=int, default=None, help="20x losses here and next")
     parser.add_argument("--nan-at", type=int, default=None, help="a NaN loss at this step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="run files for surgeon plot")
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> tuple[Surgeon, float]:
     for step in range(args.steps):
         batch = torch.randint(len(x), (args.batch_size,))
         loss = loss_fn(model(x[batch]).squeeze(-1), y[batch])
-        if step == args.spike_at:
+        if spiked(step, args.spike_at):
             loss = loss * 20.0
         if step == args.nan_at:
             loss = loss * float("nan")

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from surgeon import ScheduleSurgeon
-from surgeon.demo import CharWindows, encode, stdlib_text
+from surgeon.demo import CharWindows, encode, spiked, stdlib_text
 
 log = logging.getLogger("toy_tasks")
 
@@ -62,7 +62,10 @@ def add_run_args(
     """The options every example script has: --steps, --spike-at, --preset, --out, --seed."""
     parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps ({steps})")
     parser.add_argument(
-        "--spike-at", type=int, default=None, help="make the batch of this step 20x worse"
+        "--spike-at",
+        type=int,
+        default=None,
+        help="make the batches of this step and the next 20x worse (the second confirms the spike)",
     )
     parser.add_argument(
         "--preset",
@@ -180,7 +183,7 @@ class CircleNet(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         points, labels = batch
         loss = nn.functional.binary_cross_entropy_with_logits(self(points), labels)
-        if self.global_step == self.hparams.spike_at:  # one bad batch, to show a spike
+        if spiked(self.global_step, self.hparams.spike_at):  # bad batches, to show a spike
             loss = loss * self.hparams.spike_factor
         return loss
 
@@ -290,8 +293,8 @@ class DigitsFinetuner(pl.LightningModule):
     backbone is frozen (``requires_grad=False``) for the first ``freeze_steps`` optimizer steps
     (the new head learns on fixed features first) and trained from then on. Logged per step:
     ``backbone_shift``, the L2 distance of the backbone's weights from where the fine-tuning
-    started (0 while frozen), and ``backbone_frozen``. ``spike_at``: the step whose loss is
-    multiplied by ``spike_factor``.
+    started (0 while frozen), and ``backbone_frozen``. ``spike_at``: the step whose loss and
+    the next one's are multiplied by ``spike_factor``.
     """
 
     def __init__(
@@ -355,7 +358,7 @@ class DigitsFinetuner(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         pixels, labels = batch
         loss = nn.functional.cross_entropy(self(pixels), labels)
-        if self.global_step == self.hparams.spike_at:  # one bad batch, to show a spike
+        if spiked(self.global_step, self.hparams.spike_at):  # bad batches, to show a spike
             loss = loss * self.hparams.spike_factor
         moved = zip(self.backbone.parameters(), self._start, strict=True)
         shift = torch.stack([(p.detach() - p0).square().sum() for p, p0 in moved]).sum().sqrt()

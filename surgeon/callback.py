@@ -29,6 +29,7 @@ says (``trainer``), what users see (``reporting``: info lines, logger metrics, r
 rank zero logs and writes files; every rank makes the same decisions, as the feed averages
 the losses across ranks before reading them and budget decisions are rank zero's.
 """
+
 import math
 from pathlib import Path
 from typing import Any

@@ -324,7 +324,13 @@ def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--spike-at",
         type=_non_negative_int,
         default=400,
-        help="step whose batch is made 20x worse, to show a spike and its recovery",
+        help="the batches of this step and the next are made 20x worse: a spike and its recovery",
+    )
+    demo.add_argument(
+        "--outlier-at",
+        type=_non_negative_int,
+        default=250,
+        help="the batch of this step alone is made 20x worse: an outlier, left alone",
     )
     demo.add_argument("--no-spike", action="store_true", help="inject no bad batch")
     demo.add_argument("--seed", type=int, default=0)
@@ -337,8 +343,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     from surgeon.demo import run_demo
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    spike_at = None if args.no_spike else args.spike_at
-    surgeon, log_dir = run_demo(args.out, steps=args.steps, spike_at=spike_at, seed=args.seed)
+    spike_at, outlier_at = (None, None) if args.no_spike else (args.spike_at, args.outlier_at)
+    surgeon, log_dir = run_demo(
+        args.out, steps=args.steps, spike_at=spike_at, outlier_at=outlier_at, seed=args.seed
+    )
     print(f"\nScheduleSurgeon events ({len(surgeon.events)}), final phase {surgeon.phase.value}:")
     for event in surgeon.events:
         print(f"  step {event.step:>5}  {event.kind.value:<11} {event.reason}")

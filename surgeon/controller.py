@@ -28,12 +28,15 @@ The multiplier is ``base(step) x intervention(step)``:
 * ``intervention`` is 1 except after a spike or a non-finite loss: cut by
   ``spike_factor``, held for ``spike_cooldown`` steps, and ramped back to 1 over
   ``spike_recovery`` steps once the loss is back in its normal band (a spike during the warmup
-  ramp also pauses it).
+  ramp also pauses it). A spike is acted on only once the *next* loss confirms it (still out
+  of its normal band, or non-finite): the weights the next loss is measured on are the ones
+  the spike would have damaged, so a next loss back in its band says the spike was one hard
+  batch, an ``outlier`` event with no cut and no rollback. A non-finite loss acts at once.
 
 Rollback: the caller keeps last-good snapshots of the weights and tells the
 controller when it took one (:meth:`Controller.snapshot_due`, every ``snapshot_every``
 steps, :meth:`Controller.snapshot_taken`); a snapshot becomes the rollback target once
-the loss of its step is read and is in the normal band. A spike of at least
+the loss of its step is read and is in the normal band. A confirmed spike of at least
 ``rollback_threshold x`` the running mean, or ``rollback_nonfinite`` non-finite
 steps in a row, sets :attr:`Controller.rollback_to`; the caller restores that
 snapshot and calls :meth:`Controller.rolled_back`, which records the event and
@@ -138,6 +141,9 @@ class EventKind(str, Enum):
     on."""
     CLIMB = "climb"
     """After warmup the loss kept rising: the peak (and the LR) is lowered for good."""
+    OUTLIER = "outlier"
+    """A spike whose next loss is back in the normal band: one hard batch; no action (last,
+    so that the codes of the kinds before it stay as they were)."""
 
 
 @dataclass(frozen=True)
@@ -297,6 +303,8 @@ class Controller:
         self.stalled = False
         """Set by a ``stalled`` event: the run cannot make progress; the caller stops it."""
         self._no_rollback = ""
+        self.suspect: dict[str, float] | None = None
+        """A spike waiting for the next loss to confirm it (step, loss, level, noise, z)."""
         self.intervention = _Intervention()
         self.forget_snapshots()
         for detector in (self.stabilizer, self.plateau, self.spike):
@@ -325,6 +333,7 @@ class Controller:
             "nonfinite_applied": self.nonfinite_applied,
             "ignore_until": self.ignore_until,
             "rolled_back_to": self.rolled_back_to,
+            "suspect": self.suspect,
             "events": [event.to_dict() for event in self.events],
             "stabilizer": self.stabilizer.state_dict(),
             "plateau": self.plateau.state_dict(),
@@ -358,6 +367,7 @@ class Controller:
         self.nonfinite_applied = state.get("nonfinite_applied", False)
         self.ignore_until = state.get("ignore_until", 0)
         self.rolled_back_to = state.get("rolled_back_to")
+        self.suspect = state.get("suspect")
         self.forget_snapshots()  # snapshots are not checkpointed: the next one is due at once
         self.events = [Event.from_dict(event) for event in state["events"]]
         self.stabilizer.load_state_dict(state["stabilizer"])
@@ -515,6 +525,14 @@ class Controller:
             signal, bad = Signal.NONFINITE, f"gradients are non-finite (loss {loss:.4g}); "
         else:
             signal, bad = self.spike.update(loss), f"loss is {loss}; "
+        suspect, self.suspect = self.suspect, None
+        if suspect is not None:  # the loss after a spike decides what the spike was
+            if signal is Signal.NONFINITE or self.spike.last_zscore > NORMAL_BAND_ZSCORE:
+                new_events.append(self._confirm_spike(step, suspect, loss))
+                if signal is not Signal.NONFINITE:
+                    return self._close_step(step, new_events)
+            else:
+                new_events.append(self._dismiss_spike(step, suspect, loss))
         if signal is Signal.NONFINITE:
             self.nonfinite_streak += 1
             self.nonfinite_applied = self.nonfinite_applied or not update_skipped
@@ -528,28 +546,10 @@ class Controller:
                 new_events.append(self._event(step, EventKind.SKIPPED_STEP, why, None))
             if streak >= 2 * self.snapshot_every and not self.stalled and self.rollback_to is None:
                 new_events.append(self._stall(step, loss, update_skipped))
-        elif signal is Signal.SPIKE:
+        elif signal is Signal.SPIKE:  # acted on once the next loss confirms it
             self.nonfinite_streak, self.nonfinite_applied = 0, False
-            why = (
-                f"loss {loss:.4g} is {self.spike.last_zscore:.1f} sigma above its running mean "
-                f"{mean:.4g} (noise {std:.3g}; thresholds {self.spike.zscore:g} sigma and "
-                f"{self.spike.ratio:g}x the mean); "
-            )
-            threshold = self.config.rollback_threshold
-            if self.rolled_back_to is not None:  # the good weights give it too: not damage
-                self.spike.rebase(loss)
-                why += (
-                    f"the loss has stayed up since the rollback to step {self.rolled_back_to}: a "
-                    f"lasting level shift, not damage; {loss:.4g} is the new running mean (no "
-                    "further rollback); "
-                )
-            elif loss - mean >= (threshold - 1.0) * abs(mean):
-                why += self._request_rollback(
-                    step,
-                    f"loss {loss:.4g} is at least {threshold:g}x its running mean {mean:.4g} "
-                    f"(rollback_threshold={threshold:g})",
-                )
-            new_events.append(self._cut_for_spike(step, EventKind.SPIKE, why))
+            z = self.spike.last_zscore
+            self.suspect = {"step": step, "loss": loss, "mean": mean, "std": std, "z": z}
         else:
             self.nonfinite_streak, self.nonfinite_applied = 0, False
             if self.spike.last_zscore <= NORMAL_BAND_ZSCORE:
@@ -699,6 +699,16 @@ class Controller:
         """Every loss so far has been read and a checkpoint is next. If the last were non-finite
         with their updates applied (unguarded), the weights are suspect: ask for a rollback now
         rather than have them saved (when a recent good snapshot exists)."""
+        suspect = self.suspect
+        if suspect is not None and not self.nonfinite_streak:
+            threshold = self.config.rollback_threshold
+            if suspect["loss"] - suspect["mean"] >= (threshold - 1.0) * abs(suspect["mean"]):
+                self._request_rollback(
+                    int(suspect["step"]),
+                    f"{self._spike_words(suspect)} just before a checkpoint, unconfirmed; "
+                    f"at least {threshold:g}x its running mean (rollback_threshold="
+                    f"{threshold:g})",
+                )
         if self.nonfinite_streak and self.nonfinite_applied:
             streak = self.nonfinite_streak
             self._request_rollback(
@@ -774,6 +784,7 @@ class Controller:
         target, nbytes = self._good_snapshot
         step, cause = self._rollback_cause
         self.rollback_to = None
+        self.suspect = None
         self._pending_snapshot = None  # may hold weights taken after the trouble began
         self.ignore_until = max(self.ignore_until, now)
         self.nonfinite_streak, self.nonfinite_applied = 0, False
@@ -961,6 +972,50 @@ class Controller:
         self._set_plan(self._decay_plan(step + 1, cut))
         why = f"{stalled}LR scale cut x{cfg.plateau_factor:g} from {current:.3g} to {cut:.3g}"
         return [self._event(step, EventKind.PLATEAU, why, before)]
+
+    def _spike_words(self, suspect: dict[str, float]) -> str:
+        return (
+            f"loss {suspect['loss']:.4g} at step {int(suspect['step'])} is {suspect['z']:.1f} "
+            f"sigma above its running mean {suspect['mean']:.4g} (noise {suspect['std']:.3g}; "
+            f"thresholds {self.spike.zscore:g} sigma and {self.spike.ratio:g}x the mean)"
+        )
+
+    def _confirm_spike(self, step: int, suspect: dict[str, float], loss: float) -> Event:
+        """The loss after a spike is still out of its normal band (or non-finite): the run is in
+        trouble, not one hard batch. Cut, and roll back if the spike or that loss reached
+        ``rollback_threshold`` (a non-finite one always does)."""
+        self.nonfinite_streak, self.nonfinite_applied = 0, False
+        mean, worst = suspect["mean"], max(suspect["loss"], loss)
+        still = (
+            f"still {self.spike.last_zscore:.1f} sigma above it"
+            if math.isfinite(loss)
+            else "not finite"
+        )
+        why = f"{self._spike_words(suspect)}, and the next loss, {loss:.4g}, is {still}; "
+        threshold = self.config.rollback_threshold
+        if self.rolled_back_to is not None:  # the good weights give it too: not damage
+            level = loss if math.isfinite(loss) else suspect["loss"]
+            self.spike.rebase(level)
+            why += (
+                f"the loss has stayed up since the rollback to step {self.rolled_back_to}: a "
+                f"lasting level shift, not damage; {level:.4g} is the new running mean (no "
+                "further rollback); "
+            )
+        elif not math.isfinite(loss) or worst - mean >= (threshold - 1.0) * abs(mean):
+            why += self._request_rollback(
+                step,
+                f"loss {suspect['loss']:.4g} is at least {threshold:g}x its running mean "
+                f"{mean:.4g} (rollback_threshold={threshold:g})",
+            )
+        return self._cut_for_spike(step, EventKind.SPIKE, why)
+
+    def _dismiss_spike(self, step: int, suspect: dict[str, float], loss: float) -> Event:
+        """The loss after a spike is back in its normal band: one hard batch, no instability."""
+        why = (
+            f"{self._spike_words(suspect)}, but the next loss, {loss:.4g}, is back within "
+            f"{NORMAL_BAND_ZSCORE:g} sigma: an isolated outlier (a hard batch), no action"
+        )
+        return self._event(step, EventKind.OUTLIER, why, self.lr_scale(step + 1))
 
     def _cut_for_spike(self, step: int, kind: EventKind, why: str) -> Event:
         before = self.lr_scale(step + 1)

@@ -1,9 +1,10 @@
 """The demo: a tiny character-level transformer trained on Python's own standard library.
 
 No download: the corpus is a fixed list of standard-library source files. The
-run uses ``ScheduleSurgeon()`` with its defaults, injects one bad batch (its loss,
-and so its gradients, multiplied by ``spike_factor``) to show a spike and its
-recovery, prints the controller's events, and writes ``metrics.csv``,
+run uses ``ScheduleSurgeon()`` with its defaults, injects bad batches (their loss,
+and so their gradients, multiplied by ``spike_factor``): one alone (an ``outlier``: the
+next loss is normal, nothing is done) and two in a row (a ``spike`` the second confirms:
+the LR is cut and recovers), prints the controller's events, and writes ``metrics.csv``,
 ``events.jsonl`` and a PNG of loss and LR. On a CUDA machine it uses the GPU.
 """
 
@@ -64,8 +65,15 @@ def encode(text: str) -> tuple[Tensor, list[str]]:
     return torch.tensor([index[ch] for ch in text], dtype=torch.long), vocab
 
 
+def spiked(step: int, spike_at: int | None) -> bool:
+    """Whether step ``step`` gets a bad batch for a spike at ``spike_at``: that step and the
+    next, a spike that the next loss confirms (one bad batch alone is an ``outlier``)."""
+    return spike_at is not None and spike_at <= step <= spike_at + 1
+
+
 class TinyCharLM(pl.LightningModule):
-    """A small causal transformer over characters; ``spike_at`` injects one bad batch."""
+    """A small causal transformer over characters; ``spike_at`` injects two bad batches in a
+    row (:func:`spiked`), ``outlier_at`` one."""
 
     def __init__(
         self,
@@ -77,6 +85,7 @@ class TinyCharLM(pl.LightningModule):
         lr: float = 3e-3,
         spike_at: int | None = None,
         spike_factor: float = 20.0,
+        outlier_at: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -102,7 +111,8 @@ class TinyCharLM(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self._loss(batch)
-        if self.global_step == self.hparams.spike_at:
+        step = self.global_step
+        if spiked(step, self.hparams.spike_at) or step == self.hparams.outlier_at:
             loss = loss * self.hparams.spike_factor
         return loss
 
@@ -117,6 +127,7 @@ def run_demo(
     out_dir: Path = Path("runs/demo"),
     steps: int = 600,
     spike_at: int | None = 400,
+    outlier_at: int | None = 250,
     batch_size: int = 32,
     seed: int = 0,
 ) -> tuple[ScheduleSurgeon, Path]:
@@ -127,7 +138,7 @@ def run_demo(
     context = 64
     train = CharWindows(codes[:split], context, steps * batch_size, seed)
     val = CharWindows(codes[split:], context, 8 * batch_size, seed + 1)
-    model = TinyCharLM(len(vocab), context=context, spike_at=spike_at)
+    model = TinyCharLM(len(vocab), context=context, spike_at=spike_at, outlier_at=outlier_at)
     surgeon = ScheduleSurgeon()
     trainer = pl.Trainer(
         max_steps=steps,

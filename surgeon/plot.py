@@ -83,6 +83,7 @@ EVENT_COLORS = {
     "restart": "#e377c2",
     "replan": "#17becf",
     "spike": "#d62728",
+    "outlier": "#ff9896",
     "nonfinite": "#000000",
     "recovered": "#bcbd22",
     "skipped_step": "#8c564b",

@@ -6,6 +6,7 @@
   step, the batch, every param group's LR as ``training_step`` sees it and the loss returned;
   ``loss_hook(step, batch_idx, loss)`` replaces the loss it returns (inject spikes or known
   values). With ``manual=True`` it drives one optimizer per layer itself.
+* :func:`spike_at`: a ``loss_hook`` for a spike that the next loss confirms.
 * :data:`TinyRegressor`: that class for ``pytorch_lightning``.
 * the ``make_trainer`` fixture: a quiet ``Trainer`` rooted in ``tmp_path``.
 * the ``info_lines`` fixture: the messages sent through Lightning's rank-zero info channel
@@ -25,6 +26,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 IN_FEATURES = 8
 LossHook = Callable[[int, int, Tensor], Tensor]
+
+
+def spike_at(step: int, factor: float = 20.0) -> LossHook:
+    """A ``loss_hook`` that multiplies the losses of optimizer steps ``step`` and ``step + 1``
+    by ``factor``: a spike that the next loss confirms (the surgeon acts at ``step + 1``)."""
+
+    def hook(global_step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        return loss * factor if global_step in (step, step + 1) else loss
+
+    return hook
 
 
 def make_loader(batches: int = 10, batch_size: int = 16, seed: int = 0) -> DataLoader:

@@ -7,8 +7,9 @@ Needs ``MASTER_ADDR``/``MASTER_PORT`` in the environment and ``surgeon`` importa
 
 Lightning's ``ddp`` strategy re-runs this script for rank 1 (``_SubprocessScriptLauncher``),
 so both ranks execute everything below. Each rank sees its own half of the data
-(``DistributedSampler``), so the local losses differ; at ``--spike-step`` the loss of
-``--spike-rank`` alone is multiplied by ``--spike-factor``, and at ``--nan-step`` the loss
+(``DistributedSampler``), so the local losses differ; at ``--spike-step`` and the step after
+it (which confirms the spike) the loss of ``--spike-rank`` alone is multiplied by
+``--spike-factor``, and at ``--nan-step`` the loss
 of that rank alone is multiplied by NaN; with ``--batchnorm`` the model has a BatchNorm layer,
 and at ``--nan-input-step`` one input value of that rank alone is NaN (its running statistics
 go NaN in the forward pass). Each rank writes ``OUT_DIR/rank{r}.json``:
@@ -157,7 +158,8 @@ class Regressor(pl.LightningModule):
             x = x.clone()
             x[0, 0] = float("nan")
         loss = nn.functional.mse_loss(self.net(x), y)
-        if self.global_step == self.spike_step and self.global_rank == self.spike_rank:
+        spiked = self.global_step in (self.spike_step, self.spike_step + 1)
+        if spiked and self.global_rank == self.spike_rank:
             loss = loss * self.spike_factor
         if self.global_step == self.nan_step and self.global_rank == self.spike_rank:
             loss = loss * float("nan")

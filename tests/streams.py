@@ -71,3 +71,11 @@ def trend_states(
             settled_run += 1
         out.append((state, steep_seen, steep_seen and settled_run >= patience))
     return out
+
+
+def spike(losses: list[float], at: int, factor: float = 10.0) -> int:
+    """Multiply the losses of steps ``at`` and ``at + 1`` by ``factor`` in place: a spike that
+    the next loss confirms. Returns ``at + 1``, the step whose loss the controller acts on."""
+    losses[at] *= factor
+    losses[at + 1] *= factor
+    return at + 1

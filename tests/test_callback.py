@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import pytorch_lightning
 import torch
-from conftest import TinyRegressor, make_loader, regressor_class
+from conftest import TinyRegressor, make_loader, regressor_class, spike_at
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -62,15 +62,6 @@ def first_lrs(model: Any) -> list[float]:
 
 def losses_of(model: Any) -> list[float]:
     return [r["loss"] for r in model.records]
-
-
-def spike_at(step: int, factor: float = 20.0) -> Callable[[int, int, Tensor], Tensor]:
-    """A ``loss_hook`` that multiplies the loss of optimizer step ``step`` by ``factor``."""
-
-    def hook(global_step: int, batch_idx: int, loss: Tensor) -> Tensor:
-        return loss * factor if global_step == step else loss
-
-    return hook
 
 
 # ---------------------------------------------------------------------------- LR written
@@ -297,12 +288,14 @@ def test_manual_optimization_one_optimizer(make_trainer: Any) -> None:
 
 
 def test_injected_spike_cuts_the_lr_after_the_readback_delay(make_trainer: Any) -> None:
+    """Steps 99 and 100 x20: the loss of 100 confirms the spike of 99, and the cut is written
+    once the block holding step 100 is read."""
     steps, k, factor = 160, 100, 20.0
     clean: dict[int, float] = {}
 
     def hook(step: int, batch_idx: int, loss: Tensor) -> Tensor:
-        if step == k:
-            clean[k] = loss.item()
+        if step in (k - 1, k):
+            clean[step] = loss.item()
             return loss * factor
         return loss
 
@@ -329,7 +322,8 @@ def test_injected_spike_cuts_the_lr_after_the_readback_delay(make_trainer: Any) 
     # the plan without the spike: the same losses with step k's loss un-spiked
     losses = losses_of(model)
     assert losses[k] == pytest.approx(factor * clean[k], rel=1e-6)
-    no_spike = replay_scales([*losses[:k], clean[k], *losses[k + 1 :]], steps, cb.config)
+    unspiked = [*losses[: k - 1], clean[k - 1], clean[k], *losses[k + 1 :]]
+    no_spike = replay_scales(unspiked, steps, cb.config)
     lrs = first_lrs(model)
     applied = (k // R + 2) * R  # first step whose LR is written after step k's loss was read
     assert lrs[:applied] == [PEAK * s for s in no_spike[:applied]]

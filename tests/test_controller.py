@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from streams import ema_drops, noisy, trend_states
+from streams import ema_drops, noisy, spike, trend_states
 
 from surgeon import schedules
 from surgeon.config import SurgeonConfig
@@ -458,24 +458,75 @@ class TestSpike:
 
     @pytest.mark.parametrize(("seed", "at"), [(0, 1000), (1, 150), (2, 2500)])
     def test_single_spike_cuts_holds_and_recovers(self, seed: int, at: int) -> None:
+        """Two losses x10: the second confirms the first, and the cut acts from the step after
+        it."""
+        losses = self.stream(seed)
+        clean = drive(Controller(self.TOTAL, self.config()), losses)
+        acted = spike(losses, at)
+        controller = Controller(self.TOTAL, self.config())
+        trace = drive(controller, losses)
+        assert trace.kinds() == [EventKind.WARMUP_END, EventKind.SPIKE, EventKind.RECOVERED]
+        event, recovered = trace.of(EventKind.SPIKE)[0], trace.of(EventKind.RECOVERED)[0]
+        assert event.step == acted
+        assert recovered.step == acted + self.COOLDOWN
+        factor, floor = controller.config.spike_factor, controller.floor
+        assert event.scale_after == pytest.approx(max(floor, factor * event.scale_before))
+        assert f"loss {losses[at]:.4g} at step {at}" in event.reason and "sigma" in event.reason
+        assert f"the next loss, {losses[acted]:.4g}, is still" in event.reason
+        assert f"held for {self.COOLDOWN} steps" in event.reason
+        assert f"over {self.RECOVERY} steps" in recovered.reason
+        assert clean.lrs[: acted + 1] == trace.lrs[: acted + 1]
+        for s in range(acted + 1, self.TOTAL):
+            expected = max(floor, clean.lrs[s] * self.multiplier(s, acted, factor))
+            assert trace.lrs[s] == pytest.approx(expected, rel=1e-12), s
+
+    @pytest.mark.parametrize(("seed", "at"), [(0, 1000), (1, 150), (2, 2500)])
+    def test_an_isolated_outlier_is_an_event_and_nothing_else(self, seed: int, at: int) -> None:
+        """One loss x10, the next back in its normal band: one hard batch. An ``outlier``
+        event at the next step, and every LR as in the run without it."""
         losses = self.stream(seed)
         clean = drive(Controller(self.TOTAL, self.config()), losses)
         losses[at] *= 10.0
         controller = Controller(self.TOTAL, self.config())
         trace = drive(controller, losses)
-        assert trace.kinds() == [EventKind.WARMUP_END, EventKind.SPIKE, EventKind.RECOVERED]
-        spike, recovered = trace.of(EventKind.SPIKE)[0], trace.of(EventKind.RECOVERED)[0]
-        assert spike.step == at
-        assert recovered.step == at + self.COOLDOWN
-        factor, floor = controller.config.spike_factor, controller.floor
-        assert spike.scale_after == pytest.approx(max(floor, factor * spike.scale_before))
-        assert f"{losses[at]:.4g}" in spike.reason and "sigma" in spike.reason
-        assert f"held for {self.COOLDOWN} steps" in spike.reason
-        assert f"over {self.RECOVERY} steps" in recovered.reason
-        assert clean.lrs[: at + 1] == trace.lrs[: at + 1]
-        for s in range(at + 1, self.TOTAL):
-            expected = max(floor, clean.lrs[s] * self.multiplier(s, at, factor))
-            assert trace.lrs[s] == pytest.approx(expected, rel=1e-12), s
+        assert trace.kinds() == [EventKind.WARMUP_END, EventKind.OUTLIER]
+        (outlier,) = trace.of(EventKind.OUTLIER)
+        assert outlier.step == at + 1 and outlier.scale_after == outlier.scale_before
+        assert f"loss {losses[at]:.4g} at step {at}" in outlier.reason
+        assert "isolated outlier" in outlier.reason and "no action" in outlier.reason
+        assert trace.lrs == clean.lrs
+        assert controller.suspect is None and controller.peak == 1.0
+
+    def test_a_spike_the_next_non_finite_loss_confirms(self) -> None:
+        """A spike, then NaN: the spike is confirmed (cut) and the NaN counted on top."""
+        losses = self.stream(seed=5)
+        at = 1000
+        losses[at] *= 10.0
+        losses[at + 1] = math.nan
+        controller = Controller(self.TOTAL, self.config())
+        drive(controller, losses[: at + 1])
+        before = controller.lr_scale(at + 2)
+        events = controller.update(losses[at + 1])
+        assert [e.kind for e in events] == [EventKind.SPIKE, EventKind.NONFINITE]
+        assert controller.nonfinite_streak == 1
+        assert "already cut" in events[1].reason  # one cut, not two
+        assert controller.lr_scale(at + 2) == before * controller.config.spike_factor
+
+    def test_a_pending_spike_survives_a_state_round_trip(self) -> None:
+        """State saved between a spike and the loss that judges it: the resumed controller
+        makes the same decision on that loss."""
+        losses = self.stream(seed=6)
+        at = 1000
+        acted = spike(losses, at)
+        whole = drive(Controller(self.TOTAL, self.config()), losses)
+        first = Controller(self.TOTAL, self.config())
+        drive(first, losses[:acted])
+        assert first.suspect is not None and first.suspect["step"] == at
+        second = Controller(self.TOTAL, self.config())
+        second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        rest = drive(second, losses[acted:])
+        assert rest.lrs == whole.lrs[acted:]
+        assert [e.to_dict() for e in second.events] == [e.to_dict() for e in whole.events]
 
     @pytest.mark.parametrize("after", [1, 3, 6])
     def test_a_spike_again_just_after_warmup_ends_mid_ramp_lowers_the_peak(
@@ -488,53 +539,51 @@ class TestSpike:
         that killed the fit, parity seed 4 of the benchmark)."""
         total, lag = 2000, 8
         losses = noisy(exp_decay(total, tau=400.0), 0.01, seed=7)  # steep to the end of warmup
-        losses[170] *= 10.0
+        acted = spike(losses, 170)
         clean = drive(Controller(total, SurgeonConfig(), lag=lag), losses)
         end = clean.of(EventKind.WARMUP_END)[0]
         assert end.step == 199 and "max_warmup" in end.reason
-        losses[end.step + after] *= 10.0
+        again_at = spike(losses, end.step + after)
         controller = Controller(total, SurgeonConfig(), lag=lag)
         trace = drive(controller, losses)
         first, again = trace.of(EventKind.SPIKE)[:2]
-        assert (first.step, again.step) == (170, end.step + after)
+        assert (first.step, again.step) == (acted, again_at)
         assert "the peak is lowered" in again.reason and controller.peak < 1.0
         assert max(trace.lrs[again.step + 1 :]) <= controller.peak
         assert all(math.isfinite(lr) and lr >= 0 for lr in trace.lrs)
 
     def test_a_second_spike_while_held_extends_the_cooldown(self) -> None:
         losses = self.stream(seed=3)
-        at = 1000
-        losses[at] *= 10.0
-        losses[at + 5] *= 10.0
+        first, second = spike(losses, 1000), spike(losses, 1005)
         trace = drive(Controller(self.TOTAL, self.config()), losses)
         spikes = trace.of(EventKind.SPIKE)
-        assert [e.step for e in spikes] == [at, at + 5]
+        assert [e.step for e in spikes] == [first, second]
         assert spikes[1].scale_after == spikes[1].scale_before  # no second cut
-        assert f"extended to step {at + 5 + 1 + self.COOLDOWN}" in spikes[1].reason
+        assert f"extended to step {second + 1 + self.COOLDOWN}" in spikes[1].reason
         (recovered,) = trace.of(EventKind.RECOVERED)
-        assert recovered.step == at + 5 + self.COOLDOWN
+        assert recovered.step == second + self.COOLDOWN
 
     def test_spike_during_the_ramp_pauses_it(self) -> None:
         total, at, cooldown, recovery = 2000, 20, 10, 20
         config = SurgeonConfig(spike_cooldown=cooldown, spike_recovery=recovery)
         losses = noisy(exp_decay(total, tau=20.0), 0.01, seed=6)
-        losses[at] = 10.0 * losses[at]
+        acted = spike(losses, at)
         controller = Controller(total, config)
         trace = drive(controller, losses)
-        spike = trace.of(EventKind.SPIKE)[0]
-        assert spike.step == at and "warmup ramp paused" in spike.reason
-        held = trace.lrs[at + 1 : at + cooldown + 1]
+        event = trace.of(EventKind.SPIKE)[0]
+        assert event.step == acted and "warmup ramp paused" in event.reason
+        held = trace.lrs[acted + 1 : acted + cooldown + 1]
         assert held == [held[0]] * cooldown  # the LR does not rise while held
-        ramp_value = (at + 2) / (controller.max_warmup + 1)  # the slow ramp's value at at + 1
+        ramp_value = (acted + 2) / (controller.max_warmup + 1)  # the slow ramp at acted + 1
         assert held[0] == pytest.approx(ramp_value * config.spike_factor)
-        assert trace.phases[at + 1 : at + cooldown + 1] == [Phase.WARMUP] * cooldown
+        assert trace.phases[acted + 1 : acted + cooldown + 1] == [Phase.WARMUP] * cooldown
         recovered = trace.of(EventKind.RECOVERED)[0]
-        assert recovered.step == at + cooldown and "warmup ramp resumed" in recovered.reason
+        assert recovered.step == acted + cooldown and "warmup ramp resumed" in recovered.reason
         end = trace.of(EventKind.WARMUP_END)[0]
         assert end.step > recovered.step
         # after the pause the warmup rises again, without a drop, and then to the peak
         warm = [lr for lr, ph in zip(trace.lrs, trace.phases, strict=True) if ph is Phase.WARMUP]
-        assert non_decreasing(warm[at + 1 :])
+        assert non_decreasing(warm[acted + 1 :])
         assert max(trace.lrs) == 1.0 and controller.peak == 1.0  # one spike: no ceiling
 
     def test_spike_while_waiting_to_stabilize_does_not_end_warmup(self) -> None:
@@ -543,17 +592,16 @@ class TestSpike:
         losses = noisy(exp_decay(total, tau=20.0), 0.01, seed=7)
         clean_end = drive(Controller(total, config), losses).of(EventKind.WARMUP_END)[0].step
         at = clean_end - 3  # the detector is about to settle
-        losses[at] *= 10.0
+        acted = spike(losses, at)
         controller = Controller(total, config)
         trace = drive(controller, losses)
-        spike = trace.of(EventKind.SPIKE)[0]
-        assert spike.step == at
+        assert trace.of(EventKind.SPIKE)[0].step == acted
         end = trace.of(EventKind.WARMUP_END)[0]
         # neither the spike nor the hold and recovery that follow end the warmup
-        assert end.step >= at + cooldown + recovery
+        assert end.step >= acted + cooldown + recovery
         assert "stabilized" in end.reason
-        held = trace.lrs[at + 1 : at + cooldown + 1]
-        level = (at + 2) / (controller.max_warmup + 1)
+        held = trace.lrs[acted + 1 : acted + cooldown + 1]
+        level = (acted + 2) / (controller.max_warmup + 1)
         assert held == pytest.approx([level * config.spike_factor] * cooldown)  # flat
         assert max(trace.lrs) == 1.0
 
@@ -563,8 +611,7 @@ class TestSpike:
         losses = self.stream(seed=4)
         first = 1000
         second = first + self.COOLDOWN + self.RECOVERY // 2  # half way back
-        losses[first] *= 10.0
-        losses[second] *= 10.0
+        first, second = spike(losses, first), spike(losses, second)
         controller = Controller(self.TOTAL, self.config())
         trace = drive(controller, losses)
         spikes = trace.of(EventKind.SPIKE)
@@ -581,8 +628,7 @@ class TestSpike:
         losses = self.stream(seed=4)
         window = self.COOLDOWN + self.RECOVERY  # the watch after a recovery
         first, second = 1000, 1000 + self.COOLDOWN + self.RECOVERY + window + 5
-        losses[first] *= 10.0
-        losses[second] *= 10.0
+        first, second = spike(losses, first), spike(losses, second)
         controller = Controller(self.TOTAL, self.config())
         trace = drive(controller, losses)
         assert [e.step for e in trace.of(EventKind.SPIKE)] == [first, second]
@@ -674,7 +720,7 @@ class TestClimb:
 
 def busy_stream(total: int, seed: int) -> list[float]:
     """Every kind of event: a descent with a bump in it (the warmup ramp pauses), a long flat
-    stretch (plateaus), a spike, a NaN, a climb to twice the level, an inf."""
+    stretch (plateaus), a spike, an outlier, a NaN, a climb to twice the level, an inf."""
     trend = exp_decay(total, tau=total / 60)
     flat_from, climb_at = total // 5, total // 2
 
@@ -686,7 +732,8 @@ def busy_stream(total: int, seed: int) -> list[float]:
 
     losses = [trend[min(t, flat_from)] * bump(t) * climb(t) for t in range(total)]
     losses = noisy(losses, 0.005, seed)
-    losses[total // 3] *= 10.0
+    spike(losses, total // 3)
+    losses[total // 3 + 25] *= 10.0  # an isolated outlier
     losses[total // 3 + 50] = math.nan
     losses[4 * total // 5] = math.inf
     return losses
@@ -1282,8 +1329,8 @@ class TestRollback:
         total = 1000
         controller = Controller(total, SurgeonConfig(warmup=50, rollback_threshold=50.0))
         losses = calm(total, seed=2)
-        losses[200] *= 3.0  # a spike, below the rollback threshold: cut only
-        drive_with_snapshots(controller, losses[:201])
+        spike(losses, 200, 3.0)  # a spike, below the rollback threshold: cut only
+        drive_with_snapshots(controller, losses[:202])
         assert [e.kind for e in controller.events][-1:] == [EventKind.SPIKE]
         assert controller.rollback_to is None
         assert controller.good_snapshot_step == 190  # not 200: its loss was not normal
@@ -1296,11 +1343,12 @@ class TestRollback:
         for t in range(at + 1, at + lag + 1):  # the damaged weights' losses, read late too
             losses[t] *= 50.0
         rollbacks = drive_with_snapshots(controller, losses, lag=lag)
-        now = at + lag + 1
+        acted = at + 1  # the loss after the spike confirms it
+        now = acted + lag + 1
         assert rollbacks == [(now, 300 - 10)]  # 300's own snapshot was not confirmed
         kinds = [(e.step, e.kind) for e in controller.events if e.step >= at]
-        assert kinds[:2] == [(at, EventKind.SPIKE), (at, EventKind.ROLLBACK)]
-        assert EventKind.SPIKE not in [k for s, k in kinds if at < s < now]  # ignored
+        assert kinds[:2] == [(acted, EventKind.SPIKE), (acted, EventKind.ROLLBACK)]
+        assert EventKind.SPIKE not in [k for s, k in kinds if acted < s < now]  # ignored
         assert EventKind.RECOVERED in [k for _, k in kinds]
         rollback = controller.events[[e.kind for e in controller.events].index(EventKind.ROLLBACK)]
         assert "at least 4x its running mean" in rollback.reason
@@ -1314,7 +1362,7 @@ class TestRollback:
         total = 1000
         controller = Controller(total, SurgeonConfig(warmup=50))
         losses = calm(total, seed=4)
-        losses[300] *= 2.0  # a spike (>= 1.5x, many sigma) below 4x the mean
+        spike(losses, 300, 2.0)  # a spike (>= 1.5x, many sigma) below 4x the mean
         assert drive_with_snapshots(controller, losses) == []
         assert EventKind.SPIKE in [e.kind for e in controller.events]
 
@@ -1357,10 +1405,10 @@ class TestRollback:
     def test_state_keeps_the_ignored_steps_and_forgets_the_snapshots(self) -> None:
         total, at, lag = 1000, 300, 5
         losses = calm(total, seed=8)
-        losses[at] *= 1000.0
+        spike(losses, at, 1000.0)
         original = Controller(total, SurgeonConfig(warmup=50))
-        drive_with_snapshots(original, losses[: at + 2], lag=lag)  # rolled back at 306
-        assert original.ignore_until == at + lag + 1
+        drive_with_snapshots(original, losses[: at + 2], lag=lag)  # rolled back at 307
+        assert original.ignore_until == at + lag + 2
         restored = Controller(total, SurgeonConfig(warmup=50))
         restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
         assert restored.ignore_until == original.ignore_until
@@ -1396,16 +1444,17 @@ class TestRollback:
         assert controller.rolled_back_to is None  # normal again by the end
 
     def test_a_spike_that_stays_after_a_rollback_is_a_new_baseline(self) -> None:
-        """+10 on the loss (~1.9) from step 300 on: one rollback, then the level it stays at is
-        the running mean: no second rollback, the LR recovers."""
+        """+10 on the loss (~1.9) from step 300 on: confirmed by 301, one rollback (asked when
+        301's loss is read, 5 steps late), then the level it stays at is the running mean: no
+        second rollback, the LR recovers."""
         controller = Controller(1000, SurgeonConfig(warmup=50))
         losses = [x + (10.0 if t >= 300 else 0.0) for t, x in enumerate(calm(1000, seed=11))]
-        assert drive_with_snapshots(controller, losses, lag=5) == [(306, 290)]
+        assert drive_with_snapshots(controller, losses, lag=5) == [(307, 290)]
         spikes = [e for e in controller.events if e.kind is EventKind.SPIKE]
         assert len(spikes) == 2 and "a lasting level shift, not damage" in spikes[1].reason
-        assert spikes[1].step == 306  # the first loss of the restored weights
+        assert spikes[1].step == 308  # the second loss of the restored weights confirms
         assert controller.spike.mean == pytest.approx(losses[-1], rel=0.05)
-        assert EventKind.RECOVERED in [e.kind for e in controller.events if e.step > 306]
+        assert EventKind.RECOVERED in [e.kind for e in controller.events if e.step > 308]
 
     def test_a_long_non_finite_stretch_with_nothing_to_go_back_to_stalls(self) -> None:
         controller = Controller(1000, SurgeonConfig(warmup=50))
@@ -1435,3 +1484,22 @@ class TestRollback:
         skipped.update(math.nan, update_skipped=True)  # skipped: the weights are fine
         skipped.before_checkpoint()
         assert skipped.rollback_to is None
+
+    @pytest.mark.parametrize(("factor", "rolls_back"), [(1000.0, True), (2.0, False)])
+    def test_a_checkpoint_right_after_an_unconfirmed_spike(
+        self, factor: float, rolls_back: bool
+    ) -> None:
+        """The last loss before a checkpoint spiked and nothing will confirm it before the
+        save: at ``rollback_threshold`` or more the weights are not saved as they are (rolled
+        back first); a milder spike waits in the checkpointed state for the next loss."""
+        controller = Controller(1000, SurgeonConfig(warmup=50))
+        losses = calm(1000, seed=14)
+        drive_with_snapshots(controller, losses[:300])
+        controller.update(losses[300] * factor)
+        controller.before_checkpoint()
+        assert controller.rollback_to == (290 if rolls_back else None)
+        assert controller.suspect is not None  # judged by the next loss either way
+        if rolls_back:
+            event = controller.rolled_back(301)
+            assert "just before a checkpoint, unconfirmed" in event.reason
+            assert controller.suspect is None

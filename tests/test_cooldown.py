@@ -93,7 +93,7 @@ def test_a_cooldown_in_warmup_ends_it() -> None:
 def test_a_spike_cut_in_force_stays_and_recovers_over_the_decay() -> None:
     c = Controller(1000, SurgeonConfig(warmup=20, spike_cooldown=5, spike_recovery=10))
     losses = flat(300)
-    losses[296] = 20.0
+    losses[295:297] = [20.0, 20.0]  # a spike and the loss that confirms it
     for loss in losses:
         c.update(loss)
     assert c.intervention.mode != "normal"

@@ -1,7 +1,8 @@
 """Two real DDP processes on CPU (gloo) make one decision: same LRs, same events, same state.
 
 ``tests/ddp_worker.py`` runs ``Trainer(strategy="ddp", accelerator="cpu", devices=2)`` in a
-subprocess (Lightning starts rank 1 itself), with a 20x loss spike and, earlier, a NaN loss
+subprocess (Lightning starts rank 1 itself), with a 20x loss spike (two steps: the second
+confirms it) and, earlier, a NaN loss
 injected on rank 1 only.
 Each rank writes what it saw; this test compares the two files. The ranks train on
 different halves of the data, so their local losses differ every step: equal LRs can only
@@ -112,7 +113,7 @@ def test_spike_on_one_rank_is_one_decision_on_both(ranks: list[dict[str, Any]]) 
     assert local_at_spike[SPIKE_RANK] > 10 * local_at_spike[1 - SPIKE_RANK]  # one rank only
     events0, events1 = ranks[0]["events"], ranks[1]["events"]
     assert events0 == events1
-    assert [SPIKE_STEP, "spike"] in events0
+    assert [SPIKE_STEP + 1, "spike"] in events0  # the next loss confirms it
     # the cut shows in the LR of the steps after the decision, on both ranks alike
     lrs = dict(map(tuple, ranks[0]["lrs"]))
     assert lrs[STEPS - 1] < lrs[SPIKE_STEP]
@@ -162,4 +163,4 @@ def test_a_nan_on_one_rank_is_skipped_on_both_and_the_weights_stay_equal(
 def test_a_severe_spike_on_one_rank_rolls_back_both(ranks: list[dict[str, Any]]) -> None:
     """The 20x spike on rank 1 averages to ~10x the mean: a rollback, on both ranks alike."""
     for record in ranks:
-        assert [SPIKE_STEP, "rollback"] in record["events"]
+        assert [SPIKE_STEP + 1, "rollback"] in record["events"]

@@ -84,7 +84,7 @@ def test_circle_learns_and_reports_the_injected_spike(tmp_path: Path) -> None:
     assert kinds[0] == "warmup_end"
     spike = kinds.index("spike")
     assert (
-        records[spike]["step"] == 120 and records[spike]["lr_after"] < records[spike]["lr_before"]
+        records[spike]["step"] == 121 and records[spike]["lr_after"] < records[spike]["lr_before"]
     )
     assert "recovered" in kinds[spike:]
     lrs = column(metric_rows(log_dir), "lr-SGD")
@@ -104,7 +104,7 @@ def test_char_gpt_trains_samples_and_reports_the_spike(tmp_path: Path) -> None:
     assert sample.startswith("def ")
     assert len(sample.split("\n\nScheduleSurgeon events")[0]) == 4 + 30
     records = events(log_dir_of(result.stdout))
-    assert any(r["kind"] == "spike" and r["step"] == 30 for r in records)
+    assert any(r["kind"] == "spike" and r["step"] == 31 for r in records)  # 31 confirms 30
     assert printed_events(result.stdout) == [(r["step"], r["kind"]) for r in records]
 
 
@@ -173,7 +173,7 @@ def test_plain_loop_learns_recovers_and_leaves_run_files(tmp_path: Path) -> None
     accuracy = float(re.search(r"validation accuracy after 400 steps: ([\d.]+)", result.stdout)[1])
     assert accuracy > 0.9
     kinds = [(e["step"], e["kind"]) for e in events(out)]
-    assert (200, "spike") in kinds and (200, "rollback") in kinds
+    assert (201, "spike") in kinds and (201, "rollback") in kinds  # 201 confirms 200
     assert (300, "nonfinite") in kinds and (300, "skipped_step") in kinds
-    assert "surgeon: step 200: rollback:" in result.stdout  # decisions are printed
+    assert "surgeon: step 201: rollback:" in result.stdout  # decisions are printed
     assert (out / "losses.csv").read_text().count("\n") == 401  # header + every step

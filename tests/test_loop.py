@@ -35,9 +35,11 @@ SETTINGS: dict[str, Any] = {
 
 
 def scripted(steps: int) -> list[float]:
-    """Falling, then flat (a plateau), with a x1000 spike (a rollback) and a NaN."""
+    """Falling, then flat (a plateau), with a x1000 spike that the next loss confirms (a
+    rollback) and a NaN."""
     losses = [1.0 / (1.0 + 0.05 * t) if t < 120 else 0.1428 for t in range(steps)]
     losses[90] *= 1000.0
+    losses[91] *= 1000.0
     losses[150] = math.nan
     return losses
 
@@ -223,7 +225,8 @@ def test_bad_settings_name_the_field(kwargs: dict[str, Any], field: str) -> None
 @pytest.mark.slow
 def test_fabric_two_ranks_make_identical_decisions(tmp_path: Path) -> None:
     """``examples/fabric_loop.py`` on two CPU processes, a NaN on rank 1 only at step 200 and
-    a x20 spike at 300: every LR, event, controller state and final weight is equal on both."""
+    x20 losses at 300-301 (a spike that 301 confirms): every LR, event, controller state and
+    final weight is equal on both."""
     worker = [str(ROOT / "examples" / "fabric_loop.py"), "--devices", "2", "--steps", "400"]
     args = ["--nan-at", "200", "--spike-at", "300", "--record", str(tmp_path)]
     ranks = run_worker(tmp_path, *args, script=worker)
@@ -233,7 +236,7 @@ def test_fabric_two_ranks_make_identical_decisions(tmp_path: Path) -> None:
     assert zero["controller"] == one["controller"]
     assert zero["weights"] == one["weights"]
     kinds = [tuple(e) for e in zero["events"]]
-    assert (200, "skipped_step") in kinds and (300, "spike") in kinds
+    assert (200, "skipped_step") in kinds and (301, "spike") in kinds
 
 
 def test_cool_down_now_reaches_the_floor_by_then() -> None:

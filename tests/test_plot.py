@@ -24,7 +24,7 @@ from typing import Any
 import matplotlib
 import pytest
 import torch
-from conftest import TinyRegressor, make_loader
+from conftest import TinyRegressor, make_loader, spike_at
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
@@ -53,13 +53,6 @@ matplotlib.use("Agg")
 STEPS = 60
 SPIKE_AT = 40
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def spike_at(step: int) -> Any:
-    def hook(global_step: int, batch_idx: int, loss: Tensor) -> Tensor:
-        return loss * 20.0 if global_step == step else loss
-
-    return hook
 
 
 def new_surgeon(**overrides: Any) -> ScheduleSurgeon:
@@ -511,7 +504,7 @@ def test_a_state_loaded_by_validate_is_not_applied_to_a_later_fresh_fit(
 
 
 def plain_loop_run(log_dir: Path, cool_down_at: int | None = None) -> tuple[list[float], list[Any]]:
-    """A 120-step plain loop with ``Surgeon(log_dir=...)`` and a spike at step 70 (and
+    """A 120-step plain loop with ``Surgeon(log_dir=...)`` and a spike at steps 70-71 (and
     ``cool_down_now(20)`` at ``cool_down_at``): the LRs it ran at, and its events."""
     from surgeon import Surgeon
 
@@ -526,7 +519,7 @@ def plain_loop_run(log_dir: Path, cool_down_at: int | None = None) -> tuple[list
         x = torch.randn(16, 4)
         y = x.sum(dim=1, keepdim=True) + 0.5 * torch.randn(16, 1)  # noise: a loss floor
         loss = (model(x) - y).pow(2).mean()
-        loss = loss * 20.0 if step == 70 else loss  # a spike: the replay must follow its cut
+        loss = loss * 20.0 if step in (70, 71) else loss  # a spike: the replay follows its cut
         ran.append(optimizer.param_groups[0]["lr"])
         loss.backward()
         optimizer.step()

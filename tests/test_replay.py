@@ -195,13 +195,13 @@ def test_a_tensorboard_run_replays_like_its_csv(
 def test_a_plain_step_loss_csv_without_a_header(tmp_path: Path) -> None:
     path = tmp_path / "losses.txt"
     losses = [1.0 + 0.01 * (i % 3) for i in range(100)]
-    losses[60] = 9.0
+    losses[60:62] = [9.0, 9.0]  # a spike and the loss that confirms it
     path.write_text("".join(f"{i},{x!r}\n" for i, x in enumerate(losses)))
     stream = read_stream(path)
     assert stream.losses == losses and stream.steps == list(range(100))
     assert stream.settings is None
     kinds = [(e.step, e.kind) for e in replay(stream.losses, RunSettings(100)).events]
-    assert (60, EventKind.SPIKE) in kinds
+    assert (61, EventKind.SPIKE) in kinds
 
 
 def test_a_lightning_metrics_csv_picks_the_training_loss(tmp_path: Path) -> None:
@@ -223,11 +223,11 @@ def test_a_lightning_metrics_csv_picks_the_training_loss(tmp_path: Path) -> None
 
 def test_a_subsampled_stream_counts_logged_points_and_places_events_at_logged_steps() -> None:
     losses = [1.0 + 0.01 * (i % 2) for i in range(200)]
-    losses[150] = 10.0
+    losses[150:152] = [10.0, 10.0]  # confirmed by the next logged point
     steps = [50 * i + 49 for i in range(200)]
     result = replay(losses, RunSettings(200), steps=steps)
     spikes = [e.step for e in result.events if e.kind is EventKind.SPIKE]
-    assert spikes == [steps[150]]
+    assert spikes == [steps[151]]
     assert result.steps == steps and len(result.lr_scales) == 200
 
 
@@ -237,15 +237,16 @@ def test_a_subsampled_stream_counts_logged_points_and_places_events_at_logged_st
 @pytest.mark.parametrize("readback_every", [1, 3, 4, 7])
 def test_a_decision_changes_the_lr_once_its_block_is_read(readback_every: int) -> None:
     """The loss of step s is read at the end of step (b + 2) x R - 1, b = s // R: the LR of
-    steps up to there is the old plan's, from the next step on the decision's."""
+    steps up to there is the old plan's, from the next step on the decision's (made on the
+    loss of 202, which confirms the spike of 201)."""
     total, spike = 400, 201
     losses = [1.0 + 0.001 * (i % 5) for i in range(total)]
-    losses[spike] = 5.0  # a spike (and a rollback request without a snapshot: none taken)
+    losses[spike : spike + 2] = [5.0, 5.0]  # a spike (a rollback request: no snapshot taken)
     config = SurgeonConfig(min_warmup=0, max_warmup=0, spike_cooldown=50)
     settings = RunSettings(total, config, readback_every, snapshots=False)
     result = replay(losses, settings)
     calm = replay([min(x, 1.01) for x in losses], settings)
-    read_at = (spike // readback_every + 2) * readback_every - 1
+    read_at = ((spike + 1) // readback_every + 2) * readback_every - 1
     assert result.lr_scales[: read_at + 1] == calm.lr_scales[: read_at + 1]
     assert result.lr_scales[read_at + 1] == calm.lr_scales[read_at + 1] * 0.5
 
@@ -286,9 +287,10 @@ def test_settings_round_trip_and_reject_unknown_fields() -> None:
 
 
 def plain_csv(path: Path, n: int = 100, spike_at: int | None = None) -> Path:
+    """A flat noisy stream; ``spike_at``: that loss and the next (which confirms it) x9."""
     losses = [1.0 + 0.01 * (i % 3) for i in range(n)]
     if spike_at is not None:
-        losses[spike_at] = 9.0
+        losses[spike_at : spike_at + 2] = [9.0, 9.0]
     path.write_text("step,loss\n" + "".join(f"{i},{x!r}\n" for i, x in enumerate(losses)))
     return path
 

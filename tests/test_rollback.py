@@ -116,6 +116,11 @@ def spike_1000x(step: int, batch_idx: int, loss: Tensor) -> Tensor:
     return loss * 1000.0 if step == SPIKE_STEP else loss
 
 
+def spike_1000x_twice(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+    """Steps 100 and 101 x1000: a spike its next loss confirms whatever the LR did."""
+    return loss * 1000.0 if step in (SPIKE_STEP, SPIKE_STEP + 1) else loss
+
+
 def final_loss(callbacks: list[Any], spike: bool, make_trainer: Callable[..., Any]) -> float:
     """Mean training loss of the last 10 steps."""
     model = TinyRegressor(loss_hook=spike_1000x if spike else None)
@@ -138,7 +143,8 @@ def test_a_severe_spike_is_rolled_back_and_the_run_ends_as_a_clean_one(
     rolled_back = final_loss([surgeon], spike=True, make_trainer=make_trainer)
     assert rolled_back == pytest.approx(clean, rel=0.10)
     kinds = [(e.step, e.kind) for e in surgeon.events]
-    assert (SPIKE_STEP, EventKind.SPIKE) in kinds and (SPIKE_STEP, EventKind.ROLLBACK) in kinds
+    acted = SPIKE_STEP + 1  # the loss of the damaged weights confirms the spike
+    assert (acted, EventKind.SPIKE) in kinds and (acted, EventKind.ROLLBACK) in kinds
     rollback = next(e for e in surgeon.events if e.kind is EventKind.ROLLBACK)
     assert "restored the snapshot of step 90" in rollback.reason
 
@@ -151,20 +157,20 @@ def test_rollback_is_in_events_jsonl_and_resume_takes_new_snapshots(
     ckpt = pl.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=60, save_top_k=-1)
     logger = pl.loggers.CSVLogger(tmp_path, name="run", version=0)
     trainer = make_trainer([surgeon, ckpt], max_steps=60, logger=logger, enable_checkpointing=True)
-    trainer.fit(TinyRegressor(loss_hook=spike_1000x), make_loader())
+    trainer.fit(TinyRegressor(loss_hook=spike_1000x_twice), make_loader())
     (path,) = (tmp_path / "ckpt").glob("*.ckpt")
     saved = torch.load(path, weights_only=False)["callbacks"]["ScheduleSurgeon"]
     assert not any(isinstance(v, Tensor) for v in _leaves(saved)), "a snapshot was checkpointed"
 
     resumed = ScheduleSurgeon()
     trainer = make_trainer([resumed], max_steps=STEPS, logger=logger)
-    trainer.fit(TinyRegressor(loss_hook=spike_1000x), make_loader(), ckpt_path=path)
+    trainer.fit(TinyRegressor(loss_hook=spike_1000x_twice), make_loader(), ckpt_path=path)
     rollback = next(e for e in resumed.events if e.kind is EventKind.ROLLBACK)
-    assert rollback.step == SPIKE_STEP
+    assert rollback.step == SPIKE_STEP + 1
     assert "restored the snapshot of step 90" in rollback.reason  # taken after the resume
     lines = (Path(trainer.log_dir) / "events.jsonl").read_text().splitlines()
     logged = [json.loads(line) for line in lines]
-    assert {"step": SPIKE_STEP, "kind": "rollback"}.items() <= next(
+    assert {"step": SPIKE_STEP + 1, "kind": "rollback"}.items() <= next(
         e for e in logged if e["kind"] == "rollback"
     ).items()
 

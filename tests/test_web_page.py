@@ -41,12 +41,16 @@ CHROMIUM_FLAGS = (  # headless, and nothing that reaches for the network
 )
 N = 400
 SPIKE_AT = 250
+DECIDED_AT = SPIKE_AT + 1
+"""The loss after the spike confirms it: the decision is made on it."""
 
 
 def spiky_csv(path: Path) -> list[float]:
-    """A plain ``step,loss`` CSV: a falling loss with a 3x spike (a spike, not a rollback)."""
+    """A plain ``step,loss`` CSV: a falling loss with a 3x spike of two steps (a confirmed
+    spike, not a rollback)."""
     losses = [1.0 / (1 + i / 80) + 0.3 + 0.01 * ((i * 7) % 5) for i in range(N)]
     losses[SPIKE_AT] *= 3.0
+    losses[DECIDED_AT] *= 3.0
     path.write_text("step,loss\n" + "".join(f"{i},{x!r}\n" for i, x in enumerate(losses)))
     return losses
 
@@ -126,7 +130,7 @@ def test_the_replay_page_reruns_the_decisions_when_a_slider_moves(
     assert before["error"] is None
     python = replay(losses, RunSettings(N))
     assert before["events"] == [[e.step, e.kind.value, e.reason] for e in python.events]
-    assert [SPIKE_AT, EventKind.SPIKE.value] in [e[:2] for e in before["events"]]
+    assert [DECIDED_AT, EventKind.SPIKE.value] in [e[:2] for e in before["events"]]
     assert before["lr"] == pytest.approx(python.lr_scales, rel=1e-12, abs=0)
     assert before["rows"] == len(python.events)
 
@@ -134,12 +138,12 @@ def test_the_replay_page_reruns_the_decisions_when_a_slider_moves(
     after = page_state(browser)
     assert browser.find_element("id", "spike_ratio-value").text == "5"
     assert after["error"] is None
-    assert [SPIKE_AT, EventKind.SPIKE.value] not in [e[:2] for e in after["events"]]
+    assert [DECIDED_AT, EventKind.SPIKE.value] not in [e[:2] for e in after["events"]]
     assert after["lr"] != before["lr"] and after["drawn"] != before["drawn"]
     assert after["rows"] == len(after["events"]) < before["rows"]
     # the spike's LR cut is gone from the curve: the plan's LR right after the spike was read,
     # as Python's replay with the same setting has it
-    read_at = (SPIKE_AT // 4 + 2) * 4
+    read_at = (DECIDED_AT // 4 + 2) * 4
     python = replay(losses, RunSettings(N, SurgeonConfig(spike_ratio=5.0)))
     assert after["lr"] == pytest.approx(python.lr_scales, rel=1e-12, abs=0)
     assert before["lr"][read_at] < after["lr"][read_at]

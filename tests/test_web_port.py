@@ -84,8 +84,11 @@ def _stabilizing(n: int = 1500) -> list[float]:
 
 
 def _spiky(n: int = 1500) -> list[float]:
+    """An isolated outlier (300), a severe spike its next loss confirms (700) and another while
+    the LR is held (712), a mild one (1100)."""
     losses = _noisy([2.0 / (1 + i / 100) + 0.3 for i in range(n)], 0.02, 2)
-    for step, factor in ((300, 2.5), (700, 8.0), (712, 3.0), (1100, 2.0), (1101, 2.2)):
+    spikes = ((300, 2.5), (700, 8.0), (701, 8.0), (712, 3.0), (713, 3.0), (1100, 2.0), (1101, 2.2))
+    for step, factor in spikes:
         losses[step] *= factor
     return losses
 
@@ -106,7 +109,8 @@ def _plateau(n: int = 2000) -> list[float]:
 
 def _warmup_spike(n: int = 800) -> list[float]:
     losses = _noisy([3.0 / (1 + i / 20) + 0.5 for i in range(n)], 0.01, 5)
-    losses[40] *= 6.0  # during the ramp: the ramp pauses, then resumes
+    losses[40] *= 6.0  # during the ramp, confirmed by the next: the ramp pauses, then resumes
+    losses[41] *= 6.0
     return losses
 
 

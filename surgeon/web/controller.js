@@ -53,6 +53,7 @@
     RAMP_PAUSE: "ramp_pause",
     RAMP_RESUME: "ramp_resume",
     CLIMB: "climb",
+    OUTLIER: "outlier",
   });
 
   function Event(step, kind, reason, scale_before, scale_after, phase = null) {
@@ -162,6 +163,7 @@
       this.rolled_back_to = null;
       this.stalled = false;
       this._no_rollback = "";
+      this.suspect = null; // a spike waiting for the next loss to confirm it
       this.intervention = new _Intervention();
       this.forget_snapshots();
       for (const detector of [this.stabilizer, this.plateau, this.spike]) detector.reset();
@@ -205,6 +207,17 @@
         signal = this.spike.update(loss);
         bad = `loss is ${str(loss)}; `;
       }
+      const suspect = this.suspect;
+      this.suspect = null;
+      if (suspect !== null) {
+        // the loss after a spike decides what the spike was
+        if (signal === Signal.NONFINITE || this.spike.last_zscore > NORMAL_BAND_ZSCORE) {
+          new_events.push(this._confirm_spike(step, suspect, loss));
+          if (signal !== Signal.NONFINITE) return this._close_step(step, new_events);
+        } else {
+          new_events.push(this._dismiss_spike(step, suspect, loss));
+        }
+      }
       if (signal === Signal.NONFINITE) {
         this.nonfinite_streak += 1;
         this.nonfinite_applied = this.nonfinite_applied || !update_skipped;
@@ -223,27 +236,10 @@
           new_events.push(this._stall(step, loss, update_skipped));
         }
       } else if (signal === Signal.SPIKE) {
+        // acted on once the next loss confirms it
         this.nonfinite_streak = 0;
         this.nonfinite_applied = false;
-        let why =
-          `loss ${g(loss, 4)} is ${f(this.spike.last_zscore, 1)} sigma above its running mean ` +
-          `${g(mean, 4)} (noise ${g(std, 3)}; thresholds ${g(this.spike.zscore)} ` +
-          `sigma and ${g(this.spike.ratio)}x the mean); `;
-        const threshold = this.config.rollback_threshold;
-        if (this.rolled_back_to !== null) {
-          this.spike.rebase(loss);
-          why +=
-            `the loss has stayed up since the rollback to step ${this.rolled_back_to}: a ` +
-            `lasting level shift, not damage; ${g(loss, 4)} is the new running mean (no ` +
-            "further rollback); ";
-        } else if (loss - mean >= (threshold - 1.0) * Math.abs(mean)) {
-          why += this._request_rollback(
-            step,
-            `loss ${g(loss, 4)} is at least ${g(threshold)}x its running mean ${g(mean, 4)} ` +
-              `(rollback_threshold=${g(threshold)})`,
-          );
-        }
-        new_events.push(this._cut_for_spike(step, EventKind.SPIKE, why));
+        this.suspect = { step, loss, mean, std, z: this.spike.last_zscore };
       } else {
         this.nonfinite_streak = 0;
         this.nonfinite_applied = false;
@@ -397,6 +393,7 @@
       const [target, nbytes] = this._good_snapshot;
       const [step, cause] = this._rollback_cause;
       this.rollback_to = null;
+      this.suspect = null;
       this._pending_snapshot = null;
       this.ignore_until = Math.max(this.ignore_until, now);
       this.nonfinite_streak = 0;
@@ -572,6 +569,50 @@
     }
 
     // ---------------------------------------------------------------- interventions
+    _spike_words(suspect) {
+      return (
+        `loss ${g(suspect.loss, 4)} at step ${suspect.step} is ${f(suspect.z, 1)} ` +
+        `sigma above its running mean ${g(suspect.mean, 4)} (noise ${g(suspect.std, 3)}; ` +
+        `thresholds ${g(this.spike.zscore)} sigma and ${g(this.spike.ratio)}x the mean)`
+      );
+    }
+
+    _confirm_spike(step, suspect, loss) {
+      // the loss after a spike is still out of its band (or non-finite): cut, maybe roll back
+      this.nonfinite_streak = 0;
+      this.nonfinite_applied = false;
+      const mean = suspect.mean;
+      const worst = Math.max(suspect.loss, loss);
+      const still = Number.isFinite(loss)
+        ? `still ${f(this.spike.last_zscore, 1)} sigma above it`
+        : "not finite";
+      let why = `${this._spike_words(suspect)}, and the next loss, ${g(loss, 4)}, is ${still}; `;
+      const threshold = this.config.rollback_threshold;
+      if (this.rolled_back_to !== null) {
+        const level = Number.isFinite(loss) ? loss : suspect.loss;
+        this.spike.rebase(level);
+        why +=
+          `the loss has stayed up since the rollback to step ${this.rolled_back_to}: a ` +
+          `lasting level shift, not damage; ${g(level, 4)} is the new running mean (no ` +
+          "further rollback); ";
+      } else if (!Number.isFinite(loss) || worst - mean >= (threshold - 1.0) * Math.abs(mean)) {
+        why += this._request_rollback(
+          step,
+          `loss ${g(suspect.loss, 4)} is at least ${g(threshold)}x its running mean ` +
+            `${g(mean, 4)} (rollback_threshold=${g(threshold)})`,
+        );
+      }
+      return this._cut_for_spike(step, EventKind.SPIKE, why);
+    }
+
+    _dismiss_spike(step, suspect, loss) {
+      // the loss after a spike is back in its normal band: one hard batch, no action
+      const why =
+        `${this._spike_words(suspect)}, but the next loss, ${g(loss, 4)}, is back within ` +
+        `${g(NORMAL_BAND_ZSCORE)} sigma: an isolated outlier (a hard batch), no action`;
+      return this._event(step, EventKind.OUTLIER, why, this.lr_scale(step + 1));
+    }
+
     _cut_for_spike(step, kind, why) {
       const before = this.lr_scale(step + 1);
       const hold_until = step + 1 + this.spike_cooldown;
