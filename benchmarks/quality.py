@@ -24,7 +24,11 @@ The protocol, as practitioners tune (issue 13):
 Targets (issue 13), for every surgeon contender, each met or missed with its numbers: at most
 1.00x the oracle on every kept task at its tuned LR; geometric mean of those ratios at most
 0.98; at 3x and 10x the tuned LR no seed diverges and the score is at most 1.10x the tuned
-oracle; on the plateau task (``parity``) a score below constant's and cosine's.
+oracle; on the plateau task (``parity``) a score below constant's and cosine's. Beside them,
+never judged (``quality_score.context``): the **held-out oracle** (leave-one-seed-out: each
+seed scored by the grid schedule best on the other seeds; the in-sample oracle, the minimum of
+18 noisy means, is biased low), the **best single fixed recipe** (the grid schedule with the
+lowest geometric mean ratio over the kept tasks) and each ratio's standard error over seeds.
 
 Contenders (``quality_contenders.py``): the grid, ``constant``, ``step``, ``one_cycle``,
 ``plateau`` (ReduceLROnPlateau), ``schedule_free``, ``surgeon`` (``ScheduleSurgeon()``),
@@ -74,6 +78,7 @@ from quality_contenders import CONTENDERS, QUICK, SWEEP, Contender, applies, par
 from quality_fit import Job, fingerprint, quiet, run_job
 from quality_score import (
     SWEEP_POINTS,
+    context,
     final_val_loss,
     geomeans,
     lr_grid,
@@ -284,13 +289,19 @@ def write(
         result = {"meta": meta, "sweep": summary}
     else:
         summary = summarize(runs, chosen, contenders)
-        goals, means = targets(summary), geomeans(summary)
-        text = quality_report.markdown(summary, goals, means, meta)
-        (out / "results.json").write_text(quality_report.to_json(summary, goals, means, meta))
+        goals, means, ctx = targets(summary), geomeans(summary), context(summary)
+        text = quality_report.markdown(summary, goals, means, ctx, meta)
+        (out / "results.json").write_text(quality_report.to_json(summary, goals, means, ctx, meta))
         if plots:
             for name, task in summary.items():
                 quality_report.plot_task(name, task, out / f"{name}.png")
-        result = {"meta": meta, "summary": summary, "targets": goals, "geomeans": means}
+        result = {
+            "meta": meta,
+            "summary": summary,
+            "targets": goals,
+            "geomeans": means,
+            "context": ctx,
+        }
     (out / "results.md").write_text(text + "\n")
     print(text, flush=True)
     return result

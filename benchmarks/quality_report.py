@@ -1,5 +1,6 @@
 """The outcome benchmark's outputs (``benchmarks/quality.py``): ``results.md``, ``results.json``
-and a PNG per task, from the summary that ``quality.summarize`` builds."""
+and a PNG per task, from the summary that ``quality_score.summarize`` builds and the targets
+and context that ``quality_score`` derives from it."""
 
 from __future__ import annotations
 
@@ -42,10 +43,39 @@ def _goal_cell(result: dict[str, Any]) -> str:
     return f"{'**met**' if result['met'] else '**missed**'}: {result['detail']}"
 
 
-def _geomean_cell(mean: dict[str, Any]) -> str:
-    if math.isnan(mean["geomean"]):
+def _geomean_cell(mean: dict[str, Any], key: str = "geomean") -> str:
+    if math.isnan(mean[key]):
         return f"n/a ({mean['tasks']} tasks)"
-    return f"**{_fmt(mean['geomean'], 4)}x** ({mean['tasks']} tasks)"
+    return f"**{_fmt(mean[key], 4)}x** ({mean['tasks']} tasks)"
+
+
+def _times(x: float) -> str:
+    """``1.004x``; ``n/a`` for NaN (not measured)."""
+    return "n/a" if math.isnan(x) else f"{_fmt(x, 4)}x"
+
+
+def _ratio_cell(entry: dict[str, Any] | None) -> str:
+    """``ratio x ± standard error`` (the error left out under 2 seeds); ``-`` if not run."""
+    if entry is None:
+        return "-"
+    spread = "" if math.isnan(entry["ratio_se"]) else f" ± {_fmt(entry['ratio_se'], 2)}"
+    return f"{_times(entry['ratio'])}{spread}"
+
+
+def _heldout_line(task: dict[str, Any]) -> str:
+    """Each seed's pick of the held-out oracle and its loss there, and the resulting score."""
+    held = task["heldout"]
+    if held is None:
+        return "Held-out oracle: n/a (needs 2 or more seeds)."
+    labels = {n: e["label"] for n, e in task["contenders"].items()}
+    picks = "; ".join(
+        f"seed {p['seed']}: {labels[p['contender']]} ({_fmt(p['final_val_loss'])})"
+        for p in held["picks"]
+    )
+    return (
+        f"Held-out oracle (each seed scored by the best of the grid on the other seeds): {picks}; "
+        f"mean {_fmt(held['score'])}, {_times(held['ratio'])} the oracle."
+    )
 
 
 def _commit(meta: dict[str, Any]) -> str:
@@ -101,10 +131,11 @@ def markdown(
     summary: dict[str, Any],
     goals: list[dict[str, Any]],
     means: dict[str, dict[str, Any]],
+    context: dict[str, Any],
     meta: dict[str, Any],
 ) -> str:
-    """``results.md``: the protocol, a summary table, the targets, a section per task, the
-    surgeons' events."""
+    """``results.md``: the protocol, a summary table, the targets and their context, a section
+    per task, the surgeons' events."""
     surgeons = list(means)
     lines = _header("Outcome benchmark: ScheduleSurgeon vs tuned LR schedules", meta)
     lines += [
@@ -125,13 +156,21 @@ def markdown(
         "finite); ratio = score / oracle score, lower is better. **Diverged**: a non-finite "
         "training loss (skipped or not), a non-finite final validation loss, or a final "
         "training loss (last 5% of steps) above the initial one (first 10 steps).",
+        "- **Context, not in the targets**: the oracle is the best of 18 noisy means on the "
+        "same seeds it is scored on, so it is biased low (the winner's curse). The **held-out "
+        "oracle** (2 or more seeds) chooses the grid schedule on all seeds but one and scores "
+        "it on that one, for each seed in turn (a held-out loss that is not finite makes its "
+        "score infinite, as above); its mean over the seeds is what choosing by a sweep "
+        "delivers. **± x**: the standard error over seeds of the per-seed ratio (a seed's "
+        "final loss over the oracle's on that seed), a rough guide with few seeds. The **best "
+        "single fixed recipe**: the one grid schedule with the lowest geometric mean ratio "
+        "over the kept tasks, what one recipe used everywhere gets.",
         "",
         "## Summary",
         "",
-        "| task | peak LR | oracle | oracle loss | constant | gap | kept | "
-        + " | ".join(f"{s} / oracle" for s in surgeons)
-        + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(surgeons),
+        "| task | peak LR | oracle | oracle loss | held-out oracle / oracle | constant | gap | "
+        "kept | " + " | ".join(f"{s} / oracle | {s} / held-out oracle" for s in surgeons) + " |",
+        "|---|---|---|---|---|---|---|---|" + "---|---|" * len(surgeons),
     ]
     for name, task in summary.items():
         entries = task["contenders"]
@@ -141,18 +180,43 @@ def markdown(
         )
         constant = entries.get("constant", {}).get("score", math.nan)
         kept = {True: "yes", False: "**dropped**", None: "n/a"}[task["kept"]]
-        cells = [_fmt(entries[s]["ratio"], 4) + "x" if s in entries else "-" for s in surgeons]
+        cells = [
+            f"{_ratio_cell(entries.get(s))} | "
+            + (_times(entries[s]["heldout_ratio"]) if s in entries else "-")
+            for s in surgeons
+        ]
+        held = task["heldout"]["ratio"] if task["heldout"] else math.nan
         lines.append(
             f"| {name} | {task['lr']:g} | {oracle} | {_fmt(ref['score']) if ref else 'nan'} "
+            f"| {_times(held)} "
             f"| {_fmt(constant)} | {_pct(task['constant_gap'])} | {kept} | "
             + " | ".join(cells)
             + " |"
         )
     lines.append(
-        "| **geometric mean** (kept tasks at their tuned LR) | | | | | | | "
-        + " | ".join(_geomean_cell(means[s]) for s in surgeons)
+        "| **geometric mean** (kept tasks at their tuned LR) | | | | "
+        f"{_geomean_cell(context['heldout_oracle'])} | | | | "
+        + " | ".join(
+            f"{_geomean_cell(means[s])} | {_geomean_cell(means[s], 'heldout')}" for s in surgeons
+        )
         + " |"
     )
+    best = context["best_fixed"]
+    lines += [
+        "",
+        "Best single fixed recipe: "
+        + (
+            f"**{best['label']}**, geometric mean {_times(best['geomean'])} the oracle, "
+            f"{_times(best['heldout'])} the held-out oracle ({best['tasks']} tasks); "
+            + ", ".join(
+                f"{s} {_times(means[s]['geomean'])}, {_times(means[s]['heldout'])}"
+                for s in surgeons
+            )
+            + "."
+            if best
+            else "n/a (no grid schedule ran on every kept task)."
+        ),
+    ]
     lines += [
         "",
         "## Targets",
@@ -164,7 +228,7 @@ def markdown(
         "| target | " + " | ".join(surgeons) + " |",
         "|---|" + "---|" * len(surgeons),
     ]
-    for goal in goals:
+    for goal in [*goals, *context["rows"]]:
         cells = [_goal_cell(goal["results"][s]) for s in surgeons]
         lines.append(f"| {goal['target']} | " + " | ".join(cells) + " |")
     lines += ["", "## Tasks", ""]
@@ -215,6 +279,7 @@ def _task_section(name: str, task: dict[str, Any]) -> list[str]:
                 f"Oracle: {ref['label']} ({_fmt(ref['score'])}); constant {_fmt(constant)}: "
                 f"gap {_pct(task['constant_gap'])}, {verdict}."
             )
+            lines.append(_heldout_line(task))
     lines += [
         "",
         "| contender | final val loss | / oracle | diverged | s/fit |",
@@ -308,6 +373,7 @@ def to_json(
     summary: dict[str, Any],
     goals: list[dict[str, Any]],
     means: dict[str, dict[str, Any]],
+    context: dict[str, Any],
     meta: dict[str, Any],
 ) -> str:
     """``results.json``: everything in the summary, each run's curves binned."""
@@ -333,7 +399,9 @@ def to_json(
         tasks[name] = {k: v for k, v in task.items() if k != "contenders"} | {
             "contenders": contenders
         }
-    return dumps({"meta": meta, "targets": goals, "geomeans": means, "tasks": tasks})
+    return dumps(
+        {"meta": meta, "targets": goals, "geomeans": means, "context": context, "tasks": tasks}
+    )
 
 
 # ---------------------------------------------------------------------------- plots

@@ -1,6 +1,7 @@
 """The outcome benchmark's scoring (``benchmarks/quality.py``): final losses, divergence, the
-oracle, ratios and their geometric mean, the keep rule, the targets, the LR sweep's grid and
-choice. Everything here works on lists of floats and the raw run records, no training."""
+oracle (in-sample and held out), ratios, their spread over seeds and their geometric mean, the
+keep rule, the targets and the context beside them, the LR sweep's grid and choice. Everything
+here works on lists of floats and the raw run records, no training."""
 
 from __future__ import annotations
 
@@ -81,6 +82,37 @@ def oracle_of(scores: dict[str, float], grid: Sequence[str]) -> str | None:
     return min(ran, key=lambda name: scores[name]) if ran else None
 
 
+def heldout_oracle(
+    entries: dict[str, dict[str, Any]], grid: Sequence[str]
+) -> dict[str, Any] | None:
+    """Leave-one-seed-out: for each seed, the grid member with the best score over the other
+    seeds (:func:`oracle_of`), scored on that seed; the held-out oracle's score is
+    :func:`score` of those held-out finals (infinite if a pick's is not finite). ``None`` under
+    2 seeds that every grid member ran. Free of the in-sample oracle's winner's curse: the
+    minimum of 18 noisy means is biased low."""
+    finals = {c: _by_seed(entries[c]) for c in grid if c in entries}
+    seeds = sorted(set.intersection(*map(set, finals.values()))) if finals else []
+    if len(seeds) < 2:
+        return None
+    picks = []
+    for held in seeds:
+        others = {c: score([f[s] for s in seeds if s != held]) for c, f in finals.items()}
+        pick = oracle_of(others, grid)
+        picks.append({"seed": held, "contender": pick, "final_val_loss": finals[pick][held]})
+    return {"picks": picks, "score": score([p["final_val_loss"] for p in picks])}
+
+
+def ratio_se(finals: dict[int, float], reference: dict[int, float]) -> float:
+    """The standard error of the per-seed paired ratios ``finals[s] / reference[s]`` over the
+    seeds both ran: how much of a ratio is seed noise. NaN under 2 seeds or with a non-finite
+    final (the ratio is then infinite or NaN anyway)."""
+    seeds = [s for s in finals if s in reference]
+    values = [finals[s] / reference[s] for s in seeds]
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
+        return math.nan
+    return statistics.stdev(values) / math.sqrt(len(values))
+
+
 def constant_gap(oracle: float, constant: float) -> float:
     """How much lower the oracle's score is than constant's, as a fraction of constant's (1.0
     when constant diverged and the oracle did not)."""
@@ -110,6 +142,10 @@ def lr_grid(center: float, half: int = SWEEP_POINTS // 2) -> list[float]:
 # ---------------------------------------------------------------------------- summary
 
 
+def _by_seed(entry: dict[str, Any]) -> dict[int, float]:
+    return dict(zip(entry["seeds"], entry["final_val_loss"], strict=True))
+
+
 def _entry(contender: Contender, runs: list[dict[str, Any]]) -> dict[str, Any]:
     runs = sorted(runs, key=lambda r: r["seed"])
     finals = [final_val_loss(r) for r in runs]
@@ -118,6 +154,7 @@ def _entry(contender: Contender, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "label": contender.label,
         "kind": contender.kind,
+        "in_grid": contender.in_grid,
         "seeds": [r["seed"] for r in runs],
         "final_val_loss": finals,
         "mean": statistics.fmean(finite) if finite else math.nan,
@@ -134,8 +171,10 @@ def _entry(contender: Contender, runs: list[dict[str, Any]]) -> dict[str, Any]:
 def summarize(
     runs: list[dict[str, Any]], tasks: dict[str, Task], contenders: dict[str, Contender]
 ) -> dict[str, Any]:
-    """Per task: each contender's entry, the oracle, the reference oracle (a task at a multiple
-    of another's tuned LR: that task's), the constant-vs-oracle gap, kept or not, the ratios."""
+    """Per task: each contender's entry, the oracle and the held-out oracle, the reference
+    oracle (a task at a multiple of another's tuned LR: that task's), the constant-vs-oracle
+    gap, kept or not; per contender its ratio, its ratio to the reference's held-out oracle and
+    the ratio's standard error over seeds (paired with the reference oracle's seeds)."""
     grid = [name for name, c in contenders.items() if c.in_grid]
     out: dict[str, Any] = {}
     for name, task in tasks.items():
@@ -167,6 +206,7 @@ def summarize(
             "base": task.base,
             "lr_factor": task.lr_factor,
             "oracle": oracle,
+            "heldout": None if task.base else heldout_oracle(entries, grid),
             "constant_gap": gap,
             "kept": None if math.isnan(gap) else kept(gap),
             "contenders": entries,
@@ -187,8 +227,13 @@ def summarize(
             if ref
             else None
         )
+        heldout = home["heldout"]["score"] if home and home["heldout"] else math.nan
+        if task["heldout"]:
+            task["heldout"]["ratio"] = ratio(heldout, ref["score"]) if ref else math.nan
         for entry in task["contenders"].values():
             entry["ratio"] = ratio(entry["score"], ref["score"]) if ref else math.nan
+            entry["heldout_ratio"] = ratio(entry["score"], heldout)
+            entry["ratio_se"] = ratio_se(_by_seed(entry), _by_seed(ref)) if ref else math.nan
     return out
 
 
@@ -202,17 +247,36 @@ def surgeon_names(summary: dict[str, Any]) -> list[str]:
     return list(names)
 
 
-def geomeans(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per surgeon: the geometric mean of its ratios over the kept tasks at their tuned LR (NaN
-    when one of them lacks the surgeon or a reference), and over how many tasks."""
+def geomeans(
+    summary: dict[str, Any], names: Sequence[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per surgeon (or per contender of ``names``): the geometric mean of its ratios over the
+    kept tasks at their tuned LR (NaN when one of them lacks it or a reference), the same of its
+    ratios to the held-out oracle, and over how many tasks."""
     tuned = [t for t in summary.values() if not t["base"] and t["kept"]]
     out = {}
-    for name in surgeon_names(summary):
-        values = [
-            t["contenders"][name]["ratio"] if name in t["contenders"] else math.nan for t in tuned
-        ]
-        out[name] = {"geomean": geometric_mean(values), "tasks": len(values)}
+    for name in surgeon_names(summary) if names is None else names:
+        entries = [t["contenders"].get(name, {}) for t in tuned]
+        out[name] = {
+            "geomean": geometric_mean([e.get("ratio", math.nan) for e in entries]),
+            "heldout": geometric_mean([e.get("heldout_ratio", math.nan) for e in entries]),
+            "tasks": len(entries),
+        }
     return out
+
+
+def best_fixed(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The one oracle-grid schedule with the lowest geometric mean ratio over the kept tasks
+    (first on a tie): what one recipe used everywhere gets, with no per-task choice. ``None``
+    when none ran on every kept task."""
+    grid = {
+        n: e["label"] for t in summary.values() for n, e in t["contenders"].items() if e["in_grid"]
+    }
+    means = {n: m for n, m in geomeans(summary, list(grid)).items() if not math.isnan(m["geomean"])}
+    if not means:
+        return None
+    name = min(means, key=lambda n: means[n]["geomean"])
+    return {"contender": name, "label": grid[name], **means[name]}
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -287,6 +351,76 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     row(f"3x and 10x the tuned LR: no divergence, <= {OFF_LR_TARGET:.2f}x the tuned oracle", off_lr)
     row(f"plateau task ({PLATEAU_TASK}): below constant and cosine", plateau)
     return rows
+
+
+def context(summary: dict[str, Any]) -> dict[str, Any]:
+    """Figures beside the targets, never judged: the held-out oracle over the in-sample one
+    (the winner's curse: geometric mean over the kept tasks), :func:`best_fixed`, and rows for
+    the targets table in the shape of :func:`targets`' (``met`` always ``None``): per surgeon,
+    its ratios to the held-out oracle, the single recipe's geometric mean beside its own, and
+    which of its ratios over 1.00x are more than 2 standard errors over."""
+    tuned = {n: t for n, t in summary.items() if not t["base"] and t["kept"]}
+    means, best = geomeans(summary), best_fixed(summary)
+    rows: list[dict[str, Any]] = []
+
+    def row(target: str, describe: Any) -> None:
+        results = {s: {"met": None, "detail": describe(s)} for s in means}
+        rows.append({"target": f"context, not a target: {target}", "results": results})
+
+    def mine(s: str) -> dict[str, dict[str, Any]]:
+        return {n: t["contenders"][s] for n, t in tuned.items() if s in t["contenders"]}
+
+    def heldout(s: str) -> str:
+        ratios = {n: e["heldout_ratio"] for n, e in mine(s).items()}
+        if not tuned or len(ratios) < len(tuned) or any(math.isnan(r) for r in ratios.values()):
+            return "n/a (needs 2 or more seeds on every kept task)"
+        worst = max(ratios, key=ratios.__getitem__)
+        return f"geometric mean {_fmt(means[s]['heldout'])}x; worst {worst} {_fmt(ratios[worst])}x"
+
+    def single(s: str) -> str:
+        if best is None:
+            return "n/a (no grid schedule ran on every kept task)"
+        text = f"{_fmt(means[s]['geomean'])}x vs {_fmt(best['geomean'])}x"
+        if math.isnan(means[s]["heldout"]) or math.isnan(best["heldout"]):
+            return text
+        return f"{text}; held out {_fmt(means[s]['heldout'])}x vs {_fmt(best['heldout'])}x"
+
+    def noise(s: str) -> str:
+        entries = mine(s)
+        if all(math.isnan(e["ratio_se"]) for e in entries.values()):
+            return "n/a (needs 2 or more seeds)"
+        over = {
+            n: e
+            for n, e in entries.items()
+            if e["ratio"] > ORACLE_TARGET and not math.isnan(e["ratio_se"])
+        }
+        clear = {n for n, e in over.items() if e["ratio"] - 2 * e["ratio_se"] > ORACLE_TARGET}
+
+        def listed(names: Sequence[str]) -> str:
+            cells = [
+                f"{n} {_fmt(over[n]['ratio'])} ± {_fmt(over[n]['ratio_se'], 2)}" for n in names
+            ]
+            return ", ".join(cells) or "none"
+
+        within = [n for n in over if n not in clear]
+        return (
+            f"more than 2 standard errors over: {listed([n for n in over if n in clear])}; "
+            f"less (noise): {listed(within)}"
+        )
+
+    row(
+        "ratio to the held-out oracle (each seed scored by the schedule its other seeds chose)",
+        heldout,
+    )
+    if best is not None:
+        row(f"geometric mean beside the best single fixed recipe, {best['label']}", single)
+    row("ratios over 1.00x, by their standard error over seeds", noise)
+    curse = [t["heldout"]["ratio"] if t["heldout"] else math.nan for t in tuned.values()]
+    return {
+        "heldout_oracle": {"geomean": geometric_mean(curse), "tasks": len(curse)},
+        "best_fixed": best,
+        "rows": rows,
+    }
 
 
 def sweep_summary(runs: list[dict[str, Any]], tasks: dict[str, Task]) -> dict[str, Any]:

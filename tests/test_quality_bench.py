@@ -149,7 +149,12 @@ def test_keep_rule_drops_a_task_where_the_oracle_barely_beats_constant(summary: 
 def test_geometric_mean_is_over_kept_tasks_at_their_tuned_lr(summary: dict) -> None:
     means = qs.geomeans(summary)
     # base and other; not flat (dropped, surgeon 2.0x), not base_3x (off the tuned LR)
-    assert means["surgeon"] == {"geomean": pytest.approx(math.sqrt(0.95 * 1.0)), "tasks": 2}
+    # no seed noise in the winners (base: w5_linear on both held-out seeds): held out the same
+    assert means["surgeon"] == {
+        "geomean": pytest.approx(math.sqrt(0.95 * 1.0)),
+        "heldout": pytest.approx(math.sqrt(0.95 * 1.0)),
+        "tasks": 2,
+    }
     assert means["alt"]["geomean"] == pytest.approx(math.sqrt(1.05 * 0.9))
     assert qs.geometric_mean([0.5, 2.0]) == pytest.approx(1.0)
     assert qs.geometric_mean([1.0, math.inf]) == math.inf
@@ -199,6 +204,186 @@ def test_a_diverged_seed_makes_the_score_infinite() -> None:
     constant = summary["base"]["contenders"]["constant"]
     assert constant["score"] == math.inf and constant["finite"] == 1
     assert constant["diverged_seeds"] == [1] and summary["base"]["kept"] is True
+
+
+# ---------------------------------------------------------------------------- context
+
+
+def test_held_out_oracle_does_not_credit_a_schedule_for_one_lucky_seed() -> None:
+    """w5_linear wins in-sample (mean 0.8667) by seed 0 alone; w0_cosine is 0.90 on every seed.
+    Held out: seed 0 is scored by w0_cosine (chosen on seeds 1, 2), seeds 1 and 2 by w5_linear
+    (chosen with seed 0's luck) at 1.00: the held-out oracle is 0.9667, and the steady surgeon
+    at 0.90, over the oracle in-sample (1.038x), is under it held out (0.931x)."""
+    runs = records(
+        "base",
+        {
+            "w5_linear": [0.60, 1.00, 1.00],
+            "w0_cosine": [0.90, 0.90, 0.90],
+            "constant": [1.20, 1.20, 1.20],
+            "surgeon": [0.90, 0.90, 0.90],
+        },
+    )
+    task = qs.summarize(runs, {"base": BASE}, CONTENDERS)["base"]
+    assert task["oracle"] == "w5_linear"
+    picks = task["heldout"]["picks"]
+    assert [(p["seed"], p["contender"]) for p in picks] == [
+        (0, "w0_cosine"),
+        (1, "w5_linear"),
+        (2, "w5_linear"),
+    ]
+    assert [p["final_val_loss"] for p in picks] == pytest.approx([0.90, 1.00, 1.00])
+    assert task["heldout"]["score"] == pytest.approx(2.9 / 3)
+    assert task["heldout"]["ratio"] == pytest.approx(2.9 / 3 / (2.6 / 3))
+    surgeon = task["contenders"]["surgeon"]
+    assert surgeon["ratio"] == pytest.approx(0.90 / (2.6 / 3))
+    assert surgeon["heldout_ratio"] == pytest.approx(0.90 / (2.9 / 3))
+
+
+def test_held_out_oracle_equals_the_oracle_without_seed_noise(summary: dict) -> None:
+    """``other``: every seed alike, w10_wsd best on each: the same pick every time, no bias."""
+    other = summary["other"]
+    assert [p["contender"] for p in other["heldout"]["picks"]] == ["w10_wsd", "w10_wsd"]
+    assert other["heldout"]["ratio"] == pytest.approx(1.0)
+    for entry in other["contenders"].values():
+        assert entry["heldout_ratio"] == pytest.approx(entry["ratio"])
+    # base_3x is scored against base's held-out oracle (w0_cosine 0.90 on seed 0, w5_linear
+    # 0.82 on seed 1: chosen on seed 0, where w5_linear is 0.78 and w0_cosine 0.90)
+    assert [p["contender"] for p in summary["base"]["heldout"]["picks"]] == [
+        "w5_linear",
+        "w5_linear",
+    ]
+    assert summary["base"]["heldout"]["score"] == pytest.approx(0.80)
+    assert summary["base_3x"]["heldout"] is None
+    assert summary["base_3x"]["contenders"]["alt"]["heldout_ratio"] == pytest.approx(1.2)
+
+
+def test_held_out_oracle_with_a_non_finite_seed_and_with_one_seed() -> None:
+    """w5_linear is best on seeds 0 and 1 and NaN on seed 2: chosen on seeds 0 and 1 (its score
+    over them is finite), it makes seed 2's held-out loss, and so the held-out oracle's score,
+    infinite (``score``'s rule): infinite times the oracle, and every ratio to it NaN. One seed:
+    no held-out oracle."""
+    runs = records(
+        "base",
+        {"w5_linear": [0.5, 0.5, math.nan], "w0_cosine": [0.9] * 3, "surgeon": [0.8] * 3},
+    )
+    task = qs.summarize(runs, {"base": BASE}, CONTENDERS)["base"]
+    assert task["oracle"] == "w0_cosine"  # w5_linear's in-sample score is infinite
+    assert [p["contender"] for p in task["heldout"]["picks"]] == ["w0_cosine"] * 2 + ["w5_linear"]
+    assert task["heldout"]["score"] == math.inf
+    assert task["heldout"]["ratio"] == math.inf
+    assert math.isnan(task["contenders"]["surgeon"]["heldout_ratio"])
+    one = [r for r in runs if r["seed"] == 0]
+    task = qs.summarize(one, {"base": BASE}, CONTENDERS)["base"]
+    assert task["heldout"] is None and math.isnan(task["contenders"]["surgeon"]["heldout_ratio"])
+    assert math.isnan(task["contenders"]["surgeon"]["ratio_se"])
+
+
+def test_ratio_standard_error_is_over_the_per_seed_paired_ratios() -> None:
+    # paired ratios 1.1 and 1.3: stdev 0.1414 over sqrt(2)
+    assert qs.ratio_se({0: 1.1, 1: 1.3}, {0: 1.0, 1: 1.0}) == pytest.approx(0.1)
+    assert qs.ratio_se({0: 2.0, 1: 2.0}, {0: 1.0, 1: 2.0}) == pytest.approx(0.5)  # 2.0 and 1.0
+    assert qs.ratio_se({0: 1.1, 1: 1.3, 2: 9.0}, {0: 1.0, 1: 1.0}) == pytest.approx(0.1)
+    assert math.isnan(qs.ratio_se({0: 1.1}, {0: 1.0}))
+    assert math.isnan(qs.ratio_se({0: 1.1, 1: math.nan}, {0: 1.0, 1: 1.0}))
+    # in the summary: paired with the oracle's seeds (w5_linear 0.78, 0.82; the surgeon 0.76)
+    runs = scripted()
+    entry = qs.summarize(runs, SCRIPTED_TASKS, CONTENDERS)["base"]["contenders"]["surgeon"]
+    expected = abs(0.76 / 0.78 - 0.76 / 0.82) / 2  # the stdev of two values over sqrt(2)
+    assert entry["ratio_se"] == pytest.approx(expected)
+
+
+def fixed_recipes() -> list[dict[str, Any]]:
+    """Two kept tasks, 2 identical seeds. ``a``: w5_linear 1.00 (oracle), w10_linear 1.01,
+    w20_wsd 1.03, w0_cosine 1.10; ``b``: w20_wsd 1.00 (oracle), w10_linear 1.01, w0_cosine 1.02,
+    w5_linear 1.10; w1_cosine (1.005) only on ``a``; ``flat`` (dropped): w10_linear 5.0. The
+    surgeon 1.02 on ``a``, 1.04 on ``b``."""
+    runs = records(
+        "a",
+        {
+            "w5_linear": [1.00] * 2,
+            "w10_linear": [1.01] * 2,
+            "w20_wsd": [1.03] * 2,
+            "w0_cosine": [1.10] * 2,
+            "w1_cosine": [1.005] * 2,
+            "constant": [2.0] * 2,
+            "surgeon": [1.02] * 2,
+        },
+    )
+    runs += records(
+        "b",
+        {
+            "w20_wsd": [1.00] * 2,
+            "w10_linear": [1.01] * 2,
+            "w0_cosine": [1.02] * 2,
+            "w5_linear": [1.10] * 2,
+            "constant": [2.0] * 2,
+            "surgeon": [1.04] * 2,
+        },
+    )
+    runs += records(
+        "flat", {"w0_cosine": [0.99] * 2, "w10_linear": [5.0] * 2, "constant": [1.0] * 2}
+    )
+    return runs
+
+
+RECIPE_TASKS = {n: dataclasses.replace(BASE, name=n) for n in ("a", "b", "flat")}
+
+
+def test_best_single_fixed_recipe_is_the_lowest_geometric_mean_on_every_kept_task() -> None:
+    """w10_linear is the oracle nowhere but 1.01x on both kept tasks: it beats w20_wsd
+    (sqrt(1.03)), w5_linear (sqrt(1.10)) and w0_cosine (sqrt(1.10 x 1.02)); its 5.0 on the
+    dropped task does not count, and w1_cosine (1.005x) ran on one kept task only."""
+    summary = qs.summarize(fixed_recipes(), RECIPE_TASKS, CONTENDERS)
+    assert summary["flat"]["kept"] is False
+    best = qs.best_fixed(summary)
+    assert best is not None
+    assert (best["contender"], best["label"], best["tasks"]) == (
+        "w10_linear",
+        qc.CONTENDERS["w10_linear"].label,
+        2,
+    )
+    assert best["geomean"] == pytest.approx(1.01)
+    assert best["heldout"] == pytest.approx(1.01)  # no seed noise: held out = in-sample
+    assert math.isnan(qs.geomeans(summary, ["w1_cosine"])["w1_cosine"]["geomean"])
+    no_grid = [r for r in fixed_recipes() if not r["contender"].startswith("w")]
+    assert qs.best_fixed(qs.summarize(no_grid, RECIPE_TASKS, CONTENDERS)) is None
+
+
+def test_context_rows_sit_beside_the_targets_and_judge_nothing() -> None:
+    summary = qs.summarize(fixed_recipes(), RECIPE_TASKS, CONTENDERS)
+    ctx = qs.context(summary)
+    assert ctx["best_fixed"]["contender"] == "w10_linear"
+    assert ctx["heldout_oracle"] == {"geomean": pytest.approx(1.0), "tasks": 2}
+    rows = {r["target"].split(": ")[1].split(" ")[0]: r["results"]["surgeon"] for r in ctx["rows"]}
+    assert all(r["target"].startswith("context, not a target") for r in ctx["rows"])
+    assert all(result["met"] is None for result in rows.values())
+    # surgeon: 1.02x on a, 1.04x on b; geometric mean sqrt(1.02 x 1.04) = 1.03
+    assert rows["ratio"]["detail"] == "geometric mean 1.03x; worst b 1.04x"
+    assert rows["geometric"]["detail"] == "1.03x vs 1.01x; held out 1.03x vs 1.01x"
+    # identical seeds: a standard error of 0, both ratios over 1.00x by more than 2 of them
+    assert rows["ratios"]["detail"].startswith("more than 2 standard errors over: a 1.02 ± 0, b")
+    assert rows["ratios"]["detail"].endswith("less (noise): none")
+    # the targets are the issue's four, as before
+    assert len(qs.targets(summary)) == 4
+    one = [r for r in fixed_recipes() if r["seed"] == 0]
+    ctx = qs.context(qs.summarize(one, RECIPE_TASKS, CONTENDERS))
+    details = [r["results"]["surgeon"]["detail"] for r in ctx["rows"]]
+    assert details[0].startswith("n/a") and details[2].startswith("n/a")
+    assert math.isnan(ctx["heldout_oracle"]["geomean"])
+
+
+def test_a_noisy_ratio_over_one_is_told_apart_from_a_clear_one() -> None:
+    """conv-like: the surgeon's seeds 0.023 and 0.045 against the oracle's 0.030 and 0.030
+    (paired ratios 0.77 and 1.5: 1.13x ± 0.37, noise); on b 1.04 ± 0 (clear)."""
+    runs = [r for r in fixed_recipes() if not (r["task"] == "a" and r["contender"] == "surgeon")]
+    runs = [r for r in runs if not (r["task"] == "a" and r["contender"] == "w5_linear")]
+    runs += records("a", {"w5_linear": [0.030, 0.030], "surgeon": [0.023, 0.045]})
+    summary = qs.summarize(runs, RECIPE_TASKS, CONTENDERS)
+    entry = summary["a"]["contenders"]["surgeon"]
+    assert entry["ratio"] == pytest.approx(0.034 / 0.030)
+    assert entry["ratio_se"] == pytest.approx((0.045 - 0.023) / 0.030 / 2)
+    row = qs.context(summary)["rows"][-1]["results"]["surgeon"]["detail"]
+    assert row == "more than 2 standard errors over: b 1.04 ± 0; less (noise): a 1.133 ± 0.37"
 
 
 def test_diverged_definition() -> None:
@@ -377,6 +562,14 @@ def test_outputs_have_every_task_contender_and_seed(sliced: tuple[dict, Path]) -
     for section in ("## Summary", "## Targets", "### mlp_3x", "## The surgeons' events"):
         assert section in text
     assert "- mlp, lin, seed 1: " in text
+    # 2 seeds: a held-out oracle per tuned task, scored on each seed; the context beside the
+    # issue's four targets
+    assert [p["seed"] for p in data["tasks"]["mlp"]["heldout"]["picks"]] == [0, 1]
+    assert data["tasks"]["mlp_3x"]["heldout"] is None
+    assert len(data["targets"]) == 4 and len(data["context"]["rows"]) >= 2
+    assert "| oracle loss | held-out oracle / oracle |" in text
+    assert "| surgeon / oracle | surgeon / held-out oracle |" in text
+    assert "| context, not a target: ratio to the held-out oracle" in text
 
 
 def test_each_contender_drives_the_lr_it_should(sliced: tuple[dict, Path]) -> None:
@@ -522,4 +715,8 @@ def test_quick_mode_runs_every_task(tmp_path: Path) -> None:
         assert set(task["contenders"]) == set(qc.QUICK)
         assert (tmp_path / f"{name}.png").exists()
         assert task["reference"]["contender"] in (qc.COSINE, qc.SWEEP)
+        assert task["heldout"] is None  # one seed: nothing to hold out
     assert len(data["targets"]) == 4 and all("surgeon" in r["results"] for r in data["targets"])
+    text = (tmp_path / "results.md").read_text()
+    assert "Held-out oracle: n/a (needs 2 or more seeds)." in text
+    assert "| context, not a target: ratio to the held-out oracle" in text
