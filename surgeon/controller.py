@@ -696,16 +696,19 @@ class Controller:
         self._last_snapshot_step = step
 
     def before_checkpoint(self) -> None:
-        """Every loss so far has been read and a checkpoint is next. If the last were non-finite
-        with their updates applied (unguarded), the weights are suspect: ask for a rollback now
-        rather than have them saved (when a recent good snapshot exists)."""
+        """Every loss so far has been read and a checkpoint, or the end of the fit, is next: no
+        loss will confirm a spike in the last one. If that spike reached ``rollback_threshold``,
+        or the last losses were non-finite with their updates applied (unguarded), the weights
+        are suspect: ask for a rollback now rather than have them saved or kept (when a recent
+        good snapshot exists)."""
         suspect = self.suspect
         if suspect is not None and not self.nonfinite_streak:
             threshold = self.config.rollback_threshold
             if suspect["loss"] - suspect["mean"] >= (threshold - 1.0) * abs(suspect["mean"]):
                 self._request_rollback(
                     int(suspect["step"]),
-                    f"{self._spike_words(suspect)} just before a checkpoint, unconfirmed; "
+                    f"{self._spike_words(suspect)} just before a checkpoint or the end of the "
+                    "fit, unconfirmed; "
                     f"at least {threshold:g}x its running mean (rollback_threshold="
                     f"{threshold:g})",
                 )
@@ -713,7 +716,8 @@ class Controller:
             streak = self.nonfinite_streak
             self._request_rollback(
                 self.step - 1,
-                f"{streak} non-finite step(s) with their updates applied just before a checkpoint",
+                f"{streak} non-finite step(s) with their updates applied just before a checkpoint "
+                "or the end of the fit",
             )
 
     def buffers_nonfinite(self, step: int, how: str) -> Event:

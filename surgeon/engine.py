@@ -408,9 +408,14 @@ class StepEngine:
     def finish(self) -> None:
         """Read the losses still in flight (the last ``readback_every`` to
         ``2 x readback_every - 1`` steps) and decide on them like any other: a spike or NaN at
-        the very end is recorded, and a rollback leaves the last good weights."""
-        if self.controller is not None:
+        the very end is recorded, and a rollback leaves the last good weights (one for a severe
+        spike in the last loss too, which no later loss can confirm, as before a checkpoint)."""
+        controller = self.controller
+        if controller is not None:
             self._consume(self.feed.flush())
+            controller.before_checkpoint()
+            if controller.rollback_to is not None:
+                self._roll_back()
 
     def _consume(self, due: list[StepLoss]) -> None:
         """Hand the controller the losses whose readback is due, in step order; carry out the

@@ -172,6 +172,9 @@ def feed(
         in_flight.append(range(n - n % readback_every, n))
     for block in in_flight:
         consume(block, n)
+    controller.before_checkpoint()  # the fit's end: no loss confirms a spike in the last one
+    if controller.rollback_to is not None:
+        controller.rolled_back(n)
     return scales, smooth, phases
 
 

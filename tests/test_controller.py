@@ -1501,5 +1501,5 @@ class TestRollback:
         assert controller.suspect is not None  # judged by the next loss either way
         if rolls_back:
             event = controller.rolled_back(301)
-            assert "just before a checkpoint, unconfirmed" in event.reason
+            assert "just before a checkpoint or the end of the fit, unconfirmed" in event.reason
             assert controller.suspect is None

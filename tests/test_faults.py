@@ -283,6 +283,31 @@ def test_the_last_checkpoint_holds_no_unread_damage(
     assert eval_loss(restored) == eval_loss(model)
 
 
+def test_a_spike_on_the_last_step_is_rolled_back_without_a_checkpoint(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A x50 spike at step 299 of 300: no loss comes after it to confirm it, at a checkpoint
+    or at the end of the fit alike; the fit ends with the same rollback and the same weights
+    whether or not ModelCheckpoint saves step 300."""
+
+    def run(checkpoint: bool) -> tuple[ScheduleSurgeon, TinyRegressor]:
+        surgeon = ScheduleSurgeon()
+        model = TinyRegressor(loss_hook=at({299}, lambda loss: loss * 50))
+        callbacks: list[Any] = [surgeon]
+        if checkpoint:
+            callbacks.append(ModelCheckpoint(tmp_path, every_n_train_steps=300))
+        make_trainer(callbacks, max_steps=300, enable_checkpointing=checkpoint).fit(
+            model, make_loader()
+        )
+        return surgeon, model
+
+    (saved, saved_model), (plain, plain_model) = run(True), run(False)
+    assert [e.step for e in of_kind(plain, EventKind.ROLLBACK)] == [299]
+    assert plain.events == saved.events
+    for name, tensor in plain_model.state_dict().items():
+        assert torch.equal(saved_model.state_dict()[name], tensor), name
+
+
 def test_a_weights_only_checkpoint_is_not_read_first(
     make_trainer: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -260,6 +260,19 @@ def test_losses_in_flight_at_the_end_are_decided_on() -> None:
     ]
 
 
+def test_a_severe_spike_on_the_last_step_rolls_back_as_the_fit_ends() -> None:
+    """No loss confirms the last one: as the engine does at the end of a fit, a spike of at
+    least ``rollback_threshold x`` its mean is rolled back (a milder one is left alone)."""
+    calm = [1.0 + 0.01 * ((i * 7) % 5) for i in range(99)]
+    severe = replay([*calm, 50.0], RunSettings(100))
+    assert [(e.step, e.kind) for e in severe.events if e.step == 99] == [
+        (99, EventKind.DONE),
+        (99, EventKind.ROLLBACK),
+    ]
+    mild = replay([*calm, 2.0], RunSettings(100))
+    assert [e.kind for e in mild.events if e.step == 99] == [EventKind.DONE]
+
+
 def test_feed_matches_a_controller_fed_without_lag_on_the_events() -> None:
     """Events depend on the losses only (no rollback): lag or not, the same decisions."""
     losses = [2.0 / (1 + i / 50) + 0.01 * ((i * 7) % 5) for i in range(600)]

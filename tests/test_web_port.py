@@ -85,9 +85,13 @@ def _stabilizing(n: int = 1500) -> list[float]:
 
 def _spiky(n: int = 1500) -> list[float]:
     """An isolated outlier (300), a severe spike its next loss confirms (700) and another while
-    the LR is held (712), a mild one (1100)."""
+    the LR is held (712), a mild one (1100), a severe one on the last step (no loss confirms
+    it: rolled back as the fit ends)."""
     losses = _noisy([2.0 / (1 + i / 100) + 0.3 for i in range(n)], 0.02, 2)
-    spikes = ((300, 2.5), (700, 8.0), (701, 8.0), (712, 3.0), (713, 3.0), (1100, 2.0), (1101, 2.2))
+    spikes = (
+        *((300, 2.5), (700, 8.0), (701, 8.0), (712, 3.0), (713, 3.0), (1100, 2.0), (1101, 2.2)),
+        (n - 1, 8.0),
+    )
     for step, factor in spikes:
         losses[step] *= factor
     return losses

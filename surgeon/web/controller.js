@@ -343,6 +343,31 @@
       this._last_snapshot_step = step;
     }
 
+    before_checkpoint() {
+      // every loss is read and the end of the fit is next (a replay has no checkpoints): a
+      // severe spike no loss will confirm, or applied non-finite updates, roll back now
+      const suspect = this.suspect;
+      if (suspect !== null && !this.nonfinite_streak) {
+        const threshold = this.config.rollback_threshold;
+        if (suspect.loss - suspect.mean >= (threshold - 1.0) * Math.abs(suspect.mean)) {
+          this._request_rollback(
+            suspect.step,
+            `${this._spike_words(suspect)} just before a checkpoint or the end of the ` +
+              `fit, unconfirmed; at least ${g(threshold)}x its running mean ` +
+              `(rollback_threshold=${g(threshold)})`,
+          );
+        }
+      }
+      if (this.nonfinite_streak && this.nonfinite_applied) {
+        const streak = this.nonfinite_streak;
+        this._request_rollback(
+          this.step - 1,
+          `${streak} non-finite step(s) with their updates applied just before a checkpoint ` +
+            "or the end of the fit",
+        );
+      }
+    }
+
     _settle_snapshot(step) {
       const pending = this._pending_snapshot;
       if (pending !== null && pending[0] === step &&

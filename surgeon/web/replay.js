@@ -32,6 +32,8 @@
     }
     if (n % readback_every) in_flight.push(range(n - (n % readback_every), n));
     for (const block of in_flight) consume(block, n);
+    controller.before_checkpoint(); // the fit's end: no loss confirms a spike in the last one
+    if (controller.rollback_to !== null) controller.rolled_back(n);
     return [scales, smooth, phases];
   }
 
