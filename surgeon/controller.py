@@ -528,8 +528,9 @@ class Controller:
         suspect, self.suspect = self.suspect, None
         if suspect is not None:  # the loss after a spike decides what the spike was
             if signal is Signal.NONFINITE or self.spike.last_zscore > NORMAL_BAND_ZSCORE:
-                new_events.append(self._confirm_spike(step, suspect, loss))
-                if signal is not Signal.NONFINITE:
+                nonfinite = signal is Signal.NONFINITE
+                new_events.append(self._confirm_spike(step, suspect, loss, nonfinite))
+                if not nonfinite:
                     return self._close_step(step, new_events)
             else:
                 new_events.append(self._dismiss_spike(step, suspect, loss))
@@ -984,18 +985,23 @@ class Controller:
             f"thresholds {self.spike.zscore:g} sigma and {self.spike.ratio:g}x the mean)"
         )
 
-    def _confirm_spike(self, step: int, suspect: dict[str, float], loss: float) -> Event:
-        """The loss after a spike is still out of its normal band (or non-finite): the run is in
-        trouble, not one hard batch. Cut, and roll back if the spike or that loss reached
-        ``rollback_threshold`` (a non-finite one always does)."""
+    def _confirm_spike(
+        self, step: int, suspect: dict[str, float], loss: float, nonfinite: bool
+    ) -> Event:
+        """The loss after a spike is still out of its normal band (or non-finite, or its
+        gradients are: ``nonfinite``): the run is in trouble, not one hard batch. Cut, and roll
+        back if the spike or that loss reached ``rollback_threshold`` (a non-finite loss always
+        does)."""
         self.nonfinite_streak, self.nonfinite_applied = 0, False
-        mean, worst = suspect["mean"], max(suspect["loss"], loss)
-        still = (
-            f"still {self.spike.last_zscore:.1f} sigma above it"
-            if math.isfinite(loss)
-            else "not finite"
-        )
-        why = f"{self._spike_words(suspect)}, and the next loss, {loss:.4g}, is {still}; "
+        mean = suspect["mean"]
+        worst = max(suspect["loss"], loss) if math.isfinite(loss) else suspect["loss"]
+        if not math.isfinite(loss):
+            still = "is not finite"
+        elif nonfinite:  # the detector did not see it: its z-score is the spike's
+            still = "has non-finite gradients"
+        else:
+            still = f"is still {self.spike.last_zscore:.1f} sigma above it"
+        why = f"{self._spike_words(suspect)}, and the next loss, {loss:.4g}, {still}; "
         threshold = self.config.rollback_threshold
         if self.rolled_back_to is not None:  # the good weights give it too: not damage
             level = loss if math.isfinite(loss) else suspect["loss"]
@@ -1005,12 +1011,14 @@ class Controller:
                 f"lasting level shift, not damage; {level:.4g} is the new running mean (no "
                 "further rollback); "
             )
-        elif not math.isfinite(loss) or worst - mean >= (threshold - 1.0) * abs(mean):
+        elif worst - mean >= (threshold - 1.0) * abs(mean):
             why += self._request_rollback(
                 step,
-                f"loss {suspect['loss']:.4g} is at least {threshold:g}x its running mean "
-                f"{mean:.4g} (rollback_threshold={threshold:g})",
+                f"loss {worst:.4g} is at least {threshold:g}x its running mean {mean:.4g} "
+                f"(rollback_threshold={threshold:g})",
             )
+        elif not math.isfinite(loss):
+            why += self._request_rollback(step, f"the next loss, {loss}, is not finite")
         return self._cut_for_spike(step, EventKind.SPIKE, why)
 
     def _dismiss_spike(self, step: int, suspect: dict[str, float], loss: float) -> Event:

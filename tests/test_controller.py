@@ -1472,6 +1472,31 @@ class TestRollback:
         drive_with_snapshots(controller, losses)
         assert controller.good_snapshot_step is not None and controller.good_snapshot_step >= 980
 
+    def test_a_rollback_for_a_mild_spike_and_a_severe_next_loss_quotes_the_severe_one(
+        self,
+    ) -> None:
+        """x1.6 then x5: the second confirms the first and reaches ``rollback_threshold``; the
+        rollback's reason quotes the loss that reached it, not the milder spike."""
+        controller = Controller(1000, SurgeonConfig(warmup=50))
+        losses = calm(1000, seed=15)
+        mild, severe = losses[300] * 1.6, losses[301] * 5.0
+        drive_with_snapshots(controller, [*losses[:300], mild, severe])
+        (rollback,) = [e for e in controller.events if e.kind is EventKind.ROLLBACK]
+        assert f"loss {severe:.4g} is at least 4x its running mean" in rollback.reason
+        assert f"loss {mild:.4g} is at least" not in rollback.reason
+
+    def test_a_spike_confirmed_by_a_step_with_non_finite_gradients_says_so(self) -> None:
+        """A spike, then a finite loss whose gradients were not finite (update skipped): the
+        spike is confirmed, and its reason says why, not a z-score that loss never had."""
+        controller = Controller(1000, SurgeonConfig(warmup=50))
+        losses = calm(1000, seed=16)
+        drive_with_snapshots(controller, [*losses[:300], losses[300] * 3.0])
+        spike_z = controller.suspect["z"] if controller.suspect else None
+        events = controller.update(losses[301], update_skipped=True)
+        assert [e.kind for e in events][:2] == [EventKind.SPIKE, EventKind.NONFINITE]
+        assert f"{losses[301]:.4g}, has non-finite gradients" in events[0].reason
+        assert f"still {spike_z:.1f} sigma" not in events[0].reason
+
     def test_a_checkpoint_after_applied_non_finite_updates_rolls_back_first(self) -> None:
         controller = Controller(1000, SurgeonConfig(warmup=50))
         losses = calm(1000, seed=13)

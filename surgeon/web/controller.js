@@ -212,8 +212,9 @@
       if (suspect !== null) {
         // the loss after a spike decides what the spike was
         if (signal === Signal.NONFINITE || this.spike.last_zscore > NORMAL_BAND_ZSCORE) {
-          new_events.push(this._confirm_spike(step, suspect, loss));
-          if (signal !== Signal.NONFINITE) return this._close_step(step, new_events);
+          const nonfinite = signal === Signal.NONFINITE;
+          new_events.push(this._confirm_spike(step, suspect, loss, nonfinite));
+          if (!nonfinite) return this._close_step(step, new_events);
         } else {
           new_events.push(this._dismiss_spike(step, suspect, loss));
         }
@@ -602,16 +603,18 @@
       );
     }
 
-    _confirm_spike(step, suspect, loss) {
-      // the loss after a spike is still out of its band (or non-finite): cut, maybe roll back
+    _confirm_spike(step, suspect, loss, nonfinite) {
+      // the loss after a spike is still out of its band (or non-finite, or its gradients are):
+      // cut, maybe roll back
       this.nonfinite_streak = 0;
       this.nonfinite_applied = false;
       const mean = suspect.mean;
-      const worst = Math.max(suspect.loss, loss);
-      const still = Number.isFinite(loss)
-        ? `still ${f(this.spike.last_zscore, 1)} sigma above it`
-        : "not finite";
-      let why = `${this._spike_words(suspect)}, and the next loss, ${g(loss, 4)}, is ${still}; `;
+      const worst = Number.isFinite(loss) ? Math.max(suspect.loss, loss) : suspect.loss;
+      let still;
+      if (!Number.isFinite(loss)) still = "is not finite";
+      else if (nonfinite) still = "has non-finite gradients";
+      else still = `is still ${f(this.spike.last_zscore, 1)} sigma above it`;
+      let why = `${this._spike_words(suspect)}, and the next loss, ${g(loss, 4)}, ${still}; `;
       const threshold = this.config.rollback_threshold;
       if (this.rolled_back_to !== null) {
         const level = Number.isFinite(loss) ? loss : suspect.loss;
@@ -620,12 +623,14 @@
           `the loss has stayed up since the rollback to step ${this.rolled_back_to}: a ` +
           `lasting level shift, not damage; ${g(level, 4)} is the new running mean (no ` +
           "further rollback); ";
-      } else if (!Number.isFinite(loss) || worst - mean >= (threshold - 1.0) * Math.abs(mean)) {
+      } else if (worst - mean >= (threshold - 1.0) * Math.abs(mean)) {
         why += this._request_rollback(
           step,
-          `loss ${g(suspect.loss, 4)} is at least ${g(threshold)}x its running mean ` +
-            `${g(mean, 4)} (rollback_threshold=${g(threshold)})`,
+          `loss ${g(worst, 4)} is at least ${g(threshold)}x its running mean ${g(mean, 4)} ` +
+            `(rollback_threshold=${g(threshold)})`,
         );
+      } else if (!Number.isFinite(loss)) {
+        why += this._request_rollback(step, `the next loss, ${str(loss)}, is not finite`);
       }
       return this._cut_for_spike(step, EventKind.SPIKE, why);
     }
