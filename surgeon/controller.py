@@ -519,7 +519,8 @@ class Controller:
         if update_skipped and math.isfinite(loss):
             signal, bad = Signal.NONFINITE, f"gradients are non-finite (loss {loss:.4g}); "
         else:
-            signal, bad = self.spike.update(loss), f"loss is {loss}; "
+            signal = self.spike.update(loss)
+            bad = f"loss is {loss}; " if signal is Signal.NONFINITE else ""  # repr only when used
         if signal is Signal.NONFINITE:
             self.nonfinite_streak += 1
             self.nonfinite_applied = self.nonfinite_applied or not update_skipped
