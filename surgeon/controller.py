@@ -56,6 +56,7 @@ reads losses a few steps late, on every device) and the answer is a pure functio
 losses seen.
 """
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
@@ -77,6 +78,7 @@ _PLAN_SETTINGS = frozenset(
 _MIN_STABILIZE_WINDOW = 10
 _MIN_PEAK = 1e-12  # a lowered peak stays positive even with a floor of 0
 _MIN_SNAPSHOT_EVERY = 10
+_REVISIONS = itertools.count()  # shared by all controllers, so that a revision names one of them
 
 
 def _format_bytes(nbytes: int) -> str:
@@ -288,6 +290,9 @@ class Controller:
     def reset(self) -> None:
         """Back to step 0 of warmup with empty statistics and no events."""
         self.step = 0
+        self.revision = next(_REVISIONS)
+        """Changes whenever :meth:`lr_scale` of the steps to come may have (a new plan, or a step's
+        decisions; unique across controllers): scales computed ahead hold while it does."""
         self.phase = Phase.WARMUP
         self.events: list[Event] = []
         self.restarts = 0
@@ -524,7 +529,8 @@ class Controller:
         if update_skipped and math.isfinite(loss):
             signal, bad = Signal.NONFINITE, f"gradients are non-finite (loss {loss:.4g}); "
         else:
-            signal, bad = self.spike.update(loss), f"loss is {loss}; "
+            signal = self.spike.update(loss)
+            bad = f"loss is {loss}; " if signal is Signal.NONFINITE else ""  # repr only when used
         suspect, self.suspect = self.suspect, None
         if suspect is not None:  # the loss after a spike decides what the spike was
             if signal is Signal.NONFINITE or self.spike.last_zscore > NORMAL_BAND_ZSCORE:
@@ -619,6 +625,7 @@ class Controller:
     def _close_step(self, step: int, new_events: list[Event]) -> list[Event]:
         """What every step ends with: a snapshot of this step that did not settle is no good,
         the warmup deadline, the end of the plan; record ``new_events``."""
+        self.revision = next(_REVISIONS)  # the step's decisions may have moved the curve
         pending = self._pending_snapshot
         if pending is not None and pending[0] == step:  # its loss was not normal (or unknown)
             self._pending_snapshot = None
@@ -1134,6 +1141,7 @@ class Controller:
     def _set_plan(self, plan: _Plan) -> None:
         self._plan = plan
         self._base = plan.build(self.floor)
+        self.revision = next(_REVISIONS)
 
     def _event(self, step: int, kind: EventKind, why: str, before: float | None) -> Event:
         """An event at ``step``; ``before=None``: the LR is unchanged by it."""

@@ -28,7 +28,8 @@ view needs the controller's state right after it). Nothing here imports Lightnin
 
 Per step the engine does only what the step needs: the LR write, references kept for the
 feed, and (with the guard and snapshots) their device work; everything that turns tensors
-into floats or decisions runs once per block of ``readback_every`` steps.
+into floats or decisions runs once per block of ``readback_every`` steps, and so do the LR
+scales: a block's are computed at once and kept while the controller's ``revision`` holds.
 """
 
 import math
@@ -234,6 +235,9 @@ class StepEngine:
         self.written_step = -1
         """The step whose LR is in the param groups (-1: none yet, or to be written again)."""
         self.written_scale = 1.0
+        self._scales: list[float] = []  # lr_scale of the steps from _scales_from on, computed
+        self._scales_from = 0  # at the controller's revision _scales_revision
+        self._scales_revision = -1
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -339,7 +343,13 @@ class StepEngine:
         step, controller = self.step, self.controller
         if self.written_step == step or controller is None:
             return None
-        scale = controller.lr_scale(step)
+        index = step - self._scales_from
+        if controller.revision != self._scales_revision or not 0 <= index < len(self._scales):
+            # the scales of this block's steps in one go: they hold until the controller decides
+            # again, at the block's end
+            self._scales = [controller.lr_scale(s) for s in range(step, step + self.readback_every)]
+            self._scales_from, self._scales_revision, index = step, controller.revision, 0
+        scale = self._scales[index]
         try:
             for optimizer in self.driven:
                 for group in optimizer.param_groups:

@@ -161,8 +161,7 @@ class NonFiniteGuard:
         self._losses: list[Tensor] = []
         self._watched: dict[int, _Watched] = {}
         self._armed: list[Optimizer] = []
-        self._constants: dict[tuple[torch.device, float], Tensor] = {}
-        self._scratch: dict[torch.device, Tensor] = {}
+        self._constants: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
     def mechanism(self, optimizer: Optimizer) -> Mechanism:
         """:func:`mechanism_for`, decided once per optimizer; unguarded ones are logged once."""
@@ -212,28 +211,32 @@ class NonFiniteGuard:
         self._in_step = True
         if watched.sampled and self._steps % self.grad_check_every:
             return self._check_losses_on_host(watched)
-        tensors = [p.grad for p in watched.params if p.grad is not None]
+        tensors = [grad for p in watched.params if (grad := p.grad) is not None]
         tensors += losses
         if not tensors:
             return None
         one_device = watched.device
-        if one_device is not None and any(loss.device != one_device for loss in losses):
-            one_device = None
+        for loss in losses:
+            if loss.device != one_device:
+                one_device = None
+                break
         device = tensors[0].device if one_device is None else one_device
         # fused SGD's first step of a parameter creates its momentum even when found_inf skips
         # it (from uninitialised memory, applied by the next step): on such a step read the flag
         # and take the gradients away instead (one sync per parameter's first step)
         on_host = watched.mechanism == "host" or _stateless_param_with_grad(optimizer, watched)
+        zero, one, scratch = self._constants_on(device)
         # 0-d, as GradScaler makes it (fused Adam needs it); found_inf: a fresh one per step
         # (the optimizer and the loss feed keep it), host: a scratch kept at 0 between checks
-        flag = self._zeroed_scratch(device) if on_host else torch.zeros((), device=device)
+        flag = scratch if on_host else torch.zeros((), device=device)
+        unit = one if one_device is not None else None
         try:
-            self._find_nonfinite(tensors, flag, one_device is not None, watched.convert)
+            self._find_nonfinite(tensors, flag, unit, watched.convert)
         except NotImplementedError:  # no sparse or complex version of the kernel: learn it once
             if watched.convert:
                 raise
             watched.convert = True
-            self._find_nonfinite(tensors, flag, one_device is not None, convert=True)
+            self._find_nonfinite(tensors, flag, unit, convert=True)
         if self.reduce_max is not None:
             self.reduce_max(flag)
         if not on_host:
@@ -241,35 +244,35 @@ class NonFiniteGuard:
             self._armed.append(optimizer)
             return flag
         if not flag.item():
-            return self._constant(device, 0.0)
+            return zero
         flag.zero_()
         for p in watched.params:
             p.grad = None
-        return self._constant(device, 1.0)
+        return one
 
     def _check_losses_on_host(self, watched: _Watched) -> Tensor:
         """A step whose gradients are not checked: its losses, read on the host (free on the
         CPU); the gradients are taken away when one is non-finite."""
         device = watched.device
         assert device is not None  # sampled: all on the CPU
+        zero, one, _ = self._constants_on(device)
         for loss in self._losses:
             if not math.isfinite(loss.item()):
                 for p in watched.params:
                     p.grad = None
-                return self._constant(device, 1.0)
-        return self._constant(device, 0.0)
+                return one
+        return zero
 
     def _find_nonfinite(
-        self, tensors: list[Tensor], flag: Tensor, one_device: bool, convert: bool
+        self, tensors: list[Tensor], flag: Tensor, unit: Tensor | None, convert: bool
     ) -> None:
-        """Set ``flag`` to 1 if any of ``tensors`` holds a NaN or inf (values unchanged)."""
+        """Set ``flag`` to 1 if any of ``tensors`` holds a NaN or inf (values unchanged);
+        ``unit``: 1.0 on the one device of them all (``None``: they are on several)."""
         if convert:  # as GradScaler does for sparse: the values of the coalesced tensor
             tensors = [t.coalesce()._values() if t.is_sparse else t for t in tensors]
             tensors = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
-        if one_device:
-            torch._amp_foreach_non_finite_check_and_unscale_(
-                tensors, flag, self._constant(flag.device)
-            )
+        if unit is not None:
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, unit)
         else:
             self._check_on_each_device(tensors, flag)
 
@@ -280,23 +283,23 @@ class NonFiniteGuard:
             by_device.setdefault(t.device, []).append(t)
         for where, group in by_device.items():
             local = flag if where == flag.device else torch.zeros((), device=where)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, local, self._constant(where))
+            unit = self._constants_on(where)[1]
+            torch._amp_foreach_non_finite_check_and_unscale_(group, local, unit)
             if local is not flag:
                 torch.maximum(flag, local.to(flag.device, non_blocking=True), out=flag)
 
-    def _zeroed_scratch(self, device: torch.device) -> Tensor:
-        if device not in self._scratch:
-            self._scratch[device] = torch.zeros((), device=device)
-        return self._scratch[device]
-
-    def _constant(self, device: torch.device, value: float = 1.0) -> Tensor:
-        """A cached 0-d ``value`` on ``device`` (1.0 is also the check's unscale factor); never
-        written to."""
-        key = (device, value)
-        constant = self._constants.get(key)
-        if constant is None:
-            constant = self._constants[key] = torch.full((), value, device=device)
-        return constant
+    def _constants_on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Cached 0-d tensors on ``device``: 0.0 and 1.0 (the flags the host way returns, 1.0
+        also the check's unscale factor; never written to), and the host way's scratch flag
+        (kept at 0 between checks). One lookup per check."""
+        found = self._constants.get(device)
+        if found is None:
+            found = self._constants[device] = (
+                torch.zeros((), device=device),
+                torch.ones((), device=device),
+                torch.zeros((), device=device),
+            )
+        return found
 
     def release(self) -> None:
         """After the step: take ``found_inf`` back off the optimizers it was put on."""

@@ -54,6 +54,8 @@ class StepLoss(NamedTuple):
     buffers_nonfinite: bool = False
 
 
+_new = tuple.__new__  # a StepLoss without the call to its __new__ (of all fields: every block)
+
 _Row = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]
 """One closed step, on its device, 0-d each: its loss, its loss scale (``None``: no
 GradScaler), its guard flag (``None``: not guarded) and its buffer flag (``None``: not
@@ -257,6 +259,11 @@ class LossFeed:
             rows = [tuple(None if t is None else t.to(device) for t in row) for row in rows]  # type: ignore[misc]
             self._rows = rows
             self._mixed_devices = self.device is None  # later rows may come from elsewhere
+        kept = self._kept
+        if not (kept[0] or kept[1] or kept[2]):  # losses only: no GradScaler, guard or buffers
+            values = torch.stack([row[0] for row in rows])
+            values = values if values.dtype == torch.float32 else values.float()
+            return values, False, False, False
         losses, *others = zip(*rows, strict=True)
         columns, n = list(losses), len(losses)
         for column, count, default in zip(others, self._kept, (1.0, 0.0, 0.0), strict=True):
@@ -268,7 +275,6 @@ class LossFeed:
         values = torch.stack(columns)
         if values.dtype != torch.float32:
             values = values.float()
-        kept = self._kept
         return values, kept[0] > 0, kept[1] > 0, kept[2] > 0
 
     def _constant(self, device: torch.device, value: float) -> Tensor:
@@ -284,9 +290,9 @@ class LossFeed:
         if scales is None and self._last_scale <= 1.0:  # no GradScaler, no loss-less step
             self._last_scale = 1.0 if n else self._last_scale
             if flags is None and buffers is None:
-                return [StepLoss(loss) for loss in losses]
+                return [_new(StepLoss, (loss, False, False, False, False)) for loss in losses]
             pairs = zip(losses, flags or [0.0] * n, buffers or [0.0] * n, strict=True)
-            return [StepLoss(loss, False, flag > 0, False, b > 0) for loss, flag, b in pairs]
+            return [_new(StepLoss, (x, False, flag > 0, False, b > 0)) for x, flag, b in pairs]
         out = []
         rows = zip(
             losses, scales or [1.0] * n, flags or [0.0] * n, buffers or [0.0] * n, strict=True

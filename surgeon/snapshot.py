@@ -18,7 +18,7 @@ FSDP), never with ``state_dict()``, which may gather across ranks.
 import copy
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -41,9 +41,9 @@ class _SavedOptimizer:
     entry as a :class:`_Slot` into the snapshot's flat list of copies."""
 
 
-@dataclass(frozen=True)
-class _Slot:
-    """Where a tensor's copy sits in the snapshot's flat list of buffers."""
+class _Slot(NamedTuple):
+    """Where a tensor's copy sits in the snapshot's flat list of buffers (a named tuple: one is
+    made per optimizer-state tensor per capture, and a tuple is the cheapest to make)."""
 
     index: int
 
@@ -91,11 +91,12 @@ class Snapshot:
         """Copy ``module``'s parameters and buffers, ``extra`` and ``optimizers``' state, reusing
         buffers. ``False`` (nothing copied) while a lazy module has not materialized its tensors
         yet."""
-        sources = _module_tensors(module)
+        params = list(module.parameters())
+        sources = [*params, *module.buffers()]  # as _module_tensors, walking the modules once less
         if any(is_lazy(t) for t in sources):
             return False
         self._module_count = len(sources)
-        self._param_count = len(list(module.parameters()))
+        self._param_count = len(params)
         sources += extra
         self._extra_count = len(extra)
         self._optimizers = [_save_optimizer(opt, sources) for opt in optimizers]

@@ -10,12 +10,15 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from conftest import TinyRegressor, make_loader
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_ddp import run_worker
 from torch import Tensor, nn
 
@@ -287,3 +290,52 @@ def test_a_stalled_loop_without_snapshots_says_how_to_get_them(with_model: bool)
     )
     if with_model:
         assert EventKind.ROLLBACK in [e.kind for e in surgeon.events]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**16),
+    trouble=st.dictionaries(
+        st.integers(0, 149), st.sampled_from([3.0, 10.0, 1000.0, math.nan, math.inf]), max_size=8
+    ),
+    readback_every=st.sampled_from([1, 2, 4, 5]),
+    cool_down_at=st.none() | st.integers(0, 149),
+    checkpoint_at=st.none() | st.integers(0, 149),
+)
+def test_every_step_gets_the_lr_the_controller_gives_it_then(
+    seed: int,
+    trouble: dict[int, float],
+    readback_every: int,
+    cool_down_at: int | None,
+    checkpoint_at: int | None,
+) -> None:
+    """The engine computes a block's LR scales in one go and keeps them while the controller's
+    ``revision`` holds: whatever the stream brings (spikes, NaN/inf streaks, rollbacks, a
+    plateau, a cooldown, a checkpoint's read of the losses mid-block), each step's LR is
+    ``peak x lr_scale(step)`` as the controller computes it at that moment, bit for bit."""
+    rng = random.Random(seed)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    surgeon = Surgeon(
+        optimizer,
+        150,
+        model=model,
+        readback_every=readback_every,
+        verbose=False,
+        min_warmup=5,
+        max_warmup=20,
+        plateau_patience=10,
+        plateau_cooldown=10,
+        decay="wsd",
+        spike_cooldown=3,
+        spike_recovery=5,
+    )
+    for step in range(150):
+        if step == cool_down_at:
+            surgeon.cool_down_now(20)
+        if step == checkpoint_at:
+            surgeon.state_dict()
+        level = 1.0 / (1.0 + 0.05 * min(step, 60))  # falls, then a plateau
+        surgeon.step(level * (1.0 + 0.02 * rng.gauss(0.0, 1.0)) * trouble.get(step, 1.0))
+        expected = 0.1 * surgeon.controller.lr_scale(surgeon.engine.step)
+        assert optimizer.param_groups[0]["lr"] == expected, step
