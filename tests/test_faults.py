@@ -701,3 +701,29 @@ def test_fault_matrix_ddp_nan_on_one_rank(tmp_path: Path) -> None:
         if event["kind"] == "rollback":
             assert int(re.search(r"\((\d+) steps\)$", event["reason"]).group(1)) <= bound
     assert faulty[0]["eval_loss"] == pytest.approx(clean[0]["eval_loss"], rel=0.05)
+
+
+def test_an_outliers_damage_that_shows_later_is_rolled_back_to_before_it(
+    make_trainer: Callable[..., Any],
+) -> None:
+    """One x1000 batch under Adam at step 100: the next loss is normal (an ``outlier``, no
+    action), but Adam's momentum goes on pushing along that gradient; the loss that climbs a
+    few steps later is a confirmed spike, and the rollback restores the snapshot from before
+    the bad batch, Adam's moments included: they end the fit as in a run without it."""
+
+    def fitted(loss_hook: FaultHook | None) -> tuple[ScheduleSurgeon, float]:
+        surgeon = ScheduleSurgeon()
+        model = Net(optimizer="fused-adam", loss_hook=loss_hook)
+        trainer = make_trainer([surgeon], max_steps=200)
+        trainer.fit(model, make_loader())
+        state = trainer.optimizers[0].state.values()
+        return surgeon, max(s["exp_avg_sq"].max().item() for s in state)
+
+    _, clean = fitted(None)
+    surgeon, hit = fitted(at({100}, lambda loss: loss * 1000))
+    assert [e.kind for e in surgeon.events if e.step == 101] == [EventKind.OUTLIER]
+    (spike,) = of_kind(surgeon, EventKind.SPIKE)
+    (rollback,) = of_kind(surgeon, EventKind.ROLLBACK)
+    assert 101 < spike.step == rollback.step < 120 and rollback_target(rollback) < 100
+    assert_within_bound(surgeon)
+    assert hit < 10 * clean  # the x1e6 squared gradient did not survive the rollback
