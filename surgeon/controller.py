@@ -20,7 +20,8 @@ The multiplier is ``base(step) x intervention(step)``:
   - **decay** from the peak to the floor (``linear`` to 0 by default), right after warmup
     (``wsd``: a hold at the peak first, then the last ``wsd_decay_fraction`` of the run);
   - **ceilings**: the peak is lowered for the rest of the run when the LR proves too high for
-    the run: a spike while the LR is coming back from the last cut (or soon after), a loss that
+    the run: a second confirmed spike while the LR is still cut (once per cut: a storm is one
+    verdict), a spike while the LR is coming back from the last cut (or soon after), a loss that
     keeps rising after warmup by more than ``spike_ratio`` (``climb``), a loss still rising at
     ``max_warmup``;
   - **plateau**: a stall during a hold at the peak (``wsd``) cuts the LR; a decay is left alone
@@ -219,6 +220,8 @@ class _Intervention:
     hold_until: int = 0
     recover_start: int = 0
     recover_steps: int = 1
+    lowered: bool = False
+    """This hold has lowered the peak already: a storm of spikes inside it lowers it once."""
 
     def at(self, step: int) -> float:
         """The multiplier for ``step``."""
@@ -1041,10 +1044,22 @@ class Controller:
         hold_until = step + 1 + self.spike_cooldown
         if self.intervention.mode == "hold":
             self.intervention.hold_until = hold_until
+            storm = kind is EventKind.SPIKE and self.rolled_back_to is None
+            if storm and not self.intervention.lowered:
+                # a second confirmed spike while the LR is still cut: the LR before the cut is
+                # too high for this run (not a level shift: those follow a rollback); once per
+                # hold, a storm of them is one verdict
+                self.intervention.lowered = True
+                self._lower_peak(step, self._level(step + 1) * self.config.spike_factor)
+                why += (
+                    f"a second spike while the LR is cut: the peak is lowered to "
+                    f"{self.peak:.3g} for the rest of the run; "
+                )
             why += f"already cut, cooldown extended to step {hold_until}"
             return self._event(step, kind, why, before)
         current = self.intervention.at(step + 1)
-        if self.intervention.mode == "recover" or step < self.watch_until:
+        lowered = self.intervention.mode == "recover" or step < self.watch_until
+        if lowered:
             # the plan now carries the LR it spiked at x factor; the cut starts from there
             self._lower_peak(step, before * self.config.spike_factor)
             current = 1.0
@@ -1054,7 +1069,7 @@ class Controller:
                 f"lowered to {self.peak:.3g} for the rest of the run; "
             )
         value = max(self.floor, current * self.config.spike_factor)
-        self.intervention = _Intervention(mode="hold", value=value, hold_until=hold_until)
+        self.intervention = _Intervention("hold", value, hold_until, lowered=lowered)
         if self.phase is Phase.WARMUP and not self.paused:
             self.paused = True
             frozen = min(self.peak, self._level(step + 1))

@@ -552,16 +552,31 @@ class TestSpike:
         assert max(trace.lrs[again.step + 1 :]) <= controller.peak
         assert all(math.isfinite(lr) and lr >= 0 for lr in trace.lrs)
 
-    def test_a_second_spike_while_held_extends_the_cooldown(self) -> None:
+    def test_a_second_spike_while_held_lowers_the_peak_and_extends_the_cooldown(self) -> None:
+        """A second confirmed spike while the LR is still cut: the LR before the cut was too
+        high for the run. The peak becomes the cut level (spike_factor x the plan's level) for
+        the rest of the run, the hold goes on from the second spike, and the LR comes back to
+        the lowered plan, not to the old one."""
         losses = self.stream(seed=3)
+        clean = drive(Controller(self.TOTAL, self.config()), losses)
         first, second = spike(losses, 1000), spike(losses, 1005)
-        trace = drive(Controller(self.TOTAL, self.config()), losses)
+        controller = Controller(self.TOTAL, self.config())
+        trace = drive(controller, losses)
         spikes = trace.of(EventKind.SPIKE)
         assert [e.step for e in spikes] == [first, second]
-        assert spikes[1].scale_after == spikes[1].scale_before  # no second cut
+        factor = controller.config.spike_factor
+        assert controller.peak == pytest.approx(clean.lrs[second + 1] * factor)
+        assert f"the peak is lowered to {controller.peak:.3g}" in spikes[1].reason
+        assert "lowered" not in spikes[0].reason
         assert f"extended to step {second + 1 + self.COOLDOWN}" in spikes[1].reason
         (recovered,) = trace.of(EventKind.RECOVERED)
         assert recovered.step == second + self.COOLDOWN
+        held = trace.lrs[second + 1 : second + self.COOLDOWN + 1]
+        assert held[0] == pytest.approx(controller.peak * factor)  # cut, from the new peak
+        assert max(trace.lrs[second + 1 :]) <= controller.peak
+        end = recovered.step + self.RECOVERY + 1  # back to the lowered plan, decaying
+        assert trace.lrs[end] == pytest.approx(controller.lr_scale(end), rel=1e-12)
+        assert trace.lrs[end] < clean.lrs[end] * factor * 1.01
 
     def test_spike_during_the_ramp_pauses_it(self) -> None:
         total, at, cooldown, recovery = 2000, 20, 10, 20
@@ -604,6 +619,22 @@ class TestSpike:
         level = (acted + 2) / (controller.max_warmup + 1)
         assert held == pytest.approx([level * config.spike_factor] * cooldown)  # flat
         assert max(trace.lrs) == 1.0
+
+    def test_a_storm_of_spikes_in_one_hold_lowers_the_peak_once(self) -> None:
+        """Four confirmed spikes within one hold (a storm): the peak is lowered once, by the
+        second, not halved again by each."""
+        losses = self.stream(seed=5)
+        acted = [spike(losses, at) for at in (1000, 1004, 1008, 1012)]
+        controller = Controller(self.TOTAL, self.config())
+        trace = drive(controller, losses)
+        spikes = trace.of(EventKind.SPIKE)
+        assert [e.step for e in spikes] == acted
+        assert ["lowered" in e.reason for e in spikes] == [False, True, False, False]
+        factor = controller.config.spike_factor
+        assert controller.peak == pytest.approx(trace.lrs[acted[0]] * factor, rel=0.01)
+        restored = Controller(self.TOTAL, self.config())
+        restored.load_state_dict(json.loads(json.dumps(controller.state_dict())))
+        assert restored.state_dict() == controller.state_dict()
 
     def test_a_spike_again_while_the_lr_comes_back_lowers_the_peak(self) -> None:
         """The second spike comes while the LR ramps back from the first cut: the LR it came

@@ -86,8 +86,9 @@
 
   class _Intervention {
     constructor({ mode = "normal", value = 1.0, hold_until = 0, recover_start = 0,
-                  recover_steps = 1 } = {}) {
-      Object.assign(this, { mode, value, hold_until, recover_start, recover_steps });
+                  recover_steps = 1, lowered = false } = {}) {
+      // lowered: this hold has lowered the peak already (a storm of spikes lowers it once)
+      Object.assign(this, { mode, value, hold_until, recover_start, recover_steps, lowered });
     }
 
     at(step) {
@@ -648,11 +649,22 @@
       const hold_until = step + 1 + this.spike_cooldown;
       if (this.intervention.mode === "hold") {
         this.intervention.hold_until = hold_until;
+        const storm = kind === EventKind.SPIKE && this.rolled_back_to === null;
+        if (storm && !this.intervention.lowered) {
+          // a second confirmed spike while the LR is still cut: the LR before the cut is too
+          // high for this run (not a level shift: those follow a rollback); once per hold
+          this.intervention.lowered = true;
+          this._lower_peak(step, this._level(step + 1) * this.config.spike_factor);
+          why +=
+            `a second spike while the LR is cut: the peak is lowered to ${g(this.peak, 3)} ` +
+            "for the rest of the run; ";
+        }
         why += `already cut, cooldown extended to step ${hold_until}`;
         return this._event(step, kind, why, before);
       }
       let current = this.intervention.at(step + 1);
-      if (this.intervention.mode === "recover" || step < this.watch_until) {
+      const lowered = this.intervention.mode === "recover" || step < this.watch_until;
+      if (lowered) {
         this._lower_peak(step, before * this.config.spike_factor);
         current = 1.0;
         why +=
@@ -661,7 +673,7 @@
           `lowered to ${g(this.peak, 3)} for the rest of the run; `;
       }
       const value = Math.max(this.floor, current * this.config.spike_factor);
-      this.intervention = new _Intervention({ mode: "hold", value, hold_until });
+      this.intervention = new _Intervention({ mode: "hold", value, hold_until, lowered });
       if (this.phase === Phase.WARMUP && !this.paused) {
         this.paused = true;
         const frozen = Math.min(this.peak, this._level(step + 1));
