@@ -227,10 +227,15 @@ class Surgeon:
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and the controller's state. It first reads the losses still in flight and
-        decides on them (a spike among them is rolled back now), so call it *before* taking the
-        model's and optimizers' state dicts (save those too: the peaks live in the optimizers'
-        param groups). Under ``torch.distributed`` call it on every rank."""
+        decides on them (a spike among them is rolled back now, and the next step's LR is
+        written again), so call it *before* taking the model's and optimizers' state dicts
+        (save those too: the peaks live in the optimizers' param groups). Under
+        ``torch.distributed`` call it on every rank."""
         state = self.engine.state_dict()
+        # what it decided may move the LR already written for the next step: write it again
+        # (without a snapshot: they were just dropped), as the resumed run's load_state_dict does
+        self.engine.written_step = -1
+        self.engine.begin_step(snapshot=False)
         if self._recorder is not None:
             self._recorder.flush()
         return state

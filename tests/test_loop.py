@@ -177,6 +177,65 @@ def test_resume_continues_with_the_uninterrupted_lrs() -> None:
     assert decisions(resumed.events) == decisions(surgeon.events)
 
 
+def test_a_plain_resume_inside_a_spikes_read_back_window_is_exact() -> None:
+    """A x20 loss at steps 200-201 (a spike the next loss confirms, rolled back), saved at step
+    210 while losses after it are still in flight: the saving run's ``state_dict()`` decides on
+    them (the LR of step 210 changes there) and writes that step's new LR, as the resumed run
+    does, so both use the same LRs and end with the same weights."""
+    torch.manual_seed(0)
+    x = torch.randn(4096, 20)
+    y = (x @ torch.randn(20, 4)).argmax(1)
+    steps, at = 320, 210
+
+    def fresh() -> tuple[nn.Module, Any]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))
+        return model, torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def loop(surgeon: Surgeon, model: nn.Module, optimizer: Any, start: int, stop: int) -> list:
+        lrs = []
+        for step in range(start, stop):
+            idx = torch.randint(len(x), (32,), generator=torch.Generator().manual_seed(step))
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss = loss * (20.0 if step in (200, 201) else 1.0)
+            lrs.append(optimizer.param_groups[0]["lr"])
+            loss.backward()
+            surgeon.guard(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            surgeon.step(loss)
+        return lrs
+
+    model, optimizer = fresh()
+    surgeon = Surgeon(optimizer, steps, model=model, verbose=False)
+    loop(surgeon, model, optimizer, 0, at)
+    decided = len(surgeon.events)
+    saved = copy.deepcopy(
+        {
+            "surgeon": surgeon.state_dict(),
+            "model": model.state_dict(),
+            "opt": optimizer.state_dict(),
+        }
+    )
+    assert len(surgeon.events) > decided  # the read before saving decided something
+    assert optimizer.param_groups[0]["lr"] == 3e-3 * surgeon.controller.lr_scale(at)
+    assert EventKind.ROLLBACK in [e.kind for e in surgeon.events]
+    lrs = loop(surgeon, model, optimizer, at, steps)
+    surgeon.finish()
+
+    model2, optimizer2 = fresh()
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["opt"])
+    resumed = Surgeon(optimizer2, steps, model=model2, verbose=False)
+    resumed.load_state_dict(saved["surgeon"])
+    assert loop(resumed, model2, optimizer2, at, steps) == lrs
+    resumed.finish()
+    assert decisions(resumed.events) == decisions(surgeon.events)
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(), strict=True)
+    )
+
+
 def test_guard_skips_a_nan_gradient_with_a_finite_loss() -> None:
     model = nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
