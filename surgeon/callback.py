@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -271,6 +272,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             readback_every=readback_every,
             on_event=self._on_event,
             on_losses=self._on_losses,
+            on_warning=lambda message: rank_zero_warn(f"ScheduleSurgeon: {message}"),
         )
         self._view = Reporter(self.engine, self.config, verbose=verbose, log_dir=self.log_dir)
         self._budget = FitBudget(

@@ -23,6 +23,7 @@ rank makes the same decisions; call ``step`` and ``guard`` on every rank.
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,7 @@ class Surgeon:
             readback_every=readback_every,
             on_event=self._report,
             on_losses=self._on_losses,
+            on_warning=self._warn,
         )
         if _grads_synchronized(model):
             guard = NonFiniteGuard(skip_nonfinite, check_losses=False)
@@ -266,6 +268,10 @@ class Surgeon:
             self._recorder.event(self.engine.event_record(event))
         if self.verbose and self._rank_zero:
             print(f"surgeon: step {event.step}: {event.kind.value}: {event.reason}", flush=True)
+
+    def _warn(self, message: str) -> None:
+        if self._rank_zero:
+            warnings.warn(f"Surgeon: {message}", stacklevel=5)  # at the loop's state_dict()
 
     def _on_losses(self, rows: list[LossRow]) -> None:
         if self._recorder is not None:
