@@ -342,6 +342,10 @@ def test_run_files_for_plot_and_replay(tmp_path: Path) -> None:
         ({"peak_lr": "find"}, "peak_lr"),
         ({"verbose": "yes"}, "verbose"),
         ({"decay": "exponential"}, "decay"),
+        ({"grad_check_every": 0}, "grad_check_every=0"),
+        ({"grad_check_every": -2}, "grad_check_every=-2"),
+        ({"grad_check_every": 2.0}, "grad_check_every=2.0"),
+        ({"log_dir": 123}, "log_dir=123"),
     ],
 )
 def test_bad_settings_name_the_field(kwargs: dict[str, Any], field: str) -> None:
