@@ -519,6 +519,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         step = self.engine.step
         if step >= self._budget.next_check:
             self._budget.check_time()
+            self._view.follow_plan()  # a cooldown's end may have moved without an event
         if step >= self._view.next_done:
             self._view.done()
         self._schedule_checks()
