@@ -230,6 +230,7 @@ class StepEngine:
         self._snapshots: list[Snapshot] = []
         self._dropped_at: int | None = None  # the checkpoint that last dropped the snapshots
         self._first_snapshot: int | None = None  # the step of the first one taken since then
+        self._close_since: int | None = None  # the first of the checkpoints too close in a row
         self._warned_checkpoints = False
         self._scaler: Any = None
         self._buffers: list[Tensor] = []
@@ -296,7 +297,7 @@ class StepEngine:
         self._step_flag = None
         keep = self.snapshot != "off" and module is not None
         self._snapshots = [Snapshot(self.snapshot) for _ in "ab"] if keep else []  # type: ignore[arg-type]
-        self._dropped_at = self._first_snapshot = None
+        self._dropped_at = self._first_snapshot = self._close_since = None
         self._warned_checkpoints = False
         self._scaler = scaler
         self._buffers = _checked_buffers(module)
@@ -596,30 +597,30 @@ class StepEngine:
 
     def _drop_snapshots_at_checkpoint(self) -> None:
         """Forget the snapshots, as the resumed run has none (every loss has been read). A
-        rollback refused for want of one says so. A checkpoint too close to the previous one for
-        a snapshot taken after that one to guard any step (it guards the steps after its own,
-        once its loss is read) warns, once: checkpoints this frequent leave nothing to roll
-        back to."""
+        rollback refused for want of one says so. Two checkpoint intervals in a row too short
+        for a snapshot taken after a checkpoint to guard any step (it guards the steps after its
+        own, once its loss is read) warn, once: checkpoints this frequent leave nothing to roll
+        back to (one such pair, e.g. a periodic checkpoint and an epoch's, is no pattern)."""
         controller = self.controller
         assert controller is not None
         if not self._snapshots:
             controller.forget_snapshots()
             return
         before, step, first = self._dropped_at, self.step, self._first_snapshot
-        if (
-            before is not None
-            and before < step
-            and (first is None or first >= step - 1)
-            and not self._warned_checkpoints
-        ):
-            self._warned_checkpoints = True
-            self.on_warning(
-                f"the checkpoints at steps {before} and {step} came too close for a snapshot "
-                "between them to guard any step, so no spike or NaN between them could be rolled "
-                "back: every checkpoint drops the snapshots (a resumed run has none, so both go "
-                "on alike), and the first one after it guards the steps after its own once the "
-                "loss of its step is read and normal. Checkpoint less often to keep rollbacks"
-            )
+        if before is not None and before < step:
+            close = first is None or first >= step - 1
+            since = self._close_since
+            self._close_since = (before if since is None else since) if close else None
+            if close and since is not None and not self._warned_checkpoints:
+                self._warned_checkpoints = True
+                self.on_warning(
+                    f"the checkpoints from step {since} to step {step} came too close for a "
+                    "snapshot between two of them to guard any step, so no spike or NaN there "
+                    "could be rolled back: every checkpoint drops the snapshots (a resumed run "
+                    "has none, so both go on alike), and the first one after it guards the steps "
+                    "after its own once the loss of its step is read and normal. Checkpoint less "
+                    "often to keep rollbacks"
+                )
         self._dropped_at, self._first_snapshot = step, None
         controller.forget_snapshots(self._dropped_why())
 
