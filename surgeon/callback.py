@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -271,6 +272,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             readback_every=readback_every,
             on_event=self._on_event,
             on_losses=self._on_losses,
+            on_warning=lambda message: rank_zero_warn(f"ScheduleSurgeon: {message}"),
         )
         self._view = Reporter(self.engine, self.config, verbose=verbose, log_dir=self.log_dir)
         self._budget = FitBudget(
@@ -517,6 +519,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         step = self.engine.step
         if step >= self._budget.next_check:
             self._budget.check_time()
+            self._view.follow_plan()  # a cooldown's end may have moved without an event
         if step >= self._view.next_done:
             self._view.done()
         self._schedule_checks()

@@ -509,6 +509,7 @@ def _run_replay(args: argparse.Namespace) -> int:
         _need_matplotlib(prog, "--out")
     try:
         stream = read_stream(args.run, args.metric)
+        stream.check_from_the_start()
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(prog, str(err)) from None
     base = stream.settings or RunSettings(len(stream.losses))

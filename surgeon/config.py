@@ -21,6 +21,7 @@ PeakLR = Literal["optimizer", "find"]
 DECAY_NAMES: tuple[str, ...] = ("cosine", "linear", "sqrt", "wsd")
 PLATEAU_ACTIONS: tuple[str, ...] = ("cut", "restart")
 PEAK_LR_MODES: tuple[str, ...] = ("optimizer", "find")
+_RESTART_PEAK = 0.5
 
 
 def check_steps(name: str, value: Steps) -> None:
@@ -94,7 +95,7 @@ class SurgeonConfig:
     ``restart_peak`` over ``restart_warmup`` steps, then decay again (SGDR-like)."""
     max_restarts: int = 2
     """Restarts allowed before a plateau falls back to a cut."""
-    restart_peak: float = 0.5
+    restart_peak: float = _RESTART_PEAK
     """LR a restart re-warms to, as a fraction of the peak."""
     restart_warmup: Steps = 0.01
     """Length of a restart's re-warm ramp."""
@@ -179,10 +180,14 @@ class SurgeonConfig:
             )
         check_positive_int("max_restarts", self.max_restarts, allow_zero=True)
         check_in_range("restart_peak", self.restart_peak, 0.0, 1.0, low_open=True, high_open=False)
-        if self.restart_peak < self.min_lr_ratio:
+        restarts = self.plateau_action == "restart" and self.max_restarts > 0
+        if restarts and self.restart_peak < self.min_lr_ratio:  # otherwise it is never used
+            default = " (its default)" if self.restart_peak == _RESTART_PEAK else ""
             raise ValueError(
-                "restart_peak must be >= min_lr_ratio, "
-                f"got restart_peak={self.restart_peak!r}, min_lr_ratio={self.min_lr_ratio!r}"
+                "restart_peak must be >= min_lr_ratio when plateau_action='restart' (a restart "
+                f"re-warms to restart_peak x the peak, not below the floor), got "
+                f"restart_peak={self.restart_peak!r}{default}, min_lr_ratio={self.min_lr_ratio!r}"
+                "; raise restart_peak"
             )
         check_in_range(
             "spike_zscore", self.spike_zscore, 0.0, math.inf, low_open=True, high_open=True

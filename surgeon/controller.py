@@ -673,8 +673,10 @@ class Controller:
         self.phase = phase
 
     # ------------------------------------------------------------------ snapshots and rollback
-    def forget_snapshots(self) -> None:
-        """No snapshot exists (a fresh fit, a resume, or the caller dropped them)."""
+    def forget_snapshots(self, why: str = "no good snapshot yet") -> None:
+        """No snapshot exists (a fresh fit, a resume, or the caller dropped them); ``why``: the
+        clause a rollback refused for want of one says, until one is confirmed."""
+        self._no_snapshot_why = why
         self._pending_snapshot: tuple[int, int] | None = None
         self._good_snapshot: tuple[int, int] | None = None
         self._last_snapshot_step = -math.inf
@@ -766,7 +768,7 @@ class Controller:
                 "so going back again would repeat it"
             )
         elif good is None:
-            why = "no good snapshot yet"
+            why = self._no_snapshot_why
         elif step - good[0] > 2 * self.snapshot_every:
             why = (
                 f"the last good snapshot (step {good[0]}) is {step - good[0]} steps back, more "

@@ -65,6 +65,8 @@ LossSink = Callable[[int, float, bool], None]
 """Called with each :data:`LossRow` right after the controller consumed it."""
 LossesSink = Callable[[list[LossRow]], None]
 """Called with the losses the controller consumed, in step order, once per block read."""
+WarningSink = Callable[[str], None]
+"""Called with a warning for the user (a sentence), on every rank: the sink shows it once."""
 
 
 def check_lr(lr: Any) -> float:
@@ -191,10 +193,11 @@ class StepEngine:
         on_event: EventSink = _ignore,
         on_losses: LossesSink = _ignore,
         on_loss: LossSink | None = None,
+        on_warning: WarningSink = _ignore,
     ) -> None:
         """``on_event``: each decision; ``on_losses``: the losses consumed, once per block;
         ``on_loss``: a loss right after it was consumed (``None``: none; see
-        :attr:`on_loss_from`)."""
+        :attr:`on_loss_from`); ``on_warning``: a warning for the user (at most one per run)."""
         check_snapshot_mode(snapshot)
         check_positive_int("readback_every", readback_every)
         self.config = config
@@ -203,6 +206,7 @@ class StepEngine:
         self.on_event = on_event
         self.on_losses = on_losses
         self.on_loss = on_loss
+        self.on_warning = on_warning
         self.on_loss_from = 0
         """``on_loss`` is called for the losses of the steps tried (``step + skipped_steps``)
         from this one on: a view that needs only some moves it ahead, the others cost no call."""
@@ -224,6 +228,10 @@ class StepEngine:
         self.changed_at_checkpoint = False
         """The last :meth:`state_dict` rolled back or repaired buffers before returning."""
         self._snapshots: list[Snapshot] = []
+        self._dropped_at: int | None = None  # the checkpoint that last dropped the snapshots
+        self._first_snapshot: int | None = None  # the step of the first one taken since then
+        self._close_since: int | None = None  # the first of the checkpoints too close in a row
+        self._warned_checkpoints = False
         self._scaler: Any = None
         self._buffers: list[Tensor] = []
         self._buffers_checked_from = 0  # flags of earlier steps were raised before a repair
@@ -289,6 +297,8 @@ class StepEngine:
         self._step_flag = None
         keep = self.snapshot != "off" and module is not None
         self._snapshots = [Snapshot(self.snapshot) for _ in "ab"] if keep else []  # type: ignore[arg-type]
+        self._dropped_at = self._first_snapshot = self._close_since = None
+        self._warned_checkpoints = False
         self._scaler = scaler
         self._buffers = _checked_buffers(module)
         self._buffers_checked_from = 0
@@ -497,6 +507,8 @@ class StepEngine:
         spare = next(s for s in self._snapshots if s.step is None or s.step != good)
         if spare.capture(self.module, self.optimizers, self.step, extra=self._scaler_state()):
             self.controller.snapshot_taken(self.step, spare.nbytes)
+            if self._first_snapshot is None:
+                self._first_snapshot = self.step
         self._buffers = _checked_buffers(self.module)  # lazy modules materialize later
 
     def _scaler_state(self) -> list[Tensor]:
@@ -572,7 +584,7 @@ class StepEngine:
         controller.before_checkpoint()
         if controller.rollback_to is not None:
             self._roll_back()
-        controller.forget_snapshots()
+        self._drop_snapshots_at_checkpoint()
         self.changed_at_checkpoint = self.restores != restores
         return {
             "controller": controller.state_dict(),
@@ -582,6 +594,46 @@ class StepEngine:
             "settings": asdict(self.config),
             "planned": self.planned,
         }
+
+    def _drop_snapshots_at_checkpoint(self) -> None:
+        """Forget the snapshots, as the resumed run has none (every loss has been read). A
+        rollback refused for want of one says so. Two checkpoint intervals in a row too short
+        for a snapshot taken after a checkpoint to guard any step (it guards the steps after its
+        own, once its loss is read) warn, once: checkpoints this frequent leave nothing to roll
+        back to (one such pair, e.g. a periodic checkpoint and an epoch's, is no pattern)."""
+        controller = self.controller
+        assert controller is not None
+        if not self._snapshots:
+            controller.forget_snapshots()
+            return
+        before, step, first = self._dropped_at, self.step, self._first_snapshot
+        if before is not None and before < step:
+            close = first is None or first >= step - 1
+            since = self._close_since
+            self._close_since = (before if since is None else since) if close else None
+            if close and since is not None and not self._warned_checkpoints:
+                self._warned_checkpoints = True
+                self.on_warning(
+                    f"the checkpoints from step {since} to step {step} came too close for a "
+                    "snapshot between two of them to guard any step, so no spike or NaN there "
+                    "could be rolled back: every checkpoint drops the snapshots (a resumed run "
+                    "has none, so both go on alike), and the first one after it guards the steps "
+                    "after its own once the loss of its step is read and normal. Checkpoint less "
+                    "often to keep rollbacks"
+                )
+        self._dropped_at, self._first_snapshot = step, None
+        controller.forget_snapshots(self._dropped_why())
+
+    def _dropped_why(self) -> str:
+        """Why no snapshot exists after the checkpoint at :attr:`_dropped_at`: the clause of a
+        rollback refused for want of one."""
+        return (
+            f"no good snapshot: the checkpoint at step {self._dropped_at} dropped the snapshots "
+            "(a resumed run has none, so both go on alike) and none taken since is confirmed yet "
+            "(one is once the loss of its own step is read and normal), so trouble this close "
+            "after a checkpoint cannot be rolled back; checkpoint less often to leave fewer such "
+            "steps"
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned into a started engine. Started with the
@@ -617,3 +669,6 @@ class StepEngine:
         self.feed.load_state_dict(state["feed"])
         self._buffers_checked_from = 0
         self.written_step = -1
+        if self._snapshots:  # as the saving run dropped them: a refusal says the same
+            self._dropped_at, self._first_snapshot = self.step, None
+            controller.forget_snapshots(self._dropped_why())

@@ -23,6 +23,7 @@ rank makes the same decisions; call ``step`` and ``guard`` on every rank.
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,10 @@ class Surgeon:
             )
         if not isinstance(verbose, bool):
             raise ValueError(f"verbose must be True or False, got verbose={verbose!r}")
+        if log_dir is not None and not isinstance(log_dir, str | Path):
+            raise ValueError(f"log_dir must be a path or None, got log_dir={log_dir!r}")
         check_positive_int("total_steps", total_steps)
+        check_positive_int("grad_check_every", grad_check_every)
         config = config if config is not None else SurgeonConfig(**settings)
         if config.peak_lr != "optimizer":
             raise ValueError(
@@ -135,6 +139,7 @@ class Surgeon:
             readback_every=readback_every,
             on_event=self._report,
             on_losses=self._on_losses,
+            on_warning=self._warn,
         )
         if _grads_synchronized(model):
             guard = NonFiniteGuard(skip_nonfinite, check_losses=False)
@@ -227,10 +232,15 @@ class Surgeon:
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and the controller's state. It first reads the losses still in flight and
-        decides on them (a spike among them is rolled back now), so call it *before* taking the
-        model's and optimizers' state dicts (save those too: the peaks live in the optimizers'
-        param groups). Under ``torch.distributed`` call it on every rank."""
+        decides on them (a spike among them is rolled back now, and the next step's LR is
+        written again), so call it *before* taking the model's and optimizers' state dicts
+        (save those too: the peaks live in the optimizers' param groups). Under
+        ``torch.distributed`` call it on every rank."""
         state = self.engine.state_dict()
+        # what it decided may move the LR already written for the next step: write it again
+        # (without a snapshot: they were just dropped), as the resumed run's load_state_dict does
+        self.engine.written_step = -1
+        self.engine.begin_step(snapshot=False)
         if self._recorder is not None:
             self._recorder.flush()
         return state
@@ -261,6 +271,10 @@ class Surgeon:
             self._recorder.event(self.engine.event_record(event))
         if self.verbose and self._rank_zero:
             print(f"surgeon: step {event.step}: {event.kind.value}: {event.reason}", flush=True)
+
+    def _warn(self, message: str) -> None:
+        if self._rank_zero:
+            warnings.warn(f"Surgeon: {message}", stacklevel=5)  # at the loop's state_dict()
 
     def _on_losses(self, rows: list[LossRow]) -> None:
         if self._recorder is not None:

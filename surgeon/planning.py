@@ -32,6 +32,10 @@ RECENT_CHECKS = 16
 """The recent step rate is measured over this many time checks."""
 TIME_MARGIN = 0.05
 """A time plan ends this fraction of the measured steps left early (rates drift)."""
+RECORDED_MOVE = 0.02
+"""A re-planned ``max_time`` cooldown is recorded (an event, printed and logged) only when its
+end moved by more than this share of the run since the last one recorded; the others move
+the plan alike (the same LRs), unrecorded: the measured step rate jitters."""
 MANUAL_SAMPLE = 10
 """Steps before the optimizer calls per batch are trusted to project the run's length."""
 MANUAL_TOLERANCE = 0.05
@@ -69,7 +73,9 @@ class TimePlanner:
     cool down in time when the time ends the run first (for ``wsd`` once the steps left are its
     tail's share of the run; other shapes once warmup is over), and move the cooldown's end when
     the estimate moves by more than a tenth (twice that to extend it: ending early only holds
-    the floor longer). ``agree`` makes the ranks agree on the steps left (rank zero's clock)."""
+    the floor longer; at least ``2 x every`` steps), recording the move only when the end moved
+    by more than :data:`RECORDED_MOVE` of the run since the last recorded one. ``agree`` makes
+    the ranks agree on the steps left (rank zero's clock)."""
 
     def __init__(
         self,
@@ -98,6 +104,7 @@ class TimePlanner:
         self._samples: deque[tuple[int, float]] = deque(maxlen=RECENT_CHECKS + 1)
         self._origin: tuple[int, float] | None = None
         self._cooling = any(e.kind is EventKind.COOLDOWN for e in engine.events)
+        self._recorded_end = engine.controller.total_steps  # a cooldown's, once cooling
 
     def record(self, rows: list[tuple[int, float, bool]]) -> None:
         """Losses the controller consumed, ``(step, loss, update_skipped)``, kept while probing:
@@ -157,8 +164,15 @@ class TimePlanner:
             if planned - slack <= left <= planned + 2 * slack:
                 return
             why += f", not the {planned} the cooldown has left"
+        recorded = not self._cooling
         self._cooling = True
-        engine.on_event(controller.cool_down(step, left, why))
+        event = controller.cool_down(step, left, why)
+        end = controller.total_steps
+        if recorded or abs(end - self._recorded_end) > RECORDED_MOVE * end:
+            self._recorded_end = end
+            engine.on_event(event)
+        else:  # the same plan, unrecorded: a small move of the end (the rate's jitter)
+            controller.events.pop()  # cool_down appended it last
 
     def _plan(self, estimate: int, why: str) -> None:
         """Plan the run for the ``estimate`` steps the time allows: a fresh controller whose

@@ -117,6 +117,20 @@ class LossStream:
     settings: RunSettings | None = None
     logged_events: list[dict[str, Any]] | None = None
 
+    def check_from_the_start(self) -> None:
+        """``ValueError`` for a surgeon run's ``losses.csv`` that does not start at step 0: the
+        part of a run resumed into a new log directory, which alone cannot be replayed (a
+        replay starts from step 0, with a fresh controller)."""
+        first = self.steps[0]
+        if self.settings is None or first == 0:
+            return
+        raise ValueError(
+            f"{self.path} holds the losses from step {first} on: it is the part of a run "
+            f"resumed at step {first} into a new log directory, and a replay needs the whole "
+            "stream from step 0; replay the directory of the run's first part, or put that "
+            f"losses.csv's rows of the steps before {first} at the top of this one"
+        )
+
     @property
     def stride(self) -> int:
         """The smallest gap between logged steps (1: every step was logged)."""

@@ -977,7 +977,10 @@ class TestValidation:
             ({"spike_factor": 1.01}, "spike_factor"),
             ({"restart_peak": 0.0}, "restart_peak"),
             ({"restart_peak": 1.5}, "restart_peak"),
-            ({"restart_peak": 0.05, "min_lr_ratio": 0.1}, "restart_peak"),
+            (
+                {"restart_peak": 0.05, "min_lr_ratio": 0.1, "plateau_action": "restart"},
+                "restart_peak",
+            ),
             ({"spike_zscore": 0.0}, "spike_zscore"),
             ({"spike_ratio": 0.99}, "spike_ratio"),
             ({"decay": "exponential"}, "decay"),
@@ -990,6 +993,15 @@ class TestValidation:
     def test_bad_config_value_names_the_field(self, kwargs: dict[str, Any], name: str) -> None:
         with pytest.raises(ValueError, match=rf"\b{name}\b"):
             SurgeonConfig(**kwargs)
+
+    def test_restart_peak_is_checked_against_the_floor_only_where_restarts_use_it(self) -> None:
+        """``min_lr_ratio=1.0`` (a constant LR) with the default ``plateau_action="cut"``, or with
+        restarts turned off: the default ``restart_peak`` is never used, so it is accepted; with
+        restarts the refusal says the conflicting value is the default."""
+        assert SurgeonConfig(min_lr_ratio=1.0).restart_peak < 1.0
+        SurgeonConfig(min_lr_ratio=1.0, plateau_action="restart", max_restarts=0)
+        with pytest.raises(ValueError, match=r"restart_peak=0\.5 \(its default\), min_lr_ratio"):
+            SurgeonConfig(min_lr_ratio=1.0, plateau_action="restart")
 
     @pytest.mark.parametrize(
         ("total", "kwargs", "name"),

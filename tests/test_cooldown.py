@@ -145,3 +145,55 @@ def test_cooldown_length_must_be_a_positive_int(steps: object) -> None:
     c = Controller(100)
     with pytest.raises(ValueError, match=r"steps="):
         c.cool_down(10, steps, "requested")  # type: ignore[arg-type]
+
+
+def time_planned_run(record_every_move: bool, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """A plain loop whose steps take 1 ms at first and speed up to 0.5 ms by the end (+- 30%
+    jitter, seeded), only a 2.5 s budget bounding it (as ``max_time``: a ``TimePlanner`` checked
+    every 4 steps on this clock); ``record_every_move``: every re-planned cooldown is recorded,
+    as before ``RECORDED_MOVE``. Returns each step's LR, the cooldown events, the planned end."""
+    import random
+
+    import torch
+
+    from surgeon import Surgeon, planning
+
+    if record_every_move:
+        monkeypatch.setattr(planning, "RECORDED_MOVE", 0.0)
+    rng, clock, budget = random.Random(0), [0.0], 2.5
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    surgeon = Surgeon(optimizer, planning.OPEN_ENDED, verbose=False, warmup=50)
+    planner = planning.TimePlanner(
+        surgeon.engine,
+        surgeon.engine.config,
+        elapsed=lambda: clock[0],
+        remaining=lambda: budget - clock[0],
+        every=4,
+        plan_cap=None,
+        probing=False,
+    )
+    lrs = []
+    while clock[0] < budget:
+        lrs.append(surgeon.get_last_lr()[0])
+        speed = 1.0 - 0.5 * clock[0] / budget
+        clock[0] += 1e-3 * speed * (1.0 + 0.3 * rng.gauss(0.0, 1.0))
+        surgeon.step(1.0)
+        if surgeon.last_step >= planner.next_check:
+            planner.check()
+    cooldowns = [e for e in surgeon.events if e.kind is EventKind.COOLDOWN]
+    return lrs, cooldowns, surgeon.controller.total_steps
+
+
+def test_a_max_time_cooldown_records_only_moves_of_its_end_over_two_percent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host that speeds up moves the estimated end at check after check: the cooldown follows
+    it exactly as when each move was recorded (the same LR every step, the same end), but
+    records a move only when the end moved by more than 2% of the run since the last record."""
+    lrs, few, end = time_planned_run(False, monkeypatch)
+    same_lrs, every, same_end = time_planned_run(True, monkeypatch)
+    assert lrs == same_lrs and end == same_end
+    assert len(every) >= 12 and len(few) <= 8
+    ends = [int(e.reason.rsplit("ends at step ", 1)[1]) for e in few]
+    assert all(abs(b - a) > 0.02 * b for a, b in itertools.pairwise(ends))
+    assert abs(end - ends[-1]) <= 0.02 * end  # the last record says where the run ends

@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -727,3 +728,23 @@ def test_an_outliers_damage_that_shows_later_is_rolled_back_to_before_it(
     assert 101 < spike.step == rollback.step < 120 and rollback_target(rollback) < 100
     assert_within_bound(surgeon)
     assert hit < 10 * clean  # the x1e6 squared gradient did not survive the rollback
+
+
+def test_checkpoints_every_step_warn_once_that_nothing_can_roll_back(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """ModelCheckpoint every step: each checkpoint drops the snapshot of the step before it as
+    soon as its loss confirms it, so nothing can ever roll back; one warning (Lightning's
+    ``rank_zero_warn``) says so. Every 10 steps: none."""
+
+    def fit(every: int) -> list[str]:
+        ckpt = ModelCheckpoint(tmp_path / f"ck{every}", "{step}", every_n_train_steps=every)
+        trainer = make_trainer([ScheduleSurgeon(), ckpt], max_steps=30, enable_checkpointing=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(TinyRegressor(), make_loader())
+        return [str(w.message) for w in caught if "came too close" in str(w.message)]
+
+    (message,) = fit(1)
+    assert message.startswith("ScheduleSurgeon: the checkpoints from step 1 to step 3 came too")
+    assert fit(10) == []

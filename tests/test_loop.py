@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,130 @@ def test_resume_continues_with_the_uninterrupted_lrs() -> None:
     assert decisions(resumed.events) == decisions(surgeon.events)
 
 
+def test_a_plain_resume_inside_a_spikes_read_back_window_is_exact() -> None:
+    """A x20 loss at steps 200-201 (a spike the next loss confirms, rolled back), saved at step
+    210 while losses after it are still in flight: the saving run's ``state_dict()`` decides on
+    them (the LR of step 210 changes there) and writes that step's new LR, as the resumed run
+    does, so both use the same LRs and end with the same weights."""
+    torch.manual_seed(0)
+    x = torch.randn(4096, 20)
+    y = (x @ torch.randn(20, 4)).argmax(1)
+    steps, at = 320, 210
+
+    def fresh() -> tuple[nn.Module, Any]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))
+        return model, torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def loop(surgeon: Surgeon, model: nn.Module, optimizer: Any, start: int, stop: int) -> list:
+        lrs = []
+        for step in range(start, stop):
+            idx = torch.randint(len(x), (32,), generator=torch.Generator().manual_seed(step))
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss = loss * (20.0 if step in (200, 201) else 1.0)
+            lrs.append(optimizer.param_groups[0]["lr"])
+            loss.backward()
+            surgeon.guard(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            surgeon.step(loss)
+        return lrs
+
+    model, optimizer = fresh()
+    surgeon = Surgeon(optimizer, steps, model=model, verbose=False)
+    loop(surgeon, model, optimizer, 0, at)
+    decided = len(surgeon.events)
+    saved = copy.deepcopy(
+        {
+            "surgeon": surgeon.state_dict(),
+            "model": model.state_dict(),
+            "opt": optimizer.state_dict(),
+        }
+    )
+    assert len(surgeon.events) > decided  # the read before saving decided something
+    assert optimizer.param_groups[0]["lr"] == 3e-3 * surgeon.controller.lr_scale(at)
+    assert EventKind.ROLLBACK in [e.kind for e in surgeon.events]
+    lrs = loop(surgeon, model, optimizer, at, steps)
+    surgeon.finish()
+
+    model2, optimizer2 = fresh()
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["opt"])
+    resumed = Surgeon(optimizer2, steps, model=model2, verbose=False)
+    resumed.load_state_dict(saved["surgeon"])
+    assert loop(resumed, model2, optimizer2, at, steps) == lrs
+    resumed.finish()
+    assert decisions(resumed.events) == decisions(surgeon.events)
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(), strict=True)
+    )
+
+
+def checkpointed_run(
+    every: int, nan_at: set[int], steps: int = 400, resume_at: int | None = None
+) -> tuple[Surgeon, dict[int, Any]]:
+    """A plain loop regressing a linear target, ``state_dict()`` (a checkpoint) every ``every``
+    steps, NaN losses at ``nan_at``; ``resume_at``: from there on, a fresh run resumed from the
+    checkpoint taken there. Returns the surgeon and the checkpoints by step."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    surgeon = Surgeon(optimizer, steps, model=model, verbose=False)
+    saved: dict[int, Any] = {}
+    for step in range(steps):
+        if step and step % every == 0:
+            saved[step] = copy.deepcopy(
+                (surgeon.state_dict(), model.state_dict(), optimizer.state_dict())
+            )
+            if step == resume_at:
+                model.load_state_dict(saved[step][1])
+                optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+                optimizer.load_state_dict(saved[step][2])
+                surgeon = Surgeon(optimizer, steps, model=model, verbose=False)
+                surgeon.load_state_dict(saved[step][0])
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        loss = loss * (math.nan if step in nan_at else 1.0)
+        loss.backward()
+        surgeon.guard(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        surgeon.step(loss)
+    surgeon.finish()
+    return surgeon, saved
+
+
+def test_a_rollback_refused_after_a_checkpoint_says_the_checkpoint_dropped_the_snapshots() -> None:
+    """Checkpoints every 12 steps, NaN at steps 300-302 (right after the checkpoint at 300):
+    that checkpoint dropped the snapshots and the first one after it is of a NaN step, so the
+    rollback is refused, and the reason says why and what to do, the same in a run resumed
+    there; a NaN streak further from a checkpoint rolls back."""
+    surgeon, _ = checkpointed_run(12, {300, 301, 302})
+    assert EventKind.ROLLBACK not in [e.kind for e in surgeon.events]
+    (refused,) = [e for e in surgeon.events if "but no rollback" in e.reason]
+    assert refused.step == 302
+    assert "the checkpoint at step 300 dropped the snapshots" in refused.reason
+    assert "checkpoint less often" in refused.reason
+    resumed, _ = checkpointed_run(12, {300, 301, 302}, resume_at=300)
+    assert decisions(resumed.events) == decisions(surgeon.events)
+    guarded, _ = checkpointed_run(12, {304, 305, 306})
+    assert EventKind.ROLLBACK in [e.kind for e in guarded.events]
+
+
+def test_checkpoints_too_close_for_any_rollback_warn_once() -> None:
+    """A checkpoint every 2 steps: the snapshot of the step after one is confirmed only by the
+    next, which drops it, so nothing can roll back (one warning saying so); every 12 steps
+    there is room, and no warning, NaN steps that leave no snapshot confirmed included."""
+    with pytest.warns(UserWarning, match="came too close") as warned:
+        checkpointed_run(2, set(), steps=60)
+    messages = [str(w.message) for w in warned if "came too close" in str(w.message)]
+    assert len(messages) == 1 and "the checkpoints from step 2 to step 6" in messages[0]
+    assert warned[0].filename == __file__  # points at the loop's state_dict() call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpointed_run(12, {300, 301, 302})
+
+
 def test_guard_skips_a_nan_gradient_with_a_finite_loss() -> None:
     model = nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -217,6 +342,10 @@ def test_run_files_for_plot_and_replay(tmp_path: Path) -> None:
         ({"peak_lr": "find"}, "peak_lr"),
         ({"verbose": "yes"}, "verbose"),
         ({"decay": "exponential"}, "decay"),
+        ({"grad_check_every": 0}, "grad_check_every=0"),
+        ({"grad_check_every": -2}, "grad_check_every=-2"),
+        ({"grad_check_every": 2.0}, "grad_check_every=2.0"),
+        ({"log_dir": 123}, "log_dir=123"),
     ],
 )
 def test_bad_settings_name_the_field(kwargs: dict[str, Any], field: str) -> None:

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import TinyRegressor, make_loader
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
 
+from surgeon import Surgeon
 from surgeon.callback import EVENTS_FILE, ScheduleSurgeon
 from surgeon.cli import main
 from surgeon.config import SurgeonConfig
@@ -405,3 +407,33 @@ def test_a_run_without_snapshots_replays_without_rollbacks_from_its_settings(
     assert not stream.settings.snapshots
     replayed = replay(stream.losses, stream.settings, update_skipped=stream.update_skipped)
     assert comparable(replayed.events) == comparable(surgeon.events)
+
+
+def test_a_resumed_runs_own_directory_is_refused_with_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A plain loop logging to ``first/``, checkpointed at step 60 and resumed logging to
+    ``second/``: ``second/losses.csv`` starts at step 60 (its events.jsonl holds the events
+    from step 0), so replaying it alone is refused (exit code 2) with what to do instead;
+    ``first/`` replays."""
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = [1.0 / (1.0 + 0.05 * t) for t in range(100)]
+    surgeon = Surgeon(optimizer, 100, model=model, verbose=False, log_dir=tmp_path / "first")
+    for step in range(60):
+        surgeon.step(losses[step])
+    saved = surgeon.state_dict()
+    surgeon.finish()
+    resumed = Surgeon(optimizer, 100, model=model, verbose=False, log_dir=tmp_path / "second")
+    resumed.load_state_dict(saved)
+    for step in range(60, 100):
+        resumed.step(losses[step])
+    resumed.finish()
+    assert read_stream(tmp_path / "second").steps[0] == 60
+
+    assert main(["replay", str(tmp_path / "second"), "--out", str(tmp_path / "r.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("surgeon replay: error: ")
+    assert "holds the losses from step 60 on: it is the part of a run resumed at step 60" in err
+    assert "replay the directory of the run's first part" in err
+    assert main(["replay", str(tmp_path / "first"), "--out", str(tmp_path / "r.png")]) == 0

@@ -202,6 +202,13 @@ class Reporter:
         """The step from which the planned steps have run (:meth:`done` is due; once a plan)."""
         return NEVER if self.done_shown else self.plan_end
 
+    def follow_plan(self) -> None:
+        """The plan's end may have moved (an event, or a ``max_time`` cooldown moved without
+        one): :meth:`done` is due at the new end."""
+        controller = self.engine.controller
+        if controller is not None and controller.total_steps != self.plan_end:
+            self.plan_end, self.done_shown = controller.total_steps, False
+
     def done(self) -> None:
         """The planned steps have run: the bar and ``callback_metrics`` say ``done`` at once."""
         self.done_shown = True
@@ -236,9 +243,7 @@ class Reporter:
         self.notice(line)
         if self.recorder is not None:
             self.recorder.event(record)
-        controller = self.engine.controller
-        if controller is not None and controller.total_steps != self.plan_end:
-            self.plan_end, self.done_shown = controller.total_steps, False  # `done` at the new end
+        self.follow_plan()
         if self.is_global_zero and self.loggers:
             step = event.step + self.engine.skipped_steps + (self.step_offset or 0)
             for logger in self.loggers:
