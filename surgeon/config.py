@@ -10,7 +10,6 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 from surgeon._validate import check_in_range, check_positive_int
-from surgeon.schedules import WSD_DECAY_FRACTION
 
 Steps = int | float
 WarmupMode = Literal["auto"] | int | float
@@ -64,13 +63,15 @@ class SurgeonConfig:
     min_lr_ratio: float = 0.0
     """The floor: decay ends at ``min_lr_ratio x`` each group's peak LR; cuts never go lower.
     0 (decay to zero): Bergsma et al. 2025, "Straight to zero"."""
-    decay: DecayName = "linear"
-    """Shape from the peak to the floor; ``"linear"`` (Defazio et al. 2023, Bergsma et al.
-    2025); ``"wsd"`` holds the peak, then decays linearly over the last ``wsd_decay_fraction``
-    of the steps that remain."""
-    wsd_decay_fraction: float = WSD_DECAY_FRACTION
+    decay: DecayName = "wsd"
+    """Shape from the peak to the floor: ``"wsd"`` holds the peak, then decays linearly over
+    the last ``wsd_decay_fraction`` of the steps that remain (by default half: between WSD's
+    short tail, Hägele et al. 2024, and linear to zero, Bergsma et al. 2025; the best of the
+    shapes measured on the outcome benchmark); ``"linear"``, ``"cosine"``, ``"sqrt"``: from
+    the peak right after warmup."""
+    wsd_decay_fraction: float = 0.5
     """Share of the steps after warmup that the ``"wsd"`` tail spends decaying (``surgeon
-    preview wsd`` takes the same default, as a share of all steps)."""
+    preview wsd`` and :func:`surgeon.schedules.wsd` take WSD's usual 0.2)."""
 
     stabilize_window: Steps = 0.01
     """Window (at least 10 steps) over which the loss EMA's relative drop is measured."""

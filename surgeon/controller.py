@@ -17,8 +17,9 @@ The multiplier is ``base(step) x intervention(step)``:
     slow ramp to its end; one still rising at ``max_warmup`` makes the LR it reached the peak.
     The stabilization detector tells steep, settled and rising apart against the loss's own
     noise;
-  - **decay** from the peak to the floor (``linear`` to 0 by default), right after warmup
-    (``wsd``: a hold at the peak first, then the last ``wsd_decay_fraction`` of the run);
+  - **decay** from the peak to the floor (0 by default): ``wsd`` (the default) holds the peak
+    first, then decays linearly over the last ``wsd_decay_fraction`` (half) of the steps
+    after warmup; ``linear``, ``cosine``, ``sqrt`` decay right after warmup;
   - **ceilings**: the peak is lowered for the rest of the run when the LR proves too high for
     the run: a second confirmed spike while the LR is still cut (once per cut: a storm is one
     verdict), a spike while the LR is coming back from the last cut (or soon after), a loss that

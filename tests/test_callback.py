@@ -694,8 +694,9 @@ def test_manual_steps_without_a_loss_are_counted_and_follow_the_plan(
     make_trainer([cb], max_steps=2 * batches).fit(model, make_loader())
     assert cb.step == cb.controller.step == batches and cb.skipped_steps == 0
     assert cb.phase.value == "done"
-    # at max_warmup: no losses; then the plan's own phase changes
-    assert [e.kind for e in cb.events] == [EventKind.WARMUP_END, EventKind.DONE]
+    # at max_warmup: no losses; then the plan's own phase changes (the default hold's end)
+    kinds = [EventKind.WARMUP_END, EventKind.DECAY_START, EventKind.DONE]
+    assert [e.kind for e in cb.events] == kinds
     plan = Controller(batches, cb.config)  # the plan with no loss seen, step by step
     expected = []
     for t in range(batches):

@@ -138,7 +138,7 @@ class TestWarmup:
         self, seed: int
     ) -> None:
         losses = noisy(exp_decay(self.TOTAL, tau=20.0), 0.01, seed)
-        controller = Controller(self.TOTAL, SurgeonConfig())
+        controller = Controller(self.TOTAL, SurgeonConfig(decay="linear"))
         trace = drive(controller, losses)
         lo, hi = controller.min_warmup, controller.max_warmup
         assert (lo, hi) == (40, 200)
@@ -155,7 +155,7 @@ class TestWarmup:
         for k in range(steps + 1):
             assert trace.lrs[end.step + 1 + k] == pytest.approx(level + (1 - level) * k / steps)
         assert f"from scale {level:.3g} to the peak over {steps} steps" in end.reason
-        # then the linear decay to 0 (the default): a short stable stretch, then decay
+        # then linear decay to 0 (the default wsd holds first): a short stable stretch, then decay
         top = end.step + 1 + steps
         assert trace.lrs[top] == 1.0 and non_increasing(trace.lrs[top:])
         assert trace.phases[end.step] is Phase.WARMUP
@@ -207,7 +207,7 @@ class TestWarmup:
         assert non_decreasing(warm)
 
     def test_a_steep_descent_all_along_ends_when_the_slow_ramp_reaches_the_peak(self) -> None:
-        controller = Controller(self.TOTAL, SurgeonConfig())
+        controller = Controller(self.TOTAL, SurgeonConfig(decay="linear"))
         rate = 0.99  # 18% per 20-step window, nine times the threshold
         trace = drive(controller, noisy([5.0 * rate**t for t in range(400)], 0.002, seed=5))
         (end,) = trace.of(EventKind.WARMUP_END)
@@ -239,15 +239,15 @@ class TestWarmup:
 
     def test_a_saddle_decays_after_warmup_without_a_plateau_cut(self) -> None:
         """A saddle (sparse parity): flat at ln 2 until step 700, then a descent. The ramp runs
-        its full length (nothing stabilized), then the decay begins: no hold at the peak (on
-        the benchmark's plateau task a hold until the descent cost 2.4%, see the README), and
-        the flat stretch in the decay is no stall to cut."""
+        its full length (nothing stabilized), then a linear decay begins: no hold at the peak
+        until the descent (on the benchmark's plateau task that cost 2.4%, see the README),
+        and the flat stretch in the decay is no stall to cut."""
         trend = [
             0.693 if t < 700 else 0.05 + 0.643 * math.exp(-(t - 700) / 30.0)
             for t in range(self.TOTAL)
         ]
         losses = noisy(trend, 0.005, seed=6)
-        controller = Controller(self.TOTAL, SurgeonConfig())
+        controller = Controller(self.TOTAL, SurgeonConfig(decay="linear"))
         trace = drive(controller, losses)
         assert trace.kinds() == [EventKind.WARMUP_END]
         (end,) = trace.of(EventKind.WARMUP_END)
@@ -262,7 +262,7 @@ class TestWarmup:
         """A fine-tune on shifted data: the loss falls by ~0.1% a step from its start, never
         steeply: the ramp runs to max_warmup, and the decay begins there."""
         losses = noisy([2.0 * (1.0 - 0.3 * t / self.TOTAL) for t in range(self.TOTAL)], 0.03, 7)
-        controller = Controller(self.TOTAL, SurgeonConfig())
+        controller = Controller(self.TOTAL, SurgeonConfig(decay="linear"))
         trace = drive(controller, losses)
         assert not controller.stabilizer.steep_seen
         (end,) = trace.of(EventKind.WARMUP_END)
@@ -273,7 +273,7 @@ class TestWarmup:
 
     @pytest.mark.parametrize("warmup", [1, 7, 50])
     def test_fixed_warmup_ends_exactly_there(self, warmup: int) -> None:
-        controller = Controller(500, SurgeonConfig(warmup=warmup))
+        controller = Controller(500, SurgeonConfig(warmup=warmup, decay="linear"))
         trace = drive(controller, [1.0] * 200)  # flat: would have stabilized at once
         (end,) = trace.of(EventKind.WARMUP_END)
         assert end.step == warmup - 1

@@ -377,7 +377,8 @@ def test_a_resume_from_a_checkpoint_without_the_surgeon_plans_from_its_step(
     (replan,) = of_kind(surgeon, EventKind.REPLAN)
     assert replan.step == 150 and "the 150 steps already done count" in replan.reason
     # the default linear decay starts at once: no hold, so no decay_start
-    assert [e.kind for e in surgeon.events] == [EventKind.REPLAN, EventKind.DONE]
+    kinds = [EventKind.REPLAN, EventKind.DECAY_START, EventKind.DONE]  # the default's hold
+    assert [e.kind for e in surgeon.events] == kinds
     plan = Controller(300, surgeon.config)  # the plan from step 150, no loss changing it
     plan.start_at(150)
     lrs = [r["lrs"][0][0] for r in model.records]
@@ -509,7 +510,8 @@ def test_manual_optimization_with_unequal_optimizer_steps_replans(
     """``max_steps=600`` counts every ``opt.step()``: 1.2 per batch here, so 500 batches, not
     the 300 planned for two optimizers stepping every batch. The surgeon sees it from the
     steps per batch, re-plans early (an event) and reaches the floor at the last batch."""
-    surgeon, model = ScheduleSurgeon(decay="wsd", min_lr_ratio=0.1), UnequalSteps()
+    surgeon = ScheduleSurgeon(decay="wsd", wsd_decay_fraction=0.2, min_lr_ratio=0.1)
+    model = UnequalSteps()
     make_trainer([surgeon], max_steps=600).fit(model, make_loader())
     assert len(model.records) == 500
     (replan,) = of_kind(surgeon, EventKind.REPLAN)

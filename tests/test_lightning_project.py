@@ -247,7 +247,7 @@ def test_a_typical_project_sees_what_the_surgeon_does(
     assert hparams["surgeon/total_steps"].number_value == 4 * BATCHES
     # CSV: hparams.yaml
     saved = yaml.safe_load((csv_dir / "hparams.yaml").read_text())
-    assert saved["surgeon"]["decay"] == "linear" and saved["surgeon"]["total_steps"] == 4 * BATCHES
+    assert saved["surgeon"]["decay"] == "wsd" and saved["surgeon"]["total_steps"] == 4 * BATCHES
 
     # 3. callback_metrics, the progress bar and the checkpoints' names
     metrics = trainer.callback_metrics
@@ -258,6 +258,7 @@ def test_a_typical_project_sees_what_the_surgeon_does(
     # the bar: from the first step (after the sanity check), through the decay, to `done`
     assert [p for i, p in enumerate(bar) if i == 0 or bar[i - 1] != p] == [
         "warmup",
+        "stable",  # the default holds the peak, then decays
         "decay",
         "done",
     ]
@@ -431,7 +432,8 @@ def test_early_stopping_about_to_stop_the_fit_cools_down_to_the_floor_first(
     decays to the floor over epoch 5; its last step runs at the floor. EarlyStopping checks at
     the train epoch's end (Lightning's default here) or at the validation's."""
     script = [3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
-    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="wsd")  # the peak holds till then
+    # the peak holds till then (a 20% tail)
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="wsd", wsd_decay_fraction=0.2)
     model = Project(scheduler=None, val_script=script)
     trainer = project_trainer(
         pl,

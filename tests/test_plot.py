@@ -498,7 +498,9 @@ def test_a_state_loaded_by_validate_is_not_applied_to_a_later_fresh_fit(
 
     trainer = make_trainer([surgeon])
     trainer.validate(ValidatedRegressor(), make_loader(), ckpt_path=ckpt_dir / "step=30.ckpt")
-    fit(make_trainer, tmp_path / "b", surgeon=surgeon)  # fresh: no ckpt_path
+    # fresh (no ckpt_path), with the same checkpoints (they drop the rollback snapshots)
+    again = ModelCheckpoint(tmp_path / "ckpt-b", "{step}", every_n_train_steps=30, save_top_k=-1)
+    fit(make_trainer, tmp_path / "b", surgeon=surgeon, callbacks=[again], enable_checkpointing=True)
     assert surgeon.step == STEPS
     assert surgeon.events == original  # the same run from scratch, not one resumed at step 30
 
