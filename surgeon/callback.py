@@ -77,6 +77,7 @@ from surgeon.engine import (
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
 from surgeon.planning import ManualStepPlanner
 from surgeon.recorder import EVENT_CODES, EVENTS_FILE, LR_FIND_FILE, PHASE_CODES
+from surgeon.schedules import WSD_DECAY_FRACTION
 
 __all__ = [
     "EVENTS_FILE",
@@ -127,8 +128,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             the best shape measured on the outcome benchmark); the others decay from the
             peak right after warmup.
         wsd_decay_fraction: Share of the steps after warmup that the ``"wsd"`` tail spends
-            decaying; also the default length of :meth:`cool_down_now` and the share of a
-            ``max_time`` run that its cooldown takes.
+            decaying; also the share of a ``max_time`` run that its cooldown takes.
         stabilize_window: Window (at least 10 steps) over which the loss EMA's relative drop
             is measured.
         stabilize_threshold: Drop per window that tells a steep loss (falling faster, beyond
@@ -346,8 +346,8 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
 
     def cool_down_now(self, steps: Steps | None = None) -> Event | None:
         """Bring the end of the run forward: from the current step, decay from the current LR to
-        the floor over ``steps`` (an int, or a fraction of the planned run; default
-        ``wsd_decay_fraction`` of it), and end the plan there. Under DDP call it on every rank.
+        the floor over ``steps`` (an int, or a fraction of the planned run; default 20% of it,
+        WSD's usual tail), and end the plan there. Under DDP call it on every rank.
         Returns the ``cooldown`` event, or ``None`` when the plan already ends by then."""
         controller = self.controller
         if controller is None:
@@ -355,7 +355,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
                 "ScheduleSurgeon.cool_down_now() acts on a running fit: call it during "
                 "Trainer.fit (from a hook, a callback or training_step)"
             )
-        length = self.config.wsd_decay_fraction if steps is None else steps
+        length = WSD_DECAY_FRACTION if steps is None else steps
         n = resolve_steps("steps", length, controller.total_steps, 1)
         return self._budget.cool_down(n, f"cool_down_now(steps={steps!r}) was called")
 

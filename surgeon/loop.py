@@ -46,6 +46,7 @@ from surgeon.engine import (
 )
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
 from surgeon.recorder import RunRecorder
+from surgeon.schedules import WSD_DECAY_FRACTION
 
 
 def _grads_synchronized(model: nn.Module | None) -> bool:
@@ -195,11 +196,11 @@ class Surgeon:
 
     def cool_down_now(self, steps: int | float | None = None) -> Event | None:
         """Bring the end of the run forward: from the current step, decay from the current LR
-        to the floor over ``steps`` (an int, or a fraction of the planned run; default
-        ``wsd_decay_fraction`` of it) and end the plan there (e.g. when a time budget or an
+        to the floor over ``steps`` (an int, or a fraction of the planned run; default 20% of
+        it, WSD's usual tail) and end the plan there (e.g. when a time budget or an
         early-stopping rule is about to end the loop). Under ``torch.distributed`` call it on
         every rank. Returns the ``cooldown`` event, ``None`` when the plan ends by then anyway."""
-        length = self.engine.config.wsd_decay_fraction if steps is None else steps
+        length = WSD_DECAY_FRACTION if steps is None else steps
         n = resolve_steps("steps", length, self.controller.total_steps, 1)
         why = f"cool_down_now(steps={steps!r}) was called"
         return self.engine.cool_down(n, why)  # the LR already written is on the new curve

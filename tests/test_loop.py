@@ -468,3 +468,18 @@ def test_every_step_gets_the_lr_the_controller_gives_it_then(
         surgeon.step(level * (1.0 + 0.02 * rng.gauss(0.0, 1.0)) * trouble.get(step, 1.0))
         expected = 0.1 * surgeon.controller.lr_scale(surgeon.engine.step)
         assert optimizer.param_groups[0]["lr"] == expected, step
+
+
+def test_cool_down_now_without_a_length_takes_a_fifth_of_the_planned_run() -> None:
+    """The default length is WSD's usual tail, 20% of the planned run, whatever the decay's
+    own tail (the default's is half the run): called at step 100 of 500, the plan now ends at
+    step 200."""
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    surgeon = Surgeon(optimizer, 500, warmup=10, verbose=False)
+    assert surgeon.engine.config.wsd_decay_fraction == 0.5
+    for step in range(100):
+        surgeon.step(1.0 / (1 + step))
+    event = surgeon.cool_down_now()
+    assert event is not None and "cool_down_now(steps=None)" in event.reason
+    assert surgeon.controller.total_steps == 200
