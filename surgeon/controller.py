@@ -583,7 +583,7 @@ class Controller:
         self._expire_recovery(step)
         return self._close_step(step, [])
 
-    def cool_down(self, start: int, steps: int, why: str) -> Event:
+    def cool_down(self, start: int, steps: int, why: str, *, record: bool = True) -> Event:
         """Bring the end of the run forward (or move it): from step ``start`` decay from the
         current level to the floor over ``steps`` steps; ``total_steps`` becomes
         ``start + steps``. Returns the ``cooldown`` event, recorded at ``start - 1`` (it takes
@@ -595,6 +595,8 @@ class Controller:
         so that it passes through that level at ``start``: the plan begins at the next loss's
         step, so the decisions still to come on the losses before ``start`` see the phase
         ``decay`` already. The plateau detector starts afresh (the level is a new baseline).
+        ``record=False``: the event is returned but not added to :attr:`events` (the caller
+        records it, or leaves a move too small to report unrecorded).
         """
         check_positive_int("steps", steps)
         start = max(start, self.step)
@@ -617,7 +619,8 @@ class Controller:
         )
         after = self.lr_scale(start)
         event = Event(max(0, start - 1), EventKind.COOLDOWN, why, before, after, self.phase)
-        self.events.append(event)
+        if record:  # else the caller records it, or not (a move too small to report)
+            self.events.append(event)
         return event
 
     def _expire_recovery(self, step: int) -> None:
@@ -718,7 +721,7 @@ class Controller:
         suspect = self.suspect
         if suspect is not None and not self.nonfinite_streak:
             threshold = self.config.rollback_threshold
-            if suspect["loss"] - suspect["mean"] >= (threshold - 1.0) * abs(suspect["mean"]):
+            if self._severe(suspect["loss"], suspect["mean"]):
                 self._request_rollback(
                     int(suspect["step"]),
                     f"{self._spike_words(suspect)} just before a checkpoint or the end of the "
@@ -1024,7 +1027,7 @@ class Controller:
                 f"lasting level shift, not damage; {level:.4g} is the new running mean (no "
                 "further rollback); "
             )
-        elif worst - mean >= (threshold - 1.0) * abs(mean):
+        elif self._severe(worst, mean):
             why += self._request_rollback(
                 step,
                 f"loss {worst:.4g} is at least {threshold:g}x its running mean {mean:.4g} "
@@ -1033,6 +1036,11 @@ class Controller:
         elif not math.isfinite(loss):
             why += self._request_rollback(step, f"the next loss, {loss}, is not finite")
         return self._cut_for_spike(step, EventKind.SPIKE, why)
+
+    def _severe(self, loss: float, mean: float) -> bool:
+        """Whether ``loss`` is at least ``rollback_threshold x`` the running ``mean``: damage
+        that a rollback undoes, once the weights are suspect."""
+        return loss - mean >= (self.config.rollback_threshold - 1.0) * abs(mean)
 
     def _dismiss_spike(self, step: int, suspect: dict[str, float], loss: float) -> Event:
         """The loss after a spike is back in its normal band: one hard batch, no instability."""

@@ -580,10 +580,7 @@ class StepEngine:
         controller = self.controller
         assert controller is not None
         restores = self.restores
-        self._consume(self.feed.flush())
-        controller.before_checkpoint()
-        if controller.rollback_to is not None:
-            self._roll_back()
+        self.finish()  # every loss in flight read and decided on, as at the fit's end
         self._drop_snapshots_at_checkpoint()
         self.changed_at_checkpoint = self.restores != restores
         return {
@@ -621,14 +618,15 @@ class StepEngine:
                     "after its own once the loss of its step is read and normal. Checkpoint less "
                     "often to keep rollbacks"
                 )
-        self._dropped_at, self._first_snapshot = step, None
-        controller.forget_snapshots(self._dropped_why())
+        self._dropped_by_checkpoint(step)
 
-    def _dropped_why(self) -> str:
-        """Why no snapshot exists after the checkpoint at :attr:`_dropped_at`: the clause of a
-        rollback refused for want of one."""
-        return (
-            f"no good snapshot: the checkpoint at step {self._dropped_at} dropped the snapshots "
+    def _dropped_by_checkpoint(self, step: int) -> None:
+        """The checkpoint at ``step`` dropped the snapshots: the controller forgets them, and a
+        rollback refused for want of one says why."""
+        assert self.controller is not None
+        self._dropped_at, self._first_snapshot = step, None
+        self.controller.forget_snapshots(
+            f"no good snapshot: the checkpoint at step {step} dropped the snapshots "
             "(a resumed run has none, so both go on alike) and none taken since is confirmed yet "
             "(one is once the loss of its own step is read and normal), so trouble this close "
             "after a checkpoint cannot be rolled back; checkpoint less often to leave fewer such "
@@ -670,5 +668,4 @@ class StepEngine:
         self._buffers_checked_from = 0
         self.written_step = -1
         if self._snapshots:  # as the saving run dropped them: a refusal says the same
-            self._dropped_at, self._first_snapshot = self.step, None
-            controller.forget_snapshots(self._dropped_why())
+            self._dropped_by_checkpoint(self.step)

@@ -164,15 +164,15 @@ class TimePlanner:
             if planned - slack <= left <= planned + 2 * slack:
                 return
             why += f", not the {planned} the cooldown has left"
-        recorded = not self._cooling
+        first = not self._cooling
         self._cooling = True
-        event = controller.cool_down(step, left, why)
+        event = controller.cool_down(step, left, why, record=False)
         end = controller.total_steps
-        if recorded or abs(end - self._recorded_end) > RECORDED_MOVE * end:
+        if first or abs(end - self._recorded_end) > RECORDED_MOVE * end:
             self._recorded_end = end
+            controller.events.append(event)
             engine.on_event(event)
-        else:  # the same plan, unrecorded: a small move of the end (the rate's jitter)
-            controller.events.pop()  # cool_down appended it last
+        # else the same plan, unrecorded: a small move of the end (the rate's jitter)
 
     def _plan(self, estimate: int, why: str) -> None:
         """Plan the run for the ``estimate`` steps the time allows: a fresh controller whose

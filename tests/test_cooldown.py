@@ -197,3 +197,19 @@ def test_a_max_time_cooldown_records_only_moves_of_its_end_over_two_percent(
     ends = [int(e.reason.rsplit("ends at step ", 1)[1]) for e in few]
     assert all(abs(b - a) > 0.02 * b for a, b in itertools.pairwise(ends))
     assert abs(end - ends[-1]) <= 0.02 * end  # the last record says where the run ends
+
+
+def test_an_unrecorded_cooldown_moves_the_plan_alike_and_adds_no_event() -> None:
+    """``record=False`` (a move too small to report): the same plan and returned event as a
+    recorded cooldown, but nothing added to the controller's events."""
+    recorded, quiet = (Controller(1000, SurgeonConfig(warmup=20)) for _ in range(2))
+    for c in (recorded, quiet):
+        for loss in flat(300):
+            c.update(loss)
+    before = list(quiet.events)
+    event = quiet.cool_down(quiet.step + LAG, 100, "moved", record=False)
+    assert event == recorded.cool_down(recorded.step + LAG, 100, "moved")
+    assert quiet.events == before and recorded.events[-1] == event
+    assert [quiet.lr_scale(s) for s in range(300, 420)] == [
+        recorded.lr_scale(s) for s in range(300, 420)
+    ]

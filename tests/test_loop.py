@@ -48,6 +48,16 @@ def scripted(steps: int) -> list[float]:
     return losses
 
 
+def train_step(surgeon: Surgeon, optimizer: Any, loss: Tensor) -> None:
+    """One step of a plain loop, as the README writes it: backward, the guard, the update,
+    then the surgeon reads the loss and writes the next LR."""
+    loss.backward()
+    surgeon.guard(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+    surgeon.step(loss)
+
+
 def plain_run(
     losses: list[float] | None, steps: int, **kwargs: Any
 ) -> tuple[Surgeon, list[float], nn.Module]:
@@ -65,11 +75,7 @@ def plain_run(
         loss = nn.functional.mse_loss(model.net(x), y)
         if losses is not None:
             loss = loss * 0.0 + losses[step]
-        loss.backward()
-        surgeon.guard(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        surgeon.step(loss)
+        train_step(surgeon, optimizer, loss)
     surgeon.finish()
     return surgeon, lrs, model.net
 
@@ -142,11 +148,7 @@ def test_resume_continues_with_the_uninterrupted_lrs() -> None:
             lrs.append(optimizer.param_groups[0]["lr"])
             x = torch.full((2, 8), float(step % 7))
             loss = model(x).mean() * 0.0 + losses[step]
-            loss.backward()
-            surgeon.guard(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            surgeon.step(loss)
+            train_step(surgeon, optimizer, loss)
         return lrs
 
     def fresh() -> tuple[nn.Module, Any]:
@@ -200,11 +202,7 @@ def test_a_plain_resume_inside_a_spikes_read_back_window_is_exact() -> None:
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             loss = loss * (20.0 if step in (200, 201) else 1.0)
             lrs.append(optimizer.param_groups[0]["lr"])
-            loss.backward()
-            surgeon.guard(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            surgeon.step(loss)
+            train_step(surgeon, optimizer, loss)
         return lrs
 
     model, optimizer = fresh()
@@ -262,11 +260,7 @@ def checkpointed_run(
         x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
         loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
         loss = loss * (math.nan if step in nan_at else 1.0)
-        loss.backward()
-        surgeon.guard(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        surgeon.step(loss)
+        train_step(surgeon, optimizer, loss)
     surgeon.finish()
     return surgeon, saved
 

@@ -351,7 +351,7 @@
       const suspect = this.suspect;
       if (suspect !== null && !this.nonfinite_streak) {
         const threshold = this.config.rollback_threshold;
-        if (suspect.loss - suspect.mean >= (threshold - 1.0) * Math.abs(suspect.mean)) {
+        if (this._severe(suspect.loss, suspect.mean)) {
           this._request_rollback(
             suspect.step,
             `${this._spike_words(suspect)} just before a checkpoint or the end of the ` +
@@ -624,7 +624,7 @@
           `the loss has stayed up since the rollback to step ${this.rolled_back_to}: a ` +
           `lasting level shift, not damage; ${g(level, 4)} is the new running mean (no ` +
           "further rollback); ";
-      } else if (worst - mean >= (threshold - 1.0) * Math.abs(mean)) {
+      } else if (this._severe(worst, mean)) {
         why += this._request_rollback(
           step,
           `loss ${g(worst, 4)} is at least ${g(threshold)}x its running mean ${g(mean, 4)} ` +
@@ -634,6 +634,11 @@
         why += this._request_rollback(step, `the next loss, ${str(loss)}, is not finite`);
       }
       return this._cut_for_spike(step, EventKind.SPIKE, why);
+    }
+
+    _severe(loss, mean) {
+      // loss at least rollback_threshold x the running mean: damage a rollback undoes
+      return loss - mean >= (this.config.rollback_threshold - 1.0) * Math.abs(mean);
     }
 
     _dismiss_spike(step, suspect, loss) {
