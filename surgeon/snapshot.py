@@ -91,12 +91,10 @@ class Snapshot:
         """Copy ``module``'s parameters and buffers, ``extra`` and ``optimizers``' state, reusing
         buffers. ``False`` (nothing copied) while a lazy module has not materialized its tensors
         yet."""
-        params = list(module.parameters())
-        sources = [*params, *module.buffers()]  # as _module_tensors, walking the modules once less
+        sources, param_count = _module_tensors(module)
         if any(is_lazy(t) for t in sources):
             return False
-        self._module_count = len(sources)
-        self._param_count = len(params)
+        self._module_count, self._param_count = len(sources), param_count
         sources += extra
         self._extra_count = len(extra)
         self._optimizers = [_save_optimizer(opt, sources) for opt in optimizers]
@@ -128,7 +126,7 @@ class Snapshot:
         them)."""
         if self.step is None:
             raise ValueError("restore() of an empty snapshot: capture() first")
-        tensors = _module_tensors(module)
+        tensors, _ = _module_tensors(module)
         if len(tensors) != self._module_count or len(optimizers) != len(self._optimizers):
             raise ValueError("restore() into a module or optimizers other than the captured ones")
         if self._copied is not None:
@@ -197,8 +195,11 @@ class Snapshot:
         return buffer.to(device, copy=True)
 
 
-def _module_tensors(module: nn.Module) -> list[Tensor]:
-    return [*module.parameters(), *module.buffers()]
+def _module_tensors(module: nn.Module) -> tuple[list[Tensor], int]:
+    """The module's parameters, then its buffers (the order a snapshot keeps them in), and how
+    many of them are parameters: one walk of the modules for both."""
+    params = list(module.parameters())
+    return [*params, *module.buffers()], len(params)
 
 
 def _settings(group: dict[str, Any]) -> dict[str, Any]:
