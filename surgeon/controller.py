@@ -529,7 +529,7 @@ class Controller:
         new_events: list[Event] = []
         self._expire_recovery(step)
 
-        mean, std = self.spike.mean, self.spike.std  # before this loss, for a spike's reason
+        mean, var = self.spike.mean, self.spike.var  # before this loss, for a spike's reason
         if update_skipped and math.isfinite(loss):
             signal, bad = Signal.NONFINITE, f"gradients are non-finite (loss {loss:.4g}); "
         else:
@@ -560,6 +560,7 @@ class Controller:
         elif signal is Signal.SPIKE:  # acted on once the next loss confirms it
             self.nonfinite_streak, self.nonfinite_applied = 0, False
             z = self.spike.last_zscore
+            std = math.sqrt(var / 2.0)  # the detector's noise before this loss (SpikeDetector.std)
             self.suspect = {"step": step, "loss": loss, "mean": mean, "std": std, "z": z}
         else:
             self.nonfinite_streak, self.nonfinite_applied = 0, False

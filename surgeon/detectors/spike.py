@@ -38,7 +38,6 @@ OLMo-core (6 sigma), ZClip (EMA alpha 0.97, i.e. ``alpha=0.03`` here), llm-found
 """
 
 import math
-import statistics
 from collections import deque
 from typing import Any
 
@@ -90,7 +89,7 @@ class SpikeDetector:
             self.recent.append(loss)
             self.mean, self.count = loss, 1
             return None
-        std, level = self.std, self.mean
+        std, level = math.sqrt(self.var / 2.0), self.mean  # self.std, without the property call
         excess = loss - level
         self.last_zscore = excess / std if std > 0 else (math.inf if excess > 0 else 0.0)
         is_spike = (
@@ -109,8 +108,11 @@ class SpikeDetector:
         var = self.var + weight * (diff * diff - self.var)
         if math.isfinite(var):  # else a loss so far out (~1e154) that its square overflows
             self.var = var
-        self.recent.append(loss)
-        self.mean = statistics.median(self.recent)
+        recent = self.recent
+        recent.append(loss)
+        ordered = sorted(recent)  # the median (statistics.median's arithmetic, without its checks)
+        half = len(ordered) // 2
+        self.mean = ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
         self.count += 1
         return Signal.SPIKE if is_spike else None
 
