@@ -1461,6 +1461,23 @@ class TestRollback:
             assert restored.update(loss) == original.update(loss)
         assert restored.events == original.events
 
+    @pytest.mark.parametrize("seed", [0, 1, 2, 3])
+    def test_a_slow_noisy_climb_is_cut_but_never_rolled_back(self, seed: int) -> None:
+        """Not protected (README): after warmup the loss doubles over 80 steps, with 25% noise,
+        and stays up (seen at 3x a tuned LR: weights damaged for good). No loss is out of its
+        normal band against a median that follows the climb, and the climb outlasts any
+        rollback's reach, so nothing is undone: the LR is only cut (a plateau, or a climb that
+        the rising-loss rule does see lowers the peak)."""
+        total = 1500
+        descent = exp_decay(400, tau=30.0, start=3.0, end=0.8)
+        climb = [0.8 * (1.0 + min(1.0, t / 80)) for t in range(total - 400)]
+        controller = Controller(total, SurgeonConfig(), lag=8)
+        assert drive_with_snapshots(controller, noisy(descent + climb, 0.25, seed), lag=8) == []
+        kinds = [e.kind for e in controller.events]
+        assert EventKind.ROLLBACK not in kinds and EventKind.SPIKE not in kinds
+        cuts = [e for e in controller.events if e.kind in (EventKind.PLATEAU, EventKind.CLIMB)]
+        assert cuts and all(e.step > 400 and e.scale_after < e.scale_before for e in cuts)
+
     def test_a_rollback_never_goes_back_more_than_two_snapshot_intervals(self) -> None:
         """The only good snapshot is old (the caller took no other): a NaN streak skips and
         cuts instead of travelling back, and says why."""
