@@ -1053,7 +1053,10 @@ class Controller:
 
     def _cut_for_spike(self, step: int, kind: EventKind, why: str) -> Event:
         before = self.lr_scale(step + 1)
-        hold_until = step + 1 + self.spike_cooldown
+        # the cooldown counts from the first step whose LR the caller may not have written yet
+        # (a loss is read up to `lag` steps late): held for `spike_cooldown` steps as applied,
+        # also when the cooldown is shorter than the lag (a short run)
+        hold_until = step + 1 + self.lag + self.spike_cooldown
         if self.intervention.mode == "hold":
             self.intervention.hold_until = hold_until
             storm = kind is EventKind.SPIKE and self.rolled_back_to is None

@@ -127,13 +127,17 @@ class Surgeon:
                 "(an LR range test) is a ScheduleSurgeon feature: run a range test first and "
                 "set the optimizer's lr"
             )
-        optimizers = [optimizer] if isinstance(optimizer, Optimizer) else list(optimizer)
+        if isinstance(optimizer, Optimizer):
+            optimizers = [optimizer]
+        else:  # a list of them; anything else (a model passed first, ...) is refused below
+            optimizers = list(optimizer) if isinstance(optimizer, list | tuple) else []
         if not optimizers or not all(hasattr(o, "param_groups") for o in optimizers):
             raise ValueError(f"optimizer must be an optimizer or a list of them, got {optimizer!r}")
         self.verbose = verbose
         self.scaler = scaler
         self._rank_zero = _is_rank_zero()
         self._recorder: RunRecorder | None = None
+        self._warned_past_plan = False
         self.engine = StepEngine(
             config,
             snapshot=snapshot,
@@ -183,9 +187,25 @@ class Surgeon:
         step non-finite for two snapshot intervals with nothing to roll back to)."""
         if not isinstance(loss, Tensor):
             loss = torch.tensor(float(loss))
-        self.engine.add_loss(loss.detach())
-        self.engine.end_step(getattr(self.scaler, "_scale", None))
-        self.engine.begin_step()
+        elif loss.dim() and loss.numel() != 1:
+            raise ValueError(
+                f"step(loss) takes the step's scalar loss, got a tensor of shape "
+                f"{tuple(loss.shape)}: pass its mean (or the value backward() was called on)"
+            )
+        engine = self.engine
+        engine.add_loss(loss.detach())
+        engine.end_step(getattr(self.scaler, "_scale", None))
+        engine.begin_step()
+        if engine.step > self.controller.total_steps and not self._warned_past_plan:
+            self._warned_past_plan = True
+            if self._rank_zero:
+                warnings.warn(
+                    f"Surgeon: step {engine.step - 1} is past the planned length of "
+                    f"{self.controller.total_steps} steps: the LR stays at the floor "
+                    f"({self.controller.floor:g} x the peak) from here; give Surgeon the loop's "
+                    "real length as total_steps (a resumed run may plan a longer one)",
+                    stacklevel=2,
+                )
 
     def finish(self) -> None:
         """After the last step: read the losses still in flight and decide on them (a spike

@@ -129,6 +129,8 @@ class Run:
     losses: Points | None = None
     """``losses.csv``: every step's loss (non-finite ones included), if the run wrote it."""
     lr_find: list[tuple[float, float]] = field(default_factory=list)
+    lr_note: str | None = None
+    """Why the LR panel has no line, written in it (a surgeon-only run that cannot be replayed)."""
 
     @property
     def last_step(self) -> int:
@@ -283,13 +285,33 @@ def _load_surgeon_files(losses_path: Path) -> Run:
         stream = read_stream(losses_path)
         if stream.settings is None:
             raise ValueError(f"{directory / SETTINGS_FILE} could not be read")
-        replayed = replay(
-            stream.losses, stream.settings, update_skipped=stream.update_skipped, steps=stream.steps
-        )
         settings = json.loads((directory / SETTINGS_FILE).read_text())
     except ValueError as err:
         raise RunError(f"{directory}: the surgeon's files cannot be replayed: {err}") from None
     events = read_events(directory / EVENTS_FILE)
+    lr_find_path = directory / LR_FIND_FILE
+    run = Run(
+        directory=directory,
+        metrics_path=losses_path,
+        series={},
+        events=events,
+        settings=settings,
+        losses=sorted(zip(stream.steps, stream.losses, strict=True)),
+        lr_find=read_lr_find(lr_find_path) if lr_find_path.exists() else [],
+    )
+    if stream.steps and stream.steps[0] != 0:  # a resumed run's part: a replay starts at step 0
+        run.lr_note = (
+            f"LR not drawn: the losses start at step {stream.steps[0]} (a run resumed into this "
+            "directory), and replaying them from a fresh controller would draw an LR the run "
+            "never had; the events are the run's own"
+        )
+        return run
+    try:
+        replayed = replay(
+            stream.losses, stream.settings, update_skipped=stream.update_skipped, steps=stream.steps
+        )
+    except ValueError as err:
+        raise RunError(f"{directory}: the surgeon's files cannot be replayed: {err}") from None
     peaks = [
         e["lr_after"] / e["scale_after"] for e in events if e.get("scale_after") and "lr_after" in e
     ]
@@ -301,21 +323,12 @@ def _load_surgeon_files(losses_path: Path) -> Run:
     )
     if first is not None:
         name += f" (to step {first[0]}: a {first[1]} is not in the losses)"
-    points = [
+    run.series[name] = [
         (step, peak * scale)
         for step, scale in zip(replayed.steps, replayed.lr_scales, strict=True)
         if first is None or step <= first[0]
     ]
-    lr_find_path = directory / LR_FIND_FILE
-    return Run(
-        directory=directory,
-        metrics_path=losses_path,
-        series={name: points},
-        events=events,
-        settings=settings,
-        losses=sorted(zip(stream.steps, stream.losses, strict=True)),
-        lr_find=read_lr_find(lr_find_path) if lr_find_path.exists() else [],
-    )
+    return run
 
 
 # ------------------------------------------------------------------------------ what is drawn
@@ -537,7 +550,19 @@ def _draw_lrs(ax: Any, run: Run, log_lr: bool) -> None:
         if len(lines) > MAX_LR_LABELS:
             label = f"{len(lines)} LR curves (param groups)" if i == 0 else None
         ax.plot(*zip(*points, strict=True), color=color, lw=1.3, label=label)
-    if log_lr:
+    if not lines and run.lr_note:
+        ax.text(
+            0.5,
+            0.5,
+            run.lr_note,
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="#777777",
+            wrap=True,
+        )
+    if log_lr and lines:
         ax.set_yscale("log")
     ax.set_ylabel("learning rate" + (" (log)" if log_lr else ""))
     ax.set_xlabel("optimizer step")

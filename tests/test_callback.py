@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -760,3 +761,23 @@ def test_a_step_gradscaler_skipped(make_trainer: Any, bad: int, poison: str) -> 
         assert cb.skipped_steps == 0 and cb.step == 20
         assert at_bad[:2] == [EventKind.NONFINITE, EventKind.SKIPPED_STEP]
     assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+
+
+def test_total_steps_shorter_than_the_fit_warns_that_the_rest_runs_at_the_floor(
+    make_trainer: Any,
+) -> None:
+    """``total_steps=10`` in a 20-step fit: said at the start (the rest would train at LR 0
+    without a word otherwise); a plan as long as the fit says nothing."""
+    model = TinyRegressor()
+    with pytest.warns(
+        UserWarning, match=r"total_steps=10\) plans fewer steps than this fit runs \(20"
+    ):
+        make_trainer([ScheduleSurgeon(total_steps=10, warmup=2)], max_steps=20).fit(
+            model, make_loader()
+        )
+    assert model.records[-1]["lrs"][0][0] == 0.0  # as said: the floor
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*plans fewer steps.*")
+        make_trainer([ScheduleSurgeon(total_steps=20, warmup=2)], max_steps=20).fit(
+            TinyRegressor(), make_loader()
+        )

@@ -679,7 +679,7 @@ def test_fault_matrix_ddp_nan_on_one_rank(tmp_path: Path) -> None:
     input on rank 1 alone at step 50 (its running statistics go NaN, rank 0's do not). Both
     ranks skip both steps and decide the same (events and controller state equal, the buffer
     repair included), the weights stay finite and equal, buffers finite, no rollback undoes
-    more than the bound, and the final loss is within 5% of a clean two-rank run."""
+    more than the bound, and the final loss is at most 5% above a clean two-rank run's."""
     from test_ddp import run_worker
 
     common = ["--steps=80", "--spike-step=-1", "--batchnorm"]
@@ -703,7 +703,7 @@ def test_fault_matrix_ddp_nan_on_one_rank(tmp_path: Path) -> None:
     for event in state["events"]:
         if event["kind"] == "rollback":
             assert int(re.search(r"\((\d+) steps\)$", event["reason"]).group(1)) <= bound
-    assert faulty[0]["eval_loss"] == pytest.approx(clean[0]["eval_loss"], rel=0.05)
+    assert faulty[0]["eval_loss"] <= 1.05 * clean[0]["eval_loss"]  # the faults cost < 5%
 
 
 def test_an_outliers_damage_that_shows_later_is_rolled_back_to_before_it(

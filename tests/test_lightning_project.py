@@ -14,6 +14,7 @@ import importlib
 import inspect
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,6 +28,7 @@ from conftest import make_loader
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
 
 from surgeon.callback import EVENT_CODES, PHASE_CODES, ScheduleSurgeon, lr_metric_names
 from surgeon.controller import Controller, EventKind, Phase
@@ -348,6 +350,16 @@ def test_refusing_a_scheduler_is_a_lightning_misconfiguration(tmp_path: Path) ->
     assert "return only the optimizer(s)" in str(err.value)
 
 
+class _Unsized(IterableDataset):
+    """The batches of a loader as an iterable dataset without ``__len__``."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.batches = list(loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.batches)
+
+
 @pytest.mark.parametrize("namespace", ["pytorch_lightning", "lightning.pytorch"])
 def test_errors_before_training_are_misconfigurations_of_the_trainers_namespace(
     tmp_path: Path, namespace: str
@@ -365,6 +377,10 @@ def test_errors_before_training_are_misconfigurations_of_the_trainers_namespace(
 
     with pytest.raises(misconfiguration, match=r"total_steps=\.\.\."):
         trainer(callbacks=[ScheduleSurgeon()], max_epochs=-1).fit(model, make_loader())
+    unsized = DataLoader(_Unsized(make_loader()), batch_size=None)  # epochs of unknown length
+    with pytest.raises(misconfiguration, match=r"max_epochs=2\) cannot give one") as err:
+        trainer(callbacks=[ScheduleSurgeon()], max_epochs=2).fit(model, unsized)
+    assert "no length" in str(err.value) and "max_steps=..." in str(err.value)
     with pytest.raises(misconfiguration, match=r"warmup=50 steps, total_steps=20") as err:
         trainer(callbacks=[ScheduleSurgeon(warmup=50)], max_steps=20).fit(model, make_loader())
     assert "max_steps=20" in str(err.value) and isinstance(err.value, ValueError)

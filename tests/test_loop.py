@@ -182,13 +182,14 @@ def test_resume_continues_with_the_uninterrupted_lrs() -> None:
 
 def test_a_plain_resume_inside_a_spikes_read_back_window_is_exact() -> None:
     """A x20 loss at steps 200-201 (a spike the next loss confirms, rolled back), saved at step
-    210 while losses after it are still in flight: the saving run's ``state_dict()`` decides on
-    them (the LR of step 210 changes there) and writes that step's new LR, as the resumed run
-    does, so both use the same LRs and end with the same weights."""
+    216 while losses after it are still in flight (the recovery decided on step 212's): the
+    saving run's ``state_dict()`` decides on them (the LR of step 216 changes there) and
+    writes that step's new LR, as the resumed run does, so both use the same LRs and end with
+    the same weights."""
     torch.manual_seed(0)
     x = torch.randn(4096, 20)
     y = (x @ torch.randn(20, 4)).argmax(1)
-    steps, at = 320, 210
+    steps, at = 320, 216
 
     def fresh() -> tuple[nn.Module, Any]:
         torch.manual_seed(0)
@@ -477,3 +478,86 @@ def test_cool_down_now_without_a_length_takes_a_fifth_of_the_planned_run() -> No
     event = surgeon.cool_down_now()
     assert event is not None and "cool_down_now(steps=None)" in event.reason
     assert surgeon.controller.total_steps == 200
+
+
+@pytest.mark.parametrize("kind", ["nan", "spike"])
+def test_on_a_short_run_the_cut_is_applied_for_the_whole_cooldown(kind: str) -> None:
+    """300 steps: the 1% cooldown (3 steps) is shorter than the read-back lag (the losses of a
+    block are read 4 to 7 steps late). The cut still reaches the LRs applied, for at least the
+    cooldown, before the LR comes back (the cooldown counts from the first step the decision
+    can reach; it used to end, and the recovery begin, before the cut was ever written)."""
+    steps = 300
+    losses = [1.0 / (1.0 + 0.02 * t) for t in range(steps)]
+    if kind == "nan":
+        losses[80] = math.nan
+    else:
+        losses[80] *= 50.0
+        losses[81] *= 50.0
+    surgeon, lrs, _ = plain_run(losses, steps, rollback_threshold=1000.0)
+    cut = next(e for e in surgeon.events if e.kind in (EventKind.NONFINITE, EventKind.SPIKE))
+    assert cut.step in (80, 81) and cut.scale_after == pytest.approx(0.5 * cut.scale_before)
+    cooldown = surgeon.engine.controller.spike_cooldown
+    assert cooldown < surgeon.engine.controller.lag  # the case at hand
+    peak = lrs[70]
+    applied = [lr / peak for lr in lrs[cut.step : cut.step + 20]]
+    held = [scale for scale in applied if scale == pytest.approx(cut.scale_after)]
+    assert len(held) >= cooldown
+    recovered = next(e for e in surgeon.events if e.kind is EventKind.RECOVERED)
+    assert recovered.step >= cut.step + surgeon.engine.controller.lag + cooldown
+
+
+def test_the_plot_of_a_resumed_loops_log_dir_draws_no_replayed_lr(tmp_path: Path) -> None:
+    """The second part of a plain loop resumed into a new ``log_dir`` holds the losses from the
+    resume on: replaying them from a fresh controller would draw a warmup the run never had.
+    The plot draws the losses and the run's own events, and says why there is no LR line."""
+    from surgeon.plot import draw, load_run
+
+    steps, at = 160, 80
+    losses = scripted(steps)
+    first, _, _ = plain_run(losses[:at], at, log_dir=tmp_path / "part1")
+    model = TinyRegressor()
+    optimizer = model.configure_optimizers()[0]
+    resumed = Surgeon(
+        optimizer, steps, model=model.net, verbose=False, log_dir=tmp_path / "part2", **SETTINGS
+    )
+    resumed.load_state_dict(first.state_dict())
+    for step in range(at, steps):
+        loss = model.net(torch.ones(2, 8)).mean() * 0.0 + losses[step]
+        train_step(resumed, optimizer, loss)
+    resumed.finish()
+    run = load_run(tmp_path / "part2")
+    assert run.losses is not None and run.losses[0][0] == at
+    assert not any(key.startswith("lr-") for key in run.series)
+    assert run.lr_note is not None and f"start at step {at}" in run.lr_note
+    assert (150, "nonfinite") in [(e["step"], e["kind"]) for e in run.events]  # the NaN at 150
+    assert draw(run, tmp_path / "part2.png").stat().st_size > 0
+    whole = load_run(tmp_path / "part1")  # a run from step 0 is still replayed
+    assert whole.lr_note is None and any(key.startswith("lr-") for key in whole.series)
+
+
+def test_misuse_is_a_value_error_that_says_what_was_passed() -> None:
+    model = nn.Linear(3, 1)
+    with pytest.raises(ValueError, match=r"optimizer must be an optimizer or a list of them"):
+        Surgeon(model, 100)  # type: ignore[arg-type]  # the model where the optimizer goes
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    surgeon = Surgeon(optimizer, 100, verbose=False)
+    with pytest.raises(ValueError, match=r"scalar loss, got a tensor of shape \(4,\)"):
+        surgeon.step(model(torch.ones(4, 3)).squeeze(1))
+    surgeon.step(model(torch.ones(4, 3)).mean().reshape(1))  # one element: fine
+
+
+def test_stepping_past_the_plan_warns_once() -> None:
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    surgeon = Surgeon(optimizer, 20, verbose=False, warmup=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(20):
+            surgeon.step(1.0)
+        assert not caught
+        for _ in range(10):
+            surgeon.step(1.0)
+    (warning,) = caught
+    assert "step 20 is past the planned length of 20 steps" in str(warning.message)
+    assert warning.filename == __file__  # points at the loop's step() call
+    assert optimizer.param_groups[0]["lr"] == 0.0

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch.distributed as dist
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
@@ -139,8 +140,6 @@ def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> 
     (Lightning's ``estimated_stepping_batches``, which counts optimizer steps); ``None``
     when only ``max_time`` bounds the fit (``timed``: planned from the step rate once
     measured)."""
-    if total_steps is not None:
-        return total_steps
     estimate = trainer.estimated_stepping_batches  # min(max_steps, epochs x steps/epoch)
     if trainer.max_steps is not None and trainer.max_steps > 0:
         # under manual optimization `max_steps` counts every `opt.step()`, but the surgeon
@@ -148,10 +147,28 @@ def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> 
         manual = not trainer.lightning_module.automatic_optimization
         per_batch = len(trainer.optimizers) if manual else 1
         estimate = min(estimate, math.ceil(trainer.max_steps / per_batch))
-    if isinstance(estimate, int | float) and math.isfinite(estimate) and estimate >= 1:
+    finite = isinstance(estimate, int | float) and math.isfinite(estimate) and estimate >= 1
+    if total_steps is not None:
+        if finite and estimate > total_steps:
+            rank_zero_warn(
+                f"ScheduleSurgeon(total_steps={total_steps}) plans fewer steps than this fit "
+                f"runs ({int(estimate)}, from the Trainer's max_steps / max_epochs): the LR "
+                f"stays at the floor after step {total_steps}; leave total_steps unset to plan "
+                "the whole fit"
+            )
+        return total_steps
+    if finite:
         return int(estimate)
     if timed:
         return None
+    max_epochs = trainer.max_epochs
+    if max_epochs is not None and max_epochs > 0:  # epochs of unknown length (no __len__)
+        raise SurgeonMisconfigurationException(
+            f"ScheduleSurgeon needs a finite planned length: Trainer(max_epochs={max_epochs}) "
+            "cannot give one, as the training dataloader has no length (an IterableDataset "
+            "without __len__); pass total_steps=..., or set Trainer(max_steps=...) or max_time "
+            f"(estimated_stepping_batches={estimate})"
+        )
     raise SurgeonMisconfigurationException(
         "ScheduleSurgeon needs a finite planned length: pass total_steps=..., or set "
         f"Trainer(max_steps=...), max_epochs or max_time (estimated_stepping_batches="

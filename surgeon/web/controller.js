@@ -651,7 +651,8 @@
 
     _cut_for_spike(step, kind, why) {
       const before = this.lr_scale(step + 1);
-      const hold_until = step + 1 + this.spike_cooldown;
+      // the cooldown counts from the first step whose LR the caller may not have written yet
+      const hold_until = step + 1 + this.lag + this.spike_cooldown;
       if (this.intervention.mode === "hold") {
         this.intervention.hold_until = hold_until;
         const storm = kind === EventKind.SPIKE && this.rolled_back_to === null;
