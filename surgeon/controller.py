@@ -458,6 +458,11 @@ class Controller:
                 f"{self.config.decay} decay from the current LR scale {level:.3g} to the floor "
                 f"{self.floor:g} over the remaining {self.total_steps - step} steps"
             )
+            if new_length and level <= self.floor:
+                how += (
+                    " (the run had ended its decay: the added steps train at the floor; the "
+                    "surgeon does not re-warm a finished run)"
+                )
         elif "min_lr_ratio" in changed:
             how = f"the plan's decay now ends at the floor {self.floor:g}"
         if warmup_changed and not in_warmup:

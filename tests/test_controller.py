@@ -1192,6 +1192,7 @@ class TestReplan:
         resumed = Controller(600, self.CONFIG)
         resumed.load_state_dict(self.saved_at(200, 200))
         assert resumed.phase is Phase.DECAY and resumed.events[-1].kind is EventKind.REPLAN
+        assert "the added steps train at the floor" in resumed.events[-1].reason
         assert resumed.lr_scale(200) == pytest.approx(self.CONFIG.min_lr_ratio)
         drive(resumed, [1.0] * 400)
         assert resumed.phase is Phase.DONE
