@@ -83,8 +83,8 @@ class SurgeonConfig:
     rising after warmup (a climb)."""
 
     plateau_patience: Steps = 0.1
-    """Steps without a ``plateau_min_delta`` improvement of the smoothed loss before acting;
-    a cut acts only in a hold at the peak (``wsd``), never in a decay."""
+    """Steps (at least 10) without a ``plateau_min_delta`` improvement of the smoothed loss
+    before acting; a cut acts only in a hold at the peak (``wsd``), never in a decay."""
     plateau_min_delta: float = 1e-3
     """Relative improvement of the loss EMA that counts as progress."""
     plateau_cooldown: Steps = 0.1

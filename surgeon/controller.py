@@ -79,6 +79,7 @@ _PLAN_SETTINGS = frozenset(
 
 _MIN_STABILIZE_WINDOW = 10
 _MIN_PEAK = 1e-12  # a lowered peak stays positive even with a floor of 0
+_MIN_PLATEAU_PATIENCE = 10  # a shorter stall is noise: on a 60-step run 10% is 6 steps
 _MIN_SNAPSHOT_EVERY = 10
 _REVISIONS = itertools.count()  # shared by all controllers, so that a revision names one of them
 
@@ -277,7 +278,9 @@ class Controller:
             patience=cfg.stabilize_patience,
         )
         self.plateau = PlateauDetector(
-            patience=resolve_steps("plateau_patience", cfg.plateau_patience, total_steps, 1),
+            patience=resolve_steps(
+                "plateau_patience", cfg.plateau_patience, total_steps, _MIN_PLATEAU_PATIENCE
+            ),
             min_delta=cfg.plateau_min_delta,
             cooldown=resolve_steps("plateau_cooldown", cfg.plateau_cooldown, total_steps),
         )

@@ -1589,3 +1589,11 @@ class TestRollback:
             event = controller.rolled_back(301)
             assert "just before a checkpoint or the end of the fit, unconfirmed" in event.reason
             assert controller.suspect is None
+
+
+def test_a_short_runs_plateau_patience_is_at_least_ten_steps() -> None:
+    """10% of a 60-step run would be 6 steps: noise on a flat loss would cut the LR (a user
+    trial saw two cuts in 60 steps); the patience is at least 10 steps, as the trend window."""
+    assert Controller(60, SurgeonConfig()).plateau.patience == 10
+    assert Controller(60, SurgeonConfig(plateau_patience=3)).plateau.patience == 10
+    assert Controller(1000, SurgeonConfig()).plateau.patience == 100

@@ -11,6 +11,7 @@
 
   const NORMAL_BAND_ZSCORE = 3.0;
   const _MIN_STABILIZE_WINDOW = 10;
+  const _MIN_PLATEAU_PATIENCE = 10; // a shorter stall is noise
   const _MIN_SNAPSHOT_EVERY = 10;
   const _MIN_PEAK = 1e-12;
 
@@ -137,7 +138,7 @@
         cfg.stabilize_patience,
       );
       this.plateau = new PlateauDetector(
-        resolve_steps("plateau_patience", cfg.plateau_patience, total_steps, 1),
+        resolve_steps("plateau_patience", cfg.plateau_patience, total_steps, _MIN_PLATEAU_PATIENCE),
         cfg.plateau_min_delta,
         resolve_steps("plateau_cooldown", cfg.plateau_cooldown, total_steps),
       );
