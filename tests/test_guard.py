@@ -351,7 +351,9 @@ class GradPoisoner(TinyRegressor):
 
 
 def events_at(surgeon: ScheduleSurgeon, step: int) -> list[EventKind]:
-    return [e.kind for e in surgeon.events if e.step == step]
+    """The decisions at ``step`` (the plan's own phase changes left out: one may share it)."""
+    plan = (EventKind.DECAY_START, EventKind.DONE)
+    return [e.kind for e in surgeon.events if e.step == step and e.kind not in plan]
 
 
 def test_a_nan_gradient_on_an_unchecked_step_is_rolled_back(make_trainer: Callable) -> None:
