@@ -1102,6 +1102,8 @@ class Controller:
             f"LR multiplier cut x{self.config.spike_factor:g} to {value:.3g}, "
             f"held for {self.spike_cooldown} steps"
         )
+        if self.lag:
+            why += f" past the {self.lag}-step read-back lag"
         return self._event(step, kind, why, before)
 
     def _lower_peak(self, step: int, peak: float) -> None:
@@ -1135,7 +1137,7 @@ class Controller:
         self.intervention = _Intervention(
             mode="recover",
             value=held.value,
-            recover_start=step + 1,
+            recover_start=step + 1 + self.lag,  # the ramp from the first LR it can reach
             recover_steps=self.spike_recovery,
         )
         why = (

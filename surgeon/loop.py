@@ -138,6 +138,7 @@ class Surgeon:
         self._rank_zero = _is_rank_zero()
         self._recorder: RunRecorder | None = None
         self._warned_past_plan = False
+        self._total_steps = total_steps  # the loop's length as given (a cooldown may move it)
         self.engine = StepEngine(
             config,
             snapshot=snapshot,
@@ -196,12 +197,14 @@ class Surgeon:
         engine.add_loss(loss.detach())
         engine.end_step(getattr(self.scaler, "_scale", None))
         engine.begin_step()
-        if engine.step > self.controller.total_steps and not self._warned_past_plan:
+        total = self.controller.total_steps
+        if engine.step > total and not self._warned_past_plan and total == self._total_steps:
+            # (a plan a cooldown moved ends where it was asked to: no warning then)
             self._warned_past_plan = True
             if self._rank_zero:
                 warnings.warn(
                     f"Surgeon: step {engine.step - 1} is past the planned length of "
-                    f"{self.controller.total_steps} steps: the LR stays at the floor "
+                    f"{total} steps: the LR stays at the floor "
                     f"({self.controller.floor:g} x the peak) from here; give Surgeon the loop's "
                     "real length as total_steps (a resumed run may plan a longer one)",
                     stacklevel=2,

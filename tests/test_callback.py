@@ -781,3 +781,29 @@ def test_total_steps_shorter_than_the_fit_warns_that_the_rest_runs_at_the_floor(
         make_trainer([ScheduleSurgeon(total_steps=20, warmup=2)], max_steps=20).fit(
             TinyRegressor(), make_loader()
         )
+
+
+def test_total_steps_in_a_fit_left_at_lightnings_default_length_does_not_warn() -> None:
+    """A Trainer without max_steps, max_epochs or max_time runs Lightning's default 1000 epochs:
+    a user who gives total_steps there plans the fit by it (stopping it otherwise, e.g. with
+    EarlyStopping): no warning; an explicit longer max_steps warns."""
+    from types import SimpleNamespace
+
+    from surgeon._lightning.trainer import planned_steps
+
+    def trainer(max_steps: int, max_epochs: int) -> Any:
+        module = SimpleNamespace(automatic_optimization=True)
+        batches = 10 * max_epochs if max_steps == -1 else max_steps
+        return SimpleNamespace(
+            estimated_stepping_batches=batches,
+            max_steps=max_steps,
+            max_epochs=max_epochs,
+            lightning_module=module,
+            optimizers=[None],
+        )
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*plans fewer steps.*")
+        assert planned_steps(trainer(-1, 1000), 500, False) == 500
+    with pytest.warns(UserWarning, match=r"plans fewer steps than this fit runs \(800"):
+        assert planned_steps(trainer(800, -1), 500, False) == 500

@@ -378,7 +378,7 @@ def test_errors_before_training_are_misconfigurations_of_the_trainers_namespace(
     with pytest.raises(misconfiguration, match=r"total_steps=\.\.\."):
         trainer(callbacks=[ScheduleSurgeon()], max_epochs=-1).fit(model, make_loader())
     unsized = DataLoader(_Unsized(make_loader()), batch_size=None)  # epochs of unknown length
-    with pytest.raises(misconfiguration, match=r"max_epochs=2\) cannot give one") as err:
+    with pytest.raises(misconfiguration, match=r"max_epochs=2 cannot give one") as err:
         trainer(callbacks=[ScheduleSurgeon()], max_epochs=2).fit(model, unsized)
     assert "no length" in str(err.value) and "max_steps=..." in str(err.value)
     with pytest.raises(misconfiguration, match=r"warmup=50 steps, total_steps=20") as err:

@@ -97,7 +97,7 @@ def decisions(events: list[Any]) -> list[tuple[int, EventKind, str]]:
 
 
 def test_the_same_loss_stream_gives_the_callbacks_lrs_and_decisions(make_trainer: Any) -> None:
-    steps = 240
+    steps = 260  # long enough for a plateau after the NaN's cut and recovery
     losses = scripted(steps)
     cb, cb_lrs, _ = lightning_run(make_trainer, losses, steps)
     surgeon, lrs, _ = plain_run(losses, steps)
@@ -561,3 +561,12 @@ def test_stepping_past_the_plan_warns_once() -> None:
     assert "step 20 is past the planned length of 20 steps" in str(warning.message)
     assert warning.filename == __file__  # points at the loop's step() call
     assert optimizer.param_groups[0]["lr"] == 0.0
+    # a plan that cool_down_now() ended early ends where it was asked to: no warning
+    surgeon = Surgeon(optimizer, 100, verbose=False, warmup=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(80):
+            if step == 50:
+                surgeon.cool_down_now(10)
+            surgeon.step(1.0)
+    assert not caught and surgeon.controller.total_steps < 80

@@ -135,6 +135,10 @@ def make_guard(
     return NonFiniteGuard(mode, distributed_max())
 
 
+_DEFAULT_MAX_EPOCHS = 1000
+"""Lightning's ``max_epochs`` when neither it, ``max_steps`` nor ``max_time`` is set."""
+
+
 def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> int | None:
     """``total_steps``, else what ends the fit first: ``max_steps`` or ``max_epochs``
     (Lightning's ``estimated_stepping_batches``, which counts optimizer steps); ``None``
@@ -149,7 +153,10 @@ def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> 
         estimate = min(estimate, math.ceil(trainer.max_steps / per_batch))
     finite = isinstance(estimate, int | float) and math.isfinite(estimate) and estimate >= 1
     if total_steps is not None:
-        if finite and estimate > total_steps:
+        # (not against Lightning's default of 1000 epochs: a fit the user leaves open, e.g. to
+        # an EarlyStopping, with total_steps as its plan)
+        defaulted = trainer.max_steps == -1 and trainer.max_epochs == _DEFAULT_MAX_EPOCHS
+        if finite and estimate > total_steps and not defaulted:
             rank_zero_warn(
                 f"ScheduleSurgeon(total_steps={total_steps}) plans fewer steps than this fit "
                 f"runs ({int(estimate)}, from the Trainer's max_steps / max_epochs): the LR "
@@ -162,9 +169,10 @@ def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> 
     if timed:
         return None
     max_epochs = trainer.max_epochs
-    if max_epochs is not None and max_epochs > 0:  # epochs of unknown length (no __len__)
+    if max_epochs is not None and max_epochs > 0 and trainer.num_training_batches == math.inf:
+        default = " (Lightning's default)" if max_epochs == _DEFAULT_MAX_EPOCHS else ""
         raise SurgeonMisconfigurationException(
-            f"ScheduleSurgeon needs a finite planned length: Trainer(max_epochs={max_epochs}) "
+            f"ScheduleSurgeon needs a finite planned length: max_epochs={max_epochs}{default} "
             "cannot give one, as the training dataloader has no length (an IterableDataset "
             "without __len__); pass total_steps=..., or set Trainer(max_steps=...) or max_time "
             f"(estimated_stepping_batches={estimate})"

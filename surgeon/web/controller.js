@@ -690,6 +690,7 @@
       why +=
         `LR multiplier cut x${g(this.config.spike_factor)} to ${g(value, 3)}, ` +
         `held for ${this.spike_cooldown} steps`;
+      if (this.lag) why += ` past the ${this.lag}-step read-back lag`;
       return this._event(step, kind, why, before);
     }
 
@@ -720,7 +721,7 @@
       this.intervention = new _Intervention({
         mode: "recover",
         value: held.value,
-        recover_start: step + 1,
+        recover_start: step + 1 + this.lag, // the ramp from the first LR it can reach
         recover_steps: this.spike_recovery,
       });
       let why =
