@@ -111,10 +111,9 @@ class SurgeonConfig:
     """A spike or a non-finite loss multiplies the LR by this factor; a spike while the LR
     comes back from a cut (or a climb) lowers the peak to this factor x the LR it happened at."""
     spike_cooldown: Steps = 0.01
-    """Steps (at least 1) the cut LR is held before recovery may start, counted past the
-    read-back lag (losses are read up to ``2 x readback_every`` steps late), so the cut is
-    applied for at least this long also on a short run; the recovery is then judged on the
-    losses of the cut, read late too."""
+    """Steps (at least 1) the cut LR is held before recovery may start, counted from the first
+    LR the cut reaches (losses are read a few steps late), so it is applied this long also on a
+    short run; the recovery is judged on the losses of the cut, read late too."""
     spike_recovery: Steps = 0.02
     """Steps (at least 1) over which the LR ramps back once the loss is in its normal band."""
 

@@ -247,6 +247,10 @@ class Controller:
         check_positive_int("total_steps", total_steps)
         check_positive_int("lag", lag, allow_zero=True)
         self.lag = lag
+        self.written_until = 0
+        """The first step whose LR the caller has not written yet, set by a caller that reads
+        losses late before each loss (0: none is ahead, the decisions take effect at the next
+        step): a cut is held, and a recovery ramps, from the first LR it reaches."""
         self.config = cfg = config if config is not None else SurgeonConfig()
         self.total_steps = total_steps
         self.floor = cfg.min_lr_ratio
@@ -1061,10 +1065,9 @@ class Controller:
 
     def _cut_for_spike(self, step: int, kind: EventKind, why: str) -> Event:
         before = self.lr_scale(step + 1)
-        # the cooldown counts from the first step whose LR the caller may not have written yet
-        # (a loss is read up to `lag` steps late): held for `spike_cooldown` steps as applied,
-        # also when the cooldown is shorter than the lag (a short run)
-        hold_until = step + 1 + self.lag + self.spike_cooldown
+        # held for `spike_cooldown` steps from the first LR the cut reaches (a caller reading
+        # losses late has written the LRs before `written_until` already)
+        hold_until = max(step + 1, self.written_until) + self.spike_cooldown
         if self.intervention.mode == "hold":
             self.intervention.hold_until = hold_until
             storm = kind is EventKind.SPIKE and self.rolled_back_to is None
@@ -1102,8 +1105,6 @@ class Controller:
             f"LR multiplier cut x{self.config.spike_factor:g} to {value:.3g}, "
             f"held for {self.spike_cooldown} steps"
         )
-        if self.lag:
-            why += f" past the {self.lag}-step read-back lag"
         return self._event(step, kind, why, before)
 
     def _lower_peak(self, step: int, peak: float) -> None:
@@ -1137,7 +1138,7 @@ class Controller:
         self.intervention = _Intervention(
             mode="recover",
             value=held.value,
-            recover_start=step + 1 + self.lag,  # the ramp from the first LR it can reach
+            recover_start=max(step + 1, self.written_until),  # from the first LR it reaches
             recover_steps=self.spike_recovery,
         )
         why = (

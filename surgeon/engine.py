@@ -458,6 +458,7 @@ class StepEngine:
                 self.step -= 1
                 continue
             loss_step = controller.step
+            controller.written_until = self.step  # the LRs before it are written
             events = controller.update(loss, update_skipped=update_skipped)
             if events:
                 for event in events:

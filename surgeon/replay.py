@@ -168,6 +168,7 @@ def feed(
     in_flight: list[range] = []
 
     def consume(block: range, now: int) -> None:
+        controller.written_until = now  # the LRs before `now` are written
         for i in block:
             controller.update(losses[i], update_skipped=update_skipped[i])
             if controller.rollback_to is not None:

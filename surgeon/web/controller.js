@@ -107,6 +107,7 @@
       const cfg = (this.config = config);
       this.total_steps = total_steps;
       this.lag = lag;
+      this.written_until = 0; // the first step whose LR the caller has not written yet
       this.floor = cfg.min_lr_ratio;
       if (cfg.warmup === "auto") {
         this.min_warmup = resolve_steps("min_warmup", cfg.min_warmup, total_steps);
@@ -652,8 +653,8 @@
 
     _cut_for_spike(step, kind, why) {
       const before = this.lr_scale(step + 1);
-      // the cooldown counts from the first step whose LR the caller may not have written yet
-      const hold_until = step + 1 + this.lag + this.spike_cooldown;
+      // held from the first LR the cut reaches (the caller wrote those before written_until)
+      const hold_until = Math.max(step + 1, this.written_until) + this.spike_cooldown;
       if (this.intervention.mode === "hold") {
         this.intervention.hold_until = hold_until;
         const storm = kind === EventKind.SPIKE && this.rolled_back_to === null;
@@ -690,7 +691,6 @@
       why +=
         `LR multiplier cut x${g(this.config.spike_factor)} to ${g(value, 3)}, ` +
         `held for ${this.spike_cooldown} steps`;
-      if (this.lag) why += ` past the ${this.lag}-step read-back lag`;
       return this._event(step, kind, why, before);
     }
 
@@ -721,7 +721,7 @@
       this.intervention = new _Intervention({
         mode: "recover",
         value: held.value,
-        recover_start: step + 1 + this.lag, // the ramp from the first LR it can reach
+        recover_start: Math.max(step + 1, this.written_until), // from the first LR it reaches
         recover_steps: this.spike_recovery,
       });
       let why =

@@ -13,6 +13,7 @@
     const in_flight = [];
 
     function consume(block, now) {
+      controller.written_until = now; // the LRs before `now` are written
       for (const i of block) {
         controller.update(losses[i], { update_skipped: update_skipped[i] });
         if (controller.rollback_to !== null) controller.rolled_back(now);
