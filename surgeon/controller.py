@@ -901,11 +901,16 @@ class Controller:
         if step + 1 < self.max_warmup:
             return []
         level = self._level(step + 1)
-        if self.paused and self.intervention.mode == "normal":  # held by a rising loss
-            self.peak = min(self.peak, level)
+        if self.paused and self.intervention.mode == "normal" and level < self.peak:
+            self.peak = level  # held by a rising loss below the peak
             why = (
                 f"max_warmup={self.max_warmup} steps reached while the loss was rising: the peak "
                 f"is lowered to LR scale {self.peak:.3g}, the highest the loss took"
+            )
+        elif self.paused and self.intervention.mode == "normal":  # held at the peak itself
+            why = (
+                f"max_warmup={self.max_warmup} steps reached while the loss was rising, at the "
+                "peak already"
             )
         else:
             why = (

@@ -1597,3 +1597,18 @@ def test_a_short_runs_plateau_patience_is_at_least_ten_steps() -> None:
     assert Controller(60, SurgeonConfig()).plateau.patience == 10
     assert Controller(60, SurgeonConfig(plateau_patience=3)).plateau.patience == 10
     assert Controller(1000, SurgeonConfig()).plateau.patience == 100
+
+
+def test_a_loss_rising_when_the_ramp_tops_out_ends_the_warmup_without_a_lowering() -> None:
+    """110 steps (max_warmup 11): a loss rising 3% a step is first called rising at step 10,
+    where the ramp has reached the peak. The warmup ends at max_warmup saying so; nothing is
+    lowered (a user trial read "the peak is lowered to LR scale 1"), the climb rule acts
+    later on its own evidence."""
+    controller = Controller(110, SurgeonConfig())
+    trace = drive(controller, [1.03**t for t in range(30)])
+    (end,) = trace.of(EventKind.WARMUP_END)
+    assert end.step == controller.max_warmup - 1 == 10
+    assert "at the peak already" in end.reason and "lowered" not in end.reason
+    assert end.scale_before == end.scale_after == 1.0
+    (climb,) = trace.of(EventKind.CLIMB)
+    assert climb.step > end.step and controller.peak == 0.5

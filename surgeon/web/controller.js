@@ -501,11 +501,15 @@
       }
       if (step + 1 < this.max_warmup) return [];
       const level = this._level(step + 1);
-      if (this.paused && this.intervention.mode === "normal") {
-        this.peak = Math.min(this.peak, level);
+      if (this.paused && this.intervention.mode === "normal" && level < this.peak) {
+        this.peak = level; // held by a rising loss below the peak
         why =
           `max_warmup=${this.max_warmup} steps reached while the loss was rising: the peak ` +
           `is lowered to LR scale ${g(this.peak, 3)}, the highest the loss took`;
+      } else if (this.paused && this.intervention.mode === "normal") {
+        why =
+          `max_warmup=${this.max_warmup} steps reached while the loss was rising, at the ` +
+          "peak already";
       } else {
         why =
           `max_warmup=${this.max_warmup} steps reached at LR scale ${g(level, 3)} (the ramp was ` +
