@@ -344,6 +344,10 @@ class StepEngine:
                     group[PEAK_LR_KEY] = group["lr"] / scale if scale > 0 else group["lr"]
 
     # ------------------------------------------------------------------ per step
+    def peak_lrs(self) -> list[float]:
+        """The peak LR of each param group the surgeon drives, optimizer by optimizer."""
+        return [g[PEAK_LR_KEY] for o in self.driven for g in o.param_groups if PEAK_LR_KEY in g]
+
     def begin_step(self, *, snapshot: bool = True) -> float | None:
         """Write the LR of the current step (once) and take a snapshot if one is due (and
         ``snapshot``: a resumed loop writes its first LR without one, as the saving run had

@@ -288,6 +288,7 @@ class Surgeon:
             snapshot=self.engine.snapshot_mode,
             events=[self.engine.event_record(e) for e in self.events],
             next_loss_step=controller.step,
+            peak_lrs=self.engine.peak_lrs(),
         )
 
     def _report(self, event: Event) -> None:

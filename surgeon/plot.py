@@ -312,23 +312,44 @@ def _load_surgeon_files(losses_path: Path) -> Run:
         )
     except ValueError as err:
         raise RunError(f"{directory}: the surgeon's files cannot be replayed: {err}") from None
-    peaks = [
-        e["lr_after"] / e["scale_after"] for e in events if e.get("scale_after") and "lr_after" in e
-    ]
-    name = "lr-replayed" if peaks else "lr-replayed scale of the peak"
-    peak = peaks[0] if peaks else 1.0
     first = min(
         ((e["step"], e["kind"]) for e in events if e["kind"] in _UNREPLAYED_CHANGES),
         default=None,
     )
-    if first is not None:
-        name += f" (to step {first[0]}: a {first[1]} is not in the losses)"
-    run.series[name] = [
-        (step, peak * scale)
-        for step, scale in zip(replayed.steps, replayed.lr_scales, strict=True)
-        if first is None or step <= first[0]
-    ]
+    until = "" if first is None else f" (to step {first[0]}: a {first[1]} is not in the losses)"
+    for name, peak in _replayed_lines(settings, events):
+        run.series[name + until] = [
+            (step, peak * scale)
+            for step, scale in zip(replayed.steps, replayed.lr_scales, strict=True)
+            if first is None or step <= first[0]
+        ]
     return run
+
+
+def _replayed_lines(
+    settings: dict[str, Any], events: list[dict[str, Any]]
+) -> list[tuple[str, float]]:
+    """``(series name, peak LR)`` per replayed LR line: one per distinct param group peak in
+    ``settings.json`` (the groups named by index when the peaks differ), else the peak an
+    event gives, else the scale of the peak."""
+    peaks = settings.get("peak_lrs") or []
+    distinct = sorted(set(peaks), reverse=True)
+    if len(distinct) > 1:
+        return [
+            (
+                f"lr-replayed group {','.join(str(i) for i, p in enumerate(peaks) if p == peak)}",
+                peak,
+            )
+            for peak in distinct
+        ]
+    if distinct:
+        return [("lr-replayed", distinct[0])]
+    from_events = [
+        e["lr_after"] / e["scale_after"] for e in events if e.get("scale_after") and "lr_after" in e
+    ]
+    if from_events:
+        return [("lr-replayed", from_events[0])]
+    return [("lr-replayed scale of the peak", 1.0)]
 
 
 # ------------------------------------------------------------------------------ what is drawn

@@ -4,7 +4,8 @@
   plus the first driven param group's LR before and after);
 * ``settings.json``: what the decisions depend on: the planned length, the read-back block,
   where snapshots were kept (``"off"``: no rollbacks) and every
-  :class:`~surgeon.config.SurgeonConfig` field, so ``surgeon replay`` can re-run them;
+  :class:`~surgeon.config.SurgeonConfig` field, so ``surgeon replay`` can re-run them, and
+  each driven param group's peak LR (``peak_lrs``, for the plot's LR lines);
 * ``losses.csv``: ``step,loss,update_skipped``, every loss as the controller consumed it, in
   step order (a logger only keeps one row per ``log_every_n_steps``);
 * ``lr_find.csv`` (written by the callback when ``peak_lr="find"`` ran a range test): ``lr,loss``,
@@ -76,12 +77,16 @@ class RunRecorder:
         snapshot: str,
         events: list[dict[str, Any]],
         next_loss_step: int,
+        peak_lrs: list[float] | None = None,
     ) -> None:
         """Open the run: the settings, the events so far (none when fresh, the restored ones on
         a resume) and the losses of steps before ``next_loss_step`` kept from an earlier run in
-        each directory (a resume; a fresh run keeps none)."""
+        each directory (a resume; a fresh run keeps none). ``peak_lrs``: each driven param
+        group's peak LR, in ``settings.json`` for the plot (one LR line per distinct peak)."""
         self.close()
         settings = run_settings(config, total_steps, readback_every, snapshot)
+        if peak_lrs:
+            settings["peak_lrs"] = list(peak_lrs)
         text = json.dumps(settings, indent=2) + "\n"
         lines = "".join(json.dumps(e) + "\n" for e in events)
         for directory in self.directories:

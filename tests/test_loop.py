@@ -576,3 +576,31 @@ def test_stepping_past_the_plan_warns_once() -> None:
                 surgeon.cool_down_now(10)
             surgeon.step(1.0)
     assert not caught and surgeon.controller.total_steps < 80
+
+
+def test_the_plot_of_a_loop_with_two_param_group_peaks_draws_both(tmp_path: Path) -> None:
+    """Two param groups 10x apart (a plain loop's ``log_dir``): settings.json holds each group's
+    peak and the plot replays one LR line per distinct peak (it drew the first group's only)."""
+    from surgeon.plot import load_run, lr_lines
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": model[0].parameters(), "lr": 1e-3},
+            {"params": model[2].parameters(), "lr": 1e-2},
+        ]
+    )
+    surgeon = Surgeon(optimizer, 60, model=model, verbose=False, log_dir=tmp_path, warmup=5)
+    applied = []
+    for _ in range(60):
+        applied.append([group["lr"] for group in optimizer.param_groups])
+        loss = model(torch.ones(4, 8)).square().mean()
+        train_step(surgeon, optimizer, loss)
+    surgeon.finish()
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["peak_lrs"] == [1e-3, 1e-2]
+    lines = dict(lr_lines(load_run(tmp_path).series))
+    assert set(lines) == {"replayed group 0", "replayed group 1"}
+    assert [lr for _, lr in lines["replayed group 1"]] == pytest.approx([b for _, b in applied])
+    assert [lr for _, lr in lines["replayed group 0"]] == pytest.approx([a for a, _ in applied])

@@ -53,6 +53,7 @@ def test_losses_and_settings_of_a_fit(make_trainer: Any, tmp_path: Path) -> None
         "readback_every": 3,
         "snapshot": "cpu",
         "config": config,
+        "peak_lrs": list(model.lrs),  # each group's configured LR, its peak
     }
 
 

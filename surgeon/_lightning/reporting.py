@@ -122,6 +122,7 @@ class Reporter:
                 snapshot=self.engine.snapshot_mode,
                 events=[self.engine.event_record(event) for event in self.engine.events],
                 next_loss_step=controller.step,
+                peak_lrs=self.engine.peak_lrs(),
             )
             if not resuming:  # a reused directory keeps no old curve
                 for directory in self.log_dirs:
