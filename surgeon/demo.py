@@ -1,10 +1,11 @@
 """The demo: a tiny character-level transformer trained on Python's own standard library.
 
 No download: the corpus is a fixed list of standard-library source files. The
-run uses ``ScheduleSurgeon()`` with its defaults, injects bad batches (their loss,
-and so their gradients, multiplied by ``spike_factor``): one alone (an ``outlier``: the
-next loss is normal, nothing is done) and two in a row (a ``spike`` the second confirms:
-the LR is cut and recovers), prints the controller's events, and writes ``metrics.csv``,
+run uses ``ScheduleSurgeon()`` with its defaults, injects an ``outlier`` (one batch whose
+loss reads ``spike_factor`` x, its gradient its own: a hard batch that does no damage, so
+the next loss is normal and nothing is done) and two bad batches in a row (loss and
+gradients x ``spike_factor``: a ``spike`` the second confirms, rolled back, the LR cut and
+recovered), prints the controller's events, and writes ``metrics.csv``,
 ``events.jsonl`` and a PNG of loss and LR. On a CUDA machine it uses the GPU.
 """
 
@@ -73,7 +74,8 @@ def spiked(step: int, spike_at: int | None) -> bool:
 
 class TinyCharLM(pl.LightningModule):
     """A small causal transformer over characters; ``spike_at`` injects two bad batches in a
-    row (:func:`spiked`), ``outlier_at`` one."""
+    row (:func:`spiked`), ``outlier_at`` one loss reading ``spike_factor`` x (its gradient its
+    own)."""
 
     def __init__(
         self,
@@ -112,8 +114,10 @@ class TinyCharLM(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self._loss(batch)
         step = self.global_step
-        if spiked(step, self.hparams.spike_at) or step == self.hparams.outlier_at:
+        if spiked(step, self.hparams.spike_at):  # bad batches: loss and gradients x factor
             loss = loss * self.hparams.spike_factor
+        elif step == self.hparams.outlier_at:  # the loss reads x factor, its gradient its own
+            loss = loss + (self.hparams.spike_factor - 1.0) * loss.detach()
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

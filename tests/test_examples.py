@@ -177,3 +177,24 @@ def test_plain_loop_learns_recovers_and_leaves_run_files(tmp_path: Path) -> None
     assert (300, "nonfinite") in kinds and (300, "skipped_step") in kinds
     assert "surgeon: step 201: rollback:" in result.stdout  # decisions are printed
     assert (out / "losses.csv").read_text().count("\n") == 401  # header + every step
+
+
+def test_the_demo_shows_an_outlier_left_alone_and_a_spike_rolled_back(tmp_path: Path) -> None:
+    """``make demo``'s run (README: the main job): the one bad loss reading at step 250 is an
+    ``outlier`` and nothing else; the two bad batches at 400-401 are a spike, rolled back, the
+    LR cut and recovered; warmup ends, the decay starts, the plan finishes."""
+    from surgeon.controller import EventKind
+    from surgeon.demo import run_demo
+
+    surgeon, run_dir = run_demo(tmp_path / "demo")
+    kinds = [(e.step, e.kind) for e in surgeon.events]
+    assert (251, EventKind.OUTLIER) in kinds
+    assert not [
+        k
+        for s, k in kinds
+        if 250 <= s < 400 and k is not EventKind.OUTLIER and k is not EventKind.DECAY_START
+    ]
+    assert (401, EventKind.SPIKE) in kinds and (401, EventKind.ROLLBACK) in kinds
+    assert any(k is EventKind.RECOVERED and s > 401 for s, k in kinds)
+    assert [k for _, k in kinds][-1] is EventKind.DONE
+    assert (run_dir / "events.jsonl").exists()
