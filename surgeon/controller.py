@@ -851,7 +851,8 @@ class Controller:
             level = self._level(step + 1)
             self.paused = True
             self._set_plan(_Plan(step + 1, level, level, 0, None, 0, "linear"))
-            why = f"the loss is rising: {trend}; the warmup ramp holds at LR scale {level:.3g}"
+            where = "at the peak" if level >= self.peak else f"at LR scale {level:.3g}"
+            why = f"the loss is rising: {trend}; the warmup ramp holds {where}"
             return [self._event(step, EventKind.RAMP_PAUSE, why, before)]
         if self.paused:
             if (det.last_drop or 0.0) < 0.0:

@@ -1606,6 +1606,8 @@ def test_a_loss_rising_when_the_ramp_tops_out_ends_the_warmup_without_a_lowering
     later on its own evidence."""
     controller = Controller(110, SurgeonConfig())
     trace = drive(controller, [1.03**t for t in range(30)])
+    (pause,) = trace.of(EventKind.RAMP_PAUSE)
+    assert pause.step == 10 and pause.reason.endswith("the warmup ramp holds at the peak")
     (end,) = trace.of(EventKind.WARMUP_END)
     assert end.step == controller.max_warmup - 1 == 10
     assert "at the peak already" in end.reason and "lowered" not in end.reason

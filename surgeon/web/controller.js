@@ -452,7 +452,8 @@
         const level = this._level(step + 1);
         this.paused = true;
         this._set_plan(new _Plan(step + 1, level, level, 0, null, 0, "linear"));
-        const why = `the loss is rising: ${trend}; the warmup ramp holds at LR scale ${g(level, 3)}`;
+        const where = level >= this.peak ? "at the peak" : `at LR scale ${g(level, 3)}`;
+        const why = `the loss is rising: ${trend}; the warmup ramp holds ${where}`;
         return [this._event(step, EventKind.RAMP_PAUSE, why, before)];
       }
       if (this.paused) {
