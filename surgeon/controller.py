@@ -572,7 +572,7 @@ class Controller:
         elif signal is Signal.SPIKE:  # acted on once the next loss confirms it
             self.nonfinite_streak, self.nonfinite_applied = 0, False
             z = self.spike.last_zscore
-            std = math.sqrt(var / 2.0)  # the detector's noise before this loss (SpikeDetector.std)
+            std = SpikeDetector.noise(var)  # the detector's noise before this loss
             self.suspect = {"step": step, "loss": loss, "mean": mean, "std": std, "z": z}
         else:
             self.nonfinite_streak, self.nonfinite_applied = 0, False
@@ -902,17 +902,18 @@ class Controller:
         if step + 1 < self.max_warmup:
             return []
         level = self._level(step + 1)
-        if self.paused and self.intervention.mode == "normal" and level < self.peak:
-            self.peak = level  # held by a rising loss below the peak
-            why = (
-                f"max_warmup={self.max_warmup} steps reached while the loss was rising: the peak "
-                f"is lowered to LR scale {self.peak:.3g}, the highest the loss took"
-            )
-        elif self.paused and self.intervention.mode == "normal":  # held at the peak itself
-            why = (
-                f"max_warmup={self.max_warmup} steps reached while the loss was rising, at the "
-                "peak already"
-            )
+        if self.paused and self.intervention.mode == "normal":  # held by a rising loss
+            if level < self.peak:
+                self.peak = level
+                why = (
+                    f"max_warmup={self.max_warmup} steps reached while the loss was rising: the "
+                    f"peak is lowered to LR scale {self.peak:.3g}, the highest the loss took"
+                )
+            else:  # held at the peak itself
+                why = (
+                    f"max_warmup={self.max_warmup} steps reached while the loss was rising, at "
+                    "the peak already"
+                )
         else:
             why = (
                 f"max_warmup={self.max_warmup} steps reached at LR scale {level:.3g} (the ramp was "
@@ -1069,11 +1070,15 @@ class Controller:
         )
         return self._event(step, EventKind.OUTLIER, why, self.lr_scale(step + 1))
 
+    def _first_reached(self, step: int) -> int:
+        """The first step whose LR a decision on the loss of ``step`` reaches: the next one, or
+        the first the caller has not written yet (a caller reading losses late has written the
+        LRs before ``written_until``). A cut is held, and a recovery ramps, from there."""
+        return max(step + 1, self.written_until)
+
     def _cut_for_spike(self, step: int, kind: EventKind, why: str) -> Event:
         before = self.lr_scale(step + 1)
-        # held for `spike_cooldown` steps from the first LR the cut reaches (a caller reading
-        # losses late has written the LRs before `written_until` already)
-        hold_until = max(step + 1, self.written_until) + self.spike_cooldown
+        hold_until = self._first_reached(step) + self.spike_cooldown
         if self.intervention.mode == "hold":
             self.intervention.hold_until = hold_until
             storm = kind is EventKind.SPIKE and self.rolled_back_to is None
@@ -1144,7 +1149,7 @@ class Controller:
         self.intervention = _Intervention(
             mode="recover",
             value=held.value,
-            recover_start=max(step + 1, self.written_until),  # from the first LR it reaches
+            recover_start=self._first_reached(step),
             recover_steps=self.spike_recovery,
         )
         why = (

@@ -299,7 +299,9 @@ def _load_surgeon_files(losses_path: Path) -> Run:
         losses=sorted(zip(stream.steps, stream.losses, strict=True)),
         lr_find=read_lr_find(lr_find_path) if lr_find_path.exists() else [],
     )
-    if stream.steps and stream.steps[0] != 0:  # a resumed run's part: a replay starts at step 0
+    try:
+        stream.check_from_the_start()  # a resumed run's part: a replay starts at step 0
+    except ValueError:
         run.lr_note = (
             f"LR not drawn: the losses start at step {stream.steps[0]} (a run resumed into this "
             "directory), and replaying them from a fresh controller would draw an LR the run "

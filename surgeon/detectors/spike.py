@@ -79,7 +79,12 @@ class SpikeDetector:
     @property
     def std(self) -> float:
         """The step-to-step noise of the loss, ``sigma = sqrt(v / 2)``."""
-        return math.sqrt(self.var / 2.0)
+        return self.noise(self.var)
+
+    @staticmethod
+    def noise(var: float) -> float:
+        """``sigma`` for an EMA ``var`` of squared first differences (``std`` of a past state)."""
+        return math.sqrt(var / 2.0)
 
     def update(self, loss: float) -> Signal | None:
         """Feed one loss; return ``NONFINITE``, ``SPIKE`` or ``None``."""

@@ -502,15 +502,19 @@
       }
       if (step + 1 < this.max_warmup) return [];
       const level = this._level(step + 1);
-      if (this.paused && this.intervention.mode === "normal" && level < this.peak) {
-        this.peak = level; // held by a rising loss below the peak
-        why =
-          `max_warmup=${this.max_warmup} steps reached while the loss was rising: the peak ` +
-          `is lowered to LR scale ${g(this.peak, 3)}, the highest the loss took`;
-      } else if (this.paused && this.intervention.mode === "normal") {
-        why =
-          `max_warmup=${this.max_warmup} steps reached while the loss was rising, at the ` +
-          "peak already";
+      if (this.paused && this.intervention.mode === "normal") {
+        // held by a rising loss
+        if (level < this.peak) {
+          this.peak = level;
+          why =
+            `max_warmup=${this.max_warmup} steps reached while the loss was rising: the peak ` +
+            `is lowered to LR scale ${g(this.peak, 3)}, the highest the loss took`;
+        } else {
+          // held at the peak itself
+          why =
+            `max_warmup=${this.max_warmup} steps reached while the loss was rising, at the ` +
+            "peak already";
+        }
       } else {
         why =
           `max_warmup=${this.max_warmup} steps reached at LR scale ${g(level, 3)} (the ramp was ` +
@@ -656,10 +660,15 @@
       return this._event(step, EventKind.OUTLIER, why, this.lr_scale(step + 1));
     }
 
+    _first_reached(step) {
+      // the first step whose LR a decision on step's loss reaches: the next one, or the first
+      // the caller has not written yet (it wrote those before written_until)
+      return Math.max(step + 1, this.written_until);
+    }
+
     _cut_for_spike(step, kind, why) {
       const before = this.lr_scale(step + 1);
-      // held from the first LR the cut reaches (the caller wrote those before written_until)
-      const hold_until = Math.max(step + 1, this.written_until) + this.spike_cooldown;
+      const hold_until = this._first_reached(step) + this.spike_cooldown;
       if (this.intervention.mode === "hold") {
         this.intervention.hold_until = hold_until;
         const storm = kind === EventKind.SPIKE && this.rolled_back_to === null;
@@ -726,7 +735,7 @@
       this.intervention = new _Intervention({
         mode: "recover",
         value: held.value,
-        recover_start: Math.max(step + 1, this.written_until), // from the first LR it reaches
+        recover_start: this._first_reached(step),
         recover_steps: this.spike_recovery,
       });
       let why =
