@@ -182,6 +182,81 @@ def build_parity(seed: int, hidden: int = 64) -> Built:
     return Built(model, _batches(x, y, 64, seed), _bce, (vx, vy))
 
 
+# Probe tasks: added after the design was fixed, to check that its decisions carry over to
+# kinds of training it was not shaped on (a bottleneck autoencoder, a recurrent net needing
+# memory, a convex problem under SGD, BatchNorm under SGD with weight decay).
+
+
+def build_autoenc(seed: int) -> Built:
+    """Digits through a 64-128-12-128-64 ReLU autoencoder, MSE on the pixels."""
+    x, _, vx, _ = _digits()
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 12), nn.ReLU(),
+        nn.Linear(12, 128), nn.ReLU(), nn.Linear(128, 64),
+    )  # fmt: skip
+    return Built(
+        model, _batches(x, x, 32, seed), lambda m, a, b: nn.functional.mse_loss(m(a), b), (vx, vx)
+    )
+
+
+class _RunningSum(nn.Module):
+    """A GRU reading digits, predicting the running sum of the digits mod 10 at each position."""
+
+    def __init__(self, hidden: int = 48) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.gru = nn.GRU(16, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.gru(self.embed(x))[0])
+
+
+def build_gru(seed: int, length: int = 16) -> Built:
+    gen = torch.Generator().manual_seed(1000 + seed)
+
+    def get(step: int) -> tuple[Tensor, Tensor]:
+        x = torch.randint(0, 10, (32, length), generator=gen)
+        return x, x.cumsum(1) % 10
+
+    vx = torch.randint(0, 10, (512, length), generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(seed)
+    return Built(_RunningSum(), get, _ce, (vx, vx.cumsum(1) % 10))
+
+
+def build_logreg(seed: int) -> Built:
+    """Multinomial logistic regression on the digits' standardized pixels (convex)."""
+    x, y, vx, vy = _digits()
+    mean, std = x.mean(0), x.std(0) + 1e-3
+    torch.manual_seed(seed)
+    return Built(
+        nn.Linear(64, 10), _batches((x - mean) / std, y, 32, seed), _ce, ((vx - mean) / std, vy)
+    )
+
+
+def build_bn(seed: int, dim: int = 24) -> Built:
+    """A BatchNorm MLP on Gaussian clusters with label noise (10 classes, 20,000 points)."""
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(30, dim, generator=gen) * 1.2
+
+    def points(n: int) -> tuple[Tensor, Tensor]:
+        which = torch.randint(0, 30, (n,), generator=gen)
+        x = centers[which] + torch.randn(n, dim, generator=gen)
+        y = which % 10
+        flip = torch.rand(n, generator=gen) < 0.1
+        return x, torch.where(flip, torch.randint(0, 10, (n,), generator=gen), y)
+
+    x, y = points(20_000)
+    vx, vy = points(4000)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(dim, 128), nn.BatchNorm1d(128), nn.ReLU(),
+        nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+    return Built(model, _batches(x, y, 64, seed), _ce, (vx, vy))
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     build: Callable[[int], Built]
@@ -198,6 +273,10 @@ TASKS: dict[str, TaskSpec] = {
     "teacher_small": TaskSpec(functools.partial(build_teacher, train=4000), 1500, "adamw"),
     "teacher_sgd": TaskSpec(build_teacher, 1500, "sgd", 0.0),
     "parity": TaskSpec(build_parity, 2000, "adamw"),
+    "autoenc": TaskSpec(build_autoenc, 1500, "adamw"),
+    "gru": TaskSpec(build_gru, 1500, "adamw"),
+    "logreg": TaskSpec(build_logreg, 1000, "sgd", 0.0),
+    "bn": TaskSpec(build_bn, 1500, "sgd", 5e-4),
 }
 
 # ------------------------------------------------------------------------------ schedules
@@ -275,6 +354,7 @@ def fit(task: str, lr: float, schedule: str | dict[str, Any], seed: int, steps: 
         losses.append(value)
         if ctrl is not None and (t + 1) % READBACK == 0 and t >= 2 * READBACK - 1:
             for v in losses[t + 1 - 2 * READBACK : t + 1 - READBACK]:
+                ctrl.written_until = t + 1  # as the engine: the LRs up to step t are written
                 ctrl.update(v, update_skipped=not math.isfinite(v))
                 if ctrl.rollback_to is not None:
                     weights, state = snaps[ctrl.rollback_to]
@@ -285,6 +365,7 @@ def fit(task: str, lr: float, schedule: str | dict[str, Any], seed: int, steps: 
         if not math.isfinite(value) and ctrl is None:
             diverged = True
             break
+    model.eval()
     with torch.no_grad():
         final = built.loss(model, *built.val).item() if not diverged else math.inf
     if not math.isfinite(final):
