@@ -1,9 +1,19 @@
 """Argument checks shared by the detectors, the controller and the callback: one message format."""
 
 import math
+import numbers
 import sys
+from typing import Any
 
 _LARGEST = sys.float_info.max
+
+
+def plain_int(value: Any) -> Any:
+    """``value`` as a Python ``int`` when it is another integer type (``numpy.int64``, a
+    length computed with numpy), else unchanged: what is stored must save as JSON."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool | int):
+        return int(value)
+    return value
 
 
 def check_positive_int(name: str, value: int, *, allow_zero: bool = False) -> None:

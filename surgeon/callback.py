@@ -54,7 +54,7 @@ from surgeon._lightning.trainer import (
     optimizer_step_counter,
     plan_source,
 )
-from surgeon._validate import check_positive_int
+from surgeon._validate import check_positive_int, plain_int
 from surgeon.config import (
     CONFIG_FIELDS,
     DecayName,
@@ -243,6 +243,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
     ) -> None:
         super().__init__()
         if total_steps is not None:
+            total_steps = plain_int(total_steps)
             check_positive_int("total_steps", total_steps)
         given = locals()  # the controller's settings, as passed (SurgeonConfig validates them)
         self.config = SurgeonConfig(**{name: given[name] for name in CONFIG_FIELDS})

@@ -84,6 +84,11 @@ _MIN_SNAPSHOT_EVERY = 10
 _REVISIONS = itertools.count()  # shared by all controllers, so that a revision names one of them
 
 
+def _steps(count: int, kind: str = "") -> str:
+    """``"1 step"``, ``"2 steps"``, ``"3 non-finite steps"``: a count in an event's reason."""
+    return f"{count} {kind}step" + ("" if count == 1 else "s")
+
+
 def _format_bytes(nbytes: int) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= size:
@@ -561,7 +566,7 @@ class Controller:
             self.nonfinite_applied = self.nonfinite_applied or not update_skipped
             streak, needed = self.nonfinite_streak, self.config.rollback_nonfinite
             if streak == needed:
-                why = f"{streak} non-finite steps in a row (rollback_nonfinite={needed})"
+                why = f"{_steps(streak, 'non-finite ')} in a row (rollback_nonfinite={needed})"
                 bad += self._request_rollback(step, why)
             new_events.append(self._cut_for_spike(step, EventKind.NONFINITE, bad))
             if update_skipped:
@@ -804,8 +809,9 @@ class Controller:
         streak = self.nonfinite_streak
         what = "updates skipped" if update_skipped else "updates applied"
         why = (
-            f"{streak} non-finite steps in a row (steps {step - streak + 1} to {step}, last loss "
-            f"{loss}, {what}) and nothing to roll back to ({self._no_rollback or 'no snapshot'}): "
+            f"{_steps(streak, 'non-finite ')} in a row (steps {step - streak + 1} to {step}, "
+            f"last loss {loss}, {what}) and nothing to roll back to "
+            f"({self._no_rollback or 'no snapshot'}): "
             "the run cannot make progress; stopping it"
         )
         return self._event(step, EventKind.STALLED, why, None)
@@ -825,7 +831,7 @@ class Controller:
         self.rolled_back_to = target
         why = (
             f"{cause}: restored the snapshot of step {target} ({_format_bytes(nbytes)}), "
-            f"undoing the updates of steps {target} to {now - 1} ({now - target} steps)"
+            f"undoing the updates of steps {target} to {now - 1} ({_steps(now - target)})"
         )
         scale = self.lr_scale(now)
         event = Event(step, EventKind.ROLLBACK, why, scale, scale, self.phase)
@@ -864,7 +870,7 @@ class Controller:
             self._set_plan(self._warmup_plan(step + 1, level, ramp))
             why = (
                 f"the loss is back down: {trend}; the ramp goes on from LR scale {level:.3g} "
-                f"to {self.peak:.3g} over {ramp} steps"
+                f"to {self.peak:.3g} over {_steps(ramp)}"
             )
             return [self._event(step, EventKind.RAMP_RESUME, why, before)]
         if signal is Signal.STABILIZED and step + 1 >= self.min_warmup:
@@ -935,7 +941,7 @@ class Controller:
         ramp = self._ramp_steps(level, self.min_warmup)
         if ramp:
             self._set_plan(self._decay_plan(start, self.peak, v0=level, ramp=ramp))
-            why += f"; the LR goes from scale {level:.3g} to the peak over {ramp} steps"
+            why += f"; the LR goes from scale {level:.3g} to the peak over {_steps(ramp)}"
         else:
             self._set_plan(self._decay_plan(start, min(level, self.peak)))
         self.phase = self._plan_phase(step + 1)
@@ -1004,7 +1010,7 @@ class Controller:
             why = (
                 f"{stalled}restart {self.restarts}/{cfg.max_restarts}: re-warm from "
                 f"{current:.3g} to {target:.3g} ({cfg.restart_peak:g} of the peak) "
-                f"over {self.restart_warmup} steps"
+                f"over {_steps(self.restart_warmup)}"
             )
             return [self._event(step, EventKind.RESTART, why, before)]
         cut = max(self.floor, current * cfg.plateau_factor)
@@ -1114,7 +1120,7 @@ class Controller:
             why += "warmup ramp paused; "
         why += (
             f"LR multiplier cut x{self.config.spike_factor:g} to {value:.3g}, "
-            f"held for {self.spike_cooldown} steps"
+            f"held for {_steps(self.spike_cooldown)}"
         )
         return self._event(step, kind, why, before)
 
@@ -1155,7 +1161,7 @@ class Controller:
         why = (
             f"loss {loss:.4g} is back within {NORMAL_BAND_ZSCORE:g} sigma of its running mean "
             f"{self.spike.mean:.4g}; LR multiplier ramps from {held.value:.3g} back to 1 over "
-            f"{self.spike_recovery} steps"
+            f"{_steps(self.spike_recovery)}"
         )
         if self.paused:
             self.paused = False

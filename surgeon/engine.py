@@ -69,11 +69,32 @@ WarningSink = Callable[[str], None]
 """Called with a warning for the user (a sentence), on every rank: the sink shows it once."""
 
 
+_MOVES_THE_END = (EventKind.REPLAN, EventKind.COOLDOWN)
+
+
 def check_lr(lr: Any) -> float:
-    """``lr`` if it is a finite number > 0 (a param group's peak), else ``ValueError``."""
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"param group lr must be a finite number > 0, got lr={lr!r}")
-    return lr
+    """``lr`` as a float if it is a finite number > 0 (a param group's peak; a one-element
+    tensor LR, as compiled optimizers take, counts by its value), else ``ValueError``."""
+    value = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        hint = (
+            " (the peak the surgeon scales; a group that should not train belongs out of the "
+            "optimizer, or its parameters' requires_grad=False)"
+            if value == 0
+            else ""
+        )
+        raise ValueError(f"param group lr must be a finite number > 0, got lr={lr!r}{hint}")
+    return value
+
+
+def write_lr(group: dict[str, Any], lr: float) -> None:
+    """Set a param group's LR; a tensor LR is filled in place (as torch's schedulers do: a
+    compiled optimizer step keeps reading the same tensor)."""
+    current = group["lr"]
+    if isinstance(current, Tensor):
+        current.fill_(lr)
+    else:
+        group["lr"] = lr
 
 
 def configured_peak(group: dict[str, Any]) -> Any:
@@ -310,9 +331,13 @@ class StepEngine:
 
     def event_record(self, event: Event) -> dict[str, Any]:
         """``event`` as a record of ``events.jsonl``, with the first driven param group's LR
-        before and after it."""
+        before and after it; an event that moved the run's end (``replan``, ``cooldown``) also
+        with the planned length from then on (``total_steps``: the plot's "planned end")."""
         peak = self.driven[0].param_groups[0][PEAK_LR_KEY]
-        return event_record(event, peak * event.scale_before, peak * event.scale_after)
+        record = event_record(event, peak * event.scale_before, peak * event.scale_after)
+        if event.kind in _MOVES_THE_END and self.controller is not None:
+            record["total_steps"] = self.controller.total_steps
+        return record
 
     @property
     def snapshot_mode(self) -> SnapshotMode:
@@ -341,7 +366,8 @@ class StepEngine:
                 if scale is None:
                     group[PEAK_LR_KEY] = check_lr(group["lr"])
                 else:
-                    group[PEAK_LR_KEY] = group["lr"] / scale if scale > 0 else group["lr"]
+                    lr = float(group["lr"])
+                    group[PEAK_LR_KEY] = lr / scale if scale > 0 else lr
 
     # ------------------------------------------------------------------ per step
     def peak_lrs(self) -> list[float]:
@@ -367,7 +393,10 @@ class StepEngine:
         try:
             for optimizer in self.driven:
                 for group in optimizer.param_groups:
-                    group["lr"] = group[PEAK_LR_KEY] * scale
+                    if type(group["lr"]) is float:
+                        group["lr"] = group[PEAK_LR_KEY] * scale
+                    else:
+                        write_lr(group, group[PEAK_LR_KEY] * scale)
         except KeyError:  # a param group added during the run (e.g. by BaseFinetuning)
             # its LR was chosen beside the LRs of the last write: relative to that write's scale
             self.adopt_new_param_groups(self.written_scale)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from surgeon._validate import check_positive_int
+from surgeon._validate import check_positive_int, plain_int
 from surgeon.config import CONFIG_FIELDS, SurgeonConfig, resolve_steps
 from surgeon.controller import Controller, Event, Phase
 from surgeon.engine import (
@@ -118,6 +118,7 @@ class Surgeon:
             raise ValueError(f"verbose must be True or False, got verbose={verbose!r}")
         if log_dir is not None and not isinstance(log_dir, str | Path):
             raise ValueError(f"log_dir must be a path or None, got log_dir={log_dir!r}")
+        total_steps = plain_int(total_steps)
         check_positive_int("total_steps", total_steps)
         check_positive_int("grad_check_every", grad_check_every)
         config = config if config is not None else SurgeonConfig(**settings)

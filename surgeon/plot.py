@@ -143,8 +143,10 @@ class Run:
 
     @property
     def planned_steps(self) -> int | None:
-        """The planned length from ``settings.json`` (``None`` without it)."""
-        total = self.settings.get("total_steps")
+        """The planned length: the last one an event moved it to (a ``cooldown``, a ``replan``),
+        else ``settings.json``'s (``None`` without either)."""
+        moved = [e["total_steps"] for e in self.events if isinstance(e.get("total_steps"), int)]
+        total = moved[-1] if moved else self.settings.get("total_steps")
         return total if isinstance(total, int) else None
 
 

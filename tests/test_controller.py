@@ -480,6 +480,16 @@ class TestSpike:
             expected = max(floor, clean.lrs[s] * self.multiplier(s, acted, factor))
             assert trace.lrs[s] == pytest.approx(expected, rel=1e-12), s
 
+    def test_a_one_step_cut_and_recovery_say_one_step(self) -> None:
+        """Counts of one read "1 step" in the reasons (not "1 steps")."""
+        losses = self.stream(0)
+        spike(losses, 1000)
+        overrides = {"spike_cooldown": 1, "spike_recovery": 1}
+        trace = drive(Controller(self.TOTAL, self.config(**overrides)), losses)
+        event, recovered = trace.of(EventKind.SPIKE)[0], trace.of(EventKind.RECOVERED)[0]
+        assert "held for 1 step;" in event.reason or event.reason.endswith("held for 1 step")
+        assert recovered.reason.endswith("over 1 step")
+
     @pytest.mark.parametrize(("seed", "at"), [(0, 1000), (1, 150), (2, 2500)])
     def test_an_isolated_outlier_is_an_event_and_nothing_else(self, seed: int, at: int) -> None:
         """One loss x10, the next back in its normal band: one hard batch. An ``outlier``

@@ -49,9 +49,11 @@ def project_class(ns: ModuleType = pl) -> type:
             scheduler: str | None = "onecycle",
             val_script: list[float] | None = None,
             total_steps: int = 1000,
+            tensor_lr: bool = False,
         ) -> None:
             """``scheduler``: ``"onecycle"``, ``"cosine"`` or ``None``; ``val_script``: the
-            ``val_loss`` of each epoch (``None``: the real validation loss)."""
+            ``val_loss`` of each epoch (``None``: the real validation loss); ``tensor_lr``: the
+            LR as a tensor (as compiled optimizer steps take it)."""
             super().__init__()
             self.save_hyperparameters(ignore=["val_script"])
             torch.manual_seed(0)
@@ -64,7 +66,7 @@ def project_class(ns: ModuleType = pl) -> type:
             x, y = batch
             loss = nn.functional.mse_loss(self.net(x), y)
             self.log("train_loss", loss, prog_bar=True)
-            lr = self.optimizers().param_groups[0]["lr"]
+            lr = float(self.optimizers().param_groups[0]["lr"])
             self.records.append(
                 {"step": self.trainer.fit_loop.epoch_loop._batches_that_stepped, "lr": lr}
             )
@@ -80,7 +82,8 @@ def project_class(ns: ModuleType = pl) -> type:
             self.log("val_loss", loss)
 
         def configure_optimizers(self) -> Any:
-            opt = torch.optim.AdamW([{"params": self.parameters(), "name": "all"}], lr=LR)
+            lr = torch.tensor(LR) if self.hparams.tensor_lr else LR
+            opt = torch.optim.AdamW([{"params": self.parameters(), "name": "all"}], lr=lr)
             total = self.hparams.total_steps
             if self.hparams.scheduler is None:
                 return opt
@@ -269,9 +272,13 @@ def test_a_typical_project_sees_what_the_surgeon_does(
     assert len(names) == 4 and phases <= set(map(int, PHASE_CODES.values())) and len(phases) > 1
 
 
-def test_the_lr_series_shares_lightnings_steps_without_a_monitor(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_the_lr_series_shares_lightnings_steps_without_a_monitor(
+    tmp_path: Path, tensor_lr: bool
+) -> None:
     """Without LearningRateMonitor the surgeon logs ``lr-AdamW/all`` itself, named as the monitor
-    names a single named group, at the steps Lightning logs ``train_loss`` (``(step + 1) % 5``)."""
+    names a single named group, at the steps Lightning logs ``train_loss`` (``(step + 1) % 5``).
+    A tensor LR is driven in place (the optimizer keeps its tensor) and logged by value."""
     cb = ScheduleSurgeon()
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -282,10 +289,12 @@ def test_the_lr_series_shares_lightnings_steps_without_a_monitor(tmp_path: Path)
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = Project(scheduler=None)
+    model = Project(scheduler=None, tensor_lr=tensor_lr)
     fit(trainer, model)
+    assert isinstance(model.optimizers().param_groups[0]["lr"], Tensor) == tensor_lr
     rows = csv_rows(trainer)
     lrs = series(rows, "lr-AdamW/all")
+    assert len({value for _, value in lrs}) > 2  # the LR moved
     assert [s for s, _ in lrs] == [s for s, _ in series(rows, "train_loss")]
     assert [s for s, _ in lrs] == [s for s in range(2 * BATCHES) if (s + 1) % 5 == 0]
     used = {r["step"]: r["lr"] for r in model.records}
@@ -307,12 +316,16 @@ def test_lr_names_follow_learning_rate_monitor() -> None:
 # ---------------------------------------------------------------------------- schedulers
 
 
-@pytest.mark.parametrize(("scheduler", "peak"), [("onecycle", MAX_LR), ("cosine", LR)])
+@pytest.mark.parametrize(
+    ("scheduler", "peak", "tensor_lr"),
+    [("onecycle", MAX_LR, False), ("cosine", LR, False), ("cosine", LR, True)],
+)
 def test_a_returned_scheduler_is_replaced_and_its_peak_kept(
-    tmp_path: Path, info_lines: list[str], scheduler: str, peak: float
+    tmp_path: Path, info_lines: list[str], scheduler: str, peak: float, tensor_lr: bool
 ) -> None:
     """The scheduler is dropped (never stepped: the LR follows the surgeon's plan, not the
-    1cycle or cosine curve); the peak is OneCycleLR's ``max_lr``, else the configured LR."""
+    1cycle or cosine curve); the peak is OneCycleLR's ``max_lr``, else the configured LR (a
+    tensor LR's value)."""
     cb = ScheduleSurgeon(min_warmup=4, max_warmup=8)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -324,7 +337,7 @@ def test_a_returned_scheduler_is_replaced_and_its_peak_kept(
         enable_checkpointing=False,
         default_root_dir=tmp_path,
     )
-    model = Project(scheduler=scheduler, total_steps=40)
+    model = Project(scheduler=scheduler, total_steps=40, tensor_lr=tensor_lr)
     trainer.fit(model, make_loader(BATCHES))
     name = {"onecycle": "OneCycleLR", "cosine": "CosineAnnealingLR"}[scheduler]
     assert any(f"{name} (of AdamW, peak LR {peak:.4g})" in line for line in info_lines)

@@ -604,3 +604,35 @@ def test_the_plot_of_a_loop_with_two_param_group_peaks_draws_both(tmp_path: Path
     assert set(lines) == {"replayed group 0", "replayed group 1"}
     assert [lr for _, lr in lines["replayed group 1"]] == pytest.approx([b for _, b in applied])
     assert [lr for _, lr in lines["replayed group 0"]] == pytest.approx([a for a, _ in applied])
+
+
+def test_a_tensor_lr_is_driven_in_place_and_a_numpy_length_is_taken() -> None:
+    """Compiled optimizers take their LR as a tensor: the surgeon fills that same tensor (a
+    compiled step keeps reading it) with the LRs a float LR gets, to float32 rounding; a run
+    length computed with numpy is an int like any other (and saves as JSON)."""
+    import numpy as np
+
+    def run(lr: float | Tensor) -> tuple[list[float], Tensor, Surgeon]:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        surgeon = Surgeon(optimizer, np.int64(120), verbose=False, warmup=10)
+        first, lrs = optimizer.param_groups[0]["lr"], []
+        for _ in range(120):
+            lrs.append(float(optimizer.param_groups[0]["lr"]))
+            train_step(surgeon, optimizer, (model(torch.randn(8, 4)) ** 2).mean())
+        assert (optimizer.param_groups[0]["lr"] is first) == isinstance(lr, Tensor)
+        return lrs, model.weight.detach(), surgeon
+
+    floats, weights, surgeon = run(0.01)
+    tensors, tensor_weights, _ = run(torch.tensor(0.01))
+    assert floats[0] < floats[10] == 0.01 > floats[-1]  # warmup, peak, decay
+    assert tensors == pytest.approx(floats, rel=1e-6, abs=1e-12)
+    assert torch.allclose(tensor_weights, weights, rtol=1e-4)
+    assert type(surgeon.controller.total_steps) is int
+    json.dumps(surgeon.state_dict()["controller"])
+    zero = r"lr must be a finite number > 0, got lr=tensor\(0\.\) "
+    with pytest.raises(ValueError, match=zero):
+        Surgeon(torch.optim.Adam(nn.Linear(2, 1).parameters(), lr=torch.tensor(0.0)), 10)
+    with pytest.raises(ValueError, match=r"got lr=0\.0 \(.*should not train belongs out of"):
+        Surgeon(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.0), 10)

@@ -27,7 +27,7 @@ import torch
 from conftest import TinyRegressor, make_loader, spike_at
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from torch import Tensor
+from torch import Tensor, nn
 
 from surgeon.callback import ScheduleSurgeon
 from surgeon.cli import main
@@ -37,6 +37,7 @@ from surgeon.plot import (
     PHASE_COLORS,
     UNKNOWN_EVENT_COLOR,
     Run,
+    draw,
     event_dashes,
     event_style,
     load_run,
@@ -580,3 +581,26 @@ def test_the_newest_run_is_drawn_whichever_kind_it_is(
     (metrics,) = (tmp_path / "lightning").rglob("metrics.csv")
     metrics.touch()
     assert load_run(tmp_path).directory == metrics.parent
+
+
+def test_the_plot_marks_the_end_a_cooldown_moved(tmp_path: Path, caught_figures: list[Any]) -> None:
+    """A 300-step plan cooled down at step 60 over 40 steps ends at 100: the ``cooldown``
+    record carries the new length and the plot's "planned end" is there (not at 300)."""
+    from surgeon import Surgeon
+
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    surgeon = Surgeon(optimizer, 300, warmup=10, verbose=False, log_dir=tmp_path)
+    for step in range(80):
+        if step == 60:
+            surgeon.cool_down_now(40)
+        surgeon.step(1.0 / (1 + step))
+    surgeon.finish()
+    run = load_run(tmp_path)
+    (cooldown,) = [e for e in run.events if e["kind"] == "cooldown"]
+    assert cooldown["total_steps"] == 100 and run.settings["total_steps"] == 300
+    assert run.planned_steps == 100 != run.last_step
+    draw(run, tmp_path / "run.png")
+    (figure,) = caught_figures
+    assert any(list(line.get_xdata()) == [100, 100] for line in figure.axes[1].get_lines())
+    assert not any(list(line.get_xdata()) == [300, 300] for line in figure.axes[1].get_lines())

@@ -164,7 +164,8 @@ class Reporter:
                 self.lr_names = lr_metric_names(driven)
             for optimizer, names in zip(driven, self.lr_names, strict=True):
                 for group, name in zip(optimizer.param_groups, names, strict=True):
-                    metrics[name] = group["lr"]
+                    lr = group["lr"]  # a tensor LR (compiled optimizers) is logged by value
+                    metrics[name] = lr if type(lr) is float else float(lr)
         if self.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=step)

@@ -16,7 +16,13 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
-from surgeon.engine import StepEngine, configured_peak, distributed_max, distributed_mean
+from surgeon.engine import (
+    StepEngine,
+    configured_peak,
+    distributed_max,
+    distributed_mean,
+    write_lr,
+)
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
 from surgeon.loss_feed import Reduce
 from surgeon.planning import ManualStepPlanner
@@ -272,7 +278,7 @@ def _take_over_schedulers(
             for i, group in enumerate(optimizer.param_groups)
         ]
         for group, peak in zip(optimizer.param_groups, peaks, strict=True):
-            group["lr"] = peak
+            write_lr(group, peak)
         shown = ", ".join(f"{peak:.4g}" for peak in peaks)
         owner = type(optimizer).__name__
         dropped.append(f"{type(scheduler).__name__} (of {owner}, peak LR {shown})")

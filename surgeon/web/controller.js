@@ -7,7 +7,7 @@
   const { schedules } = S;
   const { resolve_steps } = S.config;
   const { Signal, PlateauDetector, SpikeDetector, StabilizationDetector } = S.detectors;
-  const { f, g, percent, str } = S.format;
+  const { f, g, percent, str, steps } = S.format;
 
   const NORMAL_BAND_ZSCORE = 3.0;
   const _MIN_STABILIZE_WINDOW = 10;
@@ -228,7 +228,7 @@
         const streak = this.nonfinite_streak;
         const needed = this.config.rollback_nonfinite;
         if (streak === needed) {
-          const why = `${streak} non-finite steps in a row (rollback_nonfinite=${needed})`;
+          const why = `${steps(streak, "non-finite ")} in a row (rollback_nonfinite=${needed})`;
           bad += this._request_rollback(step, why);
         }
         new_events.push(this._cut_for_spike(step, EventKind.NONFINITE, bad));
@@ -409,7 +409,7 @@
       const streak = this.nonfinite_streak;
       const what = update_skipped ? "updates skipped" : "updates applied";
       const why =
-        `${streak} non-finite steps in a row (steps ${step - streak + 1} to ${step}, last loss ` +
+        `${steps(streak, "non-finite ")} in a row (steps ${step - streak + 1} to ${step}, last loss ` +
         `${str(loss)}, ${what}) and nothing to roll back to ` +
         `(${this._no_rollback || "no snapshot"}): the run cannot make progress; stopping it`;
       return this._event(step, EventKind.STALLED, why, null);
@@ -430,7 +430,7 @@
       this.rolled_back_to = target;
       const why =
         `${cause}: restored the snapshot of step ${target} (${_format_bytes(nbytes)}), ` +
-        `undoing the updates of steps ${target} to ${now - 1} (${now - target} steps)`;
+        `undoing the updates of steps ${target} to ${now - 1} (${steps(now - target)})`;
       const scale = this.lr_scale(now);
       const event = Event(step, EventKind.ROLLBACK, why, scale, scale, this.phase);
       this.events.push(event);
@@ -465,7 +465,7 @@
         this._set_plan(this._warmup_plan(step + 1, level, ramp));
         const why =
           `the loss is back down: ${trend}; the ramp goes on from LR scale ${g(level, 3)} ` +
-          `to ${g(this.peak, 3)} over ${ramp} steps`;
+          `to ${g(this.peak, 3)} over ${steps(ramp)}`;
         return [this._event(step, EventKind.RAMP_RESUME, why, before)];
       }
       if (signal === Signal.STABILIZED && step + 1 >= this.min_warmup) {
@@ -535,7 +535,7 @@
       const ramp = this._ramp_steps(level, this.min_warmup);
       if (ramp) {
         this._set_plan(this._decay_plan(start, this.peak, { v0: level, ramp }));
-        why += `; the LR goes from scale ${g(level, 3)} to the peak over ${ramp} steps`;
+        why += `; the LR goes from scale ${g(level, 3)} to the peak over ${steps(ramp)}`;
       } else {
         this._set_plan(this._decay_plan(start, Math.min(level, this.peak), {}));
       }
@@ -595,7 +595,7 @@
         const why =
           `${stalled}restart ${this.restarts}/${cfg.max_restarts}: re-warm from ` +
           `${g(current, 3)} to ${g(target, 3)} (${g(cfg.restart_peak)} of the peak) ` +
-          `over ${this.restart_warmup} steps`;
+          `over ${steps(this.restart_warmup)}`;
         return [this._event(step, EventKind.RESTART, why, before)];
       }
       const cut = Math.max(this.floor, current * cfg.plateau_factor);
@@ -704,7 +704,7 @@
       }
       why +=
         `LR multiplier cut x${g(this.config.spike_factor)} to ${g(value, 3)}, ` +
-        `held for ${this.spike_cooldown} steps`;
+        `held for ${steps(this.spike_cooldown)}`;
       return this._event(step, kind, why, before);
     }
 
@@ -741,7 +741,7 @@
       let why =
         `loss ${g(loss, 4)} is back within ${g(NORMAL_BAND_ZSCORE)} sigma of its running mean ` +
         `${g(this.spike.mean, 4)}; LR multiplier ramps from ${g(held.value, 3)} back to 1 over ` +
-        `${this.spike_recovery} steps`;
+        `${steps(this.spike_recovery)}`;
       if (this.paused) {
         this.paused = false;
         const current = this._level(step + 1);

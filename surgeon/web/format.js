@@ -101,5 +101,10 @@
     return `${sign(x)}${digits}e${exponent < 0 ? "-" : "+"}${padded}`;
   }
 
-  S.format = { f, g, percent, str };
+  // "1 step", "2 steps", "3 non-finite steps": a count in a reason (Python: controller._steps)
+  function steps(count, kind = "") {
+    return `${count} ${kind}step` + (count === 1 ? "" : "s");
+  }
+
+  S.format = { f, g, percent, str, steps };
 })((globalThis.surgeon ||= {}));
