@@ -526,7 +526,11 @@ def _run_replay(args: argparse.Namespace) -> int:
             snapshots=base.snapshots if args.snapshot is None else args.snapshot == "on",
         )
         result = replay(
-            stream.losses, settings, update_skipped=stream.update_skipped, steps=stream.steps
+            stream.losses,
+            settings,
+            update_skipped=stream.update_skipped,
+            steps=stream.steps,
+            passed=stream.passed,
         )
     except ValueError as err:
         raise UsageError(prog, str(err)) from None
@@ -622,6 +626,7 @@ def _replay_page(stream: Any, settings: Any) -> str:
         "steps": stream.steps,
         "losses": stream.losses,
         "update_skipped": stream.update_skipped,
+        "passed": stream.passed,
         "stride": stream.stride,
         "settings": {
             "total_steps": settings.total_steps,

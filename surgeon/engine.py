@@ -59,8 +59,9 @@ _UNCOMPARED_SETTINGS = ("find_min_lr", "find_max_lr", "find_steps")
 
 SnapshotMode = SnapshotLocation | Literal["off"]
 EventSink = Callable[[Event], None]
-LossRow = tuple[int, float, bool]
-"""``(step, loss, update_skipped)``: a loss the controller consumed."""
+LossRow = tuple[int, float | None, bool]
+"""``(step, loss, update_skipped)``: a loss the controller consumed; ``loss`` is ``None`` for a
+step it counted without a loss (manual optimization whose ``training_step`` returned none)."""
 LossSink = Callable[[int, float, bool], None]
 """Called with each :data:`LossRow` right after the controller consumed it."""
 LossesSink = Callable[[list[LossRow]], None]
@@ -483,6 +484,7 @@ class StepEngine:
             ):  # (flags of steps before a rollback or a repair were raised before it)
                 self._repair_buffers(controller.step)
             if no_loss and self.manual:  # the user stepped anyway: count it, unwatched
+                rows.append((controller.step, None, False))
                 for event in controller.pass_step():
                     on_event(event)
                 continue

@@ -100,13 +100,13 @@ class TimePlanner:
         self.estimate: int | None = None
         """The run a time plan's lengths are of (``None``: no plan made)."""
         self.next_check = engine.step + every
-        self._probe_losses: dict[int, tuple[float, bool]] = {}
+        self._probe_losses: dict[int, tuple[float | None, bool]] = {}
         self._samples: deque[tuple[int, float]] = deque(maxlen=RECENT_CHECKS + 1)
         self._origin: tuple[int, float] | None = None
         self._cooling = any(e.kind is EventKind.COOLDOWN for e in engine.events)
         self._recorded_end = engine.controller.total_steps  # a cooldown's, once cooling
 
-    def record(self, rows: list[tuple[int, float, bool]]) -> None:
+    def record(self, rows: list[tuple[int, float | None, bool]]) -> None:
         """Losses the controller consumed, ``(step, loss, update_skipped)``, kept while probing:
         a time plan feeds them to its fresh controller."""
         if self.probing:
@@ -186,7 +186,7 @@ class TimePlanner:
         new = Controller(OPEN_ENDED if self.plan_cap is None else self.plan_cap, config)
         for step in range(old.step):
             item = self._probe_losses.get(step)
-            if item is None:
+            if item is None or item[0] is None:  # a step without a loss
                 new.pass_step()
             else:
                 new.update(item[0], update_skipped=item[1])

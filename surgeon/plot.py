@@ -32,6 +32,7 @@ imported by :func:`plot_run`, so a missing or foreign run directory is reported 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from collections import Counter, defaultdict
@@ -215,9 +216,11 @@ def read_lr_find(path: Path) -> list[tuple[float, float]]:
 
 
 def read_losses(path: Path) -> Points:
-    """The ``(step, loss)`` rows of a ``losses.csv``, in step order."""
+    """The ``(step, loss)`` rows of a ``losses.csv``, in step order (a step counted without a
+    loss, an empty one, is left out)."""
     with path.open(newline="") as f:
-        return sorted((int(row["step"]), float(row["loss"])) for row in csv.DictReader(f))
+        rows = csv.DictReader(f)
+        return sorted((int(row["step"]), float(row["loss"])) for row in rows if row["loss"])
 
 
 def load_run(run_dir: Path) -> Run:
@@ -298,7 +301,13 @@ def _load_surgeon_files(losses_path: Path) -> Run:
         series={},
         events=events,
         settings=settings,
-        losses=sorted(zip(stream.steps, stream.losses, strict=True)),
+        losses=sorted(
+            (step, loss)
+            for step, loss, gone in zip(
+                stream.steps, stream.losses, stream.passed or itertools.repeat(False), strict=False
+            )
+            if not gone  # a step counted without a loss
+        ),
         lr_find=read_lr_find(lr_find_path) if lr_find_path.exists() else [],
     )
     try:
@@ -312,7 +321,11 @@ def _load_surgeon_files(losses_path: Path) -> Run:
         return run
     try:
         replayed = replay(
-            stream.losses, stream.settings, update_skipped=stream.update_skipped, steps=stream.steps
+            stream.losses,
+            stream.settings,
+            update_skipped=stream.update_skipped,
+            steps=stream.steps,
+            passed=stream.passed,
         )
     except ValueError as err:
         raise RunError(f"{directory}: the surgeon's files cannot be replayed: {err}") from None

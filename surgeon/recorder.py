@@ -7,7 +7,8 @@
   :class:`~surgeon.config.SurgeonConfig` field, so ``surgeon replay`` can re-run them, and
   each driven param group's peak LR (``peak_lrs``, for the plot's LR lines);
 * ``losses.csv``: ``step,loss,update_skipped``, every loss as the controller consumed it, in
-  step order (a logger only keeps one row per ``log_every_n_steps``);
+  step order (a logger only keeps one row per ``log_every_n_steps``); a step counted without a
+  loss (manual optimization whose ``training_step`` returned none) has an empty ``loss``;
 * ``lr_find.csv`` (written by the callback when ``peak_lr="find"`` ran a range test): ``lr,loss``,
   each step of the test.
 
@@ -114,7 +115,7 @@ class RunRecorder:
             with (directory / EVENTS_FILE).open("a") as f:
                 f.write(line)
 
-    def losses(self, rows: list[tuple[int, float, bool]]) -> None:
+    def losses(self, rows: list[tuple[int, float | None, bool]]) -> None:
         """Append the losses the controller consumed, ``(step, loss, update_skipped)`` each
         (kept, then formatted and written :data:`LOSS_ROWS_PER_WRITE` at a time)."""
         pending = self._pending
@@ -126,7 +127,10 @@ class RunRecorder:
         if not self._pending:
             return
         text = "".join(
-            [f"{step},{loss!r},{int(skipped)}\n" for step, loss, skipped in self._pending]
+            [
+                f"{step},{'' if loss is None else repr(loss)},{int(skipped)}\n"
+                for step, loss, skipped in self._pending
+            ]
         )
         self._pending = []
         for losses in self._losses:

@@ -26,9 +26,12 @@ steps (Lightning's ``log_every_n_steps``) is replayed as it is: one logged point
 controller step, so ``total_steps`` and every length in steps count logged points (lengths
 given as fractions of the run mean the same as on the full stream); events and LRs are
 placed back at the logged steps. Without an ``update_skipped`` column a non-finite loss
-counts as a skipped update (what the surgeon's guard does with it). Steps that GradScaler
-skipped (fp16) and steps without a loss under manual optimization are not in these streams,
-so a run with them replays with a lag shifted by their count.
+counts as a skipped update (what the surgeon's guard does with it). A step the surgeon counted
+without a loss (manual optimization whose ``training_step`` returned none) is a ``losses.csv``
+row with an empty loss: replay counts it the same way (``passed``). Steps that GradScaler
+skipped (fp16) are not in these streams (the surgeon does not count them either); in a
+metrics file, steps without a loss are missing, so such a run replays with a lag shifted by
+their count.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ class RunSettings:
 class LossStream:
     """A logged loss stream: the step of each point, its loss, whether its update was skipped;
     the file it came from and a description (file and series), and the run's settings and
-    events when they were logged beside it."""
+    events when they were logged beside it; which points the run counted without a loss."""
 
     steps: list[int]
     losses: list[float]
@@ -116,6 +119,8 @@ class LossStream:
     source: str
     settings: RunSettings | None = None
     logged_events: list[dict[str, Any]] | None = None
+    passed: list[bool] | None = None
+    """Per point: counted without a loss (its loss is NaN); ``None``: no such point."""
 
     def check_from_the_start(self) -> None:
         """``ValueError`` for a surgeon run's ``losses.csv`` that does not start at step 0: the
@@ -158,10 +163,13 @@ def feed(
     *,
     readback_every: int = 4,
     snapshots: bool = True,
+    passed: Sequence[bool] | None = None,
 ) -> tuple[list[float], list[float], list[str]]:
     """Run ``controller`` over ``losses`` with the callback's timing (see the module doc);
-    returns the LR scale of each step, and the smoothed loss and phase after each loss."""
+    returns the LR scale of each step, and the smoothed loss and phase after each loss.
+    ``passed``: the steps counted without a loss (``pass_step``, their loss ignored)."""
     n = len(losses)
+    passed = passed or [False] * n
     scales: list[float] = []
     smooth = [math.nan] * n
     phases = [""] * n
@@ -170,7 +178,10 @@ def feed(
     def consume(block: range, now: int) -> None:
         controller.written_until = now  # the LRs before `now` are written
         for i in block:
-            controller.update(losses[i], update_skipped=update_skipped[i])
+            if passed[i]:
+                controller.pass_step()
+            else:
+                controller.update(losses[i], update_skipped=update_skipped[i])
             if controller.rollback_to is not None:
                 controller.rolled_back(now)
             smooth[i], phases[i] = controller.spike.mean, controller.phase.value
@@ -199,9 +210,11 @@ def replay(
     *,
     update_skipped: Sequence[bool] | None = None,
     steps: Sequence[int] | None = None,
+    passed: Sequence[bool] | None = None,
 ) -> Replay:
     """Feed ``losses`` through a fresh ``Controller`` as the callback would; ``update_skipped``
-    defaults to "the loss is non-finite", ``steps`` (the logged step of each loss) to 0..n-1."""
+    defaults to "the loss is non-finite", ``steps`` (the logged step of each loss) to 0..n-1,
+    ``passed`` (steps counted without a loss) to none."""
     losses = [float(x) for x in losses]
     skipped = (
         [not math.isfinite(x) for x in losses] if update_skipped is None else list(update_skipped)
@@ -220,6 +233,7 @@ def replay(
         skipped,
         readback_every=settings.readback_every,
         snapshots=settings.snapshots,
+        passed=passed,
     )
     events = [replace(e, step=at[e.step]) if e.step < len(at) else e for e in controller.events]
     return Replay(at, losses, scales, smooth, phases, events)
@@ -245,8 +259,9 @@ def read_stream(path: Path, metric: str | None = None) -> LossStream:
     if path.name.startswith("events.out.tfevents."):
         steps, losses, source = _pick_series(path, _read_metrics(path), metric)
         skipped = None
+        passed = None
     else:
-        steps, losses, skipped, source = _read_csv(path, metric)
+        steps, losses, skipped, passed, source = _read_csv(path, metric)
     if not losses:
         raise ValueError(f"{source} holds no loss values")
     order = sorted(range(len(steps)), key=steps.__getitem__)
@@ -262,6 +277,7 @@ def read_stream(path: Path, metric: str | None = None) -> LossStream:
         source=source,
         settings=settings,
         logged_events=events,
+        passed=[passed[i] for i in order] if passed is not None and any(passed) else None,
     )
 
 
@@ -289,15 +305,17 @@ def _read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 def _read_csv(
     path: Path, metric: str | None
-) -> tuple[list[int], list[float], list[bool] | None, str]:
-    """A ``step,loss[,update_skipped]`` CSV (with or without a header) or a metrics CSV."""
+) -> tuple[list[int], list[float], list[bool] | None, list[bool] | None, str]:
+    """A ``step,loss[,update_skipped]`` CSV (with or without a header) or a metrics CSV: steps,
+    losses, update flags, which steps were counted without a loss (an empty loss: NaN here),
+    and a description."""
     with path.open(newline="") as f:
         rows = [row for row in csv.reader(f) if row]
     if not rows:
         raise ValueError(f"{path} is empty")
     header = [name.strip() for name in rows[0]]
     if len(header) == 2 and _is_number(header[0]) and metric is None:  # no header: step,loss
-        return [int(float(r[0])) for r in rows], [float(r[1]) for r in rows], None, str(path)
+        return [int(float(r[0])) for r in rows], [float(r[1]) for r in rows], None, None, str(path)
     if "step" not in header:
         raise ValueError(f"{path} has no 'step' column (columns: {', '.join(header)})")
     if header[:2] == ["step", "loss"] and len(header) <= 3 and metric in (None, "loss"):
@@ -305,7 +323,11 @@ def _read_csv(
         if header[2:] == ["update_skipped"]:
             flags = [r[2].strip().lower() in ("1", "true", "1.0") for r in rows[1:]]
         steps = [int(float(r[0])) for r in rows[1:]]
-        return steps, [float(r[1]) for r in rows[1:]], flags, f"{path} (loss)"
+        passed = [not r[1].strip() for r in rows[1:]]
+        losses = [
+            math.nan if gone else float(r[1]) for r, gone in zip(rows[1:], passed, strict=True)
+        ]
+        return steps, losses, flags, passed, f"{path} (loss)"
     series: dict[str, list[tuple[int, float]]] = {}
     for row in rows[1:]:
         values = dict(zip(header, row, strict=False))
@@ -313,7 +335,7 @@ def _read_csv(
             if key != "step" and value.strip():
                 series.setdefault(key, []).append((int(float(values["step"])), float(value)))
     steps, losses, source = _pick_series(path, series, metric)
-    return steps, losses, None, source
+    return steps, losses, None, None, source
 
 
 def _pick_series(

@@ -32,7 +32,7 @@ from surgeon.callback import EVENTS_FILE, ScheduleSurgeon
 from surgeon.cli import main
 from surgeon.config import SurgeonConfig
 from surgeon.controller import Controller, EventKind
-from surgeon.plot import read_metrics
+from surgeon.plot import load_run, read_metrics
 from surgeon.recorder import LOSSES_FILE, SETTINGS_FILE
 from surgeon.replay import RunSettings, feed, read_stream, replay
 
@@ -437,3 +437,46 @@ def test_a_resumed_runs_own_directory_is_refused_with_what_to_do(
     assert "holds the losses from step 60 on: it is the part of a run resumed at step 60" in err
     assert "replay the directory of the run's first part" in err
     assert main(["replay", str(tmp_path / "first"), "--out", str(tmp_path / "r.png")]) == 0
+
+
+def test_a_manual_run_with_steps_without_a_loss_replays_exactly(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Manual optimization whose ``training_step`` returns none on some steps (the first one
+    among them): the surgeon counts those steps without a loss, ``losses.csv`` keeps them as rows
+    with an empty loss, and the run directory replays to the run's own events and LRs (it was
+    refused as "resumed at step 1" before)."""
+    no_loss = {0, 57, 58, 150}
+
+    class Sometimes(TinyRegressor):  # type: ignore[misc, valid-type]
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+            loss = super().training_step(batch, batch_idx)
+            return None if self.global_step - 1 in no_loss else loss
+
+    surgeon = ScheduleSurgeon(**SURGEON_KW)
+    trainer = make_trainer(
+        [surgeon], max_steps=STEPS, logger=CSVLogger(tmp_path, name="", version="")
+    )
+    trainer.fit(Sometimes(loss_hook=troubled, manual=True), make_loader())
+    rows = (tmp_path / LOSSES_FILE).read_text().splitlines()[1:]
+    assert len(rows) == STEPS and [r for r in rows if ",," in r] == [f"{s},,0" for s in no_loss]
+    stream = read_stream(tmp_path)
+    assert stream.steps == list(range(STEPS)) and stream.passed is not None
+    assert [s for s, gone in zip(stream.steps, stream.passed, strict=True) if gone] == sorted(
+        no_loss
+    )
+    result = replay(
+        stream.losses,
+        settings_of(surgeon, STEPS),
+        update_skipped=stream.update_skipped,
+        passed=stream.passed,
+    )
+    assert {EventKind.SPIKE, EventKind.ROLLBACK} <= {e.kind for e in surgeon.events}
+    assert comparable(result.events) == comparable(surgeon.events)
+    written = dict(read_metrics(tmp_path / "metrics.csv")["surgeon/lr_scale"])
+    assert [result.lr_scales[s] for s in sorted(written)] == [written[s] for s in sorted(written)]
+    assert main(["replay", str(tmp_path), "--out", str(tmp_path / "replay.png")]) == 0
+    run = load_run(tmp_path)  # the plot draws the steps that had a loss, and the replayed LR
+    assert [step for step, _ in run.losses or []] == [s for s in range(STEPS) if s not in no_loss]
+    assert run.lr_note is None and any(key.startswith("lr-") for key in run.series)
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "plot.png")]) == 0

@@ -132,6 +132,19 @@ def _catapult(n: int = 1500) -> list[float]:
     return _noisy(trend, 0.005, 6)
 
 
+def _passing(n: int = 600) -> tuple[list[float], list[bool], list[bool]]:
+    """Steps counted without a loss (manual optimization returning none): the first, some in
+    the warmup, one inside a spike's window, one in the decay."""
+    losses = _noisy([2.0 / (1 + i / 50) + 0.3 for i in range(n)], 0.02, 7)
+    losses[300] *= 8.0
+    losses[302] *= 8.0
+    passed = [i in (0, 1, 20, 21, 22, 301, 480) for i in range(n)]
+    for i in range(n):
+        if passed[i]:
+            losses[i] = math.nan
+    return losses, [False] * n, passed
+
+
 def _stalling(n: int = 200) -> list[float]:
     """Non-finite from the first step on: nothing is ever good to roll back to."""
     return [math.nan] * n
@@ -144,6 +157,7 @@ STREAMS: dict[str, Any] = {
     "plateau": _plateau,
     "warmup_spike": _warmup_spike,
     "catapult": _catapult,
+    "passing": _passing,
     "stalling": _stalling,
 }
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -221,13 +235,16 @@ def _cases(recorded: tuple[list[float], list[bool]]) -> dict[str, dict[str, Any]
         (stream, config) for stream in streams for config in CONFIGS
     ):
         data = streams[stream]
-        losses, skipped = data if isinstance(data, tuple) else (data, None)
+        losses, skipped, passed = (
+            (*data, None)[:3] if isinstance(data, tuple) else (data, None, None)
+        )
         readback_every, snapshots = RUNS[index % len(RUNS)]
         cfg = SurgeonConfig(**CONFIGS[config])
         settings = RunSettings(len(losses), cfg, readback_every, snapshots)
         cases[f"{stream}/{config}"] = {
             "losses": losses,
             "update_skipped": skipped,
+            "passed": passed,
             "settings": settings,
         }
     return cases
@@ -245,6 +262,7 @@ def both(recorded: tuple[list[float], list[bool]]) -> dict[str, tuple[Replay, di
                 "kind": "replay",
                 "losses": case["losses"],
                 "update_skipped": case["update_skipped"],
+                "passed": case["passed"],
                 "steps": None,
                 "settings": {
                     "total_steps": settings.total_steps,
@@ -256,7 +274,12 @@ def both(recorded: tuple[list[float], list[bool]]) -> dict[str, tuple[Replay, di
         )
     answers = run_port(requests)
     return {
-        name: (replay(c["losses"], c["settings"], update_skipped=c["update_skipped"]), answer)
+        name: (
+            replay(
+                c["losses"], c["settings"], update_skipped=c["update_skipped"], passed=c["passed"]
+            ),
+            answer,
+        )
         for (name, c), answer in zip(cases.items(), answers, strict=True)
     }
 

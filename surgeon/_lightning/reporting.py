@@ -171,7 +171,7 @@ class Reporter:
                 logger.log_metrics(metrics, step=step)
         self.publish()
 
-    def losses(self, rows: list[tuple[int, float, bool]]) -> None:
+    def losses(self, rows: list[tuple[int, float | None, bool]]) -> None:
         """Losses the controller consumed, ``(step, loss, update_skipped)``: into ``losses.csv``."""
         if self.recorder is not None:
             self.recorder.losses(rows)

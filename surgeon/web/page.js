@@ -458,6 +458,7 @@
         result = S.replay.replay(losses, { ...run, config }, {
           update_skipped: data.update_skipped,
           steps: data.steps,
+          passed: data.passed,
         });
         page.error = null;
         $("error").textContent = "";

@@ -5,7 +5,12 @@
   "use strict";
   const { Controller } = S.controller;
 
-  function feed(controller, losses, update_skipped, { readback_every = 4, snapshots = true } = {}) {
+  function feed(
+    controller,
+    losses,
+    update_skipped,
+    { readback_every = 4, snapshots = true, passed = null } = {},
+  ) {
     const n = losses.length;
     const scales = [];
     const smooth = new Array(n).fill(NaN);
@@ -15,7 +20,8 @@
     function consume(block, now) {
       controller.written_until = now; // the LRs before `now` are written
       for (const i of block) {
-        controller.update(losses[i], { update_skipped: update_skipped[i] });
+        if (passed !== null && passed[i]) controller.pass_step(); // counted without a loss
+        else controller.update(losses[i], { update_skipped: update_skipped[i] });
         if (controller.rollback_to !== null) controller.rolled_back(now);
         smooth[i] = controller.spike.mean;
         phases[i] = controller.phase;
@@ -38,7 +44,7 @@
     return [scales, smooth, phases];
   }
 
-  function replay(losses, settings, { update_skipped = null, steps = null } = {}) {
+  function replay(losses, settings, { update_skipped = null, steps = null, passed = null } = {}) {
     const skipped = update_skipped === null ? losses.map((x) => !Number.isFinite(x))
                                             : update_skipped;
     const at = steps === null ? losses.map((_, i) => i) : steps;
@@ -47,6 +53,7 @@
     const [scales, smooth, phases] = feed(controller, losses, skipped, {
       readback_every: settings.readback_every,
       snapshots: settings.snapshots,
+      passed,
     });
     const events = controller.events.map((e) =>
       e.step < at.length ? { ...e, step: at[e.step] } : e,

@@ -15,7 +15,7 @@ function run(c) {
   switch (c.kind) {
     case "replay":
       return S.replay.replay(c.losses, c.settings, { update_skipped: c.update_skipped,
-                                                     steps: c.steps });
+                                                     steps: c.steps, passed: c.passed });
     case "schedule":
       return c.steps.map((step) => S.schedules[c.name](...c.args)(step));
     case "preview":
