@@ -356,6 +356,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
                 "ScheduleSurgeon.cool_down_now() acts on a running fit: call it during "
                 "Trainer.fit (from a hook, a callback or training_step)"
             )
+        steps = plain_int(steps)  # a numpy integer is an int
         length = WSD_DECAY_FRACTION if steps is None else steps
         n = resolve_steps("steps", length, controller.total_steps, 1)
         return self._budget.cool_down(n, f"cool_down_now(steps={steps!r}) was called")
@@ -392,7 +393,10 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
                 manual=self._manual,
                 scaler=self._scaler,
             )
-        except ValueError as err:  # a warmup longer than the run: say where the length came from
+        except ValueError as err:
+            if "total_steps" not in str(err):  # not about lengths (an LR refused)
+                raise SurgeonMisconfigurationException(str(err)) from err
+            # a warmup longer than the run: say where the length came from
             source = plan_source(trainer, self.total_steps, self._budget.plan_cap)
             raise SurgeonMisconfigurationException(
                 f"{err}; the planned length of {total} steps is {source}"

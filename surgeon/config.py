@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from surgeon._validate import check_in_range, check_positive_int
+from surgeon._validate import check_in_range, check_positive_int, plain_int
 
 Steps = int | float
 WarmupMode = Literal["auto"] | int | float
@@ -137,6 +137,10 @@ class SurgeonConfig:
     """Optimizer steps of the range test (fewer if the loss diverges first)."""
 
     def __post_init__(self) -> None:
+        for item in fields(self):  # numpy integers (lengths computed with numpy)
+            value = getattr(self, item.name)
+            if plain_int(value) is not value:
+                object.__setattr__(self, item.name, plain_int(value))
         if self.warmup != "auto":
             if isinstance(self.warmup, bool) or not isinstance(self.warmup, int | float):
                 raise ValueError(

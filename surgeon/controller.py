@@ -84,9 +84,14 @@ _MIN_SNAPSHOT_EVERY = 10
 _REVISIONS = itertools.count()  # shared by all controllers, so that a revision names one of them
 
 
+def plural(count: int, noun: str) -> str:
+    """``"1 check"``, ``"2 checks"``: a count in an event's reason."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def _steps(count: int, kind: str = "") -> str:
-    """``"1 step"``, ``"2 steps"``, ``"3 non-finite steps"``: a count in an event's reason."""
-    return f"{count} {kind}step" + ("" if count == 1 else "s")
+    """``"1 step"``, ``"2 steps"``, ``"3 non-finite steps"``."""
+    return plural(count, f"{kind}step")
 
 
 def _format_bytes(nbytes: int) -> str:
@@ -466,9 +471,14 @@ class Controller:
             else:
                 self._set_plan(self._decay_plan(step, level, tail_only=decaying))
             self.phase = self._plan_phase(step)
+            held = self._plan.hold or 0
             how = (
                 f"{self.config.decay} decay from the current LR scale {level:.3g} to the floor "
-                f"{self.floor:g} over the remaining {self.total_steps - step} steps"
+                f"{self.floor:g} over the remaining {_steps(self.total_steps - step)}"
+                if not held
+                else f"{self.config.decay}: the current LR scale {level:.3g} holds for "
+                f"{_steps(held)}, then decays linearly to the floor {self.floor:g} over the last "
+                f"{_steps(self._plan.decay)}"
             )
             if new_length and level <= self.floor:
                 how += (
@@ -507,7 +517,7 @@ class Controller:
                 f"({self.floor:g} of the peak) by step {self.total_steps}"
             )
         why = (
-            f"started at step {step} from a checkpoint without surgeon state: the {step} steps "
+            f"started at step {step} from a checkpoint without surgeon state: the {_steps(step)} "
             f"already done count, and each param group's configured LR is its peak; {how}"
         )
         event = Event(step, EventKind.REPLAN, why, 1.0, self.lr_scale(step), self.phase)
@@ -633,7 +643,7 @@ class Controller:
         self.plateau.reset()
         why += (
             f": {shape} decay from LR scale {level:.3g} to the floor ({self.floor:g}) over "
-            f"{steps} steps; the plan now ends at step {self.total_steps}"
+            f"{_steps(steps)}; the plan now ends at step {self.total_steps}"
         )
         after = self.lr_scale(start)
         event = Event(max(0, start - 1), EventKind.COOLDOWN, why, before, after, self.phase)
@@ -689,7 +699,7 @@ class Controller:
             what = "the hold ends" if plan.hold else "the ramp reached its top"
             why = (
                 f"{what}: {plan.shape} decay from LR scale {level:.3g} to the floor "
-                f"({self.floor:g}) over the last {plan.decay} steps"
+                f"({self.floor:g}) over the last {_steps(plan.decay)}"
             )
             new_events.append(self._event(step, EventKind.DECAY_START, why, None))
         self.phase = phase
@@ -793,7 +803,7 @@ class Controller:
             why = self._no_snapshot_why
         elif step - good[0] > 2 * self.snapshot_every:
             why = (
-                f"the last good snapshot (step {good[0]}) is {step - good[0]} steps back, more "
+                f"the last good snapshot (step {good[0]}) is {_steps(step - good[0])} back, more "
                 f"than two snapshot intervals ({2 * self.snapshot_every} steps)"
             )
         else:
@@ -891,7 +901,7 @@ class Controller:
         plan, det = self._plan, self.stabilizer
         if plan.hold is not None and step + 1 - plan.start >= plan.ramp:
             if self.config.warmup != "auto":
-                why = f"fixed warmup of {self.max_warmup} steps finished"
+                why = f"fixed warmup of {_steps(self.max_warmup)} finished"
             else:
                 if det.last_drop is None:
                     measured = f"fewer than {det.window + 1} losses to measure its trend by"
@@ -912,18 +922,18 @@ class Controller:
             if level < self.peak:
                 self.peak = level
                 why = (
-                    f"max_warmup={self.max_warmup} steps reached while the loss was rising: the "
+                    f"max_warmup={_steps(self.max_warmup)} reached while the loss was rising: the "
                     f"peak is lowered to LR scale {self.peak:.3g}, the highest the loss took"
                 )
             else:  # held at the peak itself
                 why = (
-                    f"max_warmup={self.max_warmup} steps reached while the loss was rising, at "
+                    f"max_warmup={_steps(self.max_warmup)} reached while the loss was rising, at "
                     "the peak already"
                 )
         else:
             why = (
-                f"max_warmup={self.max_warmup} steps reached at LR scale {level:.3g} (the ramp was "
-                f"held on the way); it finishes at the pace of a {self.min_warmup}-step ramp"
+                f"max_warmup={_steps(self.max_warmup)} reached at LR scale {level:.3g} (the ramp "
+                f"was held on the way); it finishes at the pace of a {self.min_warmup}-step ramp"
             )
         return [self._end_warmup(step, why)]
 
@@ -1119,8 +1129,8 @@ class Controller:
             self._set_plan(_Plan(step + 1, frozen, frozen, 0, None, 0, "linear"))
             why += "warmup ramp paused; "
         why += (
-            f"LR multiplier cut x{self.config.spike_factor:g} to {value:.3g}, "
-            f"held for {_steps(self.spike_cooldown)}"
+            f"LR multiplier cut x{self.config.spike_factor:g} to {value:.3g} from step "
+            f"{hold_until - self.spike_cooldown}, held for at least {_steps(self.spike_cooldown)}"
         )
         return self._event(step, kind, why, before)
 
@@ -1161,7 +1171,7 @@ class Controller:
         why = (
             f"loss {loss:.4g} is back within {NORMAL_BAND_ZSCORE:g} sigma of its running mean "
             f"{self.spike.mean:.4g}; LR multiplier ramps from {held.value:.3g} back to 1 over "
-            f"{_steps(self.spike_recovery)}"
+            f"{_steps(self.spike_recovery)} from step {self.intervention.recover_start}"
         )
         if self.paused:
             self.paused = False

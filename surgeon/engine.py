@@ -73,19 +73,28 @@ WarningSink = Callable[[str], None]
 _MOVES_THE_END = (EventKind.REPLAN, EventKind.COOLDOWN)
 
 
-def check_lr(lr: Any) -> float:
+def check_lr(lr: Any, group: str = "param group") -> float:
     """``lr`` as a float if it is a finite number > 0 (a param group's peak; a one-element
-    tensor LR, as compiled optimizers take, counts by its value), else ``ValueError``."""
+    tensor LR, as compiled optimizers take, counts by its value), else ``ValueError`` naming
+    ``group``."""
     value = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
         hint = (
-            " (the peak the surgeon scales; a group that should not train belongs out of the "
-            "optimizer, or its parameters' requires_grad=False)"
+            " (the peak the surgeon scales, so it keeps a group at LR 0 only once added "
+            "during the fit; leave a frozen group out of the optimizer, or give it an LR > 0 "
+            "and requires_grad=False)"
             if value == 0
             else ""
         )
-        raise ValueError(f"param group lr must be a finite number > 0, got lr={lr!r}{hint}")
+        raise ValueError(f"{group} lr must be a finite number > 0, got lr={lr!r}{hint}")
     return value
+
+
+def group_label(optimizer: Optimizer, index: int) -> str:
+    """``param group 1 ('embed') of AdamW``: a param group as messages name it."""
+    name = optimizer.param_groups[index].get("name")
+    named = f" ({name!r})" if name is not None else ""
+    return f"param group {index}{named} of {type(optimizer).__name__}"
 
 
 def write_lr(group: dict[str, Any], lr: float) -> None:
@@ -361,11 +370,11 @@ class StepEngine:
         running fit never fails here.
         """
         for optimizer in self.driven:
-            for group in optimizer.param_groups:
+            for index, group in enumerate(optimizer.param_groups):
                 if PEAK_LR_KEY in group:
                     continue
                 if scale is None:
-                    group[PEAK_LR_KEY] = check_lr(group["lr"])
+                    group[PEAK_LR_KEY] = check_lr(group["lr"], group_label(optimizer, index))
                 else:
                     lr = float(group["lr"])
                     group[PEAK_LR_KEY] = lr / scale if scale > 0 else lr
@@ -596,8 +605,9 @@ class StepEngine:
         :func:`configured_peak` is its peak."""
         assert self.controller is not None
         for optimizer in self.driven:
-            for group in optimizer.param_groups:
-                group[PEAK_LR_KEY] = check_lr(configured_peak(group))
+            for index, group in enumerate(optimizer.param_groups):
+                peak = configured_peak(group)
+                group[PEAK_LR_KEY] = check_lr(peak, group_label(optimizer, index))
         self.step = step
         self.on_event(self.controller.start_at(step))
         self.written_step = -1

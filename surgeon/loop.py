@@ -224,6 +224,7 @@ class Surgeon:
         it, WSD's usual tail) and end the plan there (e.g. when a time budget or an
         early-stopping rule is about to end the loop). Under ``torch.distributed`` call it on
         every rank. Returns the ``cooldown`` event, ``None`` when the plan ends by then anyway."""
+        steps = plain_int(steps)  # a numpy integer is an int
         length = WSD_DECAY_FRACTION if steps is None else steps
         n = resolve_steps("steps", length, self.controller.total_steps, 1)
         why = f"cool_down_now(steps={steps!r}) was called"
@@ -250,10 +251,15 @@ class Surgeon:
         """Optimizer steps taken so far (the step whose LR is now in the param groups)."""
         return self.engine.step
 
-    def get_last_lr(self) -> list[float]:
+    def get_last_lr(self) -> list[float | Tensor]:
         """The LR now in each driven param group, optimizer by optimizer (as torch's
-        ``LRScheduler.get_last_lr``)."""
-        return [g["lr"] for o in self.engine.driven for g in o.param_groups]
+        ``LRScheduler.get_last_lr``: a tensor LR as a copy, which later steps leave alone)."""
+        return [
+            lr.clone() if isinstance(lr, Tensor) else lr
+            for o in self.engine.driven
+            for g in o.param_groups
+            for lr in (g["lr"],)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and the controller's state. It first reads the losses still in flight and

@@ -138,7 +138,11 @@ class Snapshot:
         for optimizer, saved_opt in zip(optimizers, self._optimizers, strict=True):
             if not any(optimizer is kept for kept in keep_settings_of):
                 for group, settings in zip(optimizer.param_groups, saved_opt.groups, strict=True):
-                    group.update(copy.deepcopy(settings))
+                    saved = copy.deepcopy(settings)
+                    lr = group.get("lr")
+                    if isinstance(lr, Tensor) and isinstance(saved.get("lr"), Tensor):
+                        lr.copy_(saved.pop("lr"))  # the same tensor: compiled steps read it
+                    group.update(saved)
             params = [p for group in optimizer.param_groups for p in group["params"]]
             for param, state in zip(params, saved_opt.states, strict=True):
                 if state is None:

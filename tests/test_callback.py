@@ -412,6 +412,11 @@ def test_resume_with_a_longer_run_replans_the_rest_from_where_it_is(
     assert "120 steps instead of 60" in replans[0].reason
     assert replans[0].scale_before == replans[0].scale_after  # no jump
     lrs, lrs_a = first_lrs(model), first_lrs(model_a)
+    # it was holding at the peak: half the 90 steps left hold, as the reason says
+    assert "holds for 45 steps, then decays linearly to the floor 0 over the last 45" in (
+        replans[0].reason
+    )
+    assert lrs[:46] == [lrs[0]] * 46 and lrs[46] < lrs[0]  # (the decay starts at the peak)
     assert lrs[0] == lrs_a[30]  # carries on where the checkpoint was
     assert lrs_a[59] < 0.3 * lrs_a[30]  # the 60-step plan had decayed by its end ...
     assert lrs[59 - 30] > 0.6 * lrs[0]  # ... the 120-step one decays over 90 steps from 30

@@ -83,6 +83,7 @@ def project_class(ns: ModuleType = pl) -> type:
 
         def configure_optimizers(self) -> Any:
             lr = torch.tensor(LR) if self.hparams.tensor_lr else LR
+            lr = 0.0 if self.hparams.get("lr_zero") else lr
             opt = torch.optim.AdamW([{"params": self.parameters(), "name": "all"}], lr=lr)
             total = self.hparams.total_steps
             if self.hparams.scheduler is None:
@@ -397,6 +398,10 @@ def test_errors_before_training_are_misconfigurations_of_the_trainers_namespace(
     with pytest.raises(misconfiguration, match=r"warmup=50 steps, total_steps=20") as err:
         trainer(callbacks=[ScheduleSurgeon(warmup=50)], max_steps=20).fit(model, make_loader())
     assert "max_steps=20" in str(err.value) and isinstance(err.value, ValueError)
+    model.hparams.lr_zero = True  # a refused LR: named, without the run length's story
+    with pytest.raises(misconfiguration, match=r"param group 0 \('all'\) of AdamW lr must") as err:
+        trainer(callbacks=[ScheduleSurgeon()], max_steps=20).fit(model, make_loader())
+    assert "planned length" not in str(err.value)
 
 
 # ---------------------------------------------------------------------------- budget

@@ -510,6 +510,11 @@ def test_on_a_short_run_the_cut_is_applied_for_the_whole_cooldown(kind: str) -> 
     assert ramp[recovery - 1] == pytest.approx(1.0)  # back at the peak after the ramp...
     between = [scale for scale in ramp[: recovery - 1] if cut.scale_after < scale < 1.0]
     assert len(between) == recovery - 1  # ...every step of which was applied
+    # the events say from which step: the cut's first LR, the ramp's first
+    assert f"from step {cut.step + first}, held for at least" in cut.reason
+    recovered = next(e for e in surgeon.events if e.kind is EventKind.RECOVERED)
+    ramp_start = cut.step + first + len(held) - 1  # the ramp starts at the cut level
+    assert recovered.reason.endswith(f"from step {ramp_start}")
 
 
 def test_the_plot_of_a_resumed_loops_log_dir_draws_no_replayed_lr(tmp_path: Path) -> None:
@@ -608,31 +613,56 @@ def test_the_plot_of_a_loop_with_two_param_group_peaks_draws_both(tmp_path: Path
 
 def test_a_tensor_lr_is_driven_in_place_and_a_numpy_length_is_taken() -> None:
     """Compiled optimizers take their LR as a tensor: the surgeon fills that same tensor (a
-    compiled step keeps reading it) with the LRs a float LR gets, to float32 rounding; a run
-    length computed with numpy is an int like any other (and saves as JSON)."""
+    compiled step keeps reading it; a rollback's restore too) with the LRs a float LR gets, to
+    float32 rounding, and ``get_last_lr`` hands out copies; a run length computed with numpy is
+    an int like any other (and saves as JSON)."""
     import numpy as np
 
-    def run(lr: float | Tensor) -> tuple[list[float], Tensor, Surgeon]:
+    def run(lr: float | Tensor) -> tuple[list[float], Tensor, Surgeon, list[Any]]:
         torch.manual_seed(0)
         model = nn.Linear(4, 1)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        surgeon = Surgeon(optimizer, np.int64(120), verbose=False, warmup=10)
-        first, lrs = optimizer.param_groups[0]["lr"], []
-        for _ in range(120):
+        surgeon = Surgeon(optimizer, np.int64(120), model=model, verbose=False, warmup=10)
+        first, lrs, last = optimizer.param_groups[0]["lr"], [], []
+        for step in range(120):
             lrs.append(float(optimizer.param_groups[0]["lr"]))
-            train_step(surgeon, optimizer, (model(torch.randn(8, 4)) ** 2).mean())
-        assert (optimizer.param_groups[0]["lr"] is first) == isinstance(lr, Tensor)
-        return lrs, model.weight.detach(), surgeon
+            x = torch.randn(8, 4)
+            loss = ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+            train_step(surgeon, optimizer, loss * 30.0 if step in (60, 61) else loss)
+            last.append(surgeon.get_last_lr()[0])
+            assert (optimizer.param_groups[0]["lr"] is first) == isinstance(lr, Tensor), step
+        return lrs, model.weight.detach(), surgeon, last
 
-    floats, weights, surgeon = run(0.01)
-    tensors, tensor_weights, _ = run(torch.tensor(0.01))
+    floats, weights, surgeon, _ = run(0.01)
+    tensors, tensor_weights, _, last = run(torch.tensor(0.01))
+    assert EventKind.ROLLBACK in [e.kind for e in surgeon.events]
     assert floats[0] < floats[10] == 0.01 > floats[-1]  # warmup, peak, decay
     assert tensors == pytest.approx(floats, rel=1e-6, abs=1e-12)
+    assert [float(lr) for lr in last[:-1]] == tensors[1:]  # each step's own, kept
     assert torch.allclose(tensor_weights, weights, rtol=1e-4)
     assert type(surgeon.controller.total_steps) is int
     json.dumps(surgeon.state_dict()["controller"])
-    zero = r"lr must be a finite number > 0, got lr=tensor\(0\.\) "
+    lengths = Surgeon(  # every length and count, and cool_down_now's
+        torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1),
+        40,
+        warmup=np.int64(5),
+        snapshot_every=np.int32(10),
+        spike_cooldown=np.int64(3),
+        max_restarts=np.int64(1),
+        verbose=False,
+    )
+    assert type(lengths.engine.config.warmup) is int
+    event = lengths.cool_down_now(np.int64(5))
+    assert event is not None and "cool_down_now(steps=5) was called" in event.reason
+    json.dumps(lengths.state_dict()["controller"])
+    zero = r"param group 0 of Adam lr must be a finite number > 0, got lr=tensor\(0\.\) "
     with pytest.raises(ValueError, match=zero):
         Surgeon(torch.optim.Adam(nn.Linear(2, 1).parameters(), lr=torch.tensor(0.0)), 10)
-    with pytest.raises(ValueError, match=r"got lr=0\.0 \(.*should not train belongs out of"):
-        Surgeon(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.0), 10)
+    net = nn.Linear(2, 1)
+    groups = [{"params": [net.weight]}, {"params": [net.bias], "lr": 0.0, "name": "frozen"}]
+    with pytest.raises(
+        ValueError,
+        match=r"param group 1 \('frozen'\) of SGD lr must be a finite number > 0, got lr=0\.0 "
+        r"\(.*leave a frozen group out of the optimizer, or give it an LR > 0 and requires_grad",
+    ):
+        Surgeon(torch.optim.SGD(groups, lr=0.1), 10)

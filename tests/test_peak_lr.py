@@ -20,6 +20,7 @@ from typing import Any
 import matplotlib
 import pytest
 import pytorch_lightning as pl
+import torch
 from conftest import TinyRegressor, make_loader
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.tuner import lr_finder
@@ -122,6 +123,22 @@ def test_the_finder_sets_the_peaks_keeping_the_group_ratio(
     assert again.events[0] == event
     # and the module's hook the losses were caught in is its class's again
     assert "on_train_batch_end" not in vars(model)
+
+
+def test_the_finder_sets_float_peaks_from_tensor_lrs(make_trainer: Any, tmp_path: Path) -> None:
+    """Tensor LRs (compiled optimizer steps): the peaks are floats (the run files are JSON) with
+    the configured ratio, and the same tensors are driven."""
+    surgeon = new_surgeon()
+    trainer = make_trainer(
+        [surgeon], logger=CSVLogger(tmp_path, name="", version=""), max_steps=TOTAL
+    )
+    trainer.fit(TinyRegressor(lrs=tuple(torch.tensor(lr) for lr in LRS)), make_loader())
+    groups = trainer.optimizers[0].param_groups
+    peaks = [g[PEAK_LR_KEY] for g in groups]
+    assert all(type(peak) is float for peak in peaks)
+    assert peaks[0] / peaks[1] == pytest.approx(10.0, rel=1e-6)
+    assert all(isinstance(g["lr"], torch.Tensor) for g in groups)
+    assert next(e["kind"] for e in events_file(tmp_path)) == "peak_lr"
 
 
 def test_a_resumed_fit_keeps_the_peaks_and_does_not_run_the_finder_again(

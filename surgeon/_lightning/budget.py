@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 from surgeon._lightning.reporting import NEVER
 from surgeon._lightning.trainer import is_a, planned_steps, time_limit
 from surgeon.config import SurgeonConfig
-from surgeon.controller import Event, EventKind, Phase
+from surgeon.controller import Event, EventKind, Phase, plural
 from surgeon.engine import StepEngine
 from surgeon.planning import OPEN_ENDED, TimePlanner, lengths_for
 
@@ -159,8 +159,8 @@ class FitBudget:
         self.cool_down(
             steps,
             f"{_ES_COOLDOWN}monitor={es.monitor!r}, patience={es.patience}) has seen "
-            f"{es.wait_count} checks in a row without improvement: the next one without "
-            f"improvement stops the fit, about {interval} steps from here",
+            f"{plural(es.wait_count, 'check')} in a row without improvement: the next one "
+            f"without improvement stops the fit, about {plural(interval, 'step')} from here",
         )
 
     def _es_cooled(self) -> bool:
@@ -221,7 +221,7 @@ class FitBudget:
         for es in self._early_stoppers:
             message = getattr(es, "stopping_reason_message", None)
             if message or (trainer.should_stop and es.wait_count >= es.patience):
-                message = message or f"{es.wait_count} checks without improvement"
+                message = message or f"{plural(es.wait_count, 'check')} without improvement"
                 return f"EarlyStopping(monitor={es.monitor!r}) stopped it: {message}"
         timer = self.timer or time_limit(trainer)
         if timer is not None and timer.time_remaining("train") <= 0:

@@ -135,7 +135,7 @@ def find_peak_lr(
         )
     # load_state_dict replaced the param group dicts: read them again
     for group, lr in zip(optimizer.param_groups, configured, strict=True):
-        group[PEAK_LR_KEY] = suggestion * lr / first
+        group[PEAK_LR_KEY] = suggestion * float(lr) / first
     why = (
         f"LR range test suggests peak LR {suggestion:.4g} (first param group; others keep "
         f"their configured ratios, first was {first:.4g}): {found.reason}; {tested}"

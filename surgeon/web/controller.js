@@ -314,7 +314,7 @@
         const what = plan.hold ? "the hold ends" : "the ramp reached its top";
         const why =
           `${what}: ${plan.shape} decay from LR scale ${g(level, 3)} to the floor ` +
-          `(${g(this.floor)}) over the last ${plan.decay} steps`;
+          `(${g(this.floor)}) over the last ${steps(plan.decay)}`;
         new_events.push(this._event(step, EventKind.DECAY_START, why, null));
       }
       this.phase = phase;
@@ -393,7 +393,7 @@
         why = "no good snapshot yet";
       } else if (step - good[0] > 2 * this.snapshot_every) {
         why =
-          `the last good snapshot (step ${good[0]}) is ${step - good[0]} steps back, more ` +
+          `the last good snapshot (step ${good[0]}) is ${steps(step - good[0])} back, more ` +
           `than two snapshot intervals (${2 * this.snapshot_every} steps)`;
       } else {
         this.rollback_to = good[0];
@@ -487,7 +487,7 @@
       let why;
       if (plan.hold !== null && step + 1 - plan.start >= plan.ramp) {
         if (this.config.warmup !== "auto") {
-          why = `fixed warmup of ${this.max_warmup} steps finished`;
+          why = `fixed warmup of ${steps(this.max_warmup)} finished`;
         } else {
           const measured =
             det.last_drop === null
@@ -507,17 +507,17 @@
         if (level < this.peak) {
           this.peak = level;
           why =
-            `max_warmup=${this.max_warmup} steps reached while the loss was rising: the peak ` +
+            `max_warmup=${steps(this.max_warmup)} reached while the loss was rising: the peak ` +
             `is lowered to LR scale ${g(this.peak, 3)}, the highest the loss took`;
         } else {
           // held at the peak itself
           why =
-            `max_warmup=${this.max_warmup} steps reached while the loss was rising, at the ` +
+            `max_warmup=${steps(this.max_warmup)} reached while the loss was rising, at the ` +
             "peak already";
         }
       } else {
         why =
-          `max_warmup=${this.max_warmup} steps reached at LR scale ${g(level, 3)} (the ramp was ` +
+          `max_warmup=${steps(this.max_warmup)} reached at LR scale ${g(level, 3)} (the ramp was ` +
           `held on the way); it finishes at the pace of a ${this.min_warmup}-step ramp`;
       }
       return [this._end_warmup(step, why)];
@@ -703,8 +703,8 @@
         why += "warmup ramp paused; ";
       }
       why +=
-        `LR multiplier cut x${g(this.config.spike_factor)} to ${g(value, 3)}, ` +
-        `held for ${steps(this.spike_cooldown)}`;
+        `LR multiplier cut x${g(this.config.spike_factor)} to ${g(value, 3)} from step ` +
+        `${hold_until - this.spike_cooldown}, held for at least ${steps(this.spike_cooldown)}`;
       return this._event(step, kind, why, before);
     }
 
@@ -741,7 +741,7 @@
       let why =
         `loss ${g(loss, 4)} is back within ${g(NORMAL_BAND_ZSCORE)} sigma of its running mean ` +
         `${g(this.spike.mean, 4)}; LR multiplier ramps from ${g(held.value, 3)} back to 1 over ` +
-        `${steps(this.spike_recovery)}`;
+        `${steps(this.spike_recovery)} from step ${this.intervention.recover_start}`;
       if (this.paused) {
         this.paused = false;
         const current = this._level(step + 1);
