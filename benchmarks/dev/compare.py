@@ -24,8 +24,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import harness
 
-TUNED = {"char": 3e-2, "circle": 1.0, "digits": 1e-2, "teacher": 0.1, "teacher_sgd": 0.1}
-"""Tuned LRs: the best of a x3 grid for warmup 5% + cosine (``harness.py sweep``)."""
+TUNED = {
+    "char": 3e-2,
+    "circle": 1.0,
+    "digits": 1e-2,
+    "teacher": 0.1,
+    "teacher_sgd": 0.1,
+    "autoenc": 3e-3,
+    "gru": 1e-2,
+    "logreg": 3e-2,
+    "bn": 0.3,
+}
+"""Tuned LRs: the best of a x3 grid for warmup 5% + cosine (``harness.py sweep``); the last
+four are the probe tasks (added after the design was fixed)."""
 HOT = {"char_3x": ("char", 0.1), "char_10x": ("char", 0.3), "teacher_3x": ("teacher", 0.3)}
 WARMUPS = ("0", "0.01", "0.02", "0.05", "0.1", "0.2")
 ORACLE_SET = {f"{d}:{w}" for d in ("cosine", "linear", "wsd", "wsd0.2") for w in WARMUPS}
