@@ -154,7 +154,8 @@ class Reporter:
         self.next_log = ((step + 1) // every + 1) * every - 1
         if (step + 1) % every:
             return
-        metrics = {"surgeon/lr_scale": self.engine.written_scale}
+        written = self.engine.written_scale
+        metrics = {"surgeon/lr_scale": written}
         driven = self.engine.driven
         if not self.lr_monitored:
             pairs = zip(driven, self.lr_names, strict=True)
@@ -164,8 +165,11 @@ class Reporter:
                 self.lr_names = lr_metric_names(driven)
             for optimizer, names in zip(driven, self.lr_names, strict=True):
                 for group, name in zip(optimizer.param_groups, names, strict=True):
-                    lr = group["lr"]  # a tensor LR (compiled optimizers) is logged by value
-                    metrics[name] = lr if type(lr) is float else float(lr)
+                    lr = group["lr"]  # a tensor LR (compiled optimizers): the value written
+                    # into it, not read back (on a GPU, reading it would wait for the device)
+                    metrics[name] = (
+                        lr if not isinstance(lr, torch.Tensor) else group[PEAK_LR_KEY] * written
+                    )
         if self.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=step)
