@@ -245,6 +245,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         if total_steps is not None:
             total_steps = plain_int(total_steps)
             check_positive_int("total_steps", total_steps)
+        grad_check_every, readback_every = plain_int(grad_check_every), plain_int(readback_every)
         given = locals()  # the controller's settings, as passed (SurgeonConfig validates them)
         self.config = SurgeonConfig(**{name: given[name] for name in CONFIG_FIELDS})
         check_snapshot_mode(snapshot)

@@ -172,6 +172,9 @@ class Event:
     scale_before: float
     scale_after: float
     phase: Phase | None = None
+    total_steps: int | None = None
+    """The planned length from this event on, for an event that moved the run's end
+    (``replan``, ``cooldown``; ``None`` otherwise, or when the plan is open-ended)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (``kind`` and ``phase`` as their string values)."""
@@ -466,20 +469,31 @@ class Controller:
                 "the latest), the decay follows"
             )
         elif not in_warmup and (new_shape or ("min_lr_ratio" in changed and decaying)):
-            if step < plan.start + plan.ramp:  # a restart's ramp in progress: let it finish
+            ramping = step < plan.start + plan.ramp  # a restart's ramp: let it finish
+            if ramping:
                 self._set_plan(self._decay_plan(plan.start, plan.v1, v0=plan.v0, ramp=plan.ramp))
             else:
                 self._set_plan(self._decay_plan(step, level, tail_only=decaying))
             self.phase = self._plan_phase(step)
-            held = self._plan.hold or 0
-            how = (
-                f"{self.config.decay} decay from the current LR scale {level:.3g} to the floor "
-                f"{self.floor:g} over the remaining {_steps(self.total_steps - step)}"
-                if not held
-                else f"{self.config.decay}: the current LR scale {level:.3g} holds for "
-                f"{_steps(held)}, then decays linearly to the floor {self.floor:g} over the last "
-                f"{_steps(self._plan.decay)}"
-            )
+            new, floor = self._plan, self.floor
+            held, tail = new.hold or 0, f"to the floor {floor:g} over the last {_steps(new.decay)}"
+            if ramping:
+                how = (
+                    f"{self.config.decay}: the restart's ramp goes on to LR scale {new.v1:.3g} "
+                    f"by step {new.start + new.ramp}, then "
+                    + (f"holds for {_steps(held)}, then decays linearly " if held else "decays ")
+                    + tail
+                )
+            elif held:
+                how = (
+                    f"{self.config.decay}: the current LR scale {level:.3g} holds for "
+                    f"{_steps(held)}, then decays linearly {tail}"
+                )
+            else:
+                how = (
+                    f"{self.config.decay} decay from the current LR scale {level:.3g} to the floor "
+                    f"{floor:g} over the remaining {_steps(self.total_steps - step)}"
+                )
             if new_length and level <= self.floor:
                 how += (
                     " (the run had ended its decay: the added steps train at the floor; the "
@@ -493,7 +507,9 @@ class Controller:
         if others:
             how += f"; {', '.join(others)} in effect from here"
         after = self.lr_scale(step)
-        event = Event(step, EventKind.REPLAN, f"{cause}: {how}", before, after, self.phase)
+        event = Event(
+            step, EventKind.REPLAN, f"{cause}: {how}", before, after, self.phase, self.total_steps
+        )
         self.events.append(event)
         return event
 
@@ -518,7 +534,8 @@ class Controller:
             )
         why = (
             f"started at step {step} from a checkpoint without surgeon state: the {_steps(step)} "
-            f"already done count, and each param group's configured LR is its peak; {how}"
+            f"already done {'counts' if step == 1 else 'count'}, and each param group's "
+            f"configured LR is its peak; {how}"
         )
         event = Event(step, EventKind.REPLAN, why, 1.0, self.lr_scale(step), self.phase)
         self.events.append(event)
@@ -646,7 +663,9 @@ class Controller:
             f"{_steps(steps)}; the plan now ends at step {self.total_steps}"
         )
         after = self.lr_scale(start)
-        event = Event(max(0, start - 1), EventKind.COOLDOWN, why, before, after, self.phase)
+        event = Event(
+            max(0, start - 1), EventKind.COOLDOWN, why, before, after, self.phase, self.total_steps
+        )
         if record:  # else the caller records it, or not (a move too small to report)
             self.events.append(event)
         return event
@@ -886,7 +905,7 @@ class Controller:
         if signal is Signal.STABILIZED and step + 1 >= self.min_warmup:
             why = (
                 f"the loss stabilized after its initial descent: {trend}, not steeper and not "
-                f"rising for {det.patience} steps in a row"
+                f"rising for {_steps(det.patience)} in a row"
             )
             return [self._end_warmup(step, why)]
         return []
@@ -992,7 +1011,7 @@ class Controller:
         why = (
             f"the loss kept rising: its EMA went from {base:.4g} to {det.ema:.4g} "
             f"(more than {ratio:g}x), rising beyond its noise ({det.last_noise:.2%} per "
-            f"{det.window} steps) for {run} steps in a row; "
+            f"{det.window} steps) for {_steps(run)} in a row; "
             f"the peak is lowered x"
             f"{self.config.spike_factor:g} to LR scale {self.peak:.3g} for the rest of the run"
         )

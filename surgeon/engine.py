@@ -33,6 +33,7 @@ scales: a block's are computed at once and kept while the controller's ``revisio
 """
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from typing import Any, Literal
@@ -63,14 +64,11 @@ LossRow = tuple[int, float | None, bool]
 """``(step, loss, update_skipped)``: a loss the controller consumed; ``loss`` is ``None`` for a
 step it counted without a loss (manual optimization whose ``training_step`` returned none)."""
 LossSink = Callable[[int, float, bool], None]
-"""Called with each :data:`LossRow` right after the controller consumed it."""
+"""Called with each :data:`LossRow` that has a loss, right after the controller consumed it."""
 LossesSink = Callable[[list[LossRow]], None]
 """Called with the losses the controller consumed, in step order, once per block read."""
 WarningSink = Callable[[str], None]
 """Called with a warning for the user (a sentence), on every rank: the sink shows it once."""
-
-
-_MOVES_THE_END = (EventKind.REPLAN, EventKind.COOLDOWN)
 
 
 def check_lr(lr: Any, group: str = "param group") -> float:
@@ -78,12 +76,15 @@ def check_lr(lr: Any, group: str = "param group") -> float:
     tensor LR, as compiled optimizers take, counts by its value), else ``ValueError`` naming
     ``group``."""
     value = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = float(value) if not isinstance(value, int) else value  # numpy floats too
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value > 0):
         hint = (
             " (the peak the surgeon scales, so it keeps a group at LR 0 only once added "
             "during the fit; leave a frozen group out of the optimizer, or give it an LR > 0 "
             "and requires_grad=False)"
-            if value == 0
+            if number and value == 0
             else ""
         )
         raise ValueError(f"{group} lr must be a finite number > 0, got lr={lr!r}{hint}")
@@ -341,13 +342,9 @@ class StepEngine:
 
     def event_record(self, event: Event) -> dict[str, Any]:
         """``event`` as a record of ``events.jsonl``, with the first driven param group's LR
-        before and after it; an event that moved the run's end (``replan``, ``cooldown``) also
-        with the planned length from then on (``total_steps``: the plot's "planned end")."""
+        before and after it."""
         peak = self.driven[0].param_groups[0][PEAK_LR_KEY]
-        record = event_record(event, peak * event.scale_before, peak * event.scale_after)
-        if event.kind in _MOVES_THE_END and self.controller is not None:
-            record["total_steps"] = self.controller.total_steps
-        return record
+        return event_record(event, peak * event.scale_before, peak * event.scale_after)
 
     @property
     def snapshot_mode(self) -> SnapshotMode:

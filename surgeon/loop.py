@@ -118,7 +118,8 @@ class Surgeon:
             raise ValueError(f"verbose must be True or False, got verbose={verbose!r}")
         if log_dir is not None and not isinstance(log_dir, str | Path):
             raise ValueError(f"log_dir must be a path or None, got log_dir={log_dir!r}")
-        total_steps = plain_int(total_steps)
+        total_steps, readback_every = plain_int(total_steps), plain_int(readback_every)
+        grad_check_every = plain_int(grad_check_every)
         check_positive_int("total_steps", total_steps)
         check_positive_int("grad_check_every", grad_check_every)
         config = config if config is not None else SurgeonConfig(**settings)

@@ -197,7 +197,8 @@ class TimePlanner:
             f"{new.max_warmup} steps), and cools down as the time runs out"
         )
         before, after = old.lr_scale(step), new.lr_scale(step)
-        event = Event(max(0, step - 1), EventKind.REPLAN, why, before, after, new.phase)
+        end = new.total_steps if new.total_steps < OPEN_ENDED else None  # None: open-ended
+        event = Event(max(0, step - 1), EventKind.REPLAN, why, before, after, new.phase, end)
         new.events.append(event)
         engine.config, engine.controller = config, new
         self.estimate = estimate

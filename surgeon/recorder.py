@@ -67,7 +67,7 @@ class RunRecorder:
     def __init__(self, *directories: Path) -> None:
         self.directories = [Path(d) for d in directories]
         self._losses: list[IO[str]] = []
-        self._pending: list[tuple[int, float, bool]] = []
+        self._pending: list[tuple[int, float | None, bool]] = []
 
     def start(
         self,

@@ -1233,6 +1233,31 @@ class TestReplan:
         resumed.load_state_dict(original.state_dict(), saved_settings=asdict(self.WSD))
         return original, resumed
 
+    def test_a_longer_run_resumed_in_a_restarts_ramp_says_the_ramp_goes_on(self) -> None:
+        """Saved 3 steps into a restart's re-warm of a WSD hold, resumed twice as long: the ramp
+        finishes, the peak it reaches holds, then the linear tail, as the replan says."""
+        config = SurgeonConfig(
+            warmup=10, decay="wsd", plateau_action="restart", plateau_patience=50,
+            restart_peak=0.8, restart_warmup=20,
+        )  # fmt: skip
+        original = Controller(1000, config)
+        while not any(e.kind is EventKind.RESTART for e in original.events):
+            original.update(1.0)
+        drive(original, [1.0] * 3)
+        resumed = Controller(2000, config)
+        resumed.load_state_dict(original.state_dict())
+        replan, at = resumed.events[-1], original.step
+        restart = next(e for e in original.events if e.kind is EventKind.RESTART)
+        end = restart.step + 1 + 20
+        assert f"the restart's ramp goes on to LR scale 0.8 by step {end}, then holds for" in (
+            replan.reason
+        )
+        held = int(re.search(r"holds for (\d+) steps", replan.reason).group(1))
+        assert resumed.lr_scale(at) == pytest.approx(original.lr_scale(at))  # no jump
+        assert resumed.lr_scale(end) == pytest.approx(0.8)
+        assert resumed.lr_scale(end + held) == pytest.approx(0.8)
+        assert resumed.lr_scale(end + held + 10) < 0.8
+
     def test_a_new_floor_keeps_the_plan_before_its_decay_and_ends_there(self) -> None:
         original, resumed = self.resumed_with(500, min_lr_ratio=0.01)
         (replan,) = resumed.events[-1:]

@@ -649,6 +649,8 @@ def test_a_tensor_lr_is_driven_in_place_and_a_numpy_length_is_taken() -> None:
         snapshot_every=np.int32(10),
         spike_cooldown=np.int64(3),
         max_restarts=np.int64(1),
+        readback_every=np.int64(2),
+        grad_check_every=np.int64(2),
         verbose=False,
     )
     assert type(lengths.engine.config.warmup) is int

@@ -604,3 +604,30 @@ def test_the_plot_marks_the_end_a_cooldown_moved(tmp_path: Path, caught_figures:
     (figure,) = caught_figures
     assert any(list(line.get_xdata()) == [100, 100] for line in figure.axes[1].get_lines())
     assert not any(list(line.get_xdata()) == [300, 300] for line in figure.axes[1].get_lines())
+
+
+def test_each_record_keeps_the_length_its_event_planned(tmp_path: Path) -> None:
+    """Cooled down at step 30 (the plan ends at 50), then resumed into the same directory as a
+    300-step run: the ``cooldown`` record still says 50, the ``replan`` 300 (a resume rewrites
+    ``events.jsonl`` from the events kept in the state), and the plot's end is the last one."""
+    from surgeon import Surgeon
+
+    def loop(total: int) -> tuple[Surgeon, torch.optim.Optimizer]:
+        model = nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return Surgeon(optimizer, total, warmup=5, verbose=False, log_dir=tmp_path), optimizer
+
+    first, _ = loop(200)
+    for step in range(40):
+        if step == 30:
+            first.cool_down_now(20)
+        first.step(1.0 / (1 + step))
+    second, _ = loop(300)
+    second.load_state_dict(first.state_dict())
+    for step in range(40, 60):
+        second.step(1.0 / (1 + step))
+    second.finish()
+    run = load_run(tmp_path)
+    moved = [(e["kind"], e["total_steps"]) for e in run.events if e["total_steps"] is not None]
+    assert moved == [("cooldown", 50), ("replan", 300)]
+    assert run.planned_steps == 300

@@ -471,7 +471,7 @@
       if (signal === Signal.STABILIZED && step + 1 >= this.min_warmup) {
         const why =
           `the loss stabilized after its initial descent: ${trend}, not steeper and not ` +
-          `rising for ${det.patience} steps in a row`;
+          `rising for ${steps(det.patience)} in a row`;
         return [this._end_warmup(step, why)];
       }
       return [];
@@ -570,7 +570,7 @@
       const why =
         `the loss kept rising: its EMA went from ${g(base, 4)} to ${g(det.ema, 4)} ` +
         `(more than ${g(ratio)}x), rising beyond its noise (${percent(det.last_noise, 2)} per ` +
-        `${det.window} steps) for ${run} steps in a row; the peak is lowered x` +
+        `${det.window} steps) for ${steps(run)} in a row; the peak is lowered x` +
         `${g(this.config.spike_factor)} to LR scale ${g(this.peak, 3)} for the rest of the run`;
       return [this._event(step, EventKind.CLIMB, why, before)];
     }
