@@ -47,6 +47,11 @@ Reproduce::
     python benchmarks/quality.py --surgeon fast:min_warmup=0.01,max_warmup=0.05 \\
         --reuse runs/quality --out runs/quality-fast        # a variant; fixed fits reused
     python benchmarks/quality.py --sweep --tasks mlp            # the LR sweep of a task
+    OMP_NUM_THREADS=1 python benchmarks/quality.py --probes     # the probe tasks, scored alone
+
+The probe tasks (``Task.probe``: added after the controller's defaults were chosen, kinds of
+training they were not shaped on) run only with ``--probes`` or when ``--tasks`` names them,
+so that a run scores them apart: its geometric mean is over them alone.
 
 Every fit uses one torch thread; ``--workers N`` runs fits in N spawned processes (default 2
 on >= 2 CPUs, else 1). The numbers do not depend on ``--workers``.
@@ -191,6 +196,11 @@ def _parser(all_tasks: dict[str, Task]) -> argparse.ArgumentParser:
         "--tasks", default=None, help=f"comma-separated subset of {','.join(all_tasks)}"
     )
     parser.add_argument(
+        "--probes",
+        action="store_true",
+        help="the probe tasks (added after the defaults were chosen) instead of the others",
+    )
+    parser.add_argument(
         "--contenders", default=None, help=f"comma-separated subset of {','.join(CONTENDERS)}"
     )
     parser.add_argument(
@@ -315,7 +325,11 @@ def main(argv: list[str] | None = None, tasks: dict[str, Task] | None = None) ->
     parser = _parser(all_tasks)
     args = parser.parse_args(argv)
 
-    task_names = args.tasks.split(",") if args.tasks else list(all_tasks)
+    task_names = (
+        args.tasks.split(",")
+        if args.tasks
+        else [name for name, task in all_tasks.items() if task.probe == args.probes]
+    )
     unknown = [t for t in task_names if t not in all_tasks]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; tasks: {', '.join(all_tasks)}")

@@ -446,6 +446,82 @@ def build_circle(seed: int, steps: int) -> Built:
     return BenchCircleNet(hidden=16), TensorData(train, val, steps, seed, 64)
 
 
+# ------------------------------------------------------------------------------ probe tasks
+# Added after every default of the controller was chosen (first in benchmarks/dev/harness.py):
+# kinds of training it was not shaped on.
+
+
+def autoencoder() -> nn.Sequential:
+    """64 -> 128 -> 12 -> 128 -> 64 with ReLUs: a bottleneck autoencoder of the digits."""
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 12), nn.ReLU(),
+        nn.Linear(12, 128), nn.ReLU(), nn.Linear(128, 64),
+    )  # fmt: skip
+
+
+class RunningSum(nn.Module):
+    """A GRU reading digits 0-9 and predicting, at each position, the sum so far mod 10; the
+    logits come out as (batch, class, position), as ``cross_entropy`` takes them."""
+
+    def __init__(self, hidden: int = 48) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.gru = nn.GRU(16, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, digits: Tensor) -> Tensor:
+        return self.head(self.gru(self.embed(digits))[0]).transpose(1, 2)
+
+
+SEQUENCE_LENGTH = 16
+
+
+def running_sums(count: int, seed: int) -> Pair:
+    """``count`` sequences of ``SEQUENCE_LENGTH`` random digits and their running sums mod 10."""
+    generator = torch.Generator().manual_seed(seed)
+    digits = torch.randint(0, 10, (count, SEQUENCE_LENGTH), generator=generator)
+    return digits, digits.cumsum(1) % 10
+
+
+def clusters(count: int, seed: int, dim: int = 24) -> Pair:
+    """Points around 30 Gaussian centres (shared by every seed) in ``dim`` features, 3 centres
+    per class, 10% of the labels random."""
+    centres = torch.randn(30, dim, generator=torch.Generator().manual_seed(0)) * 1.2
+    generator = torch.Generator().manual_seed(seed)
+    which = torch.randint(0, 30, (count,), generator=generator)
+    x = centres[which] + torch.randn(count, dim, generator=generator)
+    random_labels = torch.randint(0, 10, (count,), generator=generator)
+    flip = torch.rand(count, generator=generator) < 0.1
+    return x, torch.where(flip, random_labels, which % 10)
+
+
+def build_autoenc(seed: int, steps: int) -> Built:
+    (x, _), (vx, _) = digits()
+    return BenchSupervised(autoencoder(), "mse"), TensorData((x, x), (vx, vx), steps, seed, 32)
+
+
+def build_gru(seed: int, steps: int) -> Built:
+    data = TensorData(running_sums(50_000, 0), running_sums(512, 1), steps, seed, 32)
+    return BenchSupervised(RunningSum(), "ce"), data
+
+
+def build_logreg(seed: int, steps: int) -> Built:
+    (x, y), (vx, vy) = digits()
+    mean, sd = x.mean(0), x.std(0) + 1e-3
+    data = TensorData(((x - mean) / sd, y), ((vx - mean) / sd, vy), steps, seed, 32)
+    return BenchSupervised(nn.Linear(64, 10), "ce"), data
+
+
+def build_bn(seed: int, steps: int) -> Built:
+    net = nn.Sequential(
+        nn.Linear(24, 128), nn.BatchNorm1d(128), nn.ReLU(),
+        nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+    return BenchSupervised(net, "ce"), TensorData(
+        clusters(20_000, 0), clusters(4000, 1), steps, seed, 64
+    )
+
+
 # ------------------------------------------------------------------------------ the tasks
 
 
@@ -477,6 +553,9 @@ class Task:
     base: str | None = None
     """A task at ``lr_factor`` x another's tuned LR is scored against that task's oracle."""
     lr_factor: float = 1.0
+    probe: bool = False
+    """Added after the controller's defaults were chosen (kinds of training they were not
+    shaped on): reported beside the other tasks, in a geometric mean of their own."""
     cost_ms: float = 1.5
     """Rough CPU milliseconds per step, to start the longest fits first."""
 
@@ -656,6 +735,66 @@ TASKS: dict[str, Task] = {
         ),
         at_lr_factor(CHAR, 3),
         at_lr_factor(CHAR, 10),
+        Task(
+            name="autoenc",
+            title="probe: bottleneck autoencoder of the digits (AdamW, MSE)",
+            steps=1500,
+            quick_steps=100,
+            optimizer="adamw",
+            lr=3e-3,
+            sweep=((1e-3, 0.01635), (3e-3, 0.01525), (1e-2, 0.01546), (3e-2, 0.01558)),
+            weight_decay=0.01,
+            build=build_autoenc,
+            probe=True,
+            why="64 -> 128 -> 12 -> 128 -> 64 ReLU autoencoder of scikit-learn's digits (1397 "
+            "to train on, 400 to validate on), MSE on the pixels; 1500 steps of 32",
+        ),
+        Task(
+            name="gru",
+            title="probe: GRU computing running sums mod 10 (AdamW)",
+            steps=1500,
+            quick_steps=100,
+            optimizer="adamw",
+            lr=1e-2,
+            sweep=((1e-3, 1.498), (3e-3, 0.03003), (1e-2, 0.01181), (3e-2, 1.149)),
+            weight_decay=0.01,
+            build=build_gru,
+            cost_ms=3.0,
+            probe=True,
+            why=f"a GRU (width 48) reads {SEQUENCE_LENGTH} random digits and predicts the sum "
+            "so far mod 10 at each position (it must learn to carry a state); 50000 training "
+            "and 512 validation sequences; 1500 steps of 32",
+        ),
+        Task(
+            name="logreg",
+            title="probe: logistic regression on the digits (SGD + momentum, convex)",
+            steps=1000,
+            quick_steps=100,
+            optimizer="sgd",
+            lr=1e-1,
+            sweep=((0.01, 0.1956), (0.03, 0.1648), (0.1, 0.1591), (0.3, 0.2265), (1.0, 0.7134)),
+            weight_decay=0.0,
+            build=build_logreg,
+            probe=True,
+            why="multinomial logistic regression on the standardized pixels of the digits (1397 "
+            "to train on, 400 to validate on): a convex problem; SGD with momentum 0.9; 1000 "
+            "steps of 32",
+        ),
+        Task(
+            name="bn",
+            title="probe: BatchNorm MLP on noisy clusters (SGD + momentum, weight decay)",
+            steps=1500,
+            quick_steps=100,
+            optimizer="sgd",
+            lr=1e-1,
+            sweep=((0.01, 0.6118), (0.03, 0.603), (0.1, 0.5948), (0.3, 0.595), (1.0, 0.6097)),
+            weight_decay=5e-4,
+            build=build_bn,
+            probe=True,
+            why="MLP 24 -> 128 -> 128 -> 10 with BatchNorm after each hidden layer, on 20000 "
+            "points around 30 Gaussian centres (3 per class, 10% of the labels random), 4000 "
+            "validation points; SGD with momentum 0.9 and weight decay 5e-4; 1500 steps of 64",
+        ),
     )
 }
 """The benchmark's tasks by name, in report order."""
