@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # would download a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup browser test test-fast lint demo bench quality quality-quick clean
+.PHONY: setup browser test test-fast lint demo bench quality quality-quick quality-probes clean
 
 setup: $(STAMP)
 

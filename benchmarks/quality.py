@@ -264,6 +264,14 @@ def plan(
     return sorted(jobs, key=lambda j: -j.steps * chosen[j.task].cost_ms)
 
 
+def task_selection(tasks: dict[str, Task], names: str | None, probes: bool) -> list[str]:
+    """The tasks a run plans: those ``names`` lists (comma-separated), else the probe tasks
+    with ``probes``, else the others."""
+    if names:
+        return names.split(",")
+    return [name for name, task in tasks.items() if task.probe == probes]
+
+
 def plan_sweep(
     chosen: dict[str, Task],
     budgets: dict[str, int],
@@ -325,11 +333,7 @@ def main(argv: list[str] | None = None, tasks: dict[str, Task] | None = None) ->
     parser = _parser(all_tasks)
     args = parser.parse_args(argv)
 
-    task_names = (
-        args.tasks.split(",")
-        if args.tasks
-        else [name for name, task in all_tasks.items() if task.probe == args.probes]
-    )
+    task_names = task_selection(all_tasks, args.tasks, args.probes)
     unknown = [t for t in task_names if t not in all_tasks]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; tasks: {', '.join(all_tasks)}")

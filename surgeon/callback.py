@@ -462,10 +462,14 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         """The coming step's LR, for callbacks that read it here (``LearningRateMonitor`` logs
         at each epoch start); written again in ``on_train_batch_start``, after any callback that
         changes it at the epoch start (the surgeon owns the LR)."""
+        if self._budget.pending:  # the last epoch's check (EarlyStopping's ran by now): a stop
+            self._budget.check_early_stopping(trainer)  # here runs no batch of this epoch
         self.engine.begin_step()
         self.engine.written_step = -1
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._budget.pending:  # a check at this epoch's validation (done by now): act before
+            self._budget.check_early_stopping(trainer)  # the next epoch (a stop: none runs)
         self._budget.after_train_epoch()
         self._view.publish(trainer)
 
@@ -558,6 +562,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         self._view.flush()  # the loss rows up to this checkpoint are on disk
         if self._budget.time_estimate is not None:  # the run a max_time plan's lengths are of
             state["time_estimate"] = self._budget.time_estimate
+        state["early_stopping"] = self._budget.early_stopping_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -510,9 +510,11 @@ def test_a_cooldown_that_improves_the_check_it_anticipated_stops_the_fit_at_lr_z
     assert kinds[-3:] == [EventKind.COOLDOWN, EventKind.DONE, EventKind.STOPPED]
     stopped = cb.events[-1]
     assert "ended the plan at LR 0 and its check did not stop the fit" in stopped.reason
-    # epoch 6 runs one step at LR 0 (the stop is decided before its first step's LR), then ends
-    assert len(model.records) == 6 * BATCHES + 1  # not 10 epochs
-    assert [r["lr"] for r in model.records][6 * BATCHES - 1 :] == [0.0, 0.0]
+    # the stop is decided as epoch 6 starts: none of its steps (or a validation) runs
+    assert len(model.records) == 6 * BATCHES  # not 10 epochs
+    assert model.records[-1]["lr"] == 0.0
+    validations = [r for r in csv_rows(trainer) if r.get("val_loss")]
+    assert len(validations) == 6
     assert any("stopped: the cooldown for EarlyStopping" in line for line in info_lines)
 
 
@@ -537,7 +539,30 @@ def test_a_resumed_fit_knows_its_cooldown_was_for_early_stopping(tmp_path: Path)
     resumed, model = run(tmp_path / "b", mid)
     assert [e.kind for e in resumed.events][-1] is EventKind.STOPPED
     assert resumed.events[-1].step == whole.events[-1].step
-    assert model.records[-1]["step"] == 6 * BATCHES
+    assert model.records[-1]["step"] == 6 * BATCHES - 1
+
+
+def test_a_checkpoint_of_the_check_before_the_last_resumes_into_the_same_cooldown(
+    tmp_path: Path,
+) -> None:
+    """``ModelCheckpoint`` saves right after the validation whose ``EarlyStopping`` check is one
+    from stopping, before the surgeon has acted on it (it does at the next step): resumed from
+    that checkpoint, the fit makes the same cooldown at the same step, with the same LRs."""
+    script = [3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+    def run(root: Path, ckpt_path: Path | None = None) -> tuple[ScheduleSurgeon, Any]:
+        cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="wsd", wsd_decay_fraction=0.2)
+        model = Project(scheduler=None, val_script=script)
+        trainer = project_trainer(pl, root, cb, max_epochs=len(script), enable_progress_bar=False)
+        fit(trainer, model, ckpt_path=ckpt_path)
+        return cb, model
+
+    whole, whole_model = run(tmp_path / "a")
+    (cooldown,) = [e for e in whole.events if e.kind is EventKind.COOLDOWN]
+    (at_check,) = (tmp_path / "a" / "ckpt").glob("e4-*.ckpt")  # after epoch 4's check
+    resumed, model = run(tmp_path / "b", at_check)
+    assert [e for e in resumed.events if e.kind is EventKind.COOLDOWN] == [cooldown]
+    assert [r["lr"] for r in model.records] == [r["lr"] for r in whole_model.records][-BATCHES:]
 
 
 def test_a_fit_that_ends_before_its_plan_says_so(tmp_path: Path, info_lines: list[str]) -> None:

@@ -60,6 +60,7 @@ class FitBudget:
         self._watch_early_stopping = False
         self._es_on_epoch_end = False
         self._last_es_step = 0
+        self._saved_early_stopping: dict[str, Any] | None = None
 
     @property
     def next_check(self) -> int:
@@ -75,6 +76,7 @@ class FitBudget:
         self.plan_cap = planned_steps(trainer, self.total_steps, self.timer is not None)
         # a max_time plan's lengths are fractions of the run its step rate allows (checkpointed)
         self.time_estimate = (pending_state or {}).get("time_estimate")
+        self._saved_early_stopping = (pending_state or {}).get("early_stopping")
         self.engine.config = lengths_for(self.config, self.time_estimate)
         if pending_state is not None and "controller" in pending_state:
             saved = pending_state["controller"]
@@ -94,6 +96,9 @@ class FitBudget:
         self._watch_early_stopping = self.cooldown_on_stop and bool(self._early_stoppers)
         self.pending = False
         self._last_es_step = self.engine.step
+        saved, self._saved_early_stopping = self._saved_early_stopping, None
+        if saved is not None:  # a checkpoint written between a check and the next step
+            self.pending, self._last_es_step = bool(saved["pending"]), int(saved["last_check"])
         self.time = None
         if self.timer is None:
             return
@@ -131,6 +136,12 @@ class FitBudget:
         next step."""
         if self._watch_early_stopping and self._es_on_epoch_end:
             self.pending = True
+
+    def early_stopping_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the ``EarlyStopping`` watch: a check not looked at yet
+        (``ModelCheckpoint`` saves right after the validation that ran it) and the step of the
+        last one (the interval the cooldown is sized by)."""
+        return {"pending": self.pending, "last_check": self._last_es_step}
 
     def check_early_stopping(self, trainer: pl.Trainer) -> None:
         """After an ``EarlyStopping`` check: when one more check without improvement would stop
