@@ -962,9 +962,10 @@ class Controller:
         before = self.lr_scale(step + 1)
         plan, start = self._plan, step + 1
         if plan.hold is not None and plan.ramp > start - plan.start:
-            # the caller may have written the slow ramp's LRs up to `lag` steps ahead: the
-            # faster ramp goes on from where the slow one is by then (no jump up)
-            start = min(step + 1 + self.lag, plan.start + plan.ramp)
+            # the caller has written the slow ramp's LRs before `written_until`: the faster
+            # ramp goes on from the first LR not written, where the slow one is by then (no
+            # jump, no flat stretch)
+            start = min(self._first_reached(step), plan.start + plan.ramp)
         level = self._level(start)
         self.paused = False
         ramp = self._ramp_steps(level, self.min_warmup)

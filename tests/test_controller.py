@@ -166,14 +166,16 @@ class TestWarmup:
     @pytest.mark.parametrize("seed", [0, 1])
     def test_read_late_the_written_lr_never_jumps_up(self, seed: int) -> None:
         """As the callback reads losses, in blocks of 4, 4 to 7 steps late (``lag=8``): every
-        LR written is asked for before the decisions on the last few losses are known. The
-        warmup then never raises the LR faster than its fast pace, and never lowers it."""
+        LR written is asked for before the decisions on the last few losses are known (the
+        controller is told which LRs are written, as the engine tells it). The warmup then never
+        raises the LR faster than its fast pace, and never lowers it."""
         losses = noisy(exp_decay(self.TOTAL, tau=20.0), 0.01, seed)
         controller = Controller(self.TOTAL, SurgeonConfig(), lag=8)
         written = []
         for t in range(300):
             written.append(controller.lr_scale(t))
             if (t + 1) % 4 == 0 and t >= 7:
+                controller.written_until = t + 1  # as the engine tells it
                 for loss in losses[t - 7 : t - 3]:
                     controller.update(loss)
         (end,) = [e for e in controller.events if e.kind is EventKind.WARMUP_END]

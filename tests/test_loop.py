@@ -8,6 +8,7 @@ processes (gloo) running ``examples/fabric_loop.py`` make identical decisions.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import random
@@ -668,3 +669,27 @@ def test_a_tensor_lr_is_driven_in_place_and_a_numpy_length_is_taken() -> None:
         r"\(.*leave a frozen group out of the optimizer, or give it an LR > 0 and requires_grad",
     ):
         Surgeon(torch.optim.SGD(groups, lr=0.1), 10)
+
+
+def test_the_warmup_ramp_speeds_up_where_the_written_lrs_end() -> None:
+    """The loss stabilizes mid-ramp; its decision is read a few steps late. The faster ramp
+    starts at the first LR not yet written, from where the slow one is there: the LR rises every
+    step to the peak, first at the slow pace, then at the fast one (it used to jump ahead by the
+    worst-case lag and hold flat until the written LRs caught up)."""
+    torch.manual_seed(0)
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    surgeon = Surgeon(optimizer, total_steps=2000, verbose=False)
+    lrs = []
+    for t in range(150):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        surgeon.step(torch.tensor(1.0 + math.exp(-t / 8) + 0.01 * torch.randn(()).item()))
+    end = next(e for e in surgeon.events if e.kind is EventKind.WARMUP_END)
+    assert "stabilized" in end.reason and end.step < 120  # ended by the loss, mid-ramp
+    top = lrs.index(1.0)
+    rises = [b - a for a, b in itertools.pairwise(lrs[: top + 1])]
+    assert all(rise > 0 for rise in rises)  # no flat stretch
+    slow, fast = rises[0], rises[-2]
+    assert fast > 2 * slow and all(r == pytest.approx(slow) or r >= slow for r in rises)
+    assert rises == sorted(rises, key=lambda r: round(r, 12))  # slow, then fast: no jump

@@ -528,7 +528,7 @@
       const plan = this._plan;
       let start = step + 1;
       if (plan.hold !== null && plan.ramp > start - plan.start) {
-        start = Math.min(step + 1 + this.lag, plan.start + plan.ramp);
+        start = Math.min(this._first_reached(step), plan.start + plan.ramp);
       }
       const level = this._level(start);
       this.paused = false;
