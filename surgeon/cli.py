@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import re
 import sys
 import textwrap
 import typing
@@ -581,12 +582,38 @@ def _run_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+_NOT_FROM_LOSSES = ("cooldown", "stopped")
+"""Decisions the run made from outside the losses (a time budget, EarlyStopping, a request):
+a replay cannot make them, and its plan differs from theirs on."""
+
+
+def _without_sizes(reason: str) -> str:
+    """A reason without a snapshot's size (a replay has no weights to measure)."""
+    return re.sub(r"snapshot of step (\d+) \([^)]*\)", r"snapshot of step \1", reason)
+
+
 def _compare_with_log(events: list[Any], logged: list[dict[str, Any]]) -> str:
-    """A line saying whether the replayed (step, kind) pairs are those the run logged."""
-    theirs = [(r["step"], r["kind"]) for r in logged if r["kind"] not in _NOT_REPLAYED]
-    mine = [(e.step, e.kind.value) for e in events]
+    """A line saying whether the replayed events (step, kind and reason) are those the run
+    logged, up to the first decision the run made from outside the losses."""
+    theirs = [
+        (r["step"], r["kind"], _without_sizes(r["reason"]))
+        for r in logged
+        if r["kind"] not in _NOT_REPLAYED
+    ]
+    cut = next((i for i, event in enumerate(theirs) if event[1] in _NOT_FROM_LOSSES), None)
+    until = ""
+    if cut is not None:
+        step, kind, _ = theirs[cut]
+        until = (
+            f" up to the {kind} at step {step} (made from outside the losses, as a time "
+            "budget, EarlyStopping or a request; the plans differ from there)"
+        )
+        theirs = theirs[:cut]
+    mine = [(e.step, e.kind.value, _without_sizes(e.reason)) for e in events]
+    if cut is not None:  # the replay goes on with the old plan: what follows is not comparable
+        mine = mine[: len(theirs)]
     if mine == theirs:
-        return f"the replay reproduces the {len(theirs)} logged events"
+        return f"the replay reproduces the {len(theirs)} logged events{until}"
     pairs = zip(mine, theirs, strict=False)
     at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(mine), len(theirs)))
     first = (
@@ -599,9 +626,13 @@ def _compare_with_log(events: list[Any], logged: list[dict[str, Any]]) -> str:
         if at < len(mine)
         else "nothing more replayed"
     )
+    reasons = at < min(len(mine), len(theirs)) and mine[at][:2] == theirs[at][:2]
+    what = " (the same step and kind, another reason)" if reasons else ""
     return (
-        f"the replay differs from the logged events ({len(theirs)} logged, {len(mine)} "
-        f"replayed); first difference, event {at + 1}: {first}, {then}"
+        f"the replay differs from the logged events{until} ({len(theirs)} logged, {len(mine)} "
+        f"replayed); first difference, event {at + 1}: {first}, {then}{what}. A checkpoint "
+        "near a decision reads the losses in flight early and drops the snapshots, which the "
+        "replay does not know of: such a run replays close, not exactly"
     )
 
 

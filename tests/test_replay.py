@@ -480,3 +480,29 @@ def test_a_manual_run_with_steps_without_a_loss_replays_exactly(
     assert [step for step, _ in run.losses or []] == [s for s in range(STEPS) if s not in no_loss]
     assert run.lr_note is None and any(key.startswith("lr-") for key in run.series)
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "plot.png")]) == 0
+
+
+def test_the_comparison_with_the_log_reads_reasons_and_stops_at_outside_decisions() -> None:
+    """``surgeon replay`` compares step, kind and reason (a snapshot's size aside: a replay has
+    no weights), and only up to the first decision the run made from outside the losses (an
+    EarlyStopping cooldown: the plans differ from there)."""
+    from surgeon.cli import _compare_with_log
+    from surgeon.controller import Event
+
+    def event(step: int, kind: str, reason: str) -> Event:
+        return Event(step, EventKind(kind), reason, 1.0, 1.0)
+
+    rollback = "restored the snapshot of step 90 ({} KiB), undoing 12 steps"
+    replayed = [event(9, "warmup_end", "a"), event(101, "rollback", rollback.format(0))]
+    logged = [
+        {"step": 9, "kind": "warmup_end", "reason": "a"},
+        {"step": 101, "kind": "rollback", "reason": rollback.format("1.3")},
+        {"step": 150, "kind": "cooldown", "reason": "EarlyStopping(...)"},
+        {"step": 170, "kind": "stopped", "reason": "..."},
+    ]
+    same = _compare_with_log([*replayed, event(199, "done", "z")], logged)
+    assert same.startswith("the replay reproduces the 2 logged events up to the cooldown at")
+    other = [replayed[0], event(101, "rollback", "restored the snapshot of step 96 (0 B)")]
+    differs = _compare_with_log(other, logged)
+    assert "differs" in differs and "event 2" in differs and "another reason" in differs
+    assert "replays close, not exactly" in differs
