@@ -65,7 +65,7 @@ from surgeon.config import (
     WarmupMode,
     resolve_steps,
 )
-from surgeon.controller import Controller, Event, Phase
+from surgeon.controller import Controller, Event, Phase, plural
 from surgeon.engine import (
     PEAK_LR_KEY,
     LossRow,
@@ -437,6 +437,14 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         view.begin_training(trainer, self._lr_find_curve, self._resuming)
         self.engine.on_loss = view.loss if view.watches_losses else None
         self._schedule_checks()
+        controller = self.controller
+        if self._state_loaded and controller is not None:  # say it: a silent resume looks lost
+            view.notice(
+                f"resumed at step {self.engine.step} with the checkpoint's state: phase "
+                f"{controller.phase.value}, LR scale {controller.lr_scale(self.engine.step):.3g}, "
+                f"{plural(len(controller.events), 'event')} so far, the plan ends at step "
+                f"{controller.total_steps}"
+            )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Read the losses still in flight: a spike or NaN at the very end is decided on and

@@ -543,7 +543,7 @@ def test_a_resumed_fit_knows_its_cooldown_was_for_early_stopping(tmp_path: Path)
 
 
 def test_a_checkpoint_of_the_check_before_the_last_resumes_into_the_same_cooldown(
-    tmp_path: Path,
+    tmp_path: Path, info_lines: list[str]
 ) -> None:
     """``ModelCheckpoint`` saves right after the validation whose ``EarlyStopping`` check is one
     from stopping, before the surgeon has acted on it (it does at the next step): resumed from
@@ -562,6 +562,12 @@ def test_a_checkpoint_of_the_check_before_the_last_resumes_into_the_same_cooldow
     (at_check,) = (tmp_path / "a" / "ckpt").glob("e4-*.ckpt")  # after epoch 4's check
     resumed, model = run(tmp_path / "b", at_check)
     assert [e for e in resumed.events if e.kind is EventKind.COOLDOWN] == [cooldown]
+    said = [line for line in info_lines if "resumed at step" in line]  # a resume says so
+    assert said == [
+        f"ScheduleSurgeon: resumed at step {5 * BATCHES} with the checkpoint's state: phase "
+        "stable, LR scale 1, 1 event so far, the plan ends at step "
+        f"{len(script) * BATCHES}"
+    ]
     assert [r["lr"] for r in model.records] == [r["lr"] for r in whole_model.records][-BATCHES:]
 
 
