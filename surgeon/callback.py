@@ -464,7 +464,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         self._view.publish(trainer)  # fresh values for the checkpoint and early-stopping checks
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._budget.after_validation(trainer)  # read once every on_validation_end has run
+        self._budget.after_validation(trainer, self)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The coming step's LR, for callbacks that read it here (``LearningRateMonitor`` logs

@@ -518,6 +518,54 @@ def test_a_cooldown_that_improves_the_check_it_anticipated_stops_the_fit_at_lr_z
     assert any("stopped: the cooldown for EarlyStopping" in line for line in info_lines)
 
 
+@pytest.mark.parametrize("early_stopping_first", [True, False])
+def test_with_validation_inside_epochs_the_stop_at_lr_zero_comes_at_the_check(
+    tmp_path: Path, early_stopping_first: bool
+) -> None:
+    """Two validations per epoch (``val_check_interval=0.5``): the anneal for EarlyStopping's
+    last check improves it, so the surgeon stops the fit at LR 0. Listed after EarlyStopping it
+    acts at that validation's end (its check is done): no step runs after it; listed before,
+    at the next step's start, the first hook after the check: one step at LR 0 runs (and
+    Lightning validates once more as the fit stops)."""
+    script = [3.0, 2.5, 2.0, 1.0, 1.0, 1.0, 0.5] + [0.5] * 10  # one per validation: the 7th,
+    # the one the anneal improves, is in the middle of an epoch
+
+    class PerValidation(Project):  # type: ignore[misc, valid-type]
+        def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+            self.log("val_loss", torch.tensor(script[min(self.validations, len(script) - 1)]))
+
+        def on_validation_epoch_end(self) -> None:
+            self.validations += 1
+
+    model = PerValidation(scheduler=None)
+    model.validations = 0
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="wsd")
+    es = pl.callbacks.EarlyStopping(monitor="val_loss", patience=3)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        callbacks=[es, cb] if early_stopping_first else [cb, es],
+        max_epochs=8,
+        val_check_interval=0.5,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    fit(trainer, model)
+    assert [e.kind for e in cb.events][-3:] == [
+        EventKind.COOLDOWN,
+        EventKind.DONE,
+        EventKind.STOPPED,
+    ]
+    half = BATCHES // 2
+    # listed first, the surgeon stops the fit at the next step, which Lightning validates again
+    assert model.validations == (7 if early_stopping_first else 8)
+    assert len(model.records) == 7 * half + (0 if early_stopping_first else 1)
+    assert model.records[-1]["lr"] == 0.0
+
+
 def test_a_resumed_fit_knows_its_cooldown_was_for_early_stopping(tmp_path: Path) -> None:
     """Checkpointed inside the EarlyStopping cooldown and resumed: the resumed fit, too, stops
     once that cooldown has ended the plan at LR 0 (the cooldown is in the checkpoint's events),

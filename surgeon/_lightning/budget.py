@@ -124,12 +124,17 @@ class FitBudget:
         if self.time.estimate is not None:
             self.time_estimate = self.time.estimate
 
-    def after_validation(self, trainer: pl.Trainer) -> None:
-        """After every callback's ``on_validation_end``: an ``EarlyStopping`` that checks there
-        is looked at before the next step."""
+    def after_validation(self, trainer: pl.Trainer, surgeon: Any) -> None:
+        """At the surgeon's ``on_validation_end``: an ``EarlyStopping`` that checks there is
+        looked at now when every one of them runs before the surgeon (its check is done: a stop
+        then runs no further step), else before the next step."""
         watch = self._watch_early_stopping and not self._es_on_epoch_end
         if watch and not trainer.sanity_checking:
             self.pending = True
+            callbacks = list(trainer.callbacks)
+            mine = next(i for i, cb in enumerate(callbacks) if cb is surgeon)
+            if all(callbacks.index(es) < mine for es in self._early_stoppers):
+                self.check_early_stopping(trainer)
 
     def after_train_epoch(self) -> None:
         """At the epoch's end: an ``EarlyStopping`` that checks there is looked at before the
