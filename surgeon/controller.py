@@ -486,8 +486,8 @@ class Controller:
                 )
             elif held:
                 how = (
-                    f"{self.config.decay}: the current LR scale {level:.3g} holds for "
-                    f"{_steps(held)}, then decays linearly {tail}"
+                    f"{self.config.decay}: the plan's LR scale {level:.3g} (a cut in force "
+                    f"aside) holds for {_steps(held)}, then decays linearly {tail}"
                 )
             else:
                 how = (

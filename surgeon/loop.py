@@ -40,9 +40,11 @@ from surgeon.engine import (
     LossRow,
     SnapshotMode,
     StepEngine,
+    configured_peak,
     distributed_max,
     distributed_mean,
     starting_scale,
+    write_lr,
 )
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
 from surgeon.recorder import RunRecorder
@@ -138,6 +140,27 @@ class Surgeon:
         self.verbose = verbose
         self.scaler = scaler
         self._rank_zero = _is_rank_zero()
+        scheduled = [
+            i for i, o in enumerate(optimizers) for g in o.param_groups if "initial_lr" in g
+        ]
+        if scheduled:  # a torch LR scheduler was made on it: it left its LR, not the peak
+            for index in sorted(set(scheduled)):
+                for group in optimizers[index].param_groups:
+                    write_lr(group, configured_peak(group))
+            if self._rank_zero:
+                warnings.warn(
+                    "Surgeon: an LR scheduler was made on the optimizer (its param groups hold "
+                    "initial_lr): the surgeon sets every LR itself, from each group's configured "
+                    "LR (OneCycleLR's max_lr, else initial_lr) as its peak; do not step that "
+                    "scheduler",
+                    stacklevel=2,
+                )
+        self._optimizer_steps = 0
+        self._step_hooks = [
+            o.register_step_post_hook(self._count_optimizer_step)
+            for o in optimizers
+            if hasattr(o, "register_step_post_hook")
+        ]
         self._recorder: RunRecorder | None = None
         self._warned_past_plan = False
         self._total_steps = total_steps  # the loop's length as given (a cooldown may move it)
@@ -157,6 +180,7 @@ class Surgeon:
         device = None
         if model is not None:
             device = next((p.device for p in model.parameters()), None)
+        self._loss_device = device  # where a loss passed as a number is made
         self.engine.start(
             total_steps,
             optimizers,
@@ -168,8 +192,10 @@ class Surgeon:
             scaler=scaler,
         )
         if log_dir is not None and self._rank_zero:
+            # opened at the first step or load_state_dict, whichever comes first: a loop that
+            # resumes into the same directory keeps the rows of the steps before its resume
             self._recorder = RunRecorder(Path(log_dir))
-            self._open_recorder()
+        self._recorder_open = False
         self.engine.begin_step()  # step 0's LR, as a torch scheduler sets it when made
 
     # ------------------------------------------------------------------ the loop's calls
@@ -178,6 +204,11 @@ class Surgeon:
         NaN/inf and make each optimizer skip it (free on CPU and for ``fused=True``
         optimizers; see :mod:`surgeon.guard`)."""
         if loss is not None:
+            if not isinstance(loss, Tensor):
+                raise ValueError(
+                    f"guard(loss) takes the loss tensor backward() was called on, got "
+                    f"{type(loss).__name__}"
+                )
             self.engine.watch_loss(loss)
         for optimizer in self.engine.optimizers:
             self.engine.before_optimizer_step(optimizer)
@@ -188,14 +219,23 @@ class Surgeon:
 
         Raises :class:`surgeon.engine.TrainingStalled` when the run can make no progress (every
         step non-finite for two snapshot intervals with nothing to roll back to)."""
+        if self._step_hooks:
+            self._check_order()
         if not isinstance(loss, Tensor):
-            loss = torch.tensor(float(loss))
+            if not isinstance(loss, int | float) or isinstance(loss, bool):
+                raise ValueError(
+                    f"step(loss) takes the step's scalar loss (a tensor or a number), got "
+                    f"{type(loss).__name__}: {loss!r:.80}"
+                )
+            loss = torch.tensor(float(loss), device=self._loss_device)
         elif loss.dim() and loss.numel() != 1:
             raise ValueError(
                 f"step(loss) takes the step's scalar loss, got a tensor of shape "
                 f"{tuple(loss.shape)}: pass its mean (or the value backward() was called on)"
             )
         engine = self.engine
+        if self._recorder is not None and not self._recorder_open:
+            self._open_recorder()
         engine.add_loss(loss.detach())
         engine.end_step(getattr(self.scaler, "_scale", None))
         engine.begin_step()
@@ -211,6 +251,26 @@ class Surgeon:
                     "real length as total_steps (a resumed run may plan a longer one)",
                     stacklevel=2,
                 )
+
+    def _count_optimizer_step(self, *_: Any) -> None:
+        self._optimizer_steps += 1
+
+    def _check_order(self) -> None:
+        """At the first :meth:`step`: say so if no optimizer has stepped yet (``step`` called
+        before ``optimizer.step()``: every LR would come a step early and the guard's flags be
+        cleared before the update they guard). Under a GradScaler, whose first step may be a
+        skip, nothing is said."""
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
+        if self._optimizer_steps == 0 and self.scaler is None and self._rank_zero:
+            warnings.warn(
+                "Surgeon: step() was called before optimizer.step(): call it after, once per "
+                "optimizer step (loss.backward(); surgeon.guard(loss); optimizer.step(); "
+                "surgeon.step(loss)), or every LR comes a step early and the guard cannot "
+                "skip a NaN update",
+                stacklevel=3,
+            )
 
     def finish(self) -> None:
         """After the last step: read the losses still in flight and decide on them (a spike
@@ -288,6 +348,7 @@ class Surgeon:
     # ------------------------------------------------------------------ reporting
     def _open_recorder(self) -> None:
         assert self._recorder is not None
+        self._recorder_open = True
         controller = self.controller
         self._recorder.start(
             config=self.engine.config,
@@ -301,7 +362,12 @@ class Surgeon:
 
     def _report(self, event: Event) -> None:
         if self._recorder is not None:
-            self._recorder.event(self.engine.event_record(event))
+            if self._recorder_open:
+                self._recorder.event(self.engine.event_record(event))
+            else:
+                self._open_recorder()  # it writes the events so far
+                if not any(e is event for e in self.events):
+                    self._recorder.event(self.engine.event_record(event))
         if self.verbose and self._rank_zero:
             print(f"surgeon: step {event.step}: {event.kind.value}: {event.reason}", flush=True)
 

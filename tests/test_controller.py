@@ -1653,3 +1653,21 @@ def test_a_loss_rising_when_the_ramp_tops_out_ends_the_warmup_without_a_lowering
     assert end.scale_before == end.scale_after == 1.0
     (climb,) = trace.of(EventKind.CLIMB)
     assert climb.step > end.step and controller.peak == 0.5
+
+
+def test_after_a_fast_descent_a_spike_must_be_large_to_count() -> None:
+    """Documented limit (README, Not protected): batch noise of 30% of the level, and the
+    level falls 100x over 150 steps. At step 150 the noise estimate (an EMA of squared step
+    differences) still carries the steep part's large differences: a x10 two-step spike goes
+    unseen, x30 is a spike; 100 steps later x10 is a spike again."""
+
+    def kinds(factor: float, at: int) -> list[EventKind]:
+        losses = noisy([0.01 ** min(1.0, t / 150) for t in range(300)], 0.3, seed=1)
+        losses[at] *= factor
+        losses[at + 1] *= factor
+        events = drive(Controller(300, SurgeonConfig()), losses).events
+        return [e.kind for e in events if at <= e.step <= at + 15]
+
+    assert not {EventKind.SPIKE, EventKind.OUTLIER} & set(kinds(10.0, 150))
+    assert EventKind.SPIKE in kinds(30.0, 150)
+    assert EventKind.SPIKE in kinds(10.0, 250)

@@ -565,9 +565,11 @@ def test_stepping_past_the_plan_warns_once() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(20):
+            optimizer.step()
             surgeon.step(1.0)
         assert not caught
         for _ in range(10):
+            optimizer.step()
             surgeon.step(1.0)
     (warning,) = caught
     assert "step 20 is past the planned length of 20 steps" in str(warning.message)
@@ -580,6 +582,7 @@ def test_stepping_past_the_plan_warns_once() -> None:
         for step in range(80):
             if step == 50:
                 surgeon.cool_down_now(10)
+            optimizer.step()
             surgeon.step(1.0)
     assert not caught and surgeon.controller.total_steps < 80
 
@@ -693,3 +696,54 @@ def test_the_warmup_ramp_speeds_up_where_the_written_lrs_end() -> None:
     slow, fast = rises[0], rises[-2]
     assert fast > 2 * slow and all(r == pytest.approx(slow) or r >= slow for r in rises)
     assert rises == sorted(rises, key=lambda r: round(r, 12))  # slow, then fast: no jump
+
+
+def test_a_loop_resumed_into_its_own_log_dir_keeps_the_losses_before_the_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Saved at step 100 and resumed by a new ``Surgeon`` with the same ``log_dir``: the
+    directory holds every step's loss once, 0 to 159, and replays as one run (the new object
+    used to truncate ``losses.csv`` when it was made, before ``load_state_dict``)."""
+    from surgeon.replay import read_stream
+
+    steps, at = 160, 100
+    losses = scripted(steps)
+    first, _, _ = plain_run(losses[:at], at, log_dir=tmp_path)
+    model = TinyRegressor()
+    optimizer = model.configure_optimizers()[0]
+    resumed = Surgeon(
+        optimizer, steps, model=model.net, verbose=False, log_dir=tmp_path, **SETTINGS
+    )
+    resumed.load_state_dict(first.state_dict())
+    for step in range(at, steps):
+        train_step(resumed, optimizer, model.net(torch.ones(2, 8)).mean() * 0.0 + losses[step])
+    resumed.finish()
+    stream = read_stream(tmp_path)
+    assert stream.steps == list(range(steps))
+    from surgeon.cli import main
+
+    assert main(["replay", str(tmp_path), "--out", str(tmp_path / "r.png")]) == 0
+    assert "160 losses, steps 0 to 159" in capsys.readouterr().out  # not refused as a part
+
+
+def test_misordered_calls_and_a_scheduler_on_the_optimizer_are_warned_about() -> None:
+    """``step()`` before ``optimizer.step()`` (every LR a step early, the guard's flags cleared
+    before the update) and an LR scheduler made on the optimizer (it left its own LR in the
+    groups, and would fight the surgeon) are each a warning; with the scheduler, each group's
+    configured LR is the peak. Wrong loss types are ``ValueError``s saying what was passed."""
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    surgeon = Surgeon(optimizer, 100, verbose=False)
+    with pytest.warns(UserWarning, match=r"step\(\) was called before optimizer.step\(\)"):
+        surgeon.step(1.0)
+        optimizer.step()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=50)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    with pytest.warns(UserWarning, match="an LR scheduler was made on the optimizer"):
+        surgeon = Surgeon(optimizer, 100, verbose=False)
+    assert surgeon.engine.peak_lrs() == [0.1]
+    with pytest.raises(ValueError, match=r"step\(loss\) takes the step's scalar loss .* list"):
+        surgeon.step([1.0, 2.0])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"guard\(loss\) takes the loss tensor .* got float"):
+        surgeon.guard(1.0)  # type: ignore[arg-type]
