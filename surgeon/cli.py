@@ -611,7 +611,7 @@ def _compare_with_log(events: list[Any], logged: list[dict[str, Any]]) -> str:
         theirs = theirs[:cut]
     mine = [(e.step, e.kind.value, _without_sizes(e.reason)) for e in events]
     if cut is not None:  # the replay goes on with the old plan: what follows is not comparable
-        mine = mine[: len(theirs)]
+        mine = [event for event in mine if event[0] < step]
     if mine == theirs:
         return f"the replay reproduces the {len(theirs)} logged events{until}"
     pairs = zip(mine, theirs, strict=False)

@@ -21,9 +21,12 @@ non-finite updates are to be skipped. ``model=`` enables last-good snapshots and
 rank makes the same decisions; call ``step`` and ``guard`` on every rank.
 """
 
+import contextlib
 import dataclasses
 import math
+import numbers
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -149,18 +152,14 @@ class Surgeon:
                     write_lr(group, configured_peak(group))
             if self._rank_zero:
                 warnings.warn(
-                    "Surgeon: an LR scheduler was made on the optimizer (its param groups hold "
-                    "initial_lr): the surgeon sets every LR itself, from each group's configured "
-                    "LR (OneCycleLR's max_lr, else initial_lr) as its peak; do not step that "
-                    "scheduler",
+                    "Surgeon: an LR scheduler was made on the optimizer, or its state restored "
+                    "from a run that had one (its param groups hold initial_lr): the surgeon "
+                    "sets every LR itself, from each group's configured LR (OneCycleLR's max_lr, "
+                    "else initial_lr) as its peak; do not step another scheduler",
                     stacklevel=2,
                 )
         self._optimizer_steps = 0
-        self._step_hooks = [
-            o.register_step_post_hook(self._count_optimizer_step)
-            for o in optimizers
-            if hasattr(o, "register_step_post_hook")
-        ]
+        self._step_hooks = self._watch_optimizer_steps(optimizers)
         self._recorder: RunRecorder | None = None
         self._warned_past_plan = False
         self._total_steps = total_steps  # the loop's length as given (a cooldown may move it)
@@ -219,10 +218,8 @@ class Surgeon:
 
         Raises :class:`surgeon.engine.TrainingStalled` when the run can make no progress (every
         step non-finite for two snapshot intervals with nothing to roll back to)."""
-        if self._step_hooks:
-            self._check_order()
         if not isinstance(loss, Tensor):
-            if not isinstance(loss, int | float) or isinstance(loss, bool):
+            if not isinstance(loss, numbers.Real) or isinstance(loss, bool):
                 raise ValueError(
                     f"step(loss) takes the step's scalar loss (a tensor or a number), got "
                     f"{type(loss).__name__}: {loss!r:.80}"
@@ -233,6 +230,8 @@ class Surgeon:
                 f"step(loss) takes the step's scalar loss, got a tensor of shape "
                 f"{tuple(loss.shape)}: pass its mean (or the value backward() was called on)"
             )
+        if self._step_hooks:
+            self._check_order()
         engine = self.engine
         if self._recorder is not None and not self._recorder_open:
             self._open_recorder()
@@ -252,29 +251,48 @@ class Surgeon:
                     stacklevel=2,
                 )
 
-    def _count_optimizer_step(self, *_: Any) -> None:
-        self._optimizer_steps += 1
+    def _watch_optimizer_steps(self, optimizers: list[Optimizer]) -> list[Any]:
+        """A step post-hook on each optimizer that has them (a wrapper that never ran
+        ``Optimizer.__init__`` has none), counting steps until the first :meth:`step`; it holds
+        this object weakly, so a ``Surgeon`` dropped before stepping is freed."""
+        me = weakref.ref(self)
+
+        def count(*_: Any) -> None:
+            surgeon = me()
+            if surgeon is not None:
+                surgeon._optimizer_steps += 1
+
+        handles = []
+        for optimizer in optimizers:
+            with contextlib.suppress(AttributeError):  # a wrapper without Optimizer's hooks
+                handles.append(optimizer.register_step_post_hook(count))
+        return handles
+
+    def _unhook(self) -> None:
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks = []
 
     def _check_order(self) -> None:
         """At the first :meth:`step`: say so if no optimizer has stepped yet (``step`` called
         before ``optimizer.step()``: every LR would come a step early and the guard's flags be
         cleared before the update they guard). Under a GradScaler, whose first step may be a
         skip, nothing is said."""
-        for handle in self._step_hooks:
-            handle.remove()
-        self._step_hooks = []
+        self._unhook()
         if self._optimizer_steps == 0 and self.scaler is None and self._rank_zero:
             warnings.warn(
-                "Surgeon: step() was called before optimizer.step(): call it after, once per "
+                "Surgeon: step() was called before any optimizer.step(): call it after, once per "
                 "optimizer step (loss.backward(); surgeon.guard(loss); optimizer.step(); "
                 "surgeon.step(loss)), or every LR comes a step early and the guard cannot "
-                "skip a NaN update",
+                "skip a NaN update (a GradScaler that skipped the first step: pass it as "
+                "scaler=)",
                 stacklevel=3,
             )
 
     def finish(self) -> None:
         """After the last step: read the losses still in flight and decide on them (a spike
         or NaN in the last steps is recorded, a rollback leaves the last good weights)."""
+        self._unhook()
         self.engine.finish()
         if self._recorder is not None:
             self._recorder.close()
@@ -339,6 +357,7 @@ class Surgeon:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: the next LRs are those of the uninterrupted run."""
+        self._unhook()  # a resumed loop has stepped its optimizer before
         self.engine.load_state_dict(state)
         if self._recorder is not None:
             self._open_recorder()

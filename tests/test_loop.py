@@ -734,7 +734,7 @@ def test_misordered_calls_and_a_scheduler_on_the_optimizer_are_warned_about() ->
     model = nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     surgeon = Surgeon(optimizer, 100, verbose=False)
-    with pytest.warns(UserWarning, match=r"step\(\) was called before optimizer.step\(\)"):
+    with pytest.warns(UserWarning, match=r"step\(\) was called before any optimizer.step\(\)"):
         surgeon.step(1.0)
         optimizer.step()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -747,3 +747,23 @@ def test_misordered_calls_and_a_scheduler_on_the_optimizer_are_warned_about() ->
         surgeon.step([1.0, 2.0])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"guard\(loss\) takes the loss tensor .* got float"):
         surgeon.guard(1.0)  # type: ignore[arg-type]
+    import gc
+    import weakref
+
+    import numpy as np
+
+    optimizer.step()
+    surgeon.step(np.float32(1.0))  # a numpy number is a number
+    dropped = weakref.ref(Surgeon(optimizer, 100, verbose=False))  # never stepped
+    gc.collect()
+    assert dropped() is None  # its step hook does not keep it alive
+
+    class Wrapped(torch.optim.Optimizer):  # a wrapper that never ran Optimizer.__init__
+        def __init__(self, inner: torch.optim.Optimizer) -> None:
+            self.inner = inner
+
+        @property
+        def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+            return self.inner.param_groups
+
+    Surgeon(Wrapped(torch.optim.SGD(model.parameters(), lr=0.1)), 100, verbose=False)

@@ -506,3 +506,5 @@ def test_the_comparison_with_the_log_reads_reasons_and_stops_at_outside_decision
     differs = _compare_with_log(other, logged)
     assert "differs" in differs and "event 2" in differs and "another reason" in differs
     assert "replays close, not exactly" in differs
+    extra = [*replayed, event(120, "spike", "b"), event(199, "done", "z")]  # before the cooldown
+    assert "differs" in _compare_with_log(extra, logged)
