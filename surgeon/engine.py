@@ -76,9 +76,7 @@ def check_lr(lr: Any, group: str = "param group") -> float:
     tensor LR, as compiled optimizers take, counts by its value), else ``ValueError`` naming
     ``group``."""
     value = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        value = float(value) if not isinstance(value, int) else value  # numpy floats too
-    number = isinstance(value, int | float) and not isinstance(value, bool)
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy's too
     if not (number and math.isfinite(value) and value > 0):
         hint = (
             " (the peak the surgeon scales, so it keeps a group at LR 0 only once added "
@@ -88,7 +86,7 @@ def check_lr(lr: Any, group: str = "param group") -> float:
             else ""
         )
         raise ValueError(f"{group} lr must be a finite number > 0, got lr={lr!r}{hint}")
-    return value
+    return value if isinstance(value, int) else float(value)
 
 
 def group_label(optimizer: Optimizer, index: int) -> str:

@@ -143,12 +143,10 @@ class Surgeon:
         self.verbose = verbose
         self.scaler = scaler
         self._rank_zero = _is_rank_zero()
-        scheduled = [
-            i for i, o in enumerate(optimizers) for g in o.param_groups if "initial_lr" in g
-        ]
+        scheduled = [o for o in optimizers if any("initial_lr" in g for g in o.param_groups)]
         if scheduled:  # a torch LR scheduler was made on it: it left its LR, not the peak
-            for index in sorted(set(scheduled)):
-                for group in optimizers[index].param_groups:
+            for scheduled_optimizer in scheduled:
+                for group in scheduled_optimizer.param_groups:
                     write_lr(group, configured_peak(group))
             if self._rank_zero:
                 warnings.warn(
@@ -383,10 +381,8 @@ class Surgeon:
         if self._recorder is not None:
             if self._recorder_open:
                 self._recorder.event(self.engine.event_record(event))
-            else:
-                self._open_recorder()  # it writes the events so far
-                if not any(e is event for e in self.events):
-                    self._recorder.event(self.engine.event_record(event))
+            else:  # the controller records an event before it is reported: this one among them
+                self._open_recorder()
         if self.verbose and self._rank_zero:
             print(f"surgeon: step {event.step}: {event.kind.value}: {event.reason}", flush=True)
 
