@@ -568,6 +568,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             return self._pending_state or {}
         state = self.engine.state_dict()
         self._view.flush()  # the loss rows up to this checkpoint are on disk
+        self._view.checkpoint(self.controller.step)  # where replay reads them all too
         if self._budget.time_estimate is not None:  # the run a max_time plan's lengths are of
             state["time_estimate"] = self._budget.time_estimate
         state["early_stopping"] = self._budget.early_stopping_state()

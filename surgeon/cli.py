@@ -532,6 +532,7 @@ def _run_replay(args: argparse.Namespace) -> int:
             update_skipped=stream.update_skipped,
             steps=stream.steps,
             passed=stream.passed,
+            checkpoints=stream.checkpoints or (),
         )
     except ValueError as err:
         raise UsageError(prog, str(err)) from None
@@ -561,7 +562,8 @@ def _run_replay(args: argparse.Namespace) -> int:
             f"{event.scale_before:.3g} -> {event.scale_after:.3g})"
         )
     if stream.logged_events is not None:
-        print(_compare_with_log(result.events, stream.logged_events))
+        known = stream.checkpoints is not None
+        print(_compare_with_log(result.events, stream.logged_events, checkpoints_known=known))
 
     if args.html is not None:
         _write_text(prog, args.html, _replay_page(stream, settings))
@@ -592,9 +594,12 @@ def _without_sizes(reason: str) -> str:
     return re.sub(r"snapshot of step (\d+) \([^)]*\)", r"snapshot of step \1", reason)
 
 
-def _compare_with_log(events: list[Any], logged: list[dict[str, Any]]) -> str:
+def _compare_with_log(
+    events: list[Any], logged: list[dict[str, Any]], *, checkpoints_known: bool = True
+) -> str:
     """A line saying whether the replayed events (step, kind and reason) are those the run
-    logged, up to the first decision the run made from outside the losses."""
+    logged, up to the first decision the run made from outside the losses;
+    ``checkpoints_known``: the run recorded its checkpoints (else a difference may be theirs)."""
     theirs = [
         (r["step"], r["kind"], _without_sizes(r["reason"]))
         for r in logged
@@ -630,9 +635,14 @@ def _compare_with_log(events: list[Any], logged: list[dict[str, Any]]) -> str:
     what = " (the same step and kind, another reason)" if reasons else ""
     return (
         f"the replay differs from the logged events{until} ({len(theirs)} logged, {len(mine)} "
-        f"replayed); first difference, event {at + 1}: {first}, {then}{what}. A checkpoint "
-        "near a decision reads the losses in flight early and drops the snapshots, which the "
-        "replay does not know of: such a run replays close, not exactly"
+        f"replayed); first difference, event {at + 1}: {first}, {then}{what}"
+        + (
+            ""
+            if checkpoints_known
+            else ". A checkpoint near a decision reads the losses in flight early and drops the "
+            "snapshots, and this run's directory has no checkpoints.csv (an older surgeon's run) "
+            "to say where: such a run replays close, not exactly"
+        )
     )
 
 
@@ -658,6 +668,7 @@ def _replay_page(stream: Any, settings: Any) -> str:
         "losses": stream.losses,
         "update_skipped": stream.update_skipped,
         "passed": stream.passed,
+        "checkpoints": stream.checkpoints or [],
         "stride": stream.stride,
         "settings": {
             "total_steps": settings.total_steps,

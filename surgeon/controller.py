@@ -573,7 +573,7 @@ class Controller:
         new_events: list[Event] = []
         self._expire_recovery(step)
 
-        mean, var = self.spike.mean, self.spike.var  # before this loss, for a spike's reason
+        mean, std = self.spike.mean, self.spike.std  # before this loss, for a spike's reason
         if update_skipped and math.isfinite(loss):
             signal, bad = Signal.NONFINITE, f"gradients are non-finite (loss {loss:.4g}); "
         else:
@@ -604,7 +604,6 @@ class Controller:
         elif signal is Signal.SPIKE:  # acted on once the next loss confirms it
             self.nonfinite_streak, self.nonfinite_applied = 0, False
             z = self.spike.last_zscore
-            std = SpikeDetector.noise(var)  # the detector's noise before this loss
             self.suspect = {"step": step, "loss": loss, "mean": mean, "std": std, "z": z}
         else:
             self.nonfinite_streak, self.nonfinite_applied = 0, False
@@ -734,6 +733,17 @@ class Controller:
         # set by a decision to roll back: the step of the snapshot the caller is to restore
         self.rollback_to: int | None = None
         self._rollback_cause: tuple[int, str] = (0, "")
+
+    def checkpoint_dropped_snapshots(self, step: int) -> None:
+        """A checkpoint after ``step`` steps dropped the caller's snapshots (a resumed run has
+        none, so both go on alike): forget them, and say so when a rollback is refused."""
+        self.forget_snapshots(
+            f"no good snapshot: the checkpoint at step {step} dropped the snapshots "
+            "(a resumed run has none, so both go on alike) and none taken since is confirmed yet "
+            "(one is once the loss of its own step is read and normal), so trouble this close "
+            "after a checkpoint cannot be rolled back; checkpoint less often to leave fewer such "
+            "steps"
+        )
 
     @property
     def good_snapshot_step(self) -> int | None:

@@ -379,10 +379,8 @@ class StepEngine:
         """The peak LR of each param group the surgeon drives, optimizer by optimizer."""
         return [g[PEAK_LR_KEY] for o in self.driven for g in o.param_groups if PEAK_LR_KEY in g]
 
-    def begin_step(self, *, snapshot: bool = True) -> float | None:
-        """Write the LR of the current step (once) and take a snapshot if one is due (and
-        ``snapshot``: a resumed loop writes its first LR without one, as the saving run had
-        dropped the snapshot of that step when it saved).
+    def begin_step(self) -> float | None:
+        """Write the LR of the current step (once) and take a snapshot if one is due.
 
         Returns the LR scale written, ``None`` when this step's LR was already in place."""
         step, controller = self.step, self.controller
@@ -408,9 +406,9 @@ class StepEngine:
             # snapshots taken with fewer groups cannot be restored into these optimizers
             controller.forget_snapshots()
             self._snapshots = [Snapshot(s.location) for s in self._snapshots]
-            return self.begin_step(snapshot=snapshot)
+            return self.begin_step()
         self.written_step, self.written_scale = step, scale
-        if snapshot and self._snapshots and controller.snapshot_due(step):
+        if self._snapshots and controller.snapshot_due(step):
             self._take_snapshot()
         return scale
 
@@ -543,8 +541,12 @@ class StepEngine:
         """Copy the weights as they are at the start of ``self.step`` into the spare slot (the
         one not holding the rollback target)."""
         assert self.controller is not None and self.module is not None
-        good = self.controller.good_snapshot_step
-        spare = next(s for s in self._snapshots if s.step is None or s.step != good)
+        good, slots = self.controller.good_snapshot_step, self._snapshots
+        # a slot that holds this step already (taken again after a checkpoint dropped it), else
+        # one not holding the target
+        spare = next((s for s in slots if s.step == self.step != good), None) or next(
+            s for s in slots if s.step is None or s.step != good
+        )
         if spare.capture(self.module, self.optimizers, self.step, extra=self._scaler_state()):
             self.controller.snapshot_taken(self.step, spare.nbytes)
             if self._first_snapshot is None:
@@ -666,13 +668,7 @@ class StepEngine:
         rollback refused for want of one says why."""
         assert self.controller is not None
         self._dropped_at, self._first_snapshot = step, None
-        self.controller.forget_snapshots(
-            f"no good snapshot: the checkpoint at step {step} dropped the snapshots "
-            "(a resumed run has none, so both go on alike) and none taken since is confirmed yet "
-            "(one is once the loss of its own step is read and normal), so trouble this close "
-            "after a checkpoint cannot be rolled back; checkpoint less often to leave fewer such "
-            "steps"
-        )
+        self.controller.checkpoint_dropped_snapshots(step)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned into a started engine. Started with the

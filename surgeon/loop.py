@@ -345,12 +345,14 @@ class Surgeon:
         (save those too: the peaks live in the optimizers' param groups). Under
         ``torch.distributed`` call it on every rank."""
         state = self.engine.state_dict()
-        # what it decided may move the LR already written for the next step: write it again
-        # (without a snapshot: they were just dropped), as the resumed run's load_state_dict does
+        # what it decided may move the LR already written for the next step: write it again,
+        # and snapshot that step's weights afresh (the checkpoint dropped the snapshots), as the
+        # resumed run's load_state_dict and the callback after a checkpoint do
         self.engine.written_step = -1
-        self.engine.begin_step(snapshot=False)
-        if self._recorder is not None:
+        self.engine.begin_step()
+        if self._recorder is not None and self._recorder_open:
             self._recorder.flush()
+            self._recorder.checkpoint(self.controller.step)  # where replay reads them all too
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -359,8 +361,8 @@ class Surgeon:
         self.engine.load_state_dict(state)
         if self._recorder is not None:
             self._open_recorder()
-        # the saving run had already written this LR (and dropped its snapshots on saving)
-        self.engine.begin_step(snapshot=False)
+        # the LR of the saving run's next step, and a snapshot of its weights, as that run took
+        self.engine.begin_step()
 
     # ------------------------------------------------------------------ reporting
     def _open_recorder(self) -> None:

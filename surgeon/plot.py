@@ -326,6 +326,7 @@ def _load_surgeon_files(losses_path: Path) -> Run:
             update_skipped=stream.update_skipped,
             steps=stream.steps,
             passed=stream.passed,
+            checkpoints=stream.checkpoints or (),
         )
     except ValueError as err:
         raise RunError(f"{directory}: the surgeon's files cannot be replayed: {err}") from None

@@ -9,6 +9,9 @@
 * ``losses.csv``: ``step,loss,update_skipped``, every loss as the controller consumed it, in
   step order (a logger only keeps one row per ``log_every_n_steps``); a step counted without a
   loss (manual optimization whose ``training_step`` returned none) has an empty ``loss``;
+* ``checkpoints.csv``: ``step``, one row per checkpoint the run wrote: how many steps' losses
+  it had read (a checkpoint first reads every loss in flight and drops the snapshots, so
+  ``surgeon replay`` does the same there to reproduce the run exactly);
 * ``lr_find.csv`` (written by the callback when ``peak_lr="find"`` ran a range test): ``lr,loss``,
   each step of the test.
 
@@ -33,12 +36,14 @@ EVENTS_FILE = "events.jsonl"
 SETTINGS_FILE = "settings.json"
 LOSSES_FILE = "losses.csv"
 LR_FIND_FILE = "lr_find.csv"
+CHECKPOINTS_FILE = "checkpoints.csv"
 PHASE_CODES = {Phase.WARMUP: 0.0, Phase.STABLE: 1.0, Phase.DECAY: 2.0, Phase.DONE: 3.0}
 """Numeric phase logged as ``surgeon/phase`` (loggers take numbers)."""
 EVENT_CODES = {kind: float(code) for code, kind in enumerate(EventKind)}
 """Numeric event kind (its place in :class:`~surgeon.controller.EventKind`), logged as
 ``surgeon/event`` and kept as ``surgeon/last_event`` in ``trainer.callback_metrics``."""
 LOSSES_HEADER = "step,loss,update_skipped\n"
+CHECKPOINTS_HEADER = "step\n"
 LOSS_ROWS_PER_WRITE = 256
 """Loss rows are formatted and written this many at a time (and at every flush)."""
 
@@ -61,8 +66,8 @@ def run_settings(
 
 
 class RunRecorder:
-    """Writes ``events.jsonl``, ``settings.json`` and ``losses.csv`` into each of its
-    directories (the same lines in each)."""
+    """Writes ``events.jsonl``, ``settings.json``, ``losses.csv`` and ``checkpoints.csv`` into
+    each of its directories (the same lines in each)."""
 
     def __init__(self, *directories: Path) -> None:
         self.directories = [Path(d) for d in directories]
@@ -81,9 +86,10 @@ class RunRecorder:
         peak_lrs: list[float] | None = None,
     ) -> None:
         """Open the run: the settings, the events so far (none when fresh, the restored ones on
-        a resume) and the losses of steps before ``next_loss_step`` kept from an earlier run in
-        each directory (a resume; a fresh run keeps none). ``peak_lrs``: each driven param
-        group's peak LR, in ``settings.json`` for the plot (one LR line per distinct peak)."""
+        a resume) and the losses of steps before ``next_loss_step`` (and the checkpoints up to
+        it) kept from an earlier run in each directory (a resume; a fresh run keeps none).
+        ``peak_lrs``: each driven param group's peak LR, in ``settings.json`` for the plot (one
+        LR line per distinct peak)."""
         self.close()
         settings = run_settings(config, total_steps, readback_every, snapshot)
         if peak_lrs:
@@ -98,6 +104,8 @@ class RunRecorder:
             losses = (directory / LOSSES_FILE).open("w")
             losses.write(LOSSES_HEADER + "".join(kept))
             self._losses.append(losses)
+            checkpoints = self._kept_checkpoints(directory, next_loss_step)
+            (directory / CHECKPOINTS_FILE).write_text(CHECKPOINTS_HEADER + "".join(checkpoints))
 
     @staticmethod
     def _kept_losses(directory: Path, before: int) -> list[str]:
@@ -107,6 +115,20 @@ class RunRecorder:
         rows = path.read_text().splitlines(keepends=True)[1:]
         steps = [row.split(",", 1)[0] for row in rows]
         return [row for row, step in zip(rows, steps, strict=True) if int(step) < before]
+
+    @staticmethod
+    def _kept_checkpoints(directory: Path, until: int) -> list[str]:
+        path = directory / CHECKPOINTS_FILE
+        if until <= 0 or not path.exists():
+            return []
+        rows = path.read_text().splitlines(keepends=True)[1:]
+        return [row for row in rows if row.strip() and int(row) <= until]
+
+    def checkpoint(self, step: int) -> None:
+        """Append a checkpoint written after the losses of ``step`` steps were read."""
+        for directory in self.directories:
+            with (directory / CHECKPOINTS_FILE).open("a") as f:
+                f.write(f"{step}\n")
 
     def event(self, record: dict[str, Any]) -> None:
         """Append one event record."""

@@ -48,7 +48,7 @@ from typing import Any
 from surgeon._validate import check_positive_int
 from surgeon.config import SurgeonConfig
 from surgeon.controller import Controller, Event
-from surgeon.recorder import EVENTS_FILE, LOSSES_FILE, SETTINGS_FILE
+from surgeon.recorder import CHECKPOINTS_FILE, EVENTS_FILE, LOSSES_FILE, SETTINGS_FILE
 
 __all__ = [
     "LossStream",
@@ -121,6 +121,8 @@ class LossStream:
     logged_events: list[dict[str, Any]] | None = None
     passed: list[bool] | None = None
     """Per point: counted without a loss (its loss is NaN); ``None``: no such point."""
+    checkpoints: list[int] | None = None
+    """The run's checkpoints (``checkpoints.csv``): after how many points each was written."""
 
     def check_from_the_start(self) -> None:
         """``ValueError`` for a surgeon run's ``losses.csv`` that does not start at step 0: the
@@ -164,16 +166,21 @@ def feed(
     readback_every: int = 4,
     snapshots: bool = True,
     passed: Sequence[bool] | None = None,
+    checkpoints: Sequence[int] = (),
 ) -> tuple[list[float], list[float], list[str]]:
     """Run ``controller`` over ``losses`` with the callback's timing (see the module doc);
     returns the LR scale of each step, and the smoothed loss and phase after each loss.
-    ``passed``: the steps counted without a loss (``pass_step``, their loss ignored)."""
+    ``passed``: the steps counted without a loss (``pass_step``, their loss ignored);
+    ``checkpoints``: after how many steps the run wrote a checkpoint (each reads every loss
+    in flight, decides on a last unconfirmed spike, and drops the snapshots)."""
     n = len(losses)
     passed = passed or [False] * n
     scales: list[float] = []
     smooth = [math.nan] * n
     phases = [""] * n
     in_flight: list[range] = []
+    read_until = 0  # the losses before it were read early, by a checkpoint
+    at_checkpoint = set(checkpoints)
 
     def consume(block: range, now: int) -> None:
         controller.written_until = now  # the LRs before `now` are written
@@ -186,21 +193,39 @@ def feed(
                 controller.rolled_back(now)
             smooth[i], phases[i] = controller.spike.mean, controller.phase.value
 
+    def read_all(now: int) -> None:  # a checkpoint or the fit's end: every loss so far
+        nonlocal read_until
+        in_flight.append(range(max(now - now % readback_every, read_until), now))
+        for block in in_flight:
+            consume(block, now)
+        in_flight.clear()
+        read_until = now
+        controller.before_checkpoint()  # no loss confirms a spike in the last one
+        if controller.rollback_to is not None:
+            controller.rolled_back(now)
+
+    def checkpoint(now: int) -> None:  # read everything, then drop the snapshots
+        read_all(now)
+        if snapshots:
+            controller.checkpoint_dropped_snapshots(now)
+        else:
+            controller.forget_snapshots()
+
+    if 0 in at_checkpoint:
+        checkpoint(0)
     for step in range(n):  # on_train_batch_start, then on_train_batch_end of step `step`
         scales.append(controller.lr_scale(step))
         if snapshots and controller.snapshot_due(step):
             controller.snapshot_taken(step, 0)
         if (step + 1) % readback_every == 0:  # a block closes; the one before it is read
-            in_flight.append(range(step + 1 - readback_every, step + 1))
+            block = range(max(step + 1 - readback_every, read_until), step + 1)
+            if block:
+                in_flight.append(block)
             if len(in_flight) > 1:
                 consume(in_flight.pop(0), step + 1)
-    if n % readback_every:  # on_train_end: the open block and those in flight
-        in_flight.append(range(n - n % readback_every, n))
-    for block in in_flight:
-        consume(block, n)
-    controller.before_checkpoint()  # the fit's end: no loss confirms a spike in the last one
-    if controller.rollback_to is not None:
-        controller.rolled_back(n)
+        if step + 1 in at_checkpoint and step + 1 < n:
+            checkpoint(step + 1)
+    read_all(n)  # on_train_end: the open block and those in flight
     return scales, smooth, phases
 
 
@@ -211,10 +236,12 @@ def replay(
     update_skipped: Sequence[bool] | None = None,
     steps: Sequence[int] | None = None,
     passed: Sequence[bool] | None = None,
+    checkpoints: Sequence[int] = (),
 ) -> Replay:
     """Feed ``losses`` through a fresh ``Controller`` as the callback would; ``update_skipped``
     defaults to "the loss is non-finite", ``steps`` (the logged step of each loss) to 0..n-1,
-    ``passed`` (steps counted without a loss) to none."""
+    ``passed`` (steps counted without a loss) to none, ``checkpoints`` (after how many losses
+    the run wrote one) to none."""
     losses = [float(x) for x in losses]
     skipped = (
         [not math.isfinite(x) for x in losses] if update_skipped is None else list(update_skipped)
@@ -234,6 +261,7 @@ def replay(
         readback_every=settings.readback_every,
         snapshots=settings.snapshots,
         passed=passed,
+        checkpoints=checkpoints,
     )
     events = [replace(e, step=at[e.step]) if e.step < len(at) else e for e in controller.events]
     return Replay(at, losses, scales, smooth, phases, events)
@@ -267,7 +295,9 @@ def read_stream(path: Path, metric: str | None = None) -> LossStream:
     order = sorted(range(len(steps)), key=steps.__getitem__)
     if any(steps[a] == steps[b] for a, b in itertools.pairwise(order)):
         raise ValueError(f"{source} logs a step more than once; pass one value per step")
-    settings, events = _run_files(path) if path.name == LOSSES_FILE else (None, None)
+    settings, events, checkpoints = (
+        _run_files(path) if path.name == LOSSES_FILE else (None, None, None)
+    )
     flags = [not math.isfinite(x) for x in losses] if skipped is None else skipped
     return LossStream(
         steps=[steps[i] for i in order],
@@ -278,14 +308,19 @@ def read_stream(path: Path, metric: str | None = None) -> LossStream:
         settings=settings,
         logged_events=events,
         passed=[passed[i] for i in order] if passed is not None and any(passed) else None,
+        checkpoints=checkpoints,
     )
 
 
-def _run_files(losses: Path) -> tuple[RunSettings | None, list[dict[str, Any]] | None]:
-    """The settings and events a surgeon run wrote beside its ``losses.csv`` (they describe
-    that stream: a metrics file beside them may be logged every k steps, and is read alone)."""
-    settings_path, events_path = losses.parent / SETTINGS_FILE, losses.parent / EVENTS_FILE
-    settings = events = None
+def _run_files(
+    losses: Path,
+) -> tuple[RunSettings | None, list[dict[str, Any]] | None, list[int] | None]:
+    """The settings, events and checkpoints a surgeon run wrote beside its ``losses.csv`` (they
+    describe that stream: a metrics file beside them may be logged every k steps, and is read
+    alone)."""
+    folder = losses.parent
+    settings_path, events_path = folder / SETTINGS_FILE, folder / EVENTS_FILE
+    settings = events = checkpoints = None
     if settings_path.exists():
         try:
             settings = RunSettings.from_json(json.loads(settings_path.read_text()))
@@ -294,7 +329,14 @@ def _run_files(losses: Path) -> tuple[RunSettings | None, list[dict[str, Any]] |
     if events_path.exists():
         lines = events_path.read_text().splitlines()
         events = [json.loads(line) for line in lines if line.strip()]
-    return settings, events
+    checkpoints_path = folder / CHECKPOINTS_FILE
+    if checkpoints_path.exists():
+        rows = checkpoints_path.read_text().splitlines()[1:]
+        try:
+            checkpoints = [int(row) for row in rows if row.strip()]
+        except ValueError:
+            raise ValueError(f"{checkpoints_path}: not one step count per row") from None
+    return settings, events, checkpoints
 
 
 def _read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:

@@ -20,6 +20,7 @@ import pytest
 from streams import noisy, trend_states
 
 from surgeon.detectors import PlateauDetector, Signal, SpikeDetector, StabilizationDetector
+from surgeon.detectors.spike import WINDOW_CAP
 
 Detector = StabilizationDetector | PlateauDetector | SpikeDetector
 
@@ -287,6 +288,58 @@ class TestSpike:
         twin = SpikeDetector()
         zs = [(twin.update(x), twin.last_zscore)[1] for x in losses[:at]]
         assert max(zs[twin.min_observations :]) < 3.0
+
+    @pytest.mark.parametrize("seed", [1, 2, 3])
+    def test_right_after_a_fast_descent_the_band_is_the_noise_of_now(self, seed: int) -> None:
+        """The level falls 100x in 150 steps, the noise 30% of it: the EMA of squared
+        differences still holds the steep part's large ones at step 150 (a x10 spike went
+        unseen); capped at 3x the noise of the last window's differences, sigma is the noise
+        of now and a x10 spike counts."""
+        losses = noisy([0.01 ** min(1.0, t / 150) for t in range(151)], 0.3, seed)
+        detector = SpikeDetector()
+        feed(detector, losses)
+        now = 0.3 * 0.01  # sigma of the losses at step 150
+        assert math.sqrt(detector.var / 2.0) > 5 * now  # the EMA alone: the old blind spot
+        assert detector.std <= WINDOW_CAP * 1.6 * now
+        assert detector.update(10.0 * detector.mean) is Signal.SPIKE
+
+    def test_the_window_cap_does_not_narrow_a_stationary_band(self) -> None:
+        """On a stationary stream the window's (noisy) median binds the cap rarely and never
+        below the EMA's own low readings: the cap adds no false alarms there."""
+        capped = total = 0
+        lowest_std = lowest_ema = math.inf
+        for seed in range(20):
+            rng = random.Random(seed)
+            detector = SpikeDetector()
+            for t in range(2000):
+                detector.update(3.0 + 0.1 * rng.gauss(0.0, 1.0))
+                if t >= 100:
+                    ema = math.sqrt(detector.var / 2.0)
+                    capped += detector.std < ema
+                    total += 1
+                    lowest_std, lowest_ema = min(lowest_std, detector.std), min(lowest_ema, ema)
+        assert capped / total < 0.005
+        assert lowest_std >= lowest_ema > 0.5 * 0.1
+
+    @pytest.mark.parametrize("seed", range(10))
+    def test_a_loss_crossing_zero_makes_no_false_spike(self, seed: int) -> None:
+        """Noise is measured in absolute differences, so a level passing through 0 (a loss
+        with negative values) is no special case (a noise relative to the level made false
+        spikes here)."""
+        rng = random.Random(seed)
+        losses = [1.0 - 2.0 * t / 2000 + rng.gauss(0.0, 0.05) for t in range(2000)]
+        assert fired(feed(SpikeDetector(), losses), Signal.SPIKE) == []
+
+    def test_a_state_without_the_cap_window_loads_and_fills_it_again(self) -> None:
+        detector = SpikeDetector()
+        feed(detector, calm_stream(100, seed=5))
+        old = {k: v for k, v in detector.state_dict().items() if k != "diffs"}
+        restored = SpikeDetector()
+        restored.load_state_dict(old)
+        assert restored.std == math.sqrt(detector.var / 2.0)  # no window yet: the EMA alone
+        feed(restored, calm_stream(restored.window, seed=6))
+        assert len(restored.diffs) == restored.window
+        assert restored.update(10.0) is Signal.SPIKE
 
     def test_a_spike_on_a_perfectly_flat_stream_does_not_poison_it(self) -> None:
         """std is exactly 0 here: the z-score cap is no cap, the spike must still not leak in."""

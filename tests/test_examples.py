@@ -179,22 +179,68 @@ def test_plain_loop_learns_recovers_and_leaves_run_files(tmp_path: Path) -> None
     assert (out / "losses.csv").read_text().count("\n") == 401  # header + every step
 
 
-def test_the_demo_shows_an_outlier_left_alone_and_a_spike_rolled_back(tmp_path: Path) -> None:
-    """``make demo``'s run (README: the main job): the one bad loss reading at step 250 is an
-    ``outlier`` and nothing else; the two bad batches at 400-401 are a spike, rolled back, the
-    LR cut and recovered; warmup ends, the decay starts, the plan finishes."""
-    from surgeon.controller import EventKind
-    from surgeon.demo import run_demo
+def test_the_demo_shows_an_outlier_left_alone_and_a_spike_rolled_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``make demo``'s run (``surgeon demo``, 600 steps; README: the main job), in this process:
+    it prints the events ``warmup_end``; an ``outlier`` for the one bad loss reading at step 250
+    (confirmed at 251), nothing else, no LR change; a ``spike`` for the two bad batches at
+    400-401, rolled back, the LR cut, then ``recovered`` back onto the plan; ``decay_start``
+    and ``done``, as in ``events.jsonl``; and it writes ``surgeon.png`` in the run directory
+    (with the ``plot`` extra, matplotlib; without it the command says so and exits 2)."""
+    import importlib.util
 
-    surgeon, run_dir = run_demo(tmp_path / "demo")
-    kinds = [(e.step, e.kind) for e in surgeon.events]
-    assert (251, EventKind.OUTLIER) in kinds
-    assert not [
-        k
-        for s, k in kinds
-        if 250 <= s < 400 and k is not EventKind.OUTLIER and k is not EventKind.DECAY_START
+    from surgeon.cli import main
+
+    plotting = importlib.util.find_spec("matplotlib") is not None
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--out", str(out_dir)]) == (0 if plotting else 2)
+    stdout = capsys.readouterr().out
+    records = events(out_dir)
+    assert printed_events(stdout) == [(r["step"], r["kind"]) for r in records]
+    assert f"metrics and events.jsonl in {out_dir}" in stdout
+    kinds = [(r["step"], r["kind"]) for r in records]
+    assert kinds[0][1] == "warmup_end" and kinds[0][0] < 250
+    assert kinds[-1] == (599, "done")
+    decay_start = next(step for step, kind in kinds if kind == "decay_start")
+    assert kinds[0][0] < decay_start < 599
+
+    # the outlier: an event and nothing else (no LR change, no rollback) until the spike
+    outlier = records[kinds.index((251, "outlier"))]
+    assert outlier["lr_after"] == outlier["lr_before"] and "no action" in outlier["reason"]
+    assert [kind for step, kind in kinds if 250 <= step < 400] == (
+        ["outlier", "decay_start"] if 250 <= decay_start < 400 else ["outlier"]
+    )
+
+    # the spike: confirmed at 401, rolled back, the LR cut; recovered after it
+    spike = records[kinds.index((401, "spike"))]
+    assert (401, "rollback") in kinds and spike["lr_after"] < spike["lr_before"]
+    recovered = next(r for r in records if r["kind"] == "recovered" and r["step"] > 401)
+    assert [kind for step, kind in kinds if 401 <= step <= recovered["step"]] == [
+        "spike",
+        "rollback",
+        "recovered",
     ]
-    assert (401, EventKind.SPIKE) in kinds and (401, EventKind.ROLLBACK) in kinds
-    assert any(k is EventKind.RECOVERED and s > 401 for s, k in kinds)
-    assert [k for _, k in kinds][-1] is EventKind.DONE
-    assert (run_dir / "events.jsonl").exists()
+    # the LRs the run logged (every 5 steps): on the linear decay's line before the spike,
+    # half of it from the cut's first step until the ramp back, on it again after the ramp
+    lrs = dict(column(metric_rows(out_dir), "lr-AdamW"))
+    s0, s1 = [s for s in lrs if decay_start < s <= 401][-2:]
+    slope = (lrs[s1] - lrs[s0]) / (s1 - s0)
+
+    def plan(step: int) -> float:
+        return lrs[s1] + slope * (step - s1)
+
+    cut_from = int(re.search(r"cut x0\.5 to 0\.5 from step (\d+)", spike["reason"])[1])
+    ramp = re.search(r"back to 1 over (\d+) steps from step (\d+)", recovered["reason"])
+    ramp_end = int(ramp[2]) + int(ramp[1])
+    cut = [s for s in lrs if cut_from <= s < int(ramp[2])]
+    assert len(cut) >= 2 and all(lrs[s] == pytest.approx(plan(s) / 2, rel=1e-6) for s in cut)
+    after = [s for s in lrs if ramp_end <= s < 595]
+    assert len(after) > 20 and all(lrs[s] == pytest.approx(plan(s), rel=1e-6) for s in after)
+
+    png = out_dir / "surgeon.png"
+    if plotting:
+        assert f"wrote {png}" in stdout
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not png.exists()

@@ -6,7 +6,8 @@ a lasting level shift, a stale rollback target, non-finite BatchNorm buffers, a 
 written before the last losses were read, a resume inside a spike's read-back window, a resume
 from a checkpoint saved without the surgeon, param groups added with LR 0 or at scale 0, a
 collapsing GradScaler scale, manual optimization with unequal optimizer steps, a run that can
-make no progress, and settings changed on resume.
+make no progress, NaN on the first steps (before any snapshot's loss is read), and settings
+changed on resume.
 
 The second part is the fault matrix: every fault, old and new, against the same checks on the
 finished run: weights and buffers finite, no rollback undoing more than
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 
 from surgeon import ScheduleSurgeon, schedules
 from surgeon.controller import Controller, Event, EventKind
-from surgeon.engine import TrainingStalled
+from surgeon.engine import PEAK_LR_KEY, TrainingStalled
 
 PEAK = 0.05
 """The tiny model's default LR."""
@@ -284,6 +285,49 @@ def test_the_last_checkpoint_holds_no_unread_damage(
     assert eval_loss(restored) == eval_loss(model)
 
 
+class SavesCheckpoint(pl.Callback):
+    """Calls ``trainer.save_checkpoint(path)`` itself at the end of step ``step`` (as a user's
+    callback may, e.g. on a signal), noting the events and the weights just before and after."""
+
+    def __init__(self, surgeon: ScheduleSurgeon, step: int, path: Path) -> None:
+        self.surgeon, self.step, self.path = surgeon, step, path
+        self.events_before: list[Event] = []
+        self.events_after: list[Event] = []
+        self.weights_before: dict[str, Tensor] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step != self.step + 1:
+            return
+        self.events_before = list(self.surgeon.events)
+        self.weights_before = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        trainer.save_checkpoint(self.path)
+        self.events_after = list(self.surgeon.events)
+
+
+def test_an_explicit_save_checkpoint_holds_no_unread_damage(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A x50 spike at steps 146-147 is still in flight (its losses unread) at the end of step
+    149, when a callback calls ``trainer.save_checkpoint`` itself: the save reads those losses
+    first, rolls back, and writes the restored weights (those of the snapshot's step), not the
+    damaged ones the model held when the save began."""
+    surgeon, weights = ScheduleSurgeon(), WeightsAtStepStart()
+    saver = SavesCheckpoint(surgeon, 149, tmp_path / "explicit.ckpt")
+    model = TinyRegressor(loss_hook=at({146, 147}, lambda loss: loss * 50))
+    make_trainer([surgeon, weights, saver], max_steps=200).fit(model, make_loader())
+
+    assert not [e for e in saver.events_before if e.step >= 140]  # in flight when the save began
+    (rollback,) = [e for e in saver.events_after if e.kind is EventKind.ROLLBACK]
+    assert rollback.step == 147 and of_kind(surgeon, EventKind.ROLLBACK) == [rollback]
+    target = rollback_target(rollback)
+    assert target <= 146
+    saved = torch.load(tmp_path / "explicit.ckpt", weights_only=False)["state_dict"]
+    names = [name for name, _ in model.named_parameters()]
+    for name, good in zip(names, weights.at[target], strict=True):
+        assert torch.equal(saved[name], good), name  # the snapshot's weights
+    assert any(not torch.equal(saved[n], saver.weights_before[n]) for n in names)  # not damaged
+
+
 def test_a_spike_on_the_last_step_is_rolled_back_without_a_checkpoint(
     make_trainer: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -422,6 +466,51 @@ def test_a_resume_from_a_one_cycle_run_without_the_surgeon_peaks_at_its_max_lr(
     assert lrs[-1] < 0.15 * PEAK  # and it decays from there
 
 
+class Cyclic(TinyRegressor):
+    """SGD + ``CyclicLR(base_lr=PEAK / 10, max_lr=PEAK)``, cycles of 80 steps, stepped every
+    step (``scheduled=False``: none)."""
+
+    def __init__(self, scheduled: bool = True) -> None:
+        super().__init__()
+        self.with_scheduler = scheduled
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=PEAK, momentum=0.9)
+        if not self.with_scheduler:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.CyclicLR(
+            optimizer, base_lr=PEAK / 10, max_lr=PEAK, step_size_up=40
+        )
+        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+
+
+@pytest.mark.parametrize("scheduled", [True, False], ids=["cyclic-returned", "none-returned"])
+def test_a_resume_from_a_cyclic_run_without_the_surgeon_peaks_at_its_base_lr(
+    make_trainer: Callable[..., Any], tmp_path: Path, scheduled: bool
+) -> None:
+    """Not recoverable: a ``CyclicLR`` run keeps its ``max_lr`` in the scheduler alone; its param
+    groups hold ``initial_lr = base_lr`` and, at the step-150 checkpoint, an LR a quarter of the
+    way up from it. Resumed with the surgeon, ``base_lr`` is the peak (documented): the first
+    LR, the highest, and the decay goes from it to the floor."""
+    ckpt = ModelCheckpoint(tmp_path / "ck", "{step}", every_n_train_steps=150, save_top_k=-1)
+    first = Cyclic()
+    make_trainer([ckpt], max_steps=150, enable_checkpointing=True).fit(first, make_loader())
+    saved = torch.load(tmp_path / "ck" / "step=150.ckpt", weights_only=False)
+    (group,) = saved["optimizer_states"][0]["param_groups"]
+    assert group["initial_lr"] == pytest.approx(PEAK / 10)
+    assert group["lr"] == pytest.approx(PEAK / 10 + 0.25 * (PEAK - PEAK / 10))
+    assert max(r["lrs"][0][0] for r in first.records) == pytest.approx(PEAK)  # it peaked at max_lr
+
+    surgeon, model = ScheduleSurgeon(), Cyclic(scheduled)
+    trainer = make_trainer([surgeon], max_steps=300)
+    trainer.fit(model, make_loader(), ckpt_path=tmp_path / "ck" / "step=150.ckpt")
+    (replan,) = of_kind(surgeon, EventKind.REPLAN)
+    assert replan.step == 150
+    lrs = [r["lrs"][0][0] for r in model.records]
+    assert lrs[0] == pytest.approx(PEAK / 10) and max(lrs) == pytest.approx(PEAK / 10)
+    assert lrs[-1] < 0.15 * PEAK / 10  # and it decays from there
+
+
 # ---------------------------------------------------------------------------- 7. param groups
 class AddsGroup(pl.Callback):
     """Adds ``model.extra`` as a param group with ``lr`` at the start of step ``step``."""
@@ -448,13 +537,53 @@ class WithExtra(TinyRegressor):
 def test_a_param_group_added_mid_fit_never_crashes_it(
     make_trainer: Callable[..., Any], surgeon_kw: dict, max_steps: int, add_at: int, lr: float
 ) -> None:
-    """A group added with LR 0 stays at 0; one added while the LR scale is 0 (past the plan
-    with ``min_lr_ratio=0``) takes its LR as its peak (and so stays at 0 with the rest)."""
+    """A group added with LR 0 stays at 0 (its peak is 0); one added while the LR scale is 0
+    (past the plan with ``min_lr_ratio=0``) takes its LR as its peak (and so stays at 0 with the
+    rest: ``test_a_param_group_added_at_lr_scale_zero_peaks_at_its_lr`` shows the peak at
+    work)."""
     surgeon, model = ScheduleSurgeon(**surgeon_kw), WithExtra()
-    make_trainer([surgeon, AddsGroup(add_at, lr)], max_steps=max_steps).fit(model, make_loader())
+    trainer = make_trainer([surgeon, AddsGroup(add_at, lr)], max_steps=max_steps)
+    trainer.fit(model, make_loader())
     assert surgeon.step == max_steps
     added = [r["lrs"][0][1] for r in model.records if r["step"] > add_at]
     assert added and all(value == 0.0 for value in added)
+    assert trainer.optimizers[0].param_groups[1][PEAK_LR_KEY] == lr
+
+
+class WithExtraGroup(WithExtra):
+    """``WithExtra`` whose optimizer has ``extra`` as its second param group from the start
+    (LR 0.01), as a module resumed from a checkpoint of an ``AddsGroup`` fit makes it."""
+
+    def configure_optimizers(self) -> Any:
+        groups = [{"params": list(self.net.parameters())}, {"params": [self.extra], "lr": 0.01}]
+        return torch.optim.SGD(groups, lr=PEAK, momentum=0.9)
+
+
+def test_a_param_group_added_at_lr_scale_zero_peaks_at_its_lr(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A group added with LR 0.01 while the LR scale is 0 (past a 30-step plan with
+    ``min_lr_ratio=0``) gets 0.01 as its peak: it trains at 0 like the rest, the checkpoint keeps
+    the peak in its param group, and once the scale rises again (resumed with
+    ``min_lr_ratio=0.5``: the floor, where a finished plan stays, is half the peak) its LR is
+    0.01 x 0.5, beside the first group's ``PEAK`` x 0.5."""
+    ckpt = ModelCheckpoint(tmp_path / "ck", "{step}", every_n_train_steps=50, save_top_k=-1)
+    surgeon, model = ScheduleSurgeon(total_steps=30, min_lr_ratio=0.0), WithExtra()
+    make_trainer([surgeon, AddsGroup(40, 0.01), ckpt], max_steps=50, enable_checkpointing=True).fit(
+        model, make_loader()
+    )
+    assert {tuple(r["lrs"][0]) for r in model.records if r["step"] > 40} == {(0.0, 0.0)}
+    path = tmp_path / "ck" / "step=50.ckpt"
+    saved = torch.load(path, weights_only=False)["optimizer_states"][0]["param_groups"]
+    assert [g[PEAK_LR_KEY] for g in saved] == [PEAK, 0.01]
+
+    surgeon = ScheduleSurgeon(total_steps=30, min_lr_ratio=0.5)
+    model = WithExtraGroup()
+    make_trainer([surgeon], max_steps=60).fit(model, make_loader(), ckpt_path=path)
+    (replan,) = of_kind(surgeon, EventKind.REPLAN)
+    assert "min_lr_ratio=0.5 instead of 0.0" in replan.reason
+    lrs = [r["lrs"][0] for r in model.records]
+    assert len(lrs) == 10 and lrs == [pytest.approx([PEAK * 0.5, 0.01 * 0.5], rel=1e-12)] * 10
 
 
 # ---------------------------------------------------------------------------- 8. GradScaler
@@ -462,14 +591,27 @@ def test_a_collapsing_gradscaler_scale_is_a_fault(make_trainer: Callable[..., An
     """fp16 with a real inf gradient (finite loss) 20 steps in a row: GradScaler skips each
     and halves its scale. Once the scale is down to 1 the gradients overflow unscaled: those
     are non-finite steps, counted and recorded; three in a row roll back, which also puts back
-    the scale of the snapshot."""
+    the scale saved with the snapshot: the step after the undone ones starts with exactly that
+    scale, not the collapsed one."""
     from pytorch_lightning.plugins import MixedPrecision
 
     scaler = torch.amp.GradScaler("cpu")
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
     surgeon = ScheduleSurgeon()
     model = Net(inf_grad_at=frozenset(range(100, 120)))
-    make_trainer([surgeon], max_steps=300, plugins=[plugin]).fit(model, make_loader())
+
+    class ScaleAtStepStart(pl.Callback):
+        """(the surgeon's step, GradScaler's scale) as each batch starts, after the surgeon's
+        own hook took the step's snapshot if one was due: the scale such a snapshot holds."""
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, float]] = []
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self.seen.append((surgeon.step, scaler.get_scale()))
+
+    scales = ScaleAtStepStart()
+    make_trainer([surgeon, scales], max_steps=300, plugins=[plugin]).fit(model, make_loader())
 
     skipped = of_kind(surgeon, EventKind.SKIPPED_STEP)
     assert len(skipped) >= 3 and "gradients are non-finite" in skipped[0].reason
@@ -478,7 +620,16 @@ def test_a_collapsing_gradscaler_scale_is_a_fault(make_trainer: Callable[..., An
     assert_within_bound(surgeon)
     assert surgeon.step + surgeon.skipped_steps == 300
     assert surgeon.skipped_steps <= 16  # calibration: the drops from 2**16 down to 1
-    assert scaler.get_scale() >= 1.0  # the snapshot's scale came back
+    # the step after the undone ones starts with the scale saved with the snapshot (taken at
+    # the first start of its step) restored, not the collapsed one the undone steps left
+    undone = re.search(r"undoing the updates of steps (\d+) to (\d+)", rollback.reason)
+    assert undone and int(undone[1]) == rollback_target(rollback)
+    target, after = int(undone[1]), int(undone[2]) + 1
+    saved = next(scale for step, scale in scales.seen if step == target)
+    resumed = next(i for i, (step, _) in enumerate(scales.seen) if step == after)
+    assert saved == 2.0**16  # before the collapse
+    assert scales.seen[resumed - 1][1] < 1.0  # the last undone step's: collapsed below 1
+    assert scales.seen[resumed][1] == saved
     assert_finite(model)
 
 
@@ -543,6 +694,63 @@ def test_a_run_that_cannot_make_progress_stops_with_an_error(
     assert trainer.global_step < 300
 
 
+# ---------------------------------------------------------------------------- faults at the start
+class WeightsAtStepStart(pl.Callback):
+    """A copy of the weights as each step starts."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, list[Tensor]] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        self.at[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+
+
+@pytest.mark.parametrize("bad", [(0, 1), (0, 1, 2)], ids=["steps-0-1", "steps-0-2"])
+def test_faults_before_the_first_snapshots_loss_is_read_are_skipped_and_cut(
+    make_trainer: Callable[..., Any], bad: tuple[int, ...]
+) -> None:
+    """NaN losses on the first steps of a fit, before the loss of any snapshot is read (no
+    snapshot is good yet): nothing is rolled back; each NaN step is skipped (weights untouched)
+    and the first cuts the LR (a ``nonfinite`` event lowering the scale; the LRs from the step
+    it takes effect at are below a clean run's, whose ramp they followed until then). Three in
+    a row, which roll back later in a run (the control, at steps 50-52), say why they do not."""
+
+    def fit(loss_hook: FaultHook | None) -> tuple[ScheduleSurgeon, Net, WeightsAtStepStart]:
+        surgeon, model, weights = ScheduleSurgeon(), Net(loss_hook=loss_hook), WeightsAtStepStart()
+        make_trainer([surgeon, weights], max_steps=100).fit(model, make_loader())
+        return surgeon, model, weights
+
+    surgeon, model, weights = fit(at(set(bad), nan))
+    assert not of_kind(surgeon, EventKind.ROLLBACK)
+    for step in bad:
+        kinds = [e.kind for e in surgeon.events if e.step == step]
+        assert kinds == [EventKind.NONFINITE, EventKind.SKIPPED_STEP], step
+    assert all(
+        torch.equal(a, b) for a, b in zip(weights.at[0], weights.at[len(bad)], strict=True)
+    ), "a skipped step changed the weights"
+    assert_finite(model)
+
+    first = of_kind(surgeon, EventKind.NONFINITE)[0]
+    assert first.step == 0 and first.scale_after < first.scale_before
+    match = re.search(r"LR multiplier cut x0\.5 to 0\.5 from step (\d+)", first.reason)
+    assert match, first.reason
+    cut_from = int(match[1])  # read back a block late: the ramp went on until then
+    _, clean_model, _ = fit(None)
+    lrs = [r["lrs"][0][0] for r in model.records]
+    clean = [r["lrs"][0][0] for r in clean_model.records]
+    assert 0 < cut_from < 20 and lrs[:cut_from] == clean[:cut_from]
+    assert all(lrs[t] < clean[t] / 2 for t in range(cut_from, cut_from + 4))
+
+    if len(bad) == 3:
+        (third,) = [e for e in of_kind(surgeon, EventKind.NONFINITE) if e.step == 2]
+        assert (
+            "3 non-finite steps in a row (rollback_nonfinite=3), but no rollback: no good "
+            "snapshot yet" in third.reason
+        )
+        later, _, _ = fit(at({50, 51, 52}, nan))
+        assert [e.step for e in of_kind(later, EventKind.ROLLBACK)] == [52]
+
+
 # ---------------------------------------------------------------------------- settings on resume
 def _saved_at_150(make_trainer: Callable[..., Any], tmp_path: Path) -> tuple[Path, list[float]]:
     """A 300-step run's step-150 checkpoint and its LRs (no plateau cuts: patience = the run)."""
@@ -571,6 +779,29 @@ def test_another_decay_shape_on_resume_replans_the_rest(
     curve = schedules.decay_shape("cosine", 1.0, 0.1, 150)
     lrs = [r["lrs"][0][0] for r in model.records]
     assert lrs == pytest.approx([PEAK * curve(t) for t in range(150)], rel=1e-9)
+
+
+def test_another_wsd_decay_fraction_on_resume_replans_the_rest(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Saved with ``wsd`` and its default ``wsd_decay_fraction=0.5`` while holding the peak at
+    step 150 (its decay starts at about step 165), resumed with 0.2: a ``replan`` naming the
+    setting, then the rest planned with the new fraction: the peak held over 80% of the 150
+    steps left, a linear decay to the floor over the last 20% (30 steps)."""
+    path, lrs_a = _saved_at_150(make_trainer, tmp_path)
+    surgeon = ScheduleSurgeon(
+        plateau_patience=1.0, decay="wsd", wsd_decay_fraction=0.2, min_lr_ratio=0.1
+    )
+    model = TinyRegressor()
+    make_trainer([surgeon], max_steps=300).fit(model, make_loader(), ckpt_path=path)
+    (replan,) = of_kind(surgeon, EventKind.REPLAN)
+    assert replan.step == 150 and "wsd_decay_fraction=0.2 instead of 0.5" in replan.reason
+    assert replan.scale_before == replan.scale_after == 1.0  # no jump
+    tail = schedules.decay_shape("linear", 1.0, 0.1, 30)
+    expected = [PEAK] * 120 + [PEAK * tail(t) for t in range(30)]
+    lrs = [r["lrs"][0][0] for r in model.records]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert lrs_a[150] == PEAK > lrs_a[200]  # the saved plan's decay was under way by then
 
 
 def test_another_floor_on_resume_takes_full_effect(

@@ -505,6 +505,70 @@ def test_the_comparison_with_the_log_reads_reasons_and_stops_at_outside_decision
     other = [replayed[0], event(101, "rollback", "restored the snapshot of step 96 (0 B)")]
     differs = _compare_with_log(other, logged)
     assert "differs" in differs and "event 2" in differs and "another reason" in differs
-    assert "replays close, not exactly" in differs
+    assert "replays close" not in differs  # the run's checkpoints are known: no excuse
+    older = _compare_with_log(other, logged, checkpoints_known=False)
+    assert "no checkpoints.csv" in older and "replays close, not exactly" in older
     extra = [*replayed, event(120, "spike", "b"), event(199, "done", "z")]  # before the cooldown
     assert "differs" in _compare_with_log(extra, logged)
+
+
+@pytest.mark.parametrize("every", [44, 31])
+def test_a_run_with_checkpoints_near_its_decisions_replays_exactly(
+    make_trainer: Callable[..., Any], tmp_path: Path, every: int
+) -> None:
+    """A checkpoint reads every loss in flight early (a spike before it is decided on then)
+    and drops the snapshots. The run records where (``checkpoints.csv``), and the replay does
+    the same there: events and every step's LR scale are the run's own. Without the record the
+    same stream replays otherwise (what the check is worth)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    surgeon = ScheduleSurgeon(**SURGEON_KW)
+    saver = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1)
+    trainer = make_trainer(
+        [surgeon, saver],
+        max_steps=STEPS,
+        enable_checkpointing=True,
+        logger=CSVLogger(tmp_path, name="", version=""),
+    )
+    trainer.fit(TinyRegressor(loss_hook=troubled), make_loader())
+    stream = read_stream(tmp_path)
+    assert stream.checkpoints == list(range(every, STEPS + 1, every))
+    assert {EventKind.SPIKE, EventKind.ROLLBACK} <= {e.kind for e in surgeon.events}
+    settings = settings_of(surgeon, STEPS)
+    result = replay(stream.losses, settings, checkpoints=stream.checkpoints)
+    assert comparable(result.events) == comparable(surgeon.events)
+    written = dict(read_metrics(tmp_path / "metrics.csv")["surgeon/lr_scale"])
+    assert result.lr_scales == [written[s] for s in range(STEPS)]
+    blind = replay(stream.losses, settings)
+    assert (comparable(blind.events), blind.lr_scales) != (
+        comparable(surgeon.events),
+        result.lr_scales,
+    )
+    assert main(["replay", str(tmp_path), "--out", str(tmp_path / "replay.png")]) == 0
+
+
+def test_a_plain_loops_checkpoints_are_recorded_and_replayed(tmp_path: Path) -> None:
+    """``Surgeon.state_dict()`` is the plain loop's checkpoint: recorded as such, so its run
+    directory replays exactly, a checkpoint taken right after a severe spike included."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    surgeon = Surgeon(optimizer, 200, model=model, log_dir=tmp_path, verbose=False, **SURGEON_KW)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    scales = []
+    for step in range(200):
+        scales.append(surgeon.controller.lr_scale(step))
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        surgeon.guard(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        surgeon.step(loss * 30.0 if step in (101, 150) else loss)
+        if step + 1 in (102, 151, 160):  # checkpoints right after the spikes, and one later
+            surgeon.state_dict()
+    surgeon.finish()
+    stream = read_stream(tmp_path)
+    assert stream.checkpoints == [102, 151, 160]
+    assert EventKind.ROLLBACK in {e.kind for e in surgeon.events}
+    result = replay(stream.losses, stream.settings, checkpoints=stream.checkpoints)  # type: ignore[arg-type]
+    assert comparable(result.events) == comparable(surgeon.events)

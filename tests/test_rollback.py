@@ -1,11 +1,12 @@
 """Nothing lost, in real ``Trainer.fit`` runs: non-finite steps are skipped, severe spikes
 rolled back.
 
-* A NaN planted in the loss (with NaN or with finite gradients) or in a gradient alone at a
-  known step: the run finishes, weights and optimizer state after that step equal those
-  before it (compared tensor by tensor), and the events say ``nonfinite`` and
-  ``skipped_step`` at that step. Both ways of skipping are exercised: the host check
-  (plain SGD) and GradScaler's ``found_inf`` (fused SGD).
+* A NaN or inf planted in the loss (with non-finite or with finite gradients) or in a
+  gradient alone at a known step: the run finishes, weights and optimizer state after that
+  step equal those before it (compared tensor by tensor; AdamW's per-parameter step counter
+  does not advance), and the events say ``nonfinite`` and ``skipped_step`` at that step. Both
+  ways of skipping are exercised: the host check (plain SGD, AdamW) and GradScaler's
+  ``found_inf`` (fused SGD, fused AdamW).
 * A 1000x loss spike that, with the surgeon off, wrecks the run: with rollback on the run
   ends within 10% of the final loss of a clean run.
 """
@@ -41,42 +42,76 @@ class StateRecorder(pl.Callback):
         self.at_step[trainer.global_step] = [t.detach().clone() for t in tensors]
 
 
-class GradPoisoner(TinyRegressor):
-    """Plants a NaN in one gradient (the loss stays finite) at ``BAD_STEP``."""
+class AdamWRegressor(TinyRegressor):
+    """The tiny MLP trained by AdamW: its state holds a per-parameter step counter
+    (``state["step"]``) beside the moments."""
 
-    def on_after_backward(self) -> None:
-        if self.global_step == BAD_STEP:
-            self.net[0].weight.grad[0, 0] = math.nan
-
-
-def nan_times_loss(step: int, batch_idx: int, loss: Tensor) -> Tensor:
-    return loss * math.nan if step == BAD_STEP else loss  # NaN loss, NaN gradients
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=0.01, fused=self.fused)
 
 
-def nan_plus_loss(step: int, batch_idx: int, loss: Tensor) -> Tensor:
-    return loss + math.nan if step == BAD_STEP else loss  # NaN loss, finite gradients
+def poisoned_model(
+    poison: str, fused: bool, value: float = math.nan, optimizer: str = "sgd"
+) -> TinyRegressor:
+    """``value`` (NaN or inf) planted at ``BAD_STEP``: ``"grad"`` in one gradient (the loss
+    stays finite), ``"loss-and-grad"`` times the loss (its gradients non-finite too),
+    ``"loss-only"`` plus the loss (its gradients stay finite)."""
 
+    def loss_times(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        return loss * value if step == BAD_STEP else loss
 
-def poisoned_model(poison: str, fused: bool) -> TinyRegressor:
-    if poison == "grad":
-        return GradPoisoner(fused=fused)
-    hook = nan_times_loss if poison == "loss-and-grad" else nan_plus_loss
-    return TinyRegressor(loss_hook=hook, fused=fused)
+    def loss_plus(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        return loss + value if step == BAD_STEP else loss
+
+    base = AdamWRegressor if optimizer == "adamw" else TinyRegressor
+    if poison != "grad":
+        hook = loss_times if poison == "loss-and-grad" else loss_plus
+        return base(loss_hook=hook, fused=fused)
+
+    class GradPoisoner(base):  # type: ignore[misc, valid-type]
+        def on_after_backward(self) -> None:
+            if self.global_step == BAD_STEP:
+                self.net[0].weight.grad[0, 0] = value
+
+    return GradPoisoner(fused=fused)
 
 
 def same(a: list[Tensor], b: list[Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+def adam_steps(optimizer: torch.optim.Optimizer) -> set[float]:
+    """The per-parameter step counters of an Adam-family optimizer (none for SGD)."""
+    return {float(s["step"]) for s in optimizer.state.values() if "step" in s}
+
+
+class StepCounters(pl.Callback):
+    """Adam's per-parameter step counters at the start of each step."""
+
+    def __init__(self) -> None:
+        self.at_step: dict[int, set[float]] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        self.at_step[trainer.global_step] = adam_steps(trainer.optimizers[0])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("fused", [False, True], ids=["host-check", "found-inf"])
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("poison", ["loss-and-grad", "loss-only", "grad"])
 def test_a_non_finite_step_is_skipped_and_changes_nothing(
-    make_trainer: Callable[..., Any], poison: str, fused: bool
+    make_trainer: Callable[..., Any], poison: str, value: float, fused: bool, optimizer: str
 ) -> None:
+    """A NaN or inf in the loss, its gradients or one gradient at ``BAD_STEP``: that step
+    changes no weight and no optimizer state (SGD's momentum; AdamW's moments and its
+    per-parameter step counter ``state["step"]``, which does not advance: AdamW counts one
+    step fewer than the trainer at the end). The trainer's own ``global_step`` does advance
+    (Lightning counts the skipped step), and so does the surgeon's, so the plan stays on
+    Lightning's steps."""
     # every step's gradients (by default every 8th on the CPU: tests/test_guard.py, the others)
-    surgeon, recorder = ScheduleSurgeon(), StateRecorder()
-    model = poisoned_model(poison, fused)
-    trainer = make_trainer([surgeon, recorder], max_steps=60)
+    surgeon, recorder, counters = ScheduleSurgeon(), StateRecorder(), StepCounters()
+    model = poisoned_model(poison, fused, value, optimizer)
+    trainer = make_trainer([surgeon, recorder, counters], max_steps=60)
     trainer.fit(model, make_loader())
     assert trainer.global_step == 60 and surgeon.step == 60  # finished; the step counts
     before, after = recorder.at_step[BAD_STEP], recorder.at_step[BAD_STEP + 1]
@@ -85,6 +120,10 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(
     assert all(torch.isfinite(p).all() for p in model.parameters())
     at_bad = [e.kind for e in surgeon.events if e.step == BAD_STEP]
     assert at_bad == [EventKind.NONFINITE, EventKind.SKIPPED_STEP]
+    if optimizer == "adamw":  # the step counter: BAD_STEP steps before it, none for it
+        assert counters.at_step[BAD_STEP] == counters.at_step[BAD_STEP + 1] == {BAD_STEP}
+        assert counters.at_step[BAD_STEP + 2] == {BAD_STEP + 1}
+        assert adam_steps(trainer.optimizers[0]) == {59}  # 60 trainer steps, one skipped
 
 
 def test_without_the_guard_the_same_nan_ruins_the_weights(make_trainer: Callable) -> None:

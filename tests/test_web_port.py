@@ -145,6 +145,15 @@ def _passing(n: int = 600) -> tuple[list[float], list[bool], list[bool]]:
     return losses, [False] * n, passed
 
 
+def _fast_descent(n: int = 300) -> list[float]:
+    """The level 100x lower within 150 steps, noise 30% of it, a x10 spike right after: only
+    the spike detector's window cap sees it (the noise EMA still holds the descent)."""
+    losses = _noisy([0.01 ** min(1.0, i / 150) for i in range(n)], 0.3, 1)
+    losses[150] *= 10.0
+    losses[151] *= 10.0
+    return losses
+
+
 def _stalling(n: int = 200) -> list[float]:
     """Non-finite from the first step on: nothing is ever good to roll back to."""
     return [math.nan] * n
@@ -158,6 +167,7 @@ STREAMS: dict[str, Any] = {
     "warmup_spike": _warmup_spike,
     "catapult": _catapult,
     "passing": _passing,
+    "fast_descent": _fast_descent,
     "stalling": _stalling,
 }
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -329,6 +339,8 @@ def test_the_cases_exercise_every_decision(
     assert stabilized and any(
         "warmup ramp resumed" in e.reason for py, _ in both.values() for e in py.events
     )
+    after_descent = both["fast_descent/defaults"][0].events
+    assert any(e.kind is EventKind.SPIKE and 150 <= e.step <= 152 for e in after_descent)
 
 
 def test_logged_steps_place_the_events() -> None:

@@ -134,6 +134,12 @@ class Reporter:
         if self.recorder is not None:
             self.recorder.flush()
 
+    def checkpoint(self, step: int) -> None:
+        """A checkpoint written after the losses of ``step`` steps were read: into
+        ``checkpoints.csv``."""
+        if self.recorder is not None:
+            self.recorder.checkpoint(step)
+
     def close(self) -> None:
         """Close the run files (teardown, or a fault: what was decided stays on disk)."""
         if self.recorder is not None:

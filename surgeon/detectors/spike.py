@@ -5,7 +5,9 @@ its step-to-step *noise*:
 
 * ``level`` is the median of the last ``window`` finite losses;
 * ``noise`` is ``sigma = sqrt(v / 2)``, where ``v`` is an exponential moving average
-  (``alpha``) of the squared first differences ``(x_t - x_{t-1})^2``.
+  (``alpha``) of the squared first differences ``(x_t - x_{t-1})^2``, capped at
+  ``WINDOW_CAP = 3`` times the noise the last ``window`` differences show (their median
+  ``|x_t - x_{t-1}|`` over ``0.6745 * sqrt(2)``, its value for Gaussian noise of sigma 1).
 
 ``x`` is a spike when, after ``min_observations`` finite losses, both
 
@@ -20,6 +22,17 @@ of the trend, so ``sigma`` is the noise from the first few steps on (a differenc
 as in ARIMA's d = 1; for independent noise of variance s^2, E[(x_t - x_{t-1})^2] = 2 s^2). The
 median follows the trend with a lag of ``window / 2`` steps, never below it on a descent, so
 a lag makes a spike look smaller, never a normal loss look like one.
+
+Why the cap: ``v`` remembers ~``1 / alpha`` steps, so right after a fast descent (the level
+100x lower within 150 steps) it still holds the large differences of the higher losses, and a
+x10 spike stayed inside that band. The median of the last ``window`` differences follows the
+noise within ``window / 2`` steps and ignores a spike's own two differences; it is a noisy
+estimate (1% of stationary Gaussian windows read under 0.46x the true sigma), so it only caps
+``v``'s answer at 3x its own: on a stationary stream the cap binds on ~0.1% of the steps and
+never narrows the band below ``v``'s own low readings (0.63x the true sigma over 40,000
+steps); after a descent it narrows the band to the noise of now. The differences are
+absolute, so a loss that crosses zero is measured as any other (a noise *relative* to the
+level, tried first, made false spikes there).
 
 A spike must not poison the statistics it is measured against: one outlier cannot move a
 median, and each first difference enters ``v`` clipped to ``zscore * sqrt(v)`` (so an outlier
@@ -43,6 +56,11 @@ from typing import Any
 
 from surgeon._validate import check_in_range, check_positive_int
 from surgeon.detectors import Signal
+
+WINDOW_CAP = 3.0
+"""``sigma`` is at most this many times the noise of the last ``window`` differences."""
+MEDIAN_ABS_DIFF = 0.6745 * math.sqrt(2.0)
+"""The median of ``|x_t - x_{t-1}|`` for independent Gaussian noise of ``sigma = 1``."""
 
 
 class SpikeDetector:
@@ -73,18 +91,25 @@ class SpikeDetector:
         self.recent: deque[float] = deque(maxlen=self.window)
         self.mean = 0.0
         self.var = 0.0
+        self.diffs: deque[float] = deque(maxlen=self.window)  # the last |x_t - x_{t-1}|
         self.count = 0
         self.last_zscore = 0.0
 
     @property
     def std(self) -> float:
-        """The step-to-step noise of the loss, ``sigma = sqrt(v / 2)``."""
-        return self.noise(self.var)
+        """The step-to-step noise of the loss: ``sqrt(v / 2)``, at most ``WINDOW_CAP`` times
+        the noise of the last ``window`` differences."""
+        return self._noise()
 
-    @staticmethod
-    def noise(var: float) -> float:
-        """``sigma`` for an EMA ``var`` of squared first differences (``std`` of a past state)."""
-        return math.sqrt(var / 2.0)
+    def _noise(self) -> float:
+        sigma = math.sqrt(self.var / 2.0)
+        if len(self.diffs) == self.window:
+            ordered = sorted(self.diffs)
+            half = self.window // 2
+            med = ordered[half] if self.window % 2 else (ordered[half - 1] + ordered[half]) / 2
+            if med > 0:  # no cap from a window without spread (repeated, quantized losses)
+                sigma = min(sigma, WINDOW_CAP * med / MEDIAN_ABS_DIFF)
+        return sigma
 
     def update(self, loss: float) -> Signal | None:
         """Feed one loss; return ``NONFINITE``, ``SPIKE`` or ``None``."""
@@ -94,7 +119,7 @@ class SpikeDetector:
             self.recent.append(loss)
             self.mean, self.count = loss, 1
             return None
-        std, level = math.sqrt(self.var / 2.0), self.mean  # self.std, without the property call
+        std, level = self._noise(), self.mean
         excess = loss - level
         self.last_zscore = excess / std if std > 0 else (math.inf if excess > 0 else 0.0)
         is_spike = (
@@ -104,6 +129,7 @@ class SpikeDetector:
             and (std > 0 or level != 0)  # an all-zero stream has no scale to measure by
         )
         diff = loss - self.recent[-1]
+        self.diffs.append(abs(diff))
         if self.var > 0:
             limit = self.zscore * math.sqrt(self.var)
         else:  # no spread seen yet (a constant stream): clip at the ratio threshold
@@ -134,15 +160,17 @@ class SpikeDetector:
             "recent": list(self.recent),
             "mean": self.mean,
             "var": self.var,
+            "diffs": list(self.diffs),
             "count": self.count,
             "last_zscore": self.last_zscore,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (a state of the older EMA detector, without
-        ``recent``, restarts the window from its mean)."""
+        ``recent``, restarts the window from its mean; one without ``diffs``, the cap's window)."""
         self.recent = deque(state.get("recent", [state["mean"]]), maxlen=self.window)
         self.mean = state["mean"]
         self.var = state["var"]
+        self.diffs = deque(state.get("diffs", []), maxlen=self.window)
         self.count = state["count"]
         self.last_zscore = state["last_zscore"]

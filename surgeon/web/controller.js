@@ -321,12 +321,23 @@
     }
 
     // ---------------------------------------------------------------- snapshots and rollback
-    forget_snapshots() {
+    forget_snapshots(why = "no good snapshot yet") {
+      this._no_snapshot_why = why;
       this._pending_snapshot = null;
       this._good_snapshot = null;
       this._last_snapshot_step = -Infinity;
       this.rollback_to = null;
       this._rollback_cause = [0, ""];
+    }
+
+    checkpoint_dropped_snapshots(step) {
+      this.forget_snapshots(
+        `no good snapshot: the checkpoint at step ${step} dropped the snapshots ` +
+          "(a resumed run has none, so both go on alike) and none taken since is confirmed yet " +
+          "(one is once the loss of its own step is read and normal), so trouble this close " +
+          "after a checkpoint cannot be rolled back; checkpoint less often to leave fewer such " +
+          "steps",
+      );
     }
 
     get good_snapshot_step() {
@@ -390,7 +401,7 @@
           `the loss has not been normal since the rollback to step ${this.rolled_back_to}, ` +
           "so going back again would repeat it";
       } else if (good === null) {
-        why = "no good snapshot yet";
+        why = this._no_snapshot_why;
       } else if (step - good[0] > 2 * this.snapshot_every) {
         why =
           `the last good snapshot (step ${good[0]}) is ${steps(step - good[0])} back, more ` +

@@ -459,6 +459,7 @@
           update_skipped: data.update_skipped,
           steps: data.steps,
           passed: data.passed,
+          checkpoints: data.checkpoints,
         });
         page.error = null;
         $("error").textContent = "";

@@ -9,13 +9,15 @@
     controller,
     losses,
     update_skipped,
-    { readback_every = 4, snapshots = true, passed = null } = {},
+    { readback_every = 4, snapshots = true, passed = null, checkpoints = [] } = {},
   ) {
     const n = losses.length;
     const scales = [];
     const smooth = new Array(n).fill(NaN);
     const phases = new Array(n).fill("");
-    const in_flight = [];
+    let in_flight = [];
+    let read_until = 0; // the losses before it were read early, by a checkpoint
+    const at_checkpoint = new Set(checkpoints || []);
 
     function consume(block, now) {
       controller.written_until = now; // the LRs before `now` are written
@@ -28,23 +30,42 @@
       }
     }
 
-    const range = (start, stop) => Array.from({ length: stop - start }, (_, k) => start + k);
+    const range = (start, stop) =>
+      Array.from({ length: Math.max(0, stop - start) }, (_, k) => start + k);
+    function read_all(now) { // a checkpoint or the fit's end: every loss so far
+      in_flight.push(range(Math.max(now - (now % readback_every), read_until), now));
+      for (const block of in_flight) consume(block, now);
+      in_flight = [];
+      read_until = now;
+      controller.before_checkpoint(); // no loss confirms a spike in the last one
+      if (controller.rollback_to !== null) controller.rolled_back(now);
+    }
+    function checkpoint(now) { // read everything, then drop the snapshots
+      read_all(now);
+      if (snapshots) controller.checkpoint_dropped_snapshots(now);
+      else controller.forget_snapshots();
+    }
+
+    if (at_checkpoint.has(0)) checkpoint(0);
     for (let step = 0; step < n; step++) {
       scales.push(controller.lr_scale(step));
       if (snapshots && controller.snapshot_due(step)) controller.snapshot_taken(step, 0);
       if ((step + 1) % readback_every === 0) {
-        in_flight.push(range(step + 1 - readback_every, step + 1));
+        const block = range(Math.max(step + 1 - readback_every, read_until), step + 1);
+        if (block.length) in_flight.push(block);
         if (in_flight.length > 1) consume(in_flight.shift(), step + 1);
       }
+      if (at_checkpoint.has(step + 1) && step + 1 < n) checkpoint(step + 1);
     }
-    if (n % readback_every) in_flight.push(range(n - (n % readback_every), n));
-    for (const block of in_flight) consume(block, n);
-    controller.before_checkpoint(); // the fit's end: no loss confirms a spike in the last one
-    if (controller.rollback_to !== null) controller.rolled_back(n);
+    read_all(n); // on_train_end: the open block and those in flight
     return [scales, smooth, phases];
   }
 
-  function replay(losses, settings, { update_skipped = null, steps = null, passed = null } = {}) {
+  function replay(
+    losses,
+    settings,
+    { update_skipped = null, steps = null, passed = null, checkpoints = [] } = {},
+  ) {
     const skipped = update_skipped === null ? losses.map((x) => !Number.isFinite(x))
                                             : update_skipped;
     const at = steps === null ? losses.map((_, i) => i) : steps;
@@ -54,6 +75,7 @@
       readback_every: settings.readback_every,
       snapshots: settings.snapshots,
       passed,
+      checkpoints,
     });
     const events = controller.events.map((e) =>
       e.step < at.length ? { ...e, step: at[e.step] } : e,

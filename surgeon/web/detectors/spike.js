@@ -10,6 +10,9 @@
     return sorted.length % 2 ? sorted[half] : (sorted[half - 1] + sorted[half]) / 2;
   }
 
+  const WINDOW_CAP = 3.0;
+  const MEDIAN_ABS_DIFF = 0.6745 * Math.sqrt(2.0);
+
   class SpikeDetector {
     constructor(zscore = 6.0, ratio = 1.5, alpha = 0.03, min_observations = 10, window = 16) {
       this.zscore = zscore;
@@ -24,12 +27,18 @@
       this.recent = []; // a deque of at most window losses
       this.mean = 0.0;
       this.var = 0.0;
+      this.diffs = []; // the last window |x_t - x_{t-1}|
       this.count = 0;
       this.last_zscore = 0.0;
     }
 
     get std() {
-      return Math.sqrt(this.var / 2.0);
+      let sigma = Math.sqrt(this.var / 2.0);
+      if (this.diffs.length === this.window) {
+        const med = median(this.diffs);
+        if (med > 0) sigma = Math.min(sigma, (WINDOW_CAP * med) / MEDIAN_ABS_DIFF);
+      }
+      return sigma;
     }
 
     _push(loss) {
@@ -55,6 +64,8 @@
         excess > (this.ratio - 1.0) * Math.abs(level) &&
         (std > 0 || level !== 0);
       let diff = loss - this.recent[this.recent.length - 1];
+      this.diffs.push(Math.abs(diff));
+      if (this.diffs.length > this.window) this.diffs.shift();
       const limit = this.var > 0 ? this.zscore * Math.sqrt(this.var)
                                  : (this.ratio - 1.0) * Math.abs(level);
       diff = Math.max(-limit, Math.min(limit, diff));
