@@ -584,11 +584,6 @@ def _run_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-_NOT_FROM_LOSSES = ("cooldown", "stopped")
-"""Decisions the run made from outside the losses (a time budget, EarlyStopping, a request):
-a replay cannot make them, and its plan differs from theirs on."""
-
-
 def _without_sizes(reason: str) -> str:
     """A reason without a snapshot's size (a replay has no weights to measure)."""
     return re.sub(r"snapshot of step (\d+) \([^)]*\)", r"snapshot of step \1", reason)
@@ -600,18 +595,21 @@ def _compare_with_log(
     """A line saying whether the replayed events (step, kind and reason) are those the run
     logged, up to the first decision the run made from outside the losses;
     ``checkpoints_known``: the run recorded its checkpoints (else a difference may be theirs)."""
+    from surgeon.replay import OUTSIDE_DECISIONS
+
     theirs = [
         (r["step"], r["kind"], _without_sizes(r["reason"]))
         for r in logged
-        if r["kind"] not in _NOT_REPLAYED
+        if r["kind"] != "peak_lr"  # set before step 0; the settings carry the peak
     ]
-    cut = next((i for i, event in enumerate(theirs) if event[1] in _NOT_FROM_LOSSES), None)
+    cut = next((i for i, event in enumerate(theirs) if event[1] in OUTSIDE_DECISIONS), None)
     until = ""
     if cut is not None:
         step, kind, _ = theirs[cut]
         until = (
             f" up to the {kind} at step {step} (made from outside the losses, as a time "
-            "budget, EarlyStopping or a request; the plans differ from there)"
+            "budget, EarlyStopping, a resume with other settings or a request; the plans differ "
+            "from there)"
         )
         theirs = theirs[:cut]
     mine = [(e.step, e.kind.value, _without_sizes(e.reason)) for e in events]

@@ -257,12 +257,6 @@ def load_run(run_dir: Path) -> Run:
     )
 
 
-_UNREPLAYED_CHANGES = ("cooldown", "replan", "stopped")
-"""Event kinds that change the plan from outside the loss stream (a budget, a request, a
-resume, an early end): a replay of the losses does not make them, so the replayed LR ends
-there. (``peak_lr`` is not one: it sets the peak before step 0, which the events carry.)"""
-
-
 def _surgeon_only_runs(run_dir: Path) -> list[Path]:
     """The ``losses.csv`` of runs under ``run_dir`` that only the surgeon logged (its three
     files, no logger's metrics beside them), newest first."""
@@ -283,7 +277,7 @@ def _load_surgeon_files(losses_path: Path) -> Run:
     with the run's settings (``surgeon replay`` reproduces a run's own events), in LRs where an
     event gives the peak, else as the scale of the peak; up to the first decision the losses
     did not make (a cooldown, a replan, a stop), which a replay cannot follow."""
-    from surgeon.replay import read_stream, replay
+    from surgeon.replay import OUTSIDE_DECISIONS, read_stream, replay
 
     directory = losses_path.parent
     try:
@@ -331,7 +325,7 @@ def _load_surgeon_files(losses_path: Path) -> Run:
     except ValueError as err:
         raise RunError(f"{directory}: the surgeon's files cannot be replayed: {err}") from None
     first = min(
-        ((e["step"], e["kind"]) for e in events if e["kind"] in _UNREPLAYED_CHANGES),
+        ((e["step"], e["kind"]) for e in events if e["kind"] in OUTSIDE_DECISIONS),
         default=None,
     )
     until = "" if first is None else f" (to step {first[0]}: a {first[1]} is not in the losses)"

@@ -63,6 +63,11 @@ LOSS_METRICS = ("surgeon/loss", "train_loss_step", "train_loss", "train/loss", "
 """Series taken from a metrics file without ``--metric``, first found first."""
 _NOT_TRAINING = ("val", "test", "epoch", "smooth", "lr")
 
+OUTSIDE_DECISIONS = ("cooldown", "replan", "stopped")
+"""Event kinds a run's plan changes by from outside its losses (a time budget, EarlyStopping,
+a request, a resume with other settings, a manual run's optimizer calls): a replay of the
+losses does not make them, so from the first of them on its plan is not the run's."""
+
 
 @dataclass(frozen=True)
 class RunSettings:

@@ -510,6 +510,13 @@ def test_the_comparison_with_the_log_reads_reasons_and_stops_at_outside_decision
     assert "no checkpoints.csv" in older and "replays close, not exactly" in older
     extra = [*replayed, event(120, "spike", "b"), event(199, "done", "z")]  # before the cooldown
     assert "differs" in _compare_with_log(extra, logged)
+    # a replan (a resume with another length, a time budget) changes the plan from outside
+    # the losses too: compared up to it, as the plot's replayed LR line ends there
+    replanned = [logged[0], {"step": 60, "kind": "replan", "reason": "resumed for 400 steps"}]
+    later = [replayed[0], event(101, "rollback", rollback.format(0))]
+    assert _compare_with_log(later, replanned).startswith(
+        "the replay reproduces the 1 logged events up to the replan at step 60"
+    )
 
 
 @pytest.mark.parametrize("every", [44, 31])
