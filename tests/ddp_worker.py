@@ -1,8 +1,9 @@
 """A two-process DDP fit on CPU (gloo) with the surgeon; run by ``tests/test_ddp.py``.
 
 Usage: ``python tests/ddp_worker.py OUT_DIR [--steps N] [--spike-step S] [--spike-rank R]
-[--nan-step S] [--batchnorm] [--nan-input-step S] [--max-time SECONDS]`` (``--max-time``:
-the fit ends by time, not steps).
+[--nan-step S] [--batchnorm] [--nan-input-step S] [--max-time SECONDS] [--early-stopping]``
+(``--max-time``: the fit ends by time, not steps; ``--early-stopping``: an ``EarlyStopping``
+on a scripted val_loss that differs between the ranks).
 Needs ``MASTER_ADDR``/``MASTER_PORT`` in the environment and ``surgeon`` importable.
 
 Lightning's ``ddp`` strategy re-runs this script for rank 1 (``_SubprocessScriptLauncher``),
@@ -16,7 +17,7 @@ go NaN in the forward pass). Each rank writes ``OUT_DIR/rank{r}.json``:
 
 * ``lrs``: ``[step, lr]`` per ``training_step``, the LR read inside ``training_step``;
 * ``losses``: ``[step, loss]``, the rank's *local* loss (before DDP averaging);
-* ``events``: ``[step, kind]`` of every surgeon decision, in order;
+* ``events``: ``[step, kind]`` of every surgeon decision, in order; ``reasons``: their reasons;
 * ``controller``: the controller's ``state_dict()`` at the end, as JSON text
   (``sort_keys``; compared as text so NaN and the float repr are compared exactly);
 * ``collectives``: ``[hook, global_step, [[name, numel], ...]]`` for every per-step hook call
@@ -44,6 +45,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from pytorch_lightning.callbacks import EarlyStopping
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -166,6 +168,16 @@ class Regressor(pl.LightningModule):
         self.losses.append(loss.detach())
         return loss
 
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        pass  # the monitored value is scripted per rank (on_validation_epoch_end)
+
+    def on_validation_epoch_end(self) -> None:
+        """``--early-stopping``: rank 0's val_loss stops improving after epoch 2, rank 1's keeps
+        improving, logged unsynced: the ranks' EarlyStopping wait counts differ."""
+        epoch = self.current_epoch
+        value = max(1.0, 3.0 - epoch) if self.global_rank == 0 else 3.0 - 0.1 * epoch
+        self.log("val_loss", value, sync_dist=False)
+
 
 def make_loader(batches: int, batch_size: int = 16) -> DataLoader:
     g = torch.Generator().manual_seed(0)
@@ -187,6 +199,7 @@ def main() -> None:
     parser.add_argument("--batchnorm", action="store_true")
     parser.add_argument("--nan-input-step", type=int, default=-1)
     parser.add_argument("--max-time", type=float, default=0.0)
+    parser.add_argument("--early-stopping", action="store_true")
     args = parser.parse_args()
 
     surgeon = CountingSurgeon(readback_every=args.readback_every, log_dir=args.out_dir)
@@ -204,7 +217,8 @@ def main() -> None:
         devices=2,
         max_steps=-1 if args.max_time else args.steps,
         max_time={"seconds": args.max_time} if args.max_time else None,
-        callbacks=[surgeon],
+        callbacks=[surgeon]
+        + ([EarlyStopping(monitor="val_loss", patience=3)] if args.early_stopping else []),
         default_root_dir=args.out_dir,
         logger=False,
         enable_checkpointing=False,
@@ -213,7 +227,8 @@ def main() -> None:
         num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
-    trainer.fit(model, make_loader(batches=32))
+    val = make_loader(batches=2) if args.early_stopping else None
+    trainer.fit(model, make_loader(batches=32), val_dataloaders=val)
     data = make_loader(batches=32)
     model.eval()
     with torch.no_grad():
@@ -230,6 +245,7 @@ def main() -> None:
             [step, loss.item()] for (step, _), loss in zip(model.lrs, model.losses, strict=True)
         ],
         "events": [[event.step, event.kind.value] for event in surgeon.events],
+        "reasons": [event.reason for event in surgeon.events],
         "collectives": surgeon.collectives,
         "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
         "nan_step_changed_weights": (

@@ -164,3 +164,18 @@ def test_a_severe_spike_on_one_rank_rolls_back_both(ranks: list[dict[str, Any]])
     """The 20x spike on rank 1 averages to ~10x the mean: a rollback, on both ranks alike."""
     for record in ranks:
         assert [SPIKE_STEP + 1, "rollback"] in record["events"]
+
+
+@pytest.mark.slow
+def test_an_early_stopping_cooldown_reads_the_same_on_both_ranks(tmp_path: Path) -> None:
+    """EarlyStopping's wait counts are per rank (here rank 0's val_loss stalls, rank 1's keeps
+    improving): rank zero decides the cooldown and its reason, so both ranks record the same
+    event, text included, and write the same LRs."""
+    ranks = run_worker(tmp_path, "--early-stopping", "--steps=200", "--spike-step=-1")
+    cooldowns = [
+        [why for (_, k), why in zip(r["events"], r["reasons"], strict=True) if k == "cooldown"]
+        for r in ranks
+    ]
+    assert cooldowns[0] and cooldowns[0] == cooldowns[1]
+    assert "has seen 2 checks in a row without improvement" in cooldowns[0][0]
+    assert ranks[0]["lrs"] == ranks[1]["lrs"]

@@ -162,20 +162,22 @@ class FitBudget:
                 self._stop_at_zero(trainer)
             return
         near = [
-            es
-            for es in self._early_stoppers
+            index
+            for index, es in enumerate(self._early_stoppers)
             if es.patience >= 2 and es.wait_count == es.patience - 1
         ]
         steps = interval - 1 if near and interval >= 2 else 0  # the floor on the last step
-        if trainer.world_size > 1:  # wait counts are per rank: rank zero decides
-            steps = trainer.strategy.broadcast(steps)
+        which = near[0] if near else 0
+        waited = self._early_stoppers[which].wait_count
+        if trainer.world_size > 1:  # wait counts are per rank: rank zero decides, and says why
+            steps, which, waited = trainer.strategy.broadcast((steps, which, waited))
         if not steps:
             return
-        es = near[0] if near else self._early_stoppers[0]
+        es = self._early_stoppers[which]
         self.cool_down(
             steps,
             f"{_ES_COOLDOWN}monitor={es.monitor!r}, patience={es.patience}) has seen "
-            f"{plural(es.wait_count, 'check')} in a row without improvement: the next one "
+            f"{plural(waited, 'check')} in a row without improvement: the next one "
             f"without improvement stops the fit, about {plural(interval, 'step')} from here",
         )
 
