@@ -5,7 +5,9 @@ Time, as in :class:`surgeon.callback.ScheduleSurgeon`: the LR of step ``s`` is
 ``readback_every`` steps, each block when the next one closes (``readback_every`` to
 ``2 x readback_every - 1`` steps late), and the last ones when the stream ends. The LRs
 depend on that lag, and so do the snapshots (below), hence the rollbacks: replay
-reproduces it step for step.
+reproduces it step for step. A checkpoint reads every loss in flight at once (and decides
+on a last spike no loss confirms yet), then drops the snapshots; a run records after how
+many steps it wrote each (``checkpoints.csv``), and replay does the same there.
 
 Snapshots and rollbacks: at the start of every step where the controller says a snapshot is
 due, the callback copies the weights; replay tells the controller it did
@@ -19,7 +21,8 @@ never rolled back (replay says what the surgeon would have decided, not what the
 have become).
 
 Inputs (:func:`read_stream`): a surgeon run directory (``losses.csv``: every loss as the
-controller saw it, with ``settings.json`` and ``events.jsonl`` beside it), a Lightning
+controller saw it, with ``settings.json``, ``events.jsonl`` and ``checkpoints.csv`` beside
+it), a Lightning
 ``CSVLogger`` ``metrics.csv`` or TensorBoard event file (a ``loss``-like series, or the one
 named), or a two-column ``step,loss`` CSV from any framework. A stream logged every ``k``
 steps (Lightning's ``log_every_n_steps``) is replayed as it is: one logged point is one
