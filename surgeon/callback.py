@@ -187,8 +187,9 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             decay to the floor by that check.
         verbose: Print each event (and notices such as a dropped scheduler) through
             Lightning's rank-zero info channel.
-        log_dir: Where ``events.jsonl``, ``settings.json`` and ``losses.csv`` go. Default:
-            every logger's directory (so a plot of either finds them), or without a logger
+        log_dir: Where ``events.jsonl``, ``settings.json``, ``losses.csv`` and
+            ``checkpoints.csv`` go. Default: every logger's directory (so a plot of either
+            finds them), or without a logger
             ``default_root_dir/surgeon_logs/version_N`` (a new N per fit).
         peak_lr: ``"optimizer"``: each group's configured LR is its peak; ``"find"``: an LR
             range test (Lightning's LR finder) in ``on_fit_start`` sets the peaks, keeping
@@ -294,6 +295,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         self._manual = False
         self._manual_planner: ManualStepPlanner | None = None
         self._last_global_step = 0
+        self._warned_unread_step = False
         self._next_check = NEVER  # the first step at which a budget check or `done` is due
         self._pending_state: dict[str, Any] | None = None
         self._resuming = False
@@ -566,6 +568,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         NaN among them is rolled back before the checkpoint's weights are written."""
         if self.controller is None:
             return self._pending_state or {}
+        self._check_step_closed()
         state = self.engine.state_dict()
         self._view.flush()  # the loss rows up to this checkpoint are on disk
         self._view.checkpoint(self.controller.step)  # where replay reads them all too
@@ -573,6 +576,24 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             state["time_estimate"] = self._budget.time_estimate
         state["early_stopping"] = self._budget.early_stopping_state()
         return state
+
+    def _check_step_closed(self) -> None:
+        """A checkpoint saved after an optimizer step whose loss the surgeon has not been handed
+        yet (by a callback listed before it, in ``on_train_batch_end``, or from inside
+        ``training_step``): that update is in the saved weights unread. Said once."""
+        counter = self._step_counter
+        if counter is None or counter.completed == self._last_global_step:
+            return
+        if not self._warned_unread_step:
+            self._warned_unread_step = True
+            rank_zero_warn(
+                "ScheduleSurgeon: a checkpoint was saved after optimizer step "
+                f"{counter.completed - 1} and before the surgeon's on_train_batch_end was handed "
+                "its loss (a callback listed before "
+                "ScheduleSurgeon saved it, or training_step did): that step's update is in the "
+                "checkpoint unread, so a spike in it cannot be rolled back out of it. List the "
+                "callback that saves after ScheduleSurgeon (ModelCheckpoint always runs last)"
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:

@@ -104,8 +104,9 @@ class Surgeon:
             readback_every: losses are read back in blocks of this many steps.
             scaler: the loop's ``torch.amp.GradScaler``, if any: steps it skips for a scale
                 overflow are not counted, NaN/inf-loss steps it skips are recorded.
-            log_dir: where to write ``events.jsonl``, ``settings.json`` and ``losses.csv``
-                (rank zero), for ``surgeon plot`` and ``surgeon replay``; ``None``: nowhere.
+            log_dir: where to write ``events.jsonl``, ``settings.json``, ``losses.csv`` and
+                ``checkpoints.csv`` (rank zero), for ``surgeon plot`` and ``surgeon replay``;
+                ``None``: nowhere.
             verbose: print each decision on rank zero as it is made.
         """
         if config is not None and settings:

@@ -5,7 +5,10 @@
 * ``settings.json``: what the decisions depend on: the planned length, the read-back block,
   where snapshots were kept (``"off"``: no rollbacks) and every
   :class:`~surgeon.config.SurgeonConfig` field, so ``surgeon replay`` can re-run them, and
-  each driven param group's peak LR (``peak_lrs``, for the plot's LR lines);
+  each driven param group's peak LR (``peak_lrs``, for the plot's LR lines); those the run
+  started with: a run resumed into the same directory keeps them (a resume with other
+  settings or another length re-plans with a ``replan`` event, where a replay stops
+  comparing);
 * ``losses.csv``: ``step,loss,update_skipped``, every loss as the controller consumed it, in
   step order (a logger only keeps one row per ``log_every_n_steps``); a step counted without a
   loss (manual optimization whose ``training_step`` returned none) has an empty ``loss``;
@@ -98,7 +101,9 @@ class RunRecorder:
         lines = "".join(json.dumps(e) + "\n" for e in events)
         for directory in self.directories:
             directory.mkdir(parents=True, exist_ok=True)
-            (directory / SETTINGS_FILE).write_text(text)
+            settings_path = directory / SETTINGS_FILE
+            if next_loss_step <= 0 or not settings_path.exists():  # a resume keeps the first's
+                settings_path.write_text(text)
             (directory / EVENTS_FILE).write_text(lines)
             kept = self._kept_losses(directory, next_loss_step)
             losses = (directory / LOSSES_FILE).open("w")

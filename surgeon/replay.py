@@ -143,7 +143,8 @@ class LossStream:
             f"{self.path} holds the losses from step {first} on: it is the part of a run "
             f"resumed at step {first} into a new log directory, and a replay needs the whole "
             "stream from step 0; replay the directory of the run's first part, or put that "
-            f"losses.csv's rows of the steps before {first} at the top of this one"
+            f"losses.csv's rows of the steps before {first} at the top of this one (and its "
+            f"checkpoints.csv rows up to {first} at the top of this one's)"
         )
 
     @property

@@ -328,6 +328,27 @@ def test_an_explicit_save_checkpoint_holds_no_unread_damage(
     assert any(not torch.equal(saved[n], saver.weights_before[n]) for n in names)  # not damaged
 
 
+def test_a_checkpoint_saved_before_the_surgeon_has_the_steps_loss_is_warned_about(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A callback listed *before* the surgeon saves in ``on_train_batch_end``: the surgeon has
+    not been handed that step's loss yet, so the step's update goes into the checkpoint unread
+    (documented under Not protected). Said once, naming the step and the remedy; listed after
+    the surgeon, the same save says nothing (and reads everything, as above)."""
+    surgeon = ScheduleSurgeon()
+    saver = SavesCheckpoint(surgeon, 60, tmp_path / "early.ckpt")
+    with pytest.warns(UserWarning, match="after optimizer step 60 and before") as warned:
+        make_trainer([saver, surgeon], max_steps=80).fit(TinyRegressor(), make_loader())
+    said = [str(w.message) for w in warned if "handed its loss" in str(w.message)]
+    assert len(said) == 1 and "List the callback that saves after ScheduleSurgeon" in said[0]
+    surgeon = ScheduleSurgeon()
+    saver = SavesCheckpoint(surgeon, 60, tmp_path / "late.ckpt")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        make_trainer([surgeon, saver], max_steps=80).fit(TinyRegressor(), make_loader())
+    assert not [w for w in seen if "handed its loss" in str(w.message)]
+
+
 def test_a_spike_on_the_last_step_is_rolled_back_without_a_checkpoint(
     make_trainer: Callable[..., Any], tmp_path: Path
 ) -> None:

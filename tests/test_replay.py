@@ -579,3 +579,44 @@ def test_a_plain_loops_checkpoints_are_recorded_and_replayed(tmp_path: Path) -> 
     assert EventKind.ROLLBACK in {e.kind for e in surgeon.events}
     result = replay(stream.losses, stream.settings, checkpoints=stream.checkpoints)  # type: ignore[arg-type]
     assert comparable(result.events) == comparable(surgeon.events)
+
+
+def test_a_run_resumed_for_another_length_replays_exactly_up_to_its_replan(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A fit of 150 steps, resumed from its checkpoint for 300 into the same log directory:
+    ``settings.json`` keeps the settings the run started with, so the replay reproduces every
+    event up to the resume's ``replan`` (from there the plans differ, and it stops comparing)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    def fit(steps: int, ckpt: Path | None) -> ScheduleSurgeon:
+        surgeon = ScheduleSurgeon(**SURGEON_KW)
+        saver = ModelCheckpoint(tmp_path / "ckpt", save_last=True)
+        trainer = make_trainer(
+            [surgeon, saver],
+            max_steps=steps,
+            enable_checkpointing=True,
+            logger=CSVLogger(tmp_path, name="", version=""),
+        )
+        trainer.fit(TinyRegressor(loss_hook=troubled), make_loader(), ckpt_path=ckpt)
+        return surgeon
+
+    first = fit(150, None)
+    resumed = fit(300, tmp_path / "ckpt" / "last.ckpt")
+    replan = next(e for e in resumed.events if e.kind is EventKind.REPLAN)
+    assert replan.step == 150 and {EventKind.OUTLIER, EventKind.CLIMB} <= {
+        e.kind for e in first.events
+    }
+    settings = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    assert settings["total_steps"] == 150  # the run's first plan
+    stream = read_stream(tmp_path)
+    assert stream.steps == list(range(300))
+    result = replay(stream.losses, stream.settings, checkpoints=stream.checkpoints)  # type: ignore[arg-type]
+    before = [e for e in comparable(first.events) if e[0] < replan.step]
+    assert [e for e in comparable(result.events) if e[0] < replan.step] == before
+    from surgeon.cli import _compare_with_log
+
+    logged = [json.loads(line) for line in (tmp_path / EVENTS_FILE).read_text().splitlines()]
+    said = _compare_with_log(result.events, logged)
+    assert said.startswith(f"the replay reproduces the {len(before)} logged events up to the")
+    assert "replan at step 150" in said
