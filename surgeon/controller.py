@@ -1179,7 +1179,9 @@ class Controller:
                 ramp = self._ramp_steps(level, self.max_warmup)
                 self._set_plan(self._warmup_plan(step + 1, level, ramp))
         elif self.phase is not Phase.DONE and level > self.peak:
-            self._set_plan(self._decay_plan(step + 1, self.peak))
+            # a hold holds the lower peak; a decay under way goes on decaying, from it
+            decaying = self.phase is Phase.DECAY
+            self._set_plan(self._decay_plan(step + 1, self.peak, tail_only=decaying))
             self.phase = self._plan_phase(step + 1)
 
     def _maybe_recover(self, step: int, loss: float) -> list[Event]:

@@ -1672,3 +1672,20 @@ def test_right_after_a_fast_descent_a_x10_spike_counts() -> None:
     assert not {EventKind.SPIKE, EventKind.OUTLIER} & set(kinds(1.0, 150))
     assert EventKind.SPIKE in kinds(10.0, 150)
     assert EventKind.SPIKE in kinds(10.0, 250)
+
+
+def test_a_peak_lowered_during_the_decay_goes_on_decaying_from_it() -> None:
+    """A second spike while the LR is cut, late in a WSD run's decay: the peak is lowered, and
+    the decay already under way goes on from the lower peak to the floor (no new hold, no
+    second ``decay_start``), every LR after the recovery no higher than the one before."""
+    losses = noisy([2.0 / (1 + t / 50) + 0.3 for t in range(1000)], 0.02, seed=3)
+    for t in (800, 801, 806, 807):
+        losses[t] *= 5.0
+    trace = drive(Controller(1000, SurgeonConfig()), losses)
+    kinds = [e.kind for e in trace.events]
+    assert kinds.count(EventKind.DECAY_START) == 1 and kinds.count(EventKind.SPIKE) == 2
+    assert "the peak is lowered" in trace.events[kinds.index(EventKind.SPIKE) + 1].reason
+    recovered = next(e.step for e in trace.events if e.kind is EventKind.RECOVERED)
+    after = trace.lrs[recovered + 30 :]
+    assert after == sorted(after, reverse=True) and after[-1] < 0.01 * max(after)
+    assert max(after) < trace.lrs[799]  # below the decay's LR before the trouble

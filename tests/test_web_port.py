@@ -154,6 +154,15 @@ def _fast_descent(n: int = 300) -> list[float]:
     return losses
 
 
+def _lowered_in_decay(n: int = 1000) -> list[float]:
+    """Two confirmed spikes late in the decay (the second while the LR is cut): the peak is
+    lowered, and the decay goes on from it."""
+    losses = _noisy([2.0 / (1 + i / 50) + 0.3 for i in range(n)], 0.02, 8)
+    for step in (800, 801, 806, 807):
+        losses[step] *= 3.0  # below rollback_threshold: cut, not rolled back
+    return losses
+
+
 def _stalling(n: int = 200) -> list[float]:
     """Non-finite from the first step on: nothing is ever good to roll back to."""
     return [math.nan] * n
@@ -168,6 +177,7 @@ STREAMS: dict[str, Any] = {
     "catapult": _catapult,
     "passing": _passing,
     "fast_descent": _fast_descent,
+    "lowered_in_decay": _lowered_in_decay,
     "stalling": _stalling,
 }
 CONFIGS: dict[str, dict[str, Any]] = {

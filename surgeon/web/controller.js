@@ -732,7 +732,9 @@
           this._set_plan(this._warmup_plan(step + 1, level, ramp));
         }
       } else if (this.phase !== Phase.DONE && level > this.peak) {
-        this._set_plan(this._decay_plan(step + 1, this.peak, {}));
+        // a hold holds the lower peak; a decay under way goes on decaying, from it
+        const decaying = this.phase === Phase.DECAY;
+        this._set_plan(this._decay_plan(step + 1, this.peak, { tail_only: decaying }));
         this.phase = this._plan_phase(step + 1);
       }
     }
@@ -764,14 +766,16 @@
     }
 
     // ---------------------------------------------------------------- plans
-    _decay_plan(start, v1, { v0 = null, ramp = 0, decay_start = null } = {}) {
+    _decay_plan(start, v1, { v0 = null, ramp = 0, decay_start = null, tail_only = false } = {}) {
       const ramp_end = start + ramp;
       decay_start = decay_start === null ? ramp_end : Math.max(decay_start, ramp_end);
       const remaining = Math.max(0, this.total_steps - decay_start);
       let shape = this.config.decay;
       let stable = 0;
       if (shape === "wsd") {
-        stable = S.config.py_round(remaining * (1.0 - this.config.wsd_decay_fraction));
+        if (!tail_only) {
+          stable = S.config.py_round(remaining * (1.0 - this.config.wsd_decay_fraction));
+        }
         shape = "linear";
       }
       const hold = decay_start - ramp_end + stable;
