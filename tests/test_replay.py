@@ -604,6 +604,8 @@ def test_a_run_resumed_for_another_length_replays_exactly_up_to_its_replan(
     first = fit(150, None)
     resumed = fit(300, tmp_path / "ckpt" / "last.ckpt")
     replan = next(e for e in resumed.events if e.kind is EventKind.REPLAN)
+    assert "does not re-warm a finished run" in replan.reason  # it stays at the floor
+    assert replan.scale_after == 0.0 and resumed.events[-1].kind is EventKind.DONE
     assert replan.step == 150 and {EventKind.OUTLIER, EventKind.CLIMB} <= {
         e.kind for e in first.events
     }
