@@ -591,8 +591,9 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
                 f"{counter.completed - 1} and before the surgeon's on_train_batch_end was handed "
                 "its loss (a callback listed before "
                 "ScheduleSurgeon saved it, or training_step did): that step's update is in the "
-                "checkpoint unread, so a spike in it cannot be rolled back out of it. List the "
-                "callback that saves after ScheduleSurgeon (ModelCheckpoint always runs last)"
+                "checkpoint unread, so a spike in it cannot be rolled back out of it (and the run "
+                "replays close, not exactly). List the callback that saves after ScheduleSurgeon "
+                "(ModelCheckpoint always runs last)"
             )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -402,9 +402,6 @@ def _write_plot(prog: str, run_dir: Path, out: Path | None, *, log_lr: bool = Fa
 
 # ------------------------------------------------------------------------------ replay
 
-# Kinds a replay cannot make: the callback records them (an LR range test, a resume's re-plan).
-_NOT_REPLAYED = ("peak_lr", "replan")
-
 
 def _config_type(name: str, annotation: Any) -> Callable[[str], Any]:
     """The argparse type of a SurgeonConfig field: Literal choices, int, float, or a length
@@ -648,12 +645,17 @@ def _replay_page(stream: Any, settings: Any) -> str:
     """The interactive replay page of ``stream`` (its data, the run settings, the colors)."""
     from surgeon import web
     from surgeon.plot import EVENT_COLORS, PHASE_COLORS
+    from surgeon.replay import OUTSIDE_DECISIONS
 
-    logged = None
-    if stream.logged_events is not None:
-        logged = [
-            [r["step"], r["kind"]] for r in stream.logged_events if r["kind"] not in _NOT_REPLAYED
-        ]
+    logged, logged_until = None, None
+    if stream.logged_events is not None:  # compared up to the first outside decision
+        logged = []
+        for r in stream.logged_events:
+            if r["kind"] in OUTSIDE_DECISIONS:
+                logged_until = [r["step"], r["kind"]]
+                break
+            if r["kind"] != "peak_lr":  # set before step 0; the settings carry the peak
+                logged.append([r["step"], r["kind"]])
     peaks = [
         r["lr_after"] / r["scale_after"]
         for r in stream.logged_events or []
@@ -675,6 +677,7 @@ def _replay_page(stream: Any, settings: Any) -> str:
             "config": web.js_config(settings.config, settings.total_steps),
         },
         "logged_events": logged,
+        "logged_until": logged_until,
         "peak_lr": peaks[0] if peaks else None,
         "colors": {"events": EVENT_COLORS, "phases": PHASE_COLORS},
     }

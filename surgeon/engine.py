@@ -380,7 +380,10 @@ class StepEngine:
         return [g[PEAK_LR_KEY] for o in self.driven for g in o.param_groups if PEAK_LR_KEY in g]
 
     def begin_step(self) -> float | None:
-        """Write the LR of the current step (once) and take a snapshot if one is due.
+        """Write the LR of the current step (once) and take a snapshot if one is due (none at
+        the step a checkpoint or a resume starts at: a plain loop has written that step's LR,
+        and could have snapshotted, before its checkpoint, and a resumed loop may load the
+        model after the surgeon; every adapter and ``surgeon replay`` skip it alike).
 
         Returns the LR scale written, ``None`` when this step's LR was already in place."""
         step, controller = self.step, self.controller
@@ -408,7 +411,7 @@ class StepEngine:
             self._snapshots = [Snapshot(s.location) for s in self._snapshots]
             return self.begin_step()
         self.written_step, self.written_scale = step, scale
-        if self._snapshots and controller.snapshot_due(step):
+        if self._snapshots and step != self._dropped_at and controller.snapshot_due(step):
             self._take_snapshot()
         return scale
 

@@ -194,6 +194,7 @@ class Surgeon:
             # resumes into the same directory keeps the rows of the steps before its resume
             self._recorder = RunRecorder(Path(log_dir))
         self._recorder_open = False
+        self._checkpoints_before_open: list[int] = []  # state_dict() before the first step
         self.engine.begin_step()  # step 0's LR, as a torch scheduler sets it when made
 
     # ------------------------------------------------------------------ the loop's calls
@@ -346,14 +347,16 @@ class Surgeon:
         (save those too: the peaks live in the optimizers' param groups). Under
         ``torch.distributed`` call it on every rank."""
         state = self.engine.state_dict()
-        # what it decided may move the LR already written for the next step: write it again,
-        # and snapshot that step's weights afresh (the checkpoint dropped the snapshots), as the
-        # resumed run's load_state_dict and the callback after a checkpoint do
+        # what it decided may move the LR already written for the next step: write it again
+        # (no snapshot at the step a checkpoint starts at, as the resumed run's load_state_dict)
         self.engine.written_step = -1
         self.engine.begin_step()
-        if self._recorder is not None and self._recorder_open:
-            self._recorder.flush()
-            self._recorder.checkpoint(self.controller.step)  # where replay reads them all too
+        if self._recorder is not None:
+            if self._recorder_open:
+                self._recorder.flush()
+                self._recorder.checkpoint(self.controller.step)  # where replay reads them too
+            else:  # opened lazily (a resume must not truncate first): written when it opens
+                self._checkpoints_before_open.append(self.controller.step)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -361,8 +364,10 @@ class Surgeon:
         self._unhook()  # a resumed loop has stepped its optimizer before
         self.engine.load_state_dict(state)
         if self._recorder is not None:
+            self._checkpoints_before_open = []  # of the state replaced by this one
             self._open_recorder()
-        # the LR of the saving run's next step, and a snapshot of its weights, as that run took
+        # the LR of the saving run's next step (no snapshot there, as in the saving run: the
+        # model may be loaded after the surgeon)
         self.engine.begin_step()
 
     # ------------------------------------------------------------------ reporting
@@ -379,6 +384,9 @@ class Surgeon:
             next_loss_step=controller.step,
             peak_lrs=self.engine.peak_lrs(),
         )
+        for step in self._checkpoints_before_open:
+            self._recorder.checkpoint(step)
+        self._checkpoints_before_open = []
 
     def _report(self, event: Event) -> None:
         if self._recorder is not None:

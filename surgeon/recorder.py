@@ -8,7 +8,8 @@
   each driven param group's peak LR (``peak_lrs``, for the plot's LR lines); those the run
   started with: a run resumed into the same directory keeps them (a resume with other
   settings or another length re-plans with a ``replan`` event, where a replay stops
-  comparing);
+  comparing; one with another read-back block or snapshot mode, which no event marks,
+  rewrites them, and replays close, not exactly);
 * ``losses.csv``: ``step,loss,update_skipped``, every loss as the controller consumed it, in
   step order (a logger only keeps one row per ``log_every_n_steps``); a step counted without a
   loss (manual optimization whose ``training_step`` returned none) has an empty ``loss``;
@@ -102,7 +103,7 @@ class RunRecorder:
         for directory in self.directories:
             directory.mkdir(parents=True, exist_ok=True)
             settings_path = directory / SETTINGS_FILE
-            if next_loss_step <= 0 or not settings_path.exists():  # a resume keeps the first's
+            if not self._keeps_settings(settings_path, next_loss_step, settings):
                 settings_path.write_text(text)
             (directory / EVENTS_FILE).write_text(lines)
             kept = self._kept_losses(directory, next_loss_step)
@@ -120,6 +121,19 @@ class RunRecorder:
         rows = path.read_text().splitlines(keepends=True)[1:]
         steps = [row.split(",", 1)[0] for row in rows]
         return [row for row, step in zip(rows, steps, strict=True) if int(step) < before]
+
+    @staticmethod
+    def _keeps_settings(path: Path, next_loss_step: int, settings: dict[str, Any]) -> bool:
+        """A resume keeps the settings its run started with (a replay of the stream follows
+        them up to the resume's ``replan``), unless the read-back block or the snapshot mode
+        changed: no event marks those, so the file says what the run goes on with."""
+        if next_loss_step <= 0 or not path.exists():
+            return False
+        try:
+            kept = json.loads(path.read_text())
+        except ValueError:
+            return False
+        return all(kept.get(key) == settings[key] for key in ("readback_every", "snapshot"))
 
     @staticmethod
     def _kept_checkpoints(directory: Path, until: int) -> list[str]:

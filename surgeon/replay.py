@@ -190,6 +190,7 @@ def feed(
     in_flight: list[range] = []
     read_until = 0  # the losses before it were read early, by a checkpoint
     at_checkpoint = set(checkpoints)
+    no_snapshot_at = None  # the step a checkpoint starts at takes no snapshot
 
     def consume(block: range, now: int) -> None:
         controller.written_until = now  # the LRs before `now` are written
@@ -214,6 +215,8 @@ def feed(
             controller.rolled_back(now)
 
     def checkpoint(now: int) -> None:  # read everything, then drop the snapshots
+        nonlocal no_snapshot_at
+        no_snapshot_at = now
         read_all(now)
         if snapshots:
             controller.checkpoint_dropped_snapshots(now)
@@ -224,7 +227,7 @@ def feed(
         checkpoint(0)
     for step in range(n):  # on_train_batch_start, then on_train_batch_end of step `step`
         scales.append(controller.lr_scale(step))
-        if snapshots and controller.snapshot_due(step):
+        if snapshots and step != no_snapshot_at and controller.snapshot_due(step):
             controller.snapshot_taken(step, 0)
         if (step + 1) % readback_every == 0:  # a block closes; the one before it is read
             block = range(max(step + 1 - readback_every, read_until), step + 1)

@@ -398,7 +398,7 @@ def test_a_resume_inside_a_spikes_read_back_window_is_exact(
     make_trainer: Callable[..., Any], tmp_path: Path
 ) -> None:
     """Spike at 197-198, checkpoint at 200 (a crash later): the checkpoint decided on the
-    spike before saving (rolled back to 190), so the resumed run goes on with the same LRs, losses
+    spike before saving (rolled back to 191), so the resumed run goes on with the same LRs, losses
     and decisions as the uninterrupted one, rollbacks included."""
 
     def run(ckpt_path: Path | None, root: str) -> tuple[ScheduleSurgeon, TinyRegressor]:
@@ -416,7 +416,7 @@ def test_a_resume_inside_a_spikes_read_back_window_is_exact(
 
     surgeon_a, model_a = run(None, "a")
     rollbacks = of_kind(surgeon_a, EventKind.ROLLBACK)
-    assert [(e.step, rollback_target(e)) for e in rollbacks] == [(198, 190)]
+    assert [(e.step, rollback_target(e)) for e in rollbacks] == [(198, 191)]
     surgeon_b, model_b = run(tmp_path / "ck" / "step=200.ckpt", "b")
     assert [r["step"] for r in model_b.records] == list(range(200, 300))
     assert [r["lrs"] for r in model_b.records] == [r["lrs"] for r in model_a.records[200:]]

@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -285,19 +286,16 @@ def test_a_rollback_refused_after_a_checkpoint_says_the_checkpoint_dropped_the_s
 
 
 def test_checkpoints_too_close_for_any_rollback_warn_once() -> None:
-    """A checkpoint at every step: the snapshot taken at one is confirmed only by the next,
-    which drops it, so nothing can roll back (one warning saying so); every 2 steps the
-    snapshot taken at one is confirmed by the next before the step between is judged, and
-    every 12 steps there is room, NaN steps that leave no snapshot confirmed included: no
-    warning."""
+    """A checkpoint every 2 steps: the snapshot of the step after one is confirmed only by the
+    next, which drops it, so nothing can roll back (one warning saying so); every 12 steps
+    there is room, and no warning, NaN steps that leave no snapshot confirmed included."""
     with pytest.warns(UserWarning, match="came too close") as warned:
-        checkpointed_run(1, set(), steps=60)
+        checkpointed_run(2, set(), steps=60)
     messages = [str(w.message) for w in warned if "came too close" in str(w.message)]
-    assert len(messages) == 1 and "the checkpoints from step 1 to step 3" in messages[0]
+    assert len(messages) == 1 and "the checkpoints from step 2 to step 6" in messages[0]
     assert warned[0].filename == __file__  # points at the loop's state_dict() call
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        checkpointed_run(2, set(), steps=60)
         checkpointed_run(12, {300, 301, 302})
 
 
@@ -775,3 +773,64 @@ def test_misordered_calls_and_a_scheduler_on_the_optimizer_are_warned_about() ->
             return self.inner.param_groups
 
     Surgeon(Wrapped(torch.optim.SGD(model.parameters(), lr=0.1)), 100, verbose=False)
+
+
+def test_a_surgeon_loaded_before_the_model_never_rolls_back_to_the_fresh_weights() -> None:
+    """Resumed with ``surgeon.load_state_dict`` called *before* the model's and the
+    optimizer's (any order is a scheduler's convention; ``fabric.load`` follows its dict):
+    no snapshot is taken at the resume step, so a rollback soon after restores trained
+    weights (a snapshot after the resume), never the freshly made ones."""
+    kw: dict[str, Any] = {"min_warmup": 10, "max_warmup": 30, "snapshot_every": 10}
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    losses: dict[int, float] = {}
+
+    def train(model: nn.Module, surgeon: Surgeon, optimizer: Any, steps: range) -> None:
+        for step in steps:
+            loss = nn.functional.mse_loss(model(x), y)
+            losses[step] = loss.item()
+            train_step(surgeon, optimizer, loss * 50.0 if step in (104, 105) else loss)
+
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    surgeon = Surgeon(optimizer, 200, model=model, verbose=False, **kw)
+    train(model, surgeon, optimizer, range(100))
+    state = surgeon.state_dict()  # first, as the README says
+    saved = copy.deepcopy(
+        {"surgeon": state, "model": model.state_dict(), "opt": optimizer.state_dict()}
+    )
+    fresh = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(fresh.parameters(), lr=0.05)
+    resumed = Surgeon(optimizer, 200, model=fresh, verbose=False, **kw)
+    resumed.load_state_dict(saved["surgeon"])  # the surgeon first ...
+    fresh.load_state_dict(saved["model"])  # ... then the model and the optimizer
+    optimizer.load_state_dict(saved["opt"])
+    train(fresh, resumed, optimizer, range(100, 130))
+    (rollback,) = [e for e in resumed.events if e.kind is EventKind.ROLLBACK]
+    target = int(re.search(r"snapshot of step (\d+)", rollback.reason).group(1))  # type: ignore[union-attr]
+    assert 100 < target < 104  # taken after the resume, with the loaded weights
+    assert max(losses[s] for s in range(110, 130)) < 1.5 * losses[99]  # trained, not fresh
+
+
+@pytest.mark.parametrize(("readback", "kept"), [(4, True), (2, False)])
+def test_a_resume_into_the_log_dir_keeps_the_first_settings_unless_unmarked_ones_change(
+    tmp_path: Path, readback: int, kept: bool
+) -> None:
+    """Resumed into its ``log_dir`` for another length, a run keeps the ``settings.json`` it
+    started with (its ``replan`` event marks the change, and a replay compares up to it);
+    with another read-back block, which no event marks, the file says the new one."""
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    surgeon = Surgeon(optimizer, 100, model=model, log_dir=tmp_path, verbose=False)
+    for _ in range(50):
+        train_step(surgeon, optimizer, model(torch.ones(2, 3)).square().mean())
+    state = surgeon.state_dict()
+    resumed = Surgeon(
+        optimizer, 200, model=model, log_dir=tmp_path, verbose=False, readback_every=readback
+    )
+    resumed.load_state_dict(state)
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert (settings["total_steps"], settings["readback_every"]) == (
+        (100, 4) if kept else (200, readback)
+    )
+    assert EventKind.REPLAN in [e.kind for e in resumed.events]

@@ -555,14 +555,16 @@ def test_a_run_with_checkpoints_near_its_decisions_replays_exactly(
 
 
 def test_a_plain_loops_checkpoints_are_recorded_and_replayed(tmp_path: Path) -> None:
-    """``Surgeon.state_dict()`` is the plain loop's checkpoint: recorded as such, so its run
-    directory replays exactly, a checkpoint taken right after a severe spike included."""
+    """``Surgeon.state_dict()`` is the plain loop's checkpoint: recorded as such (one before
+    the first step too), so its run directory replays exactly, a checkpoint taken right after
+    a severe spike included."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     surgeon = Surgeon(optimizer, 200, model=model, log_dir=tmp_path, verbose=False, **SURGEON_KW)
     x, y = torch.randn(64, 4), torch.randn(64, 1)
     scales = []
+    surgeon.state_dict()  # a checkpoint before the first step (the run files open later)
     for step in range(200):
         scales.append(surgeon.controller.lr_scale(step))
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -575,7 +577,7 @@ def test_a_plain_loops_checkpoints_are_recorded_and_replayed(tmp_path: Path) -> 
             surgeon.state_dict()
     surgeon.finish()
     stream = read_stream(tmp_path)
-    assert stream.checkpoints == [102, 151, 160]
+    assert stream.checkpoints == [0, 102, 151, 160]
     assert EventKind.ROLLBACK in {e.kind for e in surgeon.events}
     result = replay(stream.losses, stream.settings, checkpoints=stream.checkpoints)  # type: ignore[arg-type]
     assert comparable(result.events) == comparable(surgeon.events)

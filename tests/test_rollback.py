@@ -206,7 +206,7 @@ def test_rollback_is_in_events_jsonl_and_resume_takes_new_snapshots(
     trainer.fit(TinyRegressor(loss_hook=spike_1000x_twice), make_loader(), ckpt_path=path)
     rollback = next(e for e in resumed.events if e.kind is EventKind.ROLLBACK)
     assert rollback.step == SPIKE_STEP + 1
-    assert "restored the snapshot of step 90" in rollback.reason  # taken after the resume
+    assert "restored the snapshot of step 91" in rollback.reason  # taken after the resume
     lines = (Path(trainer.log_dir) / "events.jsonl").read_text().splitlines()
     logged = [json.loads(line) for line in lines]
     assert {"step": SPIKE_STEP + 1, "kind": "rollback"}.items() <= next(

@@ -190,3 +190,37 @@ def test_the_preview_page_follows_its_sliders(browser: Any, tmp_path: Path) -> N
     shot = tmp_path / "preview-page.png"
     assert browser.save_screenshot(str(shot))
     assert_a_picture(shot)
+
+
+@pytest.mark.slow
+def test_the_replay_page_compares_with_the_run_up_to_its_first_outside_decision(
+    browser: Any, tmp_path: Path
+) -> None:
+    """A run directory whose log has a ``replan`` (a resume for another length) after the
+    decisions the losses made, and a checkpoint among them: the page replays with the
+    checkpoint and says its events are the run's up to the replan, as ``surgeon replay`` does."""
+    import json
+
+    losses = spiky_csv(tmp_path / "plain.txt")
+    settings = RunSettings(N)
+    python = replay(losses, settings, checkpoints=[DECIDED_AT + 1])  # right after the spike
+    assert python.events != replay(losses, settings).events  # the checkpoint matters here
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "losses.csv").write_text(
+        "step,loss,update_skipped\n" + "".join(f"{i},{x!r},0\n" for i, x in enumerate(losses))
+    )
+    (run / "settings.json").write_text(json.dumps(settings.to_json()))
+    (run / "checkpoints.csv").write_text(f"step\n{DECIDED_AT + 1}\n")
+    replan_at = DECIDED_AT + 60
+    logged = [e.to_dict() for e in python.events if e.step < replan_at]
+    logged.append({"step": replan_at, "kind": "replan", "reason": "resumed for 800 steps"})
+    (run / "events.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
+    page = tmp_path / "run.html"
+    assert main(["replay", str(run), "--html", str(page)]) == 0
+    browser.get(page.as_uri())
+    state = page_state(browser)
+    assert state["error"] is None
+    assert state["events"] == [[e.step, e.kind.value, e.reason] for e in python.events]
+    summary = browser.find_element("id", "summary").text
+    assert summary.endswith(f"(the same as the run logged up to its replan at step {replan_at})")

@@ -261,11 +261,14 @@ def _cases(recorded: tuple[list[float], list[bool]]) -> dict[str, dict[str, Any]
         readback_every, snapshots = RUNS[index % len(RUNS)]
         cfg = SurgeonConfig(**CONFIGS[config])
         settings = RunSettings(len(losses), cfg, readback_every, snapshots)
+        n = len(losses)  # every other case with checkpoints: at 0, twice at a third, near the end
+        checkpoints = [0, n // 3, n // 3, n - 2] if index % 2 else []
         cases[f"{stream}/{config}"] = {
             "losses": losses,
             "update_skipped": skipped,
             "passed": passed,
             "settings": settings,
+            "checkpoints": checkpoints,
         }
     return cases
 
@@ -283,6 +286,7 @@ def both(recorded: tuple[list[float], list[bool]]) -> dict[str, tuple[Replay, di
                 "losses": case["losses"],
                 "update_skipped": case["update_skipped"],
                 "passed": case["passed"],
+                "checkpoints": case["checkpoints"],
                 "steps": None,
                 "settings": {
                     "total_steps": settings.total_steps,
@@ -296,7 +300,11 @@ def both(recorded: tuple[list[float], list[bool]]) -> dict[str, tuple[Replay, di
     return {
         name: (
             replay(
-                c["losses"], c["settings"], update_skipped=c["update_skipped"], passed=c["passed"]
+                c["losses"],
+                c["settings"],
+                update_skipped=c["update_skipped"],
+                passed=c["passed"],
+                checkpoints=c["checkpoints"],
             ),
             answer,
         )

@@ -359,7 +359,7 @@
     }
 
     before_checkpoint() {
-      // every loss is read and the end of the fit is next (a replay has no checkpoints): a
+      // every loss is read and a checkpoint or the end of the fit is next: a
       // severe spike no loss will confirm, or applied non-finite updates, roll back now
       const suspect = this.suspect;
       if (suspect !== null && !this.nonfinite_streak) {

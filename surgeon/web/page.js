@@ -522,11 +522,16 @@
     }
 
     function table(events) {
+      // compared up to the run's first decision made outside the losses (logged_until)
+      const until = data.logged_until || null;
+      const compared = until === null ? events : events.filter((e) => e.step < until[0]);
       const same = data.logged_events !== null &&
-        JSON.stringify(events.map((e) => [e.step, e.kind])) ===
+        JSON.stringify(compared.map((e) => [e.step, e.kind])) ===
         JSON.stringify(data.logged_events);
+      const upto = until === null ? "" : ` up to its ${until[1]} at step ${until[0]}`;
       $("summary").textContent = `${events.length} events` + (data.logged_events === null ? ""
-        : same ? " (the same as the run logged)" : ` (the run logged ${data.logged_events.length})`);
+        : same ? ` (the same as the run logged${upto})`
+        : ` (the run logged ${data.logged_events.length}${upto})`);
       const body = $("event-table").tBodies[0];
       body.replaceChildren();
       for (const e of events) {

@@ -17,6 +17,7 @@
     const phases = new Array(n).fill("");
     let in_flight = [];
     let read_until = 0; // the losses before it were read early, by a checkpoint
+    let no_snapshot_at = null; // the step a checkpoint starts at takes no snapshot
     const at_checkpoint = new Set(checkpoints || []);
 
     function consume(block, now) {
@@ -41,6 +42,7 @@
       if (controller.rollback_to !== null) controller.rolled_back(now);
     }
     function checkpoint(now) { // read everything, then drop the snapshots
+      no_snapshot_at = now;
       read_all(now);
       if (snapshots) controller.checkpoint_dropped_snapshots(now);
       else controller.forget_snapshots();
@@ -49,7 +51,9 @@
     if (at_checkpoint.has(0)) checkpoint(0);
     for (let step = 0; step < n; step++) {
       scales.push(controller.lr_scale(step));
-      if (snapshots && controller.snapshot_due(step)) controller.snapshot_taken(step, 0);
+      if (snapshots && step !== no_snapshot_at && controller.snapshot_due(step)) {
+        controller.snapshot_taken(step, 0);
+      }
       if ((step + 1) % readback_every === 0) {
         const block = range(Math.max(step + 1 - readback_every, read_until), step + 1);
         if (block.length) in_flight.push(block);

@@ -15,7 +15,8 @@ function run(c) {
   switch (c.kind) {
     case "replay":
       return S.replay.replay(c.losses, c.settings, { update_skipped: c.update_skipped,
-                                                     steps: c.steps, passed: c.passed });
+                                                     steps: c.steps, passed: c.passed,
+                                                     checkpoints: c.checkpoints || [] });
     case "schedule":
       return c.steps.map((step) => S.schedules[c.name](...c.args)(step));
     case "preview":
