@@ -544,12 +544,8 @@ class StepEngine:
         """Copy the weights as they are at the start of ``self.step`` into the spare slot (the
         one not holding the rollback target)."""
         assert self.controller is not None and self.module is not None
-        good, slots = self.controller.good_snapshot_step, self._snapshots
-        # a slot that holds this step already (taken again after a checkpoint dropped it), else
-        # one not holding the target
-        spare = next((s for s in slots if s.step == self.step != good), None) or next(
-            s for s in slots if s.step is None or s.step != good
-        )
+        good = self.controller.good_snapshot_step
+        spare = next(s for s in self._snapshots if s.step is None or s.step != good)
         if spare.capture(self.module, self.optimizers, self.step, extra=self._scaler_state()):
             self.controller.snapshot_taken(self.step, spare.nbytes)
             if self._first_snapshot is None:
