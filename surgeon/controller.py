@@ -83,6 +83,9 @@ _MIN_PLATEAU_PATIENCE = 10  # a shorter stall is noise: on a 60-step run 10% is 
 _MIN_SNAPSHOT_EVERY = 10
 _REVISIONS = itertools.count()  # shared by all controllers, so that a revision names one of them
 
+SNAPSHOTS_OFF = "snapshots are off (snapshot='off', or a Surgeon without model=)"
+"""Why no rollback can happen in a run without snapshots (a refused rollback's reason)."""
+
 
 def plural(count: int, noun: str) -> str:
     """``"1 check"``, ``"2 checks"``: a count in an event's reason."""
@@ -733,6 +736,11 @@ class Controller:
         # set by a decision to roll back: the step of the snapshot the caller is to restore
         self.rollback_to: int | None = None
         self._rollback_cause: tuple[int, str] = (0, "")
+
+    def snapshots_off(self) -> None:
+        """The caller keeps no snapshots (``snapshot="off"``, or a plain loop without
+        ``model=``): a rollback refused for want of one says so."""
+        self.forget_snapshots(SNAPSHOTS_OFF)
 
     def checkpoint_dropped_snapshots(self, step: int) -> None:
         """A checkpoint after ``step`` steps dropped the caller's snapshots (a resumed run has

@@ -314,6 +314,8 @@ class StepEngine:
         (a rollback puts back the scale a collapse had driven towards 0).
         """
         self.controller = Controller(total_steps, self.config, lag=2 * self.readback_every)
+        if self.snapshot == "off" or module is None:
+            self.controller.snapshots_off()
         self.planned = total_steps
         self.optimizers = list(optimizers)
         self.driven = self.optimizers if driven is None else list(driven)
@@ -643,7 +645,7 @@ class StepEngine:
         controller = self.controller
         assert controller is not None
         if not self._snapshots:
-            controller.forget_snapshots()
+            controller.snapshots_off()
             return
         before, step, first = self._dropped_at, self.step, self._first_snapshot
         if before is not None and before < step:
@@ -705,3 +707,5 @@ class StepEngine:
         self.written_step = -1
         if self._snapshots:  # as the saving run dropped them: a refusal says the same
             self._dropped_by_checkpoint(self.step)
+        else:
+            controller.snapshots_off()

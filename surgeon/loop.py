@@ -195,6 +195,7 @@ class Surgeon:
             self._recorder = RunRecorder(Path(log_dir))
         self._recorder_open = False
         self._checkpoints_before_open: list[int] = []  # state_dict() before the first step
+        self._rewrite_hooks: list[Any] = []  # after a resume, until its first update
         self.engine.begin_step()  # step 0's LR, as a torch scheduler sets it when made
 
     # ------------------------------------------------------------------ the loop's calls
@@ -268,6 +269,28 @@ class Surgeon:
                 handles.append(optimizer.register_step_post_hook(count))
         return handles
 
+    def _rewrite_lr_before_next_update(self) -> None:
+        """A one-shot step pre-hook on each driven optimizer that writes this step's LR again
+        (held weakly, removed after it ran once, at :meth:`finish` or another load)."""
+        me = weakref.ref(self)
+
+        def rewrite(*_: Any) -> None:
+            surgeon = me()
+            if surgeon is not None:
+                surgeon._drop_rewrite_hooks()
+                surgeon.engine.written_step = -1
+                surgeon.engine.begin_step()
+
+        self._drop_rewrite_hooks()
+        for optimizer in self.engine.driven:
+            with contextlib.suppress(AttributeError):  # a wrapper without Optimizer's hooks
+                self._rewrite_hooks.append(optimizer.register_step_pre_hook(rewrite))
+
+    def _drop_rewrite_hooks(self) -> None:
+        for handle in self._rewrite_hooks:
+            handle.remove()
+        self._rewrite_hooks = []
+
     def _unhook(self) -> None:
         for handle in self._step_hooks:
             handle.remove()
@@ -293,6 +316,7 @@ class Surgeon:
         """After the last step: read the losses still in flight and decide on them (a spike
         or NaN in the last steps is recorded, a rollback leaves the last good weights)."""
         self._unhook()
+        self._drop_rewrite_hooks()
         self.engine.finish()
         if self._recorder is not None:
             self._recorder.close()
@@ -367,8 +391,11 @@ class Surgeon:
             self._checkpoints_before_open = []  # of the state replaced by this one
             self._open_recorder()
         # the LR of the saving run's next step (no snapshot there, as in the saving run: the
-        # model may be loaded after the surgeon)
+        # model may be loaded after the surgeon), and again just before the first update: an
+        # optimizer state loaded after this one, or saved before the surgeon's, carries an
+        # older LR (fabric.save / fabric.load follow their dict's order)
         self.engine.begin_step()
+        self._rewrite_lr_before_next_update()
 
     # ------------------------------------------------------------------ reporting
     def _open_recorder(self) -> None:

@@ -221,8 +221,10 @@ def feed(
         if snapshots:
             controller.checkpoint_dropped_snapshots(now)
         else:
-            controller.forget_snapshots()
+            controller.snapshots_off()
 
+    if not snapshots:
+        controller.snapshots_off()
     if 0 in at_checkpoint:
         checkpoint(0)
     for step in range(n):  # on_train_batch_start, then on_train_batch_end of step `step`

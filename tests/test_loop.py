@@ -834,3 +834,76 @@ def test_a_resume_into_the_log_dir_keeps_the_first_settings_unless_unmarked_ones
         (100, 4) if kept else (200, readback)
     )
     assert EventKind.REPLAN in [e.kind for e in resumed.events]
+
+
+@pytest.mark.parametrize("how", ["snapshot-off", "no-model"])
+def test_a_rollback_refused_without_snapshots_says_they_are_off(how: str) -> None:
+    """Three NaN losses in a row ask for a rollback; a run that keeps no snapshots says so (it
+    said "no good snapshot yet", as if one were coming), and its replay says the same."""
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw: dict[str, Any] = {"snapshot": "off"} if how == "snapshot-off" else {}
+    surgeon = Surgeon(
+        optimizer, 200, model=model if how == "snapshot-off" else None, verbose=False, **kw
+    )
+    losses = []
+    for step in range(100):
+        loss = model(torch.ones(2, 3)).square().mean() * (math.nan if 60 <= step < 63 else 1.0)
+        losses.append(loss.item())
+        train_step(surgeon, optimizer, loss)
+    surgeon.finish()
+    refused = [e for e in surgeon.events if "no rollback" in e.reason]
+    assert refused and "no rollback: snapshots are off (snapshot='off'" in refused[0].reason
+    from surgeon.replay import RunSettings, replay
+
+    replayed = replay(losses, RunSettings(200, SurgeonConfig(), snapshots=False))
+    assert [e.reason for e in replayed.events] == [e.reason for e in surgeon.events]
+
+
+@pytest.mark.parametrize("order", ["surgeon-first", "surgeon-last"])
+def test_a_resumed_loops_first_update_runs_at_the_surgeons_lr_whatever_the_load_order(
+    order: str,
+) -> None:
+    """A checkpoint whose optimizer state was taken *before* the surgeon's (``fabric.save``
+    follows its dict's order), with a spike in flight that the surgeon's ``state_dict`` cuts
+    the LR for: the saved optimizer carries the LR from before the cut. Resumed with the
+    surgeon loaded first or last, the first update runs at the uninterrupted run's LR (the
+    surgeon writes it again just before the optimizer steps)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+
+    def make() -> tuple[nn.Module, Any, Surgeon]:
+        model = nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        return model, optimizer, Surgeon(optimizer, 200, model=model, verbose=False)
+
+    def train(model: nn.Module, optimizer: Any, surgeon: Surgeon, steps: range) -> list[float]:
+        lrs = []
+        for step in steps:
+            loss = nn.functional.mse_loss(model(x), y) * (50.0 if step in (97, 98) else 1.0)
+            loss.backward()
+            surgeon.guard(loss)
+            optimizer.step()
+            lrs.append(optimizer.param_groups[0]["lr"])  # what the update ran at
+            optimizer.zero_grad()
+            surgeon.step(loss)
+        return lrs
+
+    model, optimizer, surgeon = make()
+    train(model, optimizer, surgeon, range(100))
+    # as fabric.save: each object's state dict in the dict's order (tensors by reference, the
+    # param groups' settings copied), written out after the last
+    states = {"model": model.state_dict(), "opt": optimizer.state_dict()}
+    states["surgeon"] = surgeon.state_dict()  # last: it rolls back and cuts the LR now
+    saved = copy.deepcopy(states)
+    assert saved["opt"]["param_groups"][0]["lr"] != optimizer.param_groups[0]["lr"]
+    expected = train(model, optimizer, surgeon, range(100, 110))
+
+    model2, optimizer2, resumed = make()
+    if order == "surgeon-first":
+        resumed.load_state_dict(saved["surgeon"])
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["opt"])
+    if order == "surgeon-last":
+        resumed.load_state_dict(saved["surgeon"])
+    assert train(model2, optimizer2, resumed, range(100, 110)) == expected

@@ -330,6 +330,10 @@
       this._rollback_cause = [0, ""];
     }
 
+    snapshots_off() {
+      this.forget_snapshots("snapshots are off (snapshot='off', or a Surgeon without model=)");
+    }
+
     checkpoint_dropped_snapshots(step) {
       this.forget_snapshots(
         `no good snapshot: the checkpoint at step ${step} dropped the snapshots ` +

@@ -45,9 +45,10 @@
       no_snapshot_at = now;
       read_all(now);
       if (snapshots) controller.checkpoint_dropped_snapshots(now);
-      else controller.forget_snapshots();
+      else controller.snapshots_off();
     }
 
+    if (!snapshots) controller.snapshots_off();
     if (at_checkpoint.has(0)) checkpoint(0);
     for (let step = 0; step < n; step++) {
       scales.push(controller.lr_scale(step));
