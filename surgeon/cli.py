@@ -500,7 +500,7 @@ def _run_replay(args: argparse.Namespace) -> int:
     import dataclasses
 
     from surgeon.config import SurgeonConfig
-    from surgeon.replay import RunSettings, read_stream, replay
+    from surgeon.replay import RunSettings, read_stream
 
     prog: str = args.usage_prog
     if args.out is not None:
@@ -523,14 +523,7 @@ def _run_replay(args: argparse.Namespace) -> int:
             readback_every=args.readback_every or base.readback_every,
             snapshots=base.snapshots if args.snapshot is None else args.snapshot == "on",
         )
-        result = replay(
-            stream.losses,
-            settings,
-            update_skipped=stream.update_skipped,
-            steps=stream.steps,
-            passed=stream.passed,
-            checkpoints=stream.checkpoints or (),
-        )
+        result = stream.replayed(settings)
     except ValueError as err:
         raise UsageError(prog, str(err)) from None
 
@@ -592,26 +585,20 @@ def _compare_with_log(
     """A line saying whether the replayed events (step, kind and reason) are those the run
     logged, up to the first decision the run made from outside the losses;
     ``checkpoints_known``: the run recorded its checkpoints (else a difference may be theirs)."""
-    from surgeon.replay import OUTSIDE_DECISIONS
+    from surgeon.replay import before_outside_decision
 
-    theirs = [
-        (r["step"], r["kind"], _without_sizes(r["reason"]))
-        for r in logged
-        if r["kind"] != "peak_lr"  # set before step 0; the settings carry the peak
-    ]
-    cut = next((i for i, event in enumerate(theirs) if event[1] in OUTSIDE_DECISIONS), None)
+    comparable, cut = before_outside_decision(logged)
+    theirs = [(r["step"], r["kind"], _without_sizes(r["reason"])) for r in comparable]
+    mine = [(e.step, e.kind.value, _without_sizes(e.reason)) for e in events]
     until = ""
     if cut is not None:
-        step, kind, _ = theirs[cut]
         until = (
-            f" up to the {kind} at step {step} (made from outside the losses, as a time "
-            "budget, EarlyStopping, a resume with other settings or a request; the plans differ "
-            "from there)"
+            f" up to the {cut['kind']} at step {cut['step']} (made from outside the losses, as "
+            "a time budget, EarlyStopping, a resume with other settings or a request; the plans "
+            "differ from there)"
         )
-        theirs = theirs[:cut]
-    mine = [(e.step, e.kind.value, _without_sizes(e.reason)) for e in events]
-    if cut is not None:  # the replay goes on with the old plan: what follows is not comparable
-        mine = [event for event in mine if event[0] < step]
+        # the replay goes on with the old plan: what follows is not comparable
+        mine = [event for event in mine if event[0] < cut["step"]]
     if mine == theirs:
         return f"the replay reproduces the {len(theirs)} logged events{until}"
     pairs = zip(mine, theirs, strict=False)
@@ -645,17 +632,13 @@ def _replay_page(stream: Any, settings: Any) -> str:
     """The interactive replay page of ``stream`` (its data, the run settings, the colors)."""
     from surgeon import web
     from surgeon.plot import EVENT_COLORS, PHASE_COLORS
-    from surgeon.replay import OUTSIDE_DECISIONS
+    from surgeon.replay import before_outside_decision
 
     logged, logged_until = None, None
     if stream.logged_events is not None:  # compared up to the first outside decision
-        logged = []
-        for r in stream.logged_events:
-            if r["kind"] in OUTSIDE_DECISIONS:
-                logged_until = [r["step"], r["kind"]]
-                break
-            if r["kind"] != "peak_lr":  # set before step 0; the settings carry the peak
-                logged.append([r["step"], r["kind"]])
+        comparable, cut = before_outside_decision(stream.logged_events)
+        logged = [[r["step"], r["kind"]] for r in comparable]
+        logged_until = None if cut is None else [cut["step"], cut["kind"]]
     peaks = [
         r["lr_after"] / r["scale_after"]
         for r in stream.logged_events or []

@@ -27,7 +27,7 @@ import math
 import numbers
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -252,49 +252,47 @@ class Surgeon:
                     stacklevel=2,
                 )
 
-    def _watch_optimizer_steps(self, optimizers: list[Optimizer]) -> list[Any]:
-        """A step post-hook on each optimizer that has them (a wrapper that never ran
-        ``Optimizer.__init__`` has none), counting steps until the first :meth:`step`; it holds
-        this object weakly, so a ``Surgeon`` dropped before stepping is freed."""
+    def _hook_optimizers(
+        self, optimizers: Sequence[Optimizer], kind: str, action: Callable[["Surgeon"], None]
+    ) -> list[Any]:
+        """A step hook (``kind``: ``"pre"`` or ``"post"``) on each optimizer that has them (a
+        wrapper that never ran ``Optimizer.__init__`` has none) calling ``action(self)``; it
+        holds this object weakly, so a ``Surgeon`` dropped while hooked is freed."""
         me = weakref.ref(self)
 
-        def count(*_: Any) -> None:
+        def hook(*_: Any) -> None:
             surgeon = me()
             if surgeon is not None:
-                surgeon._optimizer_steps += 1
+                action(surgeon)
 
         handles = []
         for optimizer in optimizers:
             with contextlib.suppress(AttributeError):  # a wrapper without Optimizer's hooks
-                handles.append(optimizer.register_step_post_hook(count))
+                handles.append(getattr(optimizer, f"register_step_{kind}_hook")(hook))
         return handles
+
+    def _watch_optimizer_steps(self, optimizers: list[Optimizer]) -> list[Any]:
+        """Count optimizer steps until the first :meth:`step` (a post-hook on each)."""
+
+        def count(surgeon: Surgeon) -> None:
+            surgeon._optimizer_steps += 1
+
+        return self._hook_optimizers(optimizers, "post", count)
 
     def _rewrite_lr_before_next_update(self) -> None:
         """A one-shot step pre-hook on each driven optimizer that writes this step's LR again
-        (held weakly, removed after it ran once, at :meth:`finish` or another load)."""
-        me = weakref.ref(self)
+        (removed after it ran once, at :meth:`finish` or another load)."""
 
-        def rewrite(*_: Any) -> None:
-            surgeon = me()
-            if surgeon is not None:
-                surgeon._drop_rewrite_hooks()
-                surgeon.engine.written_step = -1
-                surgeon.engine.begin_step()
+        def rewrite(surgeon: Surgeon) -> None:
+            surgeon._rewrite_hooks = _removed(surgeon._rewrite_hooks)
+            surgeon.engine.written_step = -1
+            surgeon.engine.begin_step()
 
-        self._drop_rewrite_hooks()
-        for optimizer in self.engine.driven:
-            with contextlib.suppress(AttributeError):  # a wrapper without Optimizer's hooks
-                self._rewrite_hooks.append(optimizer.register_step_pre_hook(rewrite))
-
-    def _drop_rewrite_hooks(self) -> None:
-        for handle in self._rewrite_hooks:
-            handle.remove()
-        self._rewrite_hooks = []
+        _removed(self._rewrite_hooks)
+        self._rewrite_hooks = self._hook_optimizers(self.engine.driven, "pre", rewrite)
 
     def _unhook(self) -> None:
-        for handle in self._step_hooks:
-            handle.remove()
-        self._step_hooks = []
+        self._step_hooks = _removed(self._step_hooks)
 
     def _check_order(self) -> None:
         """At the first :meth:`step`: say so if no optimizer has stepped yet (``step`` called
@@ -316,7 +314,7 @@ class Surgeon:
         """After the last step: read the losses still in flight and decide on them (a spike
         or NaN in the last steps is recorded, a rollback leaves the last good weights)."""
         self._unhook()
-        self._drop_rewrite_hooks()
+        self._rewrite_hooks = _removed(self._rewrite_hooks)
         self.engine.finish()
         if self._recorder is not None:
             self._recorder.close()
@@ -443,3 +441,10 @@ class Surgeon:
             f"Surgeon(step={self.last_step}, phase={self.phase.value}, lr={lr:.4g}, "
             f"settings={settings})"
         )
+
+
+def _removed(handles: list[Any]) -> list[Any]:
+    """Remove hooks by their handles; the empty list that replaces them."""
+    for handle in handles:
+        handle.remove()
+    return []

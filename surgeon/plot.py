@@ -277,7 +277,7 @@ def _load_surgeon_files(losses_path: Path) -> Run:
     with the run's settings (``surgeon replay`` reproduces a run's own events), in LRs where an
     event gives the peak, else as the scale of the peak; up to the first decision the losses
     did not make (a cooldown, a replan, a stop), which a replay cannot follow."""
-    from surgeon.replay import OUTSIDE_DECISIONS, read_stream, replay
+    from surgeon.replay import OUTSIDE_DECISIONS, read_stream
 
     directory = losses_path.parent
     try:
@@ -314,14 +314,7 @@ def _load_surgeon_files(losses_path: Path) -> Run:
         )
         return run
     try:
-        replayed = replay(
-            stream.losses,
-            stream.settings,
-            update_skipped=stream.update_skipped,
-            steps=stream.steps,
-            passed=stream.passed,
-            checkpoints=stream.checkpoints or (),
-        )
+        replayed = stream.replayed(stream.settings)
     except ValueError as err:
         raise RunError(f"{directory}: the surgeon's files cannot be replayed: {err}") from None
     first = min(

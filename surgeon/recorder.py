@@ -106,21 +106,24 @@ class RunRecorder:
             if not self._keeps_settings(settings_path, next_loss_step, settings):
                 settings_path.write_text(text)
             (directory / EVENTS_FILE).write_text(lines)
-            kept = self._kept_losses(directory, next_loss_step)
-            losses = (directory / LOSSES_FILE).open("w")
+            losses_path, checkpoints_path = directory / LOSSES_FILE, directory / CHECKPOINTS_FILE
+            kept = self._kept_rows(losses_path, next_loss_step, through=False)
+            checkpoints = self._kept_rows(checkpoints_path, next_loss_step, through=True)
+            losses = losses_path.open("w")
             losses.write(LOSSES_HEADER + "".join(kept))
             self._losses.append(losses)
-            checkpoints = self._kept_checkpoints(directory, next_loss_step)
-            (directory / CHECKPOINTS_FILE).write_text(CHECKPOINTS_HEADER + "".join(checkpoints))
+            checkpoints_path.write_text(CHECKPOINTS_HEADER + "".join(checkpoints))
 
     @staticmethod
-    def _kept_losses(directory: Path, before: int) -> list[str]:
-        path = directory / LOSSES_FILE
-        if before <= 0 or not path.exists():
+    def _kept_rows(path: Path, next_loss_step: int, *, through: bool) -> list[str]:
+        """The rows of a run file (header left out, each starting with its step) that a run
+        resumed at ``next_loss_step`` keeps: of the steps before it (``through``: up to it, a
+        checkpoint's own); a fresh run keeps none."""
+        if next_loss_step <= 0 or not path.exists():
             return []
+        last = next_loss_step if through else next_loss_step - 1
         rows = path.read_text().splitlines(keepends=True)[1:]
-        steps = [row.split(",", 1)[0] for row in rows]
-        return [row for row, step in zip(rows, steps, strict=True) if int(step) < before]
+        return [row for row in rows if row.strip() and int(row.split(",", 1)[0]) <= last]
 
     @staticmethod
     def _keeps_settings(path: Path, next_loss_step: int, settings: dict[str, Any]) -> bool:
@@ -134,14 +137,6 @@ class RunRecorder:
         except ValueError:
             return False
         return all(kept.get(key) == settings[key] for key in ("readback_every", "snapshot"))
-
-    @staticmethod
-    def _kept_checkpoints(directory: Path, until: int) -> list[str]:
-        path = directory / CHECKPOINTS_FILE
-        if until <= 0 or not path.exists():
-            return []
-        rows = path.read_text().splitlines(keepends=True)[1:]
-        return [row for row in rows if row.strip() and int(row) <= until]
 
     def checkpoint(self, step: int) -> None:
         """Append a checkpoint written after the losses of ``step`` steps were read."""

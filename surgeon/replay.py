@@ -72,6 +72,21 @@ a request, a resume with other settings, a manual run's optimizer calls): a repl
 losses does not make them, so from the first of them on its plan is not the run's."""
 
 
+def before_outside_decision(
+    logged: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The logged event records a replay can make (before the run's first decision from
+    outside its losses, :data:`OUTSIDE_DECISIONS`; ``peak_lr``, set before step 0, left out),
+    and that decision's record (``None``: the run made none)."""
+    kept: list[dict[str, Any]] = []
+    for record in logged:
+        if record["kind"] in OUTSIDE_DECISIONS:
+            return kept, record
+        if record["kind"] != "peak_lr":  # the settings carry the peak
+            kept.append(record)
+    return kept, None
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """What a replay needs besides the losses: the run's plan, its read-back lag, its config,
@@ -145,6 +160,18 @@ class LossStream:
             "stream from step 0; replay the directory of the run's first part, or put that "
             f"losses.csv's rows of the steps before {first} at the top of this one (and its "
             f"checkpoints.csv rows up to {first} at the top of this one's)"
+        )
+
+    def replayed(self, settings: RunSettings) -> Replay:
+        """This stream through a fresh controller with ``settings``: its update flags, logged
+        steps, steps without a loss and checkpoints as recorded."""
+        return replay(
+            self.losses,
+            settings,
+            update_skipped=self.update_skipped,
+            steps=self.steps,
+            passed=self.passed,
+            checkpoints=self.checkpoints or (),
         )
 
     @property

@@ -455,19 +455,32 @@ def test_a_resume_from_a_checkpoint_without_the_surgeon_plans_from_its_step(
     assert steps[0] == 150 and steps[-1] == 299
 
 
-class OneCycle(TinyRegressor):
-    """SGD + ``OneCycleLR(max_lr=PEAK)`` stepped every step (``scheduled=False``: none)."""
+class Scheduled(TinyRegressor):
+    """SGD at ``PEAK`` with the LR scheduler ``make_scheduler`` makes, stepped every step
+    (``scheduled=False``: the module returns the optimizer alone)."""
 
     def __init__(self, scheduled: bool = True) -> None:
         super().__init__()
         self.with_scheduler = scheduled
 
+    @staticmethod
+    def make_scheduler(optimizer: torch.optim.Optimizer) -> Any:
+        raise NotImplementedError
+
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.SGD(self.parameters(), lr=PEAK, momentum=0.9)
         if not self.with_scheduler:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=PEAK, total_steps=300)
+        scheduler = self.make_scheduler(optimizer)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+
+
+class OneCycle(Scheduled):
+    """``OneCycleLR(max_lr=PEAK)`` over 300 steps."""
+
+    @staticmethod
+    def make_scheduler(optimizer: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=PEAK, total_steps=300)
 
 
 @pytest.mark.parametrize("scheduled", [True, False], ids=["onecycle-returned", "none-returned"])
@@ -487,22 +500,14 @@ def test_a_resume_from_a_one_cycle_run_without_the_surgeon_peaks_at_its_max_lr(
     assert lrs[-1] < 0.15 * PEAK  # and it decays from there
 
 
-class Cyclic(TinyRegressor):
-    """SGD + ``CyclicLR(base_lr=PEAK / 10, max_lr=PEAK)``, cycles of 80 steps, stepped every
-    step (``scheduled=False``: none)."""
+class Cyclic(Scheduled):
+    """``CyclicLR(base_lr=PEAK / 10, max_lr=PEAK)``, cycles of 80 steps."""
 
-    def __init__(self, scheduled: bool = True) -> None:
-        super().__init__()
-        self.with_scheduler = scheduled
-
-    def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.SGD(self.parameters(), lr=PEAK, momentum=0.9)
-        if not self.with_scheduler:
-            return optimizer
-        scheduler = torch.optim.lr_scheduler.CyclicLR(
+    @staticmethod
+    def make_scheduler(optimizer: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.CyclicLR(
             optimizer, base_lr=PEAK / 10, max_lr=PEAK, step_size_up=40
         )
-        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
 
 
 @pytest.mark.parametrize("scheduled", [True, False], ids=["cyclic-returned", "none-returned"])

@@ -63,6 +63,13 @@ MEDIAN_ABS_DIFF = 0.6745 * math.sqrt(2.0)
 """The median of ``|x_t - x_{t-1}|`` for independent Gaussian noise of ``sigma = 1``."""
 
 
+def _median(values: deque[float]) -> float:
+    """``statistics.median``'s arithmetic, without its checks (``values`` is not empty)."""
+    ordered = sorted(values)
+    half = len(ordered) // 2
+    return ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
+
+
 class SpikeDetector:
     """Fires ``SPIKE`` on an outlier loss (z-score and ratio) and ``NONFINITE`` on NaN/inf."""
 
@@ -104,9 +111,7 @@ class SpikeDetector:
     def _noise(self) -> float:
         sigma = math.sqrt(self.var / 2.0)
         if len(self.diffs) == self.window:
-            ordered = sorted(self.diffs)
-            half = self.window // 2
-            med = ordered[half] if self.window % 2 else (ordered[half - 1] + ordered[half]) / 2
+            med = _median(self.diffs)
             if med > 0:  # no cap from a window without spread (repeated, quantized losses)
                 sigma = min(sigma, WINDOW_CAP * med / MEDIAN_ABS_DIFF)
         return sigma
@@ -139,11 +144,8 @@ class SpikeDetector:
         var = self.var + weight * (diff * diff - self.var)
         if math.isfinite(var):  # else a loss so far out (~1e154) that its square overflows
             self.var = var
-        recent = self.recent
-        recent.append(loss)
-        ordered = sorted(recent)  # the median (statistics.median's arithmetic, without its checks)
-        half = len(ordered) // 2
-        self.mean = ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
+        self.recent.append(loss)
+        self.mean = _median(self.recent)
         self.count += 1
         return Signal.SPIKE if is_spike else None
 
