@@ -373,6 +373,22 @@ def test_bad_settings_are_usage_errors(
     assert err.startswith("surgeon replay: error: ") and message in err
 
 
+def test_a_malformed_checkpoints_file_is_a_usage_error_naming_it(
+    logged_run: tuple[ScheduleSurgeon, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``checkpoints.csv`` whose rows are not step counts is refused by name (exit code 2),
+    not replayed as if the run had none."""
+    _, root = logged_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (LOSSES_FILE, SETTINGS_FILE):
+        (run / name).write_text((root / name).read_text())
+    (run / "checkpoints.csv").write_text("step\n40\nforty\n")
+    assert main(["replay", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints.csv: not one step count per row" in err
+
+
 def test_a_missing_stream_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
