@@ -277,7 +277,7 @@ def _load_surgeon_files(losses_path: Path) -> Run:
     with the run's settings (``surgeon replay`` reproduces a run's own events), in LRs where an
     event gives the peak, else as the scale of the peak; up to the first decision the losses
     did not make (a cooldown, a replan, a stop), which a replay cannot follow."""
-    from surgeon.replay import OUTSIDE_DECISIONS, read_stream
+    from surgeon.replay import before_outside_decision, read_stream
 
     directory = losses_path.parent
     try:
@@ -317,16 +317,17 @@ def _load_surgeon_files(losses_path: Path) -> Run:
         replayed = stream.replayed(stream.settings)
     except ValueError as err:
         raise RunError(f"{directory}: the surgeon's files cannot be replayed: {err}") from None
-    first = min(
-        ((e["step"], e["kind"]) for e in events if e["kind"] in OUTSIDE_DECISIONS),
-        default=None,
+    _, first = before_outside_decision(events)
+    until = (
+        ""
+        if first is None
+        else f" (to step {first['step']}: a {first['kind']} is not in the losses)"
     )
-    until = "" if first is None else f" (to step {first[0]}: a {first[1]} is not in the losses)"
     for name, peak in _replayed_lines(settings, events):
         run.series[name + until] = [
             (step, peak * scale)
             for step, scale in zip(replayed.steps, replayed.lr_scales, strict=True)
-            if first is None or step <= first[0]
+            if first is None or step <= first["step"]
         ]
     return run
 
