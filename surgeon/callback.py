@@ -91,6 +91,12 @@ __all__ = [
 ]
 
 
+def _warn(message: str) -> None:
+    """The engine's warnings, once per run through Lightning's rank-zero channel (a module
+    function, not a lambda: the callback pickles, as ``strategy="ddp_spawn"`` needs)."""
+    rank_zero_warn(f"ScheduleSurgeon: {message}")
+
+
 class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
     """Runs the learning rate of every optimizer as an adaptive warmup/decay controller.
 
@@ -277,7 +283,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             readback_every=readback_every,
             on_event=self._on_event,
             on_losses=self._on_losses,
-            on_warning=lambda message: rank_zero_warn(f"ScheduleSurgeon: {message}"),
+            on_warning=_warn,
         )
         self._view = Reporter(self.engine, self.config, verbose=verbose, log_dir=self.log_dir)
         self._budget = FitBudget(

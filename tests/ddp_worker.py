@@ -1,9 +1,10 @@
 """A two-process DDP fit on CPU (gloo) with the surgeon; run by ``tests/test_ddp.py``.
 
 Usage: ``python tests/ddp_worker.py OUT_DIR [--steps N] [--spike-step S] [--spike-rank R]
-[--nan-step S] [--batchnorm] [--nan-input-step S] [--max-time SECONDS] [--early-stopping]``
-(``--max-time``: the fit ends by time, not steps; ``--early-stopping``: an ``EarlyStopping``
-on a scripted val_loss that differs between the ranks).
+[--nan-step S] [--batchnorm] [--nan-input-step S] [--max-time SECONDS] [--early-stopping]
+[--strategy ddp|ddp_spawn]`` (``--max-time``: the fit ends by time, not steps;
+``--early-stopping``: an ``EarlyStopping`` on a scripted val_loss that differs between the
+ranks; ``--strategy ddp_spawn``: Lightning pickles the callbacks into two new processes).
 Needs ``MASTER_ADDR``/``MASTER_PORT`` in the environment and ``surgeon`` importable.
 
 Lightning's ``ddp`` strategy re-runs this script for rank 1 (``_SubprocessScriptLauncher``),
@@ -13,7 +14,7 @@ it (which confirms the spike) the loss of ``--spike-rank`` alone is multiplied b
 ``--spike-factor``, and at ``--nan-step`` the loss
 of that rank alone is multiplied by NaN; with ``--batchnorm`` the model has a BatchNorm layer,
 and at ``--nan-input-step`` one input value of that rank alone is NaN (its running statistics
-go NaN in the forward pass). Each rank writes ``OUT_DIR/rank{r}.json``:
+go NaN in the forward pass). Each rank writes ``OUT_DIR/rank{r}.json`` at the end of its fit:
 
 * ``lrs``: ``[step, lr]`` per ``training_step``, the LR read inside ``training_step``;
 * ``losses``: ``[step, loss]``, the rank's *local* loss (before DDP averaging);
@@ -187,6 +188,47 @@ def make_loader(batches: int, batch_size: int = 16) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
+class RecordAtFitEnd(pl.Callback):
+    """Writes the rank's record at the end of the fit, in the process that trained (under
+    ``ddp_spawn`` the launching process gets back the weights only, not the callbacks' state)."""
+
+    def __init__(self, surgeon: CountingSurgeon, out_dir: Path) -> None:
+        self.surgeon, self.out_dir = surgeon, out_dir
+
+    def on_fit_end(self, trainer: pl.Trainer, model: "Regressor") -> None:  # type: ignore[override]
+        surgeon = self.surgeon
+        data = make_loader(batches=32)
+        model.eval()
+        with torch.no_grad():
+            x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+            eval_loss = nn.functional.mse_loss(model.net(x), y).item()
+
+        assert surgeon.controller is not None
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "steps": surgeon.step,
+            "lrs": model.lrs,
+            "losses": [
+                [step, loss.item()] for (step, _), loss in zip(model.lrs, model.losses, strict=True)
+            ],
+            "events": [[event.step, event.kind.value] for event in surgeon.events],
+            "reasons": [event.reason for event in surgeon.events],
+            "collectives": surgeon.collectives,
+            "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
+            "nan_step_changed_weights": (
+                len(model.around_nan) == 2 and not torch.equal(*model.around_nan)
+            ),
+            "controller": json.dumps(surgeon.controller.state_dict(), sort_keys=True),
+            "buffers_finite": all(
+                bool(torch.isfinite(b).all()) for b in model.buffers() if b.is_floating_point()
+            ),
+            "eval_loss": eval_loss,
+        }
+        path = self.out_dir / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(record))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
@@ -200,6 +242,7 @@ def main() -> None:
     parser.add_argument("--nan-input-step", type=int, default=-1)
     parser.add_argument("--max-time", type=float, default=0.0)
     parser.add_argument("--early-stopping", action="store_true")
+    parser.add_argument("--strategy", choices=("ddp", "ddp_spawn"), default="ddp")
     args = parser.parse_args()
 
     surgeon = CountingSurgeon(readback_every=args.readback_every, log_dir=args.out_dir)
@@ -212,12 +255,12 @@ def main() -> None:
         args.nan_input_step,
     )
     trainer = pl.Trainer(
-        strategy="ddp",
+        strategy=args.strategy,
         accelerator="cpu",
         devices=2,
         max_steps=-1 if args.max_time else args.steps,
         max_time={"seconds": args.max_time} if args.max_time else None,
-        callbacks=[surgeon]
+        callbacks=[surgeon, RecordAtFitEnd(surgeon, args.out_dir)]
         + ([EarlyStopping(monitor="val_loss", patience=3)] if args.early_stopping else []),
         default_root_dir=args.out_dir,
         logger=False,
@@ -229,36 +272,6 @@ def main() -> None:
     )
     val = make_loader(batches=2) if args.early_stopping else None
     trainer.fit(model, make_loader(batches=32), val_dataloaders=val)
-    data = make_loader(batches=32)
-    model.eval()
-    with torch.no_grad():
-        x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
-        eval_loss = nn.functional.mse_loss(model.net(x), y).item()
-
-    assert surgeon.controller is not None
-    record = {
-        "rank": trainer.global_rank,
-        "world_size": trainer.world_size,
-        "steps": surgeon.step,
-        "lrs": model.lrs,
-        "losses": [
-            [step, loss.item()] for (step, _), loss in zip(model.lrs, model.losses, strict=True)
-        ],
-        "events": [[event.step, event.kind.value] for event in surgeon.events],
-        "reasons": [event.reason for event in surgeon.events],
-        "collectives": surgeon.collectives,
-        "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
-        "nan_step_changed_weights": (
-            len(model.around_nan) == 2 and not torch.equal(*model.around_nan)
-        ),
-        "controller": json.dumps(surgeon.controller.state_dict(), sort_keys=True),
-        "buffers_finite": all(
-            bool(torch.isfinite(b).all()) for b in model.buffers() if b.is_floating_point()
-        ),
-        "eval_loss": eval_loss,
-    }
-    path = args.out_dir / f"rank{trainer.global_rank}.json"
-    path.write_text(json.dumps(record))
 
 
 def exit_cleanly() -> None:

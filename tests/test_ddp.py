@@ -179,3 +179,29 @@ def test_an_early_stopping_cooldown_reads_the_same_on_both_ranks(tmp_path: Path)
     assert cooldowns[0] and cooldowns[0] == cooldowns[1]
     assert "has seen 2 checks in a row without improvement" in cooldowns[0][0]
     assert ranks[0]["lrs"] == ranks[1]["lrs"]
+
+
+def test_the_callback_pickles_for_ddp_spawn(tmp_path: Path, ranks: list[dict[str, Any]]) -> None:
+    """``strategy="ddp_spawn"`` pickles the Trainer's callbacks into two new processes (a lambda
+    held by the callback failed there before the first step): both ranks make the decisions of
+    the ``ddp`` run of the same script, LRs, events and final weights alike."""
+    import pickle
+
+    from surgeon import ScheduleSurgeon
+
+    restored = pickle.loads(pickle.dumps(ScheduleSurgeon(spike_zscore=5.0)))
+    assert restored.config.spike_zscore == 5.0
+    spawned = run_worker(
+        tmp_path,
+        "--strategy=ddp_spawn",
+        f"--steps={STEPS}",
+        f"--spike-step={SPIKE_STEP}",
+        f"--spike-rank={SPIKE_RANK}",
+        f"--readback-every={READBACK_EVERY}",
+        f"--nan-step={NAN_STEP}",
+    )
+    assert spawned[0]["lrs"] == spawned[1]["lrs"] == ranks[0]["lrs"]
+    assert spawned[0]["events"] == spawned[1]["events"] == ranks[0]["events"]
+    assert spawned[0]["weights"] == ranks[0]["weights"]
+    logged = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [[e["step"], e["kind"]] for e in logged] == ranks[0]["events"]
