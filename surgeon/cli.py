@@ -390,7 +390,7 @@ def _write_plot(prog: str, run_dir: Path, out: Path | None, *, log_lr: bool = Fa
 
     try:
         run = load_run(run_dir)
-    except RunError as err:
+    except (RunError, ValueError) as err:  # no run there, or its files do not parse
         raise UsageError(prog, str(err)) from None
     try:
         import matplotlib  # noqa: F401

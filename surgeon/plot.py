@@ -47,6 +47,8 @@ from surgeon.recorder import (
     LR_FIND_FILE,
     PHASE_CODES,
     SETTINGS_FILE,
+    read_events,
+    whole_lines,
 )
 
 __all__ = [
@@ -163,8 +165,9 @@ def find_run_files(run_dir: Path) -> tuple[Path, Path | None]:
     candidates = [*run_dir.rglob("metrics.csv"), *run_dir.rglob("events.out.tfevents.*")]
     if not candidates:
         raise RunError(
-            f"no metrics.csv or TensorBoard event file under {run_dir} "
-            "(log the run with CSVLogger or TensorBoardLogger)"
+            f"no metrics.csv, TensorBoard event file or surgeon run files (losses.csv, "
+            f"events.jsonl, settings.json) under {run_dir} (log the run with CSVLogger or "
+            "TensorBoardLogger, or give the surgeon a log_dir=)"
         )
     metrics = max(candidates, key=lambda p: p.stat().st_mtime)
     events = metrics.parent / EVENTS_FILE
@@ -201,13 +204,6 @@ def _read_tensorboard(path: Path) -> dict[str, Points]:
     }
 
 
-def read_events(path: Path | None) -> list[dict[str, Any]]:
-    """The JSON records of ``events.jsonl`` (an empty list without the file)."""
-    if path is None:
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def read_lr_find(path: Path) -> list[tuple[float, float]]:
     """The ``(lr, loss)`` rows of an ``lr_find.csv``, non-finite losses dropped."""
     with path.open(newline="") as f:
@@ -218,9 +214,8 @@ def read_lr_find(path: Path) -> list[tuple[float, float]]:
 def read_losses(path: Path) -> Points:
     """The ``(step, loss)`` rows of a ``losses.csv``, in step order (a step counted without a
     loss, an empty one, is left out)."""
-    with path.open(newline="") as f:
-        rows = csv.DictReader(f)
-        return sorted((int(row["step"]), float(row["loss"])) for row in rows if row["loss"])
+    rows = csv.DictReader(whole_lines(path))
+    return sorted((int(row["step"]), float(row["loss"])) for row in rows if row["loss"])
 
 
 def load_run(run_dir: Path) -> Run:

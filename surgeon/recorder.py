@@ -52,6 +52,33 @@ LOSS_ROWS_PER_WRITE = 256
 """Loss rows are formatted and written this many at a time (and at every flush)."""
 
 
+def whole_lines(path: Path) -> list[str]:
+    """The lines of a run file, each whole: the recorder writes whole lines, so a last line
+    without its newline is one a crash, a full disk or a copy cut short, and is left out."""
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()
+    return lines
+
+
+def read_events(path: Path | None) -> list[dict[str, Any]]:
+    """The JSON records of an ``events.jsonl`` (an empty list without the file), up to its last
+    whole line; a line that is not a JSON record is an error naming it."""
+    if path is None:
+        return []
+    events = []
+    for number, line in enumerate(whole_lines(path), 1):
+        if line.strip():
+            try:
+                events.append(json.loads(line))
+            except ValueError as err:
+                raise ValueError(
+                    f"{path}, line {number}: not a JSON event record ({err})"
+                ) from None
+    return events
+
+
 def event_record(event: Event, lr_before: float, lr_after: float) -> dict[str, Any]:
     """``event`` as the JSON record of ``events.jsonl``."""
     return {**event.to_dict(), "lr_before": lr_before, "lr_after": lr_after}
@@ -122,8 +149,8 @@ class RunRecorder:
         if next_loss_step <= 0 or not path.exists():
             return []
         last = next_loss_step if through else next_loss_step - 1
-        rows = path.read_text().splitlines(keepends=True)[1:]
-        return [row for row in rows if row.strip() and int(row.split(",", 1)[0]) <= last]
+        rows = whole_lines(path)[1:]
+        return [row + "\n" for row in rows if row.strip() and int(row.split(",", 1)[0]) <= last]
 
     @staticmethod
     def _keeps_settings(path: Path, next_loss_step: int, settings: dict[str, Any]) -> bool:

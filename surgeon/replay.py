@@ -51,7 +51,14 @@ from typing import Any
 from surgeon._validate import check_positive_int
 from surgeon.config import SurgeonConfig
 from surgeon.controller import Controller, Event
-from surgeon.recorder import CHECKPOINTS_FILE, EVENTS_FILE, LOSSES_FILE, SETTINGS_FILE
+from surgeon.recorder import (
+    CHECKPOINTS_FILE,
+    EVENTS_FILE,
+    LOSSES_FILE,
+    SETTINGS_FILE,
+    read_events,
+    whole_lines,
+)
 
 __all__ = [
     "LossStream",
@@ -368,11 +375,10 @@ def _run_files(
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{settings_path}: {err}") from None
     if events_path.exists():
-        lines = events_path.read_text().splitlines()
-        events = [json.loads(line) for line in lines if line.strip()]
+        events = read_events(events_path)
     checkpoints_path = folder / CHECKPOINTS_FILE
     if checkpoints_path.exists():
-        rows = checkpoints_path.read_text().splitlines()[1:]
+        rows = whole_lines(checkpoints_path)[1:]
         try:
             checkpoints = [int(row) for row in rows if row.strip()]
         except ValueError:
@@ -391,32 +397,55 @@ def _read_csv(
 ) -> tuple[list[int], list[float], list[bool] | None, list[bool] | None, str]:
     """A ``step,loss[,update_skipped]`` CSV (with or without a header) or a metrics CSV: steps,
     losses, update flags, which steps were counted without a loss (an empty loss: NaN here),
-    and a description."""
-    with path.open(newline="") as f:
-        rows = [row for row in csv.reader(f) if row]
+    and a description. A run's own ``losses.csv`` is read up to its last whole line (see
+    :func:`~surgeon.recorder.whole_lines`); a value that is not a number is an error naming
+    its line."""
+    lines = whole_lines(path) if path.name == LOSSES_FILE else path.read_text().splitlines()
+    rows = [(number, row) for number, row in enumerate(csv.reader(lines), 1) if row]
     if not rows:
         raise ValueError(f"{path} is empty")
-    header = [name.strip() for name in rows[0]]
+
+    def number(line: int, row: list[str], column: int) -> float:
+        try:
+            return float(row[column])
+        except (IndexError, ValueError):
+            field = repr(row[column]) if column < len(row) else "nothing"
+            raise ValueError(
+                f"{path}, line {line}: column {column + 1} holds {field}, not a number"
+            ) from None
+
+    header = [name.strip() for name in rows[0][1]]
     if len(header) == 2 and _is_number(header[0]) and metric is None:  # no header: step,loss
-        return [int(float(r[0])) for r in rows], [float(r[1]) for r in rows], None, None, str(path)
+        return (
+            [int(number(n, r, 0)) for n, r in rows],
+            [number(n, r, 1) for n, r in rows],
+            None,
+            None,
+            str(path),
+        )
     if "step" not in header:
         raise ValueError(f"{path} has no 'step' column (columns: {', '.join(header)})")
+    body = rows[1:]
     if header[:2] == ["step", "loss"] and len(header) <= 3 and metric in (None, "loss"):
         flags = None
         if header[2:] == ["update_skipped"]:
-            flags = [r[2].strip().lower() in ("1", "true", "1.0") for r in rows[1:]]
-        steps = [int(float(r[0])) for r in rows[1:]]
-        passed = [not r[1].strip() for r in rows[1:]]
+            flags = [
+                r[2].strip().lower() in ("1", "true", "1.0") if len(r) > 2 else False
+                for _, r in body
+            ]
+        steps = [int(number(n, r, 0)) for n, r in body]
+        passed = [len(r) > 1 and not r[1].strip() for _, r in body]
         losses = [
-            math.nan if gone else float(r[1]) for r, gone in zip(rows[1:], passed, strict=True)
+            math.nan if gone else number(n, r, 1) for (n, r), gone in zip(body, passed, strict=True)
         ]
         return steps, losses, flags, passed, f"{path} (loss)"
     series: dict[str, list[tuple[int, float]]] = {}
-    for row in rows[1:]:
-        values = dict(zip(header, row, strict=False))
-        for key, value in values.items():
+    column = header.index("step")
+    for n, row in body:
+        for index, (key, value) in enumerate(zip(header, row, strict=False)):
             if key != "step" and value.strip():
-                series.setdefault(key, []).append((int(float(values["step"])), float(value)))
+                point = (int(number(n, row, column)), number(n, row, index))
+                series.setdefault(key, []).append(point)
     steps, losses, source = _pick_series(path, series, metric)
     return steps, losses, None, None, source
 

@@ -400,13 +400,15 @@ def test_an_event_kind_this_version_does_not_know_is_drawn_neutral(
         ("missing", "{run_dir} is not a directory: pass the log directory of a run"),
         (
             "empty",
-            "no metrics.csv or TensorBoard event file under {run_dir} "
-            "(log the run with CSVLogger or TensorBoardLogger)",
+            "no metrics.csv, TensorBoard event file or surgeon run files (losses.csv, "
+            "events.jsonl, settings.json) under {run_dir} (log the run with CSVLogger or "
+            "TensorBoardLogger, or give the surgeon a log_dir=)",
         ),
         (
             "events only",
-            "no metrics.csv or TensorBoard event file under {run_dir} "
-            "(log the run with CSVLogger or TensorBoardLogger)",
+            "no metrics.csv, TensorBoard event file or surgeon run files (losses.csv, "
+            "events.jsonl, settings.json) under {run_dir} (log the run with CSVLogger or "
+            "TensorBoardLogger, or give the surgeon a log_dir=)",
         ),
         (
             "no surgeon",

@@ -57,10 +57,15 @@ def test_losses_and_settings_of_a_fit(make_trainer: Any, tmp_path: Path) -> None
     }
 
 
-def test_a_resume_after_a_crash_keeps_each_step_once(make_trainer: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("torn", [False, True], ids=["whole", "last-row-torn"])
+def test_a_resume_after_a_crash_keeps_each_step_once(
+    make_trainer: Any, tmp_path: Path, torn: bool
+) -> None:
     """Run A checkpoints at step 20 and crashes at step 33 (its losses.csv then has rows past
     20); run B resumes from step 20 in the same directory (``log_dir``): the file holds 0..59
-    once each, the rows of steps 20-32 being run B's."""
+    once each, the rows of steps 20-32 being run B's. ``torn``: the crash cut the file in the
+    middle of a row of a step before 20 (a full disk, a copy cut short): that row is dropped,
+    not glued to the next one written."""
     steps = 60
 
     class Crash(RuntimeError):
@@ -77,12 +82,16 @@ def test_a_resume_after_a_crash_keeps_each_step_once(make_trainer: Any, tmp_path
     with pytest.raises(Crash):
         trainer.fit(TinyRegressor(loss_hook=crash), make_loader())
     assert max(r[0] for r in read_losses(tmp_path)) > 20
+    if torn:
+        text = (tmp_path / LOSSES_FILE).read_text()
+        cut = text.index("\n15,") + 4  # the file ends inside the row of step 15
+        (tmp_path / LOSSES_FILE).write_text(text[:cut])
 
     cb_b, model_b = ScheduleSurgeon(min_warmup=4, max_warmup=8, log_dir=tmp_path), TinyRegressor()
     trainer = make_trainer([cb_b], max_steps=steps)
     trainer.fit(model_b, make_loader(), ckpt_path=tmp_path / "ckpt" / "step=20.ckpt")
     rows = read_losses(tmp_path)
-    assert [r[0] for r in rows] == list(range(steps))
+    assert [r[0] for r in rows] == [s for s in range(steps) if not (torn and 15 <= s < 20)]
     resumed = {r["step"]: r["loss"] for r in model_b.records}
     assert all(loss == pytest.approx(resumed[step], rel=1e-6) for step, loss, _ in rows[20:])
 

@@ -389,6 +389,67 @@ def test_a_malformed_checkpoints_file_is_a_usage_error_naming_it(
     assert "checkpoints.csv: not one step count per row" in err
 
 
+def _copy_run(root: Path, run: Path) -> Path:
+    run.mkdir()
+    for name in (LOSSES_FILE, SETTINGS_FILE, EVENTS_FILE):
+        (run / name).write_text((root / name).read_text())
+    return run
+
+
+def test_run_files_cut_short_inside_their_last_line_are_read_up_to_it(
+    logged_run: tuple[ScheduleSurgeon, Path], tmp_path: Path
+) -> None:
+    """A crash, a full disk or a copy cut short can end a run file inside a line; the recorder
+    writes whole lines, so a last line without its newline is left out: ``read_stream`` and
+    ``surgeon plot`` read the rest (before: an IndexError traceback)."""
+    _, root = logged_run
+    run = _copy_run(root, tmp_path / "run")
+    losses = (root / LOSSES_FILE).read_text()
+    (run / LOSSES_FILE).write_text(losses[: losses.rindex("\n", 0, -1) + 3])  # inside the last row
+    (run / EVENTS_FILE).write_text((root / EVENTS_FILE).read_text() + '{"step": 9')
+    whole, cut = read_stream(root / LOSSES_FILE), read_stream(run / LOSSES_FILE)
+    assert cut.steps == whole.steps[:-1]
+    assert cut.logged_events == whole.logged_events
+    assert main(["plot", str(run), "--out", str(tmp_path / "cut.png")]) == 0
+    assert (tmp_path / "cut.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "message"),
+    [
+        (
+            LOSSES_FILE,
+            lambda text: re.sub(r"\n5,[^,]*,", "\n5,abc,", text, count=1),
+            "losses.csv, line 7: column 2 holds 'abc', not a number",
+        ),
+        (
+            EVENTS_FILE,
+            lambda text: text.replace("\n", '\n{"step": 3, \n', 1),
+            "events.jsonl, line 2: not a JSON event record",
+        ),
+    ],
+    ids=["loss", "event"],
+)
+@pytest.mark.parametrize("command", ["replay", "plot"])
+def test_a_damaged_line_inside_a_run_file_is_a_usage_error_naming_it(
+    logged_run: tuple[ScheduleSurgeon, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    damage: Callable[[str], str],
+    message: str,
+    command: str,
+) -> None:
+    """A value that does not parse, anywhere but a torn last line, is an error (exit code 2)
+    naming the file and the line, from ``surgeon replay`` and ``surgeon plot`` alike."""
+    _, root = logged_run
+    run = _copy_run(root, tmp_path / "run")
+    (run / name).write_text(damage((run / name).read_text()))
+    assert main([command, str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"surgeon {command}: error: ") and message in err
+
+
 def test_a_missing_stream_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
