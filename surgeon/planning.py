@@ -42,8 +42,8 @@ MANUAL_TOLERANCE = 0.05
 """A projected length off the plan by more than this share of it is re-planned."""
 
 
-def _same(value: int) -> int:
-    """One process: the number every rank agrees on is its own."""
+def _same(value: Any) -> Any:
+    """One process: what every rank agrees on is its own."""
     return value
 
 
@@ -75,7 +75,8 @@ class TimePlanner:
     the estimate moves by more than a tenth (twice that to extend it: ending early only holds
     the floor longer; at least ``2 x every`` steps), recording the move only when the end moved
     by more than :data:`RECORDED_MOVE` of the run since the last recorded one. ``agree`` makes
-    the ranks agree on the steps left (rank zero's clock)."""
+    the ranks agree on the steps left and the readings its reason quotes (rank zero's clock:
+    a broadcast of a tuple)."""
 
     def __init__(
         self,
@@ -87,7 +88,7 @@ class TimePlanner:
         every: int,
         plan_cap: int | None,
         probing: bool,
-        agree: Callable[[int], int] = _same,
+        agree: Callable[[Any], Any] = _same,
     ) -> None:
         """``config``: the settings as given (fractions of the run), ``plan_cap``: a length the
         run never goes past (``None``: only the time bounds it)."""
@@ -136,7 +137,10 @@ class TimePlanner:
         )
         remaining = max(0.0, self.remaining())
         # end a little early rather than late: the LR then holds the floor for those steps
-        left = max(1, self.agree(int(remaining * rate * (1.0 - TIME_MARGIN)) - 2 * self.every))
+        estimate = int(remaining * rate * (1.0 - TIME_MARGIN)) - 2 * self.every
+        # rank zero's estimate, and the clock readings its reason quotes, are every rank's
+        estimate, remaining, rate = self.agree((estimate, remaining, rate))
+        left = max(1, estimate)
         why = (
             f"max_time: {remaining:.4g} s left at {rate:.4g} steps/s (since step {start_step}, "
             f"or over the last {step - samples[0][0]} steps if slower) is about {left} more steps"

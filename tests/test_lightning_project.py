@@ -442,13 +442,15 @@ def test_a_max_time_fit_ends_annealed(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_max_time_plan_under_ddp_is_rank_zeros_on_both_ranks(tmp_path: Path) -> None:
     """Two DDP processes (gloo) with only ``max_time``: each rank measures its own step rate,
-    rank zero's estimates are broadcast, so both plan, cool down and end alike."""
+    rank zero's estimates are broadcast, so both plan, cool down and end alike, and say so in
+    the same words (the seconds left and the step rate each reason quotes are rank zero's)."""
     from test_ddp import run_worker
 
     ranks = run_worker(tmp_path, "--max-time=6", "--spike-step=-1", "--nan-step=-1")
     lrs = [[lr for _, lr in r["lrs"]] for r in ranks]
     assert lrs[0] == lrs[1] and len(lrs[0]) > 100
     assert ranks[0]["events"] == ranks[1]["events"]
+    assert ranks[0]["reasons"] == ranks[1]["reasons"]  # rank zero's clock readings, on both
     kinds = [kind for _, kind in ranks[0]["events"]]
     assert kinds[0] == "replan" and "cooldown" in kinds
     if kinds[-1] == "done":
