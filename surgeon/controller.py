@@ -494,7 +494,8 @@ class Controller:
                 )
             else:
                 how = (
-                    f"{self.config.decay} decay from the current LR scale {level:.3g} to the floor "
+                    f"{self.config.decay} decay from the plan's LR scale {level:.3g} (a cut in "
+                    f"force aside) to the floor "
                     f"{floor:g} over the remaining {_steps(self.total_steps - step)}"
                 )
             if new_length and level <= self.floor:
