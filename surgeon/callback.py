@@ -373,6 +373,11 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ fit lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         view, engine = self._view, self.engine
+        # fit() again on the same Trainer (a continued fit): it goes on from this callback's
+        # state, as from a checkpoint saved where the last fit ended
+        continued = trainer.ckpt_path is None and trainer.global_step > 0
+        if continued and self._pending_state is None and self.controller is not None:
+            self._pending_state = self.state_dict()
         view.begin_fit(trainer)
         # a resumed fit takes its peaks from the checkpoint's param groups: no second range test
         self._resuming = trainer.ckpt_path is not None or self._pending_state is not None
@@ -417,7 +422,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             self._lr_find_curve = find_peak_lr(engine, trainer, pl_module)
             # the finder restored the callbacks' state from a checkpoint it took first: our own
             # (fresh) state among them, which is not a resume
-            self._pending_state = None
+            self._pending_state, self._state_loaded = None, False
         view.watch_lrs(trainer, self)
         if self._pending_state is not None:
             engine.load_state_dict(self._pending_state)

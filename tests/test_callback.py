@@ -812,3 +812,40 @@ def test_total_steps_in_a_fit_left_at_lightnings_default_length_does_not_warn() 
         assert planned_steps(trainer(-1, 1000), 500, False) == 500
     with pytest.warns(UserWarning, match=r"plans fewer steps than this fit runs \(800"):
         assert planned_steps(trainer(800, -1), 500, False) == 500
+
+
+def test_fit_called_again_on_the_same_trainer_goes_on_as_a_resume(
+    make_trainer: Any, tmp_path: Path
+) -> None:
+    """``trainer.fit`` again on the same Trainer and callback (a continued fit, no ``ckpt_path``)
+    goes on from the callback's own state, as a resume from a checkpoint saved where the first
+    fit ended does: the finished run stays at the floor for the added steps, with a ``replan``
+    saying so (before: a 'checkpoint without surgeon state' replan that re-started the LR at
+    the full peak, with no ramp)."""
+
+    def continued(via_checkpoint: bool) -> tuple[list[float], list[Any]]:
+        folder = tmp_path / ("ckpt" if via_checkpoint else "same")
+        surgeon, model = ScheduleSurgeon(min_warmup=2, max_warmup=4), TinyRegressor()
+        saver = ModelCheckpoint(folder, "last", every_n_epochs=1)
+        trainer = make_trainer([surgeon, saver], max_epochs=2, enable_checkpointing=True)
+        trainer.fit(model, make_loader())
+        if via_checkpoint:
+            trainer = make_trainer([surgeon], max_epochs=4)
+            trainer.fit(model, make_loader(), ckpt_path=folder / "last.ckpt")
+        else:
+            trainer.fit_loop.max_epochs = 4
+            trainer.fit(model, make_loader())
+        steps = [r["step"] for r in model.records]
+        assert steps == list(range(40))
+        return [r["lrs"][0][0] for r in model.records[20:]], surgeon.events
+
+    lrs, events = continued(via_checkpoint=False)
+    assert lrs == [0.0] * 20  # the finished run's floor, not the peak
+    replans = [e for e in events if e.kind is EventKind.REPLAN]
+    assert len(replans) == 1 and "does not re-warm a finished run" in replans[0].reason
+    assert "without surgeon state" not in replans[0].reason
+    lrs_ckpt, events_ckpt = continued(via_checkpoint=True)
+    assert lrs == lrs_ckpt
+    assert [(e.step, e.kind, e.reason) for e in events] == [
+        (e.step, e.kind, e.reason) for e in events_ckpt
+    ]

@@ -78,10 +78,12 @@ def read_curve(log_dir: Path) -> list[tuple[float, float]]:
 
 
 def test_the_finder_sets_the_peaks_keeping_the_group_ratio(
-    make_trainer: Any, tmp_path: Path, finder_calls: list[Any]
+    make_trainer: Any, tmp_path: Path, finder_calls: list[Any], info_lines: list[str]
 ) -> None:
     surgeon = new_surgeon()
     trainer = fit(make_trainer, tmp_path, surgeon)
+    # the finder restores the callbacks from its own checkpoint: a fresh fit, not a resume
+    assert not [line for line in info_lines if "resumed at step" in line]
     (finder,) = finder_calls
     # lr_find.csv: the LRs the finder tested and the loss each of its steps returned
     curve = read_curve(tmp_path)
@@ -265,6 +267,24 @@ def test_a_range_test_that_shows_nothing_keeps_the_configured_lrs(
     assert [g[PEAK_LR_KEY] for g in trainer.optimizers[0].param_groups] == list(LRS)
     assert EventKind.PEAK_LR not in [e.kind for e in surgeon.events]
     assert len(read_curve(tmp_path)) == FIND_STEPS
+
+
+def test_a_range_test_on_a_loss_below_zero_says_it_needs_a_positive_one(
+    make_trainer: Any, tmp_path: Path
+) -> None:
+    """A loss that is negative (a negative ELBO, an NLL of a density): Lightning's finder stops
+    at once (a loss above 4x a negative best) and the suggestion reads the log of the loss, so
+    the warning names the cause and the fix, not wider bounds; the configured LRs are kept."""
+    surgeon = ScheduleSurgeon(total_steps=TOTAL, peak_lr="find", find_steps=FIND_STEPS)
+    trainer = make_trainer(
+        [surgeon], logger=CSVLogger(tmp_path, name="", version=""), max_steps=TOTAL
+    )
+    model = TinyRegressor(lrs=LRS, loss_hook=lambda step, batch_idx, loss: loss - 10.0)
+    with pytest.warns(UserWarning, match=r"the LR range test needs a positive loss") as warned:
+        trainer.fit(model, make_loader())
+    assert not [w for w in warned if "Widen find_min_lr" in str(w.message)]
+    assert [g[PEAK_LR_KEY] for g in trainer.optimizers[0].param_groups] == list(LRS)
+    assert EventKind.PEAK_LR not in [e.kind for e in surgeon.events]
 
 
 @pytest.mark.slow

@@ -110,11 +110,22 @@ def find_peak_lr(
         f"tested {steps} (find_min_lr={cfg.find_min_lr:g}, find_max_lr={cfg.find_max_lr:g}, "
         f"find_steps={cfg.find_steps})"
     )
+    finite = [loss for loss in losses if math.isfinite(loss)]
+    if found is None and finite and min(finite) <= 0:
+        rank_zero_warn(
+            "ScheduleSurgeon(peak_lr='find'): the LR range test needs a positive loss, and this "
+            f"one reached {min(finite):.4g} ({tested}): the suggestion is read on the log of the "
+            "loss, and Lightning's finder stops once a loss exceeds 4x its best, which a best "
+            "<= 0 makes at once. Keeping the optimizer's configured LRs; set the peak LR in the "
+            "optimizer with peak_lr='optimizer' (the default), or shift the loss above 0 for "
+            "the test."
+        )
+        return curve
     if found is None:
         rank_zero_warn(
             "ScheduleSurgeon(peak_lr='find'): the LR range test gave no suggestion (its loss "
             f"neither fell by {MIN_DROP:.0%} nor diverged, had fewer than {MIN_POINTS} finite "
-            f"values, or was <= 0; {tested}); keeping the optimizer's configured LRs. Widen "
+            f"values; {tested}); keeping the optimizer's configured LRs. Widen "
             "find_min_lr..find_max_lr or raise find_steps."
         )
         return curve
