@@ -471,7 +471,23 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._view.close()  # what was decided before the fault stays on disk
+        """The fit raised: a ``stopped`` event names the exception, and what was decided before
+        it stays on disk. An interrupt (Ctrl-C, Lightning's graceful shutdown) in one process
+        first reads the losses in flight and decides on them, as the end of a fit does (a
+        spike among them rolled back leaves the last good weights); after any other exception,
+        or under DDP (the other ranks may not take part in a read), they are left unread."""
+        controller, engine = self.controller, self.engine
+        if controller is not None and self._step_counter is not None:
+            interrupt = isinstance(exception, KeyboardInterrupt)
+            if interrupt and trainer.world_size == 1:
+                engine.finish()
+            name = type(exception).__name__
+            cause = f"interrupted ({name})" if interrupt else f"it raised {name}: {exception}"
+            unread = engine.step - controller.step
+            if unread > 0:
+                cause += f"; the losses of its last {plural(unread, 'step')} were not read"
+            self._budget.record_early_end(trainer, cause, done=engine.step)
+        self._view.close()
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._view.publish(trainer)  # fresh values for the checkpoint and early-stopping checks

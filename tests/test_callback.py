@@ -849,3 +849,40 @@ def test_fit_called_again_on_the_same_trainer_goes_on_as_a_resume(
     assert [(e.step, e.kind, e.reason) for e in events] == [
         (e.step, e.kind, e.reason) for e in events_ckpt
     ]
+
+
+@pytest.mark.parametrize("exception", [KeyboardInterrupt, RuntimeError])
+def test_a_fit_that_raises_says_so_in_a_stopped_event(
+    make_trainer: Any, tmp_path: Path, exception: type[BaseException]
+) -> None:
+    """A fit interrupted at step 37 (Ctrl-C: Lightning's graceful shutdown, then exit) reads the
+    losses in flight first, as a fit's end does: ``losses.csv`` holds every step before the
+    interrupt and a ``stopped`` event says what happened (before: the rows read 4-7 steps late
+    were lost and the run's record just ended). Another exception is named too; its losses in
+    flight stay unread (the device may be what failed)."""
+
+    def hook(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        if step == 37:
+            raise exception("stop here")
+        return loss
+
+    surgeon = ScheduleSurgeon(min_warmup=2, max_warmup=4, log_dir=tmp_path)
+    trainer = make_trainer([surgeon], max_steps=60)
+    with pytest.raises((SystemExit, exception)):
+        trainer.fit(TinyRegressor(loss_hook=hook), make_loader(batches=60))
+    stopped = surgeon.events[-1]
+    assert stopped.kind is EventKind.STOPPED
+    with (tmp_path / "losses.csv").open() as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f)]
+    logged = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert logged[-1]["kind"] == "stopped" and logged[-1]["reason"] == stopped.reason
+    assert stopped.step == 36 and "the fit ended after 37 of the 60 planned steps" in stopped.reason
+    if exception is KeyboardInterrupt:
+        assert steps == list(range(37))
+        assert stopped.reason.endswith("interrupted (KeyboardInterrupt)")
+    else:
+        assert steps == list(range(len(steps))) and 37 - 8 < len(steps) < 37
+        assert stopped.reason.endswith(
+            f"it raised RuntimeError: stop here; the losses of its last {37 - len(steps)} steps "
+            "were not read"
+        )

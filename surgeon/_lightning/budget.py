@@ -211,17 +211,21 @@ class FitBudget:
             self.notice(f"{why}; no cooldown: the plan already ends by step {end}")
         return event
 
-    def record_early_end(self, trainer: pl.Trainer) -> None:
-        """A ``stopped`` event when the fit ended before its plan did, saying why."""
+    def record_early_end(
+        self, trainer: pl.Trainer, cause: str | None = None, done: int | None = None
+    ) -> None:
+        """A ``stopped`` event when the fit ended before its plan did, saying why (``cause``:
+        what ended it, else what Lightning's callbacks tell; ``done``: the steps it ran, else
+        the steps whose losses were read)."""
         controller = self.engine.controller
         if controller is None or controller.phase is Phase.DONE:
             return
-        done = controller.step
+        done = controller.step if done is None else done
         scale = controller.lr_scale(max(0, done - 1))
         why = (
             f"the fit ended after {done} of the {controller.total_steps} planned steps, in phase "
             f"{controller.phase.value} at LR scale {scale:.3g} (the floor is "
-            f"{controller.floor:g}): {self._stop_cause(trainer)}"
+            f"{controller.floor:g}): {cause or self._stop_cause(trainer)}"
         )
         self._record_stopped(max(0, done - 1), scale, why)
 
