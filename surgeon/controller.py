@@ -87,6 +87,12 @@ SNAPSHOTS_OFF = "snapshots are off (snapshot='off', or a Surgeon without model=)
 """Why no rollback can happen in a run without snapshots (a refused rollback's reason)."""
 
 
+def _ratio_words(factor: float, mean: float, of: str) -> str:
+    """The ratio tests' threshold in words: ``loss - mean >= (factor - 1) |mean|`` is ``factor x``
+    a positive mean, and ``factor - 1`` times the size of a mean <= 0 above it."""
+    return f"{factor:g}x {of}" if mean > 0 else f"{factor - 1.0:g}x |mean| above {of}"
+
+
 def plural(count: int, noun: str) -> str:
     """``"1 check"``, ``"2 checks"``: a count in an event's reason."""
     return f"{count} {noun}" + ("" if count == 1 else "s")
@@ -792,8 +798,8 @@ class Controller:
                     int(suspect["step"]),
                     f"{self._spike_words(suspect)} just before a checkpoint or the end of the "
                     "fit, unconfirmed; "
-                    f"at least {threshold:g}x its running mean (rollback_threshold="
-                    f"{threshold:g})",
+                    f"at least {_ratio_words(threshold, suspect['mean'], 'its running mean')} "
+                    f"(rollback_threshold={threshold:g})",
                 )
         if self.nonfinite_streak and self.nonfinite_applied:
             streak = self.nonfinite_streak
@@ -1073,7 +1079,8 @@ class Controller:
         return (
             f"loss {suspect['loss']:.4g} at step {int(suspect['step'])} is {suspect['z']:.1f} "
             f"sigma above its running mean {suspect['mean']:.4g} (noise {suspect['std']:.3g}; "
-            f"thresholds {self.spike.zscore:g} sigma and {self.spike.ratio:g}x the mean)"
+            f"thresholds {self.spike.zscore:g} sigma and "
+            f"{_ratio_words(self.spike.ratio, suspect['mean'], 'the mean')})"
         )
 
     def _confirm_spike(
@@ -1105,7 +1112,8 @@ class Controller:
         elif self._severe(worst, mean):
             why += self._request_rollback(
                 step,
-                f"loss {worst:.4g} is at least {threshold:g}x its running mean {mean:.4g} "
+                f"loss {worst:.4g} is at least "
+                f"{_ratio_words(threshold, mean, 'its running mean')} {mean:.4g} "
                 f"(rollback_threshold={threshold:g})",
             )
         elif not math.isfinite(loss):

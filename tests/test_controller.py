@@ -1689,3 +1689,24 @@ def test_a_peak_lowered_during_the_decay_goes_on_decaying_from_it() -> None:
     after = trace.lrs[recovered + 30 :]
     assert after == sorted(after, reverse=True) and after[-1] < 0.01 * max(after)
     assert max(after) < trace.lrs[799]  # below the decay's LR before the trouble
+
+
+def test_the_ratio_tests_on_a_loss_below_zero_are_worded_by_its_size() -> None:
+    """The ratio tests ask ``loss - mean >= (factor - 1) |mean|``: for a mean above 0 that is
+    ``factor x`` the mean, as the reasons say; below 0 ('at least 4x its running mean -2.8' was
+    false of a loss of 7.3) they say how far above the mean, in sizes of the mean."""
+    losses = noisy([2.0 / (1 + t / 100) - 3.0 for t in range(1500)], 0.02, seed=2)
+    for t in (700, 701):
+        losses[t] += 10.0
+    (event,) = [e for e in drive(Controller(1500, SurgeonConfig()), losses).events if e.step == 701]
+    assert event.kind is EventKind.SPIKE
+    assert "thresholds 6 sigma and 0.5x |mean| above the mean)" in event.reason
+    assert re.search(
+        r"loss 7\.\d+ is at least 3x \|mean\| above its running mean -2\.\d+ ", event.reason
+    )
+    positive = [x + 6.0 for x in losses]  # the same stream above 0: the factor of the mean
+    (event,) = [
+        e for e in drive(Controller(1500, SurgeonConfig()), positive).events if e.step == 701
+    ]
+    assert "thresholds 6 sigma and 1.5x the mean)" in event.reason
+    assert re.search(r"is at least 4x its running mean 3\.\d+ ", event.reason)

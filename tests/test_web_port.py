@@ -97,6 +97,15 @@ def _spiky(n: int = 1500) -> list[float]:
     return losses
 
 
+def _below_zero(n: int = 1500) -> list[float]:
+    """A loss below 0 (a negative ELBO): a severe spike its next loss confirms (700), a mild one
+    (1100), a severe one on the last step; the ratio tests and their words are of |mean|."""
+    losses = _noisy([2.0 / (1 + i / 100) - 3.0 for i in range(n)], 0.02, 2)
+    for step, jump in ((700, 10.0), (701, 10.0), (1100, 2.0), (1101, 2.2), (n - 1, 10.0)):
+        losses[step] += jump
+    return losses
+
+
 def _nonfinite(n: int = 1500) -> tuple[list[float], list[bool]]:
     losses = _noisy([1.0 / (1 + i / 200) + 0.2 for i in range(n)], 0.02, 3)
     for step in (400, 402, 800, 1200, 1201, 1202, 1203):
@@ -171,6 +180,7 @@ def _stalling(n: int = 200) -> list[float]:
 STREAMS: dict[str, Any] = {
     "stabilizing": _stabilizing,
     "spiky": _spiky,
+    "below_zero": _below_zero,
     "nonfinite": _nonfinite,
     "plateau": _plateau,
     "warmup_spike": _warmup_spike,

@@ -20,6 +20,12 @@
     return (x < 0 || Object.is(x, -0) ? "" : "+") + percent(x, 2);
   }
 
+  // the ratio tests' threshold in words: loss - mean >= (factor - 1) |mean| is factor x a
+  // positive mean, and factor - 1 times the size of a mean <= 0 above it
+  function _ratio_words(factor, mean, of) {
+    return mean > 0 ? `${g(factor)}x ${of}` : `${g(factor - 1)}x |mean| above ${of}`;
+  }
+
   function _format_bytes(nbytes) {
     for (const [unit, size] of [["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]]) {
       if (nbytes >= size) return `${f(nbytes / size, 1)} ${unit}`;
@@ -372,7 +378,8 @@
           this._request_rollback(
             suspect.step,
             `${this._spike_words(suspect)} just before a checkpoint or the end of the ` +
-              `fit, unconfirmed; at least ${g(threshold)}x its running mean ` +
+              "fit, unconfirmed; at least " +
+              `${_ratio_words(threshold, suspect.mean, "its running mean")} ` +
               `(rollback_threshold=${g(threshold)})`,
           );
         }
@@ -626,7 +633,8 @@
       return (
         `loss ${g(suspect.loss, 4)} at step ${suspect.step} is ${f(suspect.z, 1)} ` +
         `sigma above its running mean ${g(suspect.mean, 4)} (noise ${g(suspect.std, 3)}; ` +
-        `thresholds ${g(this.spike.zscore)} sigma and ${g(this.spike.ratio)}x the mean)`
+        `thresholds ${g(this.spike.zscore)} sigma and ` +
+        `${_ratio_words(this.spike.ratio, suspect.mean, "the mean")})`
       );
     }
 
@@ -653,7 +661,8 @@
       } else if (this._severe(worst, mean)) {
         why += this._request_rollback(
           step,
-          `loss ${g(worst, 4)} is at least ${g(threshold)}x its running mean ${g(mean, 4)} ` +
+          `loss ${g(worst, 4)} is at least ` +
+            `${_ratio_words(threshold, mean, "its running mean")} ${g(mean, 4)} ` +
             `(rollback_threshold=${g(threshold)})`,
         );
       } else if (!Number.isFinite(loss)) {
