@@ -265,15 +265,17 @@ def _run_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-# The preview page's starting point, and the schedules whose arguments it can start from
-# (a warmup, then a decay to a floor): name -> the page's decay shape.
+# The preview page's starting point, the shape of ScheduleSurgeon()'s defaults (a floor of 0;
+# the wsd tail over wsd_decay_fraction of the steps after warmup, the page's share being of the
+# whole run), and the schedules whose arguments it can start from (a warmup, then a decay to a
+# floor): name -> the page's decay shape.
 _PAGE_START: dict[str, Any] = {
     "total_steps": 1000,
     "warmup_steps": 50,
     "peak": 1e-3,
-    "floor": 0.1,
+    "floor": 0.0,
     "shape": "wsd",
-    "decay_fraction": 0.2,
+    "decay_fraction": 0.475,
 }
 _PAGE_SHAPES = {"warmup_cosine": "cosine", "cosine": "cosine", "wsd": "wsd"}
 

@@ -90,6 +90,24 @@ class TestTable:
         assert WSD_DECAY_FRACTION == 0.2 and SurgeonConfig().wsd_decay_fraction == 0.5
         assert inspect.signature(wsd).parameters["decay_fraction"].default == WSD_DECAY_FRACTION
 
+    def test_the_schedule_page_starts_from_the_surgeons_default_shape(self, tmp_path: Path) -> None:
+        """``preview --html`` without a schedule opens on ScheduleSurgeon()'s shape: a floor of
+        0 and the wsd tail over ``wsd_decay_fraction`` of the steps after warmup (it opened on
+        a floor of 0.1 and WSD's usual 20% of the run)."""
+        import json
+
+        page = tmp_path / "preview.html"
+        assert main(["preview", "--html", str(page)]) == 0
+        data = re.search(r'id="surgeon-data"[^>]*>(.*?)</script>', page.read_text(), re.S)
+        assert data is not None
+        start = json.loads(data.group(1))["start"]
+        defaults = SurgeonConfig()
+        assert start["shape"] == defaults.decay and start["floor"] == defaults.min_lr_ratio
+        after_warmup = start["total_steps"] - start["warmup_steps"]
+        assert start["decay_fraction"] * start["total_steps"] == pytest.approx(
+            defaults.wsd_decay_fraction * after_warmup
+        )
+
     @pytest.mark.parametrize("name", sorted(SCHEDULES))
     def test_every_schedule_has_a_subcommand(
         self, name: str, capsys: pytest.CaptureFixture[str]
