@@ -157,7 +157,8 @@ class Surgeon:
                     "else initial_lr) as its peak; do not step another scheduler",
                     stacklevel=2,
                 )
-        self._optimizer_steps = 0
+        self._optimizer_steps = 0  # optimizer steps since the last step() (counted by hooks)
+        self._warned_order = False
         self._step_hooks = self._watch_optimizer_steps(optimizers)
         self._recorder: RunRecorder | None = None
         self._warned_past_plan = False
@@ -210,6 +211,13 @@ class Surgeon:
                     f"{type(loss).__name__}"
                 )
             self.engine.watch_loss(loss)
+        if self._optimizer_steps and len(self.engine.optimizers) == 1 and self._step_hooks:
+            self._warn_order(
+                "guard() was called after optimizer.step(): call it before (loss.backward(); "
+                "surgeon.guard(loss); optimizer.step(); surgeon.step(loss)), or a NaN update is "
+                "applied before the guard can skip it (a rollback repairs it later, at best)",
+                stacklevel=3,
+            )
         for optimizer in self.engine.optimizers:
             self.engine.before_optimizer_step(optimizer)
 
@@ -272,7 +280,7 @@ class Surgeon:
         return handles
 
     def _watch_optimizer_steps(self, optimizers: list[Optimizer]) -> list[Any]:
-        """Count optimizer steps until the first :meth:`step` (a post-hook on each)."""
+        """Count optimizer steps between :meth:`step` calls (a post-hook on each)."""
 
         def count(surgeon: Surgeon) -> None:
             surgeon._optimizer_steps += 1
@@ -295,20 +303,35 @@ class Surgeon:
         self._step_hooks = _removed(self._step_hooks)
 
     def _check_order(self) -> None:
-        """At the first :meth:`step`: say so if no optimizer has stepped yet (``step`` called
-        before ``optimizer.step()``: every LR would come a step early and the guard's flags be
-        cleared before the update they guard). Under a GradScaler, whose first step may be a
-        skip, nothing is said."""
-        self._unhook()
-        if self._optimizer_steps == 0 and self.scaler is None and self._rank_zero:
-            warnings.warn(
-                "Surgeon: step() was called before any optimizer.step(): call it after, once per "
+        """At each :meth:`step`: say so, once, if no optimizer stepped since the last one
+        (``step`` called before ``optimizer.step()``: every LR would come a step early and the
+        guard's flags be cleared before the update they guard; or twice for one optimizer step:
+        the plan runs ahead of the loop). Under a GradScaler, whose steps may be skips, nothing
+        is said."""
+        stepped, self._optimizer_steps = self._optimizer_steps, 0
+        if stepped or self.scaler is not None:
+            return
+        if self.engine.step == 0:
+            self._warn_order(
+                "step() was called before any optimizer.step(): call it after, once per "
                 "optimizer step (loss.backward(); surgeon.guard(loss); optimizer.step(); "
                 "surgeon.step(loss)), or every LR comes a step early and the guard cannot "
                 "skip a NaN update (a GradScaler that skipped the first step: pass it as "
-                "scaler=)",
-                stacklevel=3,
+                "scaler=)"
             )
+        else:
+            self._warn_order(
+                f"step() was called again at step {self.engine.step} with no optimizer.step() "
+                "since the last call: call it once per optimizer step, after it (each call "
+                "counts a step, so the plan runs ahead of the loop; a GradScaler that skips "
+                "steps: pass it as scaler=)"
+            )
+
+    def _warn_order(self, message: str, stacklevel: int = 4) -> None:
+        """A misordered call, said once per run (on rank zero), at the loop's call."""
+        if not self._warned_order and self._rank_zero:
+            self._warned_order = True
+            warnings.warn(f"Surgeon: {message}", stacklevel=stacklevel)
 
     def finish(self) -> None:
         """After the last step: read the losses still in flight and decide on them (a spike
@@ -383,7 +406,7 @@ class Surgeon:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: the next LRs are those of the uninterrupted run."""
-        self._unhook()  # a resumed loop has stepped its optimizer before
+        self._optimizer_steps = 0  # the resumed loop's calls are checked from here
         self.engine.load_state_dict(state)
         if self._recorder is not None:
             self._checkpoints_before_open = []  # of the state replaced by this one

@@ -775,6 +775,45 @@ def test_misordered_calls_and_a_scheduler_on_the_optimizer_are_warned_about() ->
     Surgeon(Wrapped(torch.optim.SGD(model.parameters(), lr=0.1)), 100, verbose=False)
 
 
+@pytest.mark.parametrize("mistake", ["none", "step twice", "guard after the update"])
+def test_a_loop_that_calls_out_of_order_is_warned_about_once(mistake: str) -> None:
+    """Every ``step()`` checks that an optimizer stepped since the last one, and ``guard()``
+    that none has yet: ``step`` twice per update (each call counts a step: the plan runs
+    ahead, and a repeated loss reads as the next step's) and ``guard`` after
+    ``optimizer.step()`` (a NaN update applied before the guard sees it) are said once, at the
+    loop's line; the loop as the README writes it hears nothing."""
+    torch.manual_seed(0)
+    model, x = nn.Linear(3, 1), torch.randn(8, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    surgeon = Surgeon(optimizer, 50, model=model, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            loss = model(x).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            if mistake != "guard after the update":
+                surgeon.guard(loss)
+            optimizer.step()
+            if mistake == "guard after the update":
+                surgeon.guard(loss)
+            surgeon.step(loss)
+            if mistake == "step twice":
+                surgeon.step(loss)
+    said = [str(w.message) for w in caught if str(w.message).startswith("Surgeon:")]
+    expected = {
+        "none": [],
+        "step twice": [r"step\(\) was called again at step 1 with no optimizer\.step\(\) since"],
+        "guard after the update": [
+            r"guard\(\) was called after optimizer\.step\(\): call it before"
+        ],
+    }[mistake]
+    assert len(said) == len(expected)
+    for message, pattern in zip(said, expected, strict=True):
+        assert re.search(pattern, message)
+    assert all(w.filename == __file__ for w in caught if str(w.message).startswith("Surgeon:"))
+
+
 def test_a_surgeon_loaded_before_the_model_never_rolls_back_to_the_fresh_weights() -> None:
     """Resumed with ``surgeon.load_state_dict`` called *before* the model's and the
     optimizer's (any order is a scheduler's convention; ``fabric.load`` follows its dict):
