@@ -296,6 +296,8 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         # fixed for a fit, read once (on_fit_start / on_train_start) rather than per step through
         # Lightning's chains of properties
         self._step_counter: Any = None  # see optimizer_step_counter
+        self._training = False  # between on_train_start and the fit's end (or its exception)
+        self._last_fit_raised = False  # the last fit ended by an exception other than Ctrl-C
         self._epoch_loop: Any = None  # its `_batches_that_stepped` is Lightning's logging step
         self._scaler: Any = None
         self._manual = False
@@ -373,11 +375,11 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ fit lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         view, engine = self._view, self.engine
-        # fit() again on the same Trainer (a continued fit): it goes on from this callback's
-        # state, as from a checkpoint saved where the last fit ended
-        continued = trainer.ckpt_path is None and trainer.global_step > 0
-        if continued and self._pending_state is None and self.controller is not None:
+        if self._continues_its_last_fit(trainer, pl_module):
+            # fit() again on the same Trainer after a fit that ended (or was interrupted): it goes
+            # on from this callback's state, as from a checkpoint saved where that fit ended
             self._pending_state = self.state_dict()
+        self._training = self._last_fit_raised = False
         view.begin_fit(trainer)
         # a resumed fit takes its peaks from the checkpoint's param groups: no second range test
         self._resuming = trainer.ckpt_path is not None or self._pending_state is not None
@@ -430,6 +432,21 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             self._state_loaded = True
         view.log_hyperparams(trainer)
 
+    def _continues_its_last_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether this fit is ``fit()`` called again on the Trainer of this callback's last fit,
+        whose state then goes on: no checkpoint given (nor one a strategy restores after setup),
+        the steps done are the ones this callback closed, and that fit did not raise (a fault
+        can leave a step half closed and its losses unread: such a fit starts as from a
+        checkpoint without surgeon state)."""
+        if self._pending_state is not None or self.controller is None or self._last_fit_raised:
+            return False
+        if trainer.ckpt_path is not None or trainer.global_step == 0:
+            return False
+        if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+            return False  # its ckpt_path is read after on_fit_start: not known to be none yet
+        per_batch = 1 if pl_module.automatic_optimization else len(trainer.optimizers) or 1
+        return self.engine.step == math.ceil(trainer.global_step / per_batch)
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # a state that validate/test/predict(ckpt_path=...) loaded is not for a later fit
         self._pending_state = None
@@ -439,6 +456,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
         self._step_counter = optimizer_step_counter(trainer)
+        self._training = True
         if trainer.global_step > 0 and not self._state_loaded and self.controller is not None:
             # resumed from a checkpoint saved without the surgeon: the steps done count
             per_batch = len(trainer.optimizers) if self._manual else 1
@@ -463,6 +481,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         """Read the losses still in flight: a spike or NaN at the very end is decided on and
         recorded like any other (a rollback included: the fit then ends with the last good
         weights); a fit that ends before its plan says so (a ``stopped`` event)."""
+        self._training = False
         self.engine.finish()
         self._budget.record_early_end(trainer)
         self._view.publish(trainer)
@@ -477,17 +496,27 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         spike among them rolled back leaves the last good weights); after any other exception,
         or under DDP (the other ranks may not take part in a read), they are left unread."""
         controller, engine = self.controller, self.engine
-        if controller is not None and self._step_counter is not None:
-            interrupt = isinstance(exception, KeyboardInterrupt)
-            if interrupt and trainer.world_size == 1:
-                engine.finish()
-            name = type(exception).__name__
-            cause = f"interrupted ({name})" if interrupt else f"it raised {name}: {exception}"
-            unread = engine.step - controller.step
-            if unread > 0:
-                cause += f"; the losses of its last {plural(unread, 'step')} were not read"
-            self._budget.record_early_end(trainer, cause, done=engine.step)
-        self._view.close()
+        training, self._training = self._training, False
+        interrupt = isinstance(exception, KeyboardInterrupt)
+        read_all = interrupt and trainer.world_size == 1
+        self._last_fit_raised = training and not read_all
+        try:
+            if controller is not None and training:
+                if read_all:
+                    engine.finish()
+                name = type(exception).__name__
+                cause = f"interrupted ({name})" if interrupt else f"it raised {name}: {exception}"
+                unread = engine.step - controller.step
+                if unread > 0:
+                    cause += f"; the losses of its last {plural(unread, 'step')} were not read"
+                self._budget.record_early_end(trainer, cause, done=engine.step)
+        except Exception as err:  # never in the way of the fit's own exception
+            self._last_fit_raised = True
+            rank_zero_warn(
+                f"ScheduleSurgeon: could not record how the fit ended ({type(err).__name__}: {err})"
+            )
+        finally:
+            self._view.close()
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._view.publish(trainer)  # fresh values for the checkpoint and early-stopping checks

@@ -485,6 +485,7 @@ class Controller:
                 self._set_plan(self._decay_plan(step, level, tail_only=decaying))
             self.phase = self._plan_phase(step)
             new, floor = self._plan, self.floor
+            aside = " (a cut in force aside)" if self.intervention.at(step) != 1.0 else ""
             held, tail = new.hold or 0, f"to the floor {floor:g} over the last {_steps(new.decay)}"
             if ramping:
                 how = (
@@ -495,14 +496,13 @@ class Controller:
                 )
             elif held:
                 how = (
-                    f"{self.config.decay}: the plan's LR scale {level:.3g} (a cut in force "
-                    f"aside) holds for {_steps(held)}, then decays linearly {tail}"
+                    f"{self.config.decay}: the plan's LR scale {level:.3g}{aside} holds for "
+                    f"{_steps(held)}, then decays linearly {tail}"
                 )
             else:
                 how = (
-                    f"{self.config.decay} decay from the plan's LR scale {level:.3g} (a cut in "
-                    f"force aside) to the floor "
-                    f"{floor:g} over the remaining {_steps(self.total_steps - step)}"
+                    f"{self.config.decay} decay from the plan's LR scale {level:.3g}{aside} to "
+                    f"the floor {floor:g} over the remaining {_steps(self.total_steps - step)}"
                 )
             if new_length and level <= self.floor:
                 how += (
@@ -543,7 +543,8 @@ class Controller:
                 f"({self.floor:g} of the peak) by step {self.total_steps}"
             )
         why = (
-            f"started at step {step} from a checkpoint without surgeon state: the {_steps(step)} "
+            f"started at step {step} without surgeon state (a checkpoint saved without it, or "
+            f"a fit continued after one that raised): the {_steps(step)} "
             f"already done {'counts' if step == 1 else 'count'}, and each param group's "
             f"configured LR is its peak; {how}"
         )

@@ -158,6 +158,7 @@ class Surgeon:
                     stacklevel=2,
                 )
         self._optimizer_steps = 0  # optimizer steps since the last step() (counted by hooks)
+        self._first_call = True  # no step() yet since the start or a load_state_dict
         self._warned_order = False
         self._step_hooks = self._watch_optimizer_steps(optimizers)
         self._recorder: RunRecorder | None = None
@@ -309,9 +310,10 @@ class Surgeon:
         the plan runs ahead of the loop). Under a GradScaler, whose steps may be skips, nothing
         is said."""
         stepped, self._optimizer_steps = self._optimizer_steps, 0
+        first, self._first_call = self._first_call, False
         if stepped or self.scaler is not None:
             return
-        if self.engine.step == 0:
+        if first:
             self._warn_order(
                 "step() was called before any optimizer.step(): call it after, once per "
                 "optimizer step (loss.backward(); surgeon.guard(loss); optimizer.step(); "
@@ -406,7 +408,7 @@ class Surgeon:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: the next LRs are those of the uninterrupted run."""
-        self._optimizer_steps = 0  # the resumed loop's calls are checked from here
+        self._optimizer_steps, self._first_call = 0, True  # the resumed loop's calls from here
         self.engine.load_state_dict(state)
         if self._recorder is not None:
             self._checkpoints_before_open = []  # of the state replaced by this one

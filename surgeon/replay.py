@@ -397,10 +397,11 @@ def _read_csv(
 ) -> tuple[list[int], list[float], list[bool] | None, list[bool] | None, str]:
     """A ``step,loss[,update_skipped]`` CSV (with or without a header) or a metrics CSV: steps,
     losses, update flags, which steps were counted without a loss (an empty loss: NaN here),
-    and a description. A run's own ``losses.csv`` is read up to its last whole line (see
-    :func:`~surgeon.recorder.whole_lines`); a value that is not a number is an error naming
-    its line."""
-    lines = whole_lines(path) if path.name == LOSSES_FILE else path.read_text().splitlines()
+    and a description. A run's own ``losses.csv`` (``settings.json`` beside it) is read up to
+    its last whole line (see :func:`~surgeon.recorder.whole_lines`); a value that is not a
+    number is an error naming its line."""
+    own = path.name == LOSSES_FILE and (path.parent / SETTINGS_FILE).exists()  # a run's own
+    lines = whole_lines(path) if own else path.read_text().splitlines()
     rows = [(number, row) for number, row in enumerate(csv.reader(lines), 1) if row]
     if not rows:
         raise ValueError(f"{path} is empty")

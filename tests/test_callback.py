@@ -886,3 +886,54 @@ def test_a_fit_that_raises_says_so_in_a_stopped_event(
             f"it raised RuntimeError: stop here; the losses of its last {37 - len(steps)} steps "
             "were not read"
         )
+
+
+def test_an_exception_after_the_fit_leaves_its_record_alone(
+    make_trainer: Any, tmp_path: Path
+) -> None:
+    """A fit that ended early (one ``stopped`` event), then the same callback in a fit that
+    raises before training (``configure_optimizers``): no second ``stopped`` event lands in the
+    finished fit's record (a stale step counter made one)."""
+    surgeon = ScheduleSurgeon(total_steps=40, min_warmup=2, max_warmup=4, log_dir=tmp_path)
+    make_trainer([surgeon], max_steps=20).fit(TinyRegressor(), make_loader())
+    assert [e.kind for e in surgeon.events].count(EventKind.STOPPED) == 1
+    logged = (tmp_path / "events.jsonl").read_text()
+
+    class Broken(TinyRegressor):
+        def configure_optimizers(self) -> Any:
+            raise RuntimeError("no optimizer today")
+
+    with pytest.raises(RuntimeError, match="no optimizer today"):
+        make_trainer([surgeon], max_steps=20).fit(Broken(), make_loader())
+    assert [e.kind for e in surgeon.events].count(EventKind.STOPPED) == 1
+    assert (tmp_path / "events.jsonl").read_text() == logged
+
+
+def test_fit_again_after_a_fit_that_raised_starts_without_its_state(
+    make_trainer: Any, tmp_path: Path
+) -> None:
+    """A fit that raised mid-run may have left a step half closed and losses unread: ``fit()``
+    again on its Trainer starts as from a checkpoint without surgeon state (a ``replan`` that
+    says so), after the ``stopped`` event, never reading the old losses into the new run's
+    record out of order."""
+
+    def hook(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        if step == 37 and not model.raised:
+            model.raised = True
+            raise RuntimeError("once")
+        return loss
+
+    surgeon = ScheduleSurgeon(min_warmup=2, max_warmup=4, log_dir=tmp_path)
+    model = TinyRegressor(loss_hook=hook)
+    model.raised = False
+    trainer = make_trainer([surgeon], max_steps=60)
+    with pytest.raises(RuntimeError, match="once"):
+        trainer.fit(model, make_loader(batches=60))
+    trainer.fit(model, make_loader(batches=60))
+    kinds = [(e.step, e.kind) for e in surgeon.events]
+    assert kinds == sorted(kinds, key=lambda k: k[0])
+    replan = next(e for e in surgeon.events if e.kind is EventKind.REPLAN)
+    assert replan.step == 37 and "a fit continued after one that raised" in replan.reason
+    with (tmp_path / "losses.csv").open() as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f)]
+    assert steps == sorted(steps) and steps[-1] == 59
