@@ -47,6 +47,7 @@ from surgeon._lightning.trainer import (
     SurgeonMisconfigurationException,
     driven_optimizers,
     grad_scaler,
+    log_in_trainers_namespace,
     lr_metric_names,
     make_guard,
     manual_planner,
@@ -297,6 +298,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         # Lightning's chains of properties
         self._step_counter: Any = None  # see optimizer_step_counter
         self._training = False  # between on_train_start and the fit's end (or its exception)
+        self._checkpoint_every: list[int] = []
         self._last_fit_raised = False  # the last fit ended by an exception other than Ctrl-C
         self._epoch_loop: Any = None  # its `_batches_that_stepped` is Lightning's logging step
         self._scaler: Any = None
@@ -375,6 +377,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ fit lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         view, engine = self._view, self.engine
+        log_in_trainers_namespace(trainer)
         if self._continues_its_last_fit(trainer, pl_module):
             # fit() again on the same Trainer after a fit that ended (or was interrupted): it goes
             # on from this callback's state, as from a checkpoint saved where that fit ended
@@ -457,6 +460,18 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         self._last_global_step = trainer.global_step
         self._step_counter = optimizer_step_counter(trainer)
         self._training = True
+        # ModelCheckpoint(every_n_train_steps=n) saves every n-th step, after the surgeon's
+        # on_train_batch_end: surgeon/* in callback_metrics are refreshed there for its name
+        # and monitor (else at logging steps, validations and events)
+        self._checkpoint_every = sorted(
+            {
+                every
+                for saver in trainer.checkpoint_callbacks
+                if (every := getattr(saver, "_every_n_train_steps", 0) or 0) > 0
+            }
+            if pl_module.automatic_optimization  # manual: global_step counts every optimizer
+            else set()
+        )
         if trainer.global_step > 0 and not self._state_loaded and self.controller is not None:
             # resumed from a checkpoint saved without the surgeon: the steps done count
             per_batch = len(trainer.optimizers) if self._manual else 1
@@ -600,10 +615,16 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             self._view.follow_plan()  # a cooldown's end may have moved without an event
         if step >= self._view.next_done:
             self._view.done()
+        if any(step % every == 0 for every in self._checkpoint_every):
+            self._view.publish()  # surgeon/* as of now for the checkpoint's name and monitor
         self._schedule_checks()
 
     def _schedule_checks(self) -> None:
-        self._next_check = min(self._budget.next_check, self._view.next_done)
+        due = min(self._budget.next_check, self._view.next_done)
+        step = self.engine.step
+        for every in self._checkpoint_every:  # the next step a ModelCheckpoint saves after
+            due = min(due, (step // every + 1) * every)
+        self._next_check = due
 
     def _on_event(self, event: Event) -> None:
         """A decision: where users look (see :class:`~surgeon._lightning.reporting.Reporter`);

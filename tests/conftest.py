@@ -156,19 +156,24 @@ def make_trainer(tmp_path: Any) -> Callable[..., Any]:
 
 @pytest.fixture
 def info_lines() -> Iterator[list[str]]:
-    """Every ``rank_zero_info`` message while the test runs (Lightning logs them on the logger
-    ``lightning_utilities`` was last pointed at by either namespace: read it at call time)."""
-    from lightning_utilities.core import rank_zero
-
+    """Every ``rank_zero_info`` message while the test runs (Lightning logs them on the rank-zero
+    logger of one namespace or the other, whichever its pointer names then: a fit points it
+    at its Trainer's, so both are watched)."""
     lines: list[str] = []
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             lines.append(record.getMessage())
 
-    logger, handler = rank_zero.log, Collect(logging.INFO)
-    logger.addHandler(handler)
+    handler = Collect(logging.INFO)
+    loggers = [
+        logging.getLogger(f"{namespace}.utilities.rank_zero")
+        for namespace in ("pytorch_lightning", "lightning.pytorch")
+    ]
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
         yield lines
     finally:
-        logger.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)

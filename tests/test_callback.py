@@ -937,3 +937,63 @@ def test_fit_again_after_a_fit_that_raised_starts_without_its_state(
     with (tmp_path / "losses.csv").open() as f:
         steps = [int(row["step"]) for row in csv.DictReader(f)]
     assert steps == sorted(steps) and steps[-1] == 59
+
+
+def test_lightnings_console_log_stays_in_the_projects_namespace(make_trainer: Any) -> None:
+    """Lightning's rank-zero console log is one for both namespaces, pointed at the one imported
+    last; the surgeon imports both (its callback fits either Trainer). Importing it keeps a
+    ``pytorch_lightning`` project's pointer (it moved to ``lightning.pytorch``, so that
+    project's logging settings missed Lightning's lines and the surgeon's decisions), and a
+    fit points it at its Trainer's namespace."""
+    import subprocess
+    import sys
+
+    import lightning.pytorch
+    import lightning_utilities.core.rank_zero as rank_zero
+
+    code = (
+        "import pytorch_lightning, lightning_utilities.core.rank_zero as rz; before = rz.log.name; "
+        "import surgeon.callback; print(before, rz.log.name)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["pytorch_lightning.utilities.rank_zero"] * 2
+    for namespace, name in (
+        (lightning.pytorch, "lightning.pytorch"),
+        (pytorch_lightning, "pytorch_lightning"),
+    ):
+        trainer = make_trainer([ScheduleSurgeon(total_steps=4)], namespace=namespace, max_steps=4)
+        trainer.fit(regressor_class(namespace)(), make_loader())
+        assert rank_zero.log.name == f"{name}.utilities.rank_zero"
+
+
+def test_a_periodic_checkpoints_name_reads_the_lr_of_its_step(
+    make_trainer: Any, tmp_path: Path
+) -> None:
+    """``ModelCheckpoint(every_n_train_steps=n)`` names read ``trainer.callback_metrics``, which
+    the surgeon refreshed only at logging steps (every 50 by default), so a checkpoint at step
+    30 was named with step 0's LR. The surgeon refreshes them on the steps such a checkpoint
+    saves at: each name holds the LR of the step the checkpoint resumes at."""
+    surgeon, model = ScheduleSurgeon(min_warmup=10, max_warmup=40), TinyRegressor()
+    saver = ModelCheckpoint(
+        tmp_path,
+        "{step}-{surgeon/lr:.5f}",
+        every_n_train_steps=30,
+        save_top_k=-1,
+        auto_insert_metric_name=False,
+    )
+    trainer = make_trainer(
+        [surgeon, saver], max_steps=150, enable_checkpointing=True, log_every_n_steps=50
+    )
+    trainer.fit(model, make_loader(batches=150))
+    lrs = {r["step"]: r["lrs"][0][0] for r in model.records}
+    named = {}
+    for path in tmp_path.glob("*.ckpt"):
+        step, lr = path.stem.split("-")
+        named[int(step)] = float(lr)
+    assert sorted(named) == [30, 60, 90, 120, 150]
+    for step, lr in named.items():
+        if step < 150:
+            assert lr == pytest.approx(lrs[step], abs=1e-5), step  # the next step's LR
+    assert len({round(lr, 5) for lr in named.values()}) >= 4  # the LR moved between them

@@ -5,11 +5,13 @@ Both Lightning namespaces (``lightning.pytorch`` and ``pytorch_lightning``) are 
 callbacks are recognized by class name, errors are of both ``MisconfigurationException``s.
 """
 
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import lightning_utilities.core.rank_zero as _rank_zero
 import pytorch_lightning as pl
 import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
@@ -27,6 +29,9 @@ from surgeon.guard import NonFiniteGuard, SkipNonfinite
 from surgeon.loss_feed import Reduce
 from surgeon.planning import ManualStepPlanner
 
+# Lightning's rank-zero console log is one for both namespaces, pointed at the one imported last:
+# importing the other here must not reroute a pytorch_lightning project's console lines
+_users_log = _rank_zero.log
 try:  # one class that both Trainers accept: `lightning.pytorch` and `pytorch_lightning`
     import lightning.pytorch as _lightning_pytorch
     from lightning.fabric.utilities.exceptions import (
@@ -41,6 +46,19 @@ try:  # one class that both Trainers accept: `lightning.pytorch` and `pytorch_li
 except ImportError:  # pragma: no cover - `lightning` is optional
     CALLBACK_BASES = (pl.Callback,)
     _MISCONFIGURATION_BASES = (MisconfigurationException,)
+finally:
+    _rank_zero.log = _users_log
+
+
+def log_in_trainers_namespace(trainer: pl.Trainer) -> None:
+    """Point Lightning's rank-zero console log at the namespace ``trainer`` is from, as in a
+    project that imports only that namespace: the surgeon's import of the other (it accepts
+    both) leaves Lightning's lines and its own where the project's logging config expects
+    them."""
+    lightning = type(trainer).__module__.startswith("lightning.pytorch")
+    _rank_zero.log = logging.getLogger(
+        f"{'lightning.pytorch' if lightning else 'pytorch_lightning'}.utilities.rank_zero"
+    )
 
 
 class SurgeonMisconfigurationException(*_MISCONFIGURATION_BASES, ValueError):  # type: ignore[misc]
