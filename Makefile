@@ -52,7 +52,7 @@ quality: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/quality.py --workers 2 --out runs/quality
 
 quality-probes: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) benchmarks/quality.py --probes --workers 2 --out runs/quality-probes
+	OMP_NUM_THREADS=1 $(PY) benchmarks/quality.py --probes --seeds 5 --workers 2 --out runs/quality-probes
 
 quality-quick: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/quality.py --quick --workers 2 --out runs/quality-quick
