@@ -16,12 +16,20 @@ def plain_int(value: Any) -> Any:
     return value
 
 
+MAX_COUNT = 2**53
+"""The largest count (steps, a window, a patience) taken: every int up to it is exact as a float,
+which the plans and detectors compute in; a larger one names its field instead of overflowing."""
+
+
 def check_positive_int(name: str, value: int, *, allow_zero: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is an int > 0 (or >= 0 with ``allow_zero``)."""
+    """Raise ``ValueError`` unless ``value`` is an int > 0 (or >= 0 with ``allow_zero``), at
+    most :data:`MAX_COUNT`."""
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         bound = ">= 0" if allow_zero else ">= 1"
         raise ValueError(f"{name} must be an integer {bound}, got {name}={value!r}")
+    if value > MAX_COUNT:
+        raise ValueError(f"{name} must be at most 2**53, got {name}={value!r:.80}")
 
 
 def check_in_range(

@@ -215,8 +215,13 @@ class SurgeonConfig:
             raise ValueError(
                 f"peak_lr must be one of {PEAK_LR_MODES}, got peak_lr={self.peak_lr!r}"
             )
-        for name, low in (("find_min_lr", 0.0), ("find_max_lr", self.find_min_lr)):
-            check_in_range(name, getattr(self, name), low, math.inf, low_open=True, high_open=True)
+        for name in ("find_min_lr", "find_max_lr"):
+            check_in_range(name, getattr(self, name), 0.0, math.inf, low_open=True, high_open=True)
+        if self.find_min_lr >= self.find_max_lr:
+            raise ValueError(
+                "find_min_lr must be below find_max_lr (the range test's LRs), got "
+                f"find_min_lr={self.find_min_lr!r}, find_max_lr={self.find_max_lr!r}"
+            )
         check_positive_int("find_steps", self.find_steps)
 
 

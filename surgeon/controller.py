@@ -87,6 +87,30 @@ SNAPSHOTS_OFF = "snapshots are off (snapshot='off', or a Surgeon without model=)
 """Why no rollback can happen in a run without snapshots (a refused rollback's reason)."""
 
 
+def _as_loss(loss: Any) -> float:
+    """``loss`` as a float: a real number (a numpy or 0-d/one-element torch scalar too), or a
+    ``ValueError`` saying what was passed (``True`` is not a loss; a value too large for a
+    float is inf)."""
+    if isinstance(loss, float):
+        return loss
+    dtype = getattr(loss, "dtype", None)  # a tensor's or an array's: bool and complex are no loss
+    odd = dtype is not None and any(kind in str(dtype) for kind in ("bool", "complex"))
+    if odd or isinstance(loss, bool | str | bytes | complex) or loss is None:
+        raise ValueError(
+            f"update(loss) takes the step's loss as a real number, got {type(loss).__name__}: "
+            f"{loss!r:.80}"
+        )
+    try:
+        return float(loss)
+    except OverflowError:
+        return math.inf if loss > 0 else -math.inf
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"update(loss) takes the step's loss as a real number, got {type(loss).__name__}: "
+            f"{loss!r:.80} ({err})"
+        ) from None
+
+
 def _ratio_words(factor: float, mean: float, of: str) -> str:
     """The ratio tests' threshold in words: ``loss - mean >= (factor - 1) |mean|`` is ``factor x``
     a positive mean, and ``factor - 1`` times the size of a mean <= 0 above it."""
@@ -275,7 +299,7 @@ class Controller:
         step): a cut is held, and a recovery ramps, from the first LR it reaches."""
         self.config = cfg = config if config is not None else SurgeonConfig()
         self.total_steps = total_steps
-        self.floor = cfg.min_lr_ratio
+        self.floor = float(cfg.min_lr_ratio)
         if cfg.warmup == "auto":
             self.min_warmup = resolve_steps("min_warmup", cfg.min_warmup, total_steps)
             self.max_warmup = resolve_steps("max_warmup", cfg.max_warmup, total_steps)
@@ -577,6 +601,7 @@ class Controller:
         gradients were non-finite); recorded as a ``skipped_step`` event, and the step counts
         as non-finite even when the loss is finite (only the gradients were bad).
         """
+        loss = _as_loss(loss)  # before the step counts: a refused loss leaves the state as it was
         step = self.step
         self.step += 1
         if step < self.ignore_until:  # undone by a rollback: the loss of discarded weights

@@ -395,7 +395,10 @@ class StepEngine:
         if controller.revision != self._scales_revision or not 0 <= index < len(self._scales):
             # the scales of this block's steps in one go: they hold until the controller decides
             # again, at the block's end
-            self._scales = [controller.lr_scale(s) for s in range(step, step + self.readback_every)]
+            block = range(
+                step, max(step + 1, min(step + self.readback_every, controller.total_steps))
+            )
+            self._scales = [controller.lr_scale(s) for s in block]
             self._scales_from, self._scales_revision, index = step, controller.revision, 0
         scale = self._scales[index]
         try:

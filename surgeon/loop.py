@@ -122,6 +122,21 @@ class Surgeon:
             )
         if not isinstance(verbose, bool):
             raise ValueError(f"verbose must be True or False, got verbose={verbose!r}")
+        if config is not None and not isinstance(config, SurgeonConfig):
+            raise ValueError(
+                f"config must be a surgeon.SurgeonConfig (or pass its fields as keywords), got "
+                f"{type(config).__name__}: {config!r:.80}"
+            )
+        if model is not None and not isinstance(model, nn.Module):
+            raise ValueError(
+                "model must be the torch.nn.Module whose weights snapshots copy, or None, got "
+                f"{type(model).__name__}: {model!r:.80}"
+            )
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+            raise ValueError(
+                "scaler must be the loop's torch.amp.GradScaler, or None, got "
+                f"{type(scaler).__name__}: {scaler!r:.80}"
+            )
         if log_dir is not None and not isinstance(log_dir, str | Path):
             raise ValueError(f"log_dir must be a path or None, got log_dir={log_dir!r}")
         total_steps, readback_every = plain_int(total_steps), plain_int(readback_every)

@@ -1002,6 +1002,11 @@ class TestValidation:
             ({"plateau_action": "stop"}, "plateau_action"),
             ({"min_warmup": 50, "max_warmup": 20}, "min_warmup"),
             ({"min_warmup": 0.5, "max_warmup": 0.2}, "min_warmup"),
+            # counts beyond 2**53 (not exact as floats) name the field, never an OverflowError
+            ({"stabilize_window": 10**400}, "stabilize_window"),
+            ({"plateau_patience": 2**1024}, "plateau_patience"),
+            ({"max_warmup": 2**60}, "max_warmup"),
+            ({"find_min_lr": 2.0}, "find_min_lr"),  # above find_max_lr: the one the user set
         ],
     )
     def test_bad_config_value_names_the_field(self, kwargs: dict[str, Any], name: str) -> None:
@@ -1033,7 +1038,7 @@ class TestValidation:
         with pytest.raises(ValueError, match=rf"(?<!_){name}="):
             Controller(total, config)
 
-    @pytest.mark.parametrize("total", [0, -5, 10.0, True, None])
+    @pytest.mark.parametrize("total", [0, -5, 10.0, True, None, 10**400])
     def test_bad_total_steps(self, total: Any) -> None:
         with pytest.raises(ValueError, match="total_steps"):
             Controller(total, SurgeonConfig())
@@ -1710,3 +1715,57 @@ def test_the_ratio_tests_on_a_loss_below_zero_are_worded_by_its_size() -> None:
     ]
     assert "thresholds 6 sigma and 1.5x the mean)" in event.reason
     assert re.search(r"is at least 4x its running mean 3\.\d+ ", event.reason)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [None, True, "0.5", 1 + 0j, [1.0], "bool tensor", "complex tensor", "two-element tensor"],
+)
+def test_a_loss_that_is_no_real_number_is_refused_before_the_step_counts(loss: Any) -> None:
+    """``update`` takes a real number (a numpy or one-element torch scalar too); anything else is
+    a ``ValueError`` saying what was passed, raised before the step counts, so a caller that
+    catches it goes on in step (a one-element tensor became a spike suspect and failed a step
+    later; ``None`` moved the step counter before its TypeError; ``True`` was a loss of 1)."""
+    import torch
+
+    loss = (
+        {
+            "bool tensor": torch.tensor(True),
+            "complex tensor": torch.tensor(2 + 0j),
+            "two-element tensor": torch.tensor([1.0, 2.0]),
+        }.get(loss, loss)
+        if isinstance(loss, str) and " " in loss
+        else loss
+    )
+    controller = Controller(100, SurgeonConfig())
+    for x in (2.0, 1.9, 1.8):
+        controller.update(x)
+    state = json.dumps(controller.state_dict(), sort_keys=True)
+    with pytest.raises(ValueError, match=r"update\(loss\) takes the step's loss as a real number"):
+        controller.update(loss)
+    assert json.dumps(controller.state_dict(), sort_keys=True) == state
+
+
+def test_real_number_losses_of_every_kind_are_taken_as_floats() -> None:
+    """numpy scalars, one-element and 0-d tensors (bfloat16 too), Fractions and ints count as
+    the float they equal; an int too large for a float is an infinite loss (a fault)."""
+    import fractions
+
+    import numpy as np
+    import torch
+
+    losses = [
+        np.float32(2.0),
+        torch.tensor([1.5]),
+        torch.tensor(1.25, dtype=torch.bfloat16),
+        fractions.Fraction(3, 2),
+        2,
+    ]
+    a, b = Controller(100, SurgeonConfig()), Controller(100, SurgeonConfig())
+    for loss in losses:
+        a.update(loss)
+        b.update(float(loss))
+    assert a.state_dict() == b.state_dict()
+    events = a.update(10**400)
+    assert any(e.kind is EventKind.NONFINITE for e in events)
+    assert math.isfinite(a.lr_scale(a.step))

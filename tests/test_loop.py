@@ -343,10 +343,19 @@ def test_run_files_for_plot_and_replay(tmp_path: Path) -> None:
         ({"grad_check_every": -2}, "grad_check_every=-2"),
         ({"grad_check_every": 2.0}, "grad_check_every=2.0"),
         ({"log_dir": 123}, "log_dir=123"),
+        ({"model": 0.5}, "model must be the torch.nn.Module"),
+        ({"config": {"decay": "wsd"}}, "config must be a surgeon.SurgeonConfig"),
+        ({"scaler": "x"}, "scaler must be the loop's torch.amp.GradScaler"),
+        ({"readback_every": 10**9 + 1, "total_steps": 50}, None),  # taken, and quick
     ],
 )
-def test_bad_settings_name_the_field(kwargs: dict[str, Any], field: str) -> None:
+def test_bad_settings_name_the_field(kwargs: dict[str, Any], field: str | None) -> None:
     optimizer = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+    if field is None:  # a huge read-back block: the LR scales it computes stop at the plan's end
+        model = nn.Linear(2, 1)
+        surgeon = Surgeon(torch.optim.SGD(model.parameters(), lr=0.1), model=model, **kwargs)
+        assert len(surgeon.engine._scales) <= 50
+        return
     with pytest.raises(ValueError, match=field):
         Surgeon(optimizer, 100, **kwargs)
 

@@ -210,6 +210,19 @@ class TestValidation:
         with pytest.raises(ValueError, match=re.escape(message)):
             schedule(step)  # type: ignore[arg-type]
 
+    @pytest.mark.parametrize("name", sorted(EXAMPLES))
+    def test_a_step_or_length_beyond_2_53_is_a_value_error(self, name: str) -> None:
+        """Ints beyond 2**53 are not exact as floats: a ValueError naming the argument, never an
+        OverflowError from inside (``10**400`` steps overflowed exponential, step decay and
+        the restarts; ``10**400`` total steps overflowed cosine at its first call)."""
+        schedule = SCHEDULES[name](**EXAMPLES[name])
+        with pytest.raises(ValueError, match=r"step must be at most 2\*\*53"):
+            schedule(10**400)
+        lengths = [k for k in EXAMPLES[name] if k.endswith("steps")]
+        for key in lengths:
+            with pytest.raises(ValueError, match=rf"{key} must be at most 2\*\*53"):
+                SCHEDULES[name](**{**EXAMPLES[name], key: 10**400})
+
     def test_a_numpy_int_step_is_a_step(self) -> None:
         np = pytest.importorskip("numpy")
         assert cosine(1.0, 10)(np.int64(3)) == cosine(1.0, 10)(3)
