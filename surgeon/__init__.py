@@ -8,6 +8,7 @@ imported on first use, so ``surgeon.schedules``, ``surgeon.plot`` and the comman
 light. The distribution is ``schedule-surgeon``; ``__version__`` is its one version number.
 """
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from surgeon.config import SurgeonConfig
@@ -28,9 +29,25 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+_lightning_log: Any = None
+"""Where Lightning's rank-zero console log pointed before the surgeon imported Lightning (one
+pointer for both namespaces, set by whichever was imported last; ``None``: no Lightning was
+imported yet). ``surgeon._lightning.trainer`` puts it back after importing both namespaces."""
+
+
+def _remember_lightning_log() -> None:
+    global _lightning_log
+    rank_zero = sys.modules.get("lightning_utilities.core.rank_zero")
+    if rank_zero is not None and "surgeon._lightning.trainer" not in sys.modules:
+        _lightning_log = rank_zero.log
+
+
+_remember_lightning_log()
+
 
 def __getattr__(name: str) -> Any:
     if name == "ScheduleSurgeon":
+        _remember_lightning_log()  # the project's Lightning import may have come after ours
         from surgeon.callback import ScheduleSurgeon
 
         return ScheduleSurgeon

@@ -605,6 +605,10 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             self._manual_planner.follow(global_step)
         if engine.step >= self._next_check:
             self._on_check()
+        for every in self._checkpoint_every:  # ModelCheckpoint saves after this hook, on its
+            if global_step % every == 0:  # own count of steps: surgeon/* as of now for its name
+                self._view.publish(trainer)
+                break
 
     def _on_check(self) -> None:
         """A ``max_time`` check is due, or the planned steps have run (the progress bar and
@@ -615,16 +619,10 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             self._view.follow_plan()  # a cooldown's end may have moved without an event
         if step >= self._view.next_done:
             self._view.done()
-        if any(step % every == 0 for every in self._checkpoint_every):
-            self._view.publish()  # surgeon/* as of now for the checkpoint's name and monitor
         self._schedule_checks()
 
     def _schedule_checks(self) -> None:
-        due = min(self._budget.next_check, self._view.next_done)
-        step = self.engine.step
-        for every in self._checkpoint_every:  # the next step a ModelCheckpoint saves after
-            due = min(due, (step // every + 1) * every)
-        self._next_check = due
+        self._next_check = min(self._budget.next_check, self._view.next_done)
 
     def _on_event(self, event: Event) -> None:
         """A decision: where users look (see :class:`~surgeon._lightning.reporting.Reporter`);

@@ -951,14 +951,20 @@ def test_lightnings_console_log_stays_in_the_projects_namespace(make_trainer: An
     import lightning.pytorch
     import lightning_utilities.core.rank_zero as rank_zero
 
-    code = (
-        "import pytorch_lightning, lightning_utilities.core.rank_zero as rz; before = rz.log.name; "
-        "import surgeon.callback; print(before, rz.log.name)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.split()
-    assert out == ["pytorch_lightning.utilities.rank_zero"] * 2
+    for project, surgeon_import in (
+        ("pytorch_lightning", "import surgeon.callback"),
+        ("lightning.pytorch", "import surgeon.callback"),
+        ("lightning.pytorch", "from surgeon import ScheduleSurgeon"),
+        ("pytorch_lightning", "import surgeon; import pytorch_lightning; surgeon.ScheduleSurgeon"),
+    ):
+        code = (
+            f"import {project}, lightning_utilities.core.rank_zero as rz; "
+            f"before = rz.log.name; {surgeon_import}; print(before, rz.log.name)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert out == [f"{project}.utilities.rank_zero"] * 2, (project, surgeon_import)
     for namespace, name in (
         (lightning.pytorch, "lightning.pytorch"),
         (pytorch_lightning, "pytorch_lightning"),
@@ -968,14 +974,24 @@ def test_lightnings_console_log_stays_in_the_projects_namespace(make_trainer: An
         assert rank_zero.log.name == f"{name}.utilities.rank_zero"
 
 
+@pytest.mark.parametrize("scaler", [False, True], ids=["fp32", "fp16-gradscaler"])
 def test_a_periodic_checkpoints_name_reads_the_lr_of_its_step(
-    make_trainer: Any, tmp_path: Path
+    make_trainer: Any, tmp_path: Path, scaler: bool
 ) -> None:
     """``ModelCheckpoint(every_n_train_steps=n)`` names read ``trainer.callback_metrics``, which
     the surgeon refreshed only at logging steps (every 50 by default), so a checkpoint at step
     30 was named with step 0's LR. The surgeon refreshes them on the steps such a checkpoint
-    saves at: each name holds the LR of the step the checkpoint resumes at."""
-    surgeon, model = ScheduleSurgeon(min_warmup=10, max_warmup=40), TinyRegressor()
+    saves at, counted as Lightning counts them (a GradScaler's calibration skips are steps to
+    Lightning, not to the surgeon): each name holds the LR of the step the checkpoint resumes
+    at."""
+    surgeon = ScheduleSurgeon(min_warmup=10, max_warmup=40, readback_every=2)
+    model = TinyRegressor()
+    extra: dict[str, Any] = {}
+    if scaler:
+        from pytorch_lightning.plugins import MixedPrecision
+
+        amp = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+        extra["plugins"] = [amp]
     saver = ModelCheckpoint(
         tmp_path,
         "{step}-{surgeon/lr:.5f}",
@@ -984,9 +1000,11 @@ def test_a_periodic_checkpoints_name_reads_the_lr_of_its_step(
         auto_insert_metric_name=False,
     )
     trainer = make_trainer(
-        [surgeon, saver], max_steps=150, enable_checkpointing=True, log_every_n_steps=50
+        [surgeon, saver], max_steps=150, enable_checkpointing=True, log_every_n_steps=50, **extra
     )
     trainer.fit(model, make_loader(batches=150))
+    if scaler:
+        assert surgeon.engine.skipped_steps >= 1  # the case: the two counts differ
     lrs = {r["step"]: r["lrs"][0][0] for r in model.records}
     named = {}
     for path in tmp_path.glob("*.ckpt"):

@@ -18,6 +18,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
+import surgeon
 from surgeon.engine import (
     StepEngine,
     configured_peak,
@@ -46,8 +47,8 @@ try:  # one class that both Trainers accept: `lightning.pytorch` and `pytorch_li
 except ImportError:  # pragma: no cover - `lightning` is optional
     CALLBACK_BASES = (pl.Callback,)
     _MISCONFIGURATION_BASES = (MisconfigurationException,)
-finally:
-    _rank_zero.log = _users_log
+finally:  # where the project's own import of Lightning (before the surgeon's) put it, if any
+    _rank_zero.log = surgeon._lightning_log or _users_log
 
 
 def log_in_trainers_namespace(trainer: pl.Trainer) -> None:
