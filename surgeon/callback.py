@@ -54,6 +54,7 @@ from surgeon._lightning.trainer import (
     mean_across_ranks,
     optimizer_step_counter,
     plan_source,
+    set_console_log,
 )
 from surgeon._validate import check_positive_int, plain_int
 from surgeon.config import (
@@ -298,6 +299,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         # Lightning's chains of properties
         self._step_counter: Any = None  # see optimizer_step_counter
         self._training = False  # between on_train_start and the fit's end (or its exception)
+        self._console_log_before: Any = None  # Lightning's console log before this fit
         self._checkpoint_every: list[int] = []
         self._last_fit_raised = False  # the last fit ended by an exception other than Ctrl-C
         self._epoch_loop: Any = None  # its `_batches_that_stepped` is Lightning's logging step
@@ -377,7 +379,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ fit lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         view, engine = self._view, self.engine
-        log_in_trainers_namespace(trainer)
+        self._console_log_before = log_in_trainers_namespace(trainer)
         if self._continues_its_last_fit(trainer, pl_module):
             # fit() again on the same Trainer after a fit that ended (or was interrupted): it goes
             # on from this callback's state, as from a checkpoint saved where that fit ended
@@ -453,6 +455,9 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # a state that validate/test/predict(ckpt_path=...) loaded is not for a later fit
         self._pending_state = None
+        if stage == "fit" and self._console_log_before is not None:  # where the fit found it
+            set_console_log(self._console_log_before)
+            self._console_log_before = None
         self.engine.release()  # snapshot memory
         self._view.end_fit()
 

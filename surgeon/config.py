@@ -6,6 +6,7 @@ once the total is known.
 """
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -160,7 +161,8 @@ class SurgeonConfig:
             "snapshot_every",
         ):
             check_steps(name, getattr(self, name))
-        if type(self.min_warmup) is type(self.max_warmup) and self.min_warmup > self.max_warmup:
+        counts = [isinstance(v, numbers.Integral) for v in (self.min_warmup, self.max_warmup)]
+        if counts[0] == counts[1] and self.min_warmup > self.max_warmup:  # both steps or fractions
             raise ValueError(
                 "min_warmup must be <= max_warmup, "
                 f"got min_warmup={self.min_warmup!r}, max_warmup={self.max_warmup!r}"

@@ -944,7 +944,7 @@ def test_lightnings_console_log_stays_in_the_projects_namespace(make_trainer: An
     last; the surgeon imports both (its callback fits either Trainer). Importing it keeps a
     ``pytorch_lightning`` project's pointer (it moved to ``lightning.pytorch``, so that
     project's logging settings missed Lightning's lines and the surgeon's decisions), and a
-    fit points it at its Trainer's namespace."""
+    fit points it at its Trainer's namespace while it runs, and back where it found it after."""
     import subprocess
     import sys
 
@@ -969,9 +969,20 @@ def test_lightnings_console_log_stays_in_the_projects_namespace(make_trainer: An
         (lightning.pytorch, "lightning.pytorch"),
         (pytorch_lightning, "pytorch_lightning"),
     ):
-        trainer = make_trainer([ScheduleSurgeon(total_steps=4)], namespace=namespace, max_steps=4)
+
+        class Look(namespace.Callback):  # type: ignore[misc, name-defined]
+            seen = ""
+
+            def on_train_start(self, *_: Any) -> None:
+                self.seen = rank_zero.log.name
+
+        before, look = rank_zero.log, Look()
+        trainer = make_trainer(
+            [ScheduleSurgeon(total_steps=4), look], namespace=namespace, max_steps=4
+        )
         trainer.fit(regressor_class(namespace)(), make_loader())
-        assert rank_zero.log.name == f"{name}.utilities.rank_zero"
+        assert look.seen == f"{name}.utilities.rank_zero"  # during the fit: its Trainer's
+        assert rank_zero.log is before  # after it: where the fit found it
 
 
 @pytest.mark.parametrize("scaler", [False, True], ids=["fp32", "fp16-gradscaler"])

@@ -1769,3 +1769,15 @@ def test_real_number_losses_of_every_kind_are_taken_as_floats() -> None:
     events = a.update(10**400)
     assert any(e.kind is EventKind.NONFINITE for e in events)
     assert math.isfinite(a.lr_scale(a.step))
+
+
+def test_min_warmup_above_max_warmup_is_refused_whatever_the_number_types() -> None:
+    """Two fractions (or two step counts) compare, whatever their Python or numpy types: a numpy
+    ``min_warmup`` of 0.5 above ``max_warmup=0.2`` passed the config's check (the types
+    differed) and was refused only by the Controller."""
+    import numpy as np
+
+    for low, high in ((np.float64(0.5), 0.2), (0.5, np.float64(0.2)), (np.int64(50), 20)):
+        with pytest.raises(ValueError, match="min_warmup must be <= max_warmup"):
+            SurgeonConfig(min_warmup=low, max_warmup=high)
+    SurgeonConfig(min_warmup=50, max_warmup=0.2)  # steps and a fraction: judged per run

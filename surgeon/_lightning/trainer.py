@@ -51,15 +51,23 @@ finally:  # where the project's own import of Lightning (before the surgeon's) p
     _rank_zero.log = surgeon._lightning_log or _users_log
 
 
-def log_in_trainers_namespace(trainer: pl.Trainer) -> None:
+def log_in_trainers_namespace(trainer: pl.Trainer) -> logging.Logger:
     """Point Lightning's rank-zero console log at the namespace ``trainer`` is from, as in a
     project that imports only that namespace: the surgeon's import of the other (it accepts
     both) leaves Lightning's lines and its own where the project's logging config expects
-    them."""
+    them. Returns where it pointed before, for the fit's end to put back."""
+    before = _rank_zero.log
     lightning = type(trainer).__module__.startswith("lightning.pytorch")
     _rank_zero.log = logging.getLogger(
         f"{'lightning.pytorch' if lightning else 'pytorch_lightning'}.utilities.rank_zero"
     )
+    return before
+
+
+def set_console_log(logger: logging.Logger) -> None:
+    """Point Lightning's rank-zero console log at ``logger`` (a fit's end puts back where its
+    start found it)."""
+    _rank_zero.log = logger
 
 
 class SurgeonMisconfigurationException(*_MISCONFIGURATION_BASES, ValueError):  # type: ignore[misc]
