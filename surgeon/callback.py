@@ -30,7 +30,6 @@ rank zero logs and writes files; every rank makes the same decisions, as the fee
 the losses across ranks before reading them and budget decisions are rank zero's.
 """
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,7 @@ from surgeon._lightning.trainer import (
     optimizer_step_counter,
     plan_source,
     set_console_log,
+    steps_done,
 )
 from surgeon._validate import check_positive_int, plain_int
 from surgeon.config import (
@@ -449,8 +449,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             return False
         if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
             return False  # its ckpt_path is read after on_fit_start: not known to be none yet
-        per_batch = 1 if pl_module.automatic_optimization else len(trainer.optimizers) or 1
-        return self.engine.step == math.ceil(trainer.global_step / per_batch)
+        return self.engine.step == steps_done(trainer, not pl_module.automatic_optimization)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # a state that validate/test/predict(ckpt_path=...) loaded is not for a later fit
@@ -479,8 +478,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         )
         if trainer.global_step > 0 and not self._state_loaded and self.controller is not None:
             # resumed from a checkpoint saved without the surgeon: the steps done count
-            per_batch = len(trainer.optimizers) if self._manual else 1
-            self.engine.start_at(math.ceil(trainer.global_step / per_batch))
+            self.engine.start_at(steps_done(trainer, self._manual))
         self._epoch_loop = trainer.fit_loop.epoch_loop
         # a fresh fit without a length of its own is planned from its step rate under max_time
         self._budget.begin_training(trainer, not self._resuming and self.total_steps is None)

@@ -34,6 +34,8 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Literal, NoReturn
 
+from surgeon._validate import MAX_COUNT
+
 __all__ = [
     "SCHEDULES",
     "Anneal",
@@ -72,18 +74,13 @@ def _fail(message: str) -> NoReturn:
     raise ValueError(message)
 
 
-_MAX_COUNT = 2**53
-"""The largest length or step taken: every int up to it is exact as a float, which the shapes
-compute in (a larger one is a ValueError naming it, not an OverflowError)."""
-
-
 def _as_int(field: str, value: object, minimum: int = 0) -> int:
     """``value`` as an int in ``[minimum, 2**53]``, or a ValueError naming ``field``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         _fail(f"{field} must be an integer, got {field}={value!r}")
     if value < minimum:
         _fail(f"{field} must be >= {minimum}, got {field}={value!r}")
-    if value > _MAX_COUNT:
+    if value > MAX_COUNT:
         _fail(f"{field} must be at most 2**53, got {field}={value!r:.80}")
     return int(value)
 
@@ -131,7 +128,7 @@ def _check_step(step: int) -> None:
         _fail(f"step must be an integer >= 0, got step={step!r}")
     if step < 0:
         _fail(f"step must be an integer >= 0, got step={step!r}")
-    if step > _MAX_COUNT:
+    if step > MAX_COUNT:
         _fail(f"step must be at most 2**53, got step={step!r:.80}")
 
 

@@ -64,6 +64,13 @@ def log_in_trainers_namespace(trainer: pl.Trainer) -> logging.Logger:
     return before
 
 
+def steps_done(trainer: pl.Trainer, manual: bool) -> int:
+    """The surgeon's steps in ``trainer.global_step``: under manual optimization Lightning counts
+    every optimizer's step, the surgeon one per batch."""
+    per_batch = max(1, len(trainer.optimizers)) if manual else 1
+    return math.ceil(trainer.global_step / per_batch)
+
+
 def set_console_log(logger: logging.Logger) -> None:
     """Point Lightning's rank-zero console log at ``logger`` (a fit's end puts back where its
     start found it)."""
