@@ -430,6 +430,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             # the finder restored the callbacks' state from a checkpoint it took first: our own
             # (fresh) state among them, which is not a resume
             self._pending_state, self._state_loaded = None, False
+            engine.forget_written_lr()  # the test wrote its own LRs and set new peaks
         view.watch_lrs(trainer, self)
         if self._pending_state is not None:
             engine.load_state_dict(self._pending_state)
@@ -564,6 +565,8 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         if self._budget.pending:  # before this step's LR is written: a cooldown starts here
             self._budget.check_early_stopping(trainer)
         engine = self.engine
+        if not self._manual:  # a GradientAccumulationScheduler changes it at epoch starts
+            engine.feed.accumulate = trainer.accumulate_grad_batches
         engine.begin_step()
         step = self._epoch_loop._batches_that_stepped  # Lightning's logging step
         view = self._view

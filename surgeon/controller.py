@@ -270,6 +270,9 @@ class _Intervention:
     recover_steps: int = 1
     lowered: bool = False
     """This hold has lowered the peak already: a storm of spikes inside it lowers it once."""
+    answered: float = math.inf
+    """The worst loss the hold's last cut answered: a confirmed spike ``rollback_threshold``
+    x above it (the loss still exploding at the cut LR) cuts again."""
 
     def at(self, step: int) -> float:
         """The multiplier for ``step``."""
@@ -362,6 +365,9 @@ class Controller:
         self.ignore_until = 0
         self.rolled_back_to: int | None = None
         """The target of the last rollback, until a loss in the normal band is read after it."""
+        self.shifted_level: float | None = None
+        """The running mean a confirmed spike after that rollback was taken to shift to (once:
+        a loss that keeps rising above it is instability, not another level shift)."""
         self.stalled = False
         """Set by a ``stalled`` event: the run cannot make progress; the caller stops it."""
         self._no_rollback = ""
@@ -395,6 +401,7 @@ class Controller:
             "nonfinite_applied": self.nonfinite_applied,
             "ignore_until": self.ignore_until,
             "rolled_back_to": self.rolled_back_to,
+            "shifted_level": self.shifted_level,
             "suspect": self.suspect,
             "events": [event.to_dict() for event in self.events],
             "stabilizer": self.stabilizer.state_dict(),
@@ -429,6 +436,7 @@ class Controller:
         self.nonfinite_applied = state.get("nonfinite_applied", False)
         self.ignore_until = state.get("ignore_until", 0)
         self.rolled_back_to = state.get("rolled_back_to")
+        self.shifted_level = state.get("shifted_level")
         self.suspect = state.get("suspect")
         self.forget_snapshots()  # snapshots are not checkpointed: the next one is due at once
         self.events = [Event.from_dict(event) for event in state["events"]]
@@ -644,7 +652,8 @@ class Controller:
         else:
             self.nonfinite_streak, self.nonfinite_applied = 0, False
             if self.spike.last_zscore <= NORMAL_BAND_ZSCORE:
-                self.rolled_back_to = None  # normal again: the next trouble may roll back
+                # normal again: the next trouble may roll back
+                self.rolled_back_to = self.shifted_level = None
             self._settle_snapshot(step)
             if self.intervention.mode == "hold":
                 new_events += self._maybe_recover(step, loss)
@@ -837,10 +846,11 @@ class Controller:
 
     def buffers_nonfinite(self, step: int, how: str) -> Event:
         """Record that the module's buffers held non-finite values after step ``step`` and were
-        repaired (``how``: a clause saying with what); a snapshot taken after it may hold them,
-        so it will not become the target."""
+        repaired (``how``: a clause saying with what); a snapshot taken after it (at the start
+        of a later step, before this flag was read) holds them, so it will not become the
+        target."""
         pending = self._pending_snapshot
-        if pending is not None and pending[0] <= step + 1:
+        if pending is not None and pending[0] > step:
             self._pending_snapshot = None
         why = f"non-finite values in the module's buffers after step {step}: {how}"
         event = replace(self._event(step, EventKind.BUFFERS_RESTORED, why, None), phase=self.phase)
@@ -908,7 +918,7 @@ class Controller:
         self._pending_snapshot = None  # may hold weights taken after the trouble began
         self.ignore_until = max(self.ignore_until, now)
         self.nonfinite_streak, self.nonfinite_applied = 0, False
-        self.rolled_back_to = target
+        self.rolled_back_to, self.shifted_level = target, None
         why = (
             f"{cause}: restored the snapshot of step {target} ({_format_bytes(nbytes)}), "
             f"undoing the updates of steps {target} to {now - 1} ({_steps(now - target)})"
@@ -1127,13 +1137,22 @@ class Controller:
             still = f"is still {self.spike.last_zscore:.1f} sigma above it"
         why = f"{self._spike_words(suspect)}, and the next loss, {loss:.4g}, {still}; "
         threshold = self.config.rollback_threshold
-        if self.rolled_back_to is not None:  # the good weights give it too: not damage
+        level_shift = self.rolled_back_to is not None and self.shifted_level is None
+        if level_shift:
+            # the good weights give it too: not damage, a new level (taken once)
             level = loss if math.isfinite(loss) else suspect["loss"]
             self.spike.rebase(level)
+            self.shifted_level = level
             why += (
                 f"the loss has stayed up since the rollback to step {self.rolled_back_to}: a "
                 f"lasting level shift, not damage; {level:.4g} is the new running mean (no "
                 "further rollback); "
+            )
+        elif self.rolled_back_to is not None:  # rising past the level it shifted to
+            why += (
+                f"the loss rose again past the level it shifted to after the rollback to step "
+                f"{self.rolled_back_to} ({self.shifted_level:.4g}): instability at this LR, "
+                "not another level shift (no further rollback); "
             )
         elif self._severe(worst, mean):
             why += self._request_rollback(
@@ -1144,7 +1163,7 @@ class Controller:
             )
         elif not math.isfinite(loss):
             why += self._request_rollback(step, f"the next loss, {loss}, is not finite")
-        return self._cut_for_spike(step, EventKind.SPIKE, why)
+        return self._cut_for_spike(step, EventKind.SPIKE, why, level_shift=level_shift, worst=worst)
 
     def _severe(self, loss: float, mean: float) -> bool:
         """Whether ``loss`` is at least ``rollback_threshold x`` the running ``mean``: damage
@@ -1165,12 +1184,25 @@ class Controller:
         LRs before ``written_until``). A cut is held, and a recovery ramps, from there."""
         return max(step + 1, self.written_until)
 
-    def _cut_for_spike(self, step: int, kind: EventKind, why: str) -> Event:
+    def _cut_for_spike(
+        self,
+        step: int,
+        kind: EventKind,
+        why: str,
+        *,
+        level_shift: bool = False,
+        worst: float = math.inf,
+    ) -> Event:
+        """Cut the LR multiplier x ``spike_factor`` and hold it (``worst``: the spike's worst
+        loss); a spike while held extends the hold, lowers the peak once per hold (a storm) and
+        cuts again if its loss is ``rollback_threshold`` x the worst one the last cut answered
+        (the cut LR did not stop it: an exploding loss)."""
         before = self.lr_scale(step + 1)
         hold_until = self._first_reached(step) + self.spike_cooldown
         if self.intervention.mode == "hold":
             self.intervention.hold_until = hold_until
-            storm = kind is EventKind.SPIKE and self.rolled_back_to is None
+            # (a spike that shows a level shift after a rollback is no verdict on the LR)
+            storm = kind is EventKind.SPIKE and not level_shift
             if storm and not self.intervention.lowered:
                 # a second confirmed spike while the LR is still cut: the LR before the cut is
                 # too high for this run (not a level shift: those follow a rollback); once per
@@ -1181,6 +1213,17 @@ class Controller:
                     f"a second spike while the LR is cut: the peak is lowered to "
                     f"{self.peak:.3g} for the rest of the run; "
                 )
+            answered = self.intervention.answered
+            exploding = math.isfinite(worst) and math.isfinite(answered)
+            if exploding and not level_shift and self._severe(worst, answered):
+                value = max(self.floor, self.intervention.value * self.config.spike_factor)
+                why += (
+                    f"loss {worst:.4g} is at least "
+                    f"{_ratio_words(self.config.rollback_threshold, answered, 'the loss')} "
+                    f"{answered:.4g} the cut answered: still exploding, LR multiplier cut again "
+                    f"x{self.config.spike_factor:g} to {value:.3g}; "
+                )
+                self.intervention.value, self.intervention.answered = value, worst
             why += f"already cut, cooldown extended to step {hold_until}"
             return self._event(step, kind, why, before)
         current = self.intervention.at(step + 1)
@@ -1195,7 +1238,9 @@ class Controller:
                 f"lowered to {self.peak:.3g} for the rest of the run; "
             )
         value = max(self.floor, current * self.config.spike_factor)
-        self.intervention = _Intervention("hold", value, hold_until, lowered=lowered)
+        self.intervention = _Intervention(
+            "hold", value, hold_until, lowered=lowered, answered=worst
+        )
         if self.phase is Phase.WARMUP and not self.paused:
             self.paused = True
             frozen = min(self.peak, self._level(step + 1))

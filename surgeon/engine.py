@@ -273,6 +273,10 @@ class StepEngine:
         self.written_step = -1
         """The step whose LR is in the param groups (-1: none yet, or to be written again)."""
         self.written_scale = 1.0
+        self._expected: tuple[int, float] | None = None
+        """``(step, scale)`` of the last write, which the param groups should still hold at the
+        next one (``None``: nothing to compare with since a start, load, rollback or new group)."""
+        self._warned_foreign_lr = False
         self._scales: list[float] = []  # lr_scale of the steps from _scales_from on, computed
         self._scales_from = 0  # at the controller's revision _scales_revision
         self._scales_revision = -1
@@ -337,6 +341,7 @@ class StepEngine:
         self.step = self.skipped_steps = self.restores = 0
         self.written_step = -1
         self.written_scale = 1.0
+        self._expected, self._warned_foreign_lr = None, False
         self.on_loss_from = 0
         self.adopt_new_param_groups()
 
@@ -401,24 +406,54 @@ class StepEngine:
             self._scales = [controller.lr_scale(s) for s in block]
             self._scales_from, self._scales_revision, index = step, controller.revision, 0
         scale = self._scales[index]
+        expected = self._expected
         try:
             for optimizer in self.driven:
-                for group in optimizer.param_groups:
-                    if type(group["lr"]) is float:
+                for number, group in enumerate(optimizer.param_groups):
+                    lr = group["lr"]
+                    if type(lr) is float:
+                        if expected is not None and lr != group[PEAK_LR_KEY] * expected[1]:
+                            self._foreign_lr(optimizer, number, lr, expected)
+                            expected = None
                         group["lr"] = group[PEAK_LR_KEY] * scale
                     else:
                         write_lr(group, group[PEAK_LR_KEY] * scale)
         except KeyError:  # a param group added during the run (e.g. by BaseFinetuning)
             # its LR was chosen beside the LRs of the last write: relative to that write's scale
+            self._expected = None  # the groups before it were written already
             self.adopt_new_param_groups(self.written_scale)
             # snapshots taken with fewer groups cannot be restored into these optimizers
             controller.forget_snapshots()
             self._snapshots = [Snapshot(s.location) for s in self._snapshots]
             return self.begin_step()
         self.written_step, self.written_scale = step, scale
+        self._expected = (step, scale)
         if self._snapshots and step != self._dropped_at and controller.snapshot_due(step):
             self._take_snapshot()
         return scale
+
+    def _foreign_lr(
+        self, optimizer: Optimizer, index: int, lr: float, expected: tuple[int, float]
+    ) -> None:
+        """A driven group's LR is not the one last written: something else writes LRs too.
+        Said once per run; the surgeon writes its own at once (it owns every driven LR)."""
+        if self._warned_foreign_lr:
+            return
+        self._warned_foreign_lr = True
+        wrote = optimizer.param_groups[index][PEAK_LR_KEY] * expected[1]
+        self.on_warning(
+            f"the LR of {group_label(optimizer, index)} was changed to {lr:.4g} after the "
+            f"surgeon wrote {wrote:.4g} for step {expected[0]}: something else writes LRs too "
+            "(an LR scheduler stepping this optimizer, a callback such as BackboneFinetuning or "
+            "StochasticWeightAveraging, the loop itself). The surgeon writes every step's LR, "
+            "so each such change is overwritten at the next step: leave each optimizer's LR to "
+            "one of them (said once per run)"
+        )
+
+    def forget_written_lr(self) -> None:
+        """The param groups' LRs were set from elsewhere on purpose (a loaded optimizer state,
+        a rollback): the next write compares them with nothing."""
+        self._expected = None
 
     def watch_loss(self, loss: Tensor) -> None:
         """A micro-batch loss, before its backward: the guard checks it with the gradients."""
@@ -534,6 +569,12 @@ class StepEngine:
         if good is not None and snapshot is not None:
             snapshot.repair_buffers(self.module)
             how = f"the NaN/inf entries restored from the snapshot of step {good}"
+            if any(not bool(torch.isfinite(b).all()) for b in self._buffers):  # a rare path
+                _reset_nonfinite_statistics(self.module)  # the copy held them too: never kept
+                how += (
+                    ", which held some too: the running statistics of the modules holding "
+                    "them reset"
+                )
         else:
             _reset_nonfinite_statistics(self.module)
             how = (
@@ -577,6 +618,7 @@ class StepEngine:
         self.on_event(self.controller.rolled_back(self.step))
         self.restores += 1
         self.written_step = -1  # the restored param groups hold an old LR: write it again
+        self._expected = None
 
     # ------------------------------------------------------------------ plans
     def cool_down(self, steps: int, why: str) -> Event | None:
@@ -611,7 +653,7 @@ class StepEngine:
                 group[PEAK_LR_KEY] = check_lr(peak, group_label(optimizer, index))
         self.step = step
         self.on_event(self.controller.start_at(step))
-        self.written_step = -1
+        self.written_step, self._expected = -1, None
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -707,7 +749,7 @@ class StepEngine:
         self.skipped_steps = state.get("skipped_steps", 0)
         self.feed.load_state_dict(state["feed"])
         self._buffers_checked_from = 0
-        self.written_step = -1
+        self.written_step, self._expected = -1, None
         if self._snapshots:  # as the saving run dropped them: a refusal says the same
             self._dropped_by_checkpoint(self.step)
         else:

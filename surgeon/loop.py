@@ -310,6 +310,7 @@ class Surgeon:
         def rewrite(surgeon: Surgeon) -> None:
             surgeon._rewrite_hooks = _removed(surgeon._rewrite_hooks)
             surgeon.engine.written_step = -1
+            surgeon.engine.forget_written_lr()  # a state loaded after the surgeon's set them
             surgeon.engine.begin_step()
 
         _removed(self._rewrite_hooks)

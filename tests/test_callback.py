@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -181,13 +182,21 @@ def test_a_param_group_added_mid_fit_is_driven_from_its_own_lr(make_trainer: Any
     """Lightning's ``BackboneFinetuning`` adds the unfrozen backbone as a new param group at
     epoch 1 with 0.1 x the head's LR of the moment; the surgeon keeps that LR and drives the
     group with the same scale as the head from then on, so the 0.1 ratio holds (and its LR is
-    logged under a metric name of its own)."""
+    logged under a metric name of its own). Its later per-epoch raises of the backbone's LR
+    (``lambda_func``) are overwritten, and said once: the surgeon owns every LR."""
     from pytorch_lightning.callbacks import BackboneFinetuning
 
     cb = ScheduleSurgeon(warmup=8, decay="cosine")
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)
     model = WithBackbone()
-    make_trainer([finetuning, cb], max_steps=40).fit(model, make_loader())  # 10 steps/epoch
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([finetuning, cb], max_steps=40).fit(model, make_loader())  # 10 steps/epoch
+    said = [str(w.message) for w in caught if "something else writes LRs" in str(w.message)]
+    assert len(said) == 1  # at epoch 2's start, once per run (epoch 3's is not said again)
+    assert said[0].startswith(
+        "ScheduleSurgeon: the LR of param group 1 of SGD was changed to "
+    ) and re.search(r"after the surgeon wrote [0-9.e-]+ for step 19: ", said[0])
 
     groups = [r["lrs"][0] for r in model.records]
     assert [len(g) for g in groups] == [1] * 10 + [2] * 30
@@ -199,6 +208,107 @@ def test_a_param_group_added_mid_fit_is_driven_from_its_own_lr(make_trainer: Any
         assert math.isclose(lr1 / lr0, 0.1, rel_tol=1e-9)  # BackboneFinetuning's ratio
     assert len({lr1 for _, lr1 in groups[10:]}) > 20  # ... and the surgeon kept moving it
     assert cb._lr_names == [["lr-SGD/pg1", "lr-SGD/pg2"]]
+
+
+@pytest.mark.parametrize(
+    ("scheduling", "made"), [({0: 1, 2: 4}, 2 * 16 + 4 * 4), ({0: 4, 3: 1}, 3 * 4 + 3 * 16)]
+)
+def test_a_gradient_accumulation_scheduler_is_planned_and_fed_by_epoch(
+    make_trainer: Any, monkeypatch: pytest.MonkeyPatch, scheduling: dict[int, int], made: int
+) -> None:
+    """``GradientAccumulationScheduler`` changes ``accumulate_grad_batches`` at epoch starts:
+    the plan counts each epoch's optimizer steps at its own accumulation (Lightning's estimate
+    counts them all at the first epoch's: 96 planned for 48 made, the LR never decaying to
+    the floor, or 24 for 60, the rest at LR 0), and each step's loss is the mean of its
+    micro-batches at the accumulation of its epoch (before, 4x off after a change: false
+    outliers and climbs)."""
+    from pytorch_lightning.callbacks import GradientAccumulationScheduler
+
+    fed: list[float] = []
+    update = Controller.update
+
+    def spy(self: Controller, loss: float, **kwargs: Any) -> Any:
+        fed.append(loss)
+        return update(self, loss, **kwargs)
+
+    monkeypatch.setattr(Controller, "update", spy)
+
+    def constant_loss(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        return loss - loss.detach() + 10.0  # every micro-batch 10.0, with real gradients
+
+    cb = ScheduleSurgeon(warmup=4)
+    model = TinyRegressor(loss_hook=constant_loss)
+    trainer = make_trainer(
+        [GradientAccumulationScheduler(scheduling), cb], max_epochs=6
+    )  # 16 batches an epoch
+    trainer.fit(model, make_loader(batches=16))
+    assert trainer.global_step == made
+    assert cb.controller is not None and cb.controller.total_steps == made
+    assert [e.kind for e in cb.events][-1] is EventKind.DONE  # the floor reached, no stop
+    assert fed == pytest.approx([10.0] * made)
+
+
+def test_stochastic_weight_averagings_batchnorm_epoch_is_not_planned(make_trainer: Any) -> None:
+    """``StochasticWeightAveraging`` on a model with BatchNorm adds an epoch to ``max_epochs``
+    at its fit start (it recomputes the statistics, one step); listed before the surgeon it
+    did so before the surgeon planned: 112 steps for a fit of 97, the decay ending at 0.2 of
+    the peak. Either order now plans the 6 epochs' steps and reaches the floor."""
+    from pytorch_lightning.callbacks import StochasticWeightAveraging
+
+    planned = []
+    for swa_first in (True, False):
+        cb = ScheduleSurgeon(warmup=4)
+        swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=3)
+        model = TinyRegressor()
+        model.net = torch.nn.Sequential(
+            torch.nn.Linear(model.net[0].in_features, 8),
+            torch.nn.BatchNorm1d(8),
+            torch.nn.Tanh(),
+            torch.nn.Linear(8, 1),
+        )
+        callbacks = [swa, cb] if swa_first else [cb, swa]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_trainer(callbacks, max_epochs=6).fit(model, make_loader(batches=16))
+        assert cb.controller is not None
+        planned.append(cb.controller.total_steps)
+        assert EventKind.DONE in [e.kind for e in cb.events]
+    assert planned == [96, 96]
+
+
+def test_no_cooldown_for_an_early_stop_that_min_epochs_refuses(make_trainer: Any) -> None:
+    """``EarlyStopping`` one check from stopping, while ``Trainer(min_epochs=...)`` is not met
+    by its next check: Lightning would refuse that stop, so the surgeon does not cool down for
+    it (before: a cooldown to LR 0 at epoch 3 and the rest of the fit, ~90 steps, at LR 0);
+    it cools down before the first check Lightning lets stop the fit, with the LR at the
+    floor on that check's last step only."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    class Flat(TinyRegressor):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", 1.0)  # never improves
+
+    cb = ScheduleSurgeon(warmup=4)
+    model = Flat()
+    trainer = make_trainer(
+        [cb, EarlyStopping("val_loss", patience=3)], max_epochs=40, min_epochs=15
+    )
+    trainer.fit(model, make_loader(batches=8), make_loader(batches=2, seed=1))
+    assert trainer.current_epoch == 15 and trainer.global_step == 120
+    lrs = [r["lrs"][0][0] for r in model.records]
+    assert lrs.count(0.0) == 1 and lrs[-1] == 0.0  # the floor on the stopping check's last step
+    (cooldown,) = [e for e in cb.events if e.kind is EventKind.COOLDOWN]
+    assert cooldown.step >= 14 * 8 - 1
+
+
+def test_a_fit_with_no_training_batches_runs_without_a_plan(make_trainer: Any) -> None:
+    """``limit_train_batches=0`` (a validation-only smoke run) trains nothing: the surgeon makes
+    no decision and no error (before: a ``MisconfigurationException`` about a dataloader
+    without length)."""
+    cb = ScheduleSurgeon()
+    trainer = make_trainer([cb], max_epochs=2, limit_train_batches=0)
+    trainer.fit(TinyRegressor(), make_loader(), make_loader(batches=2, seed=1))
+    assert trainer.global_step == 0 and cb.events == []
 
 
 def test_gradient_accumulation_counts_optimizer_steps_and_feeds_the_mean(
@@ -805,6 +915,10 @@ def test_total_steps_in_a_fit_left_at_lightnings_default_length_does_not_warn() 
             max_epochs=max_epochs,
             lightning_module=module,
             optimizers=[None],
+            limit_train_batches=1.0,
+            num_training_batches=10,
+            accumulate_grad_batches=1,
+            callbacks=[],
         )
 
     with warnings.catch_warnings():

@@ -1561,6 +1561,29 @@ class TestRollback:
         assert controller.spike.mean == pytest.approx(losses[-1], rel=0.05)
         assert EventKind.RECOVERED in [e.kind for e in controller.events if e.step > 308]
 
+    def test_a_loss_that_keeps_rising_after_the_level_shift_is_cut_not_rebased(self) -> None:
+        """A loss x50 from step 300 that then grows x3 every step (weights diverging under x50
+        gradients) until step 330: one rollback, one level shift (the first confirmed spike
+        after it), and from then on each confirmed spike past that level is instability: no
+        new running mean, the peak lowered once per hold, and the cut deepened x0.5 each time
+        the loss reached 4x the loss the last cut answered. Before, every spike re-based the
+        mean as another "level shift" and the LR stayed at half the peak."""
+        controller = Controller(1000, SurgeonConfig(warmup=50))
+        losses = calm(1000, seed=11)
+        for t in range(300, 330):
+            losses[t] = losses[t] * 50 * 3 ** (t - 300)
+        assert drive_with_snapshots(controller, losses, lag=5) == [(307, 290)]
+        spikes = [e for e in controller.events if e.kind is EventKind.SPIKE]
+        shifts = [e for e in spikes if "a lasting level shift, not damage" in e.reason]
+        assert len(shifts) == 1 and shifts[0].step == 308
+        later = [e for e in spikes if e.step > 308]
+        assert later and all("not another level shift" in e.reason for e in later)
+        deepened = [e for e in later if "still exploding, LR multiplier cut again x0.5" in e.reason]
+        assert len(deepened) >= 3
+        assert min(e.scale_after for e in later) <= 0.5**4  # not held at x0.5 as before
+        assert not controller.stalled
+        assert [e.kind for e in controller.events].count(EventKind.ROLLBACK) == 1
+
     def test_a_long_non_finite_stretch_with_nothing_to_go_back_to_stalls(self) -> None:
         controller = Controller(1000, SurgeonConfig(warmup=50))
         drive(controller, [math.nan] * 25)

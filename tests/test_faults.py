@@ -247,6 +247,59 @@ def test_nan_in_one_input_leaves_batchnorm_statistics_finite(
     assert math.isfinite(eval_loss(model))
 
 
+def test_a_snapshot_taken_after_nan_buffers_never_becomes_a_rollback_target(
+    make_trainer: Callable[..., Any],
+) -> None:
+    """One NaN input value at step 38, two steps before the snapshot of step 40 is taken (its
+    flag is read a block later, after that snapshot copied the NaN running statistics; the
+    snapshot's own loss is normal, as training normalizes with the batch's statistics), then a
+    x50 spike at steps 47-48 that rolls back: the rollback goes to the snapshot of step 30,
+    taken before the NaN, never to the one of step 40, and the model evaluates finite after
+    the fit (a rollback to step 40 restored the NaN statistics, and every later repair copied
+    them back from it)."""
+    surgeon = ScheduleSurgeon(snapshot_every=10)
+    model = Net(
+        batchnorm=True,
+        nan_input_at=frozenset({38}),
+        loss_hook=at({47, 48}, lambda loss: loss * 50),
+    )
+    make_trainer([surgeon], max_steps=120).fit(model, make_loader())
+    (repair,) = of_kind(surgeon, EventKind.BUFFERS_RESTORED)
+    assert repair.step == 38 and "snapshot of step 30" in repair.reason
+    (rollback,) = of_kind(surgeon, EventKind.ROLLBACK)
+    assert rollback.step == 48 and rollback_target(rollback) == 30
+    assert_within_bound(surgeon)
+    assert_finite(model)
+    assert math.isfinite(eval_loss(model))
+
+
+def test_a_repair_from_a_snapshot_holding_the_same_nan_resets_the_statistics() -> None:
+    """Defence in depth: when the snapshot a repair copies from holds NaN in the same entries,
+    the repair does not keep them: the running statistics are reset (and the event says so)."""
+    from surgeon.config import SurgeonConfig
+    from surgeon.engine import StepEngine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = StepEngine(SurgeonConfig())
+    engine.start(100, [optimizer], module=model)
+    bn = model[1]
+    bn.running_mean[0] = math.nan  # the snapshot copies it
+    engine.begin_step()  # step 0: a snapshot is due
+    controller = engine.controller
+    assert controller is not None
+    controller._good_snapshot = (0, 1)  # as if its loss had been read normal
+    bn.running_mean[1] = math.inf
+    engine._repair_buffers(0)
+    assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+    assert bn.running_mean.tolist() == [0.0] * 4  # reset, not the snapshot's NaN
+    (event,) = [e for e in controller.events if e.kind is EventKind.BUFFERS_RESTORED]
+    assert "which held some too: the running statistics of the modules holding them reset" in (
+        event.reason
+    )
+
+
 def test_the_buffer_check_makes_no_host_sync(make_trainer: Callable[..., Any]) -> None:
     """The per-step buffer check is a device flag that travels with the loss: the hooks read
     nothing off read-back steps (the rules of ``test_host_sync``), with BatchNorm buffers to

@@ -823,6 +823,84 @@ def test_a_loop_that_calls_out_of_order_is_warned_about_once(mistake: str) -> No
     assert all(w.filename == __file__ for w in caught if str(w.message).startswith("Surgeon:"))
 
 
+@pytest.mark.parametrize("writer", ["StepLR made after it", "LambdaLR made after it", "loop"])
+def test_an_lr_written_by_something_else_is_warned_about_once(writer: str) -> None:
+    """A driven LR that is not the one the surgeon last wrote when it writes the next (a torch
+    scheduler made on the optimizer after the ``Surgeon``, the loop's own ``group["lr"] =``):
+    said once, at the loop's ``step()``, naming the group and both LRs; the surgeon's LR is
+    back in the group at the next step. A scheduler that leaves the LR as it is says nothing
+    (``StepLR`` before its first decay)."""
+    torch.manual_seed(0)
+    model, x = nn.Linear(3, 1), torch.randn(8, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    surgeon = Surgeon(optimizer, 40, model=model, warmup=4, verbose=False)
+    scheduler = {
+        "StepLR made after it": torch.optim.lr_scheduler.StepLR(optimizer, 10, gamma=0.5),
+        "LambdaLR made after it": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.9**s),
+        "loop": None,
+    }[writer]
+    used, written = [], [optimizer.param_groups[0]["lr"]]  # by step: the LR used, written
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(30):
+            loss = model(x).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            used.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            surgeon.step(loss)
+            written.append(optimizer.param_groups[0]["lr"])
+            if scheduler is not None:
+                scheduler.step()
+            elif step == 19:
+                optimizer.param_groups[0]["lr"] = 1e-5
+    said = [str(w.message) for w in caught if str(w.message).startswith("Surgeon:")]
+    assert len(said) == 1, said
+    assert all(w.filename == __file__ for w in caught if str(w.message).startswith("Surgeon:"))
+    first_foreign = {"StepLR made after it": 10, "LambdaLR made after it": 1, "loop": 20}[writer]
+    wrote = written[first_foreign]
+    assert re.search(
+        rf"the LR of param group 0 of AdamW was changed to {used[first_foreign]:.4g} after the "
+        rf"surgeon wrote {wrote:.4g} for step {first_foreign}: something else writes LRs too",
+        said[0],
+    )
+    assert used[first_foreign] != wrote
+    assert used[:first_foreign] == written[:first_foreign]  # before it: the surgeon's LRs
+    if writer == "loop":  # the loop's value lasted its one step; the surgeon's is back
+        assert used[21:] == written[21:30]
+
+
+def test_a_scheduler_that_leaves_the_lr_alone_and_a_resume_say_nothing() -> None:
+    """No false alarm: a scheduler made after the surgeon that never changes the LR, and a
+    resumed loop whose optimizer state (with the checkpoint's LRs) is loaded after the
+    surgeon's."""
+    torch.manual_seed(0)
+    model, x = nn.Linear(3, 1), torch.randn(8, 3)
+
+    def run(optimizer: torch.optim.Optimizer, surgeon: Surgeon, steps: range) -> None:
+        for _ in steps:
+            loss = model(x).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            surgeon.step(loss)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    surgeon = Surgeon(optimizer, 40, model=model, verbose=False)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(optimizer, surgeon, range(15))
+        scheduler.step()
+        saved = {"surgeon": surgeon.state_dict(), "optimizer": optimizer.state_dict()}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        resumed = Surgeon(optimizer, 40, model=model, verbose=False)
+        resumed.load_state_dict(saved["surgeon"])
+        optimizer.load_state_dict(saved["optimizer"])
+        run(optimizer, resumed, range(15, 40))
+    assert not [w for w in caught if "something else writes LRs" in str(w.message)]
+
+
 def test_a_surgeon_loaded_before_the_model_never_rolls_back_to_the_fresh_weights() -> None:
     """Resumed with ``surgeon.load_state_dict`` called *before* the model's and the
     optimizer's (any order is a scheduler's convention; ``fabric.load`` follows its dict):

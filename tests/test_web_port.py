@@ -172,6 +172,15 @@ def _lowered_in_decay(n: int = 1000) -> list[float]:
     return losses
 
 
+def _exploding_after_rollback(n: int = 1000) -> list[float]:
+    """x50 from step 400, then x3 every step to 430 (weights diverging under bad data): one
+    rollback, one level shift, then instability past it, the cut deepened again and again."""
+    losses = _noisy([1.0 / (1 + i / 200) + 0.2 for i in range(n)], 0.02, 9)
+    for step in range(400, 430):
+        losses[step] *= 50 * 3 ** (step - 400)
+    return losses
+
+
 def _stalling(n: int = 200) -> list[float]:
     """Non-finite from the first step on: nothing is ever good to roll back to."""
     return [math.nan] * n
@@ -189,6 +198,7 @@ STREAMS: dict[str, Any] = {
     "fast_descent": _fast_descent,
     "lowered_in_decay": _lowered_in_decay,
     "stalling": _stalling,
+    "exploding_after_rollback": _exploding_after_rollback,
 }
 CONFIGS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -367,6 +377,10 @@ def test_the_cases_exercise_every_decision(
     assert stabilized and any(
         "warmup ramp resumed" in e.reason for py, _ in both.values() for e in py.events
     )
+    exploding = [e.reason for e in both["exploding_after_rollback/defaults"][0].events]
+    assert sum("a lasting level shift, not damage" in r for r in exploding) == 1
+    assert any("not another level shift" in r for r in exploding)
+    assert sum("still exploding, LR multiplier cut again" in r for r in exploding) >= 3
     after_descent = both["fast_descent/defaults"][0].events
     assert any(e.kind is EventKind.SPIKE and 150 <= e.step <= 152 for e in after_descent)
 

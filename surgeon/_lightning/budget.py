@@ -32,6 +32,16 @@ DDP_BUDGET_EVERY = 32
 """Steps between ``max_time`` checks under DDP (each is a broadcast of rank zero's estimate)."""
 
 
+def _may_stop_by_next_check(trainer: pl.Trainer, interval: int) -> bool:
+    """Whether Lightning lets a stop at the next ``EarlyStopping`` check end the fit: its
+    ``min_steps`` and ``min_epochs`` met by then (``interval`` steps from now; an epoch-end
+    check has one more epoch processed). A stop it refuses leaves the fit running on."""
+    loop = trainer.fit_loop
+    if loop.min_steps and trainer.global_step + interval < loop.min_steps:
+        return False
+    return not (loop.min_epochs and loop.epoch_progress.current.processed + 1 < loop.min_epochs)
+
+
 class FitBudget:
     """What may end a fit before its plan, watched through Lightning's callbacks."""
 
@@ -164,9 +174,12 @@ class FitBudget:
         near = [
             index
             for index, es in enumerate(self._early_stoppers)
-            if es.patience >= 2 and es.wait_count == es.patience - 1
+            # (past patience - 1: its stops were refused, min_epochs or min_steps not met yet)
+            if es.patience >= 2 and es.wait_count >= es.patience - 1
         ]
         steps = interval - 1 if near and interval >= 2 else 0  # the floor on the last step
+        if steps and not _may_stop_by_next_check(trainer, interval):
+            steps = 0  # Lightning would refuse that stop: the fit goes on, and so does the plan
         which = near[0] if near else 0
         waited = self._early_stoppers[which].wait_count
         if trainer.world_size > 1:  # wait counts are per rank: rank zero decides, and says why

@@ -184,7 +184,14 @@ def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> 
     (Lightning's ``estimated_stepping_batches``, which counts optimizer steps); ``None``
     when only ``max_time`` bounds the fit (``timed``: planned from the step rate once
     measured)."""
+    if trainer.limit_train_batches == 0:  # a fit that trains nothing (a validation run):
+        return total_steps or 1  # no step will ask for an LR, any plan does
     estimate = trainer.estimated_stepping_batches  # min(max_steps, epochs x steps/epoch)
+    by_epochs = _steps_of_the_epochs(trainer)  # what Lightning's estimate does not know
+    if by_epochs is not None:
+        estimate = (
+            by_epochs if trainer.max_steps in (None, -1) else min(by_epochs, trainer.max_steps)
+        )
     if trainer.max_steps is not None and trainer.max_steps > 0:
         # under manual optimization `max_steps` counts every `opt.step()`, but the surgeon
         # steps once per batch: with k optimizers (each stepped once a batch) that is k calls
@@ -222,6 +229,35 @@ def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> 
         f"Trainer(max_steps=...), max_epochs or max_time (estimated_stepping_batches="
         f"{estimate})"
     )
+
+
+def _steps_of_the_epochs(trainer: pl.Trainer) -> int | None:
+    """The optimizer steps ``max_epochs`` epochs make where Lightning's
+    ``estimated_stepping_batches`` miscounts them (``None`` elsewhere): a
+    ``GradientAccumulationScheduler`` changes the steps per epoch (Lightning counts every epoch
+    at the first one's accumulation), and ``StochasticWeightAveraging`` on a model with
+    BatchNorm adds an epoch to ``max_epochs`` at its fit start that makes no steps of its own
+    (it recomputes the statistics) when it is listed before the surgeon."""
+    epochs, batches = trainer.max_epochs, trainer.num_training_batches
+    if epochs is None or epochs < 1 or not math.isfinite(batches) or batches < 1:
+        return None
+    swa = next(
+        (c for c in trainer.callbacks if type(c).__name__ == "StochasticWeightAveraging"), None
+    )
+    swa_epochs = getattr(swa, "_max_epochs", None) if swa is not None else None
+    swa_added = bool(getattr(swa, "_model_contains_batch_norm", False))
+    bumped = isinstance(swa_epochs, int) and swa_added and epochs == swa_epochs + 1
+    scheduler = next(
+        (c for c in trainer.callbacks if type(c).__name__ == "GradientAccumulationScheduler"), None
+    )
+    if not bumped and scheduler is None:
+        return None
+    if bumped:
+        epochs = swa_epochs
+    if scheduler is None:
+        return math.ceil(batches / trainer.accumulate_grad_batches) * epochs
+    per_epoch = scheduler.get_accumulate_grad_batches
+    return sum(math.ceil(batches / per_epoch(epoch)) for epoch in range(epochs))
 
 
 def plan_source(trainer: pl.Trainer, total_steps: int | None, plan_cap: int | None) -> str:

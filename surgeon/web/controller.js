@@ -93,9 +93,11 @@
 
   class _Intervention {
     constructor({ mode = "normal", value = 1.0, hold_until = 0, recover_start = 0,
-                  recover_steps = 1, lowered = false } = {}) {
-      // lowered: this hold has lowered the peak already (a storm of spikes lowers it once)
-      Object.assign(this, { mode, value, hold_until, recover_start, recover_steps, lowered });
+                  recover_steps = 1, lowered = false, answered = Infinity } = {}) {
+      // lowered: this hold has lowered the peak already (a storm of spikes lowers it once);
+      // answered: the worst loss its last cut answered (4x above it: an exploding loss)
+      Object.assign(
+        this, { mode, value, hold_until, recover_start, recover_steps, lowered, answered });
     }
 
     at(step) {
@@ -170,6 +172,7 @@
       this.nonfinite_applied = false;
       this.ignore_until = 0;
       this.rolled_back_to = null;
+      this.shifted_level = null; // the level a spike after that rollback shifted to (once)
       this.stalled = false;
       this._no_rollback = "";
       this.suspect = null; // a spike waiting for the next loss to confirm it
@@ -253,7 +256,10 @@
       } else {
         this.nonfinite_streak = 0;
         this.nonfinite_applied = false;
-        if (this.spike.last_zscore <= NORMAL_BAND_ZSCORE) this.rolled_back_to = null;
+        if (this.spike.last_zscore <= NORMAL_BAND_ZSCORE) {
+          this.rolled_back_to = null;
+          this.shifted_level = null;
+        }
         this._settle_snapshot(step);
         if (this.intervention.mode === "hold") {
           new_events = new_events.concat(this._maybe_recover(step, loss));
@@ -450,6 +456,7 @@
       this.nonfinite_streak = 0;
       this.nonfinite_applied = false;
       this.rolled_back_to = target;
+      this.shifted_level = null;
       const why =
         `${cause}: restored the snapshot of step ${target} (${_format_bytes(nbytes)}), ` +
         `undoing the updates of steps ${target} to ${now - 1} (${steps(now - target)})`;
@@ -651,13 +658,20 @@
       else still = `is still ${f(this.spike.last_zscore, 1)} sigma above it`;
       let why = `${this._spike_words(suspect)}, and the next loss, ${g(loss, 4)}, ${still}; `;
       const threshold = this.config.rollback_threshold;
-      if (this.rolled_back_to !== null) {
+      const level_shift = this.rolled_back_to !== null && this.shifted_level === null;
+      if (level_shift) {
         const level = Number.isFinite(loss) ? loss : suspect.loss;
         this.spike.rebase(level);
+        this.shifted_level = level;
         why +=
           `the loss has stayed up since the rollback to step ${this.rolled_back_to}: a ` +
           `lasting level shift, not damage; ${g(level, 4)} is the new running mean (no ` +
           "further rollback); ";
+      } else if (this.rolled_back_to !== null) {
+        why +=
+          "the loss rose again past the level it shifted to after the rollback to step " +
+          `${this.rolled_back_to} (${g(this.shifted_level, 4)}): instability at this LR, ` +
+          "not another level shift (no further rollback); ";
       } else if (this._severe(worst, mean)) {
         why += this._request_rollback(
           step,
@@ -668,7 +682,7 @@
       } else if (!Number.isFinite(loss)) {
         why += this._request_rollback(step, `the next loss, ${str(loss)}, is not finite`);
       }
-      return this._cut_for_spike(step, EventKind.SPIKE, why);
+      return this._cut_for_spike(step, EventKind.SPIKE, why, level_shift, worst);
     }
 
     _severe(loss, mean) {
@@ -690,12 +704,12 @@
       return Math.max(step + 1, this.written_until);
     }
 
-    _cut_for_spike(step, kind, why) {
+    _cut_for_spike(step, kind, why, level_shift = false, worst = Infinity) {
       const before = this.lr_scale(step + 1);
       const hold_until = this._first_reached(step) + this.spike_cooldown;
       if (this.intervention.mode === "hold") {
         this.intervention.hold_until = hold_until;
-        const storm = kind === EventKind.SPIKE && this.rolled_back_to === null;
+        const storm = kind === EventKind.SPIKE && !level_shift;
         if (storm && !this.intervention.lowered) {
           // a second confirmed spike while the LR is still cut: the LR before the cut is too
           // high for this run (not a level shift: those follow a rollback); once per hold
@@ -704,6 +718,18 @@
           why +=
             `a second spike while the LR is cut: the peak is lowered to ${g(this.peak, 3)} ` +
             "for the rest of the run; ";
+        }
+        const answered = this.intervention.answered;
+        const exploding = Number.isFinite(worst) && Number.isFinite(answered);
+        if (exploding && !level_shift && this._severe(worst, answered)) {
+          const value = Math.max(this.floor, this.intervention.value * this.config.spike_factor);
+          why +=
+            `loss ${g(worst, 4)} is at least ` +
+            `${_ratio_words(this.config.rollback_threshold, answered, "the loss")} ` +
+            `${g(answered, 4)} the cut answered: still exploding, LR multiplier cut again ` +
+            `x${g(this.config.spike_factor)} to ${g(value, 3)}; `;
+          this.intervention.value = value;
+          this.intervention.answered = worst;
         }
         why += `already cut, cooldown extended to step ${hold_until}`;
         return this._event(step, kind, why, before);
@@ -719,7 +745,8 @@
           `lowered to ${g(this.peak, 3)} for the rest of the run; `;
       }
       const value = Math.max(this.floor, current * this.config.spike_factor);
-      this.intervention = new _Intervention({ mode: "hold", value, hold_until, lowered });
+      this.intervention = new _Intervention({
+        mode: "hold", value, hold_until, lowered, answered: worst });
       if (this.phase === Phase.WARMUP && !this.paused) {
         this.paused = true;
         const frozen = Math.min(this.peak, this._level(step + 1));
