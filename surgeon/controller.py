@@ -1171,7 +1171,13 @@ class Controller:
         return loss - mean >= (self.config.rollback_threshold - 1.0) * abs(mean)
 
     def _dismiss_spike(self, step: int, suspect: dict[str, float], loss: float) -> Event:
-        """The loss after a spike is back in its normal band: one hard batch, no instability."""
+        """The loss after a spike is back in its normal band: one hard batch, no instability.
+        A snapshot taken after it holds its update (and, under Adam, its squared gradient in
+        the second moment): it does not become a rollback target, so damage that shows later
+        is rolled back to before the bad batch."""
+        pending = self._pending_snapshot
+        if pending is not None and pending[0] > int(suspect["step"]):
+            self._pending_snapshot = None
         why = (
             f"{self._spike_words(suspect)}, but the next loss, {loss:.4g}, is back within "
             f"{NORMAL_BAND_ZSCORE:g} sigma: an isolated outlier (a hard batch), no action"

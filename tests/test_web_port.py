@@ -181,6 +181,17 @@ def _exploding_after_rollback(n: int = 1000) -> list[float]:
     return losses
 
 
+def _outlier_before_a_snapshot(n: int = 1000) -> list[float]:
+    """An outlier at step 499, the step before a snapshot (which holds its update), then a
+    severe spike its next loss confirms: the rollback goes to the snapshot before the
+    outlier (490), not to the one after it (500)."""
+    losses = _noisy([1.0 / (1 + i / 200) + 0.2 for i in range(n)], 0.02, 10)
+    losses[499] *= 20.0
+    for step in (503, 504):
+        losses[step] *= 10.0
+    return losses
+
+
 def _stalling(n: int = 200) -> list[float]:
     """Non-finite from the first step on: nothing is ever good to roll back to."""
     return [math.nan] * n
@@ -199,6 +210,7 @@ STREAMS: dict[str, Any] = {
     "lowered_in_decay": _lowered_in_decay,
     "stalling": _stalling,
     "exploding_after_rollback": _exploding_after_rollback,
+    "outlier_before_a_snapshot": _outlier_before_a_snapshot,
 }
 CONFIGS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -381,6 +393,10 @@ def test_the_cases_exercise_every_decision(
     assert sum("a lasting level shift, not damage" in r for r in exploding) == 1
     assert any("not another level shift" in r for r in exploding)
     assert sum("still exploding, LR multiplier cut again" in r for r in exploding) >= 3
+    after_outlier = both["outlier_before_a_snapshot/defaults"][0].events
+    assert [e.kind for e in after_outlier if e.step == 500] == [EventKind.OUTLIER]
+    (rollback,) = [e for e in after_outlier if e.kind is EventKind.ROLLBACK]
+    assert "restored the snapshot of step 490" in rollback.reason
     after_descent = both["fast_descent/defaults"][0].events
     assert any(e.kind is EventKind.SPIKE and 150 <= e.step <= 152 for e in after_descent)
 

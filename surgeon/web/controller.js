@@ -691,7 +691,10 @@
     }
 
     _dismiss_spike(step, suspect, loss) {
-      // the loss after a spike is back in its normal band: one hard batch, no action
+      // the loss after a spike is back in its normal band: one hard batch, no action; a
+      // snapshot taken after it holds its update: no rollback target
+      const pending = this._pending_snapshot;
+      if (pending !== null && pending[0] > suspect.step) this._pending_snapshot = null;
       const why =
         `${this._spike_words(suspect)}, but the next loss, ${g(loss, 4)}, is back within ` +
         `${g(NORMAL_BAND_ZSCORE)} sigma: an isolated outlier (a hard batch), no action`;
