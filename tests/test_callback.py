@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import importlib
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -252,13 +253,16 @@ def test_stochastic_weight_averagings_batchnorm_epoch_is_not_planned(make_traine
     """``StochasticWeightAveraging`` on a model with BatchNorm adds an epoch to ``max_epochs``
     at its fit start (it recomputes the statistics, one step); listed before the surgeon it
     did so before the surgeon planned: 112 steps for a fit of 97, the decay ending at 0.2 of
-    the peak. Either order now plans the 6 epochs' steps and reaches the floor."""
+    the peak. Either order now plans the epochs' steps and reaches the floor, also with an
+    SWA instance that ran a fit before (listed after the surgeon, it holds that fit's
+    ``max_epochs`` when the surgeon plans)."""
     from pytorch_lightning.callbacks import StochasticWeightAveraging
 
     planned = []
-    for swa_first in (True, False):
+    reused = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=3)
+    for swa_first, swa, epochs in ((True, reused, 5), (False, None, 6), (False, reused, 6)):
         cb = ScheduleSurgeon(warmup=4)
-        swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=3)
+        swa = swa or StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=3)
         model = TinyRegressor()
         model.net = torch.nn.Sequential(
             torch.nn.Linear(model.net[0].in_features, 8),
@@ -269,19 +273,23 @@ def test_stochastic_weight_averagings_batchnorm_epoch_is_not_planned(make_traine
         callbacks = [swa, cb] if swa_first else [cb, swa]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            make_trainer(callbacks, max_epochs=6).fit(model, make_loader(batches=16))
+            make_trainer(callbacks, max_epochs=epochs).fit(model, make_loader(batches=16))
         assert cb.controller is not None
         planned.append(cb.controller.total_steps)
         assert EventKind.DONE in [e.kind for e in cb.events]
-    assert planned == [96, 96]
+    assert planned == [80, 96, 96]  # (the last one planned 80: the 5 of its first fit)
 
 
-def test_no_cooldown_for_an_early_stop_that_min_epochs_refuses(make_trainer: Any) -> None:
-    """``EarlyStopping`` one check from stopping, while ``Trainer(min_epochs=...)`` is not met
-    by its next check: Lightning would refuse that stop, so the surgeon does not cool down for
-    it (before: a cooldown to LR 0 at epoch 3 and the rest of the fit, ~90 steps, at LR 0);
-    it cools down before the first check Lightning lets stop the fit, with the LR at the
-    floor on that check's last step only."""
+@pytest.mark.parametrize(("minimum", "end"), [({"min_epochs": 15}, 120), ({"min_steps": 117}, 117)])
+def test_an_early_stop_lightning_refuses_is_cooled_down_to_where_it_ends_the_fit(
+    make_trainer: Any, minimum: dict[str, int], end: int
+) -> None:
+    """``EarlyStopping`` stops the fit before ``Trainer(min_epochs=...)`` / ``min_steps`` are
+    met: Lightning refuses, runs on until they are, then ends the fit (at the end of the
+    epoch that meets ``min_epochs``, at the step that meets ``min_steps``, whatever the checks
+    say). The surgeon does not cool down for the refused stop (before: to LR 0 at epoch 3, and
+    the rest of the fit, ~90 steps, at LR 0), and decays to the floor by that end instead:
+    the last step at the floor, the only one."""
     from pytorch_lightning.callbacks import EarlyStopping
 
     class Flat(TinyRegressor):
@@ -290,22 +298,27 @@ def test_no_cooldown_for_an_early_stop_that_min_epochs_refuses(make_trainer: Any
 
     cb = ScheduleSurgeon(warmup=4)
     model = Flat()
-    trainer = make_trainer(
-        [cb, EarlyStopping("val_loss", patience=3)], max_epochs=40, min_epochs=15
-    )
+    trainer = make_trainer([cb, EarlyStopping("val_loss", patience=3)], max_epochs=40, **minimum)
     trainer.fit(model, make_loader(batches=8), make_loader(batches=2, seed=1))
-    assert trainer.current_epoch == 15 and trainer.global_step == 120
+    assert trainer.global_step == end
     lrs = [r["lrs"][0][0] for r in model.records]
-    assert lrs.count(0.0) == 1 and lrs[-1] == 0.0  # the floor on the stopping check's last step
+    assert lrs.count(0.0) == 1 and lrs[-1] == 0.0  # the floor on the fit's last step
     (cooldown,) = [e for e in cb.events if e.kind is EventKind.COOLDOWN]
-    assert cooldown.step >= 14 * 8 - 1
+    (name,) = minimum
+    assert f"stopped the fit, and Lightning runs it on until {name}=" in cooldown.reason
+    assert cooldown.step < 40  # at the refused stop, not one check before the end
+    decay = lrs[cooldown.step + 1 :]
+    assert all(b < a for a, b in itertools.pairwise(decay))  # one linear decay
 
 
-def test_a_fit_with_no_training_batches_runs_without_a_plan(make_trainer: Any) -> None:
+@pytest.mark.parametrize("settings", [{}, {"warmup": 50}, {"min_warmup": 20, "max_warmup": 100}])
+def test_a_fit_with_no_training_batches_runs_without_a_plan(
+    make_trainer: Any, settings: dict[str, int]
+) -> None:
     """``limit_train_batches=0`` (a validation-only smoke run) trains nothing: the surgeon makes
-    no decision and no error (before: a ``MisconfigurationException`` about a dataloader
-    without length)."""
-    cb = ScheduleSurgeon()
+    no decision and no error, whatever lengths in steps it is given (before: a
+    ``MisconfigurationException`` about a dataloader without length)."""
+    cb = ScheduleSurgeon(**settings)
     trainer = make_trainer([cb], max_epochs=2, limit_train_batches=0)
     trainer.fit(TinyRegressor(), make_loader(), make_loader(batches=2, seed=1))
     assert trainer.global_step == 0 and cb.events == []

@@ -14,13 +14,14 @@ and the record of an early end.
 * a fit that ends before its plan gets a ``stopped`` event saying what ended it.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 
 from surgeon._lightning.reporting import NEVER
-from surgeon._lightning.trainer import is_a, planned_steps, time_limit
+from surgeon._lightning.trainer import is_a, per_batch_steps, planned_steps, time_limit
 from surgeon.config import SurgeonConfig
 from surgeon.controller import Event, EventKind, Phase, plural
 from surgeon.engine import StepEngine
@@ -34,12 +35,33 @@ DDP_BUDGET_EVERY = 32
 
 def _may_stop_by_next_check(trainer: pl.Trainer, interval: int) -> bool:
     """Whether Lightning lets a stop at the next ``EarlyStopping`` check end the fit: its
-    ``min_steps`` and ``min_epochs`` met by then (``interval`` steps from now; an epoch-end
-    check has one more epoch processed). A stop it refuses leaves the fit running on."""
+    ``min_steps`` and ``min_epochs`` met by then (``interval`` surgeon steps from now; an
+    epoch-end check has one more epoch processed). A stop it refuses leaves the fit running
+    on (until they are met: :func:`_steps_until_a_refused_stop`)."""
     loop = trainer.fit_loop
-    if loop.min_steps and trainer.global_step + interval < loop.min_steps:
+    if loop.min_steps and trainer.global_step + interval * per_batch_steps(trainer) < (
+        loop.min_steps
+    ):
         return False
     return not (loop.min_epochs and loop.epoch_progress.current.processed + 1 < loop.min_epochs)
+
+
+def _steps_until_a_refused_stop(trainer: pl.Trainer) -> int:
+    """Surgeon steps from now until Lightning ends a fit whose stop it refused
+    (``should_stop`` set before ``min_steps`` / ``min_epochs`` were met): it ends at the first
+    step that meets ``min_steps``, and at the end of the epoch that meets ``min_epochs``."""
+    loop = trainer.fit_loop
+    per_batch = per_batch_steps(trainer)
+    done = trainer.global_step // per_batch
+    left = 0
+    if loop.min_steps:
+        left = max(left, math.ceil(loop.min_steps / per_batch) - done)
+    batches = trainer.num_training_batches
+    unmet_epochs = loop.min_epochs and loop.epoch_progress.current.processed < loop.min_epochs
+    if unmet_epochs and math.isfinite(batches):  # (epochs of equal length)
+        accumulate = 1 if per_batch > 1 else trainer.accumulate_grad_batches
+        left = max(left, loop.min_epochs * math.ceil(batches / accumulate) - done)
+    return left
 
 
 class FitBudget:
@@ -171,11 +193,13 @@ class FitBudget:
                 self.engine.finish()  # read the plan's last losses (every rank runs this)
                 self._stop_at_zero(trainer)
             return
+        if trainer.should_stop:  # a stop Lightning refused: it ends the fit at a known step
+            self._cool_down_for_a_refused_stop(trainer)
+            return
         near = [
             index
             for index, es in enumerate(self._early_stoppers)
-            # (past patience - 1: its stops were refused, min_epochs or min_steps not met yet)
-            if es.patience >= 2 and es.wait_count >= es.patience - 1
+            if es.patience >= 2 and es.wait_count == es.patience - 1
         ]
         steps = interval - 1 if near and interval >= 2 else 0  # the floor on the last step
         if steps and not _may_stop_by_next_check(trainer, interval):
@@ -192,6 +216,31 @@ class FitBudget:
             f"{_ES_COOLDOWN}monitor={es.monitor!r}, patience={es.patience}) has seen "
             f"{plural(waited, 'check')} in a row without improvement: the next one "
             f"without improvement stops the fit, about {plural(interval, 'step')} from here",
+        )
+
+    def _cool_down_for_a_refused_stop(self, trainer: pl.Trainer) -> None:
+        """``EarlyStopping`` stopped the fit before ``min_steps`` / ``min_epochs`` were met:
+        Lightning runs on until they are, then ends it; decay to the floor by its last step
+        (once: a plan that ends by then is left alone)."""
+        controller = self.engine.controller
+        left = _steps_until_a_refused_stop(trainer)
+        if trainer.world_size > 1:
+            left = trainer.strategy.broadcast(left)
+        if controller is None or left < 2 or controller.total_steps <= self.engine.step + left:
+            return
+        loop = trainer.fit_loop
+        unmet = (
+            ("min_steps", loop.min_steps, trainer.global_step),
+            ("min_epochs", loop.min_epochs, loop.epoch_progress.current.processed),
+        )
+        minimum = ", ".join(
+            f"{name}={value}" for name, value, now in unmet if value and now < value
+        )
+        names = ", ".join(f"monitor={es.monitor!r}" for es in self._early_stoppers)
+        self.cool_down(
+            left - 1,
+            f"{_ES_COOLDOWN}{names}) stopped the fit, and Lightning runs it on until {minimum} "
+            f"{'is' if ',' not in minimum else 'are'} met, {plural(left, 'step')} from here",
         )
 
     def _es_cooled(self) -> bool:

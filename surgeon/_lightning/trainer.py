@@ -28,7 +28,7 @@ from surgeon.engine import (
 )
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
 from surgeon.loss_feed import Reduce
-from surgeon.planning import ManualStepPlanner
+from surgeon.planning import OPEN_ENDED, ManualStepPlanner
 
 # Lightning's rank-zero console log is one for both namespaces, pointed at the one imported last:
 # importing the other here must not reroute a pytorch_lightning project's console lines
@@ -185,7 +185,7 @@ def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> 
     when only ``max_time`` bounds the fit (``timed``: planned from the step rate once
     measured)."""
     if trainer.limit_train_batches == 0:  # a fit that trains nothing (a validation run):
-        return total_steps or 1  # no step will ask for an LR, any plan does
+        return total_steps or OPEN_ENDED  # no step will ask for an LR: any length fits
     estimate = trainer.estimated_stepping_batches  # min(max_steps, epochs x steps/epoch)
     by_epochs = _steps_of_the_epochs(trainer)  # what Lightning's estimate does not know
     if by_epochs is not None:
@@ -195,9 +195,7 @@ def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> 
     if trainer.max_steps is not None and trainer.max_steps > 0:
         # under manual optimization `max_steps` counts every `opt.step()`, but the surgeon
         # steps once per batch: with k optimizers (each stepped once a batch) that is k calls
-        manual = not trainer.lightning_module.automatic_optimization
-        per_batch = len(trainer.optimizers) if manual else 1
-        estimate = min(estimate, math.ceil(trainer.max_steps / per_batch))
+        estimate = min(estimate, math.ceil(trainer.max_steps / per_batch_steps(trainer)))
     finite = isinstance(estimate, int | float) and math.isfinite(estimate) and estimate >= 1
     if total_steps is not None:
         # (not against Lightning's default of 1000 epochs: a fit the user leaves open, e.g. to
@@ -241,10 +239,12 @@ def _steps_of_the_epochs(trainer: pl.Trainer) -> int | None:
     epochs, batches = trainer.max_epochs, trainer.num_training_batches
     if epochs is None or epochs < 1 or not math.isfinite(batches) or batches < 1:
         return None
-    swa = next(
-        (c for c in trainer.callbacks if type(c).__name__ == "StochasticWeightAveraging"), None
-    )
-    swa_epochs = getattr(swa, "_max_epochs", None) if swa is not None else None
+    callbacks = list(trainer.callbacks)
+    swa = next((c for c in callbacks if type(c).__name__ == "StochasticWeightAveraging"), None)
+    surgeon = next((i for i, c in enumerate(callbacks) if _is_surgeon(c)), len(callbacks))
+    # SWA's own on_fit_start ran for this fit only when it comes first (else: a last fit's)
+    ran = swa is not None and callbacks.index(swa) < surgeon
+    swa_epochs = getattr(swa, "_max_epochs", None) if ran else None
     swa_added = bool(getattr(swa, "_model_contains_batch_norm", False))
     bumped = isinstance(swa_epochs, int) and swa_added and epochs == swa_epochs + 1
     scheduler = next(
@@ -258,6 +258,17 @@ def _steps_of_the_epochs(trainer: pl.Trainer) -> int | None:
         return math.ceil(batches / trainer.accumulate_grad_batches) * epochs
     per_epoch = scheduler.get_accumulate_grad_batches
     return sum(math.ceil(batches / per_epoch(epoch)) for epoch in range(epochs))
+
+
+def _is_surgeon(callback: Any) -> bool:
+    return any(k.__name__ == "ScheduleSurgeon" for k in type(callback).__mro__)
+
+
+def per_batch_steps(trainer: pl.Trainer) -> int:
+    """Lightning's ``global_step`` per surgeon step: every ``opt.step()`` of a manual
+    optimization's k optimizers (each stepped once a batch), else 1."""
+    manual = not trainer.lightning_module.automatic_optimization
+    return len(trainer.optimizers) if manual else 1
 
 
 def plan_source(trainer: pl.Trainer, total_steps: int | None, plan_cap: int | None) -> str:
