@@ -800,6 +800,24 @@ class Controller:
         """The step of the snapshot a rollback would restore (``None``: none yet)."""
         return None if self._good_snapshot is None else self._good_snapshot[0]
 
+    @property
+    def pending_snapshot_step(self) -> int | None:
+        """The step of the snapshot waiting for its loss (``None``: none)."""
+        return None if self._pending_snapshot is None else self._pending_snapshot[0]
+
+    def snapshot_nonfinite(self, step: int) -> str:
+        """The snapshot of ``step`` copied NaN/inf weights or optimizer state (damage no loss
+        showed: Adam's second moment overflowed by a gradient too large to square makes every
+        later update 0): it never becomes the target, and the run rolls back to the snapshot
+        before it. Returns why not (``""``: asked)."""
+        self._pending_snapshot = None
+        cause = (
+            f"the snapshot of step {step} copied non-finite weights or optimizer state (a "
+            "gradient too large for the optimizer's statistics, e.g. Adam's squared gradient "
+            "overflowing, with normal losses)"
+        )
+        return self._request_rollback(step, cause)
+
     def snapshot_due(self, step: int) -> bool:
         """Whether the caller should snapshot the weights as they are at the start of ``step``:
         ``snapshot_every`` steps after the last one, none waiting for its loss, no rollback on

@@ -34,6 +34,7 @@ scales: a block's are computed at once and kept while the controller's ``revisio
 
 import math
 import numbers
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from typing import Any, Literal
@@ -168,6 +169,24 @@ def _unit(device: torch.device) -> Tensor:
     return _UNITS[device]
 
 
+def _nonfinite_flag(tensors: list[Tensor]) -> Tensor | None:
+    """A 0-d flag, 1.0 when one of ``tensors`` (floating point) holds a NaN/inf: one kernel per
+    device and dtype (the one GradScaler uses, values unchanged), not read here."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+    for tensor in tensors:
+        groups[(tensor.device, tensor.dtype)].append(tensor)
+    if not groups:
+        return None
+    first = next(iter(groups))[0]
+    flag = torch.zeros((), device=first)
+    for (device, _), group in groups.items():
+        local = flag if device == first else torch.zeros((), device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, local, _unit(device))
+        if local is not flag:
+            torch.maximum(flag, local.to(first, non_blocking=True), out=flag)
+    return flag
+
+
 class TrainingStalled(RuntimeError):
     """Every step was non-finite for two snapshot intervals and nothing was left to roll back
     to: the run cannot make progress (the message says from which step and why)."""
@@ -266,6 +285,7 @@ class StepEngine:
         self._buffers: list[Tensor] = []
         self._buffers_checked_from = 0  # flags of earlier steps were raised before a repair
         self._step_flag: Tensor | None = None
+        self._snapshot_flag: Tensor | None = None  # the pending snapshot's (see _state_flag)
         self.step = 0
         """Optimizer steps applied so far (GradScaler-skipped steps excluded once known)."""
         self.skipped_steps = 0
@@ -330,7 +350,7 @@ class StepEngine:
         self.feed = LossFeed(
             self.readback_every, reduce, accumulate=accumulate, device=device, loss_scale=loss_scale
         )
-        self._step_flag = None
+        self._step_flag = self._snapshot_flag = None
         keep = self.snapshot != "off" and module is not None
         self._snapshots = [Snapshot(self.snapshot) for _ in "ab"] if keep else []  # type: ignore[arg-type]
         self._dropped_at = self._first_snapshot = self._close_since = None
@@ -538,6 +558,8 @@ class StepEngine:
                 self.step -= 1
                 continue
             loss_step = controller.step
+            if self._snapshot_flag is not None and controller.pending_snapshot_step == loss_step:
+                self._check_snapshot(loss_step)
             controller.written_until = self.step  # the LRs before it are written
             events = controller.update(loss, update_skipped=update_skipped)
             if events:
@@ -594,9 +616,39 @@ class StepEngine:
         spare = next(s for s in self._snapshots if s.step is None or s.step != good)
         if spare.capture(self.module, self.optimizers, self.step, extra=self._scaler_state()):
             self.controller.snapshot_taken(self.step, spare.nbytes)
+            # what it copied is checked before it can become the target (one process: under
+            # torch.distributed, FSDP's shards would give each rank its own answer)
+            self._snapshot_flag = None if self.feed.reduce is not None else self._state_flag()
             if self._first_snapshot is None:
                 self._first_snapshot = self.step
         self._buffers = _checked_buffers(self.module)  # lazy modules materialize later
+
+    def _state_flag(self) -> Tensor | None:
+        """A device flag: NaN/inf in the weights or the optimizers' state, as a snapshot copies
+        them (a finite gradient too large to square makes Adam's second moment inf, and every
+        later update of those weights 0, with normal losses)."""
+        assert self.module is not None
+        tensors = [p for p in self.module.parameters() if p.is_floating_point()]
+        for optimizer in self.optimizers:
+            for state in optimizer.state.values():
+                tensors += [
+                    v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()
+                ]
+        return _nonfinite_flag([t for t in tensors if t.numel()])
+
+    def _check_snapshot(self, step: int) -> None:
+        """Before the loss of ``step`` can make the snapshot of ``step`` the rollback target:
+        when what it copied held a NaN/inf, it never does, and the run rolls back to the one
+        before (a host read once per snapshot, at a read-back)."""
+        flag, self._snapshot_flag = self._snapshot_flag, None
+        controller = self.controller
+        assert controller is not None
+        # (computed at the snapshot, before the block's losses: read after them, no stall)
+        if flag is None or controller.pending_snapshot_step != step or not flag.tolist():
+            return
+        why = controller.snapshot_nonfinite(step)
+        if why:
+            self.on_warning(f"step {step}: {why}")
 
     def _scaler_state(self) -> list[Tensor]:
         """GradScaler's scale and growth tracker, once it has made them (its first step)."""

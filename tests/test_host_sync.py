@@ -66,7 +66,9 @@ FLAG_READ = ["Tensor.item", "aten._local_scalar_dense"]
 """The guard's one read of its flag, or of the loss (``.item()``)."""
 
 MAX_SYNCS_PER_READBACK = 2
-"""Host reads allowed in a readback step's hooks: the block's ``tolist`` (plus slack for one)."""
+"""Host reads allowed in a readback step's hooks: the block's ``tolist``, and once per snapshot
+the ``tolist`` of its NaN/inf flag of what it copied (computed at the snapshot, steps before
+the block's losses: on CUDA the block's read has waited for it already)."""
 
 SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero"})
 """aten ops (overload packet names) that read a device value on the host."""
