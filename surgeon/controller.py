@@ -134,6 +134,11 @@ def _format_bytes(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
+STATE_ROLLBACK_MARK = "copied non-finite weights or optimizer state"
+"""In the reason of a rollback the engine asked for from a snapshot's NaN/inf check, not from
+a loss (a replay of the losses does not make it)."""
+
+
 class Phase(str, Enum):
     """Where the run is in its lifetime; interventions are events, not phases.
 
@@ -810,11 +815,12 @@ class Controller:
         showed: Adam's second moment overflowed by a gradient too large to square makes every
         later update 0): it never becomes the target, and the run rolls back to the snapshot
         before it. Returns why not (``""``: asked)."""
-        self._pending_snapshot = None
+        if self._pending_snapshot is not None and self._pending_snapshot[0] == step:
+            self._pending_snapshot = None
         cause = (
-            f"the snapshot of step {step} copied non-finite weights or optimizer state (a "
-            "gradient too large for the optimizer's statistics, e.g. Adam's squared gradient "
-            "overflowing, with normal losses)"
+            f"the snapshot of step {step} {STATE_ROLLBACK_MARK} (a gradient too large for the "
+            "optimizer's statistics, e.g. Adam's squared gradient overflowing, with normal "
+            "losses)"
         )
         return self._request_rollback(step, cause)
 

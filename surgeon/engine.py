@@ -177,7 +177,8 @@ def _nonfinite_flag(tensors: list[Tensor]) -> Tensor | None:
         groups[(tensor.device, tensor.dtype)].append(tensor)
     if not groups:
         return None
-    first = next(iter(groups))[0]
+    devices = [device for device, _ in groups]
+    first = next((d for d in devices if d.type != "cpu"), devices[0])  # host-to-device copies
     flag = torch.zeros((), device=first)
     for (device, _), group in groups.items():
         local = flag if device == first else torch.zeros((), device=device)
@@ -185,6 +186,10 @@ def _nonfinite_flag(tensors: list[Tensor]) -> Tensor | None:
         if local is not flag:
             torch.maximum(flag, local.to(first, non_blocking=True), out=flag)
     return flag
+
+
+_CHECKED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+"""What the snapshot check looks at (the non-finite kernel has no float8 or complex kernel)."""
 
 
 class TrainingStalled(RuntimeError):
@@ -285,7 +290,9 @@ class StepEngine:
         self._buffers: list[Tensor] = []
         self._buffers_checked_from = 0  # flags of earlier steps were raised before a repair
         self._step_flag: Tensor | None = None
-        self._snapshot_flag: Tensor | None = None  # the pending snapshot's (see _state_flag)
+        self._snapshot_flag: Tensor | None = None  # the last snapshot's (see _state_flag),
+        self._snapshot_flag_step = -1  # of the snapshot of this step
+        self._checks_state = True  # until a rollback for it is refused (see _check_snapshot)
         self.step = 0
         """Optimizer steps applied so far (GradScaler-skipped steps excluded once known)."""
         self.skipped_steps = 0
@@ -351,6 +358,7 @@ class StepEngine:
             self.readback_every, reduce, accumulate=accumulate, device=device, loss_scale=loss_scale
         )
         self._step_flag = self._snapshot_flag = None
+        self._snapshot_flag_step, self._checks_state = -1, True
         keep = self.snapshot != "off" and module is not None
         self._snapshots = [Snapshot(self.snapshot) for _ in "ab"] if keep else []  # type: ignore[arg-type]
         self._dropped_at = self._first_snapshot = self._close_since = None
@@ -548,6 +556,11 @@ class StepEngine:
                 controller.ignore_until, self._buffers_checked_from
             ):  # (flags of steps before a rollback or a repair were raised before it)
                 self._repair_buffers(controller.step)
+            if self._snapshot_flag is not None and self._snapshot_flag_step == controller.step:
+                # dropped since or not: the state it saw; a step whose loss or gradients were
+                # non-finite is the non-finite rules' (their rollback, their reason)
+                shown = update_skipped or not (no_loss or math.isfinite(loss))
+                self._check_snapshot(controller.step, act=not shown)
             if no_loss and self.manual:  # the user stepped anyway: count it, unwatched
                 rows.append((controller.step, None, False))
                 for event in controller.pass_step():
@@ -558,8 +571,6 @@ class StepEngine:
                 self.step -= 1
                 continue
             loss_step = controller.step
-            if self._snapshot_flag is not None and controller.pending_snapshot_step == loss_step:
-                self._check_snapshot(loss_step)
             controller.written_until = self.step  # the LRs before it are written
             events = controller.update(loss, update_skipped=update_skipped)
             if events:
@@ -618,37 +629,51 @@ class StepEngine:
             self.controller.snapshot_taken(self.step, spare.nbytes)
             # what it copied is checked before it can become the target (one process: under
             # torch.distributed, FSDP's shards would give each rank its own answer)
-            self._snapshot_flag = None if self.feed.reduce is not None else self._state_flag()
+            checked = self._checks_state and self.feed.reduce is None
+            self._snapshot_flag = self._state_flag() if checked else None
+            self._snapshot_flag_step = self.step
             if self._first_snapshot is None:
                 self._first_snapshot = self.step
         self._buffers = _checked_buffers(self.module)  # lazy modules materialize later
 
     def _state_flag(self) -> Tensor | None:
-        """A device flag: NaN/inf in the weights or the optimizers' state, as a snapshot copies
-        them (a finite gradient too large to square makes Adam's second moment inf, and every
-        later update of those weights 0, with normal losses)."""
-        assert self.module is not None
-        tensors = [p for p in self.module.parameters() if p.is_floating_point()]
+        """A device flag: NaN/inf in the trained weights or their optimizer state, as a
+        snapshot copies them (a finite gradient too large to square makes Adam's second moment
+        inf, and every later update of those weights 0, with normal losses). Frozen weights
+        (a -inf mask kept as a parameter) and step counters are not looked at."""
+        tensors: list[Tensor] = []
         for optimizer in self.optimizers:
-            for state in optimizer.state.values():
-                tensors += [
-                    v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()
-                ]
-        return _nonfinite_flag([t for t in tensors if t.numel()])
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if not param.requires_grad:
+                        continue
+                    tensors.append(param)
+                    tensors += [
+                        v
+                        for v in optimizer.state.get(param, {}).values()
+                        if isinstance(v, Tensor) and v.dim() > 0
+                    ]
+        return _nonfinite_flag([t for t in tensors if t.dtype in _CHECKED_DTYPES and t.numel()])
 
-    def _check_snapshot(self, step: int) -> None:
-        """Before the loss of ``step`` can make the snapshot of ``step`` the rollback target:
-        when what it copied held a NaN/inf, it never does, and the run rolls back to the one
-        before (a host read once per snapshot, at a read-back)."""
+    def _check_snapshot(self, step: int, *, act: bool = True) -> None:
+        """Before the loss of ``step`` is consumed: when what the snapshot of ``step`` copied
+        held a NaN/inf, that snapshot never becomes the target and the run rolls back to the
+        one before (a host read once per snapshot, with a read-back block). A rollback refused
+        ends the checks for the run, with one warning (the state stays non-finite, so every
+        later snapshot would be refused alike, and none could become a target again)."""
         flag, self._snapshot_flag = self._snapshot_flag, None
         controller = self.controller
-        assert controller is not None
+        assert controller is not None and flag is not None
         # (computed at the snapshot, before the block's losses: read after them, no stall)
-        if flag is None or controller.pending_snapshot_step != step or not flag.tolist():
+        if not act or step < controller.ignore_until or not flag.tolist():
             return
         why = controller.snapshot_nonfinite(step)
         if why:
-            self.on_warning(f"step {step}: {why}")
+            self._checks_state = False
+            self.on_warning(
+                f"step {step}: {why}the weights or optimizer state stay non-finite; later "
+                "snapshots are not checked for it (each rollback would be refused alike)"
+            )
 
     def _scaler_state(self) -> list[Tensor]:
         """GradScaler's scale and growth tracker, once it has made them (its first step)."""
@@ -766,6 +791,7 @@ class StepEngine:
         rollback refused for want of one says why."""
         assert self.controller is not None
         self._dropped_at, self._first_snapshot = step, None
+        self._snapshot_flag = None  # its snapshot is gone (a resumed run has none either)
         self.controller.checkpoint_dropped_snapshots(step)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -50,7 +50,7 @@ from typing import Any
 
 from surgeon._validate import check_positive_int
 from surgeon.config import SurgeonConfig
-from surgeon.controller import Controller, Event
+from surgeon.controller import STATE_ROLLBACK_MARK, Controller, Event
 from surgeon.recorder import (
     CHECKPOINTS_FILE,
     EVENTS_FILE,
@@ -87,7 +87,8 @@ def before_outside_decision(
     and that decision's record (``None``: the run made none)."""
     kept: list[dict[str, Any]] = []
     for record in logged:
-        if record["kind"] in OUTSIDE_DECISIONS:
+        state_check = record["kind"] == "rollback" and STATE_ROLLBACK_MARK in record["reason"]
+        if record["kind"] in OUTSIDE_DECISIONS or state_check:
             return kept, record
         if record["kind"] != "peak_lr":  # the settings carry the peak
             kept.append(record)

@@ -901,6 +901,84 @@ def test_a_scheduler_that_leaves_the_lr_alone_and_a_resume_say_nothing() -> None
     assert not [w for w in caught if "something else writes LRs" in str(w.message)]
 
 
+@pytest.mark.parametrize("frozen", ["-inf mask", "float8 weights"])
+def test_frozen_parameters_are_not_in_the_snapshot_check(frozen: str) -> None:
+    """The snapshot's NaN/inf check looks at the weights the optimizers train and their state:
+    a frozen parameter holding -inf (a causal mask kept as a parameter) never flags a snapshot,
+    and a frozen float8 one (quantized base weights) is not handed to the check's kernel,
+    which has none for it (a review: every snapshot flagged, then no rollback for a NaN
+    stretch; a ``NotImplementedError`` at the first snapshot)."""
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 1)
+            if frozen == "-inf mask":
+                mask = torch.full((4, 4), -math.inf).triu(1)
+            else:
+                mask = torch.randn(4, 4).to(torch.float8_e4m3fn)
+            self.mask = nn.Parameter(mask, requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model, x = Masked(), torch.randn(256, 8)
+    y = x[:, :1]
+    optimizer = torch.optim.SGD(model.lin.parameters(), lr=0.05)
+    surgeon = Surgeon(optimizer, 300, model=model, snapshot_every=10, skip_nonfinite="off")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(300):
+            batch = slice(step % 16 * 16, step % 16 * 16 + 16)
+            loss = nn.functional.mse_loss(model(x[batch]), y[batch])
+            if 150 <= step < 153:
+                loss = loss * math.nan  # an unguarded NaN update: a rollback repairs it
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            surgeon.step(loss)
+        surgeon.finish()
+    assert not [w for w in caught if "non-finite weights or optimizer state" in str(w.message)]
+    (rollback,) = [e for e in surgeon.events if e.kind is EventKind.ROLLBACK]
+    assert rollback.step == 152 and "non-finite" in rollback.reason
+    assert torch.isfinite(model.lin.weight).all()
+
+
+def test_a_refused_state_rollback_is_warned_about_once_and_ends_the_checks() -> None:
+    """A x1e30 loss overflows Adam's second moment just before a checkpoint drops the
+    snapshots: the snapshot after it copies the inf state, and cannot be rolled back from
+    (nothing good to go back to). One warning says so and that later snapshots are not
+    checked (each would be refused alike, and none could become a target again); the others
+    then settle, so a later NaN stretch is still rolled back."""
+    torch.manual_seed(0)
+    model, x = nn.Linear(8, 1), torch.randn(256, 8)
+    y = x[:, :1]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    surgeon = Surgeon(optimizer, 300, model=model, snapshot_every=10, skip_nonfinite="off")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(300):
+            batch = slice(step % 16 * 16, step % 16 * 16 + 16)
+            loss = nn.functional.mse_loss(model(x[batch]), y[batch])
+            if step == 100:
+                loss = loss * 1e30
+            if 250 <= step < 253:
+                loss = loss * math.nan
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            surgeon.step(loss)
+            if step == 103:  # a checkpoint: the snapshots are dropped (100 read: an outlier)
+                surgeon.state_dict()
+        surgeon.finish()
+    said = [str(w.message) for w in caught if "later snapshots are not checked" in str(w.message)]
+    assert len(said) == 1 and "copied non-finite weights or optimizer state" in said[0]
+    assert "but no rollback" in said[0]
+    rollbacks = [e for e in surgeon.events if e.kind is EventKind.ROLLBACK]
+    assert [e.step for e in rollbacks] == [252]
+
+
 def test_a_surgeon_loaded_before_the_model_never_rolls_back_to_the_fresh_weights() -> None:
     """Resumed with ``surgeon.load_state_dict`` called *before* the model's and the
     optimizer's (any order is a scheduler's convention; ``fabric.load`` follows its dict):

@@ -701,3 +701,23 @@ def test_a_run_resumed_for_another_length_replays_exactly_up_to_its_replan(
     said = _compare_with_log(result.events, logged)
     assert said.startswith(f"the replay reproduces the {len(before)} logged events up to the")
     assert "replan at step 150" in said
+
+
+def test_a_rollback_for_a_snapshots_non_finite_state_is_a_decision_from_outside_the_losses() -> (
+    None
+):
+    """A rollback the snapshot check asked for (NaN/inf weights or optimizer state behind normal
+    losses) is not made by a replay of the losses: the comparison, and the plot's replayed LR
+    line, stop there, as at a cooldown; an ordinary rollback is compared like any decision."""
+    from surgeon.controller import STATE_ROLLBACK_MARK
+    from surgeon.replay import before_outside_decision
+
+    logged = [
+        {"step": 5, "kind": "warmup_end", "reason": "..."},
+        {"step": 40, "kind": "rollback", "reason": "3 non-finite steps in a row: restored"},
+        {"step": 90, "kind": "rollback", "reason": f"snapshot of step 90 {STATE_ROLLBACK_MARK}"},
+        {"step": 99, "kind": "done", "reason": "..."},
+    ]
+    kept, outside = before_outside_decision(logged)
+    assert [r["step"] for r in kept] == [5, 40]
+    assert outside is not None and outside["step"] == 90
