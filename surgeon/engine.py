@@ -521,6 +521,8 @@ class StepEngine:
         loss."""
         buffers = self._buffers
         device = buffers[0].device
+        if device.type == "cpu":  # the flag on an accelerator: host-to-device copies below
+            device = next((b.device for b in buffers if b.device.type != "cpu"), device)
         flag = torch.zeros((), device=device)
         if all(b.device == device for b in buffers):
             torch._amp_foreach_non_finite_check_and_unscale_(buffers, flag, _unit(device))
