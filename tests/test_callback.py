@@ -311,6 +311,35 @@ def test_an_early_stop_lightning_refuses_is_cooled_down_to_where_it_ends_the_fit
     assert all(b < a for a, b in itertools.pairwise(decay))  # one linear decay
 
 
+@pytest.mark.parametrize("growth", [8, -4])
+def test_a_reloaded_loader_of_another_length_moves_the_plans_end(
+    make_trainer: Any, growth: int
+) -> None:
+    """``reload_dataloaders_every_n_epochs=1`` with a loader that grows (or shrinks) each
+    epoch: the plan, from the first epoch's length x ``max_epochs``, is re-planned at each
+    epoch's first batch over the epochs left at the new length (a ``replan`` event), so the
+    decay ends with the fit, no step at LR 0 (before: a growing loader left half the fit at
+    LR 0, a shrinking one never decayed to the floor)."""
+
+    class Growing(TinyRegressor):
+        def train_dataloader(self) -> Any:
+            return make_loader(batches=16 + growth * self.trainer.current_epoch)
+
+    cb = ScheduleSurgeon(warmup=4)
+    model = Growing()
+    trainer = make_trainer([cb], max_epochs=3, reload_dataloaders_every_n_epochs=1)
+    trainer.fit(model)
+    made = sum(16 + growth * epoch for epoch in range(3))
+    assert trainer.global_step == made
+    assert cb.controller is not None and cb.controller.total_steps == made
+    replans = [e for e in cb.events if e.kind is EventKind.REPLAN]
+    assert [e.step for e in replans] == [16, 32 + growth]
+    assert "the training loader was reloaded with" in replans[0].reason
+    lrs = [r["lrs"][0][0] for r in model.records]
+    assert 0.0 not in lrs and lrs[-1] == min(lrs) <= 0.1 * max(lrs)  # ends at the floor's door
+    assert [e.kind for e in cb.events][-1] is EventKind.DONE
+
+
 @pytest.mark.parametrize("settings", [{}, {"warmup": 50}, {"min_warmup": 20, "max_warmup": 100}])
 def test_a_fit_with_no_training_batches_runs_without_a_plan(
     make_trainer: Any, settings: dict[str, int]

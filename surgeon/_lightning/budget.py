@@ -21,7 +21,13 @@ from typing import Any
 import pytorch_lightning as pl
 
 from surgeon._lightning.reporting import NEVER
-from surgeon._lightning.trainer import is_a, per_batch_steps, planned_steps, time_limit
+from surgeon._lightning.trainer import (
+    is_a,
+    per_batch_steps,
+    planned_steps,
+    steps_of_epochs,
+    time_limit,
+)
 from surgeon.config import SurgeonConfig
 from surgeon.controller import Event, EventKind, Phase, plural
 from surgeon.engine import StepEngine
@@ -242,6 +248,36 @@ class FitBudget:
             f"{_ES_COOLDOWN}{names}) stopped the fit, and Lightning runs it on until {minimum} "
             f"{'is' if ',' not in minimum else 'are'} met, {plural(left, 'step')} from here",
         )
+
+    def follow_the_loader(self, trainer: pl.Trainer) -> None:
+        """At an epoch's first batch, with ``reload_dataloaders_every_n_epochs``: a plan that
+        ``max_epochs`` ends follows the training loader's length, so a reloaded loader of
+        another length moves the end (a ``replan`` event; not after a cooldown moved it)."""
+        controller = self.engine.controller
+        every = trainer.reload_dataloaders_every_n_epochs
+        if controller is None or not every or self.total_steps is not None or self.timer:
+            return
+        epochs = trainer.max_epochs
+        if epochs is None or epochs < 1 or controller.phase is Phase.DONE:
+            return
+        if not trainer.lightning_module.automatic_optimization:  # its own planner follows
+            return
+        if any(e.kind is EventKind.COOLDOWN for e in controller.events):
+            return
+        left = steps_of_epochs(trainer, trainer.current_epoch, epochs)
+        if left is None:
+            return
+        step = self.engine.step
+        total = step + left
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            total = min(total, step + max(0, trainer.max_steps - trainer.global_step))
+        if total > step and total != controller.total_steps:
+            self.engine.replan(
+                total,
+                f"the training loader was reloaded with {trainer.num_training_batches} batches "
+                f"an epoch (reload_dataloaders_every_n_epochs={every}): the "
+                f"{plural(epochs - trainer.current_epoch, 'epoch')} left make {left} steps",
+            )
 
     def _es_cooled(self) -> bool:
         """Whether a cooldown for an ``EarlyStopping`` check planned this run's end (from the

@@ -236,8 +236,8 @@ def _steps_of_the_epochs(trainer: pl.Trainer) -> int | None:
     at the first one's accumulation), and ``StochasticWeightAveraging`` on a model with
     BatchNorm adds an epoch to ``max_epochs`` at its fit start that makes no steps of its own
     (it recomputes the statistics) when it is listed before the surgeon."""
-    epochs, batches = trainer.max_epochs, trainer.num_training_batches
-    if epochs is None or epochs < 1 or not math.isfinite(batches) or batches < 1:
+    epochs = trainer.max_epochs
+    if epochs is None or epochs < 1:
         return None
     callbacks = list(trainer.callbacks)
     swa = next((c for c in callbacks if type(c).__name__ == "StochasticWeightAveraging"), None)
@@ -247,17 +247,29 @@ def _steps_of_the_epochs(trainer: pl.Trainer) -> int | None:
     swa_epochs = getattr(swa, "_max_epochs", None) if ran else None
     swa_added = bool(getattr(swa, "_model_contains_batch_norm", False))
     bumped = isinstance(swa_epochs, int) and swa_added and epochs == swa_epochs + 1
-    scheduler = next(
+    if not bumped and _accumulation_scheduler(trainer) is None:
+        return None
+    return steps_of_epochs(trainer, 0, swa_epochs if bumped else epochs)
+
+
+def _accumulation_scheduler(trainer: pl.Trainer) -> Any:
+    return next(
         (c for c in trainer.callbacks if type(c).__name__ == "GradientAccumulationScheduler"), None
     )
-    if not bumped and scheduler is None:
+
+
+def steps_of_epochs(trainer: pl.Trainer, first: int, end: int) -> int | None:
+    """The optimizer steps of epochs ``first`` to ``end - 1`` at the training loader's current
+    length, each at its epoch's accumulation (a ``GradientAccumulationScheduler``'s, else the
+    Trainer's); ``None`` without a finite length."""
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches) or batches < 1:
         return None
-    if bumped:
-        epochs = swa_epochs
+    scheduler = _accumulation_scheduler(trainer)
     if scheduler is None:
-        return math.ceil(batches / trainer.accumulate_grad_batches) * epochs
+        return math.ceil(batches / trainer.accumulate_grad_batches) * max(0, end - first)
     per_epoch = scheduler.get_accumulate_grad_batches
-    return sum(math.ceil(batches / per_epoch(epoch)) for epoch in range(epochs))
+    return sum(math.ceil(batches / per_epoch(epoch)) for epoch in range(first, end))
 
 
 def _is_surgeon(callback: Any) -> bool:
