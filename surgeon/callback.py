@@ -450,7 +450,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             return False
         if getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
             return False  # its ckpt_path is read after on_fit_start: not known to be none yet
-        return self.engine.step == steps_done(trainer, not pl_module.automatic_optimization)
+        return self.engine.step == steps_done(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # a state that validate/test/predict(ckpt_path=...) loaded is not for a later fit
@@ -479,7 +479,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         )
         if trainer.global_step > 0 and not self._state_loaded and self.controller is not None:
             # resumed from a checkpoint saved without the surgeon: the steps done count
-            self.engine.start_at(steps_done(trainer, self._manual))
+            self.engine.start_at(steps_done(trainer))
         self._epoch_loop = trainer.fit_loop.epoch_loop
         # a fresh fit without a length of its own is planned from its step rate under max_time
         self._budget.begin_training(trainer, not self._resuming and self.total_steps is None)

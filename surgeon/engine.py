@@ -170,26 +170,28 @@ def _unit(device: torch.device) -> Tensor:
 
 
 def _nonfinite_flag(tensors: list[Tensor]) -> Tensor | None:
-    """A 0-d flag, 1.0 when one of ``tensors`` (floating point) holds a NaN/inf: one kernel per
-    device and dtype (the one GradScaler uses, values unchanged), not read here."""
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-    for tensor in tensors:
-        groups[(tensor.device, tensor.dtype)].append(tensor)
-    if not groups:
+    """A 0-d flag on the device, 1.0 when one of ``tensors`` (floating point) holds a NaN/inf
+    (``None``: no tensor). One kernel per device (the one the guard uses, values unchanged);
+    not read here. With devices mixed, the flag is on an accelerator (host-to-device copies,
+    never a device-to-host one read at once)."""
+    if not tensors:
         return None
-    devices = [device for device, _ in groups]
-    first = next((d for d in devices if d.type != "cpu"), devices[0])  # host-to-device copies
-    flag = torch.zeros((), device=first)
-    for (device, _), group in groups.items():
-        local = flag if device == first else torch.zeros((), device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, local, _unit(device))
+    device = tensors[0].device
+    if device.type == "cpu":
+        device = next((t.device for t in tensors if t.device.type != "cpu"), device)
+    flag = torch.zeros((), device=device)
+    if all(t.device == device for t in tensors):
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, _unit(device))
+        return flag
+    groups: dict[torch.device, list[Tensor]] = defaultdict(list)
+    for tensor in tensors:
+        groups[tensor.device].append(tensor)
+    for where, group in groups.items():
+        local = flag if where == device else torch.zeros((), device=where)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, local, _unit(where))
         if local is not flag:
-            torch.maximum(flag, local.to(first, non_blocking=True), out=flag)
+            torch.maximum(flag, local.to(device, non_blocking=True), out=flag)
     return flag
-
-
-_CHECKED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-"""What the snapshot check looks at (the non-finite kernel has no float8 or complex kernel)."""
 
 
 class TrainingStalled(RuntimeError):
@@ -197,10 +199,15 @@ class TrainingStalled(RuntimeError):
     to: the run cannot make progress (the message says from which step and why)."""
 
 
+_CHECKED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+"""The dtypes the NaN/inf checks look at (the non-finite kernel has no float8 kernel)."""
+
+
 def _checked_buffers(module: nn.Module | None) -> list[Tensor]:
-    """The buffers whose NaN/inf the engine looks for: floating-point and persistent (running
-    statistics and the like; not caches such as masks), once materialized, and outside autograd
-    (the check writes them back unchanged, in place)."""
+    """The buffers whose NaN/inf the engine looks for: floating-point (of
+    :data:`_CHECKED_DTYPES`) and persistent (running statistics and the like; not caches such as
+    masks), once materialized, and outside autograd (the check writes them back unchanged, in
+    place)."""
     if module is None:
         return []
     found: dict[int, Tensor] = {}
@@ -209,7 +216,7 @@ def _checked_buffers(module: nn.Module | None) -> list[Tensor]:
             if (
                 buffer is not None
                 and name not in sub._non_persistent_buffers_set
-                and buffer.is_floating_point()
+                and buffer.dtype in _CHECKED_DTYPES
                 and not buffer.requires_grad
                 and not is_lazy(buffer)
             ):
@@ -510,29 +517,10 @@ class StepEngine:
             self._step_flag = None
         if self._guarded:
             self.guard.release()
-        buffers_flag = self._check_buffers() if self._buffers else None
+        buffers_flag = _nonfinite_flag(self._buffers)  # travels with the loss, read with it
         due = self.feed.close_step(loss_scale, flag, buffers_flag)
         if due:
             self._consume(due)
-
-    def _check_buffers(self) -> Tensor:
-        """A 0-d flag on the device, 1.0 when a checked buffer holds a NaN/inf. One kernel per
-        device (the one the guard uses, values unchanged); not read here: it travels with the
-        loss."""
-        buffers = self._buffers
-        device = buffers[0].device
-        if device.type == "cpu":  # the flag on an accelerator: host-to-device copies below
-            device = next((b.device for b in buffers if b.device.type != "cpu"), device)
-        flag = torch.zeros((), device=device)
-        if all(b.device == device for b in buffers):
-            torch._amp_foreach_non_finite_check_and_unscale_(buffers, flag, _unit(device))
-            return flag
-        for where in {b.device for b in buffers}:
-            local = torch.zeros((), device=where)
-            group = [b for b in buffers if b.device == where]
-            torch._amp_foreach_non_finite_check_and_unscale_(group, local, _unit(where))
-            torch.maximum(flag, local.to(device, non_blocking=True), out=flag)
-        return flag
 
     def finish(self) -> None:
         """Read the losses still in flight (the last ``readback_every`` to

@@ -62,11 +62,10 @@ def _steps_until_a_refused_stop(trainer: pl.Trainer) -> int:
     left = 0
     if loop.min_steps:
         left = max(left, math.ceil(loop.min_steps / per_batch) - done)
-    batches = trainer.num_training_batches
-    unmet_epochs = loop.min_epochs and loop.epoch_progress.current.processed < loop.min_epochs
-    if unmet_epochs and math.isfinite(batches):  # (epochs of equal length)
-        accumulate = 1 if per_batch > 1 else trainer.accumulate_grad_batches
-        left = max(left, loop.min_epochs * math.ceil(batches / accumulate) - done)
+    if loop.min_epochs and loop.epoch_progress.current.processed < loop.min_epochs:
+        epochs = steps_of_epochs(trainer, 0, loop.min_epochs)  # (at the loader's length now)
+        if epochs is not None:
+            left = max(left, epochs - done)
     return left
 
 

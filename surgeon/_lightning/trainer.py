@@ -64,11 +64,9 @@ def log_in_trainers_namespace(trainer: pl.Trainer) -> logging.Logger:
     return before
 
 
-def steps_done(trainer: pl.Trainer, manual: bool) -> int:
-    """The surgeon's steps in ``trainer.global_step``: under manual optimization Lightning counts
-    every optimizer's step, the surgeon one per batch."""
-    per_batch = max(1, len(trainer.optimizers)) if manual else 1
-    return math.ceil(trainer.global_step / per_batch)
+def steps_done(trainer: pl.Trainer) -> int:
+    """The surgeon's steps in ``trainer.global_step`` (see :func:`per_batch_steps`)."""
+    return math.ceil(trainer.global_step / per_batch_steps(trainer))
 
 
 def set_console_log(logger: logging.Logger) -> None:
@@ -280,7 +278,7 @@ def per_batch_steps(trainer: pl.Trainer) -> int:
     """Lightning's ``global_step`` per surgeon step: every ``opt.step()`` of a manual
     optimization's k optimizers (each stepped once a batch), else 1."""
     manual = not trainer.lightning_module.automatic_optimization
-    return len(trainer.optimizers) if manual else 1
+    return max(1, len(trainer.optimizers)) if manual else 1
 
 
 def plan_source(trainer: pl.Trainer, total_steps: int | None, plan_cap: int | None) -> str:
