@@ -211,6 +211,19 @@ def test_a_param_group_added_mid_fit_is_driven_from_its_own_lr(make_trainer: Any
     assert cb._lr_names == [["lr-SGD/pg1", "lr-SGD/pg2"]]
 
 
+def losses_fed_to_the_controller(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The list every loss ``Controller.update`` is handed goes to, in order, from now on."""
+    fed: list[float] = []
+    update = Controller.update
+
+    def spy(self: Controller, loss: float, **kwargs: Any) -> Any:
+        fed.append(loss)
+        return update(self, loss, **kwargs)
+
+    monkeypatch.setattr(Controller, "update", spy)
+    return fed
+
+
 @pytest.mark.parametrize(
     ("scheduling", "made"), [({0: 1, 2: 4}, 2 * 16 + 4 * 4), ({0: 4, 3: 1}, 3 * 4 + 3 * 16)]
 )
@@ -225,14 +238,7 @@ def test_a_gradient_accumulation_scheduler_is_planned_and_fed_by_epoch(
     outliers and climbs)."""
     from pytorch_lightning.callbacks import GradientAccumulationScheduler
 
-    fed: list[float] = []
-    update = Controller.update
-
-    def spy(self: Controller, loss: float, **kwargs: Any) -> Any:
-        fed.append(loss)
-        return update(self, loss, **kwargs)
-
-    monkeypatch.setattr(Controller, "update", spy)
+    fed = losses_fed_to_the_controller(monkeypatch)
 
     def constant_loss(step: int, batch_idx: int, loss: Tensor) -> Tensor:
         return loss - loss.detach() + 10.0  # every micro-batch 10.0, with real gradients
@@ -357,14 +363,7 @@ def test_gradient_accumulation_counts_optimizer_steps_and_feeds_the_mean(
     make_trainer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     steps, accumulate = 24, 4
-    fed: list[float] = []
-    update = Controller.update
-
-    def spy(self: Controller, loss: float, **kwargs: Any) -> Any:
-        fed.append(loss)
-        return update(self, loss, **kwargs)
-
-    monkeypatch.setattr(Controller, "update", spy)
+    fed = losses_fed_to_the_controller(monkeypatch)
     values = range(1, steps * accumulate + 1)  # the loss each micro-batch returns, in order
     micro = iter(values)
 

@@ -901,13 +901,40 @@ def test_a_scheduler_that_leaves_the_lr_alone_and_a_resume_say_nothing() -> None
     assert not [w for w in caught if "something else writes LRs" in str(w.message)]
 
 
+def fit_to_its_first_feature(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    surgeon: Surgeon,
+    faults: dict[int, float],
+    checkpoint_at: int | None = None,
+) -> list[str]:
+    """300 steps of 16 from 256 fixed points in 8 features, the target the first feature, each
+    loss of ``faults``' steps multiplied by its factor (NaN: an unguarded NaN update);
+    ``checkpoint_at``: ``surgeon.state_dict()`` after that step. The surgeon's warnings."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(300):
+            batch = slice(step % 16 * 16, step % 16 * 16 + 16)
+            loss = nn.functional.mse_loss(model(x[batch]), x[batch, :1]) * faults.get(step, 1.0)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            surgeon.step(loss)
+            if step == checkpoint_at:
+                surgeon.state_dict()
+        surgeon.finish()
+    return [str(w.message) for w in caught if str(w.message).startswith("Surgeon:")]
+
+
 @pytest.mark.parametrize("frozen", ["-inf mask", "float8 weights"])
 def test_frozen_parameters_are_not_in_the_snapshot_check(frozen: str) -> None:
     """The snapshot's NaN/inf check looks at the weights the optimizers train and their state:
     a frozen parameter holding -inf (a causal mask kept as a parameter) never flags a snapshot,
-    and a frozen float8 one (quantized base weights) is not handed to the check's kernel,
-    which has none for it (a review: every snapshot flagged, then no rollback for a NaN
-    stretch; a ``NotImplementedError`` at the first snapshot)."""
+    and a frozen float8 one (quantized base weights), or a float8 buffer, is not handed to the
+    checks' kernel, which has none for it (a review: every snapshot flagged, then no rollback
+    for a NaN stretch; a ``NotImplementedError`` at the first snapshot)."""
 
     class Masked(nn.Module):
         def __init__(self) -> None:
@@ -917,29 +944,19 @@ def test_frozen_parameters_are_not_in_the_snapshot_check(frozen: str) -> None:
                 mask = torch.full((4, 4), -math.inf).triu(1)
             else:
                 mask = torch.randn(4, 4).to(torch.float8_e4m3fn)
+                self.register_buffer("scales", torch.ones(4).to(torch.float8_e4m3fn))
             self.mask = nn.Parameter(mask, requires_grad=False)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.lin(x)
 
     torch.manual_seed(0)
-    model, x = Masked(), torch.randn(256, 8)
-    y = x[:, :1]
+    model = Masked()
     optimizer = torch.optim.SGD(model.lin.parameters(), lr=0.05)
     surgeon = Surgeon(optimizer, 300, model=model, snapshot_every=10, skip_nonfinite="off")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for step in range(300):
-            batch = slice(step % 16 * 16, step % 16 * 16 + 16)
-            loss = nn.functional.mse_loss(model(x[batch]), y[batch])
-            if 150 <= step < 153:
-                loss = loss * math.nan  # an unguarded NaN update: a rollback repairs it
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            surgeon.step(loss)
-        surgeon.finish()
-    assert not [w for w in caught if "non-finite weights or optimizer state" in str(w.message)]
+    nan_updates = dict.fromkeys(range(150, 153), math.nan)  # a rollback repairs them
+    said = fit_to_its_first_feature(model, optimizer, surgeon, nan_updates)
+    assert not [w for w in said if "non-finite weights or optimizer state" in w]
     (rollback,) = [e for e in surgeon.events if e.kind is EventKind.ROLLBACK]
     assert rollback.step == 152 and "non-finite" in rollback.reason
     assert torch.isfinite(model.lin.weight).all()
@@ -952,27 +969,13 @@ def test_a_refused_state_rollback_is_warned_about_once_and_ends_the_checks() -> 
     checked (each would be refused alike, and none could become a target again); the others
     then settle, so a later NaN stretch is still rolled back."""
     torch.manual_seed(0)
-    model, x = nn.Linear(8, 1), torch.randn(256, 8)
-    y = x[:, :1]
+    model = nn.Linear(8, 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     surgeon = Surgeon(optimizer, 300, model=model, snapshot_every=10, skip_nonfinite="off")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for step in range(300):
-            batch = slice(step % 16 * 16, step % 16 * 16 + 16)
-            loss = nn.functional.mse_loss(model(x[batch]), y[batch])
-            if step == 100:
-                loss = loss * 1e30
-            if 250 <= step < 253:
-                loss = loss * math.nan
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            surgeon.step(loss)
-            if step == 103:  # a checkpoint: the snapshots are dropped (100 read: an outlier)
-                surgeon.state_dict()
-        surgeon.finish()
-    said = [str(w.message) for w in caught if "later snapshots are not checked" in str(w.message)]
+    faults = {100: 1e30, **dict.fromkeys(range(250, 253), math.nan)}
+    # a checkpoint after step 103: the snapshots are dropped (100 was read: an outlier)
+    warned = fit_to_its_first_feature(model, optimizer, surgeon, faults, checkpoint_at=103)
+    said = [w for w in warned if "later snapshots are not checked" in w]
     assert len(said) == 1 and "copied non-finite weights or optimizer state" in said[0]
     assert "but no rollback" in said[0]
     rollbacks = [e for e in surgeon.events if e.kind is EventKind.ROLLBACK]
