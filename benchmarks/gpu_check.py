@@ -60,12 +60,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers.logger import DummyLogger
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # overhead.py beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+from overhead import bare_trainer
+
 from surgeon import ScheduleSurgeon
 from surgeon.snapshot import Snapshot
 
@@ -361,24 +363,6 @@ def watch_hooks(
 
 
 # ---------------------------------------------------------------------------- fits
-def make_trainer(
-    callbacks: list[pl.Callback], steps: int, device: str, precision: str, root: Path
-) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        precision=precision,  # type: ignore[arg-type]
-        max_steps=steps,
-        callbacks=callbacks,
-        logger=DummyLogger(),
-        default_root_dir=root,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-
-
 def sync_fit(cfg: Config, device: str, precision: str, root: Path, surgeon: bool) -> SyncReport:
     """The sync check: a fit with the surgeon's hooks watched (or the same fit without it,
     for the count of the fit's own syncs)."""
@@ -391,7 +375,7 @@ def sync_fit(cfg: Config, device: str, precision: str, root: Path, surgeon: bool
         callback = ScheduleSurgeon()
         watch_hooks(callback, trainer_ref, watch, report)
         callbacks.append(callback)
-    trainer = make_trainer(callbacks, cfg.sync_steps, device, precision, root)
+    trainer = bare_trainer(callbacks, cfg.sync_steps, root, device, precision)
     trainer_ref.append(trainer)
     model = GPT(cfg)
     start = time.perf_counter()
@@ -428,7 +412,7 @@ def timed_fit(
     clock, probe = StepClock(WARMUP_STEPS, cuda), _SnapshotProbe(cuda)
     # in this order: the clock stops after the surgeon's on_train_end, before the probe's
     callbacks = [ScheduleSurgeon(total_steps=PLANNED_STEPS), clock, probe] if surgeon else [clock]
-    trainer = make_trainer(callbacks, steps, device, precision, root)
+    trainer = bare_trainer(callbacks, steps, root, device, precision)
     trainer.fit(GPT(cfg), Batches(cfg, steps, torch.device(device)))
     return (steps - WARMUP_STEPS) / clock.seconds(), probe.copy
 

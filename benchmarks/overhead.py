@@ -285,6 +285,30 @@ def make_callbacks(variant: str) -> list[pl.Callback]:
     return []
 
 
+def bare_trainer(
+    callbacks: list[pl.Callback],
+    steps: int,
+    root: Path,
+    device: str = "cpu",
+    precision: str = "32-true",
+) -> pl.Trainer:
+    """A one-device Trainer with nothing of its own around the fit (no logger output,
+    checkpointing, progress bar, summary or sanity check), so timings see only the fit."""
+    return pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        precision=precision,  # type: ignore[arg-type]
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=DummyLogger(),
+        default_root_dir=root,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
 def run_fit(
     variant: str,
     steps: int,
@@ -308,18 +332,7 @@ def run_fit(
     time_hooks(callbacks, timer)
     model = Tiny(steps, width, timer if variant == "lambdalr" else None)
     model.clock = step_clock
-    trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        max_steps=steps,
-        callbacks=callbacks,
-        logger=DummyLogger(),
-        default_root_dir=root,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = bare_trainer(callbacks, steps, root, device)
     batches = FixedBatches(steps, width)
     # Lightning's own machinery around the LR work: callback dispatch and scheduler updates
     machinery = HookTimer(step_clock)

@@ -61,13 +61,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers.logger import DummyLogger
 from pytorch_lightning.trainer import call as pl_call
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # overhead.py beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
-from overhead import BATCH, FixedBatches, HookTimer, time_hooks
+from overhead import BATCH, FixedBatches, HookTimer, bare_trainer, time_hooks
 
 from surgeon import ScheduleSurgeon
 from surgeon.guard import NonFiniteGuard
@@ -272,18 +271,7 @@ def run_fit(width: int, steps: int, surgeon: bool, root: Path) -> Fit:
     callbacks: list[pl.Callback] = [ScheduleSurgeon(total_steps=PLANNED_STEPS)] if surgeon else []
     time_hooks(callbacks, timer)
     model = Regressor(width)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        callbacks=callbacks,
-        logger=DummyLogger(),
-        default_root_dir=root,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = bare_trainer(callbacks, steps, root)
     machinery = HookTimer(CLOCK)
     dispatch = pl_call._call_callback_hooks
     pl_call._call_callback_hooks = machinery.wrap(dispatch, "callback dispatch")
