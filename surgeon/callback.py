@@ -19,8 +19,9 @@ snapshots, rollbacks); this module maps Lightning's hooks onto it. Each optimize
    ``accumulate_grad_batches``, free of the AMP scale) to the loss feed; once
    ``trainer.global_step`` has moved, the step is closed and the losses whose readback is due
    go to the controller; a rollback it asks for is carried out there, on every rank alike
-   (``on_train_end`` hands it the rest). Steps are optimizer steps: one GradScaler skipped is
-   recognized from the loss scale (read late, with the loss) and not counted.
+   (``on_train_end`` hands it the rest). Steps are Lightning's optimizer steps: one GradScaler
+   skipped (recognized from the loss scale, read late with the loss) or one whose
+   ``training_step`` returned ``None`` is counted without its loss, so the plan ends with the fit.
 
 The rest is wiring, one concern per module of :mod:`surgeon._lightning`: what the Trainer
 says (``trainer``), what users see (``reporting``: info lines, logger metrics, run files,
@@ -302,6 +303,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         self._console_log_before: Any = None  # Lightning's console log before this fit
         self._checkpoint_every: list[int] = []
         self._last_fit_raised = False  # the last fit ended by an exception other than Ctrl-C
+        self._continued = False  # this fit is fit() again on the Trainer of the last one
         self._epoch_loop: Any = None  # its `_batches_that_stepped` is Lightning's logging step
         self._scaler: Any = None
         self._manual = False
@@ -333,12 +335,13 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
 
     @property
     def step(self) -> int:
-        """Optimizer steps applied so far (GradScaler-skipped steps excluded once known)."""
+        """Optimizer steps so far, as Lightning counts them (steps without an update included)."""
         return self.engine.step
 
     @property
     def skipped_steps(self) -> int:
-        """Steps GradScaler skipped for a scale overflow (not counted)."""
+        """Steps counted without an update: GradScaler skipped them for a scale overflow, or
+        their ``training_step`` returned ``None`` (automatic optimization)."""
         return self.engine.skipped_steps
 
     @property
@@ -380,7 +383,8 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         view, engine = self._view, self.engine
         self._console_log_before = log_in_trainers_namespace(trainer)
-        if self._continues_its_last_fit(trainer, pl_module):
+        self._continued = self._continues_its_last_fit(trainer, pl_module)
+        if self._continued:
             # fit() again on the same Trainer after a fit that ended (or was interrupted): it goes
             # on from this callback's state, as from a checkpoint saved where that fit ended
             self._pending_state = self.state_dict()
@@ -489,8 +493,9 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         self._schedule_checks()
         controller = self.controller
         if self._state_loaded and controller is not None:  # say it: a silent resume looks lost
+            how = "the last fit's state" if self._continued else "the checkpoint's state"
             view.notice(
-                f"resumed at step {self.engine.step} with the checkpoint's state: phase "
+                f"resumed at step {self.engine.step} with {how}: phase "
                 f"{controller.phase.value}, LR scale {controller.lr_scale(self.engine.step):.3g}, "
                 f"{plural(len(controller.events), 'event')} so far, the plan ends at step "
                 f"{controller.total_steps}"
@@ -573,7 +578,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         step = self._epoch_loop._batches_that_stepped  # Lightning's logging step
         view = self._view
         if view.step_offset is None:  # the first batch of the fit (loops are restored by now)
-            view.step_offset = step - engine.step - engine.skipped_steps
+            view.step_offset = step - engine.step
         if step >= view.next_log:  # Lightning's cadence: the LRs share a step with its metrics
             view.log_lrs(step)
 

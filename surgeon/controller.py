@@ -347,8 +347,9 @@ class Controller:
             "snapshot_every", cfg.snapshot_every, total_steps, max(_MIN_SNAPSHOT_EVERY, lag)
         )
         self.max_undone_steps = 2 * self.snapshot_every + lag
-        """The most steps a rollback undoes: its target is at most two snapshot intervals before
-        the step whose loss asked for it, which is read at most ``lag`` steps later."""
+        """The most steps with an update a rollback undoes: its target is at most two snapshot
+        intervals before the step whose loss asked for it, which is read at most ``lag`` steps
+        later (steps passed without an update, which undoing loses nothing of, come on top)."""
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -501,7 +502,8 @@ class Controller:
         in_warmup = self.phase is Phase.WARMUP
         warmup_changed = bool({"warmup", "min_warmup", "max_warmup"} & set(changed))
         how = "the plan is unchanged"
-        if step >= self.total_steps:
+        if step >= self.total_steps:  # (the old plan may still be decaying: drop it)
+            self._set_plan(_Plan(step, self.floor, self.floor, 0, None, 0, plan.shape))
             self.phase = Phase.DONE
             how = "nothing is left to plan: the LR stays at the floor"
         elif plan.hold is None:  # a warmup paused by a spike: its recovery plans the rest
@@ -668,13 +670,21 @@ class Controller:
                 new_events += self._climb_update(step, loss) or self._plateau_update(step, loss)
         return self._close_step(step, new_events)
 
-    def pass_step(self) -> list[Event]:
-        """Count step ``self.step`` without its loss (manual optimization whose
-        ``training_step`` returned none): the plan moves on, warmup ends at ``max_warmup``,
-        no detector sees anything."""
+    def pass_step(self, applied: bool = True) -> list[Event]:
+        """Count step ``self.step`` without its loss: the plan moves on, warmup ends at
+        ``max_warmup``, no detector sees anything. ``applied``: the step updated the weights
+        (manual optimization whose ``training_step`` returned none); ``False``: it did not
+        (GradScaler skipped it for a scale overflow, or its batch gave no loss), so a snapshot
+        of this step holds the weights of the next one and waits for that step's loss
+        (its :attr:`pending_snapshot_step` moves on: the caller's copy is renamed to match)."""
         step = self.step
         self.step += 1
         self._expire_recovery(step)
+        pending = self._pending_snapshot
+        if not applied:
+            self._idle_since_good += 1  # undoing it undoes nothing: not in a rollback's reach
+            if pending is not None and pending[0] == step:
+                self._pending_snapshot = (step + 1, pending[1])
         return self._close_step(step, [])
 
     def cool_down(self, start: int, steps: int, why: str, *, record: bool = True) -> Event:
@@ -779,6 +789,7 @@ class Controller:
         self._no_snapshot_why = why
         self._pending_snapshot: tuple[int, int] | None = None
         self._good_snapshot: tuple[int, int] | None = None
+        self._idle_since_good = 0  # steps passed without an update since the good snapshot
         self._last_snapshot_step = -math.inf
         # set by a decision to roll back: the step of the snapshot the caller is to restore
         self.rollback_to: int | None = None
@@ -890,6 +901,7 @@ class Controller:
             and self.spike.last_zscore <= NORMAL_BAND_ZSCORE
         ):
             self._good_snapshot, self._pending_snapshot = pending, None
+            self._idle_since_good = 0
 
     def _request_rollback(self, step: int, cause: str) -> str:
         """Ask the caller to restore the good snapshot for the trouble at ``step``, unless that
@@ -905,10 +917,12 @@ class Controller:
             )
         elif good is None:
             why = self._no_snapshot_why
-        elif step - good[0] > 2 * self.snapshot_every:
+        elif step - good[0] - self._idle_since_good > 2 * self.snapshot_every:
+            idle = self._idle_since_good
+            updated = f" ({step - good[0] - idle} with an update)" if idle else ""
             why = (
-                f"the last good snapshot (step {good[0]}) is {_steps(step - good[0])} back, more "
-                f"than two snapshot intervals ({2 * self.snapshot_every} steps)"
+                f"the last good snapshot (step {good[0]}) is {_steps(step - good[0])} back"
+                f"{updated}, more than two snapshot intervals ({2 * self.snapshot_every} steps)"
             )
         else:
             self.rollback_to = good[0]
@@ -943,9 +957,11 @@ class Controller:
         self.ignore_until = max(self.ignore_until, now)
         self.nonfinite_streak, self.nonfinite_applied = 0, False
         self.rolled_back_to, self.shifted_level = target, None
+        idle = self._idle_since_good  # (steps not read yet count as updated)
+        updated = f", {now - target - idle} with an update" if idle else ""
         why = (
             f"{cause}: restored the snapshot of step {target} ({_format_bytes(nbytes)}), "
-            f"undoing the updates of steps {target} to {now - 1} ({_steps(now - target)})"
+            f"undoing the updates of steps {target} to {now - 1} ({_steps(now - target)}{updated})"
         )
         scale = self.lr_scale(now)
         event = Event(step, EventKind.ROLLBACK, why, scale, scale, self.phase)

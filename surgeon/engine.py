@@ -269,8 +269,8 @@ class StepEngine:
         self.on_loss = on_loss
         self.on_warning = on_warning
         self.on_loss_from = 0
-        """``on_loss`` is called for the losses of the steps tried (``step + skipped_steps``)
-        from this one on: a view that needs only some moves it ahead, the others cost no call."""
+        """``on_loss`` is called for the losses of the steps from this one on: a view that needs
+        only some moves it ahead, the others cost no call."""
         self.controller: Controller | None = None
         self.planned = 0
         """The planned length this run was started with (a resume compares it with the
@@ -301,9 +301,10 @@ class StepEngine:
         self._snapshot_flag_step = -1  # of the snapshot of this step
         self._checks_state = True  # until a rollback for it is refused (see _check_snapshot)
         self.step = 0
-        """Optimizer steps applied so far (GradScaler-skipped steps excluded once known)."""
+        """Optimizer steps so far, as the fit counts them (a step without an update included)."""
         self.skipped_steps = 0
-        """Steps GradScaler skipped for a scale overflow (not counted)."""
+        """Steps without an update, counted unwatched: GradScaler skipped them for a scale
+        overflow, or (automatic optimization) their batch gave no loss."""
         self.written_step = -1
         """The step whose LR is in the param groups (-1: none yet, or to be written again)."""
         self.written_scale = 1.0
@@ -480,9 +481,10 @@ class StepEngine:
             f"the LR of {group_label(optimizer, index)} was changed to {lr:.4g} after the "
             f"surgeon wrote {wrote:.4g} for step {expected[0]}: something else writes LRs too "
             "(an LR scheduler stepping this optimizer, a callback such as BackboneFinetuning or "
-            "StochasticWeightAveraging, the loop itself). The surgeon writes every step's LR, "
-            "so each such change is overwritten at the next step: leave each optimizer's LR to "
-            "one of them (said once per run)"
+            "StochasticWeightAveraging, the loop itself). The surgeon writes every step's LR, so "
+            "the two take turns: a step runs at whichever LR was written last before its "
+            "update (in a loop that steps a scheduler after surgeon.step(), the scheduler's): "
+            "leave each optimizer's LR to one of them (said once per run)"
         )
 
     def forget_written_lr(self) -> None:
@@ -551,14 +553,19 @@ class StepEngine:
                 # non-finite is the non-finite rules' (their rollback, their reason)
                 shown = update_skipped or not (no_loss or math.isfinite(loss))
                 self._check_snapshot(controller.step, act=not shown)
-            if no_loss and self.manual:  # the user stepped anyway: count it, unwatched
-                rows.append((controller.step, None, False))
-                for event in controller.pass_step():
+            if skipped:  # counted, unwatched: the plan moves on as the fit's own count does
+                # (no update: GradScaler skipped it for a scale overflow, or the batch gave no
+                # loss; under manual optimization the user may have stepped anyway)
+                applied = no_loss and self.manual
+                self.skipped_steps += not applied
+                step = controller.step
+                rows.append((step, None, not applied))
+                for event in controller.pass_step(applied):
                     on_event(event)
-                continue
-            if skipped:
-                self.skipped_steps += 1
-                self.step -= 1
+                if controller.pending_snapshot_step == step + 1:  # the weights it holds are
+                    for snapshot in self._snapshots:  # the next step's: judged by its loss
+                        if snapshot.step == step:
+                            snapshot.step = step + 1
                 continue
             loss_step = controller.step
             controller.written_until = self.step  # the LRs before it are written
@@ -569,7 +576,7 @@ class StepEngine:
             if controller.rollback_to is not None:
                 self._roll_back()
             rows.append((loss_step, loss, update_skipped))
-            if on_loss is not None and loss_step + self.skipped_steps >= self.on_loss_from:
+            if on_loss is not None and loss_step >= self.on_loss_from:
                 on_loss(loss_step, loss, update_skipped)
             if events:
                 stalled = next((e for e in events if e.kind is EventKind.STALLED), None)
@@ -792,6 +799,12 @@ class StepEngine:
         checkpoint's: a resumed fit keeps its peaks and runs no range test."""
         controller = self.controller
         assert controller is not None
+        if not isinstance(state, dict) or "controller" not in state:
+            keys = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                "load_state_dict takes what the surgeon's state_dict() returned (a dict with "
+                f"'controller'), got {keys}: an optimizer's or a model's state dict?"
+            )
         saved = state.get("settings")
         if saved is not None and saved.get("peak_lr", self.config.peak_lr) != self.config.peak_lr:
             raise ValueError(

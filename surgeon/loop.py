@@ -40,6 +40,7 @@ from surgeon._validate import check_positive_int, plain_int
 from surgeon.config import CONFIG_FIELDS, SurgeonConfig, resolve_steps
 from surgeon.controller import Controller, Event, Phase
 from surgeon.engine import (
+    PEAK_LR_KEY,
     LossRow,
     SnapshotMode,
     StepEngine,
@@ -102,8 +103,9 @@ class Surgeon:
                 step): cheaper on the CPU, weaker (see :mod:`surgeon.guard`).
             snapshot: ``"cpu"``, ``"device"`` or ``"off"``: where last-good copies live.
             readback_every: losses are read back in blocks of this many steps.
-            scaler: the loop's ``torch.amp.GradScaler``, if any: steps it skips for a scale
-                overflow are not counted, NaN/inf-loss steps it skips are recorded.
+            scaler: the loop's ``torch.amp.GradScaler``, if any: it skips non-finite steps
+                itself (the guard stands aside); a step it skips for a scale overflow is
+                counted without its loss, one it skips for a NaN/inf loss is recorded.
             log_dir: where to write ``events.jsonl``, ``settings.json``, ``losses.csv`` and
                 ``checkpoints.csv`` (rank zero), for ``surgeon plot`` and ``surgeon replay``;
                 ``None``: nowhere.
@@ -172,6 +174,8 @@ class Surgeon:
                     "else initial_lr) as its peak; do not step another scheduler",
                     stacklevel=2,
                 )
+        # optimizer state saved from a run the surgeon drove: resumed only with its state too
+        self._driven_before = any(PEAK_LR_KEY in g for o in optimizers for g in o.param_groups)
         self._optimizer_steps = 0  # optimizer steps since the last step() (counted by hooks)
         self._first_call = True  # no step() yet since the start or a load_state_dict
         self._warned_order = False
@@ -192,6 +196,10 @@ class Surgeon:
         else:
             every = grad_check_every if snapshot != "off" and model is not None else 1
             guard = NonFiniteGuard(skip_nonfinite, distributed_max(), grad_check_every=every)
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
+            # GradScaler skips non-finite steps itself and must see the gradients it checks
+            # (a guard that dropped them would leave it no inf check to record): stand aside
+            guard = NonFiniteGuard("off")
         device = None
         if model is not None:
             device = next((p.device for p in model.parameters()), None)
@@ -229,9 +237,11 @@ class Surgeon:
             self.engine.watch_loss(loss)
         if self._optimizer_steps and len(self.engine.optimizers) == 1 and self._step_hooks:
             self._warn_order(
-                "guard() was called after optimizer.step(): call it before (loss.backward(); "
-                "surgeon.guard(loss); optimizer.step(); surgeon.step(loss)), or a NaN update is "
-                "applied before the guard can skip it (a rollback repairs it later, at best)",
+                "guard() was called after an optimizer.step() that no surgeon.step() followed: "
+                "call guard before the optimizer step and surgeon.step(loss) after it "
+                "(loss.backward(); surgeon.guard(loss); optimizer.step(); surgeon.step(loss)), "
+                "or a NaN update is applied before the guard can skip it (a rollback repairs it "
+                "later, at best) and, without step(), the LR never moves on",
                 stacklevel=3,
             )
         for optimizer in self.engine.optimizers:
@@ -257,6 +267,17 @@ class Surgeon:
             )
         if self._step_hooks:
             self._check_order()
+        if self._driven_before:
+            self._driven_before = False
+            if self._rank_zero:
+                warnings.warn(
+                    f"Surgeon: the optimizer's param groups hold {PEAK_LR_KEY}: its state comes "
+                    "from a run a surgeon drove, but this Surgeon was given no state of that run "
+                    "(load_state_dict), so its schedule starts again from step 0 (warmup "
+                    "included); save surgeon.state_dict() with the optimizer's and load both to "
+                    "resume the schedule",
+                    stacklevel=2,
+                )
         engine = self.engine
         if self._recorder is not None and not self._recorder_open:
             self._open_recorder()
@@ -300,6 +321,13 @@ class Surgeon:
 
         def count(surgeon: Surgeon) -> None:
             surgeon._optimizer_steps += 1
+            if surgeon._optimizer_steps == len(surgeon.engine.optimizers) + 1:
+                surgeon._warn_order(
+                    "optimizer.step() ran again with no surgeon.step() since its last step: "
+                    "call surgeon.step(loss) after every optimizer step (it writes the next "
+                    "step's LR; without it the LR stays where it is)",
+                    stacklevel=5,  # warn, count, hook, torch's step wrapper: the loop's call
+                )
 
         return self._hook_optimizers(optimizers, "post", count)
 
@@ -425,6 +453,7 @@ class Surgeon:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: the next LRs are those of the uninterrupted run."""
         self._optimizer_steps, self._first_call = 0, True  # the resumed loop's calls from here
+        self._driven_before = False
         self.engine.load_state_dict(state)
         if self._recorder is not None:
             self._checkpoints_before_open = []  # of the state replaced by this one

@@ -13,13 +13,14 @@ CPU and GPU runs make identical decisions.
 The same block carries the AMP loss scale of each step (when a GradScaler is
 in use): a scale lower than the step before means GradScaler skipped that
 optimizer step. When the loss itself is finite and the scale was above 1, that was an
-overflow of the scaled gradients (GradScaler calibrating its scale) and the caller does not
-count the step; when the loss is NaN/inf, or the scale was already at most 1 (the gradients
+overflow of the scaled gradients (GradScaler calibrating its scale): handed out as
+``skipped``, which the caller counts without its loss (the plan moves on, no detector sees
+it); when the loss is NaN/inf, or the scale was already at most 1 (the gradients
 overflow unscaled: they are non-finite, and the scale would collapse towards 0), it is
 handed out like a step the guard skipped (counted, ``update_skipped``), so the controller
 records it and reacts. A step that produced no loss
 (``training_step`` returned ``None``, Lightning's way to skip a batch) carries a
-NaN scale and is not counted either. It also carries the
+NaN scale and is handed out as ``skipped`` too. It also carries the
 :class:`~surgeon.guard.NonFiniteGuard`'s flag of each step (when the guard acts):
 the update of that step was not applied; and a flag per step set when the module's buffers
 hold a NaN/inf after it (``buffers_nonfinite``: averaged across ranks like the rest, so a
@@ -40,10 +41,10 @@ Reduce = Callable[[Tensor], Tensor]
 
 
 class StepLoss(NamedTuple):
-    """The mean loss of one optimizer step; whether the step is not to be counted (GradScaler
-    skipped it, or it had no loss); whether the guard kept its update from being applied;
-    whether it had no loss (on some rank); whether the buffers held a NaN/inf after it (on
-    some rank).
+    """The mean loss of one optimizer step; whether the step is to be counted without its loss
+    (GradScaler skipped it for a scale overflow, or it had no loss); whether the guard kept its
+    update from being applied; whether it had no loss (on some rank); whether the buffers held
+    a NaN/inf after it (on some rank).
 
     A named tuple: one is made per step, once per block, and a tuple is the cheapest to make."""
 
@@ -298,7 +299,7 @@ class LossFeed:
             losses, scales or [1.0] * n, flags or [0.0] * n, buffers or [0.0] * n, strict=True
         )
         for loss, scale, flag, buffers_flag in rows:
-            if math.isnan(scale):  # a step without a loss (on some rank): not counted
+            if math.isnan(scale):  # a step without a loss (on some rank): skipped
                 out.append(StepLoss(loss, True, False, True, buffers_flag > 0))
                 continue
             dropped = scale < self._last_scale  # GradScaler skipped the update

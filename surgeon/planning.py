@@ -191,7 +191,7 @@ class TimePlanner:
         for step in range(old.step):
             item = self._probe_losses.get(step)
             if item is None or item[0] is None:  # a step without a loss
-                new.pass_step()
+                new.pass_step(applied=item is None or not item[1])
             else:
                 new.update(item[0], update_skipped=item[1])
         new.events = list(old.events)
@@ -230,7 +230,7 @@ class ManualStepPlanner:
         """After a step: ``calls`` optimizer calls so far (Lightning's ``global_step``)."""
         engine, controller = self.engine, self.engine.controller
         assert controller is not None
-        done = engine.step + engine.skipped_steps  # the batches that stepped an optimizer
+        done = engine.step  # the batches that stepped an optimizer
         if done < MANUAL_SAMPLE:
             return
         per_batch = calls / done

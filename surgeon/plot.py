@@ -158,7 +158,9 @@ class Run:
 
 def find_run_files(run_dir: Path) -> tuple[Path, Path | None]:
     """The newest metrics file under ``run_dir`` (``metrics.csv``, or a TensorBoard
-    ``events.out.tfevents.*``) and the ``events.jsonl`` beside it (if any)."""
+    ``events.out.tfevents.*``) with the surgeon's ``events.jsonl`` beside it, else the newest
+    of any (a ``trainer.test`` after the fit logs a newer version without one), and that
+    ``events.jsonl`` (if any)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir} is not a directory: pass the log directory of a run")
@@ -169,7 +171,8 @@ def find_run_files(run_dir: Path) -> tuple[Path, Path | None]:
             f"events.jsonl, settings.json) under {run_dir} (log the run with CSVLogger or "
             "TensorBoardLogger, or give the surgeon a log_dir=)"
         )
-    metrics = max(candidates, key=lambda p: p.stat().st_mtime)
+    surgeons = [c for c in candidates if (c.parent / EVENTS_FILE).exists()]
+    metrics = max(surgeons or candidates, key=lambda p: p.stat().st_mtime)
     events = metrics.parent / EVENTS_FILE
     return metrics, events if events.exists() else None
 

@@ -30,11 +30,10 @@ controller step, so ``total_steps`` and every length in steps count logged point
 given as fractions of the run mean the same as on the full stream); events and LRs are
 placed back at the logged steps. Without an ``update_skipped`` column a non-finite loss
 counts as a skipped update (what the surgeon's guard does with it). A step the surgeon counted
-without a loss (manual optimization whose ``training_step`` returned none) is a ``losses.csv``
-row with an empty loss: replay counts it the same way (``passed``). Steps that GradScaler
-skipped (fp16) are not in these streams (the surgeon does not count them either); in a
-metrics file, steps without a loss are missing, so such a run replays with a lag shifted by
-their count.
+without a loss (a ``training_step`` that returned none, a step GradScaler skipped for a scale
+overflow) is a ``losses.csv`` row with an empty loss: replay counts it the same way
+(``passed``); in a metrics file such steps are missing, so such a run replays with a lag
+shifted by their count.
 """
 
 from __future__ import annotations
@@ -231,7 +230,7 @@ def feed(
         controller.written_until = now  # the LRs before `now` are written
         for i in block:
             if passed[i]:
-                controller.pass_step()
+                controller.pass_step(applied=not update_skipped[i])
             else:
                 controller.update(losses[i], update_skipped=update_skipped[i])
             if controller.rollback_to is not None:

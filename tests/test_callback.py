@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from surgeon.callback import ScheduleSurgeon
 from surgeon.config import SurgeonConfig
 from surgeon.controller import Controller, EventKind, Phase
+from surgeon.replay import read_stream
 
 R = 4
 """The default ``readback_every``."""
@@ -813,10 +814,15 @@ def test_verbose_false_prints_no_events(make_trainer: Any, info_lines: list[str]
     assert not [line for line in info_lines if "ScheduleSurgeon" in line]
 
 
-def test_steps_without_a_loss_are_not_counted(make_trainer: Any) -> None:
+def test_steps_without_a_loss_are_counted_and_the_plan_ends_with_the_fit(
+    make_trainer: Any, tmp_path: Path
+) -> None:
     """``training_step`` returning ``None`` (Lightning's skip-this-batch idiom) still advances
-    ``global_step``, but no weights move: the surgeon neither counts the step nor reads it as a
-    non-finite loss."""
+    ``global_step`` while no weights move: the surgeon counts the step without its loss (no
+    non-finite loss read into it), so with every 5th batch skipped the plan still ends with the
+    fit at the floor (not counting them left the last 8 of 40 steps' decay undone: a
+    ``stopped`` event at LR scale 0.4); ``losses.csv`` holds them as rows without a loss, and
+    replay makes the run's LRs and events from it."""
 
     class Skipping(TinyRegressor):
         def training_step(self, batch: Any, batch_idx: int) -> Any:
@@ -824,12 +830,23 @@ def test_steps_without_a_loss_are_not_counted(make_trainer: Any) -> None:
             return None if batch_idx % 5 == 4 else loss
 
     steps = 40
-    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, readback_every=4)
-    make_trainer([cb], max_steps=steps).fit(Skipping(), make_loader())
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, readback_every=4, log_dir=tmp_path)
+    model = Skipping()
+    make_trainer([cb], max_steps=steps).fit(model, make_loader())
 
-    assert not [e for e in cb.events if e.kind is EventKind.NONFINITE]
+    assert not [e for e in cb.events if e.kind in (EventKind.NONFINITE, EventKind.STOPPED)]
     assert cb.skipped_steps == sum(1 for t in range(steps) if t % 5 == 4)  # all read at the end
-    assert cb.step == cb.controller.step == steps - cb.skipped_steps
+    assert cb.step == cb.controller.step == steps and cb.phase is Phase.DONE
+    lrs = [r["lrs"][0][0] for r in model.records]
+    assert lrs[-1] == pytest.approx(0.05 * cb.controller.lr_scale(steps - 1)) and lrs[-1] < 0.01
+    rows = (tmp_path / "losses.csv").read_text().splitlines()[1:]
+    empty = [int(r.split(",")[0]) for r in rows if not r.split(",")[1]]
+    assert empty == [t for t in range(steps) if t % 5 == 4]
+    stream = read_stream(tmp_path)
+    assert stream.settings is not None
+    replayed = stream.replayed(stream.settings)
+    assert [(e.step, e.kind) for e in replayed.events] == [(e.step, e.kind) for e in cb.events]
+    assert replayed.lr_scales == pytest.approx([r["lrs"][0][0] / 0.05 for r in model.records])
 
 
 def test_manual_steps_without_a_loss_are_counted_and_follow_the_plan(
@@ -891,7 +908,8 @@ def test_progress_bar_shows_the_phase(make_trainer: Any) -> None:
 def test_a_step_gradscaler_skipped(make_trainer: Any, bad: int, poison: str) -> None:
     """16-mixed on CPU with torch's CPU GradScaler (the guard stands aside). A finite but huge
     loss overflows the scaled fp16 gradients: GradScaler skips the step and halves its scale,
-    routine calibration, so the surgeon does not count the step and says nothing. An inf loss:
+    routine calibration, so the surgeon counts the step without its loss (the plan moves on with
+    Lightning's count) and says nothing. An inf loss:
     GradScaler skips it too, and the surgeon records it as a skipped non-finite step (counted,
     ``nonfinite`` + ``skipped_step``), as the guard would have. The very first step as well: its
     scale drop is measured from the scaler's starting scale."""
@@ -911,7 +929,7 @@ def test_a_step_gradscaler_skipped(make_trainer: Any, bad: int, poison: str) -> 
     assert cb.guard.mode == "off"  # GradScaler skips non-finite steps itself: no second check
     at_bad = [e.kind for e in cb.events if e.step == bad]
     if poison == "overflow":
-        assert cb.skipped_steps == 1 and cb.step == 19
+        assert cb.skipped_steps == 1 and cb.step == 20 and cb.phase is Phase.DONE
         assert not [e for e in cb.events if e.kind is EventKind.NONFINITE]
     else:
         assert cb.skipped_steps == 0 and cb.step == 20
@@ -970,13 +988,14 @@ def test_total_steps_in_a_fit_left_at_lightnings_default_length_does_not_warn() 
 
 
 def test_fit_called_again_on_the_same_trainer_goes_on_as_a_resume(
-    make_trainer: Any, tmp_path: Path
+    make_trainer: Any, tmp_path: Path, info_lines: list[str]
 ) -> None:
     """``trainer.fit`` again on the same Trainer and callback (a continued fit, no ``ckpt_path``)
     goes on from the callback's own state, as a resume from a checkpoint saved where the first
     fit ended does: the finished run stays at the floor for the added steps, with a ``replan``
     saying so (before: a 'checkpoint without surgeon state' replan that re-started the LR at
-    the full peak, with no ramp)."""
+    the full peak, with no ramp); its notice says it goes on from the last fit's state (no
+    checkpoint is involved)."""
 
     def continued(via_checkpoint: bool) -> tuple[list[float], list[Any]]:
         folder = tmp_path / ("ckpt" if via_checkpoint else "same")
@@ -995,11 +1014,14 @@ def test_fit_called_again_on_the_same_trainer_goes_on_as_a_resume(
         return [r["lrs"][0][0] for r in model.records[20:]], surgeon.events
 
     lrs, events = continued(via_checkpoint=False)
+    said = [line for line in info_lines if "ScheduleSurgeon: resumed at step" in line]
+    assert said == [said[0]] and "resumed at step 20 with the last fit's state" in said[0]
     assert lrs == [0.0] * 20  # the finished run's floor, not the peak
     replans = [e for e in events if e.kind is EventKind.REPLAN]
     assert len(replans) == 1 and "does not re-warm a finished run" in replans[0].reason
     assert "without surgeon state" not in replans[0].reason
     lrs_ckpt, events_ckpt = continued(via_checkpoint=True)
+    assert any("resumed at step 20 with the checkpoint's state" in line for line in info_lines)
     assert lrs == lrs_ckpt
     assert [(e.step, e.kind, e.reason) for e in events] == [
         (e.step, e.kind, e.reason) for e in events_ckpt

@@ -1216,6 +1216,16 @@ class TestReplan:
         drive(resumed, [1.0] * 400)
         assert resumed.phase is Phase.DONE
 
+    @pytest.mark.parametrize("new", [100, 120])
+    def test_a_run_resumed_past_its_new_shorter_length_is_at_the_floor(self, new: int) -> None:
+        """Saved at step 120 of 200 (mid-decay), resumed with a plan of 100 (or 120) steps:
+        the event says the LR stays at the floor, and it does (the old plan's decay went on)."""
+        resumed = Controller(new, self.CONFIG)
+        resumed.load_state_dict(self.saved_at(200, 120))
+        assert resumed.phase is Phase.DONE
+        assert "nothing is left to plan: the LR stays at the floor" in resumed.events[-1].reason
+        assert [resumed.lr_scale(t) for t in (120, 121, 150)] == [self.CONFIG.min_lr_ratio] * 3
+
     def test_the_same_length_or_an_old_state_replans_nothing(self) -> None:
         state = self.saved_at(200, 100)
         for loaded in (state, {k: v for k, v in state.items() if k != "total_steps"}):

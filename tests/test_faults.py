@@ -33,7 +33,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor, nn
 
 from surgeon import ScheduleSurgeon, schedules
-from surgeon.controller import Controller, Event, EventKind
+from surgeon.controller import Controller, Event, EventKind, Phase
 from surgeon.engine import PEAK_LR_KEY, TrainingStalled
 
 PEAK = 0.05
@@ -44,10 +44,10 @@ FaultHook = Callable[[int, int, Tensor], Tensor]
 
 # ---------------------------------------------------------------------------- helpers
 def undone_steps(event: Event) -> int:
-    """How many steps a ``rollback`` event says it undid."""
-    match = re.search(r"\((\d+) steps\)$", event.reason)
+    """How many steps with an update a ``rollback`` event says it undid."""
+    match = re.search(r"\((\d+) steps(?:, (\d+) with an update)?\)$", event.reason)
     assert match, event.reason
-    return int(match.group(1))
+    return int(match.group(2) or match.group(1))
 
 
 def rollback_target(event: Event) -> int:
@@ -668,8 +668,11 @@ def test_a_param_group_added_at_lr_scale_zero_peaks_at_its_lr(
 # ---------------------------------------------------------------------------- 8. GradScaler
 def test_a_collapsing_gradscaler_scale_is_a_fault(make_trainer: Callable[..., Any]) -> None:
     """fp16 with a real inf gradient (finite loss) 20 steps in a row: GradScaler skips each
-    and halves its scale. Once the scale is down to 1 the gradients overflow unscaled: those
-    are non-finite steps, counted and recorded; three in a row roll back, which also puts back
+    and halves its scale (calibration: those steps are counted without their loss). Once the
+    scale is down to 1 the gradients overflow unscaled: those are non-finite steps, counted and
+    recorded; three in a row roll back (the 16 skipped steps before them, undone at no cost, do
+    not count against its reach: without that allowance the rollback was refused as 28 steps
+    back), which also puts back
     the scale saved with the snapshot: the step after the undone ones starts with exactly that
     scale, not the collapsed one."""
     from pytorch_lightning.plugins import MixedPrecision
@@ -697,8 +700,11 @@ def test_a_collapsing_gradscaler_scale_is_a_fault(make_trainer: Callable[..., An
     (rollback,) = of_kind(surgeon, EventKind.ROLLBACK)
     assert "3 non-finite steps in a row" in rollback.reason
     assert_within_bound(surgeon)
-    assert surgeon.step + surgeon.skipped_steps == 300
-    assert surgeon.skipped_steps <= 16  # calibration: the drops from 2**16 down to 1
+    assert surgeon.step == 300 and surgeon.phase is Phase.DONE  # skipped steps are counted
+    assert surgeon.skipped_steps == 16  # calibration: the drops from 2**16 down to 1
+    # 16 of the steps it undid had no update (they lose nothing undone, so they do not count
+    # against the rollback's reach): the reason says so
+    assert re.search(r"\(\d+ steps, \d+ with an update\)$", rollback.reason)
     # the step after the undone ones starts with the scale saved with the snapshot (taken at
     # the first start of its step) restored, not the collapsed one the undone steps left
     undone = re.search(r"undoing the updates of steps (\d+) to (\d+)", rollback.reason)

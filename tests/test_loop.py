@@ -182,6 +182,43 @@ def test_resume_continues_with_the_uninterrupted_lrs() -> None:
     assert decisions(resumed.events) == decisions(surgeon.events)
 
 
+@pytest.mark.parametrize("with_state", [False, True])
+def test_a_resume_without_the_surgeons_state_is_warned_about(with_state: bool) -> None:
+    """An optimizer state saved from a surgeon's run (its groups hold ``surgeon_peak_lr``)
+    loaded without the surgeon's own state: the new ``Surgeon`` starts its schedule from step 0
+    again (warmup included) and says so at the first ``step()``; loaded with it, nothing."""
+    torch.manual_seed(0)
+    model, x = nn.Linear(3, 1), torch.randn(8, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    surgeon = Surgeon(optimizer, 100, model=model, verbose=False)
+    for _ in range(30):
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        surgeon.step(loss)
+    saved = {"surgeon": surgeon.state_dict(), "opt": copy.deepcopy(optimizer.state_dict())}
+    resumed_optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    resumed_optimizer.load_state_dict(saved["opt"])
+    resumed = Surgeon(resumed_optimizer, 100, model=model, verbose=False)
+    if with_state:
+        resumed.load_state_dict(saved["surgeon"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            loss = model(x).pow(2).mean()
+            resumed_optimizer.zero_grad()
+            loss.backward()
+            resumed_optimizer.step()
+            resumed.step(loss)
+    said = [str(w.message) for w in caught if "Surgeon" in str(w.message)]
+    if with_state:
+        assert said == [] and resumed.engine.step == 33
+    else:
+        assert len(said) == 1 and "its schedule starts again from step 0" in said[0]
+        assert resumed.engine.step == 3
+
+
 def test_a_plain_resume_inside_a_spikes_read_back_window_is_exact() -> None:
     """A x20 loss at steps 200-201 (a spike the next loss confirms, rolled back), saved at step
     214 while losses after it are still in flight (the recovery decided on step 210's): the
@@ -318,6 +355,45 @@ def test_guard_skips_a_nan_gradient_with_a_finite_loss() -> None:
     surgeon.finish()
     skipped = [e for e in surgeon.events if e.kind is EventKind.SKIPPED_STEP]
     assert [e.step for e in skipped] == [5] and "gradients are non-finite" in skipped[0].reason
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_a_loop_with_a_gradscaler_skips_overflows_and_ends_its_plan(unscale_first: bool) -> None:
+    """GradScaler's recipe with ``guard()`` where the README puts it: the scaler skips
+    non-finite steps itself, so the guard stands aside (it dropped the gradients, and then
+    ``scaler.step`` raised "No inf checks were recorded"). An overflow GradScaler skips (its
+    scale above 1, the loss finite) is counted without its loss: the plan ends with the loop,
+    at the floor (uncounted, a 40-step loop ended 4 steps short, at 1/8 of the peak); a NaN
+    loss is a recorded skipped step."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    surgeon = Surgeon(optimizer, 40, model=model, scaler=scaler, verbose=False, warmup=4)
+    assert surgeon.engine.guard.mode == "off"
+    overflow, nan = {5, 12, 20, 33}, 26
+    for step in range(40):
+        loss = model(torch.randn(8, 4)).square().mean()
+        scaler.scale(loss * (math.nan if step == nan else 1.0)).backward()
+        if step in overflow:
+            model.weight.grad[0, 0] = math.inf
+            before = [p.detach().clone() for p in model.parameters()]
+        if unscale_first:
+            scaler.unscale_(optimizer)
+        surgeon.guard(loss)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        if step in overflow:
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+        surgeon.step(loss * (math.nan if step == nan else 1.0))
+    surgeon.finish()
+    assert surgeon.engine.skipped_steps == len(overflow)
+    assert surgeon.controller.step == 40 and surgeon.phase.value == "done"
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    skipped = [e.step for e in surgeon.events if e.kind is EventKind.SKIPPED_STEP]
+    assert skipped == [nan]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -566,6 +642,8 @@ def test_misuse_is_a_value_error_that_says_what_was_passed() -> None:
     with pytest.raises(ValueError, match=r"scalar loss, got a tensor of shape \(4,\)"):
         surgeon.step(model(torch.ones(4, 3)).squeeze(1))
     surgeon.step(model(torch.ones(4, 3)).mean().reshape(1))  # one element: fine
+    with pytest.raises(ValueError, match=r"got \['param_groups', 'state'\]: an optimizer's"):
+        surgeon.load_state_dict(optimizer.state_dict())  # (was a bare KeyError: 'controller')
 
 
 def test_stepping_past_the_plan_warns_once() -> None:
@@ -586,6 +664,7 @@ def test_stepping_past_the_plan_warns_once() -> None:
     assert warning.filename == __file__  # points at the loop's step() call
     assert optimizer.param_groups[0]["lr"] == 0.0
     # a plan that cool_down_now() ended early ends where it was asked to: no warning
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     surgeon = Surgeon(optimizer, 100, verbose=False, warmup=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -784,13 +863,17 @@ def test_misordered_calls_and_a_scheduler_on_the_optimizer_are_warned_about() ->
     Surgeon(Wrapped(torch.optim.SGD(model.parameters(), lr=0.1)), 100, verbose=False)
 
 
-@pytest.mark.parametrize("mistake", ["none", "step twice", "guard after the update"])
+@pytest.mark.parametrize(
+    "mistake",
+    ["none", "step twice", "guard after the update", "step never called", "neither called"],
+)
 def test_a_loop_that_calls_out_of_order_is_warned_about_once(mistake: str) -> None:
-    """Every ``step()`` checks that an optimizer stepped since the last one, and ``guard()``
-    that none has yet: ``step`` twice per update (each call counts a step: the plan runs
-    ahead, and a repeated loss reads as the next step's) and ``guard`` after
-    ``optimizer.step()`` (a NaN update applied before the guard sees it) are said once, at the
-    loop's line; the loop as the README writes it hears nothing."""
+    """Every ``step()`` checks that an optimizer stepped since the last one, ``guard()`` that
+    none has yet, and each optimizer step that ``step()`` came since the last: ``step`` twice
+    per update (each call counts a step: the plan runs ahead, and a repeated loss reads as the
+    next step's), ``guard`` after ``optimizer.step()`` (a NaN update applied before the guard
+    sees it) and a loop that never calls ``step`` (the LR stays at step 0's warmup LR) are said
+    once, at the loop's line; the loop as the README writes it hears nothing."""
     torch.manual_seed(0)
     model, x = nn.Linear(3, 1), torch.randn(8, 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -801,21 +884,22 @@ def test_a_loop_that_calls_out_of_order_is_warned_about_once(mistake: str) -> No
             loss = model(x).pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
-            if mistake != "guard after the update":
+            if mistake not in ("guard after the update", "neither called"):
                 surgeon.guard(loss)
             optimizer.step()
             if mistake == "guard after the update":
                 surgeon.guard(loss)
-            surgeon.step(loss)
+            if mistake not in ("step never called", "neither called"):
+                surgeon.step(loss)
             if mistake == "step twice":
                 surgeon.step(loss)
     said = [str(w.message) for w in caught if str(w.message).startswith("Surgeon:")]
     expected = {
         "none": [],
         "step twice": [r"step\(\) was called again at step 1 with no optimizer\.step\(\) since"],
-        "guard after the update": [
-            r"guard\(\) was called after optimizer\.step\(\): call it before"
-        ],
+        "guard after the update": [r"guard\(\) was called after an optimizer\.step\(\)"],
+        "step never called": [r"guard\(\) was called after an optimizer\.step\(\) that no surg"],
+        "neither called": [r"optimizer\.step\(\) ran again with no surgeon\.step\(\)"],
     }[mistake]
     assert len(said) == len(expected)
     for message, pattern in zip(said, expected, strict=True):

@@ -633,3 +633,32 @@ def test_each_record_keeps_the_length_its_event_planned(tmp_path: Path) -> None:
     moved = [(e["kind"], e["total_steps"]) for e in run.events if e["total_steps"] is not None]
     assert moved == [("cooldown", 50), ("replan", 300)]
     assert run.planned_steps == 300
+
+
+class TestedRegressor(LoggingRegressor):  # type: ignore[misc, valid-type]
+    """Logs ``test_loss`` in ``trainer.test``."""
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+
+def test_plot_of_a_log_root_after_fit_then_test_draws_the_fit(
+    make_trainer: Any, tmp_path: Path, caught_figures: list[Any]
+) -> None:
+    """LightningCLI's ``fit`` then ``test``: the test run logs a newer version with its own
+    ``metrics.csv`` and no surgeon files. ``surgeon plot`` on the logger's root draws the fit
+    (it picked the test's version and said it was "logged without ScheduleSurgeon"), as
+    ``surgeon replay`` does."""
+    surgeon = new_surgeon()
+    model = TestedRegressor(loss_hook=spike_at(SPIKE_AT))
+    trainer = make_trainer([surgeon], max_steps=STEPS, logger=CSVLogger(tmp_path, name="runs"))
+    trainer.fit(model, make_loader())
+    tester = make_trainer([surgeon], logger=CSVLogger(tmp_path, name="runs"))
+    tester.test(model, make_loader(batches=2))
+    fit_dir, test_dir = Path(trainer.log_dir), Path(tester.log_dir)
+    assert fit_dir != test_dir and (test_dir / "metrics.csv").exists()
+    assert not (test_dir / EVENTS_FILE).exists()
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "plot.png")]) == 0
+    assert load_run(tmp_path).directory == fit_dir
+    assert main(["replay", str(tmp_path), "--out", str(tmp_path / "replay.png")]) == 0

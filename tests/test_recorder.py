@@ -106,3 +106,16 @@ def test_fits_without_a_logger_do_not_overwrite_each_other(
     dirs = [cb.log_dirs for cb in surgeons]
     assert dirs == [[tmp_path / "surgeon_logs" / f"version_{n}"] for n in (0, 1)]
     assert [len(read_losses(d[0])) for d in dirs] == [20, 30]
+
+
+def test_a_fast_dev_run_writes_run_files_only_where_log_dir_asks(
+    make_trainer: Any, tmp_path: Path
+) -> None:
+    """``fast_dev_run``: Lightning's loggers write nothing, and neither does the surgeon (it
+    wrote ``surgeon_logs/version_0``), unless its ``log_dir`` names a directory."""
+    quiet, asked = ScheduleSurgeon(), ScheduleSurgeon(log_dir=tmp_path / "asked")
+    for cb in (quiet, asked):
+        make_trainer([cb], fast_dev_run=3).fit(TinyRegressor(), make_loader())
+        assert cb.engine.step == 3
+    assert quiet.log_dirs == [] and not (tmp_path / "surgeon_logs").exists()
+    assert asked.log_dirs == [tmp_path / "asked"] and len(read_losses(tmp_path / "asked")) == 3

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -154,6 +155,20 @@ def _passing(n: int = 600) -> tuple[list[float], list[bool], list[bool]]:
     return losses, [False] * n, passed
 
 
+def _idle_passes(n: int = 400) -> tuple[list[float], list[bool], list[bool]]:
+    """Steps counted without an update (GradScaler's calibration skips: no loss, update
+    skipped) across a snapshot's step, then three non-finite steps: the snapshot moves on to
+    the next step's loss, and the idle steps do not count against the rollback's reach; one
+    step counted with its update applied (manual optimization) among them."""
+    losses = _noisy([2.0 / (1 + i / 50) + 0.3 for i in range(n)], 0.02, 8)
+    passed = [i == 60 or 100 <= i < 116 or i == 250 for i in range(n)]
+    skipped = [100 <= i < 119 or i == 250 for i in range(n)]
+    for i in range(n):
+        if passed[i] or 116 <= i < 119:
+            losses[i] = math.nan
+    return losses, skipped, passed
+
+
 def _fast_descent(n: int = 300) -> list[float]:
     """The level 100x lower within 150 steps, noise 30% of it, a x10 spike right after: only
     the spike detector's window cap sees it (the noise EMA still holds the descent)."""
@@ -211,6 +226,7 @@ STREAMS: dict[str, Any] = {
     "stalling": _stalling,
     "exploding_after_rollback": _exploding_after_rollback,
     "outlier_before_a_snapshot": _outlier_before_a_snapshot,
+    "idle_passes": _idle_passes,
 }
 CONFIGS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -397,6 +413,8 @@ def test_the_cases_exercise_every_decision(
     assert [e.kind for e in after_outlier if e.step == 500] == [EventKind.OUTLIER]
     (rollback,) = [e for e in after_outlier if e.kind is EventKind.ROLLBACK]
     assert "restored the snapshot of step 490" in rollback.reason
+    idle = [e.reason for name, (py, _) in both.items() if "idle" in name for e in py.events]
+    assert any(re.search(r"\(\d+ steps, \d+ with an update\)$", r) for r in idle), idle
     after_descent = both["fast_descent/defaults"][0].events
     assert any(e.kind is EventKind.SPIKE and 150 <= e.step <= 152 for e in after_descent)
 

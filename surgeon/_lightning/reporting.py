@@ -105,14 +105,15 @@ class Reporter:
         """``on_train_start``, after a checkpoint is restored: open the run files on rank zero
         (they hold this run's events and losses: none when it starts fresh, as a reused log
         directory keeps no older run's, the restored ones when it resumes, none twice after a
-        crash) and show the state."""
+        crash) and show the state. A ``fast_dev_run`` writes none (Lightning's loggers write
+        nothing then either) unless ``log_dir`` asks for them."""
         self.step_offset = None
         self.next_log = 0 if self.log_every else NEVER
         controller = self.engine.controller
         assert controller is not None
         self.plan_end, self.done_shown = controller.total_steps, False
         self._shown_phase = None  # Lightning cleared the progress bar's metrics after sanity
-        if self.is_global_zero:
+        if self.is_global_zero and (self.log_dir is not None or not trainer.fast_dev_run):
             self.log_dirs = self._run_directories(trainer)
             self.recorder = RunRecorder(*self.log_dirs)
             self.recorder.start(
@@ -191,7 +192,7 @@ class Reporter:
         Lightning logs that step, with its smoothed value and the phase (rank zero, with
         loggers: see :meth:`watches_losses`). The engine calls it again at the next such step."""
         engine, every, offset = self.engine, self.log_every, self.step_offset or 0
-        at = step + engine.skipped_steps + offset  # Lightning's step
+        at = step + offset  # Lightning's step
         engine.on_loss_from = ((at + 1) // every + 1) * every - 1 - offset
         if (at + 1) % every == 0:
             controller = engine.controller
@@ -234,14 +235,11 @@ class Reporter:
 
     def warn_no_loss(self, manual: bool) -> None:
         """Say (once: the caller's) that a ``training_step`` output had no loss."""
-        counted = (
-            "are counted, but no spike, plateau or stabilization can be seen in them"
-            if manual
-            else "are not counted (Lightning skips their optimizer step)"
-        )
+        how = "the user's opt.step() may still update" if manual else "Lightning skips the update"
         log.warning(
-            "ScheduleSurgeon found no loss in a training_step output; steps without a loss "
-            f"{counted}: return the loss, or a dict with 'loss'"
+            "ScheduleSurgeon found no loss in a training_step output; steps without a loss are "
+            f"counted (the plan moves on; {how}), but no spike, plateau or stabilization can be "
+            "seen in them: return the loss, or a dict with 'loss'"
         )
 
     def report(self, event: Event) -> None:
@@ -257,7 +255,7 @@ class Reporter:
             self.recorder.event(record)
         self.follow_plan()
         if self.is_global_zero and self.loggers:
-            step = event.step + self.engine.skipped_steps + (self.step_offset or 0)
+            step = event.step + (self.step_offset or 0)
             for logger in self.loggers:
                 logger.log_metrics({"surgeon/event": EVENT_CODES[event.kind]}, step=step)
                 if is_a(logger, "TensorBoardLogger"):

@@ -277,10 +277,15 @@
       return this._close_step(step, new_events);
     }
 
-    pass_step() {
+    pass_step(applied = true) {
       const step = this.step;
       this.step += 1;
       this._expire_recovery(step);
+      const pending = this._pending_snapshot;
+      if (!applied) {
+        this._idle_since_good += 1; // undoing it undoes nothing: not in a rollback's reach
+        if (pending !== null && pending[0] === step) this._pending_snapshot = [step + 1, pending[1]];
+      }
       return this._close_step(step, []);
     }
 
@@ -337,6 +342,7 @@
       this._no_snapshot_why = why;
       this._pending_snapshot = null;
       this._good_snapshot = null;
+      this._idle_since_good = 0; // steps passed without an update since the good snapshot
       this._last_snapshot_step = -Infinity;
       this.rollback_to = null;
       this._rollback_cause = [0, ""];
@@ -406,6 +412,7 @@
           this.spike.last_zscore <= NORMAL_BAND_ZSCORE) {
         this._good_snapshot = pending;
         this._pending_snapshot = null;
+        this._idle_since_good = 0;
       }
     }
 
@@ -419,10 +426,12 @@
           "so going back again would repeat it";
       } else if (good === null) {
         why = this._no_snapshot_why;
-      } else if (step - good[0] > 2 * this.snapshot_every) {
+      } else if (step - good[0] - this._idle_since_good > 2 * this.snapshot_every) {
+        const idle = this._idle_since_good;
+        const updated = idle ? ` (${step - good[0] - idle} with an update)` : "";
         why =
-          `the last good snapshot (step ${good[0]}) is ${steps(step - good[0])} back, more ` +
-          `than two snapshot intervals (${2 * this.snapshot_every} steps)`;
+          `the last good snapshot (step ${good[0]}) is ${steps(step - good[0])} back` +
+          `${updated}, more than two snapshot intervals (${2 * this.snapshot_every} steps)`;
       } else {
         this.rollback_to = good[0];
         this._rollback_cause = [step, cause];
@@ -457,9 +466,11 @@
       this.nonfinite_applied = false;
       this.rolled_back_to = target;
       this.shifted_level = null;
+      const idle = this._idle_since_good; // (steps not read yet count as updated)
+      const updated = idle ? `, ${now - target - idle} with an update` : "";
       const why =
         `${cause}: restored the snapshot of step ${target} (${_format_bytes(nbytes)}), ` +
-        `undoing the updates of steps ${target} to ${now - 1} (${steps(now - target)})`;
+        `undoing the updates of steps ${target} to ${now - 1} (${steps(now - target)}${updated})`;
       const scale = this.lr_scale(now);
       const event = Event(step, EventKind.ROLLBACK, why, scale, scale, this.phase);
       this.events.push(event);

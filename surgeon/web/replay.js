@@ -23,8 +23,9 @@
     function consume(block, now) {
       controller.written_until = now; // the LRs before `now` are written
       for (const i of block) {
-        if (passed !== null && passed[i]) controller.pass_step(); // counted without a loss
-        else controller.update(losses[i], { update_skipped: update_skipped[i] });
+        if (passed !== null && passed[i]) { // counted without a loss (its update applied or not)
+          controller.pass_step(!update_skipped[i]);
+        } else controller.update(losses[i], { update_skipped: update_skipped[i] });
         if (controller.rollback_to !== null) controller.rolled_back(now);
         smooth[i] = controller.spike.mean;
         phases[i] = controller.phase;
