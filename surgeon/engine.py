@@ -553,6 +553,7 @@ class StepEngine:
                 # non-finite is the non-finite rules' (their rollback, their reason)
                 shown = update_skipped or not (no_loss or math.isfinite(loss))
                 self._check_snapshot(controller.step, act=not shown)
+            controller.written_until = self.step  # the LRs before it are written
             if skipped:  # counted, unwatched: the plan moves on as the fit's own count does
                 # (no update: GradScaler skipped it for a scale overflow, or the batch gave no
                 # loss; under manual optimization the user may have stepped anyway)
@@ -568,7 +569,6 @@ class StepEngine:
                             snapshot.step = step + 1
                 continue
             loss_step = controller.step
-            controller.written_until = self.step  # the LRs before it are written
             events = controller.update(loss, update_skipped=update_skipped)
             if events:
                 for event in events:

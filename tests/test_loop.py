@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from surgeon import ScheduleSurgeon, Surgeon, SurgeonConfig
 from surgeon.controller import EventKind
 from surgeon.recorder import LOSSES_FILE
+from surgeon.replay import read_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 # wsd: a hold at the peak, where a plateau cuts
@@ -395,6 +396,48 @@ def test_a_loop_with_a_gradscaler_skips_overflows_and_ends_its_plan(unscale_firs
     skipped = [e.step for e in surgeon.events if e.kind is EventKind.SKIPPED_STEP]
     assert skipped == [nan]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_loop_whose_gradscaler_skips_a_whole_block_replays_exactly(tmp_path: Path) -> None:
+    """GradScaler skips steps 36-39 (a whole read-back block) while a paused warmup runs into
+    ``max_warmup`` at step 39: the warmup's end, decided while passing those steps, starts its
+    ramp after the LRs already written, as the replay of ``losses.csv`` does (it jumped to the
+    peak three steps early: the steps passed did not say which LRs were written)."""
+
+    def offset(step: int) -> float:  # rising in the warmup (a pause), then falling steeply
+        noise = 0.03 * float(torch.randn((), generator=torch.Generator().manual_seed(step)))
+        if step < 5:
+            return 1.0 + noise
+        if step < 20:
+            return 1.0 + 0.02 * (step - 5) + noise
+        return max(0.1, 1.3 * 0.97 ** (step - 20)) + noise
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    surgeon = Surgeon(optimizer, 400, model=model, scaler=scaler, log_dir=tmp_path, verbose=False)
+    lrs = []
+    for step in range(400):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(step))
+        loss = nn.functional.mse_loss(model(x).squeeze(-1), x.sum(-1)) * 0.01 + offset(step)
+        scaler.scale(loss).backward()
+        if 36 <= step < 40:
+            model.weight.grad[0, 0] = math.inf
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        surgeon.step(loss)
+    surgeon.finish()
+    assert surgeon.engine.skipped_steps == 4
+    (end,) = [e for e in surgeon.events if e.kind is EventKind.WARMUP_END]
+    assert end.step == 39 and "max_warmup" in end.reason
+    stream = read_stream(tmp_path)
+    assert stream.settings is not None
+    replayed = stream.replayed(stream.settings)
+    assert [(e.step, e.kind) for e in replayed.events] == [(e.step, e.kind) for e in surgeon.events]
+    assert [0.01 * s for s in replayed.lr_scales] == pytest.approx(lrs, rel=1e-12, abs=1e-15)
 
 
 def test_run_files_for_plot_and_replay(tmp_path: Path) -> None:
@@ -798,7 +841,6 @@ def test_a_loop_resumed_into_its_own_log_dir_keeps_the_losses_before_the_resume(
     """Saved at step 100 and resumed by a new ``Surgeon`` with the same ``log_dir``: the
     directory holds every step's loss once, 0 to 159, and replays as one run (the new object
     used to truncate ``losses.csv`` when it was made, before ``load_state_dict``)."""
-    from surgeon.replay import read_stream
 
     steps, at = 160, 100
     losses = scripted(steps)
