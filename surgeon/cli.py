@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
 import sys
 import textwrap
@@ -555,7 +556,14 @@ def _run_replay(args: argparse.Namespace) -> int:
         )
     if stream.logged_events is not None:
         known = stream.checkpoints is not None
-        print(_compare_with_log(result.events, stream.logged_events, checkpoints_known=known))
+        print(
+            _compare_with_log(
+                result.events,
+                stream.logged_events,
+                checkpoints_known=known,
+                losses_end=stream.steps[-1],
+            )
+        )
 
     if args.html is not None:
         _write_text(prog, args.html, _replay_page(stream, settings))
@@ -582,11 +590,18 @@ def _without_sizes(reason: str) -> str:
 
 
 def _compare_with_log(
-    events: list[Any], logged: list[dict[str, Any]], *, checkpoints_known: bool = True
+    events: list[Any],
+    logged: list[dict[str, Any]],
+    *,
+    checkpoints_known: bool = True,
+    losses_end: int | None = None,
 ) -> str:
     """A line saying whether the replayed events (step, kind and reason) are those the run
     logged, up to the first decision the run made from outside the losses;
-    ``checkpoints_known``: the run recorded its checkpoints (else a difference may be theirs)."""
+    ``checkpoints_known``: the run recorded its checkpoints (else a difference may be theirs);
+    ``losses_end``: the last step of the stream (a run that stopped without finishing logged
+    events past the rows it wrote)."""
+    from surgeon.recorder import LOSS_ROWS_PER_WRITE
     from surgeon.replay import before_outside_decision
 
     comparable, cut = before_outside_decision(logged)
@@ -617,6 +632,13 @@ def _compare_with_log(
     )
     reasons = at < min(len(mine), len(theirs)) and mine[at][:2] == theirs[at][:2]
     what = " (the same step and kind, another reason)" if reasons else ""
+    if losses_end is not None and at < len(theirs) and theirs[-1][0] > losses_end:
+        what += (
+            f". The losses end at step {losses_end}, before the logged events do (step "
+            f"{theirs[-1][0]}): the run stopped without finishing (killed, or a plain loop "
+            f"without finish()), before it wrote its last rows ({LOSS_ROWS_PER_WRITE} are "
+            "written at a time), so the events after them cannot be replayed"
+        )
     return (
         f"the replay differs from the logged events{until} ({len(theirs)} logged, {len(mine)} "
         f"replayed); first difference, event {at + 1}: {first}, {then}{what}"
@@ -718,3 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"{err.prog}: error: {err.message}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `surgeon replay RUN | head`: the reader is gone, not an error of
+        # ours; point stdout at devnull so that Python's own flush at exit does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,8 +184,8 @@ def read_metrics(path: Path) -> dict[str, Points]:
         return _read_tensorboard(Path(path))
     series: dict[str, Points] = {}
     with Path(path).open(newline="") as f:
-        for row in csv.DictReader(f):
-            step = int(float(row["step"]))
+        for line, row in enumerate(csv.DictReader(f), 2):
+            step = _step(path, line, row["step"])
             for key, value in row.items():
                 if key != "step" and value not in ("", None):
                     series.setdefault(key, []).append((step, float(value)))
@@ -217,8 +218,32 @@ def read_lr_find(path: Path) -> list[tuple[float, float]]:
 def read_losses(path: Path) -> Points:
     """The ``(step, loss)`` rows of a ``losses.csv``, in step order (a step counted without a
     loss, an empty one, is left out)."""
-    rows = csv.DictReader(whole_lines(path))
-    return sorted((int(row["step"]), float(row["loss"])) for row in rows if row["loss"])
+    points = []
+    for line, row in enumerate(csv.DictReader(whole_lines(path)), 2):
+        if row["loss"]:
+            points.append((_step(path, line, row["step"]), _number(path, line, 2, row["loss"])))
+    return sorted(points)
+
+
+def _number(path: Path, line: int, column: int, text: str) -> float:
+    """``text`` as a float; a ``ValueError`` naming the file, line and column if it is not one."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(
+            f"{path}, line {line}: column {column} holds {text!r}, not a number"
+        ) from None
+
+
+def _step(path: Path, line: int, text: str) -> int:
+    """``text`` as a step (a whole number, ``49.0`` too); a ``ValueError`` naming the file and
+    line if it is not one."""
+    value = _number(path, line, 1, text)
+    if not (math.isfinite(value) and value == int(value)):
+        raise ValueError(
+            f"{path}, line {line}: column 1 holds {text!r}, not a step (a whole number)"
+        )
+    return int(value)
 
 
 def load_run(run_dir: Path) -> Run:
@@ -244,15 +269,33 @@ def load_run(run_dir: Path) -> Run:
         )
     settings_path, losses_path = directory / SETTINGS_FILE, directory / LOSSES_FILE
     lr_find_path = directory / LR_FIND_FILE
+    settings = _reading(settings_path, lambda p: json.loads(p.read_text()), {})
+    if not isinstance(settings, dict):
+        raise RunError(
+            f"{settings_path}: not the surgeon's settings ({type(settings).__name__}): "
+            "settings.json is written by it"
+        )
     return Run(
         directory=directory,
         metrics_path=metrics_path,
-        series=read_metrics(metrics_path),
-        events=read_events(events_path),
-        settings=json.loads(settings_path.read_text()) if settings_path.exists() else {},
-        losses=read_losses(losses_path) if losses_path.exists() else None,
-        lr_find=read_lr_find(lr_find_path) if lr_find_path.exists() else [],
+        series=_reading(metrics_path, read_metrics, {}),
+        events=_reading(events_path, read_events, []),
+        settings=settings,
+        losses=_reading(losses_path, read_losses, None),
+        lr_find=_reading(lr_find_path, read_lr_find, []),
     )
+
+
+def _reading(path: Path, read: Callable[[Path], Any], missing: Any) -> Any:
+    """``read(path)`` (``missing`` when there is no such file); a file that cannot be read as
+    one of its kind (not UTF-8, a value that does not parse) is a :class:`RunError` naming it."""
+    if not path.exists():
+        return missing
+    try:
+        return read(path)
+    except ValueError as err:  # (UnicodeDecodeError and json's errors are ValueErrors too)
+        message = str(err)
+        raise RunError(message if str(path) in message else f"{path}: {message}") from None
 
 
 def _surgeon_only_runs(run_dir: Path) -> list[Path]:
@@ -663,13 +706,14 @@ def plot_replay(result: Any, out: Path, title: str) -> Path:
         for name, start, end in spans:
             ax.axvspan(start, end, color=PHASE_COLORS.get(name, "#eeeeee"), lw=0, zorder=0)
     pairs = zip(steps, result.losses, strict=True)
-    points = [(s, v) for s, v in pairs if math.isfinite(v) and v > 0]
+    points = [(s, v) for s, v in pairs if math.isfinite(v)]
     if points:
         ax_loss.plot(*zip(*points, strict=True), lw=0.7, alpha=0.45, color="#1f77b4", label="loss")
         smoothed = smooth(points)
         ax_loss.plot(*zip(*smoothed, strict=True), lw=1.6, color="#0b3d91", label="loss, smoothed")
     ax_loss.set_ylabel("training loss")
-    ax_loss.set_yscale("log")
+    if points and all(v > 0 for _, v in points):  # (a loss may be negative: an NLL, an ELBO)
+        ax_loss.set_yscale("log")
     ax_lr.plot(steps, result.lr_scales, color="#264653", label="replayed LR scale")
     ax_lr.set_ylabel("LR scale (x each group's peak LR)")
     ax_lr.set_xlabel("optimizer step")

@@ -52,10 +52,21 @@ LOSS_ROWS_PER_WRITE = 256
 """Loss rows are formatted and written this many at a time (and at every flush)."""
 
 
+def read_text(path: Path) -> str:
+    """A text file's content (UTF-8, a byte-order mark dropped); one that is not UTF-8 text is
+    a ``ValueError`` naming it (a spreadsheet's UTF-16 export, a binary file)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
+        ) from None
+
+
 def whole_lines(path: Path) -> list[str]:
     """The lines of a run file, each whole: the recorder writes whole lines, so a last line
     without its newline is one a crash, a full disk or a copy cut short, and is left out."""
-    text = path.read_text()
+    text = read_text(path)
     lines = text.splitlines()
     if lines and not text.endswith("\n"):
         lines.pop()

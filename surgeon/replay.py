@@ -56,6 +56,7 @@ from surgeon.recorder import (
     LOSSES_FILE,
     SETTINGS_FILE,
     read_events,
+    read_text,
     whole_lines,
 )
 
@@ -110,9 +111,15 @@ class RunSettings:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunSettings:
-        """Settings from a ``settings.json`` object (an absent ``snapshot`` means on)."""
+        """Settings from a ``settings.json`` object (an absent ``snapshot`` means on); one that
+        is not an object, or lacks ``total_steps`` or ``config``, is a ``ValueError``."""
         known = {f.name for f in fields(SurgeonConfig)}
-        config = data.get("config", {})
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            what = type(data).__name__ if not isinstance(data, dict) else "no 'config' object"
+            raise ValueError(f"not the surgeon's settings ({what}): settings.json is written by it")
+        if "total_steps" not in data:
+            raise ValueError("not the surgeon's settings (no 'total_steps')")
+        config = data["config"]
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(
@@ -401,7 +408,7 @@ def _read_csv(
     its last whole line (see :func:`~surgeon.recorder.whole_lines`); a value that is not a
     number is an error naming its line."""
     own = path.name == LOSSES_FILE and (path.parent / SETTINGS_FILE).exists()  # a run's own
-    lines = whole_lines(path) if own else path.read_text().splitlines()
+    lines = whole_lines(path) if own else read_text(path).splitlines()
     rows = [(number, row) for number, row in enumerate(csv.reader(lines), 1) if row]
     if not rows:
         raise ValueError(f"{path} is empty")
@@ -415,10 +422,19 @@ def _read_csv(
                 f"{path}, line {line}: column {column + 1} holds {field}, not a number"
             ) from None
 
+    def step_number(line: int, row: list[str], column: int) -> int:
+        value = number(line, row, column)
+        if not (math.isfinite(value) and value == int(value)):
+            raise ValueError(
+                f"{path}, line {line}: column {column + 1} holds {row[column]!r}, not a step "
+                "(a whole number)"
+            )
+        return int(value)
+
     header = [name.strip() for name in rows[0][1]]
     if len(header) == 2 and _is_number(header[0]) and metric is None:  # no header: step,loss
         return (
-            [int(number(n, r, 0)) for n, r in rows],
+            [step_number(n, r, 0) for n, r in rows],
             [number(n, r, 1) for n, r in rows],
             None,
             None,
@@ -434,7 +450,7 @@ def _read_csv(
                 r[2].strip().lower() in ("1", "true", "1.0") if len(r) > 2 else False
                 for _, r in body
             ]
-        steps = [int(number(n, r, 0)) for n, r in body]
+        steps = [step_number(n, r, 0) for n, r in body]
         passed = [len(r) > 1 and not r[1].strip() for _, r in body]
         losses = [
             math.nan if gone else number(n, r, 1) for (n, r), gone in zip(body, passed, strict=True)
@@ -445,7 +461,7 @@ def _read_csv(
     for n, row in body:
         for index, (key, value) in enumerate(zip(header, row, strict=False)):
             if key != "step" and value.strip():
-                point = (int(number(n, row, column)), number(n, row, index))
+                point = (step_number(n, row, column), number(n, row, index))
                 series.setdefault(key, []).append(point)
     steps, losses, source = _pick_series(path, series, metric)
     return steps, losses, None, None, source

@@ -662,3 +662,19 @@ def test_plot_of_a_log_root_after_fit_then_test_draws_the_fit(
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "plot.png")]) == 0
     assert load_run(tmp_path).directory == fit_dir
     assert main(["replay", str(tmp_path), "--out", str(tmp_path / "replay.png")]) == 0
+
+
+def test_the_replay_figure_draws_a_loss_below_zero_on_a_linear_axis(
+    tmp_path: Path, caught_figures: list[Any]
+) -> None:
+    """An NLL or ELBO below zero: the replay's loss panel was forced onto a log axis, which
+    left every point out (an empty panel); it is linear where any loss is not positive."""
+    path = tmp_path / "losses.csv"
+    losses = [-1.0 - i / 100 + 0.01 * (i % 3) for i in range(200)]
+    path.write_text("step,loss\n" + "".join(f"{i},{x!r}\n" for i, x in enumerate(losses)))
+    assert main(["replay", str(path), "--out", str(tmp_path / "r.png")]) == 0
+    (figure,) = caught_figures
+    ax_loss = figure.axes[0]
+    assert ax_loss.get_yscale() == "linear"
+    (drawn, _) = ax_loss.get_lines()[:2]
+    assert list(drawn.get_ydata()) == losses

@@ -423,12 +423,28 @@ def test_run_files_cut_short_inside_their_last_line_are_read_up_to_it(
             "losses.csv, line 7: column 2 holds 'abc', not a number",
         ),
         (
+            LOSSES_FILE,
+            lambda text: re.sub(r"\n5,", "\ninf,", text, count=1),
+            "losses.csv, line 7: column 1 holds 'inf', not a step (a whole number)",
+        ),
+        (
             EVENTS_FILE,
             lambda text: text.replace("\n", '\n{"step": 3, \n', 1),
             "events.jsonl, line 2: not a JSON event record",
         ),
+        (SETTINGS_FILE, lambda text: "[1, 2]", "settings.json: not the surgeon's settings (list)"),
+        (
+            SETTINGS_FILE,
+            lambda text: '{"total_steps": 240}',
+            "settings.json: not the surgeon's settings (no 'config' object)",
+        ),
+        (
+            LOSSES_FILE,
+            lambda text: text.replace("\n5,", "\n5\udcff,", 1),
+            "losses.csv is not UTF-8",
+        ),
     ],
-    ids=["loss", "event"],
+    ids=["loss", "step", "event", "settings-list", "settings-without-config", "not-utf8"],
 )
 @pytest.mark.parametrize("command", ["replay", "plot"])
 def test_a_damaged_line_inside_a_run_file_is_a_usage_error_naming_it(
@@ -444,7 +460,7 @@ def test_a_damaged_line_inside_a_run_file_is_a_usage_error_naming_it(
     naming the file and the line, from ``surgeon replay`` and ``surgeon plot`` alike."""
     _, root = logged_run
     run = _copy_run(root, tmp_path / "run")
-    (run / name).write_text(damage((run / name).read_text()))
+    (run / name).write_bytes(damage((run / name).read_text()).encode("utf-8", "surrogateescape"))
     assert main([command, str(run)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"surgeon {command}: error: ") and message in err
@@ -587,6 +603,13 @@ def test_the_comparison_with_the_log_reads_reasons_and_stops_at_outside_decision
     assert "no checkpoints.csv" in older and "replays close, not exactly" in older
     extra = [*replayed, event(120, "spike", "b"), event(199, "done", "z")]  # before the cooldown
     assert "differs" in _compare_with_log(extra, logged)
+    # a run killed before writing its last loss rows: the replay says why it has fewer events
+    # (it blamed its own decisions)
+    cut_short = _compare_with_log(replayed[:1], logged, losses_end=95)
+    assert "nothing more replayed. The losses end at step 95, before the logged events do" in (
+        cut_short
+    )
+    assert "The losses end" not in _compare_with_log(replayed[:1], logged, losses_end=199)
     # a replan (a resume with another length, a time budget) changes the plan from outside
     # the losses too: compared up to it, as the plot's replayed LR line ends there
     replanned = [logged[0], {"step": 60, "kind": "replan", "reason": "resumed for 400 steps"}]
@@ -721,3 +744,14 @@ def test_a_rollback_for_a_snapshots_non_finite_state_is_a_decision_from_outside_
     kept, outside = before_outside_decision(logged)
     assert [r["step"] for r in kept] == [5, 40]
     assert outside is not None and outside["step"] == 90
+
+
+def test_a_csv_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Spreadsheets save UTF-8 with a byte-order mark: its header was read as '\\ufeffstep' and
+    refused as having no 'step' column."""
+    path = tmp_path / "exported.csv"
+    losses = [1.0 / (1 + i / 20) for i in range(60)]
+    text = "step,loss\n" + "".join(f"{i},{x!r}\n" for i, x in enumerate(losses))
+    path.write_bytes(text.encode("utf-8-sig"))
+    stream = read_stream(path)
+    assert stream.steps == list(range(60)) and stream.losses == losses

@@ -224,3 +224,32 @@ def test_the_replay_page_compares_with_the_run_up_to_its_first_outside_decision(
     assert state["events"] == [[e.step, e.kind.value, e.reason] for e in python.events]
     summary = browser.find_element("id", "summary").text
     assert summary.endswith(f"(the same as the run logged up to its replan at step {replan_at})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", ["long", "negative"])
+def test_the_replay_page_draws_long_runs_and_losses_that_are_not_positive(
+    browser: Any, tmp_path: Path, stream: str
+) -> None:
+    """70,000 steps (the axis range was taken by spreading every value as an argument: a
+    stack overflow past ~65,000 left the page blank) and a loss below zero (an NLL: the loss
+    panel's log axis had no value to span, also a blank page): drawn, on a linear axis for the
+    second, with every event in the table."""
+    n = 70_000 if stream == "long" else N
+    losses = [1.0 / (1 + i / (n / 5)) + 0.3 + 0.01 * ((i * 7) % 5) for i in range(n)]
+    losses[n // 2] *= 3.0
+    losses[n // 2 + 1] *= 3.0
+    if stream == "negative":
+        losses = [x - 2.0 for x in losses]
+    csv_path = tmp_path / "losses.txt"
+    csv_path.write_text("step,loss\n" + "".join(f"{i},{x!r}\n" for i, x in enumerate(losses)))
+    page = tmp_path / "replay.html"
+    assert main(["replay", str(csv_path), "--html", str(page)]) == 0
+    browser.get(page.as_uri())
+    state = page_state(browser)
+    python = replay(losses, RunSettings(n))
+    assert state["error"] is None and state["drawn"]
+    assert state["rows"] == len(python.events) > 0
+    assert state["events"] == [[e.step, e.kind.value, e.reason] for e in python.events]
+    drawn = browser.find_element("id", "loss-curve").get_attribute("points")
+    assert drawn and "NaN" not in drawn

@@ -146,10 +146,20 @@
 
   // One panel: {top, height, y_label, log, series: [{xs, ys, color, width, opacity, id}]}
   function panel(svg, box, x_of, x_ticks, spec) {
-    const values = spec.series.flatMap((s) => s.ys.filter((v) => Number.isFinite(v) &&
-                                                               (!spec.log || v > 0)));
-    let low = Math.min(...values);
-    let high = Math.max(...values);
+    // a log axis only where every finite value is positive (a loss may be negative or 0)
+    if (spec.log) spec = { ...spec, log: spec.series.every((s) => s.ys.every(
+      (v) => !Number.isFinite(v) || v > 0)) };
+    let low = Infinity;
+    let high = -Infinity;
+    for (const s of spec.series) { // a loop: spreading 10^5 values as arguments overflows
+      for (const v of s.ys) {
+        if (Number.isFinite(v)) {
+          if (v < low) low = v;
+          if (v > high) high = v;
+        }
+      }
+    }
+    if (low === Infinity) [low, high] = spec.log ? [0.1, 1] : [0, 1]; // nothing finite
     if (!spec.log) low = Math.min(0, low);
     if (!(high > low)) high = low + (spec.log ? low : 1);
     if (spec.log) {
