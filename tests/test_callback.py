@@ -957,10 +957,12 @@ def test_total_steps_shorter_than_the_fit_warns_that_the_rest_runs_at_the_floor(
         )
 
 
-def test_total_steps_in_a_fit_left_at_lightnings_default_length_does_not_warn() -> None:
+def test_a_plan_and_a_fit_of_other_lengths_warn_unless_total_steps_plans_an_open_fit() -> None:
     """A Trainer without max_steps, max_epochs or max_time runs Lightning's default 1000 epochs:
     a user who gives total_steps there plans the fit by it (stopping it otherwise, e.g. with
-    EarlyStopping): no warning; an explicit longer max_steps warns."""
+    EarlyStopping): no warning; an explicit longer max_steps warns, and so does a shorter one
+    (the fit would end before the decay, at the peak: it said nothing), and so does the default
+    length without total_steps (the plan, and its warmup, were of 1000 epochs, unsaid)."""
     from types import SimpleNamespace
 
     from surgeon._lightning.trainer import planned_steps
@@ -981,10 +983,16 @@ def test_total_steps_in_a_fit_left_at_lightnings_default_length_does_not_warn() 
         )
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=r".*plans fewer steps.*")
+        warnings.filterwarnings("error", message=r".*ScheduleSurgeon.*")
         assert planned_steps(trainer(-1, 1000), 500, False) == 500
+        assert planned_steps(trainer(500, -1), 500, False) == 500
+        assert planned_steps(trainer(-1, 20), None, False) == 200
     with pytest.warns(UserWarning, match=r"plans fewer steps than this fit runs \(800"):
         assert planned_steps(trainer(800, -1), 500, False) == 500
+    with pytest.warns(UserWarning, match=r"plans more steps than this fit runs \(128,"):
+        assert planned_steps(trainer(128, -1), 1000, False) == 1000
+    with pytest.warns(UserWarning, match=r"for Lightning's default max_epochs=1000 \(10000 steps"):
+        assert planned_steps(trainer(-1, 1000), None, False) == 10_000
 
 
 def test_fit_called_again_on_the_same_trainer_goes_on_as_a_resume(

@@ -195,10 +195,9 @@ def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> 
         # steps once per batch: with k optimizers (each stepped once a batch) that is k calls
         estimate = min(estimate, math.ceil(trainer.max_steps / per_batch_steps(trainer)))
     finite = isinstance(estimate, int | float) and math.isfinite(estimate) and estimate >= 1
+    # Lightning's default of 1000 epochs: a fit the user left open, e.g. to an EarlyStopping
+    defaulted = trainer.max_steps == -1 and trainer.max_epochs == _DEFAULT_MAX_EPOCHS
     if total_steps is not None:
-        # (not against Lightning's default of 1000 epochs: a fit the user leaves open, e.g. to
-        # an EarlyStopping, with total_steps as its plan)
-        defaulted = trainer.max_steps == -1 and trainer.max_epochs == _DEFAULT_MAX_EPOCHS
         if finite and estimate > total_steps and not defaulted:
             rank_zero_warn(
                 f"ScheduleSurgeon(total_steps={total_steps}) plans fewer steps than this fit "
@@ -206,8 +205,22 @@ def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> 
                 f"stays at the floor after step {total_steps}; leave total_steps unset to plan "
                 "the whole fit"
             )
+        elif finite and estimate < total_steps and not defaulted:
+            rank_zero_warn(
+                f"ScheduleSurgeon(total_steps={total_steps}) plans more steps than this fit "
+                f"runs ({int(estimate)}, from the Trainer's max_steps / max_epochs): it ends "
+                "before the decay does (a `stopped` event says at which LR); leave total_steps "
+                "unset to plan the whole fit, unless a resumed fit goes on with the rest"
+            )
         return total_steps
     if finite:
+        if defaulted:
+            rank_zero_warn(
+                f"ScheduleSurgeon plans this fit for Lightning's default max_epochs="
+                f"{_DEFAULT_MAX_EPOCHS} ({int(estimate)} steps: a warmup of up to 10% of that), "
+                "as neither max_steps, max_epochs nor total_steps is set; set the length you "
+                "expect (an EarlyStopping stop then cools the LR down in time)"
+            )
         return int(estimate)
     if timed:
         return None
