@@ -222,7 +222,9 @@ def _plot(schedule: Schedule, horizon: int, warmup: int | None, title: str, path
     axes.set_ylabel("learning rate")
     axes.set_title(textwrap.fill(title, width=80), fontsize=9)
     axes.grid(alpha=0.3)
-    figure.savefig(path, dpi=100, format="png")
+    kind = Path(path).suffix.lower().lstrip(".")  # .svg, .pdf, .jpg ...; else (none) a PNG
+    known = kind in figure.canvas.get_supported_filetypes()
+    figure.savefig(path, dpi=100, format=kind if known else "png")
 
 
 def _run_preview(args: argparse.Namespace) -> int:

@@ -128,6 +128,17 @@ class TestPlot:
         assert len(data) > 5_000
         assert f"wrote {out}" in capsys.readouterr().out
 
+    def test_the_file_name_picks_the_format(self, tmp_path: Path) -> None:
+        """``--out curve.svg`` is an SVG (it was PNG bytes under any name); a name without a
+        format matplotlib knows stays a PNG."""
+        pytest.importorskip("matplotlib")
+        for name, starts in (("curve.svg", b"<?xml"), ("curve.pdf", b"%PDF"), ("curve", PNG_MAGIC)):
+            assert (
+                main(["preview", "cosine", "--total-steps", "100", "--out", str(tmp_path / name)])
+                == 0
+            )
+            assert (tmp_path / name).read_bytes().startswith(starts), name
+
     def test_missing_matplotlib(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
