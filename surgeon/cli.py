@@ -634,7 +634,7 @@ def _compare_with_log(
     )
     reasons = at < min(len(mine), len(theirs)) and mine[at][:2] == theirs[at][:2]
     what = " (the same step and kind, another reason)" if reasons else ""
-    if losses_end is not None and at < len(theirs) and theirs[-1][0] > losses_end:
+    if losses_end is not None and at < len(theirs) and theirs[at][0] > losses_end:
         what += (
             f". The losses end at step {losses_end}, before the logged events do (step "
             f"{theirs[-1][0]}): the run stopped without finishing (killed, or a plain loop "
@@ -726,9 +726,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StdoutWhileRead:
+    """``sys.stdout`` until its reader goes away (``surgeon replay RUN | head``), then nothing:
+    the command goes on and writes the files it was asked for, quietly."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _reader_gone(self) -> None:
+        if sys.__stdout__ is not None:  # (fd 1 too: Python flushes it once more at exit)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+        self._stream = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the command)
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run one subcommand and return its exit code (2: usage error)."""
     parser = build_parser()
+    stdout, sys.stdout = sys.stdout, _StdoutWhileRead(sys.stdout)
     try:
         try:
             args, extras = parser.parse_known_args(argv)
@@ -742,7 +772,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"{err.prog}: error: {err.message}", file=sys.stderr)
         return EXIT_USAGE
-    except BrokenPipeError:  # `surgeon replay RUN | head`: the reader is gone, not an error of
-        # ours; point stdout at devnull so that Python's own flush at exit does not raise again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout

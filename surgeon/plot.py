@@ -49,6 +49,7 @@ from surgeon.recorder import (
     PHASE_CODES,
     SETTINGS_FILE,
     read_events,
+    read_text,
     whole_lines,
 )
 
@@ -183,12 +184,17 @@ def read_metrics(path: Path) -> dict[str, Points]:
     if Path(path).name.startswith("events.out.tfevents."):
         return _read_tensorboard(Path(path))
     series: dict[str, Points] = {}
-    with Path(path).open(newline="") as f:
-        for line, row in enumerate(csv.DictReader(f), 2):
-            step = _step(path, line, row["step"])
-            for key, value in row.items():
-                if key != "step" and value not in ("", None):
-                    series.setdefault(key, []).append((step, float(value)))
+    reader = csv.DictReader(read_text(Path(path)).splitlines())
+    columns = {name: index for index, name in enumerate(reader.fieldnames or [], 1)}
+    if "step" not in columns:
+        raise ValueError(f"{path} has no 'step' column (columns: {', '.join(columns)})")
+    for row in reader:
+        line = reader.line_num
+        step = _step(path, line, columns["step"], row["step"])
+        for key, value in row.items():
+            if key != "step" and value not in ("", None):
+                point = (step, _number(path, line, columns.get(key, 0), value))
+                series.setdefault(key, []).append(point)
     return series
 
 
@@ -210,8 +216,16 @@ def _read_tensorboard(path: Path) -> dict[str, Points]:
 
 def read_lr_find(path: Path) -> list[tuple[float, float]]:
     """The ``(lr, loss)`` rows of an ``lr_find.csv``, non-finite losses dropped."""
-    with path.open(newline="") as f:
-        rows = [(float(row["lr"]), float(row["loss"])) for row in csv.DictReader(f)]
+    reader = csv.DictReader(read_text(path).splitlines())
+    if not {"lr", "loss"} <= set(reader.fieldnames or []):
+        raise ValueError(f"{path} has no 'lr' and 'loss' columns")
+    rows = [
+        (
+            _number(path, reader.line_num, 1, row["lr"]),
+            _number(path, reader.line_num, 2, row["loss"]),
+        )
+        for row in reader
+    ]
     return [(lr, loss) for lr, loss in rows if math.isfinite(lr) and math.isfinite(loss)]
 
 
@@ -219,9 +233,13 @@ def read_losses(path: Path) -> Points:
     """The ``(step, loss)`` rows of a ``losses.csv``, in step order (a step counted without a
     loss, an empty one, is left out)."""
     points = []
-    for line, row in enumerate(csv.DictReader(whole_lines(path)), 2):
+    reader = csv.DictReader(whole_lines(path))
+    if not {"step", "loss"} <= set(reader.fieldnames or []):
+        raise ValueError(f"{path} has no 'step' and 'loss' columns")
+    for row in reader:
         if row["loss"]:
-            points.append((_step(path, line, row["step"]), _number(path, line, 2, row["loss"])))
+            line = reader.line_num
+            points.append((_step(path, line, 1, row["step"]), _number(path, line, 2, row["loss"])))
     return sorted(points)
 
 
@@ -235,13 +253,13 @@ def _number(path: Path, line: int, column: int, text: str) -> float:
         ) from None
 
 
-def _step(path: Path, line: int, text: str) -> int:
-    """``text`` as a step (a whole number, ``49.0`` too); a ``ValueError`` naming the file and
-    line if it is not one."""
-    value = _number(path, line, 1, text)
+def _step(path: Path, line: int, column: int, text: str) -> int:
+    """``text`` as a step (a whole number, ``49.0`` too); a ``ValueError`` naming the file, line
+    and column if it is not one."""
+    value = _number(path, line, column, text)
     if not (math.isfinite(value) and value == int(value)):
         raise ValueError(
-            f"{path}, line {line}: column 1 holds {text!r}, not a step (a whole number)"
+            f"{path}, line {line}: column {column} holds {text!r}, not a step (a whole number)"
         )
     return int(value)
 
@@ -269,7 +287,7 @@ def load_run(run_dir: Path) -> Run:
         )
     settings_path, losses_path = directory / SETTINGS_FILE, directory / LOSSES_FILE
     lr_find_path = directory / LR_FIND_FILE
-    settings = _reading(settings_path, lambda p: json.loads(p.read_text()), {})
+    settings = _reading(settings_path, lambda p: json.loads(read_text(p)), {})
     if not isinstance(settings, dict):
         raise RunError(
             f"{settings_path}: not the surgeon's settings ({type(settings).__name__}): "
@@ -325,7 +343,7 @@ def _load_surgeon_files(losses_path: Path) -> Run:
         stream = read_stream(losses_path)
         if stream.settings is None:
             raise ValueError(f"{directory / SETTINGS_FILE} could not be read")
-        settings = json.loads((directory / SETTINGS_FILE).read_text())
+        settings = json.loads(read_text(directory / SETTINGS_FILE))
     except ValueError as err:
         raise RunError(f"{directory}: the surgeon's files cannot be replayed: {err}") from None
     events = read_events(directory / EVENTS_FILE)

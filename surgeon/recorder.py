@@ -171,7 +171,7 @@ class RunRecorder:
         if next_loss_step <= 0 or not path.exists():
             return False
         try:
-            kept = json.loads(path.read_text())
+            kept = json.loads(read_text(path))
         except ValueError:
             return False
         return all(kept.get(key) == settings[key] for key in ("readback_every", "snapshot"))

@@ -378,7 +378,7 @@ def _run_files(
     settings = events = checkpoints = None
     if settings_path.exists():
         try:
-            settings = RunSettings.from_json(json.loads(settings_path.read_text()))
+            settings = RunSettings.from_json(json.loads(read_text(settings_path)))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{settings_path}: {err}") from None
     if events_path.exists():

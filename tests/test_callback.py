@@ -967,31 +967,37 @@ def test_a_plan_and_a_fit_of_other_lengths_warn_unless_total_steps_plans_an_open
 
     from surgeon._lightning.trainer import planned_steps
 
-    def trainer(max_steps: int, max_epochs: int) -> Any:
-        module = SimpleNamespace(automatic_optimization=True)
+    def trainer(max_steps: int, max_epochs: int, **overrides: Any) -> Any:
+        module = SimpleNamespace(automatic_optimization=overrides.pop("automatic", True))
         batches = 10 * max_epochs if max_steps == -1 else max_steps
-        return SimpleNamespace(
-            estimated_stepping_batches=batches,
-            max_steps=max_steps,
-            max_epochs=max_epochs,
-            lightning_module=module,
-            optimizers=[None],
-            limit_train_batches=1.0,
-            num_training_batches=10,
-            accumulate_grad_batches=1,
-            callbacks=[],
-        )
+        fields = {
+            "estimated_stepping_batches": batches,
+            "max_steps": max_steps,
+            "max_epochs": max_epochs,
+            "lightning_module": module,
+            "optimizers": [None],
+            "limit_train_batches": 1.0,
+            "num_training_batches": 10,
+            "accumulate_grad_batches": 1,
+            "callbacks": [],
+        }
+        return SimpleNamespace(**{**fields, **overrides})
 
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=r".*ScheduleSurgeon.*")
         assert planned_steps(trainer(-1, 1000), 500, False) == 500
         assert planned_steps(trainer(500, -1), 500, False) == 500
         assert planned_steps(trainer(-1, 20), None, False) == 200
+        # a smoke run, and manual optimizers that may take turns (max_steps counts each
+        # opt.step(): the length is a guess its planner corrects), say nothing of a longer plan
+        assert planned_steps(trainer(1, -1, fast_dev_run=1), 1000, False) == 1000
+        two = trainer(80, -1, automatic=False, optimizers=[None, None])
+        assert planned_steps(two, 80, False) == 80
     with pytest.warns(UserWarning, match=r"plans fewer steps than this fit runs \(800"):
         assert planned_steps(trainer(800, -1), 500, False) == 500
     with pytest.warns(UserWarning, match=r"plans more steps than this fit runs \(128,"):
         assert planned_steps(trainer(128, -1), 1000, False) == 1000
-    with pytest.warns(UserWarning, match=r"for Lightning's default max_epochs=1000 \(10000 steps"):
+    with pytest.warns(UserWarning, match=r"plans this fit for max_epochs=1000 \(10000 steps"):
         assert planned_steps(trainer(-1, 1000), None, False) == 10_000
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -610,6 +612,10 @@ def test_the_comparison_with_the_log_reads_reasons_and_stops_at_outside_decision
         cut_short
     )
     assert "The losses end" not in _compare_with_log(replayed[:1], logged, losses_end=199)
+    # a difference inside the losses is the replay's own, whatever was logged after them
+    spiked = [*logged[:2], {"step": 140, "kind": "spike", "reason": "c"}]
+    inside = _compare_with_log(other, spiked, losses_end=120)
+    assert "event 2" in inside and "The losses end" not in inside
     # a replan (a resume with another length, a time budget) changes the plan from outside
     # the losses too: compared up to it, as the plot's replayed LR line ends there
     replanned = [logged[0], {"step": 60, "kind": "replan", "reason": "resumed for 400 steps"}]
@@ -755,3 +761,64 @@ def test_a_csv_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     path.write_bytes(text.encode("utf-8-sig"))
     stream = read_stream(path)
     assert stream.steps == list(range(60)) and stream.losses == losses
+
+
+def test_a_replay_piped_into_head_still_writes_its_files(tmp_path: Path) -> None:
+    """``surgeon replay RUN --html ... --out ... | head -1``: the reader leaves after a line while
+    the event table (here ~100 KB, more than a pipe holds) is still being printed. The command
+    goes on quietly and writes both files (it ended with a BrokenPipeError traceback, or, caught
+    at the top, without writing them)."""
+    losses = [1.0 / (1 + i / 500) + 0.3 + 0.01 * ((i * 7) % 5) for i in range(8000)]
+    for at in range(400, 8000, 40):  # a confirmed spike every 40 steps: hundreds of events
+        losses[at] *= 3.0
+        losses[at + 1] *= 3.0
+    stream = tmp_path / "losses.txt"
+    stream.write_text("step,loss\n" + "".join(f"{i},{x!r}\n" for i, x in enumerate(losses)))
+    html, png = tmp_path / "page.html", tmp_path / "replay.png"
+    command = f"{sys.executable} -m surgeon replay {stream} --html {html} --out {png} | head -1"
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=300
+    )
+    assert done.stdout.startswith("replaying ") and done.stdout.count("\n") == 1
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.returncode == 0
+    assert html.stat().st_size > 0 and png.stat().st_size > 0
+
+
+def test_run_files_saved_with_a_byte_order_mark_plot_and_replay_as_before(
+    logged_run: tuple[ScheduleSurgeon, Path], tmp_path: Path
+) -> None:
+    """A run directory whose files were re-saved by an editor or a spreadsheet with a UTF-8
+    byte-order mark: ``settings.json`` was "Unexpected UTF-8 BOM", and ``metrics.csv`` lost its
+    first column's name (a KeyError for 'step', or an LR series left out of the plot)."""
+    _, root = logged_run
+    run = _copy_run(root, tmp_path / "run")
+    (run / "metrics.csv").write_text((root / "metrics.csv").read_text())
+    clean = load_run(run)
+    for name in (SETTINGS_FILE, "metrics.csv", LOSSES_FILE, EVENTS_FILE):
+        (run / name).write_bytes((run / name).read_text().encode("utf-8-sig"))
+    marked = load_run(run)
+    assert repr(marked.series) == repr(clean.series)  # (repr: the run's NaN losses compare)
+    assert marked.settings == clean.settings and "lr-SGD" in marked.series
+    assert repr(marked.events) == repr(clean.events) and repr(marked.losses) == repr(clean.losses)
+    assert read_stream(run).settings == read_stream(root).settings
+    assert main(["plot", str(run), "--out", str(tmp_path / "plot.png")]) == 0
+
+
+def test_a_bad_step_in_a_metrics_file_is_named_by_its_line_and_column(
+    logged_run: tuple[ScheduleSurgeon, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lightning's ``metrics.csv`` has ``step`` in another column than the first, and a blank
+    line moves every later line's number: the error names the line and column as an editor
+    shows them (it said column 1, and a line one too low)."""
+    _, root = logged_run
+    run = _copy_run(root, tmp_path / "run")
+    lines = (root / "metrics.csv").read_text().splitlines()
+    column = lines[0].split(",").index("step")
+    row = lines[5].split(",")
+    row[column] = "4.5"
+    damaged = [*lines[:3], "", *lines[3:5], ",".join(row), *lines[6:]]
+    (run / "metrics.csv").write_text("\n".join(damaged) + "\n")
+    assert main(["plot", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"metrics.csv, line 7: column {column + 1} holds '4.5', not a step" in err

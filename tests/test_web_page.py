@@ -239,8 +239,8 @@ def test_the_replay_page_draws_long_runs_and_losses_that_are_not_positive(
     losses = [1.0 / (1 + i / (n / 5)) + 0.3 + 0.01 * ((i * 7) % 5) for i in range(n)]
     losses[n // 2] *= 3.0
     losses[n // 2 + 1] *= 3.0
-    if stream == "negative":
-        losses = [x - 2.0 for x in losses]
+    if stream == "negative":  # an NLL rising from -0.95 to about 0: a tick at 0
+        losses = [-0.95 + 0.002325 * i for i in range(n)]
     csv_path = tmp_path / "losses.txt"
     csv_path.write_text("step,loss\n" + "".join(f"{i},{x!r}\n" for i, x in enumerate(losses)))
     page = tmp_path / "replay.html"
@@ -253,3 +253,9 @@ def test_the_replay_page_draws_long_runs_and_losses_that_are_not_positive(
     assert state["events"] == [[e.step, e.kind.value, e.reason] for e in python.events]
     drawn = browser.find_element("id", "loss-curve").get_attribute("points")
     assert drawn and "NaN" not in drawn
+    labels = browser.execute_script(
+        "return [...document.querySelectorAll('svg text')].map(t => t.textContent);"
+    )
+    assert not [label for label in labels if re.search(r"\de-\d", label)], labels  # -5.55e-17
+    if stream == "negative":
+        assert "0" in labels

@@ -197,6 +197,9 @@ def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> 
     finite = isinstance(estimate, int | float) and math.isfinite(estimate) and estimate >= 1
     # Lightning's default of 1000 epochs: a fit the user left open, e.g. to an EarlyStopping
     defaulted = trainer.max_steps == -1 and trainer.max_epochs == _DEFAULT_MAX_EPOCHS
+    # the fit's length is a guess under manual optimization with optimizers that may take
+    # turns (its planner follows the real count), and a fast_dev_run is no real fit
+    guessed = per_batch_steps(trainer) > 1 or bool(getattr(trainer, "fast_dev_run", False))
     if total_steps is not None:
         if finite and estimate > total_steps and not defaulted:
             rank_zero_warn(
@@ -205,7 +208,7 @@ def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> 
                 f"stays at the floor after step {total_steps}; leave total_steps unset to plan "
                 "the whole fit"
             )
-        elif finite and estimate < total_steps and not defaulted:
+        elif finite and estimate < total_steps and not (defaulted or guessed):
             rank_zero_warn(
                 f"ScheduleSurgeon(total_steps={total_steps}) plans more steps than this fit "
                 f"runs ({int(estimate)}, from the Trainer's max_steps / max_epochs): it ends "
@@ -216,10 +219,11 @@ def planned_steps(trainer: pl.Trainer, total_steps: int | None, timed: bool) -> 
     if finite:
         if defaulted:
             rank_zero_warn(
-                f"ScheduleSurgeon plans this fit for Lightning's default max_epochs="
-                f"{_DEFAULT_MAX_EPOCHS} ({int(estimate)} steps: a warmup of up to 10% of that), "
-                "as neither max_steps, max_epochs nor total_steps is set; set the length you "
-                "expect (an EarlyStopping stop then cools the LR down in time)"
+                f"ScheduleSurgeon plans this fit for max_epochs={_DEFAULT_MAX_EPOCHS} "
+                f"({int(estimate)} steps, a warmup of up to 10% of that), Lightning's default "
+                "when neither max_steps nor max_epochs is set; if the fit is to end sooner (an "
+                "EarlyStopping), set the length you expect, or total_steps (a stop then cools "
+                "the LR down in time)"
             )
         return int(estimate)
     if timed:

@@ -127,8 +127,9 @@
     const mag = 10 ** Math.floor(Math.log10(raw));
     const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw);
     const ticks = [];
-    for (let t = Math.ceil(low / step) * step; t <= high + step * 1e-9; t += step) {
-      ticks.push(round_sig(t, 12));
+    // whole multiples of the step (adding it up left -5.55e-17 where the axis crosses 0)
+    for (let k = Math.ceil(low / step); k * step <= high + step * 1e-9; k++) {
+      ticks.push(round_sig(k * step, 12));
     }
     return ticks;
   }
