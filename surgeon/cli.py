@@ -224,6 +224,7 @@ def _plot(schedule: Schedule, horizon: int, warmup: int | None, title: str, path
     axes.grid(alpha=0.3)
     kind = Path(path).suffix.lower().lstrip(".")  # .svg, .pdf, .jpg ...; else (none) a PNG
     known = kind in figure.canvas.get_supported_filetypes()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # as every other file the CLI writes
     figure.savefig(path, dpi=100, format=kind if known else "png")
 
 

@@ -154,8 +154,14 @@ class TestPlot:
         assert not out.exists()
 
     def test_unwritable_path(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A folder that does not exist yet is made (as for every file the CLI writes: it was
+        an error here alone); one that cannot be, under a file, is a usage error."""
         pytest.importorskip("matplotlib")
         out = tmp_path / "missing-dir" / "curve.png"
+        assert main(["preview", "cosine", "--total-steps", "10", "--out", str(out)]) == 0
+        assert out.read_bytes().startswith(PNG_MAGIC)
+        (tmp_path / "a-file").write_text("")
+        out = tmp_path / "a-file" / "curve.png"
         assert main(["preview", "cosine", "--total-steps", "10", "--out", str(out)]) == 2
         assert "cannot write" in capsys.readouterr().err
 
