@@ -48,6 +48,8 @@ from surgeon.recorder import (
     LR_FIND_FILE,
     PHASE_CODES,
     SETTINGS_FILE,
+    parse_number,
+    parse_step,
     read_events,
     read_text,
     whole_lines,
@@ -190,10 +192,10 @@ def read_metrics(path: Path) -> dict[str, Points]:
         raise ValueError(f"{path} has no 'step' column (columns: {', '.join(columns)})")
     for row in reader:
         line = reader.line_num
-        step = _step(path, line, columns["step"], row["step"])
+        step = parse_step(path, line, columns["step"], row["step"])
         for key, value in row.items():
             if key != "step" and value not in ("", None):
-                point = (step, _number(path, line, columns.get(key, 0), value))
+                point = (step, parse_number(path, line, columns.get(key, 0), value))
                 series.setdefault(key, []).append(point)
     return series
 
@@ -221,8 +223,8 @@ def read_lr_find(path: Path) -> list[tuple[float, float]]:
         raise ValueError(f"{path} has no 'lr' and 'loss' columns")
     rows = [
         (
-            _number(path, reader.line_num, 1, row["lr"]),
-            _number(path, reader.line_num, 2, row["loss"]),
+            parse_number(path, reader.line_num, 1, row["lr"]),
+            parse_number(path, reader.line_num, 2, row["loss"]),
         )
         for row in reader
     ]
@@ -239,29 +241,10 @@ def read_losses(path: Path) -> Points:
     for row in reader:
         if row["loss"]:
             line = reader.line_num
-            points.append((_step(path, line, 1, row["step"]), _number(path, line, 2, row["loss"])))
+            points.append(
+                (parse_step(path, line, 1, row["step"]), parse_number(path, line, 2, row["loss"]))
+            )
     return sorted(points)
-
-
-def _number(path: Path, line: int, column: int, text: str) -> float:
-    """``text`` as a float; a ``ValueError`` naming the file, line and column if it is not one."""
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(
-            f"{path}, line {line}: column {column} holds {text!r}, not a number"
-        ) from None
-
-
-def _step(path: Path, line: int, column: int, text: str) -> int:
-    """``text`` as a step (a whole number, ``49.0`` too); a ``ValueError`` naming the file, line
-    and column if it is not one."""
-    value = _number(path, line, column, text)
-    if not (math.isfinite(value) and value == int(value)):
-        raise ValueError(
-            f"{path}, line {line}: column {column} holds {text!r}, not a step (a whole number)"
-        )
-    return int(value)
 
 
 def load_run(run_dir: Path) -> Run:

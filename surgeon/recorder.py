@@ -29,6 +29,7 @@ each directory to what its checkpoint had seen, so a crash leaves no step twice.
 """
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
@@ -61,6 +62,28 @@ def read_text(path: Path) -> str:
         raise ValueError(
             f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
         ) from None
+
+
+def parse_number(path: Path, line: int, column: int, text: str | None) -> float:
+    """``text``, the value at ``line`` and (1-based) ``column`` of ``path``, as a float; one that
+    is not a number (``None``: the row has no such column) is a ``ValueError`` naming where."""
+    try:
+        return float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        field = "nothing" if text is None else repr(text)
+        raise ValueError(
+            f"{path}, line {line}: column {column} holds {field}, not a number"
+        ) from None
+
+
+def parse_step(path: Path, line: int, column: int, text: str | None) -> int:
+    """As :func:`parse_number`, for a step: a whole number (``49.0`` too)."""
+    value = parse_number(path, line, column, text)
+    if not (math.isfinite(value) and value == int(value)):
+        raise ValueError(
+            f"{path}, line {line}: column {column} holds {text!r}, not a step (a whole number)"
+        )
+    return int(value)
 
 
 def whole_lines(path: Path) -> list[str]:

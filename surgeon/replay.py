@@ -55,6 +55,8 @@ from surgeon.recorder import (
     EVENTS_FILE,
     LOSSES_FILE,
     SETTINGS_FILE,
+    parse_number,
+    parse_step,
     read_events,
     read_text,
     whole_lines,
@@ -413,23 +415,11 @@ def _read_csv(
     if not rows:
         raise ValueError(f"{path} is empty")
 
-    def number(line: int, row: list[str], column: int) -> float:
-        try:
-            return float(row[column])
-        except (IndexError, ValueError):
-            field = repr(row[column]) if column < len(row) else "nothing"
-            raise ValueError(
-                f"{path}, line {line}: column {column + 1} holds {field}, not a number"
-            ) from None
+    def number(line: int, row: list[str], column: int) -> float:  # (column from 0)
+        return parse_number(path, line, column + 1, row[column] if column < len(row) else None)
 
     def step_number(line: int, row: list[str], column: int) -> int:
-        value = number(line, row, column)
-        if not (math.isfinite(value) and value == int(value)):
-            raise ValueError(
-                f"{path}, line {line}: column {column + 1} holds {row[column]!r}, not a step "
-                "(a whole number)"
-            )
-        return int(value)
+        return parse_step(path, line, column + 1, row[column] if column < len(row) else None)
 
     header = [name.strip() for name in rows[0][1]]
     if len(header) == 2 and _is_number(header[0]) and metric is None:  # no header: step,loss

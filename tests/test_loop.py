@@ -193,11 +193,7 @@ def test_a_resume_without_the_surgeons_state_is_warned_about(with_state: bool) -
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     surgeon = Surgeon(optimizer, 100, model=model, verbose=False)
     for _ in range(30):
-        loss = model(x).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        surgeon.step(loss)
+        train_step(surgeon, optimizer, model(x).pow(2).mean())
     saved = {"surgeon": surgeon.state_dict(), "opt": copy.deepcopy(optimizer.state_dict())}
     resumed_optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     resumed_optimizer.load_state_dict(saved["opt"])
@@ -207,11 +203,7 @@ def test_a_resume_without_the_surgeons_state_is_warned_about(with_state: bool) -
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            loss = model(x).pow(2).mean()
-            resumed_optimizer.zero_grad()
-            loss.backward()
-            resumed_optimizer.step()
-            resumed.step(loss)
+            train_step(resumed, resumed_optimizer, model(x).pow(2).mean())
     said = [str(w.message) for w in caught if "Surgeon" in str(w.message)]
     if with_state:
         assert said == [] and resumed.engine.step == 33
