@@ -572,7 +572,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         engine = self.engine
         if not self._manual:  # a GradientAccumulationScheduler changes it at epoch starts
             engine.feed.accumulate = trainer.accumulate_grad_batches
-        if batch_idx == 0 and trainer.reload_dataloaders_every_n_epochs:
+        if batch_idx == 0 and trainer.reload_dataloaders_every_n_epochs:  # type: ignore[attr-defined]
             self._budget.follow_the_loader(trainer)  # before this step's LR is written
         engine.begin_step()
         step = self._epoch_loop._batches_that_stepped  # Lightning's logging step

@@ -37,7 +37,7 @@ import textwrap
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, TypeAlias
 
 from surgeon import __version__
 from surgeon.schedules import SCHEDULES, Schedule
@@ -84,6 +84,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------- preview
+
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[_Parser]"
+"""What each ``_add_<name>`` function adds its subcommand to."""
 
 
 def _converter(annotation: Any) -> tuple[Callable[[str], Any], tuple[str, ...] | None]:
@@ -141,7 +145,7 @@ _non_negative_int.__name__ = "non-negative int"
 _positive_int.__name__ = "positive int"
 
 
-def _add_preview(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_preview(subparsers: Subparsers) -> None:
     preview = subparsers.add_parser(
         "preview",
         help="print (and optionally plot) a learning-rate schedule",
@@ -320,7 +324,7 @@ def _write_text(prog: str, path: Path, text: str) -> None:
 # -------------------------------------------------------------------------------- demo
 
 
-def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_demo(subparsers: Subparsers) -> None:
     demo = subparsers.add_parser(
         "demo",
         help="train a tiny char-level transformer with ScheduleSurgeon and plot the run",
@@ -364,7 +368,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------- plot
 
 
-def _add_plot(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_plot(subparsers: Subparsers) -> None:
     plot = subparsers.add_parser(
         "plot",
         help="plot loss and LR of a logged run with the surgeon's events marked",
@@ -440,7 +444,7 @@ def _config_type(name: str, annotation: Any) -> Callable[[str], Any]:
     return convert
 
 
-def _add_replay(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_replay(subparsers: Subparsers) -> None:
     from surgeon.config import SurgeonConfig
 
     replay = subparsers.add_parser(
@@ -703,7 +707,7 @@ def _need_matplotlib(prog: str, option: str) -> None:
 
 # -------------------------------------------------------------------------------- main
 
-SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = {
+SUBCOMMANDS: dict[str, Callable[[Subparsers], None]] = {
     "preview": _add_preview,
     "demo": _add_demo,
     "plot": _add_plot,

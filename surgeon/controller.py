@@ -243,7 +243,7 @@ class _Plan:
     ramp: int
     hold: int | None
     decay: int
-    shape: str
+    shape: schedules.DecayShape
 
     def build(self, floor: float) -> schedules.Schedule:
         """The plan as a schedule of the local step ``step - start``."""
@@ -291,6 +291,10 @@ class _Intervention:
 
 class Controller:
     """Warmup -> decay -> done, with plateau and spike interventions, driven by loss floats."""
+
+    _pending_snapshot: tuple[int, int] | None  # (step, bytes) taken, not yet confirmed good
+    _good_snapshot: tuple[int, int] | None  # the one a rollback restores
+    _idle_since_good: int
 
     def __init__(
         self, total_steps: int, config: SurgeonConfig | None = None, *, lag: int = 0
@@ -625,6 +629,7 @@ class Controller:
         self._expire_recovery(step)
 
         mean, std = self.spike.mean, self.spike.std  # before this loss, for a spike's reason
+        signal: Signal | None
         if update_skipped and math.isfinite(loss):
             signal, bad = Signal.NONFINITE, f"gradients are non-finite (loss {loss:.4g}); "
         else:
@@ -787,8 +792,8 @@ class Controller:
         """No snapshot exists (a fresh fit, a resume, or the caller dropped them); ``why``: the
         clause a rollback refused for want of one says, until one is confirmed."""
         self._no_snapshot_why = why
-        self._pending_snapshot: tuple[int, int] | None = None
-        self._good_snapshot: tuple[int, int] | None = None
+        self._pending_snapshot = None
+        self._good_snapshot = None
         self._idle_since_good = 0  # steps passed without an update since the good snapshot
         self._last_snapshot_step = -math.inf
         # set by a decision to roll back: the step of the snapshot the caller is to restore

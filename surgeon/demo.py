@@ -77,6 +77,8 @@ class TinyCharLM(pl.LightningModule):
     row (:func:`spiked`), ``outlier_at`` one loss reading ``spike_factor`` x (its gradient its
     own)."""
 
+    causal_mask: Tensor  # a buffer
+
     def __init__(
         self,
         vocab_size: int,
@@ -114,17 +116,17 @@ class TinyCharLM(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self._loss(batch)
         step = self.global_step
-        if spiked(step, self.hparams.spike_at):  # bad batches: loss and gradients x factor
-            loss = loss * self.hparams.spike_factor
-        elif step == self.hparams.outlier_at:  # the loss reads x factor, its gradient its own
-            loss = loss + (self.hparams.spike_factor - 1.0) * loss.detach()
+        if spiked(step, self.hparams["spike_at"]):  # bad batches: loss and gradients x factor
+            loss = loss * self.hparams["spike_factor"]
+        elif step == self.hparams["outlier_at"]:  # the loss reads x factor, its gradient its own
+            loss = loss + (self.hparams["spike_factor"] - 1.0) * loss.detach()
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.log("val_loss", self._loss(batch), prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.01)
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=0.01)
 
 
 def run_demo(

@@ -229,11 +229,12 @@ def _reset_nonfinite_statistics(module: nn.Module) -> None:
     that has ``reset_running_stats`` (BatchNorm, InstanceNorm; a rare path: host reads are
     fine)."""
     for sub in module.modules():
-        if callable(getattr(sub, "reset_running_stats", None)) and any(
+        reset = getattr(sub, "reset_running_stats", None)
+        if callable(reset) and any(
             b is not None and b.is_floating_point() and not bool(torch.isfinite(b).all())
             for b in sub._buffers.values()
         ):
-            sub.reset_running_stats()
+            reset()
 
 
 class StepEngine:

@@ -575,7 +575,7 @@ def draw(run: Run, out: Path | None = None, *, log_lr: bool = False) -> Path:
         for name, color in PHASE_COLORS.items()
         if any(span[0] == name for span in spans)
     ]
-    outside = {"loc": "upper left", "bbox_to_anchor": (1.005, 1.0), "fontsize": 8}
+    outside: dict[str, Any] = {"loc": "upper left", "bbox_to_anchor": (1.005, 1.0), "fontsize": 8}
     ax_loss.legend(**outside)
     handles, _ = ax_lr.get_legend_handles_labels()
     ax_lr.legend(handles=handles + phase_handles, **outside)
@@ -614,8 +614,9 @@ def _draw_lrs(ax: Any, run: Run, log_lr: bool) -> None:
 
     lines = lr_lines(run.series)
     colors = plt.get_cmap("viridis")
-    for i, (label, points) in enumerate(lines):
+    for i, (name, points) in enumerate(lines):
         color = colors(i / max(1, len(lines) - 1) * 0.85) if len(lines) > 1 else "#333333"
+        label: str | None = name
         if len(lines) > MAX_LR_LABELS:
             label = f"{len(lines)} LR curves (param groups)" if i == 0 else None
         ax.plot(*zip(*points, strict=True), color=color, lw=1.3, label=label)

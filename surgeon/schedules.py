@@ -78,11 +78,12 @@ def _as_int(field: str, value: object, minimum: int = 0) -> int:
     """``value`` as an int in ``[minimum, 2**53]``, or a ValueError naming ``field``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         _fail(f"{field} must be an integer, got {field}={value!r}")
-    if value < minimum:
+    number = int(value)
+    if number < minimum:
         _fail(f"{field} must be >= {minimum}, got {field}={value!r}")
-    if value > MAX_COUNT:
+    if number > MAX_COUNT:
         _fail(f"{field} must be at most 2**53, got {field}={value!r:.80}")
-    return int(value)
+    return number
 
 
 def _as_float(

@@ -45,7 +45,7 @@ class _Slot(NamedTuple):
     """Where a tensor's copy sits in the snapshot's flat list of buffers (a named tuple: one is
     made per optimizer-state tensor per capture, and a tuple is the cheapest to make)."""
 
-    index: int
+    position: int
 
 
 class Snapshot:
@@ -187,8 +187,8 @@ class Snapshot:
         has the same shape, dtype and device, else a fresh tensor on the source's device."""
         if not isinstance(saved, _Slot):
             return copy.deepcopy(saved)
-        buffer = self._buffers[saved.index]
-        shape, dtype, device = self._layout[saved.index]
+        buffer = self._buffers[saved.position]
+        shape, dtype, device = self._layout[saved.position]
         if (
             isinstance(live, Tensor)
             and live.shape == shape

@@ -49,7 +49,7 @@ def _may_stop_by_next_check(trainer: pl.Trainer, interval: int) -> bool:
         loop.min_steps
     ):
         return False
-    return not (loop.min_epochs and loop.epoch_progress.current.processed + 1 < loop.min_epochs)
+    return not (loop.min_epochs and loop.epoch_progress.current.processed + 1 < loop.min_epochs)  # type: ignore[attr-defined]
 
 
 def _steps_until_a_refused_stop(trainer: pl.Trainer) -> int:
@@ -62,7 +62,7 @@ def _steps_until_a_refused_stop(trainer: pl.Trainer) -> int:
     left = 0
     if loop.min_steps:
         left = max(left, math.ceil(loop.min_steps / per_batch) - done)
-    if loop.min_epochs and loop.epoch_progress.current.processed < loop.min_epochs:
+    if loop.min_epochs and loop.epoch_progress.current.processed < loop.min_epochs:  # type: ignore[attr-defined]
         epochs = steps_of_epochs(trainer, 0, loop.min_epochs)  # (at the loader's length now)
         if epochs is not None:
             left = max(left, epochs - done)
@@ -125,7 +125,7 @@ class FitBudget:
     def begin_training(self, trainer: pl.Trainer, probing: bool) -> None:
         """``on_train_start``: find the ``EarlyStopping`` callbacks (checked after theirs run)
         and start the ``max_time`` planner (``probing``: it plans the run's length)."""
-        self._early_stoppers = [cb for cb in trainer.callbacks if is_a(cb, "EarlyStopping")]
+        self._early_stoppers = [cb for cb in trainer.callbacks if is_a(cb, "EarlyStopping")]  # type: ignore[attr-defined]
         # where EarlyStopping checks: Lightning decides in its setup, before on_fit_start
         self._es_on_epoch_end = any(
             getattr(es, "_check_on_train_epoch_end", False) for es in self._early_stoppers
@@ -168,7 +168,7 @@ class FitBudget:
         watch = self._watch_early_stopping and not self._es_on_epoch_end
         if watch and not trainer.sanity_checking:
             self.pending = True
-            callbacks = list(trainer.callbacks)
+            callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
             mine = next(i for i, cb in enumerate(callbacks) if cb is surgeon)
             if all(callbacks.index(es) < mine for es in self._early_stoppers):
                 self.check_early_stopping(trainer)
@@ -236,7 +236,7 @@ class FitBudget:
         loop = trainer.fit_loop
         unmet = (
             ("min_steps", loop.min_steps, trainer.global_step),
-            ("min_epochs", loop.min_epochs, loop.epoch_progress.current.processed),
+            ("min_epochs", loop.min_epochs, loop.epoch_progress.current.processed),  # type: ignore[attr-defined]
         )
         minimum = ", ".join(
             f"{name}={value}" for name, value, now in unmet if value and now < value
@@ -253,7 +253,7 @@ class FitBudget:
         ``max_epochs`` ends follows the training loader's length, so a reloaded loader of
         another length moves the end (a ``replan`` event; not after a cooldown moved it)."""
         controller = self.engine.controller
-        every = trainer.reload_dataloaders_every_n_epochs
+        every = trainer.reload_dataloaders_every_n_epochs  # type: ignore[attr-defined]
         if controller is None or not every or self.total_steps is not None or self.timer:
             return
         epochs = trainer.max_epochs

@@ -5,6 +5,7 @@ it); the loss of each of its steps is read here as its own ``_LRCallback`` reads
 :func:`surgeon.lr_find.suggest_lr` picks the peak from the curve.
 """
 
+import importlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,11 +29,12 @@ Curve = list[tuple[float, float]]
 
 def _lr_find(trainer: pl.Trainer) -> Any:
     """Lightning's ``_lr_find`` from the Trainer's own namespace (looked up at call time)."""
-    if type(trainer).__module__.startswith("lightning.pytorch"):
-        from lightning.pytorch.tuner import lr_finder
-    else:
-        from pytorch_lightning.tuner import lr_finder
-    return lr_finder._lr_find
+    package = (
+        "lightning.pytorch"
+        if type(trainer).__module__.startswith("lightning.pytorch")
+        else "pytorch_lightning"
+    )
+    return importlib.import_module(f"{package}.tuner.lr_finder")._lr_find
 
 
 @contextmanager
@@ -51,14 +53,14 @@ def range_test_losses(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Ite
             losses.append(float(loss) if isinstance(loss, Tensor) else math.nan)
         return hook(outputs, batch, batch_idx)
 
-    pl_module.on_train_batch_end = record
+    pl_module.on_train_batch_end = record  # type: ignore[method-assign]
     try:
         yield losses
     finally:
         if own is None:
             del pl_module.on_train_batch_end  # the class's hook again
         else:
-            pl_module.on_train_batch_end = own
+            pl_module.on_train_batch_end = own  # type: ignore[method-assign]
 
 
 def find_peak_lr(

@@ -97,7 +97,7 @@ class Reporter:
         logs them (then ``callback`` goes ahead of it), and Lightning's logging cadence."""
         self.lr_names = lr_metric_names(self.engine.driven)
         self.lr_monitored = self._go_before_lr_monitors(trainer, callback)
-        self.log_every = trainer.log_every_n_steps
+        self.log_every = trainer.log_every_n_steps  # type: ignore[attr-defined]
 
     def begin_training(
         self, trainer: pl.Trainer, lr_find_curve: list[tuple[float, float]] | None, resuming: bool
@@ -113,7 +113,7 @@ class Reporter:
         assert controller is not None
         self.plan_end, self.done_shown = controller.total_steps, False
         self._shown_phase = None  # Lightning cleared the progress bar's metrics after sanity
-        if self.is_global_zero and (self.log_dir is not None or not trainer.fast_dev_run):
+        if self.is_global_zero and (self.log_dir is not None or not trainer.fast_dev_run):  # type: ignore[attr-defined]
             self.log_dirs = self._run_directories(trainer)
             self.recorder = RunRecorder(*self.log_dirs)
             self.recorder.start(
@@ -302,7 +302,7 @@ class Reporter:
         )
         flat = {**{k: v for k, v in settings.items() if k != "config"}, **settings["config"]}
         theirs: dict[str, Any] = {}
-        for owner in (trainer.lightning_module, trainer.datamodule):
+        for owner in (trainer.lightning_module, trainer.datamodule):  # type: ignore[attr-defined]
             if owner is not None and getattr(owner, "_log_hyperparams", False):
                 theirs.update(owner.hparams_initial)
         theirs.pop("_class_path", None)  # as Lightning leaves LightningCLI's out
@@ -332,7 +332,7 @@ class Reporter:
         LR the step uses (Lightning calls the hooks in list order)."""
         # called from on_fit_start, while Lightning iterates this list: moving an element to an
         # earlier place neither skips nor repeats the callbacks after it
-        callbacks = trainer.callbacks
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
         monitors = [i for i, cb in enumerate(callbacks) if is_a(cb, "LearningRateMonitor")]
         if not monitors or not self.loggers:
             return False

@@ -109,7 +109,7 @@ def time_limit(trainer: pl.Trainer) -> Any:
     return next(
         (
             cb
-            for cb in trainer.callbacks
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
             if is_a(cb, "Timer") and getattr(cb, "_duration", None) is not None
         ),
         None,
@@ -254,23 +254,23 @@ def _steps_of_the_epochs(trainer: pl.Trainer) -> int | None:
     epochs = trainer.max_epochs
     if epochs is None or epochs < 1:
         return None
-    callbacks = list(trainer.callbacks)
+    callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
     swa = next((c for c in callbacks if type(c).__name__ == "StochasticWeightAveraging"), None)
     surgeon = next((i for i, c in enumerate(callbacks) if _is_surgeon(c)), len(callbacks))
     # SWA's own on_fit_start ran for this fit only when it comes first (else: a last fit's)
     ran = swa is not None and callbacks.index(swa) < surgeon
     swa_epochs = getattr(swa, "_max_epochs", None) if ran else None
     swa_added = bool(getattr(swa, "_model_contains_batch_norm", False))
-    bumped = isinstance(swa_epochs, int) and swa_added and epochs == swa_epochs + 1
-    if not bumped and _accumulation_scheduler(trainer) is None:
+    if isinstance(swa_epochs, int) and swa_added and epochs == swa_epochs + 1:
+        return steps_of_epochs(trainer, 0, swa_epochs)
+    if _accumulation_scheduler(trainer) is None:
         return None
-    return steps_of_epochs(trainer, 0, swa_epochs if bumped else epochs)
+    return steps_of_epochs(trainer, 0, epochs)
 
 
 def _accumulation_scheduler(trainer: pl.Trainer) -> Any:
-    return next(
-        (c for c in trainer.callbacks if type(c).__name__ == "GradientAccumulationScheduler"), None
-    )
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    return next((c for c in callbacks if type(c).__name__ == "GradientAccumulationScheduler"), None)
 
 
 def steps_of_epochs(trainer: pl.Trainer, first: int, end: int) -> int | None:
@@ -320,8 +320,9 @@ def manual_planner(
     if not manual or total_steps is not None or trainer.max_steps in (None, -1):
         return None
     batches, epochs = trainer.num_training_batches, trainer.max_epochs
-    bounded = epochs not in (None, -1) and math.isfinite(batches)
-    return ManualStepPlanner(engine, trainer.max_steps, batches * epochs if bounded else math.inf)
+    if epochs is None or epochs == -1 or not math.isfinite(batches):
+        return ManualStepPlanner(engine, trainer.max_steps, math.inf)
+    return ManualStepPlanner(engine, trainer.max_steps, batches * epochs)
 
 
 def _peak_under_scheduler(scheduler: Any, group: dict[str, Any], index: int) -> float:
