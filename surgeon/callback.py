@@ -78,7 +78,7 @@ from surgeon.engine import (
     starting_scale,
 )
 from surgeon.guard import NonFiniteGuard, SkipNonfinite
-from surgeon.planning import ManualStepPlanner
+from surgeon.planning import OPEN_ENDED, ManualStepPlanner
 from surgeon.recorder import EVENT_CODES, EVENTS_FILE, LR_FIND_FILE, PHASE_CODES
 from surgeon.schedules import WSD_DECAY_FRACTION
 
@@ -494,11 +494,16 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         controller = self.controller
         if self._state_loaded and controller is not None:  # say it: a silent resume looks lost
             how = "the last fit's state" if self._continued else "the checkpoint's state"
+            ends = (
+                f"the plan ends at step {controller.total_steps}"
+                if controller.total_steps < OPEN_ENDED
+                else "the plan is open-ended (only max_time bounds this fit: it cools down to "
+                "the floor as its time runs out)"
+            )
             view.notice(
                 f"resumed at step {self.engine.step} with {how}: phase "
                 f"{controller.phase.value}, LR scale {controller.lr_scale(self.engine.step):.3g}, "
-                f"{plural(len(controller.events), 'event')} so far, the plan ends at step "
-                f"{controller.total_steps}"
+                f"{plural(len(controller.events), 'event')} so far, {ends}"
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

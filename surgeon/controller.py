@@ -134,7 +134,7 @@ def _format_bytes(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
-STATE_ROLLBACK_MARK = "copied non-finite weights or optimizer state"
+STATE_ROLLBACK_MARK = "non-finite weights or optimizer state"
 """In the reason of a rollback the engine asked for from a snapshot's NaN/inf check, not from
 a loss (a replay of the losses does not make it)."""
 
@@ -295,6 +295,7 @@ class Controller:
     _pending_snapshot: tuple[int, int] | None  # (step, bytes) taken, not yet confirmed good
     _good_snapshot: tuple[int, int] | None  # the one a rollback restores
     _idle_since_good: int
+    _unsettled: tuple[int, str, bool] | None  # see _settle_at_the_end
 
     def __init__(
         self, total_steps: int, config: SurgeonConfig | None = None, *, lag: int = 0
@@ -795,6 +796,7 @@ class Controller:
         self._pending_snapshot = None
         self._good_snapshot = None
         self._idle_since_good = 0  # steps passed without an update since the good snapshot
+        self._unsettled = None  # (step, cause, confirmed) of the last bad batch left in place
         self._last_snapshot_step = -math.inf
         # set by a decision to roll back: the step of the snapshot the caller is to restore
         self.rollback_to: int | None = None
@@ -834,9 +836,19 @@ class Controller:
         if self._pending_snapshot is not None and self._pending_snapshot[0] == step:
             self._pending_snapshot = None
         cause = (
-            f"the snapshot of step {step} {STATE_ROLLBACK_MARK} (a gradient too large for the "
-            "optimizer's statistics, e.g. Adam's squared gradient overflowing, with normal "
-            "losses)"
+            f"the snapshot of step {step} copied {STATE_ROLLBACK_MARK} (a gradient too large "
+            "for the optimizer's statistics, e.g. Adam's squared gradient overflowing, with "
+            "normal losses)"
+        )
+        return self._request_rollback(step, cause)
+
+    def state_nonfinite(self, step: int) -> str:
+        """At a checkpoint or the fit's end the weights or their optimizer state hold NaN/inf
+        (after the losses up to ``step``, all read, were normal: damage no loss showed): roll
+        back to the good snapshot. Returns why not (``""``: asked)."""
+        cause = (
+            f"{STATE_ROLLBACK_MARK} after step {step}, found before a checkpoint or the end of "
+            "the fit (a gradient too large for the optimizer's statistics, with normal losses)"
         )
         return self._request_rollback(step, cause)
 
@@ -859,12 +871,14 @@ class Controller:
         self._pending_snapshot = (step, nbytes)
         self._last_snapshot_step = step
 
-    def before_checkpoint(self) -> None:
+    def before_checkpoint(self, *, end_of_fit: bool = False) -> None:
         """Every loss so far has been read and a checkpoint, or the end of the fit, is next: no
         loss will confirm a spike in the last one. If that spike reached ``rollback_threshold``,
         or the last losses were non-finite with their updates applied (unguarded), the weights
         are suspect: ask for a rollback now rather than have them saved or kept (when a recent
-        good snapshot exists)."""
+        good snapshot exists). At the end of the fit (``end_of_fit``, or a checkpoint at the
+        plan's last step) also for a bad batch the last steps left in place
+        (:meth:`_settle_at_the_end`)."""
         suspect = self.suspect
         if suspect is not None and not self.nonfinite_streak:
             threshold = self.config.rollback_threshold
@@ -883,6 +897,49 @@ class Controller:
                 f"{streak} non-finite step(s) with their updates applied just before a checkpoint "
                 "or the end of the fit",
             )
+        if end_of_fit or self.step >= self.total_steps:
+            self._settle_at_the_end()
+
+    def _settle_at_the_end(self) -> None:
+        """At the end of the fit, no later loss and no later step is left to answer a bad batch
+        whose update is in the weights since the good snapshot: a severe outlier with fewer than
+        ``snapshot_every`` losses after it (in band so far, but its update's damage builds over
+        the next steps, as momentum carries it on) or a confirmed spike whose loss is still out
+        of its normal band (a cut needs steps to act). The weights are then suspect: roll back
+        to the good snapshot (when within reach), as mid-run a spike that damage confirms
+        would."""
+        unsettled, good = self._unsettled, self._good_snapshot
+        if unsettled is None or good is None or unsettled[0] < good[0]:
+            return  # nothing left in place, or the good snapshot holds it already
+        step, cause, confirmed = unsettled
+        if confirmed:
+            if self.spike.last_zscore <= NORMAL_BAND_ZSCORE:
+                return  # the loss is back in its band: the cut has done its work
+            left = "its loss still out of its band, no step left for the cut to act"
+        else:
+            after = self.step - 1 - step
+            if after >= self.snapshot_every:
+                return  # as many normal losses after it as a snapshot needs: no damage showed
+            left = f"only {_steps(after)} read after it, too few to show its damage"
+        self._request_rollback(step, f"{cause} just before the end of the fit, {left}")
+
+    def ended_early(self, done: int, cause: str) -> Event | None:
+        """The run ended after ``done`` steps, before its plan did (``cause``: what ended it):
+        the ``stopped`` event that says where the LR was left; ``None`` when the plan was done."""
+        step = max(0, done - 1)
+        last = self.events[-1] if self.events else None
+        if self.phase is Phase.DONE or (
+            last and last.kind is EventKind.STOPPED and last.step == step
+        ):
+            return None  # the plan was done, or this end is recorded already
+        scale = self.lr_scale(step)
+        why = (
+            f"the fit ended after {done} of the {self.total_steps} planned steps, in phase "
+            f"{self.phase.value} at LR scale {scale:.3g} (the floor is {self.floor:g}): {cause}"
+        )
+        event = Event(step, EventKind.STOPPED, why, scale, scale, self.phase)
+        self.events.append(event)
+        return event
 
     def buffers_nonfinite(self, step: int, how: str) -> Event:
         """Record that the module's buffers held non-finite values after step ``step`` and were
@@ -962,6 +1019,7 @@ class Controller:
         self.ignore_until = max(self.ignore_until, now)
         self.nonfinite_streak, self.nonfinite_applied = 0, False
         self.rolled_back_to, self.shifted_level = target, None
+        self._unsettled = None
         idle = self._idle_since_good  # (steps not read yet count as updated)
         updated = f", {now - target - idle} with an update" if idle else ""
         why = (
@@ -1208,6 +1266,12 @@ class Controller:
             )
         elif not math.isfinite(loss):
             why += self._request_rollback(step, f"the next loss, {loss}, is not finite")
+        if self.rollback_to is None:
+            self._unsettled = (
+                int(suspect["step"]),
+                f"a spike at step {int(suspect['step'])}",
+                True,
+            )
         return self._cut_for_spike(step, EventKind.SPIKE, why, level_shift=level_shift, worst=worst)
 
     def _severe(self, loss: float, mean: float) -> bool:
@@ -1223,6 +1287,12 @@ class Controller:
         pending = self._pending_snapshot
         if pending is not None and pending[0] > int(suspect["step"]):
             self._pending_snapshot = None
+        if self._severe(suspect["loss"], suspect["mean"]):
+            self._unsettled = (
+                int(suspect["step"]),
+                f"an outlier at step {int(suspect['step'])}",
+                False,
+            )
         why = (
             f"{self._spike_words(suspect)}, but the next loss, {loss:.4g}, is back within "
             f"{NORMAL_BAND_ZSCORE:g} sigma: an isolated outlier (a hard batch), no action"

@@ -406,9 +406,12 @@ class StepEngine:
         have now, beside LRs written with the scale ``scale``: its peak is that LR / ``scale``,
         so it follows the schedule from there. Added with LR 0 it stays at 0; added while the
         scale is 0 (past the plan with ``min_lr_ratio=0``) its LR is taken as its peak: a
-        running fit never fails here.
+        running fit never fails here. Added without an LR of its own (``add_param_group``
+        gives it the optimizer's default, the constructor's ``lr``), that LR is its peak, as
+        for the groups the optimizer was made with (not 5x it, a tenth of the way up a ramp).
         """
         for optimizer in self.driven:
+            default = (getattr(optimizer, "defaults", None) or {}).get("lr")
             for index, group in enumerate(optimizer.param_groups):
                 if PEAK_LR_KEY in group:
                     continue
@@ -416,7 +419,8 @@ class StepEngine:
                     group[PEAK_LR_KEY] = check_lr(group["lr"], group_label(optimizer, index))
                 else:
                     lr = float(group["lr"])
-                    group[PEAK_LR_KEY] = lr / scale if scale > 0 else lr
+                    as_made = default is not None and lr == float(default)
+                    group[PEAK_LR_KEY] = lr / scale if scale > 0 and not as_made else lr
 
     # ------------------------------------------------------------------ per step
     def peak_lrs(self) -> list[float]:
@@ -525,17 +529,42 @@ class StepEngine:
         if due:
             self._consume(due)
 
-    def finish(self) -> None:
+    def finish(self, *, end_of_fit: bool = True) -> None:
         """Read the losses still in flight (the last ``readback_every`` to
         ``2 x readback_every - 1`` steps) and decide on them like any other: a spike or NaN at
         the very end is recorded, and a rollback leaves the last good weights (one for a severe
-        spike in the last loss too, which no later loss can confirm, as before a checkpoint)."""
+        spike in the last loss too, which no later loss can confirm, as before a checkpoint;
+        at the ``end_of_fit`` also one for a bad batch the last steps left in place). Then the
+        weights and optimizer state are checked for NaN/inf no snapshot has seen yet."""
         controller = self.controller
         if controller is not None:
-            self._consume(self.feed.flush())
-            controller.before_checkpoint()
+            self._consume(self.feed.flush(end=end_of_fit))
+            controller.before_checkpoint(end_of_fit=end_of_fit)
+            if controller.rollback_to is None:
+                self._check_state_now()
             if controller.rollback_to is not None:
                 self._roll_back()
+
+    def _check_state_now(self) -> None:
+        """Before a checkpoint or the fit's end: NaN/inf in the trained weights or their
+        optimizer state since the last snapshot (a finite gradient too large to square, in the
+        last snapshot interval) is rolled back as a snapshot's check would (one host read, at a
+        rare moment; one process, with snapshots)."""
+        controller = self.controller
+        assert controller is not None
+        if not (self._snapshots and self._checks_state and self.feed.reduce is None):
+            return
+        flag = self._state_flag()
+        if flag is None or not flag.tolist():
+            return
+        why = controller.state_nonfinite(controller.step - 1)
+        if why:
+            self._checks_state = False
+            self.on_warning(
+                f"step {controller.step - 1}: {why}the weights or optimizer state stay "
+                "non-finite; later snapshots are not checked for it (each rollback would be "
+                "refused alike)"
+            )
 
     def _consume(self, due: list[StepLoss]) -> None:
         """Hand the controller the losses whose readback is due, in step order; carry out the
@@ -744,7 +773,7 @@ class StepEngine:
         controller = self.controller
         assert controller is not None
         restores = self.restores
-        self.finish()  # every loss in flight read and decided on, as at the fit's end
+        self.finish(end_of_fit=False)  # every loss in flight read and decided on
         self._drop_snapshots_at_checkpoint()
         self.changed_at_checkpoint = self.restores != restores
         return {

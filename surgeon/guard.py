@@ -143,6 +143,7 @@ class NonFiniteGuard:
         reduce_max: Callable[[Tensor], None] | None = None,
         check_losses: bool = True,
         grad_check_every: int = 1,
+        keeps_gradients: Callable[[], bool] | None = None,
     ) -> None:
         if mode not in SKIP_NONFINITE_MODES:
             raise ValueError(
@@ -156,6 +157,9 @@ class NonFiniteGuard:
         self.grad_check_every = grad_check_every
         """Check the gradients of every n-th step only, where the losses are read on the host
         (the ``"host"`` way on the CPU, one process, ``check_losses``); elsewhere every step."""
+        self.keeps_gradients = keeps_gradients
+        """Asked when the host way flags a step: ``True`` leaves its gradients in place, for
+        something else that checks them to skip the step (a GradScaler the loop did not say)."""
         self._steps = 0  # steps released so far: the gradients are checked when it divides
         self._in_step = False  # an optimizer was checked since the last release
         self._losses: list[Tensor] = []
@@ -246,9 +250,15 @@ class NonFiniteGuard:
         if not flag.item():
             return zero
         flag.zero_()
+        self._take_gradients(watched)
+        return one
+
+    def _take_gradients(self, watched: _Watched) -> None:
+        """Skip the flagged update: the optimizer skips parameters without a gradient."""
+        if self.keeps_gradients is not None and self.keeps_gradients():
+            return
         for p in watched.params:
             p.grad = None
-        return one
 
     def _check_losses_on_host(self, watched: _Watched) -> Tensor:
         """A step whose gradients are not checked: its losses, read on the host (free on the
@@ -258,8 +268,7 @@ class NonFiniteGuard:
         zero, one, _ = self._constants_on(device)
         for loss in self._losses:
             if not math.isfinite(loss.item()):
-                for p in watched.params:
-                    p.grad = None
+                self._take_gradients(watched)
                 return one
         return zero
 

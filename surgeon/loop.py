@@ -23,6 +23,7 @@ rank makes the same decisions; call ``step`` and ``guard`` on every rank.
 
 import contextlib
 import dataclasses
+import gc
 import math
 import numbers
 import warnings
@@ -161,6 +162,7 @@ class Surgeon:
         self.verbose = verbose
         self.scaler = scaler
         self._rank_zero = _is_rank_zero()
+        self._unpassed_scaler: bool | None = None  # see _a_scaler_not_passed
         scheduled = [o for o in optimizers if any("initial_lr" in g for g in o.param_groups)]
         if scheduled:  # a torch LR scheduler was made on it: it left its LR, not the peak
             for scheduled_optimizer in scheduled:
@@ -191,11 +193,14 @@ class Surgeon:
             on_losses=self._on_losses,
             on_warning=self._warn,
         )
+        keeps = self._a_scaler_not_passed if scaler is None else None
         if _grads_synchronized(model):
-            guard = NonFiniteGuard(skip_nonfinite, check_losses=False)
+            guard = NonFiniteGuard(skip_nonfinite, check_losses=False, keeps_gradients=keeps)
         else:
             every = grad_check_every if snapshot != "off" and model is not None else 1
-            guard = NonFiniteGuard(skip_nonfinite, distributed_max(), grad_check_every=every)
+            guard = NonFiniteGuard(
+                skip_nonfinite, distributed_max(), grad_check_every=every, keeps_gradients=keeps
+            )
         if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
             # GradScaler skips non-finite steps itself and must see the gradients it checks
             # (a guard that dropped them would leave it no inf check to record): stand aside
@@ -347,6 +352,28 @@ class Surgeon:
     def _unhook(self) -> None:
         self._step_hooks = _removed(self._step_hooks)
 
+    def _a_scaler_not_passed(self) -> bool:
+        """Asked by the guard at a step it would skip: whether an enabled GradScaler lives in
+        this process though none was passed (looked for once, on this rare path). Its
+        ``step`` would fail on gradients the guard took away ("No inf checks were recorded"),
+        so they are left for it to check and skip, and the user is told to pass it."""
+        if self._unpassed_scaler is None:
+            scaler = torch.amp.GradScaler  # type(), not isinstance: no object's __class__ runs
+            self._unpassed_scaler = any(
+                issubclass(type(o), scaler) and o.is_enabled() for o in gc.get_objects()
+            )
+            if self._unpassed_scaler and self._rank_zero:
+                warnings.warn(
+                    f"Surgeon: step {self.engine.step} has non-finite gradients and a "
+                    "torch.amp.GradScaler is enabled in this process but was not passed: pass "
+                    "it, Surgeon(..., scaler=scaler), so its overflow skips count as its "
+                    "calibration, not as faults. Until then the guard leaves such gradients "
+                    "for the GradScaler to skip (taking them away makes scaler.step fail: "
+                    "'No inf checks were recorded for this optimizer')",
+                    stacklevel=6,  # the loop's guard() call
+                )
+        return self._unpassed_scaler
+
     def _check_order(self) -> None:
         """At each :meth:`step`: say so, once, if no optimizer stepped since the last one
         (``step`` called before ``optimizer.step()``: every LR would come a step early and the
@@ -355,8 +382,8 @@ class Surgeon:
         is said."""
         stepped, self._optimizer_steps = self._optimizer_steps, 0
         first, self._first_call = self._first_call, False
-        if stepped or self.scaler is not None:
-            return
+        if stepped or self.scaler is not None or self._unpassed_scaler:
+            return  # (a GradScaler's steps may be skips)
         if first:
             self._warn_order(
                 "step() was called before any optimizer.step(): call it after, once per "
@@ -381,10 +408,19 @@ class Surgeon:
 
     def finish(self) -> None:
         """After the last step: read the losses still in flight and decide on them (a spike
-        or NaN in the last steps is recorded, a rollback leaves the last good weights)."""
+        or NaN in the last steps is recorded, a rollback leaves the last good weights); a loop
+        that ends before its plan gets a ``stopped`` event saying where the LR was left."""
         self._unhook()
         self._rewrite_hooks = _removed(self._rewrite_hooks)
         self.engine.finish()
+        event = self.controller.ended_early(
+            self.engine.step,
+            "finish() was called before the plan's end (total_steps counts optimizer steps: "
+            "with gradient accumulation, batches / accumulation; a loop that ends early on "
+            "purpose calls cool_down_now() first, to end at the floor)",
+        )
+        if event is not None:
+            self._report(event)
         if self._recorder is not None:
             self._recorder.close()
 

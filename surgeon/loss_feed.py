@@ -212,13 +212,16 @@ class LossFeed:
         self._send_block()
         return self._read(self._in_flight.popleft()) if len(self._in_flight) > 1 else []
 
-    def flush(self) -> list[StepLoss]:
+    def flush(self, *, end: bool = True) -> list[StepLoss]:
         """Everything not yet handed out, oldest first: the blocks in flight and the closed
-        steps of the open block (at the end of training or before a checkpoint). The open block
-        goes through ``reduce`` like any other, so every rank must flush. Blocks go on ending
-        where they would have (every ``readback_every`` closed steps), so a flush changes when
-        the flushed losses are read, and nothing after them."""
-        self._micro, self._micro_count = None, 0  # of a step that never reached its update
+        steps of the open block (at the ``end`` of training, or before a checkpoint). The open
+        block goes through ``reduce`` like any other, so every rank must flush. Blocks go on
+        ending where they would have (every ``readback_every`` closed steps), so a flush changes
+        when the flushed losses are read, and nothing after them. The micro-batch losses of a
+        step still accumulating are kept for it, unless training ends (a checkpoint between
+        micro-batches dropped them: the step's loss was its last micro-batches' alone)."""
+        if end:
+            self._micro, self._micro_count = None, 0  # of a step that never reached its update
         if self._rows:
             self._send_block()
         out: list[StepLoss] = []

@@ -246,14 +246,14 @@ def feed(
                 controller.rolled_back(now)
             smooth[i], phases[i] = controller.spike.mean, controller.phase.value
 
-    def read_all(now: int) -> None:  # a checkpoint or the fit's end: every loss so far
+    def read_all(now: int, end_of_fit: bool = False) -> None:  # a checkpoint or the fit's end
         nonlocal read_until
         in_flight.append(range(max(now - now % readback_every, read_until), now))
         for block in in_flight:
             consume(block, now)
         in_flight.clear()
         read_until = now
-        controller.before_checkpoint()  # no loss confirms a spike in the last one
+        controller.before_checkpoint(end_of_fit=end_of_fit)  # no loss confirms the last one
         if controller.rollback_to is not None:
             controller.rolled_back(now)
 
@@ -282,7 +282,7 @@ def feed(
                 consume(in_flight.pop(0), step + 1)
         if step + 1 in at_checkpoint and step + 1 < n:
             checkpoint(step + 1)
-    read_all(n)  # on_train_end: the open block and those in flight
+    read_all(n, end_of_fit=True)  # on_train_end: the open block and those in flight
     return scales, smooth, phases
 
 

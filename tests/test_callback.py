@@ -397,6 +397,39 @@ def test_gradient_accumulation_counts_optimizer_steps_and_feeds_the_mean(
     assert [same[0] for same in per_step[:8]] == pytest.approx(ramp, rel=1e-12)
 
 
+def test_a_checkpoint_between_micro_batches_keeps_the_steps_first_losses(
+    make_trainer: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A checkpoint saved between two micro-batches of a step (``ModelCheckpoint`` with
+    ``train_time_interval``, or its save of the resume step again after a resume's first
+    micro-batch): the step's loss is still the mean of all its micro-batches (before: the
+    micro-batches before the save were dropped, so a x100 micro-batch spike became an outlier
+    and a resumed run's decisions differed from the uninterrupted one's)."""
+    steps, accumulate = 12, 2
+    fed = losses_fed_to_the_controller(monkeypatch)
+    values = range(1, steps * accumulate + 1)
+    micro = iter(values)
+
+    def known_loss(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        return loss - loss.detach() + float(next(micro))
+
+    class SavesMidStep(pytorch_lightning.Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.fit_loop.batch_idx % accumulate == 0:  # after a step's first micro-batch
+                trainer.save_checkpoint(tmp_path / f"mid-{trainer.global_step}.ckpt")
+
+    cb = ScheduleSurgeon(warmup=4)
+    model = TinyRegressor(loss_hook=known_loss)
+    make_trainer([cb, SavesMidStep()], max_steps=steps, accumulate_grad_batches=accumulate).fit(
+        model, make_loader(batches=12)
+    )
+    assert len(list(tmp_path.glob("mid-*.ckpt"))) == steps
+    expected = [
+        sum(values[accumulate * s : accumulate * (s + 1)]) / accumulate for s in range(steps)
+    ]
+    assert fed == expected
+
+
 # ---------------------------------------------------------------------------- manual optimization
 
 

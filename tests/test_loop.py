@@ -390,6 +390,43 @@ def test_a_loop_with_a_gradscaler_skips_overflows_and_ends_its_plan(unscale_firs
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_gradscaler_not_passed_is_named_and_left_to_skip_its_overflows() -> None:
+    """The README's fp16 loop without ``scaler=``: at the first overflow the guard would take
+    the gradients away and ``scaler.step`` fail ("No inf checks were recorded"). Instead it
+    leaves them for the GradScaler, which skips the step itself, and one warning says to pass
+    the scaler (its skips are counted as faults until then)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    surgeon = Surgeon(optimizer, 30, model=model, verbose=False, warmup=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(30):
+            loss = model(torch.randn(8, 4)).square().mean()
+            scaler.scale(loss).backward()
+            if step in (7, 19):
+                model.weight.grad[0, 0] = math.inf
+                before = [p.detach().clone() for p in model.parameters()]
+            surgeon.guard(loss)
+            scaler.step(optimizer)  # raised AssertionError at step 7
+            scaler.update()
+            optimizer.zero_grad()
+            if step in (7, 19):
+                assert all(
+                    torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True)
+                )
+            surgeon.step(loss)
+        surgeon.finish()
+    said = [str(w.message) for w in caught if str(w.message).startswith("Surgeon:")]
+    assert len(said) == 1 and "pass it, Surgeon(..., scaler=scaler)" in said[0], said
+    assert "step 7 has non-finite gradients" in said[0]
+    assert caught[0].filename == __file__  # at the loop's guard() call
+    skipped = [e.step for e in surgeon.events if e.kind is EventKind.SKIPPED_STEP]
+    assert skipped == [7, 19] and surgeon.phase.value == "done"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_a_loop_whose_gradscaler_skips_a_whole_block_replays_exactly(tmp_path: Path) -> None:
     """GradScaler skips steps 36-39 (a whole read-back block) while a paused warmup runs into
     ``max_warmup`` at step 39: the warmup's end, decided while passing those steps, starts its
@@ -1046,6 +1083,128 @@ def fit_to_its_first_feature(
     return [str(w.message) for w in caught if str(w.message).startswith("Surgeon:")]
 
 
+def test_a_loop_that_ends_before_its_plan_says_where_it_left_the_lr() -> None:
+    """``total_steps`` counted in micro-batches under 4-step accumulation: the loop ends after a
+    quarter of the plan, at the peak. ``finish()`` records a ``stopped`` event saying so (before:
+    nothing; running past the plan was warned about, ending short was not); a loop that
+    runs its plan, or calls ``finish()`` twice, gets none (more)."""
+    short, _, _ = plain_run(None, 40)
+    assert not [e for e in short.events if e.kind is EventKind.STOPPED]
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    surgeon = Surgeon(optimizer, 160, verbose=False, warmup=8)
+    for _ in range(40):
+        train_step(surgeon, optimizer, model(torch.randn(8, 4)).square().mean())
+    surgeon.finish()
+    surgeon.finish()
+    (stopped,) = [e for e in surgeon.events if e.kind is EventKind.STOPPED]
+    assert stopped.step == 39 and stopped.scale_after == 1.0
+    assert "after 40 of the 160 planned steps, in phase stable at LR scale 1" in stopped.reason
+    assert "batches / accumulation" in stopped.reason
+
+
+def test_a_param_group_added_without_its_own_lr_peaks_at_the_optimizers_lr() -> None:
+    """Unfreezing in warmup, the usual way: ``add_param_group({"params": ...})`` takes the
+    optimizer's default LR (the constructor's, the other groups' peak). That is its peak too,
+    so both groups reach the same LR (before: taken as the LR of the moment, a fifth of the
+    way up the ramp, it peaked at 5x); a group added with an LR of its own is taken at the
+    current LR scale, as before (BackboneFinetuning's way)."""
+    torch.manual_seed(0)
+    body, head, extra = nn.Linear(4, 4), nn.Linear(4, 1), nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    surgeon = Surgeon(optimizer, 100, verbose=False, warmup=50, decay="linear")
+    for step in range(60):
+        if step == 10:
+            optimizer.add_param_group({"params": list(body.parameters())})
+            scale = optimizer.param_groups[0]["lr"] / 0.1
+            optimizer.add_param_group({"params": list(extra.parameters()), "lr": 0.02 * scale})
+        loss = head(extra(body(torch.randn(8, 4)))).square().mean()
+        train_step(surgeon, optimizer, loss)
+    head_lr, body_lr, extra_lr = (g["lr"] for g in optimizer.param_groups)
+    assert body_lr == head_lr and head_lr == pytest.approx(0.1 * 40 / 50)
+    assert extra_lr == pytest.approx(0.2 * head_lr)
+
+
+def _noisy_regression_fit(
+    optimizer_name: str, bad_batch: int | None, scale: float = 1.0, checkpoint_at: int = -1
+) -> tuple[Surgeon, nn.Module, torch.optim.Optimizer, float, dict[str, Any]]:
+    """300 plain-loop steps of a tanh MLP on a noisy linear target (a loss that stays noisy,
+    unlike a target the net fits exactly); at ``bad_batch`` the targets are shifted by 50 and
+    the loss multiplied by ``scale``. Returns the surgeon, model, optimizer, held-out loss and
+    what ``surgeon.state_dict()`` saved with the optimizer at ``checkpoint_at``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    optimizer: torch.optim.Optimizer = (
+        torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        if optimizer_name == "sgd"
+        else torch.optim.Adam(model.parameters(), lr=0.01)
+    )
+    surgeon = Surgeon(optimizer, 300, model=model, verbose=False)
+    weights = torch.randn(8, 1, generator=torch.Generator().manual_seed(1))
+    saved: dict[str, Any] = {}
+
+    def batch(seed: int, n: int = 32) -> tuple[Tensor, Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 8, generator=generator)
+        return x, x @ weights + 0.1 * torch.randn(n, 1, generator=generator)
+
+    for step in range(300):
+        x, y = batch(step)
+        if step == bad_batch:
+            y = y + 50.0
+        loss = nn.functional.mse_loss(model(x), y) * (scale if step == bad_batch else 1.0)
+        train_step(surgeon, optimizer, loss)
+        if step == checkpoint_at:
+            saved = copy.deepcopy({"surgeon": surgeon.state_dict(), "opt": optimizer.state_dict()})
+    surgeon.finish()
+    x, y = batch(10_000, 1024)
+    with torch.no_grad():
+        held_out = nn.functional.mse_loss(model(x), y).item()
+    return surgeon, model, optimizer, held_out, saved
+
+
+@pytest.mark.parametrize("bad_batch", [296, 297, 298])
+def test_a_bad_batch_in_the_last_steps_is_rolled_back_at_the_end_of_the_fit(
+    bad_batch: int,
+) -> None:
+    """A corrupted batch 2-4 steps before the end whose next loss is back in its band (an
+    outlier): momentum carries its update into the last steps, and no later loss or step is
+    left to answer it, so the end of the fit rolls back to the good snapshot before it
+    (before: the fit ended 1.4-4.5x a clean run's held-out loss, an `outlier` its only
+    event). The same batch far enough from the end, its damage shown, is rolled back mid-run;
+    a clean run ends with no rollback."""
+    _, _, _, clean, _ = _noisy_regression_fit("sgd", None)
+    surgeon, _, _, held_out, _ = _noisy_regression_fit("sgd", bad_batch)
+    rollbacks = [e for e in surgeon.events if e.kind is EventKind.ROLLBACK]
+    assert len(rollbacks) == 1, [(e.step, e.kind.value) for e in surgeon.events]
+    assert "just before the end of the fit" in rollbacks[0].reason
+    assert held_out <= 1.1 * clean
+    clean_run, *_ = _noisy_regression_fit("sgd", None)
+    assert not [e for e in clean_run.events if e.kind is EventKind.ROLLBACK]
+
+
+def test_an_optimizer_state_overflowed_in_the_last_interval_is_rolled_back_at_the_end() -> None:
+    """A x1e30 loss 6 steps before the end overflows Adam's second moment (every later update of
+    those weights 0, the losses after it normal): no snapshot is left to check the state, so
+    the end of the fit does, and rolls back (before: inf state kept, no event)."""
+    surgeon, model, optimizer, _, _ = _noisy_regression_fit("adam", 294, scale=1e30)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = [v for s in optimizer.state.values() for v in s.values() if v.dim()]
+    assert state and all(torch.isfinite(v).all() for v in state)
+    assert any(e.kind is EventKind.ROLLBACK for e in surgeon.events)
+
+
+def test_a_checkpoint_holds_no_optimizer_state_overflowed_since_the_last_snapshot() -> None:
+    """The same overflow 3 steps before a checkpoint, mid-fit: the checkpoint checks the state
+    before it is saved and rolls back (before: the inf state was saved, and a resume froze
+    those weights for the rest of the run); the reason says where it was found."""
+    surgeon, _, _, _, saved = _noisy_regression_fit("adam", 150, scale=1e30, checkpoint_at=153)
+    saved_state = [v for s in saved["opt"]["state"].values() for v in s.values() if v.dim()]
+    assert saved_state and all(torch.isfinite(v).all() for v in saved_state)
+    (rollback,) = [e for e in surgeon.events if e.kind is EventKind.ROLLBACK]
+    assert "found before a checkpoint or the end of the fit" in rollback.reason
+
+
 @pytest.mark.parametrize("frozen", ["-inf mask", "float8 weights"])
 def test_frozen_parameters_are_not_in_the_snapshot_check(frozen: str) -> None:
     """The snapshot's NaN/inf check looks at the weights the optimizers train and their state:
@@ -1081,7 +1240,7 @@ def test_frozen_parameters_are_not_in_the_snapshot_check(frozen: str) -> None:
 
 
 def test_a_refused_state_rollback_is_warned_about_once_and_ends_the_checks() -> None:
-    """A x1e30 loss overflows Adam's second moment just before a checkpoint drops the
+    """A x1e30 loss overflows Adam's second moment right after a checkpoint dropped the
     snapshots: the snapshot after it copies the inf state, and cannot be rolled back from
     (nothing good to go back to). One warning says so and that later snapshots are not
     checked (each would be refused alike, and none could become a target again); the others
@@ -1090,8 +1249,9 @@ def test_a_refused_state_rollback_is_warned_about_once_and_ends_the_checks() -> 
     model = nn.Linear(8, 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     surgeon = Surgeon(optimizer, 300, model=model, snapshot_every=10, skip_nonfinite="off")
-    faults = {100: 1e30, **dict.fromkeys(range(250, 253), math.nan)}
-    # a checkpoint after step 103: the snapshots are dropped (100 was read: an outlier)
+    faults = {104: 1e30, **dict.fromkeys(range(250, 253), math.nan)}
+    # a checkpoint after step 103 drops the snapshots; the snapshot of step 104 holds weights
+    # from before the x1e30 update, but its own loss is the x1e30 one: never the target
     warned = fit_to_its_first_feature(model, optimizer, surgeon, faults, checkpoint_at=103)
     said = [w for w in warned if "later snapshots are not checked" in w]
     assert len(said) == 1 and "copied non-finite weights or optimizer state" in said[0]
@@ -1182,7 +1342,8 @@ def test_a_rollback_refused_without_snapshots_says_they_are_off(how: str) -> Non
     from surgeon.replay import RunSettings, replay
 
     replayed = replay(losses, RunSettings(200, SurgeonConfig(), snapshots=False))
-    assert [e.reason for e in replayed.events] == [e.reason for e in surgeon.events]
+    decided = [e.reason for e in surgeon.events if e.kind is not EventKind.STOPPED]
+    assert [e.reason for e in replayed.events] == decided  # (the loop stopped at half its plan)
 
 
 @pytest.mark.parametrize("order", ["surgeon-first", "surgeon-last"])

@@ -207,6 +207,17 @@ def _outlier_before_a_snapshot(n: int = 1000) -> list[float]:
     return losses
 
 
+def _bad_batches_at_the_end(n: int = 400) -> list[float]:
+    """Late trouble the fit ends before it is answered: a severe outlier 4 steps from the end
+    (its next losses in band), and, earlier, a mild spike its next loss confirms that is
+    back in band by the end (the cut did its work: nothing at the end)."""
+    losses = _noisy([1.0 / (1 + i / 100) + 0.2 for i in range(n)], 0.02, 11)
+    losses[300] *= 2.0
+    losses[301] *= 2.0
+    losses[n - 4] *= 30.0
+    return losses
+
+
 def _stalling(n: int = 200) -> list[float]:
     """Non-finite from the first step on: nothing is ever good to roll back to."""
     return [math.nan] * n
@@ -227,6 +238,7 @@ STREAMS: dict[str, Any] = {
     "exploding_after_rollback": _exploding_after_rollback,
     "outlier_before_a_snapshot": _outlier_before_a_snapshot,
     "idle_passes": _idle_passes,
+    "bad_batches_at_the_end": _bad_batches_at_the_end,
 }
 CONFIGS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -417,6 +429,11 @@ def test_the_cases_exercise_every_decision(
     assert any(re.search(r"\(\d+ steps, \d+ with an update\)$", r) for r in idle), idle
     after_descent = both["fast_descent/defaults"][0].events
     assert any(e.kind is EventKind.SPIKE and 150 <= e.step <= 152 for e in after_descent)
+    at_the_end = both["bad_batches_at_the_end/defaults"][0].events
+    assert any(e.kind is EventKind.SPIKE and e.step == 301 for e in at_the_end)
+    (rollback,) = [e for e in at_the_end if e.kind is EventKind.ROLLBACK]
+    assert rollback.step == 396
+    assert "an outlier at step 396 just before the end of the fit" in rollback.reason
 
 
 def test_logged_steps_place_the_events() -> None:

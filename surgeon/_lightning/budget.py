@@ -318,13 +318,9 @@ class FitBudget:
         if controller is None or controller.phase is Phase.DONE:
             return
         done = controller.step if done is None else done
-        scale = controller.lr_scale(max(0, done - 1))
-        why = (
-            f"the fit ended after {done} of the {controller.total_steps} planned steps, in phase "
-            f"{controller.phase.value} at LR scale {scale:.3g} (the floor is "
-            f"{controller.floor:g}): {cause or self._stop_cause(trainer)}"
-        )
-        self._record_stopped(max(0, done - 1), scale, why)
+        event = controller.ended_early(done, cause or self._stop_cause(trainer))
+        if event is not None:
+            self.engine.on_event(event)
 
     def _record_stopped(self, step: int, scale: float, why: str) -> None:
         """A ``stopped`` event at ``step`` (the LR scale is ``scale`` on both sides), recorded

@@ -343,6 +343,7 @@
       this._pending_snapshot = null;
       this._good_snapshot = null;
       this._idle_since_good = 0; // steps passed without an update since the good snapshot
+      this._unsettled = null; // [step, cause, confirmed] of the last bad batch left in place
       this._last_snapshot_step = -Infinity;
       this.rollback_to = null;
       this._rollback_cause = [0, ""];
@@ -380,7 +381,7 @@
       this._last_snapshot_step = step;
     }
 
-    before_checkpoint() {
+    before_checkpoint(end_of_fit = false) {
       // every loss is read and a checkpoint or the end of the fit is next: a
       // severe spike no loss will confirm, or applied non-finite updates, roll back now
       const suspect = this.suspect;
@@ -404,6 +405,27 @@
             "or the end of the fit",
         );
       }
+      if (end_of_fit || this.step >= this.total_steps) this._settle_at_the_end();
+    }
+
+    _settle_at_the_end() {
+      // at the end of the fit no later loss or step answers a bad batch left in the weights
+      // since the good snapshot: a severe outlier with too few losses after it, or a confirmed
+      // spike whose loss is still out of its band: roll back to the good snapshot
+      const unsettled = this._unsettled;
+      const good = this._good_snapshot;
+      if (unsettled === null || good === null || unsettled[0] < good[0]) return;
+      const [step, cause, confirmed] = unsettled;
+      let left;
+      if (confirmed) {
+        if (this.spike.last_zscore <= NORMAL_BAND_ZSCORE) return;
+        left = "its loss still out of its band, no step left for the cut to act";
+      } else {
+        const after = this.step - 1 - step;
+        if (after >= this.snapshot_every) return;
+        left = `only ${steps(after)} read after it, too few to show its damage`;
+      }
+      this._request_rollback(step, `${cause} just before the end of the fit, ${left}`);
     }
 
     _settle_snapshot(step) {
@@ -466,6 +488,7 @@
       this.nonfinite_applied = false;
       this.rolled_back_to = target;
       this.shifted_level = null;
+      this._unsettled = null;
       const idle = this._idle_since_good; // (steps not read yet count as updated)
       const updated = idle ? `, ${now - target - idle} with an update` : "";
       const why =
@@ -693,6 +716,9 @@
       } else if (!Number.isFinite(loss)) {
         why += this._request_rollback(step, `the next loss, ${str(loss)}, is not finite`);
       }
+      if (this.rollback_to === null) {
+        this._unsettled = [suspect.step, `a spike at step ${suspect.step}`, true];
+      }
       return this._cut_for_spike(step, EventKind.SPIKE, why, level_shift, worst);
     }
 
@@ -706,6 +732,9 @@
       // snapshot taken after it holds its update: no rollback target
       const pending = this._pending_snapshot;
       if (pending !== null && pending[0] > suspect.step) this._pending_snapshot = null;
+      if (this._severe(suspect.loss, suspect.mean)) {
+        this._unsettled = [suspect.step, `an outlier at step ${suspect.step}`, false];
+      }
       const why =
         `${this._spike_words(suspect)}, but the next loss, ${g(loss, 4)}, is back within ` +
         `${g(NORMAL_BAND_ZSCORE)} sigma: an isolated outlier (a hard batch), no action`;

@@ -34,12 +34,12 @@
 
     const range = (start, stop) =>
       Array.from({ length: Math.max(0, stop - start) }, (_, k) => start + k);
-    function read_all(now) { // a checkpoint or the fit's end: every loss so far
+    function read_all(now, end_of_fit = false) { // a checkpoint or the fit's end
       in_flight.push(range(Math.max(now - (now % readback_every), read_until), now));
       for (const block of in_flight) consume(block, now);
       in_flight = [];
       read_until = now;
-      controller.before_checkpoint(); // no loss confirms a spike in the last one
+      controller.before_checkpoint(end_of_fit); // no loss confirms a spike in the last one
       if (controller.rollback_to !== null) controller.rolled_back(now);
     }
     function checkpoint(now) { // read everything, then drop the snapshots
@@ -63,7 +63,7 @@
       }
       if (at_checkpoint.has(step + 1) && step + 1 < n) checkpoint(step + 1);
     }
-    read_all(n); // on_train_end: the open block and those in flight
+    read_all(n, true); // on_train_end: the open block and those in flight
     return [scales, smooth, phases];
   }
 
