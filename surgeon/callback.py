@@ -68,7 +68,7 @@ from surgeon.config import (
     WarmupMode,
     resolve_steps,
 )
-from surgeon.controller import Controller, Event, Phase, plural
+from surgeon.controller import END_UNREAD_MARK, Controller, Event, Phase, plural
 from surgeon.engine import (
     PEAK_LR_KEY,
     LossRow,
@@ -536,8 +536,10 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
                 name = type(exception).__name__
                 cause = f"interrupted ({name})" if interrupt else f"it raised {name}: {exception}"
                 unread = engine.step - controller.step
-                if unread > 0:
-                    cause += f"; the losses of its last {plural(unread, 'step')} were not read"
+                if not read_all:
+                    cause += f"; {END_UNREAD_MARK}"
+                    if unread > 0:
+                        cause += f" (the losses of its last {plural(unread, 'step')})"
                 self._budget.record_early_end(trainer, cause, done=engine.step)
         except Exception as err:  # never in the way of the fit's own exception
             self._last_fit_raised = True

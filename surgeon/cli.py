@@ -683,6 +683,7 @@ def _replay_page(stream: Any, settings: Any) -> str:
         "update_skipped": stream.update_skipped,
         "passed": stream.passed,
         "checkpoints": stream.checkpoints or [],
+        "end_read": stream.end_read,
         "stride": stream.stride,
         "settings": {
             "total_steps": settings.total_steps,

@@ -134,6 +134,10 @@ def _format_bytes(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
+END_UNREAD_MARK = "its end was not read"
+"""In the reason of the ``stopped`` event of a fit that raised with its last losses unread: its
+end made no decision (``surgeon replay`` makes none there either)."""
+
 STATE_ROLLBACK_MARK = "non-finite weights or optimizer state"
 """In the reason of a rollback the engine asked for from a snapshot's NaN/inf check, not from
 a loss (a replay of the losses does not make it)."""
@@ -295,7 +299,7 @@ class Controller:
     _pending_snapshot: tuple[int, int] | None  # (step, bytes) taken, not yet confirmed good
     _good_snapshot: tuple[int, int] | None  # the one a rollback restores
     _idle_since_good: int
-    _unsettled: tuple[int, str, bool] | None  # see _settle_at_the_end
+    _unsettled: dict[bool, tuple[int, str]]  # see _settle_at_the_end
 
     def __init__(
         self, total_steps: int, config: SurgeonConfig | None = None, *, lag: int = 0
@@ -796,7 +800,7 @@ class Controller:
         self._pending_snapshot = None
         self._good_snapshot = None
         self._idle_since_good = 0  # steps passed without an update since the good snapshot
-        self._unsettled = None  # (step, cause, confirmed) of the last bad batch left in place
+        self._unsettled = {}  # confirmed -> (step, cause): the last outlier, spike left in place
         self._last_snapshot_step = -math.inf
         # set by a decision to roll back: the step of the snapshot the caller is to restore
         self.rollback_to: int | None = None
@@ -908,20 +912,24 @@ class Controller:
         of its normal band (a cut needs steps to act). The weights are then suspect: roll back
         to the good snapshot (when within reach), as mid-run a spike that damage confirms
         would."""
-        unsettled, good = self._unsettled, self._good_snapshot
-        if unsettled is None or good is None or unsettled[0] < good[0]:
-            return  # nothing left in place, or the good snapshot holds it already
-        step, cause, confirmed = unsettled
-        if confirmed:
-            if self.spike.last_zscore <= NORMAL_BAND_ZSCORE:
-                return  # the loss is back in its band: the cut has done its work
-            left = "its loss still out of its band, no step left for the cut to act"
-        else:
-            after = self.step - 1 - step
-            if after >= self.snapshot_every:
-                return  # as many normal losses after it as a snapshot needs: no damage showed
-            left = f"only {_steps(after)} read after it, too few to show its damage"
-        self._request_rollback(step, f"{cause} just before the end of the fit, {left}")
+        good = self._good_snapshot
+        if good is None:
+            return
+        # (one that the good snapshot holds already is no matter: it comes after it)
+        for confirmed, (step, cause) in sorted(self._unsettled.items(), key=lambda kv: kv[1][0]):
+            if step < good[0]:
+                continue
+            if confirmed:
+                if self.spike.last_zscore <= NORMAL_BAND_ZSCORE:
+                    continue  # the loss is back in its band: the cut has done its work
+                left = "its loss still out of its band, no step left for the cut to act"
+            else:
+                after = self.step - 1 - step
+                if after >= self.snapshot_every:
+                    continue  # as many normal losses after it as a snapshot needs: no damage
+                left = f"only {_steps(after)} read after it, too few to show its damage"
+            self._request_rollback(step, f"{cause} just before the end of the fit, {left}")
+            return
 
     def ended_early(self, done: int, cause: str) -> Event | None:
         """The run ended after ``done`` steps, before its plan did (``cause``: what ended it):
@@ -1019,7 +1027,7 @@ class Controller:
         self.ignore_until = max(self.ignore_until, now)
         self.nonfinite_streak, self.nonfinite_applied = 0, False
         self.rolled_back_to, self.shifted_level = target, None
-        self._unsettled = None
+        self._unsettled = {}
         idle = self._idle_since_good  # (steps not read yet count as updated)
         updated = f", {now - target - idle} with an update" if idle else ""
         why = (
@@ -1267,10 +1275,9 @@ class Controller:
         elif not math.isfinite(loss):
             why += self._request_rollback(step, f"the next loss, {loss}, is not finite")
         if self.rollback_to is None:
-            self._unsettled = (
+            self._unsettled[True] = (
                 int(suspect["step"]),
                 f"a spike at step {int(suspect['step'])}",
-                True,
             )
         return self._cut_for_spike(step, EventKind.SPIKE, why, level_shift=level_shift, worst=worst)
 
@@ -1288,11 +1295,8 @@ class Controller:
         if pending is not None and pending[0] > int(suspect["step"]):
             self._pending_snapshot = None
         if self._severe(suspect["loss"], suspect["mean"]):
-            self._unsettled = (
-                int(suspect["step"]),
-                f"an outlier at step {int(suspect['step'])}",
-                False,
-            )
+            step_of = int(suspect["step"])
+            self._unsettled[False] = (step_of, f"an outlier at step {step_of}")
         why = (
             f"{self._spike_words(suspect)}, but the next loss, {loss:.4g}, is back within "
             f"{NORMAL_BAND_ZSCORE:g} sigma: an isolated outlier (a hard batch), no action"

@@ -23,7 +23,6 @@ rank makes the same decisions; call ``step`` and ``guard`` on every rank.
 
 import contextlib
 import dataclasses
-import gc
 import math
 import numbers
 import warnings
@@ -162,7 +161,6 @@ class Surgeon:
         self.verbose = verbose
         self.scaler = scaler
         self._rank_zero = _is_rank_zero()
-        self._unpassed_scaler: bool | None = None  # see _a_scaler_not_passed
         scheduled = [o for o in optimizers if any("initial_lr" in g for g in o.param_groups)]
         if scheduled:  # a torch LR scheduler was made on it: it left its LR, not the peak
             for scheduled_optimizer in scheduled:
@@ -193,13 +191,14 @@ class Surgeon:
             on_losses=self._on_losses,
             on_warning=self._warn,
         )
-        keeps = self._a_scaler_not_passed if scaler is None else None
+        # a flagged step's gradients go as its optimizer.step begins: a GradScaler the loop
+        # did not pass checks them first (and skips the step itself)
         if _grads_synchronized(model):
-            guard = NonFiniteGuard(skip_nonfinite, check_losses=False, keeps_gradients=keeps)
+            guard = NonFiniteGuard(skip_nonfinite, check_losses=False, skip_in_step=True)
         else:
             every = grad_check_every if snapshot != "off" and model is not None else 1
             guard = NonFiniteGuard(
-                skip_nonfinite, distributed_max(), grad_check_every=every, keeps_gradients=keeps
+                skip_nonfinite, distributed_max(), grad_check_every=every, skip_in_step=True
             )
         if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
             # GradScaler skips non-finite steps itself and must see the gradients it checks
@@ -226,6 +225,7 @@ class Surgeon:
         self._recorder_open = False
         self._checkpoints_before_open: list[int] = []  # state_dict() before the first step
         self._rewrite_hooks: list[Any] = []  # after a resume, until its first update
+        self._rewrite_pending = False  # the hooks have not run yet (removed at the next step())
         self.engine.begin_step()  # step 0's LR, as a torch scheduler sets it when made
 
     # ------------------------------------------------------------------ the loop's calls
@@ -272,6 +272,8 @@ class Surgeon:
             )
         if self._step_hooks:
             self._check_order()
+        if self._rewrite_hooks and not self._rewrite_pending:
+            self._rewrite_hooks = _removed(self._rewrite_hooks)
         if self._driven_before:
             self._driven_before = False
             if self._rank_zero:
@@ -338,41 +340,24 @@ class Surgeon:
 
     def _rewrite_lr_before_next_update(self) -> None:
         """A one-shot step pre-hook on each driven optimizer that writes this step's LR again
-        (removed after it ran once, at :meth:`finish` or another load)."""
+        (it runs once; the hooks go at the next :meth:`step` after, at :meth:`finish` or
+        another load: removing a hook while the optimizer runs its hooks would break their
+        iteration)."""
 
         def rewrite(surgeon: Surgeon) -> None:
-            surgeon._rewrite_hooks = _removed(surgeon._rewrite_hooks)
+            if not surgeon._rewrite_pending:
+                return
+            surgeon._rewrite_pending = False
             surgeon.engine.written_step = -1
             surgeon.engine.forget_written_lr()  # a state loaded after the surgeon's set them
             surgeon.engine.begin_step()
 
         _removed(self._rewrite_hooks)
         self._rewrite_hooks = self._hook_optimizers(self.engine.driven, "pre", rewrite)
+        self._rewrite_pending = True
 
     def _unhook(self) -> None:
         self._step_hooks = _removed(self._step_hooks)
-
-    def _a_scaler_not_passed(self) -> bool:
-        """Asked by the guard at a step it would skip: whether an enabled GradScaler lives in
-        this process though none was passed (looked for once, on this rare path). Its
-        ``step`` would fail on gradients the guard took away ("No inf checks were recorded"),
-        so they are left for it to check and skip, and the user is told to pass it."""
-        if self._unpassed_scaler is None:
-            scaler = torch.amp.GradScaler  # type(), not isinstance: no object's __class__ runs
-            self._unpassed_scaler = any(
-                issubclass(type(o), scaler) and o.is_enabled() for o in gc.get_objects()
-            )
-            if self._unpassed_scaler and self._rank_zero:
-                warnings.warn(
-                    f"Surgeon: step {self.engine.step} has non-finite gradients and a "
-                    "torch.amp.GradScaler is enabled in this process but was not passed: pass "
-                    "it, Surgeon(..., scaler=scaler), so its overflow skips count as its "
-                    "calibration, not as faults. Until then the guard leaves such gradients "
-                    "for the GradScaler to skip (taking them away makes scaler.step fail: "
-                    "'No inf checks were recorded for this optimizer')",
-                    stacklevel=6,  # the loop's guard() call
-                )
-        return self._unpassed_scaler
 
     def _check_order(self) -> None:
         """At each :meth:`step`: say so, once, if no optimizer stepped since the last one
@@ -382,8 +367,16 @@ class Surgeon:
         is said."""
         stepped, self._optimizer_steps = self._optimizer_steps, 0
         first, self._first_call = self._first_call, False
-        if stepped or self.scaler is not None or self._unpassed_scaler:
-            return  # (a GradScaler's steps may be skips)
+        if stepped or self.scaler is not None:
+            return
+        if self.engine.guard.skip_left:
+            self._warn_order(
+                f"guard() found a non-finite loss or gradient at step {self.engine.step} and "
+                "the optimizer did not step: a GradScaler skipped it? Pass it, Surgeon(..., "
+                "scaler=scaler), so its overflow skips count as its calibration, not as faults "
+                "(the guard leaves such gradients for it to check)"
+            )
+            return
         if first:
             self._warn_order(
                 "step() was called before any optimizer.step(): call it after, once per "

@@ -49,7 +49,7 @@ from typing import Any
 
 from surgeon._validate import check_positive_int
 from surgeon.config import SurgeonConfig
-from surgeon.controller import STATE_ROLLBACK_MARK, Controller, Event
+from surgeon.controller import END_UNREAD_MARK, STATE_ROLLBACK_MARK, Controller, Event
 from surgeon.recorder import (
     CHECKPOINTS_FILE,
     EVENTS_FILE,
@@ -188,6 +188,17 @@ class LossStream:
             steps=self.steps,
             passed=self.passed,
             checkpoints=self.checkpoints or (),
+            end_read=self.end_read,
+        )
+
+    @property
+    def end_read(self) -> bool:
+        """Whether the run's end read its last losses and decided on them, as a fit's end
+        does: not when its ``stopped`` event says the fit raised with its end unread."""
+        marks = (END_UNREAD_MARK, "were not read")  # (the second: older runs' words)
+        return not any(
+            r["kind"] == "stopped" and any(mark in r["reason"] for mark in marks)
+            for r in self.logged_events or []
         )
 
     @property
@@ -219,12 +230,15 @@ def feed(
     snapshots: bool = True,
     passed: Sequence[bool] | None = None,
     checkpoints: Sequence[int] = (),
+    end_read: bool = True,
 ) -> tuple[list[float], list[float], list[str]]:
     """Run ``controller`` over ``losses`` with the callback's timing (see the module doc);
     returns the LR scale of each step, and the smoothed loss and phase after each loss.
     ``passed``: the steps counted without a loss (``pass_step``, their loss ignored);
     ``checkpoints``: after how many steps the run wrote a checkpoint (each reads every loss
-    in flight, decides on a last unconfirmed spike, and drops the snapshots)."""
+    in flight, decides on a last unconfirmed spike, and drops the snapshots); ``end_read``:
+    the fit's end read its last losses and decided at the end of the fit (not one that
+    raised: its last losses were handed over as they came, and nothing more)."""
     n = len(losses)
     passed = passed or [False] * n
     scales: list[float] = []
@@ -246,13 +260,15 @@ def feed(
                 controller.rolled_back(now)
             smooth[i], phases[i] = controller.spike.mean, controller.phase.value
 
-    def read_all(now: int, end_of_fit: bool = False) -> None:  # a checkpoint or the fit's end
-        nonlocal read_until
+    def read_all(now: int, end_of_fit: bool = False, decide: bool = True) -> None:
+        nonlocal read_until  # a checkpoint or the fit's end: every loss so far
         in_flight.append(range(max(now - now % readback_every, read_until), now))
         for block in in_flight:
             consume(block, now)
         in_flight.clear()
         read_until = now
+        if not decide:
+            return
         controller.before_checkpoint(end_of_fit=end_of_fit)  # no loss confirms the last one
         if controller.rollback_to is not None:
             controller.rolled_back(now)
@@ -282,7 +298,7 @@ def feed(
                 consume(in_flight.pop(0), step + 1)
         if step + 1 in at_checkpoint and step + 1 < n:
             checkpoint(step + 1)
-    read_all(n, end_of_fit=True)  # on_train_end: the open block and those in flight
+    read_all(n, end_of_fit=True, decide=end_read)  # on_train_end: the blocks in flight
     return scales, smooth, phases
 
 
@@ -294,6 +310,7 @@ def replay(
     steps: Sequence[int] | None = None,
     passed: Sequence[bool] | None = None,
     checkpoints: Sequence[int] = (),
+    end_read: bool = True,
 ) -> Replay:
     """Feed ``losses`` through a fresh ``Controller`` as the callback would; ``update_skipped``
     defaults to "the loss is non-finite", ``steps`` (the logged step of each loss) to 0..n-1,
@@ -319,6 +336,7 @@ def replay(
         snapshots=settings.snapshots,
         passed=passed,
         checkpoints=checkpoints,
+        end_read=end_read,
     )
     events = [replace(e, step=at[e.step]) if e.step < len(at) else e for e in controller.events]
     return Replay(at, losses, scales, smooth, phases, events)

@@ -1107,8 +1107,8 @@ def test_a_fit_that_raises_says_so_in_a_stopped_event(
     else:
         assert steps == list(range(len(steps))) and 37 - 8 < len(steps) < 37
         assert stopped.reason.endswith(
-            f"it raised RuntimeError: stop here; the losses of its last {37 - len(steps)} steps "
-            "were not read"
+            f"it raised RuntimeError: stop here; its end was not read (the losses of its last "
+            f"{37 - len(steps)} steps)"
         )
 
 

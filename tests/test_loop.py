@@ -390,11 +390,13 @@ def test_a_loop_with_a_gradscaler_skips_overflows_and_ends_its_plan(unscale_firs
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_gradscaler_not_passed_is_named_and_left_to_skip_its_overflows() -> None:
-    """The README's fp16 loop without ``scaler=``: at the first overflow the guard would take
-    the gradients away and ``scaler.step`` fail ("No inf checks were recorded"). Instead it
-    leaves them for the GradScaler, which skips the step itself, and one warning says to pass
-    the scaler (its skips are counted as faults until then)."""
+def test_a_gradscaler_not_passed_checks_the_gradients_first_and_is_named() -> None:
+    """The README's fp16 loop without ``scaler=``: the guard took a flagged step's gradients
+    away at once, and ``scaler.step`` then failed ("No inf checks were recorded"). They now go
+    as ``optimizer.step`` begins: the GradScaler checks them first and skips the step itself,
+    and one warning says to pass it (its skips count as faults until then). A GradScaler that
+    is not the loop's (another model's, a notebook's earlier cell) changes nothing: the guard
+    still skips a NaN step of a loop without one."""
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -419,12 +421,25 @@ def test_a_gradscaler_not_passed_is_named_and_left_to_skip_its_overflows() -> No
             surgeon.step(loss)
         surgeon.finish()
     said = [str(w.message) for w in caught if str(w.message).startswith("Surgeon:")]
-    assert len(said) == 1 and "pass it, Surgeon(..., scaler=scaler)" in said[0], said
-    assert "step 7 has non-finite gradients" in said[0]
-    assert caught[0].filename == __file__  # at the loop's guard() call
+    assert len(said) == 1 and "Pass it, Surgeon(..., scaler=scaler)" in said[0], said
+    assert "non-finite loss or gradient at step 7 and the optimizer did not step" in said[0]
+    assert caught[0].filename == __file__  # at the loop's step() call
     skipped = [e.step for e in surgeon.events if e.kind is EventKind.SKIPPED_STEP]
     assert skipped == [7, 19] and surgeon.phase.value == "done"
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    assert scaler.is_enabled()  # still alive, not this loop's
+    other = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    surgeon = Surgeon(optimizer, 20, model=other, verbose=False, warmup=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: this loop steps every time
+        for step in range(20):
+            loss = other(torch.randn(8, 4)).square().mean() * (math.nan if step == 9 else 1.0)
+            train_step(surgeon, optimizer, loss)
+        surgeon.finish()
+    assert [e.step for e in surgeon.events if e.kind is EventKind.SKIPPED_STEP] == [9]
+    assert all(torch.isfinite(p).all() for p in other.parameters())
 
 
 def test_a_loop_whose_gradscaler_skips_a_whole_block_replays_exactly(tmp_path: Path) -> None:

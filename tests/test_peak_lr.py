@@ -105,6 +105,9 @@ def test_the_finder_sets_the_peaks_keeping_the_group_ratio(
     # the LRs written for training keep the ratio too
     last = model.records[-1]["lrs"][0]
     assert last[0] / last[1] == pytest.approx(10.0)
+    # a group added later without an LR of its own (the optimizer's default, made LRS[0])
+    # peaks at the found LR, as the first group does
+    assert trainer.optimizers[0].defaults["lr"] == pytest.approx(suggestion, rel=1e-12)
 
     (event,) = [e for e in surgeon.events if e.kind is EventKind.PEAK_LR]
     assert surgeon.events[0] is event and event.step == 0

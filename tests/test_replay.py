@@ -277,6 +277,37 @@ def test_a_severe_spike_on_the_last_step_rolls_back_as_the_fit_ends() -> None:
     assert [e.kind for e in mild.events if e.step == 99] == [EventKind.DONE]
 
 
+def test_a_fit_that_raised_replays_without_a_decision_at_its_end(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A fit that raises (not Ctrl-C) a few steps after a severe outlier reads no loss at its
+    end and so makes no end-of-fit rollback; its ``stopped`` event says its end was not read,
+    and the replay of its directory makes no decision there either (it made the rollback the
+    run never made, and called its own run different). The same losses ending normally do
+    roll back at the end."""
+
+    def outlier_then_raise(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        if step == 150:
+            raise RuntimeError("the data loader died")
+        return loss - loss.detach() + 30.0 * loss.detach() if step == 140 else loss
+
+    surgeon = ScheduleSurgeon(verbose=False)
+    trainer = make_trainer(
+        [surgeon], max_steps=300, logger=CSVLogger(tmp_path, name="", version="")
+    )
+    with pytest.raises(RuntimeError, match="the data loader died"):
+        trainer.fit(TinyRegressor(loss_hook=outlier_then_raise), make_loader())
+    kinds = [e.kind for e in surgeon.events]
+    assert EventKind.OUTLIER in kinds and EventKind.ROLLBACK not in kinds
+    assert "its end was not read" in surgeon.events[-1].reason
+    stream = read_stream(tmp_path)
+    assert stream.settings is not None and not stream.end_read
+    replayed = stream.replayed(stream.settings)
+    assert comparable(replayed.events) == comparable(surgeon.events[:-1])  # not the stopped
+    ended = replay(stream.losses, stream.settings, update_skipped=stream.update_skipped)
+    assert [e.kind for e in ended.events][-1] is EventKind.ROLLBACK
+
+
 def test_feed_matches_a_controller_fed_without_lag_on_the_events() -> None:
     """Events depend on the losses only (no rollback): lag or not, the same decisions."""
     losses = [2.0 / (1 + i / 50) + 0.01 * ((i * 7) % 5) for i in range(600)]

@@ -149,6 +149,11 @@ def find_peak_lr(
     # load_state_dict replaced the param group dicts: read them again
     for group, lr in zip(optimizer.param_groups, configured, strict=True):
         group[PEAK_LR_KEY] = suggestion * float(lr) / first
+    defaults = getattr(optimizer, "defaults", None)
+    if isinstance(defaults, dict) and isinstance(defaults.get("lr"), (float, int, Tensor)):
+        # a group added later without an LR of its own peaks at the found LR too (the
+        # optimizer's default is a group's peak: see StepEngine.adopt_new_param_groups)
+        defaults["lr"] = defaults["lr"] * (suggestion / first)  # (a tensor stays one)
     why = (
         f"LR range test suggests peak LR {suggestion:.4g} (first param group; others keep "
         f"their configured ratios, first was {first:.4g}): {found.reason}; {tested}"

@@ -343,7 +343,7 @@
       this._pending_snapshot = null;
       this._good_snapshot = null;
       this._idle_since_good = 0; // steps passed without an update since the good snapshot
-      this._unsettled = null; // [step, cause, confirmed] of the last bad batch left in place
+      this._unsettled = []; // [step, cause, confirmed]: the last outlier, spike left in place
       this._last_snapshot_step = -Infinity;
       this.rollback_to = null;
       this._rollback_cause = [0, ""];
@@ -408,24 +408,33 @@
       if (end_of_fit || this.step >= this.total_steps) this._settle_at_the_end();
     }
 
+    _unsettle(step, cause, confirmed) {
+      // the last of each kind (outlier, confirmed spike) replaces the one before
+      this._unsettled = this._unsettled.filter((u) => u[2] !== confirmed);
+      this._unsettled.push([step, cause, confirmed]);
+    }
+
     _settle_at_the_end() {
       // at the end of the fit no later loss or step answers a bad batch left in the weights
       // since the good snapshot: a severe outlier with too few losses after it, or a confirmed
       // spike whose loss is still out of its band: roll back to the good snapshot
-      const unsettled = this._unsettled;
       const good = this._good_snapshot;
-      if (unsettled === null || good === null || unsettled[0] < good[0]) return;
-      const [step, cause, confirmed] = unsettled;
-      let left;
-      if (confirmed) {
-        if (this.spike.last_zscore <= NORMAL_BAND_ZSCORE) return;
-        left = "its loss still out of its band, no step left for the cut to act";
-      } else {
-        const after = this.step - 1 - step;
-        if (after >= this.snapshot_every) return;
-        left = `only ${steps(after)} read after it, too few to show its damage`;
+      if (good === null) return;
+      const sorted = [...this._unsettled].sort((a, b) => a[0] - b[0]);
+      for (const [step, cause, confirmed] of sorted) {
+        if (step < good[0]) continue; // the good snapshot holds it already
+        let left;
+        if (confirmed) {
+          if (this.spike.last_zscore <= NORMAL_BAND_ZSCORE) continue;
+          left = "its loss still out of its band, no step left for the cut to act";
+        } else {
+          const after = this.step - 1 - step;
+          if (after >= this.snapshot_every) continue;
+          left = `only ${steps(after)} read after it, too few to show its damage`;
+        }
+        this._request_rollback(step, `${cause} just before the end of the fit, ${left}`);
+        return;
       }
-      this._request_rollback(step, `${cause} just before the end of the fit, ${left}`);
     }
 
     _settle_snapshot(step) {
@@ -488,7 +497,7 @@
       this.nonfinite_applied = false;
       this.rolled_back_to = target;
       this.shifted_level = null;
-      this._unsettled = null;
+      this._unsettled = [];
       const idle = this._idle_since_good; // (steps not read yet count as updated)
       const updated = idle ? `, ${now - target - idle} with an update` : "";
       const why =
@@ -717,7 +726,7 @@
         why += this._request_rollback(step, `the next loss, ${str(loss)}, is not finite`);
       }
       if (this.rollback_to === null) {
-        this._unsettled = [suspect.step, `a spike at step ${suspect.step}`, true];
+        this._unsettle(suspect.step, `a spike at step ${suspect.step}`, true);
       }
       return this._cut_for_spike(step, EventKind.SPIKE, why, level_shift, worst);
     }
@@ -733,7 +742,7 @@
       const pending = this._pending_snapshot;
       if (pending !== null && pending[0] > suspect.step) this._pending_snapshot = null;
       if (this._severe(suspect.loss, suspect.mean)) {
-        this._unsettled = [suspect.step, `an outlier at step ${suspect.step}`, false];
+        this._unsettle(suspect.step, `an outlier at step ${suspect.step}`, false);
       }
       const why =
         `${this._spike_words(suspect)}, but the next loss, ${g(loss, 4)}, is back within ` +

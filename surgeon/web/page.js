@@ -471,6 +471,7 @@
           steps: data.steps,
           passed: data.passed,
           checkpoints: data.checkpoints,
+          end_read: data.end_read,
         });
         page.error = null;
         $("error").textContent = "";

@@ -9,7 +9,7 @@
     controller,
     losses,
     update_skipped,
-    { readback_every = 4, snapshots = true, passed = null, checkpoints = [] } = {},
+    { readback_every = 4, snapshots = true, passed = null, checkpoints = [], end_read = true } = {},
   ) {
     const n = losses.length;
     const scales = [];
@@ -34,11 +34,12 @@
 
     const range = (start, stop) =>
       Array.from({ length: Math.max(0, stop - start) }, (_, k) => start + k);
-    function read_all(now, end_of_fit = false) { // a checkpoint or the fit's end
+    function read_all(now, end_of_fit = false, decide = true) { // a checkpoint or the end
       in_flight.push(range(Math.max(now - (now % readback_every), read_until), now));
       for (const block of in_flight) consume(block, now);
       in_flight = [];
       read_until = now;
+      if (!decide) return; // a fit that raised: its end decided nothing
       controller.before_checkpoint(end_of_fit); // no loss confirms a spike in the last one
       if (controller.rollback_to !== null) controller.rolled_back(now);
     }
@@ -63,14 +64,14 @@
       }
       if (at_checkpoint.has(step + 1) && step + 1 < n) checkpoint(step + 1);
     }
-    read_all(n, true); // on_train_end: the open block and those in flight
+    read_all(n, true, end_read); // on_train_end: the open block and those in flight
     return [scales, smooth, phases];
   }
 
   function replay(
     losses,
     settings,
-    { update_skipped = null, steps = null, passed = null, checkpoints = [] } = {},
+    { update_skipped = null, steps = null, passed = null, checkpoints = [], end_read = true } = {},
   ) {
     const skipped = update_skipped === null ? losses.map((x) => !Number.isFinite(x))
                                             : update_skipped;
@@ -82,6 +83,7 @@
       snapshots: settings.snapshots,
       passed,
       checkpoints,
+      end_read,
     });
     const events = controller.events.map((e) =>
       e.step < at.length ? { ...e, step: at[e.step] } : e,
