@@ -17,9 +17,7 @@ weight, moment or step counter changes. Two ways, chosen per optimizer:
   uninitialised memory, so that step is checked the ``"host"`` way (one sync);
 * ``"host"``: the flag is read on the host and, when set, every gradient of the
   optimizer is set to ``None``, so the step leaves every parameter alone (torch
-  optimizers skip parameters without a gradient); in a plain loop as ``optimizer.step``
-  begins (a step pre-hook), so a GradScaler the loop did not pass to the surgeon checks
-  them first and skips the step itself. Free on CPU; on CUDA a read is a
+  optimizers skip parameters without a gradient). Free on CPU; on CUDA a read is a
   host sync, so mode ``"auto"`` uses it there only when asked (``"always"``), and
   otherwise leaves such optimizers unguarded (the rollback still undoes the damage,
   a few steps later) and says so once.
@@ -51,7 +49,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -145,7 +143,6 @@ class NonFiniteGuard:
         reduce_max: Callable[[Tensor], None] | None = None,
         check_losses: bool = True,
         grad_check_every: int = 1,
-        skip_in_step: bool = False,
     ) -> None:
         if mode not in SKIP_NONFINITE_MODES:
             raise ValueError(
@@ -159,12 +156,9 @@ class NonFiniteGuard:
         self.grad_check_every = grad_check_every
         """Check the gradients of every n-th step only, where the losses are read on the host
         (the ``"host"`` way on the CPU, one process, ``check_losses``); elsewhere every step."""
-        self.skip_in_step = skip_in_step
-        """The host way takes a flagged step's gradients away inside ``optimizer.step`` (a
-        step pre-hook), not at the check: a plain loop's GradScaler not passed to the surgeon
-        checks them first and skips the step itself (without them its ``step`` would fail,
-        "No inf checks were recorded"), and :attr:`skip_left` then says the step never came."""
-        self._deferred: list[list[Any]] = []  # [hook handle, fired] per flagged optimizer
+        self.gradients_taken = 0
+        """Steps whose gradients the host way took away (a plain loop looks once, at the
+        first, for a GradScaler it was not given: its ``step`` fails on such a step)."""
         self._steps = 0  # steps released so far: the gradients are checked when it divides
         self._in_step = False  # an optimizer was checked since the last release
         self._losses: list[Tensor] = []
@@ -219,7 +213,7 @@ class NonFiniteGuard:
             return None
         self._in_step = True
         if watched.sampled and self._steps % self.grad_check_every:
-            return self._check_losses_on_host(optimizer, watched)
+            return self._check_losses_on_host(watched)
         tensors = [grad for p in watched.params if (grad := p.grad) is not None]
         tensors += losses
         if not tensors:
@@ -255,34 +249,16 @@ class NonFiniteGuard:
         if not flag.item():
             return zero
         flag.zero_()
-        self._take_gradients(optimizer, watched)
+        self._take_gradients(watched)
         return one
 
-    def _take_gradients(self, optimizer: Optimizer, watched: _Watched) -> None:
-        """Skip the flagged update: the optimizer skips parameters without a gradient (taken
-        away now, or as its step begins: :attr:`skip_in_step`)."""
-        register = getattr(optimizer, "register_step_pre_hook", None)
-        if not self.skip_in_step or register is None:
-            for p in watched.params:
-                p.grad = None
-            return
-        entry: list[Any] = [None, False]
+    def _take_gradients(self, watched: _Watched) -> None:
+        """Skip the flagged update: the optimizer skips parameters without a gradient."""
+        for p in watched.params:
+            p.grad = None
+        self.gradients_taken += 1
 
-        def take(*_: Any) -> None:
-            entry[1] = True
-            for p in watched.params:
-                p.grad = None
-
-        entry[0] = register(take)
-        self._deferred.append(entry)
-
-    @property
-    def skip_left(self) -> bool:
-        """A flagged step whose gradients were left for ``optimizer.step`` to drop, and no
-        step came (a GradScaler skipped it): until :meth:`release`."""
-        return any(not fired for _, fired in self._deferred)
-
-    def _check_losses_on_host(self, optimizer: Optimizer, watched: _Watched) -> Tensor:
+    def _check_losses_on_host(self, watched: _Watched) -> Tensor:
         """A step whose gradients are not checked: its losses, read on the host (free on the
         CPU); the gradients are taken away when one is non-finite."""
         device = watched.device
@@ -290,7 +266,7 @@ class NonFiniteGuard:
         zero, one, _ = self._constants_on(device)
         for loss in self._losses:
             if not math.isfinite(loss.item()):
-                self._take_gradients(optimizer, watched)
+                self._take_gradients(watched)
                 return one
         return zero
 
@@ -344,7 +320,3 @@ class NonFiniteGuard:
             self._armed = []
         if self._losses:
             self._losses = []
-        if self._deferred:
-            for handle, _ in self._deferred:
-                handle.remove()
-            self._deferred = []

@@ -23,6 +23,7 @@ rank makes the same decisions; call ``step`` and ``guard`` on every rank.
 
 import contextlib
 import dataclasses
+import gc
 import math
 import numbers
 import warnings
@@ -161,6 +162,7 @@ class Surgeon:
         self.verbose = verbose
         self.scaler = scaler
         self._rank_zero = _is_rank_zero()
+        self._scalers_looked = False  # see _say_a_scaler_not_passed
         scheduled = [o for o in optimizers if any("initial_lr" in g for g in o.param_groups)]
         if scheduled:  # a torch LR scheduler was made on it: it left its LR, not the peak
             for scheduled_optimizer in scheduled:
@@ -191,15 +193,11 @@ class Surgeon:
             on_losses=self._on_losses,
             on_warning=self._warn,
         )
-        # a flagged step's gradients go as its optimizer.step begins: a GradScaler the loop
-        # did not pass checks them first (and skips the step itself)
         if _grads_synchronized(model):
-            guard = NonFiniteGuard(skip_nonfinite, check_losses=False, skip_in_step=True)
+            guard = NonFiniteGuard(skip_nonfinite, check_losses=False)
         else:
             every = grad_check_every if snapshot != "off" and model is not None else 1
-            guard = NonFiniteGuard(
-                skip_nonfinite, distributed_max(), grad_check_every=every, skip_in_step=True
-            )
+            guard = NonFiniteGuard(skip_nonfinite, distributed_max(), grad_check_every=every)
         if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
             # GradScaler skips non-finite steps itself and must see the gradients it checks
             # (a guard that dropped them would leave it no inf check to record): stand aside
@@ -249,8 +247,33 @@ class Surgeon:
                 "later, at best) and, without step(), the LR never moves on",
                 stacklevel=3,
             )
+        guard = self.engine.guard
+        taken = guard.gradients_taken
         for optimizer in self.engine.optimizers:
             self.engine.before_optimizer_step(optimizer)
+        if guard.gradients_taken != taken and self.scaler is None and not self._scalers_looked:
+            self._say_a_scaler_not_passed()
+
+    def _say_a_scaler_not_passed(self) -> None:
+        """At the first step the guard skipped, in a loop given no GradScaler: look once for an
+        enabled one in this process (a rare path: a scan of the live objects) and, if there is
+        one, say to pass it: if it scales this loop's loss, its ``step`` now fails on the
+        gradients the guard took ("No inf checks were recorded for this optimizer"), and its
+        overflow skips would count as faults."""
+        self._scalers_looked = True
+        scaler = torch.amp.GradScaler  # type(), not isinstance: no object's __class__ runs
+        if self._rank_zero and any(
+            issubclass(type(o), scaler) and o.is_enabled() for o in gc.get_objects()
+        ):
+            warnings.warn(
+                f"Surgeon: guard() skipped step {self.engine.step} (a non-finite loss or "
+                "gradient) and an enabled torch.amp.GradScaler lives in this process but was "
+                "not passed: if it scales this loop's loss, pass it, Surgeon(..., "
+                "scaler=scaler): its scaler.step fails on a step whose gradients the guard "
+                "took ('No inf checks were recorded for this optimizer'), and its overflow "
+                "skips count as its calibration only when the surgeon knows it",
+                stacklevel=3,
+            )
 
     def step(self, loss: Tensor | float) -> None:
         """After ``optimizer.step()``: this step's loss (a tensor is not read now), then the
@@ -368,14 +391,6 @@ class Surgeon:
         stepped, self._optimizer_steps = self._optimizer_steps, 0
         first, self._first_call = self._first_call, False
         if stepped or self.scaler is not None:
-            return
-        if self.engine.guard.skip_left:
-            self._warn_order(
-                f"guard() found a non-finite loss or gradient at step {self.engine.step} and "
-                "the optimizer did not step: a GradScaler skipped it? Pass it, Surgeon(..., "
-                "scaler=scaler), so its overflow skips count as its calibration, not as faults "
-                "(the guard leaves such gradients for it to check)"
-            )
             return
         if first:
             self._warn_order(
