@@ -299,7 +299,7 @@ class Controller:
     _pending_snapshot: tuple[int, int] | None  # (step, bytes) taken, not yet confirmed good
     _good_snapshot: tuple[int, int] | None  # the one a rollback restores
     _idle_since_good: int
-    _unsettled: dict[bool, tuple[int, str]]  # see _settle_at_the_end
+    _unsettled: tuple[int, str] | None  # see _settle_at_the_end
 
     def __init__(
         self, total_steps: int, config: SurgeonConfig | None = None, *, lag: int = 0
@@ -800,7 +800,7 @@ class Controller:
         self._pending_snapshot = None
         self._good_snapshot = None
         self._idle_since_good = 0  # steps passed without an update since the good snapshot
-        self._unsettled = {}  # confirmed -> (step, cause): the last outlier, spike left in place
+        self._unsettled = None  # (step, cause) of the last spike answered by a cut
         self._last_snapshot_step = -math.inf
         # set by a decision to roll back: the step of the snapshot the caller is to restore
         self.rollback_to: int | None = None
@@ -881,7 +881,7 @@ class Controller:
         or the last losses were non-finite with their updates applied (unguarded), the weights
         are suspect: ask for a rollback now rather than have them saved or kept (when a recent
         good snapshot exists). At the end of the fit (``end_of_fit``, or a checkpoint at the
-        plan's last step) also for a bad batch the last steps left in place
+        plan's last step) also for a spike the last steps left unanswered
         (:meth:`_settle_at_the_end`)."""
         suspect = self.suspect
         if suspect is not None and not self.nonfinite_streak:
@@ -905,31 +905,23 @@ class Controller:
             self._settle_at_the_end()
 
     def _settle_at_the_end(self) -> None:
-        """At the end of the fit, no later loss and no later step is left to answer a bad batch
-        whose update is in the weights since the good snapshot: a severe outlier with fewer than
-        ``snapshot_every`` losses after it (in band so far, but its update's damage builds over
-        the next steps, as momentum carries it on) or a confirmed spike whose loss is still out
-        of its normal band (a cut needs steps to act). The weights are then suspect: roll back
-        to the good snapshot (when within reach), as mid-run a spike that damage confirms
-        would."""
-        good = self._good_snapshot
-        if good is None:
-            return
-        # (one that the good snapshot holds already is no matter: it comes after it)
-        for confirmed, (step, cause) in sorted(self._unsettled.items(), key=lambda kv: kv[1][0]):
-            if step < good[0]:
-                continue
-            if confirmed:
-                if self.spike.last_zscore <= NORMAL_BAND_ZSCORE:
-                    continue  # the loss is back in its band: the cut has done its work
-                left = "its loss still out of its band, no step left for the cut to act"
-            else:
-                after = self.step - 1 - step
-                if after >= self.snapshot_every:
-                    continue  # as many normal losses after it as a snapshot needs: no damage
-                left = f"only {_steps(after)} read after it, too few to show its damage"
-            self._request_rollback(step, f"{cause} just before the end of the fit, {left}")
-            return
+        """At the end of the fit no later step is left for the cut that answered a confirmed
+        spike since the good snapshot: if the loss is still out of its normal band, the
+        weights hold the damage (the next steps would have worked it off): roll back to the
+        good snapshot, when within reach. An outlier whose next losses are back in band is
+        left alone here too: rolling back undoes the last steps of the decay, which a trial
+        measured to cost more than such a batch (README, *Guarantees*)."""
+        unsettled, good = self._unsettled, self._good_snapshot
+        if unsettled is None or good is None or unsettled[0] < good[0]:
+            return  # none, or the good snapshot holds it already
+        if self.spike.last_zscore <= NORMAL_BAND_ZSCORE:
+            return  # the loss is back in its band: the cut has done its work
+        step, cause = unsettled
+        self._request_rollback(
+            step,
+            f"{cause} just before the end of the fit, its loss still out of its band, no step "
+            "left for the cut to act",
+        )
 
     def ended_early(self, done: int, cause: str) -> Event | None:
         """The run ended after ``done`` steps, before its plan did (``cause``: what ended it):
@@ -1027,7 +1019,7 @@ class Controller:
         self.ignore_until = max(self.ignore_until, now)
         self.nonfinite_streak, self.nonfinite_applied = 0, False
         self.rolled_back_to, self.shifted_level = target, None
-        self._unsettled = {}
+        self._unsettled = None
         idle = self._idle_since_good  # (steps not read yet count as updated)
         updated = f", {now - target - idle} with an update" if idle else ""
         why = (
@@ -1275,10 +1267,7 @@ class Controller:
         elif not math.isfinite(loss):
             why += self._request_rollback(step, f"the next loss, {loss}, is not finite")
         if self.rollback_to is None:
-            self._unsettled[True] = (
-                int(suspect["step"]),
-                f"a spike at step {int(suspect['step'])}",
-            )
+            self._unsettled = (int(suspect["step"]), f"a spike at step {int(suspect['step'])}")
         return self._cut_for_spike(step, EventKind.SPIKE, why, level_shift=level_shift, worst=worst)
 
     def _severe(self, loss: float, mean: float) -> bool:
@@ -1294,9 +1283,6 @@ class Controller:
         pending = self._pending_snapshot
         if pending is not None and pending[0] > int(suspect["step"]):
             self._pending_snapshot = None
-        if self._severe(suspect["loss"], suspect["mean"]):
-            step_of = int(suspect["step"])
-            self._unsettled[False] = (step_of, f"an outlier at step {step_of}")
         why = (
             f"{self._spike_words(suspect)}, but the next loss, {loss:.4g}, is back within "
             f"{NORMAL_BAND_ZSCORE:g} sigma: an isolated outlier (a hard batch), no action"

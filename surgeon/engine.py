@@ -534,7 +534,7 @@ class StepEngine:
         ``2 x readback_every - 1`` steps) and decide on them like any other: a spike or NaN at
         the very end is recorded, and a rollback leaves the last good weights (one for a severe
         spike in the last loss too, which no later loss can confirm, as before a checkpoint;
-        at the ``end_of_fit`` also one for a bad batch the last steps left in place). Then the
+        at the ``end_of_fit`` also one for a spike whose cut has no steps left to act). Then the
         weights and optimizer state are checked for NaN/inf no snapshot has seen yet."""
         controller = self.controller
         if controller is not None:

@@ -156,9 +156,6 @@ class NonFiniteGuard:
         self.grad_check_every = grad_check_every
         """Check the gradients of every n-th step only, where the losses are read on the host
         (the ``"host"`` way on the CPU, one process, ``check_losses``); elsewhere every step."""
-        self.gradients_taken = 0
-        """Steps whose gradients the host way took away (a plain loop looks once, at the
-        first, for a GradScaler it was not given: its ``step`` fails on such a step)."""
         self._steps = 0  # steps released so far: the gradients are checked when it divides
         self._in_step = False  # an optimizer was checked since the last release
         self._losses: list[Tensor] = []
@@ -249,14 +246,9 @@ class NonFiniteGuard:
         if not flag.item():
             return zero
         flag.zero_()
-        self._take_gradients(watched)
-        return one
-
-    def _take_gradients(self, watched: _Watched) -> None:
-        """Skip the flagged update: the optimizer skips parameters without a gradient."""
         for p in watched.params:
             p.grad = None
-        self.gradients_taken += 1
+        return one
 
     def _check_losses_on_host(self, watched: _Watched) -> Tensor:
         """A step whose gradients are not checked: its losses, read on the host (free on the
@@ -266,7 +258,8 @@ class NonFiniteGuard:
         zero, one, _ = self._constants_on(device)
         for loss in self._losses:
             if not math.isfinite(loss.item()):
-                self._take_gradients(watched)
+                for p in watched.params:
+                    p.grad = None
                 return one
         return zero
 

@@ -23,7 +23,6 @@ rank makes the same decisions; call ``step`` and ``guard`` on every rank.
 
 import contextlib
 import dataclasses
-import gc
 import math
 import numbers
 import warnings
@@ -162,7 +161,6 @@ class Surgeon:
         self.verbose = verbose
         self.scaler = scaler
         self._rank_zero = _is_rank_zero()
-        self._scalers_looked = False  # see _say_a_scaler_not_passed
         scheduled = [o for o in optimizers if any("initial_lr" in g for g in o.param_groups)]
         if scheduled:  # a torch LR scheduler was made on it: it left its LR, not the peak
             for scheduled_optimizer in scheduled:
@@ -247,33 +245,8 @@ class Surgeon:
                 "later, at best) and, without step(), the LR never moves on",
                 stacklevel=3,
             )
-        guard = self.engine.guard
-        taken = guard.gradients_taken
         for optimizer in self.engine.optimizers:
             self.engine.before_optimizer_step(optimizer)
-        if guard.gradients_taken != taken and self.scaler is None and not self._scalers_looked:
-            self._say_a_scaler_not_passed()
-
-    def _say_a_scaler_not_passed(self) -> None:
-        """At the first step the guard skipped, in a loop given no GradScaler: look once for an
-        enabled one in this process (a rare path: a scan of the live objects) and, if there is
-        one, say to pass it: if it scales this loop's loss, its ``step`` now fails on the
-        gradients the guard took ("No inf checks were recorded for this optimizer"), and its
-        overflow skips would count as faults."""
-        self._scalers_looked = True
-        scaler = torch.amp.GradScaler  # type(), not isinstance: no object's __class__ runs
-        if self._rank_zero and any(
-            issubclass(type(o), scaler) and o.is_enabled() for o in gc.get_objects()
-        ):
-            warnings.warn(
-                f"Surgeon: guard() skipped step {self.engine.step} (a non-finite loss or "
-                "gradient) and an enabled torch.amp.GradScaler lives in this process but was "
-                "not passed: if it scales this loop's loss, pass it, Surgeon(..., "
-                "scaler=scaler): its scaler.step fails on a step whose gradients the guard "
-                "took ('No inf checks were recorded for this optimizer'), and its overflow "
-                "skips count as its calibration only when the surgeon knows it",
-                stacklevel=3,
-            )
 
     def step(self, loss: Tensor | float) -> None:
         """After ``optimizer.step()``: this step's loss (a tensor is not read now), then the

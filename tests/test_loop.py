@@ -14,6 +14,7 @@ import math
 import random
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -388,59 +389,6 @@ def test_a_loop_with_a_gradscaler_skips_overflows_and_ends_its_plan(unscale_firs
     skipped = [e.step for e in surgeon.events if e.kind is EventKind.SKIPPED_STEP]
     assert skipped == [nan]
     assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def test_a_gradscaler_not_passed_is_named_at_the_first_skipped_step() -> None:
-    """The README's fp16 loop without ``scaler=``: at the first overflow the guard takes the
-    gradients away and ``scaler.step`` fails ("No inf checks were recorded", torch's words
-    alone before); a warning just before names the GradScaler the loop did not pass. A
-    GradScaler that is not the loop's (a notebook's earlier cell) changes nothing but that
-    warning: the guard still skips a NaN step, weights and momentum untouched."""
-    torch.manual_seed(0)
-    model = nn.Linear(4, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    surgeon = Surgeon(optimizer, 30, model=model, verbose=False, warmup=4)
-    with pytest.warns(UserWarning, match="GradScaler lives in this process") as warned:
-        for step in range(30):
-            loss = model(torch.randn(8, 4)).square().mean()
-            scaler.scale(loss).backward()
-            if step == 7:
-                model.weight.grad[0, 0] = math.inf
-            surgeon.guard(loss)
-            if step == 7:
-                with pytest.raises(AssertionError, match="No inf checks were recorded"):
-                    scaler.step(optimizer)
-                break
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad()
-            surgeon.step(loss)
-    said = [str(w.message) for w in warned if str(w.message).startswith("Surgeon:")]
-    assert len(said) == 1 and "pass it, Surgeon(..., scaler=scaler)" in said[0]
-    assert "guard() skipped step 7" in said[0] and warned[0].filename == __file__
-
-    assert scaler.is_enabled()  # alive, not the next loop's
-    other = nn.Linear(4, 1)
-    optimizer = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
-    surgeon = Surgeon(optimizer, 20, model=other, verbose=False, warmup=2)
-    with pytest.warns(UserWarning, match="if it scales this loop's loss"):
-        for step in range(20):
-            loss = other(torch.randn(8, 4)).square().mean() * (math.nan if step == 9 else 1.0)
-            if step == 9:
-                before = [p.detach().clone() for p in other.parameters()]
-                momentum = [
-                    optimizer.state[p]["momentum_buffer"].clone() for p in other.parameters()
-                ]
-            train_step(surgeon, optimizer, loss)
-            if step == 9:
-                assert all(
-                    torch.equal(p, b) for p, b in zip(other.parameters(), before, strict=True)
-                )
-                kept = [optimizer.state[p]["momentum_buffer"] for p in other.parameters()]
-                assert all(torch.equal(a, b) for a, b in zip(kept, momentum, strict=True))
-        surgeon.finish()
-    assert [e.step for e in surgeon.events if e.kind is EventKind.SKIPPED_STEP] == [9]
 
 
 def test_a_resumed_loops_lr_rewrite_runs_beside_a_users_own_step_pre_hook() -> None:
@@ -1165,12 +1113,19 @@ def test_a_param_group_added_without_its_own_lr_peaks_at_the_optimizers_lr() -> 
 
 
 def _noisy_regression_fit(
-    optimizer_name: str, bad_batch: int | None, scale: float = 1.0, checkpoint_at: int = -1
+    optimizer_name: str,
+    bad: Sequence[int] = (),
+    *,
+    shift: float = 50.0,
+    scale: float = 1.0,
+    checkpoint_at: int = -1,
+    **surgeon_kw: Any,
 ) -> tuple[Surgeon, nn.Module, torch.optim.Optimizer, float, dict[str, Any]]:
     """300 plain-loop steps of a tanh MLP on a noisy linear target (a loss that stays noisy,
-    unlike a target the net fits exactly); at ``bad_batch`` the targets are shifted by 50 and
-    the loss multiplied by ``scale``. Returns the surgeon, model, optimizer, held-out loss and
-    what ``surgeon.state_dict()`` saved with the optimizer at ``checkpoint_at``."""
+    unlike a target the net fits exactly); at the ``bad`` steps the targets are shifted by
+    ``shift`` and the loss multiplied by ``scale``. Returns the surgeon, model, optimizer,
+    held-out loss and what ``surgeon.state_dict()`` saved with the optimizer at
+    ``checkpoint_at``; ``surgeon_kw`` go to the :class:`Surgeon`."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
     optimizer: torch.optim.Optimizer = (
@@ -1178,7 +1133,7 @@ def _noisy_regression_fit(
         if optimizer_name == "sgd"
         else torch.optim.Adam(model.parameters(), lr=0.01)
     )
-    surgeon = Surgeon(optimizer, 300, model=model, verbose=False)
+    surgeon = Surgeon(optimizer, 300, model=model, verbose=False, **surgeon_kw)
     weights = torch.randn(8, 1, generator=torch.Generator().manual_seed(1))
     saved: dict[str, Any] = {}
 
@@ -1189,9 +1144,9 @@ def _noisy_regression_fit(
 
     for step in range(300):
         x, y = batch(step)
-        if step == bad_batch:
-            y = y + 50.0
-        loss = nn.functional.mse_loss(model(x), y) * (scale if step == bad_batch else 1.0)
+        if step in bad:
+            y = y + shift
+        loss = nn.functional.mse_loss(model(x), y) * (scale if step in bad else 1.0)
         train_step(surgeon, optimizer, loss)
         if step == checkpoint_at:
             saved = copy.deepcopy({"surgeon": surgeon.state_dict(), "opt": optimizer.state_dict()})
@@ -1202,31 +1157,43 @@ def _noisy_regression_fit(
     return surgeon, model, optimizer, held_out, saved
 
 
-@pytest.mark.parametrize("bad_batch", [296, 297, 298])
-def test_a_bad_batch_in_the_last_steps_is_rolled_back_at_the_end_of_the_fit(
-    bad_batch: int,
-) -> None:
-    """A corrupted batch 2-4 steps before the end whose next loss is back in its band (an
-    outlier): momentum carries its update into the last steps, and no later loss or step is
-    left to answer it, so the end of the fit rolls back to the good snapshot before it
-    (before: the fit ended 1.4-4.5x a clean run's held-out loss, an `outlier` its only
-    event). The same batch far enough from the end, its damage shown, is rolled back mid-run;
-    a clean run ends with no rollback."""
-    _, _, _, clean, _ = _noisy_regression_fit("sgd", None)
-    surgeon, _, _, held_out, _ = _noisy_regression_fit("sgd", bad_batch)
-    rollbacks = [e for e in surgeon.events if e.kind is EventKind.ROLLBACK]
-    assert len(rollbacks) == 1, [(e.step, e.kind.value) for e in surgeon.events]
-    assert "just before the end of the fit" in rollbacks[0].reason
+def test_a_spike_still_out_of_band_at_the_end_of_the_fit_is_rolled_back() -> None:
+    """A spike its next loss confirms 5 steps before the end, under ``rollback_threshold`` (a
+    cut, no rollback mid-run: 5.5x the mean, the threshold raised to 10x), the loss still out
+    of its band when the fit ends: no step is left for the cut to act, so the end of the fit
+    rolls back to the good snapshot before it. A clean run ends with no rollback."""
+    _, _, _, clean, _ = _noisy_regression_fit("sgd")
+    bad = range(295, 300)
+    surgeon, _, _, held_out, _ = _noisy_regression_fit(
+        "sgd", bad, shift=0.35, rollback_threshold=10
+    )
+    spikes = [e.step for e in surgeon.events if e.kind is EventKind.SPIKE]
+    (rollback,) = [e for e in surgeon.events if e.kind is EventKind.ROLLBACK]
+    assert spikes and "just before the end of the fit, its loss still out of its band" in (
+        rollback.reason
+    )
     assert held_out <= 1.1 * clean
-    clean_run, *_ = _noisy_regression_fit("sgd", None)
+    clean_run, *_ = _noisy_regression_fit("sgd")
     assert not [e for e in clean_run.events if e.kind is EventKind.ROLLBACK]
+
+
+def test_an_outlier_in_the_last_steps_is_left_in_place() -> None:
+    """A corrupted batch 3 steps before the end whose next losses are back in band (an
+    outlier) stays in the final weights: rolling back undoes the decay's last steps, and on
+    ordinary hard batches (as often 50-165x the late running mean as a corrupted one) a trial
+    measured that to cost more (+4.4% on 4 of 10 clean SGD runs) than keeping them; here the
+    batch costs 2x (README, *Guarantees*, says both)."""
+    _, _, _, clean, _ = _noisy_regression_fit("sgd")
+    surgeon, _, _, held_out, _ = _noisy_regression_fit("sgd", [297])
+    assert [e.kind for e in surgeon.events if e.step >= 297] == [EventKind.OUTLIER, EventKind.DONE]
+    assert held_out > 1.5 * clean
 
 
 def test_an_optimizer_state_overflowed_in_the_last_interval_is_rolled_back_at_the_end() -> None:
     """A x1e30 loss 6 steps before the end overflows Adam's second moment (every later update of
     those weights 0, the losses after it normal): no snapshot is left to check the state, so
     the end of the fit does, and rolls back (before: inf state kept, no event)."""
-    surgeon, model, optimizer, _, _ = _noisy_regression_fit("adam", 294, scale=1e30)
+    surgeon, model, optimizer, _, _ = _noisy_regression_fit("adam", [294], scale=1e30)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     state = [v for s in optimizer.state.values() for v in s.values() if v.dim()]
     assert state and all(torch.isfinite(v).all() for v in state)
@@ -1237,7 +1204,7 @@ def test_a_checkpoint_holds_no_optimizer_state_overflowed_since_the_last_snapsho
     """The same overflow 3 steps before a checkpoint, mid-fit: the checkpoint checks the state
     before it is saved and rolls back (before: the inf state was saved, and a resume froze
     those weights for the rest of the run); the reason says where it was found."""
-    surgeon, _, _, _, saved = _noisy_regression_fit("adam", 150, scale=1e30, checkpoint_at=153)
+    surgeon, _, _, _, saved = _noisy_regression_fit("adam", [150], scale=1e30, checkpoint_at=153)
     saved_state = [v for s in saved["opt"]["state"].values() for v in s.values() if v.dim()]
     assert saved_state and all(torch.isfinite(v).all() for v in saved_state)
     (rollback,) = [e for e in surgeon.events if e.kind is EventKind.ROLLBACK]

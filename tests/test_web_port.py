@@ -208,13 +208,15 @@ def _outlier_before_a_snapshot(n: int = 1000) -> list[float]:
 
 
 def _bad_batches_at_the_end(n: int = 400) -> list[float]:
-    """Late trouble the fit ends before it is answered: a severe outlier 9 steps from the end
-    (its next losses in band), then a mild spike its next loss confirms, back in band by the
-    end (that cut did its work, and it does not hide the outlier); earlier, such a mild spike
-    alone (nothing at the end for it)."""
+    """Late trouble: a mild spike its next loss confirms, back in band by the end (that cut did
+    its work); a severe outlier 9 steps from the end, its next losses in band (left alone: a
+    rollback would undo the decay's last steps); a spike 3 steps from the end that stays out of
+    band (no step left for its cut to act: rolled back at the end)."""
     losses = _noisy([1.0 / (1 + i / 100) + 0.2 for i in range(n)], 0.02, 11)
-    for step, factor in ((300, 2.0), (301, 2.0), (n - 9, 30.0), (n - 6, 2.0), (n - 5, 2.0)):
+    for step, factor in ((300, 2.0), (301, 2.0), (n - 9, 30.0)):
         losses[step] *= factor
+    for step in range(n - 3, n):
+        losses[step] *= 2.5
     return losses
 
 
@@ -431,10 +433,10 @@ def test_the_cases_exercise_every_decision(
     assert any(e.kind is EventKind.SPIKE and 150 <= e.step <= 152 for e in after_descent)
     at_the_end = both["bad_batches_at_the_end/defaults"][0].events
     assert any(e.kind is EventKind.SPIKE and e.step == 301 for e in at_the_end)
-    assert any(e.kind is EventKind.SPIKE and e.step == 395 for e in at_the_end)
+    assert any(e.kind is EventKind.OUTLIER and e.step == 392 for e in at_the_end)
     (rollback,) = [e for e in at_the_end if e.kind is EventKind.ROLLBACK]
-    assert rollback.step == 391
-    assert "an outlier at step 391 just before the end of the fit" in rollback.reason
+    assert rollback.step == 397
+    assert "a spike at step 397 just before the end of the fit" in rollback.reason
 
 
 def test_logged_steps_place_the_events() -> None:

@@ -343,7 +343,7 @@
       this._pending_snapshot = null;
       this._good_snapshot = null;
       this._idle_since_good = 0; // steps passed without an update since the good snapshot
-      this._unsettled = []; // [step, cause, confirmed]: the last outlier, spike left in place
+      this._unsettled = null; // [step, cause] of the last spike answered by a cut
       this._last_snapshot_step = -Infinity;
       this.rollback_to = null;
       this._rollback_cause = [0, ""];
@@ -408,33 +408,20 @@
       if (end_of_fit || this.step >= this.total_steps) this._settle_at_the_end();
     }
 
-    _unsettle(step, cause, confirmed) {
-      // the last of each kind (outlier, confirmed spike) replaces the one before
-      this._unsettled = this._unsettled.filter((u) => u[2] !== confirmed);
-      this._unsettled.push([step, cause, confirmed]);
-    }
-
     _settle_at_the_end() {
-      // at the end of the fit no later loss or step answers a bad batch left in the weights
-      // since the good snapshot: a severe outlier with too few losses after it, or a confirmed
-      // spike whose loss is still out of its band: roll back to the good snapshot
+      // at the end of the fit no step is left for the cut that answered a confirmed spike
+      // since the good snapshot: with the loss still out of its band, roll back to it (an
+      // outlier back in band is left alone: rolling back undoes the decay's last steps)
+      const unsettled = this._unsettled;
       const good = this._good_snapshot;
-      if (good === null) return;
-      const sorted = [...this._unsettled].sort((a, b) => a[0] - b[0]);
-      for (const [step, cause, confirmed] of sorted) {
-        if (step < good[0]) continue; // the good snapshot holds it already
-        let left;
-        if (confirmed) {
-          if (this.spike.last_zscore <= NORMAL_BAND_ZSCORE) continue;
-          left = "its loss still out of its band, no step left for the cut to act";
-        } else {
-          const after = this.step - 1 - step;
-          if (after >= this.snapshot_every) continue;
-          left = `only ${steps(after)} read after it, too few to show its damage`;
-        }
-        this._request_rollback(step, `${cause} just before the end of the fit, ${left}`);
-        return;
-      }
+      if (unsettled === null || good === null || unsettled[0] < good[0]) return;
+      if (this.spike.last_zscore <= NORMAL_BAND_ZSCORE) return;
+      const [step, cause] = unsettled;
+      this._request_rollback(
+        step,
+        `${cause} just before the end of the fit, its loss still out of its band, no step ` +
+          "left for the cut to act",
+      );
     }
 
     _settle_snapshot(step) {
@@ -497,7 +484,7 @@
       this.nonfinite_applied = false;
       this.rolled_back_to = target;
       this.shifted_level = null;
-      this._unsettled = [];
+      this._unsettled = null;
       const idle = this._idle_since_good; // (steps not read yet count as updated)
       const updated = idle ? `, ${now - target - idle} with an update` : "";
       const why =
@@ -726,7 +713,7 @@
         why += this._request_rollback(step, `the next loss, ${str(loss)}, is not finite`);
       }
       if (this.rollback_to === null) {
-        this._unsettle(suspect.step, `a spike at step ${suspect.step}`, true);
+        this._unsettled = [suspect.step, `a spike at step ${suspect.step}`];
       }
       return this._cut_for_spike(step, EventKind.SPIKE, why, level_shift, worst);
     }
@@ -741,9 +728,6 @@
       // snapshot taken after it holds its update: no rollback target
       const pending = this._pending_snapshot;
       if (pending !== null && pending[0] > suspect.step) this._pending_snapshot = null;
-      if (this._severe(suspect.loss, suspect.mean)) {
-        this._unsettle(suspect.step, `an outlier at step ${suspect.step}`, false);
-      }
       const why =
         `${this._spike_words(suspect)}, but the next loss, ${g(loss, 4)}, is back within ` +
         `${g(NORMAL_BAND_ZSCORE)} sigma: an isolated outlier (a hard batch), no action`;
