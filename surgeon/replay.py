@@ -238,7 +238,8 @@ def feed(
     ``checkpoints``: after how many steps the run wrote a checkpoint (each reads every loss
     in flight, decides on a last unconfirmed spike, and drops the snapshots); ``end_read``:
     the fit's end read its last losses and decided at the end of the fit (not one that
-    raised: its last losses were handed over as they came, and nothing more)."""
+    raised: the losses it logged were read as the block after each closed, and nothing was
+    decided at its end)."""
     n = len(losses)
     passed = passed or [False] * n
     scales: list[float] = []
@@ -260,15 +261,13 @@ def feed(
                 controller.rolled_back(now)
             smooth[i], phases[i] = controller.spike.mean, controller.phase.value
 
-    def read_all(now: int, end_of_fit: bool = False, decide: bool = True) -> None:
+    def read_all(now: int, end_of_fit: bool = False) -> None:
         nonlocal read_until  # a checkpoint or the fit's end: every loss so far
         in_flight.append(range(max(now - now % readback_every, read_until), now))
         for block in in_flight:
             consume(block, now)
         in_flight.clear()
         read_until = now
-        if not decide:
-            return
         controller.before_checkpoint(end_of_fit=end_of_fit)  # no loss confirms the last one
         if controller.rollback_to is not None:
             controller.rolled_back(now)
@@ -298,7 +297,11 @@ def feed(
                 consume(in_flight.pop(0), step + 1)
         if step + 1 in at_checkpoint and step + 1 < n:
             checkpoint(step + 1)
-    read_all(n, end_of_fit=True, decide=end_read)  # on_train_end: the blocks in flight
+    if end_read:
+        read_all(n, end_of_fit=True)  # on_train_end: the open block and those in flight
+    else:  # a fit that raised: its losses on file were read as the next block closed
+        for block in in_flight:
+            consume(block, block.stop + readback_every)
     return scales, smooth, phases
 
 

@@ -280,25 +280,25 @@ def test_a_severe_spike_on_the_last_step_rolls_back_as_the_fit_ends() -> None:
 def test_a_fit_that_raised_replays_without_a_decision_at_its_end(
     make_trainer: Callable[..., Any], tmp_path: Path
 ) -> None:
-    """A fit that raises (not Ctrl-C) a few steps after a severe outlier reads no loss at its
-    end and so makes no end-of-fit rollback; its ``stopped`` event says its end was not read,
-    and the replay of its directory makes no decision there either (it made the rollback the
-    run never made, and called its own run different). The same losses ending normally do
-    roll back at the end."""
+    """A fit that raises (not Ctrl-C) while a confirmed spike's loss is still out of its band
+    reads no loss at its end and so makes no end-of-fit rollback; its ``stopped`` event says
+    its end was not read, and the replay of its directory decides nothing there either (it made
+    the rollback the run never made, and called its own run different). The same losses
+    ending as a fit does are rolled back at the end."""
 
-    def outlier_then_raise(step: int, batch_idx: int, loss: Tensor) -> Tensor:
-        if step == 150:
+    def spike_then_raise(step: int, batch_idx: int, loss: Tensor) -> Tensor:
+        if step == 156:
             raise RuntimeError("the data loader died")
-        return loss - loss.detach() + 30.0 * loss.detach() if step == 140 else loss
+        return loss * 3.0 if step >= 148 else loss
 
-    surgeon = ScheduleSurgeon(verbose=False)
+    surgeon = ScheduleSurgeon(verbose=False, rollback_threshold=10.0)  # the spike is cut
     trainer = make_trainer(
         [surgeon], max_steps=300, logger=CSVLogger(tmp_path, name="", version="")
     )
     with pytest.raises(RuntimeError, match="the data loader died"):
-        trainer.fit(TinyRegressor(loss_hook=outlier_then_raise), make_loader())
+        trainer.fit(TinyRegressor(loss_hook=spike_then_raise), make_loader())
     kinds = [e.kind for e in surgeon.events]
-    assert EventKind.OUTLIER in kinds and EventKind.ROLLBACK not in kinds
+    assert EventKind.SPIKE in kinds and EventKind.ROLLBACK not in kinds
     assert "its end was not read" in surgeon.events[-1].reason
     stream = read_stream(tmp_path)
     assert stream.settings is not None and not stream.end_read
@@ -306,6 +306,7 @@ def test_a_fit_that_raised_replays_without_a_decision_at_its_end(
     assert comparable(replayed.events) == comparable(surgeon.events[:-1])  # not the stopped
     ended = replay(stream.losses, stream.settings, update_skipped=stream.update_skipped)
     assert [e.kind for e in ended.events][-1] is EventKind.ROLLBACK
+    assert "its loss still out of its band" in ended.events[-1].reason
 
 
 def test_feed_matches_a_controller_fed_without_lag_on_the_events() -> None:

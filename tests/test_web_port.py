@@ -331,6 +331,7 @@ def _cases(recorded: tuple[list[float], list[bool]]) -> dict[str, dict[str, Any]
             "passed": passed,
             "settings": settings,
             "checkpoints": checkpoints,
+            "end_read": index % 3 != 2,  # every third: a fit that raised, its end unread
         }
     return cases
 
@@ -349,6 +350,7 @@ def both(recorded: tuple[list[float], list[bool]]) -> dict[str, tuple[Replay, di
                 "update_skipped": case["update_skipped"],
                 "passed": case["passed"],
                 "checkpoints": case["checkpoints"],
+                "end_read": case["end_read"],
                 "steps": None,
                 "settings": {
                     "total_steps": settings.total_steps,
@@ -367,6 +369,7 @@ def both(recorded: tuple[list[float], list[bool]]) -> dict[str, tuple[Replay, di
                 update_skipped=c["update_skipped"],
                 passed=c["passed"],
                 checkpoints=c["checkpoints"],
+                end_read=c["end_read"],
             ),
             answer,
         )
@@ -392,7 +395,7 @@ def test_the_port_makes_the_same_decisions(
         assert theirs["scale_before"] == pytest.approx(mine.scale_before, rel=REL, abs=0)
         assert theirs["scale_after"] == pytest.approx(mine.scale_after, rel=REL, abs=0)
     assert js["lr_scales"] == pytest.approx(py.lr_scales, rel=REL, abs=0)
-    assert js["smooth"] == pytest.approx(py.smooth, rel=REL, abs=0)
+    assert js["smooth"] == pytest.approx(py.smooth, rel=REL, abs=0, nan_ok=True)  # unread: NaN
     assert js["phases"] == py.phases
 
 

@@ -34,12 +34,11 @@
 
     const range = (start, stop) =>
       Array.from({ length: Math.max(0, stop - start) }, (_, k) => start + k);
-    function read_all(now, end_of_fit = false, decide = true) { // a checkpoint or the end
+    function read_all(now, end_of_fit = false) { // a checkpoint or the fit's end
       in_flight.push(range(Math.max(now - (now % readback_every), read_until), now));
       for (const block of in_flight) consume(block, now);
       in_flight = [];
       read_until = now;
-      if (!decide) return; // a fit that raised: its end decided nothing
       controller.before_checkpoint(end_of_fit); // no loss confirms a spike in the last one
       if (controller.rollback_to !== null) controller.rolled_back(now);
     }
@@ -64,7 +63,12 @@
       }
       if (at_checkpoint.has(step + 1) && step + 1 < n) checkpoint(step + 1);
     }
-    read_all(n, true, end_read); // on_train_end: the open block and those in flight
+    if (end_read) read_all(n, true); // on_train_end: the open block and those in flight
+    else { // a fit that raised: its losses on file were read as the next block closed
+      for (const block of in_flight) {
+        consume(block, block[block.length - 1] + 1 + readback_every);
+      }
+    }
     return [scales, smooth, phases];
   }
 

@@ -16,7 +16,8 @@ function run(c) {
     case "replay":
       return S.replay.replay(c.losses, c.settings, { update_skipped: c.update_skipped,
                                                      steps: c.steps, passed: c.passed,
-                                                     checkpoints: c.checkpoints || [] });
+                                                     checkpoints: c.checkpoints || [],
+                                                     end_read: c.end_read === undefined || Boolean(c.end_read) });
     case "schedule":
       return c.steps.map((step) => S.schedules[c.name](...c.args)(step));
     case "preview":
