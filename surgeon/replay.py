@@ -295,8 +295,8 @@ def feed(
                 in_flight.append(block)
             if len(in_flight) > 1:
                 consume(in_flight.pop(0), step + 1)
-        if step + 1 in at_checkpoint and step + 1 < n:
-            checkpoint(step + 1)
+        if step + 1 in at_checkpoint and (step + 1 < n or not end_read):
+            checkpoint(step + 1)  # (at n: the fit's end reads them, unless the fit raised)
     if end_read:
         read_all(n, end_of_fit=True)  # on_train_end: the open block and those in flight
     else:  # a fit that raised: its losses on file were read as the next block closed

@@ -309,6 +309,16 @@ def test_a_fit_that_raised_replays_without_a_decision_at_its_end(
     assert "its loss still out of its band" in ended.events[-1].reason
 
 
+def test_a_fit_that_raised_right_after_a_checkpoint_replays_the_checkpoints_decision() -> None:
+    """A fit that checkpointed at its last logged step and then raised: the checkpoint read
+    every loss and rolled back the severe last one; the replay of its unread end makes that
+    checkpoint's decision too (it skipped it, as the end of a finished fit makes it)."""
+    calm = [1.0 + 0.01 * ((i * 7) % 5) for i in range(149)]
+    raised = replay([*calm, 200.0], RunSettings(300), checkpoints=[150], end_read=False)
+    assert [e.kind for e in raised.events if e.step == 149] == [EventKind.ROLLBACK]
+    assert not any(math.isnan(x) for x in raised.smooth)
+
+
 def test_feed_matches_a_controller_fed_without_lag_on_the_events() -> None:
     """Events depend on the losses only (no rollback): lag or not, the same decisions."""
     losses = [2.0 / (1 + i / 50) + 0.01 * ((i * 7) % 5) for i in range(600)]

@@ -61,7 +61,7 @@
         if (block.length) in_flight.push(block);
         if (in_flight.length > 1) consume(in_flight.shift(), step + 1);
       }
-      if (at_checkpoint.has(step + 1) && step + 1 < n) checkpoint(step + 1);
+      if (at_checkpoint.has(step + 1) && (step + 1 < n || !end_read)) checkpoint(step + 1);
     }
     if (end_read) read_all(n, true); // on_train_end: the open block and those in flight
     else { // a fit that raised: its losses on file were read as the next block closed
