@@ -557,14 +557,8 @@ class StepEngine:
         flag = self._state_flag()
         if flag is None or not flag.tolist():
             return
-        why = controller.state_nonfinite(controller.step - 1)
-        if why:
-            self._checks_state = False
-            self.on_warning(
-                f"step {controller.step - 1}: {why}the weights or optimizer state stay "
-                "non-finite; later snapshots are not checked for it (each rollback would be "
-                "refused alike)"
-            )
+        step = controller.step - 1
+        self._end_state_checks_if_refused(step, controller.state_nonfinite(step))
 
     def _consume(self, due: list[StepLoss]) -> None:
         """Hand the controller the losses whose readback is due, in step order; carry out the
@@ -694,7 +688,11 @@ class StepEngine:
         # (computed at the snapshot, before the block's losses: read after them, no stall)
         if not act or step < controller.ignore_until or not flag.tolist():
             return
-        why = controller.snapshot_nonfinite(step)
+        self._end_state_checks_if_refused(step, controller.snapshot_nonfinite(step))
+
+    def _end_state_checks_if_refused(self, step: int, why: str) -> None:
+        """A rollback for non-finite state refused (``why``: why not; ``""``: asked): the state
+        stays non-finite, so every later check would be refused alike; they end, said once."""
         if why:
             self._checks_state = False
             self.on_warning(
