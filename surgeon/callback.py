@@ -45,6 +45,7 @@ from surgeon._lightning.reporting import NEVER, Reporter
 from surgeon._lightning.trainer import (
     CALLBACK_BASES,
     SurgeonMisconfigurationException,
+    averaged_weights,
     driven_optimizers,
     grad_scaler,
     log_in_trainers_namespace,
@@ -426,6 +427,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             raise SurgeonMisconfigurationException(
                 f"{err}; the planned length of {total} steps is {source}"
             ) from err
+        engine.more_state = lambda: averaged_weights(trainer)
         self._state_loaded = False
         self._manual_planner = manual_planner(engine, trainer, self.total_steps)
         self._lr_find_curve = None
@@ -574,6 +576,7 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._budget.count_the_epochs_left(trainer, batch_idx)  # a resumed fit's first batch
         if self._budget.pending:  # before this step's LR is written: a cooldown starts here
             self._budget.check_early_stopping(trainer)
         engine = self.engine

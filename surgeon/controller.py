@@ -44,7 +44,8 @@ steps in a row, sets :attr:`Controller.rollback_to`; the caller restores that
 snapshot and calls :meth:`Controller.rolled_back`, which records the event and
 ignores the losses of the undone steps that are still on their way. Never further back
 than two snapshot intervals before the bad step (at most :attr:`Controller.max_undone_steps`
-steps undone, the read-back lag included), and never twice in a row to the same snapshot:
+steps with an update undone, the read-back lag included; three from where NaN/inf weights or
+optimizer state are found, :data:`STATE_REACH`), and never twice in a row to the same snapshot:
 until a loss in the normal band has been read after a rollback, further trouble skips and
 cuts, and a spike then is a lasting level shift (the good weights give it too), not damage:
 the running mean moves to it. A run of non-finite steps that lasts two snapshot intervals with
@@ -69,6 +70,11 @@ from surgeon._validate import check_positive_int
 from surgeon.config import SurgeonConfig, resolve_steps
 from surgeon.detectors import PlateauDetector, Signal, SpikeDetector, StabilizationDetector
 
+STATE_REACH = 3
+"""How many snapshot intervals a rollback for NaN/inf weights or optimizer state reaches back
+from the step it is found at (a loss's rollback: 2): the damage lies somewhere in the interval
+before the snapshot whose check finds it, and it never heals (Adam's inf second moment stops
+those weights for the rest of the run), so one more interval is worth undoing."""
 NORMAL_BAND_ZSCORE = 3.0
 """A loss within this many running standard deviations of the running mean is 'normal'."""
 
@@ -356,9 +362,13 @@ class Controller:
             "snapshot_every", cfg.snapshot_every, total_steps, max(_MIN_SNAPSHOT_EVERY, lag)
         )
         self.max_undone_steps = 2 * self.snapshot_every + lag
-        """The most steps with an update a rollback undoes: its target is at most two snapshot
-        intervals before the step whose loss asked for it, which is read at most ``lag`` steps
-        later (steps passed without an update, which undoing loses nothing of, come on top)."""
+        """The most steps with an update a rollback for a loss undoes: its target is at most two
+        snapshot intervals before the step whose loss asked for it, which is read at most
+        ``lag`` steps later (steps passed without an update, which undoing loses nothing of,
+        come on top)."""
+        self.max_undone_state_steps = STATE_REACH * self.snapshot_every + lag
+        """The same for a rollback for NaN/inf weights or optimizer state (:data:`STATE_REACH`
+        intervals)."""
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -388,6 +398,10 @@ class Controller:
         self._no_rollback = ""
         self.suspect: dict[str, float] | None = None
         """A spike waiting for the next loss to confirm it (step, loss, level, noise, z)."""
+        self.state_check_due: int | None = None
+        """The step of a severe outlier just dismissed: the caller checks the weights and
+        optimizer state now (a gradient too large to square leaves Adam's second moment inf
+        with normal losses after it), then sets it back to ``None``."""
         self.intervention = _Intervention()
         self.forget_snapshots()
         for detector in (self.stabilizer, self.plateau, self.spike):
@@ -739,6 +753,38 @@ class Controller:
             self.events.append(event)
         return event
 
+    def rewarm(self, start: int, total_steps: int, level: float, ramp: int, why: str) -> Event:
+        """Give a run that cooled down to its end the rest of a longer plan (the end it cooled
+        down for did not come): from step ``start`` (the first LR not written yet) ramp
+        linearly from the current level to ``level`` over ``ramp`` steps, then decay to the
+        floor by ``total_steps`` in the configured shape. Returns the ``replan`` event, recorded
+        at ``start - 1`` with ``why`` and the new plan."""
+        check_positive_int("total_steps", total_steps)
+        check_positive_int("ramp", ramp)
+        start = max(start, self.step)
+        before, current = self.lr_scale(start), self._level(start)
+        level = max(current, min(level, self.peak))
+        self.total_steps = total_steps
+        self._set_plan(self._decay_plan(start, level, v0=current, ramp=ramp))
+        self.phase = self._plan_phase(start)
+        self.plateau.reset()
+        plan = self._plan
+        then = (
+            f"holds for {_steps(plan.hold)}, then decays linearly"
+            if plan.hold
+            else f"{plan.shape} decay"
+        )
+        why += (
+            f": the LR ramps from scale {current:.3g} back to {level:.3g} over {_steps(ramp)}, "
+            f"then {then} to the floor ({self.floor:g}); the plan ends at step {total_steps}"
+        )
+        after = self.lr_scale(start)
+        event = Event(
+            max(0, start - 1), EventKind.REPLAN, why, before, after, self.phase, total_steps
+        )
+        self.events.append(event)
+        return event
+
     def _expire_recovery(self, step: int) -> None:
         if self.intervention.mode == "recover" and self.intervention.at(step + 1) >= 1.0:
             self.intervention = _Intervention()
@@ -836,7 +882,7 @@ class Controller:
         """The snapshot of ``step`` copied NaN/inf weights or optimizer state (damage no loss
         showed: Adam's second moment overflowed by a gradient too large to square makes every
         later update 0): it never becomes the target, and the run rolls back to the snapshot
-        before it. Returns why not (``""``: asked)."""
+        before it (:data:`STATE_REACH` intervals). Returns why not (``""``: asked)."""
         if self._pending_snapshot is not None and self._pending_snapshot[0] == step:
             self._pending_snapshot = None
         cause = (
@@ -844,17 +890,17 @@ class Controller:
             "for the optimizer's statistics, e.g. Adam's squared gradient overflowing, with "
             "normal losses)"
         )
-        return self._request_rollback(step, cause)
+        return self._request_rollback(step, cause, intervals=STATE_REACH)
 
-    def state_nonfinite(self, step: int) -> str:
-        """At a checkpoint or the fit's end the weights or their optimizer state hold NaN/inf
-        (after the losses up to ``step``, all read, were normal: damage no loss showed): roll
-        back to the good snapshot. Returns why not (``""``: asked)."""
+    def state_nonfinite(self, step: int, found: str) -> str:
+        """The weights or their optimizer state hold NaN/inf after ``step`` (``found``: when it
+        was looked, e.g. before a checkpoint; damage no loss showed): roll back to the good
+        snapshot (:data:`STATE_REACH` intervals). Returns why not (``""``: asked)."""
         cause = (
-            f"{STATE_ROLLBACK_MARK} after step {step}, found before a checkpoint or the end of "
-            "the fit (a gradient too large for the optimizer's statistics, with normal losses)"
+            f"{STATE_ROLLBACK_MARK} after step {step}, found {found} (a gradient too large for "
+            "the optimizer's statistics, with normal losses)"
         )
-        return self._request_rollback(step, cause)
+        return self._request_rollback(step, cause, intervals=STATE_REACH)
 
     def snapshot_due(self, step: int) -> bool:
         """Whether the caller should snapshot the weights as they are at the start of ``step``:
@@ -965,13 +1011,15 @@ class Controller:
             self._good_snapshot, self._pending_snapshot = pending, None
             self._idle_since_good = 0
 
-    def _request_rollback(self, step: int, cause: str) -> str:
+    def _request_rollback(self, step: int, cause: str, *, intervals: int = 2) -> str:
         """Ask the caller to restore the good snapshot for the trouble at ``step``, unless that
-        would travel too far back or repeat the last rollback; returns why not (``""``: asked,
-        or already going back), a clause for the event's reason."""
+        would travel back more than ``intervals`` snapshot intervals or repeat the last
+        rollback; returns why not (``""``: asked, or already going back), a clause for the
+        event's reason."""
         if self.rollback_to is not None:
             return ""
         good = self._good_snapshot
+        reach = intervals * self.snapshot_every
         if self.rolled_back_to is not None:
             why = (
                 f"the loss has not been normal since the rollback to step {self.rolled_back_to}, "
@@ -979,12 +1027,12 @@ class Controller:
             )
         elif good is None:
             why = self._no_snapshot_why
-        elif step - good[0] - self._idle_since_good > 2 * self.snapshot_every:
+        elif step - good[0] - self._idle_since_good > reach:
             idle = self._idle_since_good
             updated = f" ({step - good[0] - idle} with an update)" if idle else ""
             why = (
                 f"the last good snapshot (step {good[0]}) is {_steps(step - good[0])} back"
-                f"{updated}, more than two snapshot intervals ({2 * self.snapshot_every} steps)"
+                f"{updated}, more than {intervals} snapshot intervals ({reach} steps)"
             )
         else:
             self.rollback_to = good[0]
@@ -1215,8 +1263,10 @@ class Controller:
         return [self._event(step, EventKind.PLATEAU, why, before)]
 
     def _spike_words(self, suspect: dict[str, float]) -> str:
+        z = suspect["z"]
+        sigmas = f"{z:.1f}" if abs(z) < 1e6 else f"{z:.3g}"  # (1e+29, not 30 digits)
         return (
-            f"loss {suspect['loss']:.4g} at step {int(suspect['step'])} is {suspect['z']:.1f} "
+            f"loss {suspect['loss']:.4g} at step {int(suspect['step'])} is {sigmas} "
             f"sigma above its running mean {suspect['mean']:.4g} (noise {suspect['std']:.3g}; "
             f"thresholds {self.spike.zscore:g} sigma and "
             f"{_ratio_words(self.spike.ratio, suspect['mean'], 'the mean')})"
@@ -1279,10 +1329,13 @@ class Controller:
         """The loss after a spike is back in its normal band: one hard batch, no instability.
         A snapshot taken after it holds its update (and, under Adam, its squared gradient in
         the second moment): it does not become a rollback target, so damage that shows later
-        is rolled back to before the bad batch."""
+        is rolled back to before the bad batch. A severe one (``rollback_threshold``) asks the
+        caller to check the weights and optimizer state now (:attr:`state_check_due`)."""
         pending = self._pending_snapshot
         if pending is not None and pending[0] > int(suspect["step"]):
             self._pending_snapshot = None
+        if self._severe(suspect["loss"], suspect["mean"]):
+            self.state_check_due = int(suspect["step"])
         why = (
             f"{self._spike_words(suspect)}, but the next loss, {loss:.4g}, is back within "
             f"{NORMAL_BAND_ZSCORE:g} sigma: an isolated outlier (a hard batch), no action"

@@ -301,6 +301,9 @@ class StepEngine:
         self._snapshot_flag: Tensor | None = None  # the last snapshot's (see _state_flag),
         self._snapshot_flag_step = -1  # of the snapshot of this step
         self._checks_state = True  # until a rollback for it is refused (see _check_snapshot)
+        self.more_state: Callable[[], list[Tensor]] | None = None
+        """Set by an adapter: more tensors a snapshot keeps and a rollback restores with the
+        weights (the averaged copy a weight-averaging callback keeps)."""
         self.step = 0
         """Optimizer steps so far, as the fit counts them (a step without an update included)."""
         self.skipped_steps = 0
@@ -397,6 +400,7 @@ class StepEngine:
         """Free what the run holds (snapshot memory, the guard's flags) at its end."""
         self._snapshots = []
         self.guard.release()
+        self.more_state = None
 
     def adopt_new_param_groups(self, scale: float | None = None) -> None:
         """Give each driven param group without a peak LR one.
@@ -482,9 +486,11 @@ class StepEngine:
             return
         self._warned_foreign_lr = True
         wrote = optimizer.param_groups[index][PEAK_LR_KEY] * expected[1]
+        digits = next((d for d in range(4, 17) if f"{lr:.{d}g}" != f"{wrote:.{d}g}"), 17)
         self.on_warning(
-            f"the LR of {group_label(optimizer, index)} was changed to {lr:.4g} after the "
-            f"surgeon wrote {wrote:.4g} for step {expected[0]}: something else writes LRs too "
+            f"the LR of {group_label(optimizer, index)} was changed to {lr:.{digits}g} after the "
+            f"surgeon wrote {wrote:.{digits}g} for step {expected[0]}: something else writes LRs "
+            "too "
             "(an LR scheduler stepping this optimizer, a callback such as BackboneFinetuning or "
             "StochasticWeightAveraging, the loop itself). The surgeon writes every step's LR, so "
             "the two take turns: a step runs at whichever LR was written last before its "
@@ -552,13 +558,25 @@ class StepEngine:
         rare moment; one process, with snapshots)."""
         controller = self.controller
         assert controller is not None
-        if not (self._snapshots and self._checks_state and self.feed.reduce is None):
-            return
+        if self._state_checked():
+            self._check_state(controller.step - 1, "before a checkpoint or the end of the fit")
+
+    def _state_checked(self) -> bool:
+        """Whether NaN/inf in the weights and optimizer state is looked for: with snapshots to
+        roll back to, in one process (under torch.distributed, FSDP's shards would give each
+        rank its own answer), until a rollback for it was refused."""
+        return bool(self._snapshots) and self._checks_state and self.feed.reduce is None
+
+    def _check_state(self, step: int, found: str) -> None:
+        """Read the weights' and optimizer state's NaN/inf flag now (one host read) and, when
+        set, roll back as a snapshot's check would; ``found``: when this was looked."""
+        controller = self.controller
+        assert controller is not None
         flag = self._state_flag()
         if flag is None or not flag.tolist():
             return
-        step = controller.step - 1
-        self._end_state_checks_if_refused(step, controller.state_nonfinite(step))
+        why = controller.state_nonfinite(step, found)
+        self._end_state_checks_if_refused(step, why)
 
     def _consume(self, due: list[StepLoss]) -> None:
         """Hand the controller the losses whose readback is due, in step order; carry out the
@@ -597,6 +615,11 @@ class StepEngine:
             if events:
                 for event in events:
                     on_event(event)
+            outlier, controller.state_check_due = controller.state_check_due, None
+            if outlier is not None and self._state_checked():
+                # a severe outlier is where a gradient too large to square comes from: its
+                # damage is found (and undone) now, not a snapshot interval later
+                self._check_state(loss_step, f"right after the severe outlier at step {outlier}")
             if controller.rollback_to is not None:
                 self._roll_back()
             rows.append((loss_step, loss, update_skipped))
@@ -646,12 +669,11 @@ class StepEngine:
         assert self.controller is not None and self.module is not None
         good = self.controller.good_snapshot_step
         spare = next(s for s in self._snapshots if s.step is None or s.step != good)
-        if spare.capture(self.module, self.optimizers, self.step, extra=self._scaler_state()):
+        if spare.capture(self.module, self.optimizers, self.step, extra=self._extra_state()):
             self.controller.snapshot_taken(self.step, spare.nbytes)
             # what it copied is checked before it can become the target (one process: under
             # torch.distributed, FSDP's shards would give each rank its own answer)
-            checked = self._checks_state and self.feed.reduce is None
-            self._snapshot_flag = self._state_flag() if checked else None
+            self._snapshot_flag = self._state_flag() if self._state_checked() else None
             self._snapshot_flag_step = self.step
             if self._first_snapshot is None:
                 self._first_snapshot = self.step
@@ -700,11 +722,13 @@ class StepEngine:
                 "snapshots are not checked for it (each rollback would be refused alike)"
             )
 
-    def _scaler_state(self) -> list[Tensor]:
-        """GradScaler's scale and growth tracker, once it has made them (its first step)."""
+    def _extra_state(self) -> list[Tensor]:
+        """What a snapshot keeps beside the module and optimizers: GradScaler's scale and growth
+        tracker, once it has made them (its first step), and :attr:`more_state`'s tensors."""
         scaler = self._scaler
         tensors = [getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None)]
-        return [t for t in tensors if isinstance(t, Tensor)]
+        more = self.more_state() if self.more_state is not None else []
+        return [t for t in tensors if isinstance(t, Tensor)] + more
 
     def _roll_back(self) -> None:
         """Restore the snapshot the controller asked for; the next step starts from it."""
@@ -715,7 +739,7 @@ class StepEngine:
         # not rolled back, so it still owns their LR
         scheduled = [o for o in self.optimizers if not any(o is d for d in self.driven)]
         snapshot.restore(
-            self.module, self.optimizers, keep_settings_of=scheduled, extra=self._scaler_state()
+            self.module, self.optimizers, keep_settings_of=scheduled, extra=self._extra_state()
         )
         self.on_event(self.controller.rolled_back(self.step))
         self.restores += 1
@@ -735,6 +759,13 @@ class StepEngine:
         event = controller.cool_down(start, steps, why)
         self.on_event(event)
         return event
+
+    def rewarm(self, total_steps: int, level: float, ramp: int, why: str) -> None:
+        """From the current step, ramp back to LR scale ``level`` over ``ramp`` steps and plan
+        the rest up to ``total_steps`` (:meth:`Controller.rewarm`; a ``replan`` event)."""
+        assert self.controller is not None
+        self.on_event(self.controller.rewarm(self.step, total_steps, level, ramp, why))
+        self.written_step = -1
 
     def replan(self, total_steps: int, cause: str) -> None:
         """Plan for ``total_steps`` from the next step on: the run turned out to have another
@@ -817,6 +848,8 @@ class StepEngine:
         assert self.controller is not None
         self._dropped_at, self._first_snapshot = step, None
         self._snapshot_flag = None  # its snapshot is gone (a resumed run has none either)
+        for snapshot in self._snapshots:  # (their memory is kept for the next ones)
+            snapshot.step = None
         self.controller.checkpoint_dropped_snapshots(step)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -147,6 +147,34 @@ def test_resuming_after_a_param_group_was_added_mid_fit(make_trainer: Any, tmp_p
         assert {"lr-SGD/pg1", "lr-SGD/pg2"} <= set(next(csv.DictReader(f)))
 
 
+@pytest.mark.parametrize("accumulate, batch_size", [(1, 16), (2, 16), (1, 32), (1, 8)])
+def test_a_resumed_epoch_fit_plans_its_epochs_left_at_its_own_length(
+    make_trainer: Any, tmp_path: Path, accumulate: int, batch_size: int
+) -> None:
+    """A 4-epoch fit of 10 steps an epoch, resumed after epoch 1 (step 20) with another batch
+    size or accumulation: the two epochs left make 10, 5 or 20 steps each, and the plan ends
+    where the fit does, at the floor (a user trial: Lightning's estimate counts the epochs done
+    at the new length too, so accumulating 2 planned 20 steps for a fit of 30: every resumed
+    step at LR 0; batch size 8 planned 80 for 60, never annealing). Unchanged: no replan."""
+    ckpt = ModelCheckpoint(tmp_path / "ck", "{epoch}", save_top_k=-1)
+    first = make_trainer([ScheduleSurgeon(), ckpt], max_epochs=4, enable_checkpointing=True)
+    first.fit(TinyRegressor(), make_loader(batches=10, batch_size=16))
+    surgeon, model = ScheduleSurgeon(), TinyRegressor()
+    resumed = make_trainer([surgeon], max_epochs=4, accumulate_grad_batches=accumulate)
+    loader = make_loader(batches=160 // batch_size, batch_size=batch_size)
+    resumed.fit(model, loader, ckpt_path=tmp_path / "ck" / "epoch=1.ckpt")
+    ends = 20 + 2 * (160 // batch_size) // accumulate
+    assert resumed.global_step == ends
+    assert surgeon.controller is not None and surgeon.controller.total_steps == ends
+    assert model.records[-1]["lrs"][0][0] <= 0.2 * 0.05 < model.records[0]["lrs"][0][0]  # decayed
+    replans = [e for e in surgeon.events if e.kind is EventKind.REPLAN]
+    if (accumulate, batch_size) == (1, 16):
+        assert not replans
+    else:
+        (replan,) = replans
+        assert replan.step == 20 and f"make {ends - 20} steps" in replan.reason
+
+
 def test_two_param_groups_keep_their_ratio(make_trainer: Any) -> None:
     cb = ScheduleSurgeon(min_warmup=8, max_warmup=16, decay="cosine")
     model = TinyRegressor((1e-3, 1e-4))

@@ -1548,6 +1548,41 @@ class TestRollback:
             events[-1].reason
         )
 
+    @pytest.mark.parametrize("gap", [20, 21])
+    def test_a_loss_rollback_reaches_exactly_two_snapshot_intervals(self, gap: int) -> None:
+        """The good snapshot at step 300, three NaN losses in a row ending at 300 + ``gap``:
+        rolled back from 20 steps (two intervals of 10), refused from 21."""
+        controller = Controller(1000, SurgeonConfig(warmup=50))
+        losses = calm(1000, seed=9)
+        drive(controller, losses[:300])
+        controller.snapshot_taken(300, SNAPSHOT_BYTES)
+        drive(controller, losses[300 : 298 + gap])
+        assert controller.good_snapshot_step == 300
+        events = drive(controller, [math.nan] * 3).events
+        if gap == 20:
+            assert controller.rollback_to == 300
+        else:
+            assert controller.rollback_to is None
+            assert "is 21 steps back, more than 2 snapshot intervals (20 steps)" in (
+                events[-1].reason
+            )
+
+    @pytest.mark.parametrize("gap", [30, 31])
+    def test_a_state_rollback_reaches_exactly_three_snapshot_intervals(self, gap: int) -> None:
+        """NaN/inf state found by the snapshot of step 300 + ``gap`` (the good one at 300): the
+        damage lies somewhere in the interval before it, so three intervals are in reach."""
+        controller = Controller(1000, SurgeonConfig(warmup=50), lag=8)
+        assert controller.max_undone_state_steps == 3 * 10 + 8
+        losses = calm(1000, seed=9)
+        drive(controller, losses[:300])
+        controller.snapshot_taken(300, SNAPSHOT_BYTES)
+        drive(controller, losses[300 : 300 + gap])
+        controller.snapshot_taken(300 + gap, SNAPSHOT_BYTES)
+        why = controller.snapshot_nonfinite(300 + gap)
+        assert (controller.rollback_to == 300) is (gap == 30)
+        assert (why == "") is (gap == 30)
+        assert gap == 30 or "is 31 steps back, more than 3 snapshot intervals (30 steps)" in why
+
     def test_no_second_rollback_to_a_snapshot_before_the_loss_was_normal_again(self) -> None:
         controller = Controller(1000, SurgeonConfig(warmup=50))
         losses = calm(1000, seed=10)

@@ -57,3 +57,23 @@ def test_every_test_the_readme_names_exists() -> None:
     files = {p.stem for p in (REPO / "tests").glob("test_*.py")}
     assert named - defined - files == set()
     assert len(named & defined) >= 20  # the Guarantees section alone names more
+
+
+def test_every_test_the_readme_places_in_a_file_is_in_that_file() -> None:
+    """``tests/FILE.py::NAME`` names a test of that file; in *Guarantees*, a bare name is one of
+    ``tests/test_faults.py``, as the section says (an audit found three named tests living
+    elsewhere)."""
+    readme = (REPO / "README.md").read_text()
+
+    def defined_in(stem: str) -> set[str]:
+        source = (REPO / "tests" / f"{stem}.py").read_text()
+        return set(re.findall(r"^\s*(?:def|class) ((?:test_|Test)\w*)", source, re.MULTILINE))
+
+    placed = re.findall(r"tests/(test_\w+)\.py::(?:Test\w+::)?(test_\w+|Test\w+)", readme)
+    assert len(placed) >= 20
+    assert [(f, n) for f, n in placed if n not in defined_in(f)] == []
+    guarantees = readme.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    without_files = re.sub(r"tests/test_\w+\.py::(?:Test\w+::)?\w+", "", guarantees)
+    bare = set(re.findall(r"`(test_[a-z0-9_]+)(?:\[[^\]]*\])?`", without_files))
+    assert len(bare) >= 10
+    assert sorted(bare - defined_in("test_faults")) == []

@@ -493,14 +493,30 @@ def test_early_stopping_about_to_stop_the_fit_cools_down_to_the_floor_first(
     assert cb.phase is Phase.DONE and EventKind.STOPPED not in [e.kind for e in cb.events]
 
 
+def test_one_check_without_improvement_makes_no_cooldown(tmp_path: Path) -> None:
+    """``patience=2``: one check without improvement (epoch 3) is one from a stop, but one noisy
+    check says little (the next improves, epoch 4): no cooldown, the fit runs its plan (a user
+    trial: a cooldown there ended 4 of 6 fits at a third of their epochs)."""
+    script = [3.0, 2.0, 1.0, 1.5, 0.8, 0.7]
+    cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="wsd")
+    model = Project(scheduler=None, val_script=script)
+    trainer = project_trainer(
+        pl, tmp_path, cb, patience=2, max_epochs=len(script), enable_progress_bar=False
+    )
+    fit(trainer, model)
+    assert EventKind.COOLDOWN not in [e.kind for e in cb.events]
+    assert len(model.records) == len(script) * BATCHES and cb.phase is Phase.DONE
+
+
 @pytest.mark.parametrize("checkpoints", [True, False], ids=["checkpointed", "no-checkpoints"])
-def test_a_cooldown_that_improves_the_check_it_anticipated_stops_the_fit_at_lr_zero(
-    tmp_path: Path, info_lines: list[str], checkpoints: bool
+def test_a_cooldown_whose_check_improves_gives_the_fit_its_plan_back(
+    tmp_path: Path, checkpoints: bool
 ) -> None:
     """The anneal for EarlyStopping's last check improves val_loss (epoch 5: 0.5), so that check
-    does not stop the fit; the plan is done at LR 0, where the 3 checks EarlyStopping would
-    wait train nothing: the fit stops after that epoch, with a ``stopped`` event. The plan's
-    last losses are read first, checkpoint or not (a checkpoint reads them anyway)."""
+    does not stop the fit: the LR ramps back over an epoch to where the cooldown started and the
+    plan runs on (before: the surgeon stopped the fit at LR 0, which ended fits EarlyStopping
+    would have run on, a user trial). Two checks later without improvement it cools down again,
+    and EarlyStopping's stop comes at the floor, after epoch 8 of 10."""
     script = [3.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5]
     cb = ScheduleSurgeon(min_warmup=4, max_warmup=8, decay="wsd")
     model = Project(scheduler=None, val_script=script)
@@ -508,16 +524,19 @@ def test_a_cooldown_that_improves_the_check_it_anticipated_stops_the_fit_at_lr_z
     if not checkpoints:
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
     fit(trainer, model)
-    kinds = [e.kind for e in cb.events]
-    assert kinds[-3:] == [EventKind.COOLDOWN, EventKind.DONE, EventKind.STOPPED]
-    stopped = cb.events[-1]
-    assert "ended the plan at LR 0 and its check did not stop the fit" in stopped.reason
-    # the stop is decided as epoch 6 starts: none of its steps (or a validation) runs
-    assert len(model.records) == 6 * BATCHES  # not 10 epochs
-    assert model.records[-1]["lr"] == 0.0
-    validations = [r for r in csv_rows(trainer) if r.get("val_loss")]
-    assert len(validations) == 6
-    assert any("stopped: the cooldown for EarlyStopping" in line for line in info_lines)
+    # (a `done` when the cooldown's last loss is read: at once where a checkpoint reads them)
+    kinds = [e.kind for e in cb.events if e.kind in (EventKind.COOLDOWN, EventKind.REPLAN)]
+    cooldown, replan = EventKind.COOLDOWN, EventKind.REPLAN
+    assert kinds == [cooldown, replan, cooldown]
+    (rewarm,) = [e for e in cb.events if e.kind is replan]
+    assert rewarm.step == 6 * BATCHES - 1 and "its check improved" in rewarm.reason
+    assert f"the plan ends at step {len(script) * BATCHES}" in rewarm.reason
+    lrs = [r["lr"] for r in model.records]
+    assert len(lrs) == 9 * BATCHES  # EarlyStopping stopped after epoch 8
+    assert lrs[6 * BATCHES - 1] == 0.0  # the cooldown's end
+    ramp = lrs[6 * BATCHES : 7 * BATCHES + 1]
+    assert ramp == sorted(ramp) and ramp[0] < 0.1 * LR and ramp[-1] == pytest.approx(LR)
+    assert lrs[-1] == 0.0  # the second cooldown's end, where the fit stopped
 
 
 @pytest.mark.parametrize("early_stopping_first", [True, False])
@@ -525,7 +544,8 @@ def test_with_validation_inside_epochs_the_stop_at_lr_zero_comes_at_the_check(
     tmp_path: Path, early_stopping_first: bool
 ) -> None:
     """Two validations per epoch (``val_check_interval=0.5``): the anneal for EarlyStopping's
-    last check improves it, so the surgeon stops the fit at LR 0. Listed after EarlyStopping it
+    last check improves it 10 steps before the fit's last, too few to ramp back up and decay
+    again (two check intervals), so the surgeon stops the fit at LR 0. Listed after EarlyStopping it
     acts at that validation's end (its check is done): no step runs after it; listed before,
     at the next step's start, the first hook after the check: one step at LR 0 runs (and
     Lightning validates once more as the fit stops)."""
@@ -546,7 +566,7 @@ def test_with_validation_inside_epochs_the_stop_at_lr_zero_comes_at_the_check(
     trainer = pl.Trainer(
         accelerator="cpu",
         callbacks=[es, cb] if early_stopping_first else [cb, es],
-        max_epochs=8,
+        max_epochs=4,  # the improved check 10 steps from the end: too few to ramp back up
         val_check_interval=0.5,
         num_sanity_val_steps=0,
         logger=False,
@@ -569,9 +589,9 @@ def test_with_validation_inside_epochs_the_stop_at_lr_zero_comes_at_the_check(
 
 
 def test_a_resumed_fit_knows_its_cooldown_was_for_early_stopping(tmp_path: Path) -> None:
-    """Checkpointed inside the EarlyStopping cooldown and resumed: the resumed fit, too, stops
-    once that cooldown has ended the plan at LR 0 (the cooldown is in the checkpoint's events),
-    after as many steps as the uninterrupted fit."""
+    """Checkpointed inside the EarlyStopping cooldown and resumed: the resumed fit, too, gives
+    the plan back when the anneal improves the check (the cooldown is in the checkpoint's
+    events), with the events and LRs of the uninterrupted fit."""
     script = [3.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5]
 
     def run(root: Path, ckpt_path: Path | None = None) -> tuple[ScheduleSurgeon, Any]:
@@ -584,12 +604,15 @@ def test_a_resumed_fit_knows_its_cooldown_was_for_early_stopping(tmp_path: Path)
         fit(trainer, model, ckpt_path=ckpt_path)
         return cb, model
 
-    whole, _ = run(tmp_path / "a")
+    whole, whole_model = run(tmp_path / "a")
     (mid,) = (tmp_path / "a" / "mid").glob("step=*.ckpt")
     resumed, model = run(tmp_path / "b", mid)
-    assert [e.kind for e in resumed.events][-1] is EventKind.STOPPED
-    assert resumed.events[-1].step == whole.events[-1].step
-    assert model.records[-1]["step"] == 6 * BATCHES - 1
+    kinds = [e.kind for e in whole.events]
+    assert kinds.count(EventKind.COOLDOWN) == 2 and EventKind.REPLAN in kinds  # (see above)
+    assert [(e.step, e.kind) for e in resumed.events] == [(e.step, e.kind) for e in whole.events]
+    assert [r["lr"] for r in model.records] == [
+        r["lr"] for r in whole_model.records if r["step"] >= 5 * BATCHES + 5
+    ]
 
 
 def test_a_checkpoint_of_the_check_before_the_last_resumes_into_the_same_cooldown(

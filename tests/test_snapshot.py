@@ -154,11 +154,14 @@ def test_restore_can_leave_an_optimizers_settings_to_its_scheduler() -> None:
     optimizer.step()
     snap.capture(model, [optimizer], 1)
     weights = [p.detach().clone() for p in model.parameters()]
+    momenta = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     for _ in range(3):
         optimizer.step()
         scheduler.step()
     snap.restore(model, [optimizer], keep_settings_of=[optimizer])
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    restored = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+    assert all(torch.equal(m, r) for m, r in zip(momenta, restored, strict=True))
     assert optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0] == 0.1 * 0.5**3
     snap.restore(model, [optimizer])  # without: the captured LR comes back
     assert optimizer.param_groups[0]["lr"] == 0.1

@@ -668,7 +668,8 @@
     // ---------------------------------------------------------------- interventions
     _spike_words(suspect) {
       return (
-        `loss ${g(suspect.loss, 4)} at step ${suspect.step} is ${f(suspect.z, 1)} ` +
+        `loss ${g(suspect.loss, 4)} at step ${suspect.step} is ` +
+        `${Math.abs(suspect.z) < 1e6 ? f(suspect.z, 1) : g(suspect.z, 3)} ` +
         `sigma above its running mean ${g(suspect.mean, 4)} (noise ${g(suspect.std, 3)}; ` +
         `thresholds ${g(this.spike.zscore)} sigma and ` +
         `${_ratio_words(this.spike.ratio, suspect.mean, "the mean")})`
