@@ -46,6 +46,7 @@ from surgeon._lightning.trainer import (
     CALLBACK_BASES,
     SurgeonMisconfigurationException,
     averaged_weights,
+    averaging_listed_before,
     driven_optimizers,
     grad_scaler,
     log_in_trainers_namespace,
@@ -428,6 +429,14 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
                 f"{err}; the planned length of {total} steps is {source}"
             ) from err
         engine.more_state = lambda: averaged_weights(trainer)
+        averaging = averaging_listed_before(trainer, self)
+        if averaging:
+            _warn(
+                f"{', '.join(averaging)} is listed before ScheduleSurgeon: at a checkpoint and at "
+                "the fit's end it puts its average in place before the surgeon reads the losses "
+                "in flight, and a rollback then puts the raw weights back over it; list "
+                "ScheduleSurgeon first (its rollbacks restore the average too)"
+            )
         self._state_loaded = False
         self._manual_planner = manual_planner(engine, trainer, self.total_steps)
         self._lr_find_curve = None

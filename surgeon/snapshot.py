@@ -16,6 +16,7 @@ FSDP), never with ``state_dict()``, which may gather across ranks.
 """
 
 import copy
+import weakref
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -71,7 +72,7 @@ class Snapshot:
         self._on_cuda = False  # some source is on CUDA: the copy is waited for before a restore
         self._module_count = 0
         self._param_count = 0
-        self._extra_count = 0
+        self._extra: list[weakref.ref[Tensor]] = []  # the extra tensors copied, in order
         self._optimizers: list[_SavedOptimizer] = []
         self._copied: torch.cuda.Event | None = None
 
@@ -96,7 +97,7 @@ class Snapshot:
             return False
         self._module_count, self._param_count = len(sources), param_count
         sources += extra
-        self._extra_count = len(extra)
+        self._extra = [weakref.ref(t) for t in extra]
         self._optimizers = [_save_optimizer(opt, sources) for opt in optimizers]
         layout = [(t.shape, t.dtype, t.device) for t in sources]
         if layout != self._layout:
@@ -120,10 +121,10 @@ class Snapshot:
         keep_settings_of: Collection[Optimizer] = (),
         extra: Sequence[Tensor] = (),
     ) -> None:
-        """Put the copied values back into the same module, ``extra`` tensors (when as many were
-        captured) and optimizers; the param-group settings (LR, momentum, ...) of
-        ``keep_settings_of`` stay as they are (an LR scheduler that is not rolled back owns
-        them)."""
+        """Put the copied values back into the same module, ``extra`` tensors (each that was
+        captured: one made since, e.g. GradScaler's scale at its first step, stays as it is)
+        and optimizers; the param-group settings (LR, momentum, ...) of ``keep_settings_of``
+        stay as they are (an LR scheduler that is not rolled back owns them)."""
         if self.step is None:
             raise ValueError("restore() of an empty snapshot: capture() first")
         tensors, _ = _module_tensors(module)
@@ -131,9 +132,13 @@ class Snapshot:
             raise ValueError("restore() into a module or optimizers other than the captured ones")
         if self._copied is not None:
             self._copied.synchronize()  # rare (a rollback): the host copy must be complete
-        if len(extra) == self._extra_count:
-            tensors += extra
-        for live, buffer in zip(tensors, self._buffers, strict=False):
+        buffers = self._buffers[: self._module_count]
+        for live in extra:
+            index = next((i for i, ref in enumerate(self._extra) if ref() is live), None)
+            if index is not None:
+                tensors.append(live)
+                buffers.append(self._buffers[self._module_count + index])
+        for live, buffer in zip(tensors, buffers, strict=True):
             live.copy_(buffer, non_blocking=True)
         for optimizer, saved_opt in zip(optimizers, self._optimizers, strict=True):
             if not any(optimizer is kept for kept in keep_settings_of):

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 import pytorch_lightning
 import torch
-from conftest import TinyRegressor, make_loader, regressor_class, spike_at
+from conftest import IN_FEATURES, TinyRegressor, make_loader, regressor_class, spike_at
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from surgeon.callback import ScheduleSurgeon
@@ -173,6 +173,107 @@ def test_a_resumed_epoch_fit_plans_its_epochs_left_at_its_own_length(
     else:
         (replan,) = replans
         assert replan.step == 20 and f"make {ends - 20} steps" in replan.reason
+
+
+@pytest.mark.parametrize("batch_idx", [0, 91, 97, 98, 99])
+def test_the_steps_left_of_a_resumed_epoch_follow_the_accumulation_boundaries(
+    batch_idx: int,
+) -> None:
+    """100 batches accumulating 7 (a step at every 7th batch and at the last), resumed at
+    ``batch_idx`` of the last epoch, e.g. between micro-batches (a ``train_time_interval``
+    checkpoint): the plan ends at the last step Lightning makes (a review: an average
+    accumulation counted one step short at batch 97)."""
+    from types import SimpleNamespace
+
+    from surgeon._lightning.budget import FitBudget
+
+    ends: list[int] = []
+    engine = SimpleNamespace(
+        controller=SimpleNamespace(total_steps=500),
+        step=200,
+        replan=lambda total, why: ends.append(total),
+    )
+    budget = FitBudget.__new__(FitBudget)
+    budget.engine, budget._count_epochs_left = engine, 500  # type: ignore[assignment]
+    trainer = SimpleNamespace(
+        max_epochs=3,
+        current_epoch=2,
+        num_training_batches=100,
+        accumulate_grad_batches=7,
+        callbacks=[],
+        max_steps=-1,
+        global_step=200,
+    )
+    budget.count_the_epochs_left(trainer, batch_idx)  # type: ignore[arg-type]
+    left = sum(1 for i in range(batch_idx, 100) if (i + 1) % 7 == 0 or i == 99)
+    assert ends == [200 + left]
+
+
+def test_a_resumed_swa_batchnorm_fit_does_not_plan_swas_statistics_epoch(
+    make_trainer: Any, tmp_path: Path
+) -> None:
+    """``StochasticWeightAveraging`` adds an epoch to a BatchNorm model's ``max_epochs`` that makes
+    no step: a fit resumed unchanged keeps the plan of 80 steps and ends at the floor (a review:
+    the count at its first batch took that epoch for 16 more steps, the LR ended at 0.34)."""
+    from pytorch_lightning.callbacks import StochasticWeightAveraging
+
+    def model() -> Any:
+        regressor = TinyRegressor()
+        regressor.net = nn.Sequential(
+            nn.Linear(IN_FEATURES, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)
+        )
+        return regressor
+
+    def callbacks(surgeon: ScheduleSurgeon) -> list[Any]:
+        return [StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=3), surgeon]
+
+    ckpt = ModelCheckpoint(tmp_path / "ck", "{epoch}", save_top_k=-1)
+    first = ScheduleSurgeon(warmup=4)
+    trainer = make_trainer([*callbacks(first), ckpt], max_epochs=5, enable_checkpointing=True)
+    trainer.fit(model(), make_loader(batches=16))
+    resumed = ScheduleSurgeon(warmup=4)
+    fitted = model()
+    trainer = make_trainer(callbacks(resumed), max_epochs=5)
+    trainer.fit(fitted, make_loader(batches=16), ckpt_path=tmp_path / "ck" / "epoch=1.ckpt")
+    assert first.controller is not None and resumed.controller is not None
+    assert resumed.controller.total_steps == first.controller.total_steps == 80
+    assert EventKind.REPLAN not in [e.kind for e in resumed.events]
+    assert fitted.records[-1]["lrs"][0][0] < 0.1 * 0.05
+
+
+def test_a_rewarm_after_a_resume_of_another_length_plans_to_the_fits_end(
+    make_trainer: Any, tmp_path: Path
+) -> None:
+    """Resumed after epoch 1 at half the batch size (the 8 epochs left make 160 steps, the fit
+    ends at 180), an EarlyStopping cooldown whose check improves ramps back and plans to that
+    end, where the LR reaches the floor (a review: the rewarm planned to Lightning's estimate,
+    200, and the fit ended at LR scale 0.5)."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    script = [3.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1]  # the cooldown over epoch 5
+
+    class Scripted(TinyRegressor):  # type: ignore[misc, valid-type]
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", torch.tensor(script[self.current_epoch]))
+
+    def fit(batch_size: int, ckpt: Path | None, extra: list[Any]) -> tuple[Any, Any, Any]:
+        surgeon = ScheduleSurgeon(min_warmup=4, max_warmup=8, plateau_patience=1.0)
+        early = EarlyStopping(monitor="val_loss", patience=3)
+        trainer = make_trainer(
+            [surgeon, early, *extra], max_epochs=10, enable_checkpointing=bool(extra)
+        )
+        model = Scripted()
+        loader = make_loader(batches=160 // batch_size, batch_size=batch_size)
+        trainer.fit(model, loader, make_loader(batches=2), ckpt_path=ckpt)
+        return surgeon, trainer, model
+
+    fit(16, None, [ModelCheckpoint(tmp_path / "ck", "{epoch}", save_top_k=-1)])
+    surgeon, trainer, model = fit(8, tmp_path / "ck" / "epoch=1.ckpt", [])
+    kinds = [e.kind for e in surgeon.events]
+    assert kinds.count(EventKind.REPLAN) == 2 and EventKind.COOLDOWN in kinds  # resume, rewarm
+    assert surgeon.controller is not None
+    assert surgeon.controller.total_steps == trainer.global_step == 180
+    assert model.records[-1]["lrs"][0][0] < 0.1 * 0.05
 
 
 def test_two_param_groups_keep_their_ratio(make_trainer: Any) -> None:

@@ -493,6 +493,33 @@ def test_early_stopping_about_to_stop_the_fit_cools_down_to_the_floor_first(
     assert cb.phase is Phase.DONE and EventKind.STOPPED not in [e.kind for e in cb.events]
 
 
+def test_early_stopping_callbacks_checking_in_different_places_are_noticed(
+    tmp_path: Path, info_lines: list[str]
+) -> None:
+    """One EarlyStopping checks at the epoch's end, another at validations inside the epoch:
+    the cooldown follows the epoch-end checks only, said once at the fit's start (a user trial
+    saw a stop at a validation at LR scale 0.98, unsaid); one place alone says nothing."""
+    for both in (False, True):
+        cb = ScheduleSurgeon(min_warmup=4, max_warmup=8)
+        trainer = project_trainer(
+            pl,
+            tmp_path / str(both),
+            cb,
+            check_on_train_epoch_end=True,
+            max_epochs=2,
+            enable_progress_bar=False,
+        )
+        if both:
+            at_validations = pl.callbacks.EarlyStopping(
+                monitor="val_loss", patience=3, check_on_train_epoch_end=False
+            )
+            trainer.callbacks.append(at_validations)
+        info_lines.clear()
+        fit(trainer, Project(scheduler=None, val_script=[3.0, 2.0]))
+        said = [line for line in info_lines if "check in different places" in line]
+        assert len(said) == both
+
+
 def test_one_check_without_improvement_makes_no_cooldown(tmp_path: Path) -> None:
     """``patience=2``: one check without improvement (epoch 3) is one from a stop, but one noisy
     check says little (the next improves, epoch 4): no cooldown, the fit runs its plan (a user

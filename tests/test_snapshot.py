@@ -168,18 +168,22 @@ def test_restore_can_leave_an_optimizers_settings_to_its_scheduler() -> None:
 
 
 def test_extra_tensors_travel_with_the_snapshot() -> None:
-    """GradScaler's scale (an extra tensor) comes back with the weights; a restore given another
-    number of extras than were captured leaves them alone."""
+    """GradScaler's scale (an extra tensor) comes back with the weights; a restore not given it
+    leaves it alone. One made after the capture (an averaging callback's count at its start)
+    stays as it is while the captured ones still come back (a review: a count that changed
+    made the restore skip every extra, the average and GradScaler's scale alike)."""
     model = make_model()
     optimizers = two_optimizers(model)
-    scale = torch.tensor(65536.0)
+    scale, average = torch.tensor(65536.0), torch.zeros(3)
     snapshot = Snapshot()
-    snapshot.capture(model, optimizers, step=3, extra=[scale])
+    snapshot.capture(model, optimizers, step=3, extra=[scale, average])
     scale.fill_(0.0625)
+    average.fill_(7.0)
     snapshot.restore(model, optimizers, extra=[])
-    assert scale.item() == 0.0625
-    snapshot.restore(model, optimizers, extra=[scale])
-    assert scale.item() == 65536.0
+    assert scale.item() == 0.0625 and average.sum().item() == 21.0
+    made_since = torch.tensor(5)
+    snapshot.restore(model, optimizers, extra=[scale, made_since, average])
+    assert scale.item() == 65536.0 and average.sum().item() == 0.0 and made_since.item() == 5
 
 
 def test_repair_buffers_puts_back_only_the_non_finite_entries() -> None:

@@ -6,11 +6,12 @@ and the record of an early end.
   :data:`DDP_BUDGET_EVERY` under DDP, where each check is a broadcast of rank zero's
   estimate); a fit only the time bounds is planned open-ended, then from its step rate;
 * ``EarlyStopping``: after its check (at the validation's end or the epoch's, where it
-  checks), when one more check without improvement would stop the fit, the LR decays to the
-  floor by that check; rank zero decides;
-  If that check improves after all (the anneal itself often improves the monitored metric) and
-  the plan has reached a floor of 0, the fit is stopped: the LR is 0, so the up to
-  ``patience`` checks EarlyStopping would wait train nothing;
+  checks), when one more check without improvement would stop the fit and two or more have
+  been without improvement already, the LR decays to the floor by that check; rank zero
+  decides. If that check improves after all (the anneal itself often improves the monitored
+  metric), the LR ramps back to where the cooldown started and the plan runs on to the fit's
+  length; with fewer than two check intervals of it left and a floor of 0, the fit is
+  stopped instead (the up to ``patience`` checks EarlyStopping would wait train nothing);
 * a fit that ends before its plan gets a ``stopped`` event saying what ended it.
 """
 
@@ -26,6 +27,7 @@ from surgeon._lightning.trainer import (
     per_batch_steps,
     planned_steps,
     steps_of_epochs,
+    swa_added_epoch,
     time_limit,
 )
 from surgeon.config import SurgeonConfig
@@ -160,17 +162,20 @@ class FitBudget:
             return
         if controller.total_steps != saved_end:  # moved since (a cooldown the resume made)
             return
+        epochs -= swa_added_epoch(trainer)  # it makes no steps
         later = steps_of_epochs(trainer, epoch + 1, epochs)
         this_epoch = steps_of_epochs(trainer, epoch, epoch + 1)
         if later is None or this_epoch is None or epoch >= epochs:
             return
-        accumulate = batches / this_epoch if this_epoch else 1.0
-        left = later + math.ceil(max(0, batches - batch_idx) / accumulate)
+        # the steps of this epoch not done: its batch_idx batches before made whole steps of
+        # its accumulation, the one under way (resumed between micro-batches) is still to come
+        left = later + max(0, this_epoch - batch_idx // trainer.accumulate_grad_batches)
         step = self.engine.step
         total = step + left
         if trainer.max_steps is not None and trainer.max_steps > 0:
             total = min(total, step + max(0, trainer.max_steps - trainer.global_step))
         if total > step and total != controller.total_steps:
+            self.plan_cap = total  # the fit's length (an EarlyStopping rewarm plans to it)
             self.engine.replan(
                 total,
                 f"resumed in epoch {epoch} of max_epochs={epochs}: the batches left make "
@@ -187,6 +192,15 @@ class FitBudget:
             getattr(es, "_check_on_train_epoch_end", False) for es in self._early_stoppers
         )
         self._watch_early_stopping = self.cooldown_on_stop and bool(self._early_stoppers)
+        places = {
+            bool(getattr(es, "_check_on_train_epoch_end", False)) for es in self._early_stoppers
+        }
+        if self._watch_early_stopping and len(places) > 1:
+            self.notice(
+                "the EarlyStopping callbacks check in different places (at validations and at "
+                "epoch ends): the cooldown before a stop follows the epoch-end checks only, so "
+                "a stop at a validation inside an epoch may come at a higher LR"
+            )
         self.pending = False
         self._last_es_step = self.engine.step
         saved, self._saved_early_stopping = self._saved_early_stopping, None
@@ -336,6 +350,7 @@ class FitBudget:
         if trainer.max_steps is not None and trainer.max_steps > 0:
             total = min(total, step + max(0, trainer.max_steps - trainer.global_step))
         if total > step and total != controller.total_steps:
+            self.plan_cap = total  # the fit's length (an EarlyStopping rewarm plans to it)
             self.engine.replan(
                 total,
                 f"the training loader was reloaded with {trainer.num_training_batches} batches "

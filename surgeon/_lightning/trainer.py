@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning_utilities.core.rank_zero as _rank_zero
 import pytorch_lightning as pl
+import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -269,6 +270,35 @@ def _steps_of_the_epochs(trainer: pl.Trainer) -> int | None:
     return steps_of_epochs(trainer, 0, epochs)
 
 
+def averaging_listed_before(trainer: pl.Trainer, surgeon: Any) -> list[str]:
+    """The weight-averaging callbacks listed before ``surgeon``: at a checkpoint and at the fit's
+    end they put their average in place (in the checkpoint, in the model) before the surgeon
+    reads the losses in flight, and a rollback it makes then puts the raw weights back over
+    it."""
+    callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+    mine = next(i for i, c in enumerate(callbacks) if c is surgeon)
+    return [
+        type(c).__name__
+        for c in callbacks[:mine]
+        if isinstance(getattr(c, "_average_model", None), nn.Module)
+        or type(c).__name__ in ("StochasticWeightAveraging", "WeightAveraging")
+    ]
+
+
+def swa_added_epoch(trainer: pl.Trainer) -> bool:
+    """Whether ``max_epochs`` holds the epoch ``StochasticWeightAveraging`` adds to a BatchNorm
+    model's fit (at its ``on_fit_start``, run by now) to recompute the statistics: it makes no
+    optimizer step."""
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    swa = next((c for c in callbacks if type(c).__name__ == "StochasticWeightAveraging"), None)
+    swa_epochs = getattr(swa, "_max_epochs", None)
+    return (
+        isinstance(swa_epochs, int)
+        and bool(getattr(swa, "_model_contains_batch_norm", False))
+        and trainer.max_epochs == swa_epochs + 1
+    )
+
+
 def _accumulation_scheduler(trainer: pl.Trainer) -> Any:
     callbacks = trainer.callbacks  # type: ignore[attr-defined]
     return next((c for c in callbacks if type(c).__name__ == "GradientAccumulationScheduler"), None)
@@ -301,11 +331,18 @@ def averaged_weights(trainer: pl.Trainer) -> list[Tensor]:
     tensors: list[Tensor] = []
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         average = getattr(callback, "_average_model", None)
-        if isinstance(average, nn.Module):
-            tensors += [*average.parameters(), *average.buffers()]
-            count = getattr(callback, "n_averaged", None)  # StochasticWeightAveraging's
-            if isinstance(count, Tensor):
-                tensors.append(count)
+        if not isinstance(average, nn.Module):
+            continue
+        tensors += [*average.parameters(), *average.buffers()]
+        if type(callback).__name__ == "StochasticWeightAveraging":
+            if getattr(callback, "n_averaged", None) is None:
+                # the count it makes when its averaging starts, made now (same value): a
+                # snapshot from before then holds it at 0, so a rollback across the start
+                # restarts the average from the restored weights, as the start does
+                initial = int(getattr(callback, "_init_n_averaged", 0))
+                device = trainer.lightning_module.device
+                callback.n_averaged = torch.tensor(initial, dtype=torch.long, device=device)
+            tensors.append(callback.n_averaged)
     return tensors
 
 
