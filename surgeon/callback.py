@@ -44,8 +44,8 @@ from surgeon._lightning.range_test import find_peak_lr
 from surgeon._lightning.reporting import NEVER, Reporter
 from surgeon._lightning.trainer import (
     CALLBACK_BASES,
+    AveragedWeights,
     SurgeonMisconfigurationException,
-    averaged_weights,
     averaging_listed_before,
     driven_optimizers,
     grad_scaler,
@@ -428,9 +428,9 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
             raise SurgeonMisconfigurationException(
                 f"{err}; the planned length of {total} steps is {source}"
             ) from err
-        engine.more_state = lambda: averaged_weights(trainer)
+        engine.more_state = AveragedWeights(trainer)
         averaging = averaging_listed_before(trainer, self)
-        if averaging:
+        if averaging and engine.snapshot != "off":
             _warn(
                 f"{', '.join(averaging)} is listed before ScheduleSurgeon: at a checkpoint and at "
                 "the fit's end it puts its average in place before the surgeon reads the losses "
@@ -570,6 +570,9 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         """The coming step's LR, for callbacks that read it here (``LearningRateMonitor`` logs
         at each epoch start); written again in ``on_train_batch_start``, after any callback that
         changes it at the epoch start (the surgeon owns the LR)."""
+        progress = trainer.fit_loop.epoch_loop.batch_progress  # (restored, not reset yet)
+        done = 0 if progress.is_last_batch else progress.current.ready  # of a resumed epoch
+        self._budget.count_the_epochs_left(trainer, done)  # a resumed fit: before its check
         if self._budget.pending:  # the last epoch's check (EarlyStopping's ran by now): a stop
             self._budget.check_early_stopping(trainer)  # here runs no batch of this epoch
         self.engine.begin_step()

@@ -37,7 +37,7 @@ import numbers
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -237,6 +237,23 @@ def _reset_nonfinite_statistics(module: nn.Module) -> None:
             reset()
 
 
+class MoreState(Protocol):
+    """More state than the module's and the optimizers' that a snapshot keeps and a rollback
+    restores (an adapter's: the averaged copy a weight-averaging callback keeps)."""
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors to copy and put back, found anew at each snapshot."""
+        ...
+
+    def before_restore(self) -> Any:
+        """What :meth:`after_restore` compares with, read just before a rollback restores."""
+        ...
+
+    def after_restore(self, before: Any) -> None:
+        """Mend what the restore left inconsistent (``before``: :meth:`before_restore`'s)."""
+        ...
+
+
 class StepEngine:
     """Loss feed, controller, non-finite guard and snapshots, driven once per optimizer step."""
 
@@ -301,8 +318,8 @@ class StepEngine:
         self._snapshot_flag: Tensor | None = None  # the last snapshot's (see _state_flag),
         self._snapshot_flag_step = -1  # of the snapshot of this step
         self._checks_state = True  # until a rollback for it is refused (see _check_snapshot)
-        self.more_state: Callable[[], list[Tensor]] | None = None
-        """Set by an adapter: more tensors a snapshot keeps and a rollback restores with the
+        self.more_state: MoreState | None = None
+        """Set by an adapter: more state a snapshot keeps and a rollback restores with the
         weights (the averaged copy a weight-averaging callback keeps)."""
         self.step = 0
         """Optimizer steps so far, as the fit counts them (a step without an update included)."""
@@ -727,7 +744,7 @@ class StepEngine:
         tracker, once it has made them (its first step), and :attr:`more_state`'s tensors."""
         scaler = self._scaler
         tensors = [getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None)]
-        more = self.more_state() if self.more_state is not None else []
+        more = self.more_state.tensors() if self.more_state is not None else []
         return [t for t in tensors if isinstance(t, Tensor)] + more
 
     def _roll_back(self) -> None:
@@ -738,9 +755,13 @@ class StepEngine:
         # optimizers left to their own LR schedulers keep their settings: their scheduler is
         # not rolled back, so it still owns their LR
         scheduled = [o for o in self.optimizers if not any(o is d for d in self.driven)]
+        more = self.more_state
+        before = more.before_restore() if more is not None else None
         snapshot.restore(
             self.module, self.optimizers, keep_settings_of=scheduled, extra=self._extra_state()
         )
+        if more is not None:
+            more.after_restore(before)
         self.on_event(self.controller.rolled_back(self.step))
         self.restores += 1
         self.written_step = -1  # the restored param groups hold an old LR: write it again

@@ -194,7 +194,7 @@ def test_the_steps_left_of_a_resumed_epoch_follow_the_accumulation_boundaries(
         replan=lambda total, why: ends.append(total),
     )
     budget = FitBudget.__new__(FitBudget)
-    budget.engine, budget._count_epochs_left = engine, 500  # type: ignore[assignment]
+    budget.engine, budget._count_epochs_left = engine, (500, False)  # type: ignore[assignment]
     trainer = SimpleNamespace(
         max_epochs=3,
         current_epoch=2,
@@ -241,13 +241,15 @@ def test_a_resumed_swa_batchnorm_fit_does_not_plan_swas_statistics_epoch(
     assert fitted.records[-1]["lrs"][0][0] < 0.1 * 0.05
 
 
+@pytest.mark.parametrize("resumed_after", [1, 4, 5])
 def test_a_rewarm_after_a_resume_of_another_length_plans_to_the_fits_end(
-    make_trainer: Any, tmp_path: Path
+    make_trainer: Any, tmp_path: Path, resumed_after: int
 ) -> None:
-    """Resumed after epoch 1 at half the batch size (the 8 epochs left make 160 steps, the fit
-    ends at 180), an EarlyStopping cooldown whose check improves ramps back and plans to that
-    end, where the LR reaches the floor (a review: the rewarm planned to Lightning's estimate,
-    200, and the fit ended at LR scale 0.5)."""
+    """Resumed at half the batch size after epoch 1 (the 8 epochs left make 160 steps, the fit
+    ends at 180), after epoch 4 (the checkpoint holds the cooldown) or after epoch 5 (its check,
+    which improved, not acted on yet): an EarlyStopping cooldown whose check improves ramps
+    back and plans to the fit's end, where the LR reaches the floor (two reviews: the rewarm
+    planned to Lightning's estimate, 200, and the fit ended at LR scale 0.5-0.94)."""
     from pytorch_lightning.callbacks import EarlyStopping
 
     script = [3.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1]  # the cooldown over epoch 5
@@ -268,12 +270,45 @@ def test_a_rewarm_after_a_resume_of_another_length_plans_to_the_fits_end(
         return surgeon, trainer, model
 
     fit(16, None, [ModelCheckpoint(tmp_path / "ck", "{epoch}", save_top_k=-1)])
-    surgeon, trainer, model = fit(8, tmp_path / "ck" / "epoch=1.ckpt", [])
-    kinds = [e.kind for e in surgeon.events]
-    assert kinds.count(EventKind.REPLAN) == 2 and EventKind.COOLDOWN in kinds  # resume, rewarm
+    surgeon, trainer, model = fit(8, tmp_path / "ck" / f"epoch={resumed_after}.ckpt", [])
+    rewarms = [e for e in surgeon.events if "its check improved" in e.reason]
+    assert len(rewarms) == 1 and rewarms[0].kind is EventKind.REPLAN
     assert surgeon.controller is not None
-    assert surgeon.controller.total_steps == trainer.global_step == 180
+    assert surgeon.controller.total_steps == trainer.global_step
+    assert trainer.global_step == (
+        180 if resumed_after == 1 else 150 if resumed_after == 4 else 140
+    )
     assert model.records[-1]["lrs"][0][0] < 0.1 * 0.05
+
+
+def test_a_cool_down_now_after_an_early_stopping_rewarm_is_kept(make_trainer: Any) -> None:
+    """An EarlyStopping cooldown whose check improves ramps back (epoch 5); the user then calls
+    ``cool_down_now`` at epoch 7: the plan ends there, at the floor, and the next improving
+    check leaves it so (a review: any EarlyStopping cooldown in the events made the next end of
+    the plan count as one, and the rewarm undid the user's cooldown)."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    script = [3.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1]
+
+    class Scripted(TinyRegressor):  # type: ignore[misc, valid-type]
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", torch.tensor(script[self.current_epoch]))
+
+    class EndAtEpoch7(pytorch_lightning.Callback):  # type: ignore[misc]
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.current_epoch == 7:
+                surgeon.cool_down_now(steps=9)
+
+    surgeon = ScheduleSurgeon(min_warmup=4, max_warmup=8, plateau_patience=1.0)
+    early = EarlyStopping(monitor="val_loss", patience=3)
+    trainer = make_trainer([surgeon, early, EndAtEpoch7()], max_epochs=10)
+    model = Scripted()
+    trainer.fit(model, make_loader(), make_loader(batches=2))
+    assert [e.kind for e in surgeon.events if "its check improved" in e.reason] == [
+        EventKind.REPLAN
+    ]
+    lrs = {r["step"]: r["lrs"][0][0] for r in model.records}
+    assert lrs[70] > 0 and max(lrs[step] for step in range(79, 100)) == 0.0
 
 
 def test_two_param_groups_keep_their_ratio(make_trainer: Any) -> None:

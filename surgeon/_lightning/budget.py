@@ -100,7 +100,8 @@ class FitBudget:
         self._es_on_epoch_end = False
         self._last_es_step = 0
         self._saved_early_stopping: dict[str, Any] | None = None
-        self._count_epochs_left: int | None = None  # the checkpoint's plan end, to recount
+        # the checkpoint's plan end and whether a cooldown moved it, to recount the epochs left
+        self._count_epochs_left: tuple[int, bool] | None = None
 
     @property
     def next_check(self) -> int:
@@ -123,13 +124,14 @@ class FitBudget:
             moved = any(e["kind"] == EventKind.COOLDOWN.value for e in saved["events"])
             if self.timer is not None:
                 return int(saved["total_steps"])
-            if moved:  # the checkpoint's planned length (its settings' lengths are fractions
-                # of it), whose plan the checkpoint's state then keeps
-                return int(pending_state.get("planned", saved["total_steps"]))
             if self._ended_by_epochs(trainer):
                 # the epochs done ran at the checkpoint's steps per epoch, the ones left run at
-                # this fit's: counted once Lightning has restored its loops (on_train_start)
-                self._count_epochs_left = int(saved["total_steps"])
+                # this fit's: counted at its first batch, once Lightning has restored its loops
+                # (a plan a cooldown moved keeps its end: the count is the fit's length)
+                self._count_epochs_left = (int(saved["total_steps"]), moved)
+            # the checkpoint's planned length (the settings' lengths are fractions of it); its
+            # state then keeps its plan (one a cooldown moved too)
+            if moved or self._count_epochs_left is not None:
                 return int(pending_state.get("planned", saved["total_steps"]))
         return OPEN_ENDED if self.plan_cap is None else self.plan_cap
 
@@ -153,14 +155,13 @@ class FitBudget:
         checkpoint's (a batch size or ``accumulate_grad_batches`` changed on resume; Lightning's
         estimate counts the epochs done at this fit's length too): a ``replan`` when that moves
         the end."""
-        saved_end, self._count_epochs_left = self._count_epochs_left, None
-        if saved_end is None:
+        saved, self._count_epochs_left = self._count_epochs_left, None
+        if saved is None:
             return
+        saved_end, moved = saved
         controller, epochs = self.engine.controller, trainer.max_epochs
         epoch, batches = trainer.current_epoch, trainer.num_training_batches
         if controller is None or epochs is None:
-            return
-        if controller.total_steps != saved_end:  # moved since (a cooldown the resume made)
             return
         epochs -= swa_added_epoch(trainer)  # it makes no steps
         later = steps_of_epochs(trainer, epoch + 1, epochs)
@@ -174,8 +175,10 @@ class FitBudget:
         total = step + left
         if trainer.max_steps is not None and trainer.max_steps > 0:
             total = min(total, step + max(0, trainer.max_steps - trainer.global_step))
+        self.plan_cap = total  # the fit's length (an EarlyStopping rewarm plans to it)
+        if moved or controller.total_steps != saved_end:  # a cooldown set the end (the
+            return  # checkpoint's, or one this resume made at its first check)
         if total > step and total != controller.total_steps:
-            self.plan_cap = total  # the fit's length (an EarlyStopping rewarm plans to it)
             self.engine.replan(
                 total,
                 f"resumed in epoch {epoch} of max_epochs={epochs}: the batches left make "
@@ -359,13 +362,16 @@ class FitBudget:
             )
 
     def _es_cooled(self) -> bool:
-        """Whether a cooldown for an ``EarlyStopping`` check planned this run's end (from the
-        events, so a resumed fit knows it too)."""
+        """Whether the last cooldown, the one that planned this run's end, was for an
+        ``EarlyStopping`` check (from the events, so a resumed fit knows it too; not one of
+        ``cool_down_now`` or ``max_time`` after it)."""
         controller = self.engine.controller
-        return controller is not None and any(
-            e.kind is EventKind.COOLDOWN and e.reason.startswith(_ES_COOLDOWN)
-            for e in controller.events
+        last = (
+            next((e for e in reversed(controller.events) if e.kind is EventKind.COOLDOWN), None)
+            if controller is not None
+            else None
         )
+        return last is not None and last.reason.startswith(_ES_COOLDOWN)
 
     def _rewarm_after_an_improved_check(self, trainer: pl.Trainer, cap: int, interval: int) -> None:
         """The cooldown for an ``EarlyStopping`` check ended the plan at the floor and that check

@@ -281,7 +281,8 @@ def averaging_listed_before(trainer: pl.Trainer, surgeon: Any) -> list[str]:
         type(c).__name__
         for c in callbacks[:mine]
         if isinstance(getattr(c, "_average_model", None), nn.Module)
-        or type(c).__name__ in ("StochasticWeightAveraging", "WeightAveraging")
+        or is_a(c, "StochasticWeightAveraging")
+        or is_a(c, "WeightAveraging")
     ]
 
 
@@ -290,7 +291,7 @@ def swa_added_epoch(trainer: pl.Trainer) -> bool:
     model's fit (at its ``on_fit_start``, run by now) to recompute the statistics: it makes no
     optimizer step."""
     callbacks = trainer.callbacks  # type: ignore[attr-defined]
-    swa = next((c for c in callbacks if type(c).__name__ == "StochasticWeightAveraging"), None)
+    swa = next((c for c in callbacks if is_a(c, "StochasticWeightAveraging")), None)
     swa_epochs = getattr(swa, "_max_epochs", None)
     return (
         isinstance(swa_epochs, int)
@@ -322,28 +323,63 @@ def _is_surgeon(callback: Any) -> bool:
     return any(k.__name__ == "ScheduleSurgeon" for k in type(callback).__mro__)
 
 
-def averaged_weights(trainer: pl.Trainer) -> list[Tensor]:
-    """The tensors of the averaged copies weight-averaging callbacks keep (Lightning's
-    ``WeightAveraging``, ``EMAWeightAveraging``, ``StochasticWeightAveraging``), once made: a
-    rollback puts them back with the weights (else the average keeps the undone steps' damage,
-    and Lightning swaps it into the model at the fit's end: 48x a clean run's loss in a user
-    trial)."""
-    tensors: list[Tensor] = []
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        average = getattr(callback, "_average_model", None)
-        if not isinstance(average, nn.Module):
-            continue
-        tensors += [*average.parameters(), *average.buffers()]
-        if type(callback).__name__ == "StochasticWeightAveraging":
-            if getattr(callback, "n_averaged", None) is None:
-                # the count it makes when its averaging starts, made now (same value): a
-                # snapshot from before then holds it at 0, so a rollback across the start
-                # restarts the average from the restored weights, as the start does
-                initial = int(getattr(callback, "_init_n_averaged", 0))
-                device = trainer.lightning_module.device
-                callback.n_averaged = torch.tensor(initial, dtype=torch.long, device=device)
-            tensors.append(callback.n_averaged)
-    return tensors
+class AveragedWeights:
+    """The averaged copies weight-averaging callbacks keep (Lightning's ``WeightAveraging``,
+    ``EMAWeightAveraging``, ``StochasticWeightAveraging``), once made, as the engine's
+    :class:`~surgeon.engine.MoreState`: a rollback puts them back with the weights (else the
+    average keeps the undone steps' damage, and Lightning swaps it into the model at the fit's
+    end: 48x a clean run's loss in a user trial)."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.trainer = trainer
+
+    def _averagers(self) -> list[tuple[Any, nn.Module]]:
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
+        return [
+            (callback, average)
+            for callback in callbacks
+            if isinstance(average := getattr(callback, "_average_model", None), nn.Module)
+        ]
+
+    def tensors(self) -> list[Tensor]:
+        tensors: list[Tensor] = []
+        for callback, average in self._averagers():
+            tensors += [*average.parameters(), *average.buffers()]
+            if is_a(callback, "StochasticWeightAveraging"):
+                if getattr(callback, "n_averaged", None) is None:
+                    # the count it makes when its averaging starts, made now (same value): a
+                    # snapshot from before then holds it at 0 (see after_restore)
+                    initial = int(getattr(callback, "_init_n_averaged", 0))
+                    device = self.trainer.lightning_module.device
+                    callback.n_averaged = torch.tensor(initial, dtype=torch.long, device=device)
+                tensors.append(callback.n_averaged)
+        return tensors
+
+    @staticmethod
+    def _count(callback: Any, average: nn.Module) -> int:
+        """How many weights the average holds (SWA's count, else ``AveragedModel``'s)."""
+        count = getattr(callback, "n_averaged", None)
+        if not isinstance(count, Tensor):
+            count = getattr(average, "n_averaged", None)
+        return int(count.item()) if isinstance(count, Tensor) else -1
+
+    def before_restore(self) -> list[int]:
+        return [self._count(callback, average) for callback, average in self._averagers()]
+
+    def after_restore(self, before: list[int]) -> None:
+        """An average the rollback emptied (restored to before its first update: the copy the
+        callback made at the fit's start, the untrained weights) starts again from the restored
+        weights, as its first update does; else, with no update left before the fit ends (SWA
+        updates at epoch starts), the callback would put the untrained weights in the model (a
+        review: 3.8x a clean run's loss)."""
+        module = self.trainer.lightning_module
+        for (callback, average), was in zip(self._averagers(), before, strict=False):
+            if was > 0 and self._count(callback, average) == 0:
+                if is_a(callback, "StochasticWeightAveraging"):
+                    count, average_fn = callback.n_averaged, callback._avg_fn
+                    callback.update_parameters(average, module, count, average_fn)
+                else:
+                    average.update_parameters(module)  # type: ignore[operator]
 
 
 def per_batch_steps(trainer: pl.Trainer) -> int:
