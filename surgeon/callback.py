@@ -58,6 +58,7 @@ from surgeon._lightning.trainer import (
     plan_source,
     set_console_log,
     steps_done,
+    swa_added_epoch,
 )
 from surgeon._validate import check_positive_int, plain_int
 from surgeon.config import (
@@ -570,6 +571,12 @@ class ScheduleSurgeon(*CALLBACK_BASES):  # type: ignore[misc]
         """The coming step's LR, for callbacks that read it here (``LearningRateMonitor`` logs
         at each epoch start); written again in ``on_train_batch_start``, after any callback that
         changes it at the epoch start (the surgeon owns the LR)."""
+        if swa_added_epoch(trainer) and trainer.current_epoch + 1 == trainer.max_epochs:
+            # StochasticWeightAveraging's statistics epoch (no step) starts: the fit's training
+            # ends here, and SWA puts its average in the model now (after this hook, listed
+            # after the surgeon): decide on the last losses first, so a rollback restores the
+            # average it then puts in place (else raw weights over it, a review)
+            self.engine.finish()
         progress = trainer.fit_loop.epoch_loop.batch_progress  # (restored, not reset yet)
         done = 0 if progress.is_last_batch else progress.current.ready  # of a resumed epoch
         self._budget.count_the_epochs_left(trainer, done)  # a resumed fit: before its check

@@ -16,6 +16,7 @@ finished run: weights and buffers finite, no rollback undoing more than
 """
 
 import csv
+import itertools
 import json
 import math
 import re
@@ -206,6 +207,65 @@ def test_a_rollback_restores_the_average_a_weight_averaging_callback_keeps(
         (rollback,) = of_kind(surgeon, EventKind.ROLLBACK)
         assert rollback_target(rollback) <= min(spikes)
         assert hit < 1.3 * clean, (average, hit, clean)
+
+
+def test_swa_on_a_batchnorm_model_ends_with_its_average_after_a_late_rollback(
+    make_trainer: Callable[..., Any],
+) -> None:
+    """SWA puts its average in a BatchNorm model when its statistics epoch starts, before the
+    fit's end, where the surgeon read the last losses: a x300 burst in the last training steps
+    was rolled back after that, the raw weights over the average (a review). The surgeon now
+    reads them as that epoch starts, before SWA's transfer: the fit ends with the average."""
+    from pytorch_lightning.callbacks import StochasticWeightAveraging
+
+    def fitted(factor: float) -> tuple[ScheduleSurgeon, float, bool]:
+        torch.manual_seed(0)
+        surgeon = ScheduleSurgeon()
+        swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=4)
+        model = TinyRegressor(loss_hook=at({58, 59}, lambda loss: loss * factor))
+        model.net.insert(1, nn.BatchNorm1d(16))
+        make_trainer([surgeon, swa], max_epochs=6).fit(model, make_loader())
+        average = swa._average_model
+        assert average is not None
+        pairs = zip(average.parameters(), model.parameters(), strict=True)
+        return surgeon, eval_loss(model), all(torch.equal(a, p) for a, p in pairs)
+
+    _, clean, clean_is_average = fitted(1.0)
+    surgeon, hit, is_average = fitted(300.0)
+    assert clean_is_average and is_average
+    assert EventKind.ROLLBACK in [e.kind for e in surgeon.events]
+    assert hit < 1.3 * clean, (hit, clean)
+
+
+def test_a_reseeded_average_counts_the_restored_weights_once(
+    make_trainer: Callable[..., Any],
+) -> None:
+    """An equal-weight ``WeightAveraging`` of each step's weights from step 52; a x300 burst at
+    58-59 is rolled back to before its first update, which starts it again from the restored
+    weights: once, not again by the callback's own update at that step (a review: counted
+    twice, 18 for 17 weight states)."""
+    from pytorch_lightning.callbacks import WeightAveraging
+
+    class Late(WeightAveraging):  # type: ignore[misc]
+        def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+            return step_idx is not None and step_idx >= 52
+
+    counts: list[tuple[int, int]] = []
+    averaging = Late()
+
+    class Spy(pl.Callback):  # type: ignore[misc]
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            assert averaging._average_model is not None
+            counts.append((trainer.global_step, int(averaging._average_model.n_averaged)))
+
+    torch.manual_seed(0)
+    surgeon = ScheduleSurgeon()
+    trainer = make_trainer([surgeon, averaging, Spy()], max_epochs=8)
+    trainer.fit(TinyRegressor(loss_hook=at({58, 59}, lambda loss: loss * 300.0)), make_loader())
+    assert EventKind.ROLLBACK in [e.kind for e in surgeon.events]
+    ((step, count),) = [b for a, b in itertools.pairwise(counts) if b[1] < a[1]]
+    assert count == 1
+    assert counts[-1][1] == trainer.global_step - step + 1  # one per weight state since
 
 
 def test_a_weight_averaging_callback_listed_before_the_surgeon_is_warned_about(

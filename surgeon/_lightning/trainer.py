@@ -380,6 +380,8 @@ class AveragedWeights:
                     callback.update_parameters(average, module, count, average_fn)
                 else:
                     average.update_parameters(module)  # type: ignore[operator]
+                    # (its own update at this step would count the same weights twice)
+                    callback._latest_update_step = self.trainer.global_step
 
 
 def per_batch_steps(trainer: pl.Trainer) -> int:
