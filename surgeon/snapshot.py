@@ -133,8 +133,9 @@ class Snapshot:
         if self._copied is not None:
             self._copied.synchronize()  # rare (a rollback): the host copy must be complete
         buffers = self._buffers[: self._module_count]
+        captured = {id(t): i for i, ref in enumerate(self._extra) if (t := ref()) is not None}
         for live in extra:
-            index = next((i for i, ref in enumerate(self._extra) if ref() is live), None)
+            index = captured.get(id(live))  # (a captured tensor still alive: ids are unique)
             if index is not None:
                 tensors.append(live)
                 buffers.append(self._buffers[self._module_count + index])

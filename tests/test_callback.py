@@ -241,6 +241,16 @@ def test_a_resumed_swa_batchnorm_fit_does_not_plan_swas_statistics_epoch(
     assert fitted.records[-1]["lrs"][0][0] < 0.1 * 0.05
 
 
+class ImprovingAfterACooldown(TinyRegressor):  # type: ignore[misc, valid-type]
+    """Logs a scripted ``val_loss`` per epoch: with ``EarlyStopping(patience=3)`` epochs 3-4 make
+    the surgeon cool down over epoch 5, whose check improves."""
+
+    SCRIPT = (3.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", torch.tensor(self.SCRIPT[self.current_epoch]))
+
+
 @pytest.mark.parametrize("resumed_after", [1, 4, 5])
 def test_a_rewarm_after_a_resume_of_another_length_plans_to_the_fits_end(
     make_trainer: Any, tmp_path: Path, resumed_after: int
@@ -252,19 +262,13 @@ def test_a_rewarm_after_a_resume_of_another_length_plans_to_the_fits_end(
     planned to Lightning's estimate, 200, and the fit ended at LR scale 0.5-0.94)."""
     from pytorch_lightning.callbacks import EarlyStopping
 
-    script = [3.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1]  # the cooldown over epoch 5
-
-    class Scripted(TinyRegressor):  # type: ignore[misc, valid-type]
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            self.log("val_loss", torch.tensor(script[self.current_epoch]))
-
     def fit(batch_size: int, ckpt: Path | None, extra: list[Any]) -> tuple[Any, Any, Any]:
         surgeon = ScheduleSurgeon(min_warmup=4, max_warmup=8, plateau_patience=1.0)
         early = EarlyStopping(monitor="val_loss", patience=3)
         trainer = make_trainer(
             [surgeon, early, *extra], max_epochs=10, enable_checkpointing=bool(extra)
         )
-        model = Scripted()
+        model = ImprovingAfterACooldown()
         loader = make_loader(batches=160 // batch_size, batch_size=batch_size)
         trainer.fit(model, loader, make_loader(batches=2), ckpt_path=ckpt)
         return surgeon, trainer, model
@@ -288,12 +292,6 @@ def test_a_cool_down_now_after_an_early_stopping_rewarm_is_kept(make_trainer: An
     the plan count as one, and the rewarm undid the user's cooldown)."""
     from pytorch_lightning.callbacks import EarlyStopping
 
-    script = [3.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.4, 0.3, 0.2, 0.1]
-
-    class Scripted(TinyRegressor):  # type: ignore[misc, valid-type]
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            self.log("val_loss", torch.tensor(script[self.current_epoch]))
-
     class EndAtEpoch7(pytorch_lightning.Callback):  # type: ignore[misc]
         def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
             if trainer.current_epoch == 7:
@@ -302,7 +300,7 @@ def test_a_cool_down_now_after_an_early_stopping_rewarm_is_kept(make_trainer: An
     surgeon = ScheduleSurgeon(min_warmup=4, max_warmup=8, plateau_patience=1.0)
     early = EarlyStopping(monitor="val_loss", patience=3)
     trainer = make_trainer([surgeon, early, EndAtEpoch7()], max_epochs=10)
-    model = Scripted()
+    model = ImprovingAfterACooldown()
     trainer.fit(model, make_loader(), make_loader(batches=2))
     assert [e.kind for e in surgeon.events if "its check improved" in e.reason] == [
         EventKind.REPLAN

@@ -172,9 +172,7 @@ class FitBudget:
         # its accumulation, the one under way (resumed between micro-batches) is still to come
         left = later + max(0, this_epoch - batch_idx // trainer.accumulate_grad_batches)
         step = self.engine.step
-        total = step + left
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            total = min(total, step + max(0, trainer.max_steps - trainer.global_step))
+        total = self._end_after(trainer, left)
         self.plan_cap = total  # the fit's length (an EarlyStopping rewarm plans to it)
         if moved or controller.total_steps != saved_end:  # a cooldown set the end (the
             return  # checkpoint's, or one this resume made at its first check)
@@ -191,14 +189,12 @@ class FitBudget:
         and start the ``max_time`` planner (``probing``: it plans the run's length)."""
         self._early_stoppers = [cb for cb in trainer.callbacks if is_a(cb, "EarlyStopping")]  # type: ignore[attr-defined]
         # where EarlyStopping checks: Lightning decides in its setup, before on_fit_start
-        self._es_on_epoch_end = any(
-            getattr(es, "_check_on_train_epoch_end", False) for es in self._early_stoppers
-        )
-        self._watch_early_stopping = self.cooldown_on_stop and bool(self._early_stoppers)
-        places = {
+        at_epoch_end = [
             bool(getattr(es, "_check_on_train_epoch_end", False)) for es in self._early_stoppers
-        }
-        if self._watch_early_stopping and len(places) > 1:
+        ]
+        self._es_on_epoch_end = any(at_epoch_end)
+        self._watch_early_stopping = self.cooldown_on_stop and bool(self._early_stoppers)
+        if self._watch_early_stopping and self._es_on_epoch_end and not all(at_epoch_end):
             self.notice(
                 "the EarlyStopping callbacks check in different places (at validations and at "
                 "epoch ends): the cooldown before a stop follows the epoch-end checks only, so "
@@ -266,12 +262,16 @@ class FitBudget:
         step = self.engine.step
         interval, self._last_es_step = step - self._last_es_step, step
         controller = self.engine.controller
-        if controller is not None and step >= controller.total_steps and self._es_cooled():
+        if (
+            controller is not None
+            and step >= controller.total_steps
+            and (cooled := self._es_cooldown()) is not None
+        ):
             if trainer.should_stop:
                 return
             cap = self.plan_cap
             if cap is not None and cap - step >= 2 * max(1, interval):
-                self._rewarm_after_an_improved_check(trainer, cap, interval)
+                self._rewarm_after_an_improved_check(cooled, cap, interval)
             elif controller.floor == 0.0:
                 self.engine.finish()  # read the plan's last losses (every rank runs this)
                 self._stop_at_zero(trainer)
@@ -349,9 +349,7 @@ class FitBudget:
         if left is None:
             return
         step = self.engine.step
-        total = step + left
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            total = min(total, step + max(0, trainer.max_steps - trainer.global_step))
+        total = self._end_after(trainer, left)
         if total > step and total != controller.total_steps:
             self.plan_cap = total  # the fit's length (an EarlyStopping rewarm plans to it)
             self.engine.replan(
@@ -361,32 +359,30 @@ class FitBudget:
                 f"{plural(epochs - trainer.current_epoch, 'epoch')} left make {left} steps",
             )
 
-    def _es_cooled(self) -> bool:
-        """Whether the last cooldown, the one that planned this run's end, was for an
-        ``EarlyStopping`` check (from the events, so a resumed fit knows it too; not one of
-        ``cool_down_now`` or ``max_time`` after it)."""
-        controller = self.engine.controller
-        last = (
-            next((e for e in reversed(controller.events) if e.kind is EventKind.COOLDOWN), None)
-            if controller is not None
-            else None
-        )
-        return last is not None and last.reason.startswith(_ES_COOLDOWN)
+    def _end_after(self, trainer: pl.Trainer, left: int) -> int:
+        """The step the fit ends at with ``left`` steps to go from now, unless ``max_steps``
+        ends it first."""
+        step = self.engine.step
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            left = min(left, max(0, trainer.max_steps - trainer.global_step))
+        return step + left
 
-    def _rewarm_after_an_improved_check(self, trainer: pl.Trainer, cap: int, interval: int) -> None:
-        """The cooldown for an ``EarlyStopping`` check ended the plan at the floor and that check
-        improved (an anneal often makes it): the stop it anticipated did not come, and the fit
-        has ``cap`` steps of budget. The LR ramps back over the cooldown's length to where the
-        cooldown started, and the plan runs on to ``cap``; EarlyStopping decides the end (a
-        user trial: stopping here turned ``patience=2`` into a stop after one noisy check, 4 of
-        6 fits ending at a third of their epochs, 1.5-2.3x the loss)."""
+    def _es_cooldown(self) -> Event | None:
+        """The last cooldown, the one that planned this run's end, when it was for an
+        ``EarlyStopping`` check (from the events, so a resumed fit knows it too; not when one of
+        ``cool_down_now`` or ``max_time`` came after it)."""
         controller = self.engine.controller
-        assert controller is not None
-        cooled = next(
-            e
-            for e in reversed(controller.events)
-            if e.kind is EventKind.COOLDOWN and e.reason.startswith(_ES_COOLDOWN)
-        )
+        events = controller.events if controller is not None else []
+        last = next((e for e in reversed(events) if e.kind is EventKind.COOLDOWN), None)
+        return last if last is not None and last.reason.startswith(_ES_COOLDOWN) else None
+
+    def _rewarm_after_an_improved_check(self, cooled: Event, cap: int, interval: int) -> None:
+        """The cooldown ``cooled`` for an ``EarlyStopping`` check ended the plan at the floor and
+        that check improved (an anneal often makes it): the stop it anticipated did not come,
+        and the fit has ``cap`` steps of budget. The LR ramps back over the cooldown's length to
+        where the cooldown started, and the plan runs on to ``cap``; EarlyStopping decides the
+        end (a user trial: stopping here turned ``patience=2`` into a stop after one noisy
+        check, 4 of 6 fits ending at a third of their epochs, 1.5-2.3x the loss)."""
         ramp = max(1, self.engine.step - cooled.step - 1)
         names = ", ".join(f"EarlyStopping(monitor={es.monitor!r})" for es in self._early_stoppers)
         self.engine.rewarm(

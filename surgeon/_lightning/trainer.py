@@ -257,14 +257,11 @@ def _steps_of_the_epochs(trainer: pl.Trainer) -> int | None:
     if epochs is None or epochs < 1:
         return None
     callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
-    swa = next((c for c in callbacks if type(c).__name__ == "StochasticWeightAveraging"), None)
+    swa = next((c for c in callbacks if is_a(c, "StochasticWeightAveraging")), None)
     surgeon = next((i for i, c in enumerate(callbacks) if _is_surgeon(c)), len(callbacks))
     # SWA's own on_fit_start ran for this fit only when it comes first (else: a last fit's)
-    ran = swa is not None and callbacks.index(swa) < surgeon
-    swa_epochs = getattr(swa, "_max_epochs", None) if ran else None
-    swa_added = bool(getattr(swa, "_model_contains_batch_norm", False))
-    if isinstance(swa_epochs, int) and swa_added and epochs == swa_epochs + 1:
-        return steps_of_epochs(trainer, 0, swa_epochs)
+    if swa is not None and callbacks.index(swa) < surgeon and swa_added_epoch(trainer):
+        return steps_of_epochs(trainer, 0, epochs - 1)
     if _accumulation_scheduler(trainer) is None:
         return None
     return steps_of_epochs(trainer, 0, epochs)
